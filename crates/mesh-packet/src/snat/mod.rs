@@ -1,0 +1,718 @@
+//! Source NAT for a subnet router, sans-IO: packets in, packets rewritten in place, time as a parameter.
+//!
+//! *Outbound* packets come from the mesh and leave toward the LAN: their source becomes the SNAT address
+//! and a port (or ICMP echo identifier) from the pool. *Inbound* packets come from the LAN addressed to the
+//! SNAT address: replies are translated back; anything without a session is dropped.
+//!
+//! Mappings are endpoint-independent (RFC 4787 REQ-1, RFC 5382 REQ-1, RFC 5508 REQ-3): an internal
+//! address and port keep one external port whatever they talk to. Filtering is address-and-port
+//! dependent: an inbound packet passes only from a remote endpoint the internal endpoint has sent to.
+//! ICMP errors are translated with their quoted packet (RFC 5508), so path-MTU discovery works; later
+//! fragments follow their first fragment by (source, destination, protocol, identification).
+//!
+//! Every refusal is a [`Drop`] and is counted; a full table or pool refuses new flows and never evicts.
+
+mod addr;
+mod table;
+
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use core::ops::RangeInclusive;
+use std::time::{Duration, Instant};
+
+use crate::checksum::{Delta, adjust_at, adjust_udp_at};
+use crate::wire::{self, Fragment, IcmpKind, IpVersion, Layout, PROTO_TCP, PROTO_UDP};
+pub use addr::Family;
+pub use table::Stats;
+use table::{FlowKey, FragmentKey, Proto, Table, tcp};
+
+/// Idle timeouts, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// RFC 5382 REQ-5: at least 2 h 4 min.
+    pub tcp_established: u32,
+    /// Partially open or closing TCP (RFC 5382 REQ-5: at least 4 min).
+    pub tcp_transitory: u32,
+    /// RFC 4787 REQ-5: at least 2 min, 5 min recommended.
+    pub udp: u32,
+    /// RFC 5508 REQ-1: 60 s.
+    pub icmp: u32,
+    /// How long later fragments may follow the first one.
+    pub fragment: u32,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tcp_established: 7440,
+            tcp_transitory: 240,
+            udp: 300,
+            icmp: 60,
+            fragment: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnatConfig {
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    /// External ports (and ICMP identifiers) to hand out, per protocol and address.
+    pub ports: RangeInclusive<u16>,
+    /// Flows per address family before new ones are refused.
+    pub max_flows: u32,
+    /// Datagrams per address family whose later fragments are awaited at once.
+    pub max_fragments: u32,
+    pub timeouts: Timeouts,
+    /// Seeds the order in which external ports are handed out.
+    pub seed: u64,
+}
+
+impl SnatConfig {
+    pub fn new(ipv4: Option<Ipv4Addr>, ipv6: Option<Ipv6Addr>) -> Self {
+        Self {
+            ipv4,
+            ipv6,
+            ports: 1024..=65535,
+            max_flows: 1 << 20,
+            max_fragments: 4096,
+            timeouts: Timeouts::default(),
+            seed: 0x6d65_7368_6400_0001,
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    NoAddress,
+    EmptyPortRange,
+    ZeroTimeout,
+}
+
+impl core::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            ConfigError::NoAddress => "SNAT needs an IPv4 or IPv6 address to translate to",
+            ConfigError::EmptyPortRange => "the SNAT port range is empty or starts at 0",
+            ConfigError::ZeroTimeout => "SNAT timeouts must be at least one second",
+        })
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Why a packet was not translated. Each has a counter in [`Counters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Drop {
+    /// Truncated or with impossible header fields.
+    Malformed,
+    /// Valid but not handled: an IPv6 routing header in transit, AH/ESP, too many extension headers.
+    UnsupportedPacket,
+    /// A transport protocol without ports (anything but TCP, UDP and ICMP).
+    UnsupportedProtocol,
+    /// An ICMP message that is neither echo nor an error (redirect, router advertisement, ...).
+    UnsupportedIcmp,
+    /// No SNAT address is configured for this IP version.
+    NoAddressForFamily,
+    /// An inbound packet not addressed to the SNAT address.
+    NotForSnatAddress,
+    /// An inbound packet with no live session: unsolicited, or for a session that has expired.
+    Unsolicited,
+    /// No external port is free for a new mapping.
+    PoolExhausted,
+    /// The flow table is at its limit.
+    TableFull,
+    /// A later fragment whose first fragment was not seen (or was too long ago).
+    FragmentWithoutState,
+    /// Too many fragmented datagrams in flight.
+    FragmentTableFull,
+    /// An ICMP error quoting a packet that belongs to no session.
+    IcmpErrorWithoutSession,
+    /// An outbound TCP reset for which no flow exists: nothing to reset, and not worth a mapping.
+    OrphanReset,
+}
+
+impl Drop {
+    pub const ALL: [Drop; 13] = [
+        Drop::Malformed,
+        Drop::UnsupportedPacket,
+        Drop::UnsupportedProtocol,
+        Drop::UnsupportedIcmp,
+        Drop::NoAddressForFamily,
+        Drop::NotForSnatAddress,
+        Drop::Unsolicited,
+        Drop::PoolExhausted,
+        Drop::TableFull,
+        Drop::FragmentWithoutState,
+        Drop::FragmentTableFull,
+        Drop::IcmpErrorWithoutSession,
+        Drop::OrphanReset,
+    ];
+
+    /// A stable name for metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Drop::Malformed => "malformed",
+            Drop::UnsupportedPacket => "unsupported_packet",
+            Drop::UnsupportedProtocol => "unsupported_protocol",
+            Drop::UnsupportedIcmp => "unsupported_icmp",
+            Drop::NoAddressForFamily => "no_address_for_family",
+            Drop::NotForSnatAddress => "not_for_snat_address",
+            Drop::Unsolicited => "unsolicited",
+            Drop::PoolExhausted => "pool_exhausted",
+            Drop::TableFull => "table_full",
+            Drop::FragmentWithoutState => "fragment_without_state",
+            Drop::FragmentTableFull => "fragment_table_full",
+            Drop::IcmpErrorWithoutSession => "icmp_error_without_session",
+            Drop::OrphanReset => "orphan_reset",
+        }
+    }
+}
+
+impl From<wire::Error> for Drop {
+    fn from(e: wire::Error) -> Self {
+        match e {
+            wire::Error::Truncated | wire::Error::Malformed => Drop::Malformed,
+            wire::Error::Unsupported => Drop::UnsupportedPacket,
+        }
+    }
+}
+
+/// Lifetime counters of an engine.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Counters {
+    pub outbound: u64,
+    pub inbound: u64,
+    pub flows_created: u64,
+    pub flows_expired: u64,
+    drops: [u64; Drop::ALL.len()],
+}
+
+impl Counters {
+    pub fn dropped(&self, reason: Drop) -> u64 {
+        self.drops[reason as usize]
+    }
+
+    pub fn drops_total(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+}
+
+/// Which side of the router a packet came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Outbound,
+    Inbound,
+}
+
+/// The SNAT engine of a router: one table per address family.
+#[derive(Debug)]
+pub struct Snat {
+    epoch: Instant,
+    timeouts: Timeouts,
+    v4: Option<Table<Ipv4Addr>>,
+    v6: Option<Table<Ipv6Addr>>,
+    counters: Counters,
+    stats: Stats,
+}
+
+/// Wheel entries handled per [`Snat::handle_timeout`] call, so one call never stalls the data path.
+const TIMEOUT_BUDGET: usize = 4096;
+
+impl Snat {
+    pub fn new(config: SnatConfig, now: Instant) -> Result<Self, ConfigError> {
+        if config.ipv4.is_none() && config.ipv6.is_none() {
+            return Err(ConfigError::NoAddress);
+        }
+        let (first, last) = (*config.ports.start(), *config.ports.end());
+        if first == 0 || first > last {
+            return Err(ConfigError::EmptyPortRange);
+        }
+        let t = config.timeouts;
+        if [
+            t.tcp_established,
+            t.tcp_transitory,
+            t.udp,
+            t.icmp,
+            t.fragment,
+        ]
+        .contains(&0)
+        {
+            return Err(ConfigError::ZeroTimeout);
+        }
+        let fragments = config.max_fragments as usize;
+        Ok(Self {
+            epoch: now,
+            timeouts: t,
+            v4: config
+                .ipv4
+                .map(|a| Table::new(a, first, last, config.max_flows, fragments, config.seed)),
+            v6: config.ipv6.map(|a| {
+                Table::new(
+                    a,
+                    first,
+                    last,
+                    config.max_flows,
+                    fragments,
+                    config.seed ^ 0x6,
+                )
+            }),
+            counters: Counters::default(),
+            stats: Stats::default(),
+        })
+    }
+
+    /// Whether `ip` is one of the addresses this engine translates to.
+    pub fn is_snat_address(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => self.v4.as_ref().is_some_and(|t| t.addr == a),
+            IpAddr::V6(a) => self.v6.as_ref().is_some_and(|t| t.addr == a),
+        }
+    }
+
+    #[inline]
+    fn tick(&self, now: Instant) -> u32 {
+        now.saturating_duration_since(self.epoch).as_secs() as u32
+    }
+
+    /// Translates a packet from the mesh toward the LAN in place. On `Err` the packet must be dropped; it may
+    /// have been partly rewritten.
+    pub fn outbound(&mut self, packet: &mut [u8], now: Instant) -> Result<(), Drop> {
+        let result = self.translate(packet, now, Direction::Outbound);
+        self.count(result, Direction::Outbound)
+    }
+
+    /// Translates a packet from the LAN addressed to the SNAT address back toward the mesh, in place.
+    pub fn inbound(&mut self, packet: &mut [u8], now: Instant) -> Result<(), Drop> {
+        let result = self.translate(packet, now, Direction::Inbound);
+        self.count(result, Direction::Inbound)
+    }
+
+    #[inline]
+    fn translate(&mut self, packet: &mut [u8], now: Instant, dir: Direction) -> Result<(), Drop> {
+        let tick = self.tick(now);
+        let t = &self.timeouts;
+        match wire::version(packet)? {
+            IpVersion::V4 => {
+                let table = self.v4.as_mut().ok_or(Drop::NoAddressForFamily)?;
+                translate(table, packet, tick, t, &mut self.stats, dir)
+            }
+            IpVersion::V6 => {
+                let table = self.v6.as_mut().ok_or(Drop::NoAddressForFamily)?;
+                translate(table, packet, tick, t, &mut self.stats, dir)
+            }
+        }
+    }
+
+    #[inline]
+    fn count(&mut self, result: Result<(), Drop>, dir: Direction) -> Result<(), Drop> {
+        match result {
+            Ok(()) if dir == Direction::Outbound => self.counters.outbound += 1,
+            Ok(()) => self.counters.inbound += 1,
+            Err(reason) => self.counters.drops[reason as usize] += 1,
+        }
+        result
+    }
+
+    /// Expires idle flows and fragment state up to `now`, a bounded amount of work per call.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let tick = self.tick(now);
+        if let Some(t) = self.v4.as_mut() {
+            t.expire(tick, TIMEOUT_BUDGET, &mut self.stats);
+        }
+        if let Some(t) = self.v6.as_mut() {
+            t.expire(tick, TIMEOUT_BUDGET, &mut self.stats);
+        }
+    }
+
+    /// When [`Snat::handle_timeout`] next has work; `None` while there is no state at all.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let next = [
+            self.v4.as_ref().and_then(Table::next_tick),
+            self.v6.as_ref().and_then(Table::next_tick),
+        ];
+        next.into_iter()
+            .flatten()
+            .min()
+            .map(|tick| self.epoch + Duration::from_secs(u64::from(tick)))
+    }
+
+    pub fn counters(&self) -> Counters {
+        Counters {
+            flows_created: self.stats.flows_created,
+            flows_expired: self.stats.flows_expired,
+            ..self.counters.clone()
+        }
+    }
+
+    /// Live flows, both families.
+    pub fn flows(&self) -> usize {
+        let v4 = self.v4.as_ref().map_or(0, |t| t.live_flows());
+        let v6 = self.v6.as_ref().map_or(0, |t| t.live_flows());
+        (v4 + v6) as usize
+    }
+
+    /// Live mappings (external ports in use), both families.
+    pub fn mappings(&self) -> usize {
+        self.v4.as_ref().map_or(0, |t| t.mapping_count())
+            + self.v6.as_ref().map_or(0, |t| t.mapping_count())
+    }
+
+    /// Datagrams whose later fragments are awaited, both families.
+    pub fn pending_fragments(&self) -> usize {
+        self.v4.as_ref().map_or(0, |t| t.fragment_count())
+            + self.v6.as_ref().map_or(0, |t| t.fragment_count())
+    }
+}
+
+/// Where the identifying 16-bit fields of a transport header are: the port on our side of the router
+/// (source outbound, destination inbound) and the remote one. ICMP echo has one identifier for both sides.
+#[inline]
+fn port_offsets(proto: Proto, dir: Direction) -> (usize, Option<usize>) {
+    match (proto, dir) {
+        (Proto::Icmp, _) => (4, None),
+        (_, Direction::Outbound) => (0, Some(2)),
+        (_, Direction::Inbound) => (2, Some(0)),
+    }
+}
+
+#[inline]
+fn read16(p: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([p[at], p[at + 1]])
+}
+
+#[inline]
+fn write16(p: &mut [u8], at: usize, value: u16, delta: &mut Delta) {
+    delta.word(read16(p, at), value);
+    p[at..at + 2].copy_from_slice(&value.to_be_bytes());
+}
+
+/// The offset of the transport checksum, and whether it covers the IP pseudo-header.
+#[inline]
+fn l4_checksum<A: Family>(proto: Proto) -> (usize, bool) {
+    match proto {
+        Proto::Tcp => (16, true),
+        Proto::Udp => (6, true),
+        Proto::Icmp => (2, !A::HAS_HEADER_CHECKSUM),
+    }
+}
+
+/// Adjusts the transport checksum at `at` by the address and port changes it covers.
+#[inline]
+fn adjust_l4<A: Family>(p: &mut [u8], l4: usize, proto: Proto, addr: Delta, port: Delta) {
+    let (offset, pseudo) = l4_checksum::<A>(proto);
+    let mut d = port;
+    if pseudo {
+        d.merge(addr);
+    }
+    if proto == Proto::Udp {
+        adjust_udp_at(p, l4 + offset, d);
+    } else {
+        adjust_at(p, l4 + offset, d);
+    }
+}
+
+fn classify<A: Family>(p: &[u8], layout: &Layout) -> Result<Proto, Drop> {
+    let (proto, need) = match layout.protocol {
+        PROTO_TCP => (Proto::Tcp, wire::TCP_HEADER_LEN),
+        PROTO_UDP => (Proto::Udp, wire::UDP_HEADER_LEN),
+        x if x == A::ICMP => (Proto::Icmp, wire::ICMP_HEADER_LEN),
+        _ => return Err(Drop::UnsupportedProtocol),
+    };
+    // A first fragment too short to hold the whole transport header is refused (RFC 1858).
+    if layout.l4_len() < need {
+        return Err(Drop::Malformed);
+    }
+    if proto == Proto::Tcp && usize::from(p[layout.l4_offset + 12] >> 4) * 4 < wire::TCP_HEADER_LEN
+    {
+        return Err(Drop::Malformed);
+    }
+    Ok(proto)
+}
+
+fn translate<A: Family>(
+    table: &mut Table<A>,
+    p: &mut [u8],
+    now: u32,
+    t: &Timeouts,
+    stats: &mut table::Stats,
+    dir: Direction,
+) -> Result<(), Drop> {
+    let layout = wire::parse(p, false)?;
+    let p = &mut p[..layout.packet_len];
+    let src = A::read(p, A::SRC);
+    let dst = A::read(p, A::DST);
+    if dir == Direction::Inbound && dst != table.addr {
+        return Err(Drop::NotForSnatAddress);
+    }
+    if let Fragment::Later { id } = layout.fragment {
+        let key = FragmentKey {
+            src,
+            dst,
+            proto: layout.protocol,
+            id,
+        };
+        let to = table
+            .fragment(&key, now)
+            .ok_or(Drop::FragmentWithoutState)?;
+        let mut d = Delta::default();
+        to.write(
+            p,
+            if dir == Direction::Outbound {
+                A::SRC
+            } else {
+                A::DST
+            },
+            &mut d,
+        );
+        if A::HAS_HEADER_CHECKSUM {
+            adjust_at(p, 10, d);
+        }
+        return Ok(());
+    }
+
+    let proto = classify::<A>(p, &layout)?;
+    let l4 = layout.l4_offset;
+    if proto == Proto::Icmp {
+        match (wire::icmp_kind(A::VERSION, p[l4]), dir) {
+            (IcmpKind::EchoRequest, Direction::Outbound)
+            | (IcmpKind::EchoReply, Direction::Inbound) => {}
+            (IcmpKind::Error, _) => return translate_icmp_error(table, p, &layout, now, dir),
+            (_, Direction::Inbound) => return Err(Drop::Unsolicited),
+            (_, Direction::Outbound) => return Err(Drop::UnsupportedIcmp),
+        }
+    }
+
+    let (own_port_at, remote_port_at) = port_offsets(proto, dir);
+    let own_port = read16(p, l4 + own_port_at);
+    let remote_port = remote_port_at.map_or(0, |at| read16(p, l4 + at));
+    let tcp_flags = if proto == Proto::Tcp { p[l4 + 13] } else { 0 };
+
+    let (flow, new_addr, new_port, translated) = match dir {
+        Direction::Outbound => {
+            let key = FlowKey {
+                proto,
+                int_addr: src,
+                int_port: own_port,
+                remote_addr: dst,
+                remote_port,
+            };
+            let flow = match table.find(&key) {
+                Some(f) => f,
+                None if tcp_flags & wire::TCP_RST != 0 => return Err(Drop::OrphanReset),
+                None => table.create(key, now, t, stats)?,
+            };
+            let ext_port = table.mapping(table.flow(flow).mapping).ext_port;
+            (flow, table.addr, ext_port, table.addr)
+        }
+        Direction::Inbound => {
+            let mapping = table
+                .mapping_by_port(proto, own_port)
+                .ok_or(Drop::Unsolicited)?;
+            let m = *table.mapping(mapping);
+            let key = FlowKey {
+                proto,
+                int_addr: m.int_addr,
+                int_port: m.int_port,
+                remote_addr: src,
+                remote_port,
+            };
+            let flow = table.find(&key).ok_or(Drop::Unsolicited)?;
+            if table.flow(flow).expires <= now {
+                return Err(Drop::Unsolicited);
+            }
+            (flow, m.int_addr, m.int_port, m.int_addr)
+        }
+    };
+
+    if proto == Proto::Tcp {
+        update_tcp(&mut table.flow_mut(flow).tcp, tcp_flags, dir);
+    }
+    table.refresh(flow, now, t);
+
+    let mut addr_delta = Delta::default();
+    new_addr.write(
+        p,
+        if dir == Direction::Outbound {
+            A::SRC
+        } else {
+            A::DST
+        },
+        &mut addr_delta,
+    );
+    if A::HAS_HEADER_CHECKSUM {
+        adjust_at(p, 10, addr_delta);
+    }
+    let mut port_delta = Delta::default();
+    write16(p, l4 + own_port_at, new_port, &mut port_delta);
+    adjust_l4::<A>(p, l4, proto, addr_delta, port_delta);
+
+    if let Fragment::First { id } = layout.fragment {
+        // Later fragments are recognised by the header they arrive with, which is the untranslated one.
+        let key = FragmentKey {
+            src,
+            dst,
+            proto: layout.protocol,
+            id,
+        };
+        table.remember_fragment(key, translated, now, t)?;
+    }
+    Ok(())
+}
+
+/// Tracks what decides a TCP flow's timeout. A new SYN from our side after a close reopens the flow (the
+/// client reused its port); any packet from the remote side counts as a reply.
+#[inline]
+fn update_tcp(state: &mut u8, flags: u8, dir: Direction) {
+    let syn = flags & wire::TCP_SYN != 0;
+    match dir {
+        Direction::Outbound => {
+            if syn
+                && flags & wire::TCP_ACK == 0
+                && *state & (tcp::FIN_OUT | tcp::FIN_IN | tcp::RST) != 0
+            {
+                *state = 0;
+            }
+            if syn {
+                *state |= tcp::SYN_OUT;
+            }
+            if flags & wire::TCP_FIN != 0 {
+                *state |= tcp::FIN_OUT;
+            }
+        }
+        Direction::Inbound => {
+            *state |= tcp::REPLIED;
+            if flags & wire::TCP_FIN != 0 {
+                *state |= tcp::FIN_IN;
+            }
+        }
+    }
+    if flags & wire::TCP_RST != 0 {
+        *state |= tcp::RST;
+    }
+}
+
+/// Translates an ICMP error and the packet it quotes (RFC 5508 §4).
+///
+/// Inbound, a LAN host or router reports on a packet we sent: the quote has the SNAT address and an
+/// external port as its *source*; both go back to the internal endpoint, and so does the outer destination.
+/// Outbound, a mesh host reports on a packet it received from the LAN: the quote has the internal endpoint
+/// as its *destination*, which becomes the SNAT address and external port, and the outer source becomes the
+/// SNAT address.
+fn translate_icmp_error<A: Family>(
+    table: &mut Table<A>,
+    p: &mut [u8],
+    layout: &Layout,
+    now: u32,
+    dir: Direction,
+) -> Result<(), Drop> {
+    let icmp = layout.l4_offset;
+    let inner = icmp + wire::ICMP_HEADER_LEN;
+    let quoted = wire::parse(&p[inner..], true)?;
+    if wire::version(&p[inner..])? != A::VERSION
+        || matches!(quoted.fragment, Fragment::Later { .. })
+    {
+        return Err(Drop::IcmpErrorWithoutSession);
+    }
+    let (proto, ports_needed) = match quoted.protocol {
+        PROTO_TCP => (Proto::Tcp, 4),
+        PROTO_UDP => (Proto::Udp, 4),
+        x if x == A::ICMP => (Proto::Icmp, 8),
+        _ => return Err(Drop::IcmpErrorWithoutSession),
+    };
+    let ql4 = inner + quoted.l4_offset;
+    if ql4 + ports_needed > p.len() {
+        return Err(Drop::Malformed);
+    }
+    if proto == Proto::Icmp && wire::icmp_kind(A::VERSION, p[ql4]) == IcmpKind::Error {
+        return Err(Drop::IcmpErrorWithoutSession); // never an error about an error
+    }
+    let quoted_src = A::read(p, inner + A::SRC);
+    let quoted_dst = A::read(p, inner + A::DST);
+    // The quoted packet travelled in the opposite direction to the error about it.
+    let quoted_dir = match dir {
+        Direction::Inbound => Direction::Outbound,
+        Direction::Outbound => Direction::Inbound,
+    };
+    let (quoted_own_at, quoted_remote_at) = port_offsets(proto, quoted_dir);
+    let quoted_own = read16(p, ql4 + quoted_own_at);
+    let quoted_remote = quoted_remote_at.map_or(0, |at| read16(p, ql4 + at));
+
+    let (new_addr, new_port, quoted_addr_at, outer_addr_at) = match dir {
+        Direction::Inbound => {
+            if quoted_src != table.addr {
+                return Err(Drop::IcmpErrorWithoutSession);
+            }
+            let mapping = table
+                .mapping_by_port(proto, quoted_own)
+                .ok_or(Drop::IcmpErrorWithoutSession)?;
+            let m = *table.mapping(mapping);
+            let key = FlowKey {
+                proto,
+                int_addr: m.int_addr,
+                int_port: m.int_port,
+                remote_addr: quoted_dst,
+                remote_port: quoted_remote,
+            };
+            let flow = table.find(&key).ok_or(Drop::IcmpErrorWithoutSession)?;
+            if table.flow(flow).expires <= now {
+                return Err(Drop::IcmpErrorWithoutSession);
+            }
+            (m.int_addr, m.int_port, A::SRC, A::DST)
+        }
+        Direction::Outbound => {
+            let key = FlowKey {
+                proto,
+                int_addr: quoted_dst,
+                int_port: quoted_own,
+                remote_addr: quoted_src,
+                remote_port: quoted_remote,
+            };
+            let flow = table.find(&key).ok_or(Drop::IcmpErrorWithoutSession)?;
+            let ext_port = table.mapping(table.flow(flow).mapping).ext_port;
+            (table.addr, ext_port, A::DST, A::SRC)
+        }
+    };
+
+    // Every word changed inside the ICMP message, for the ICMP checksum.
+    let mut icmp_delta = Delta::default();
+    let mut quoted_addr = Delta::default();
+    new_addr.write(p, inner + quoted_addr_at, &mut quoted_addr);
+    icmp_delta.merge(quoted_addr);
+    if A::HAS_HEADER_CHECKSUM {
+        let old = read16(p, inner + 10);
+        write16(p, inner + 10, quoted_addr.apply(old), &mut icmp_delta);
+    }
+    let mut quoted_port = Delta::default();
+    write16(p, ql4 + quoted_own_at, new_port, &mut quoted_port);
+    icmp_delta.merge(quoted_port);
+    let (checksum_at, pseudo) = l4_checksum::<A>(proto);
+    // The quote may stop before the transport checksum (IPv4 routers need only quote 8 bytes).
+    if ql4 + checksum_at + 2 <= p.len() {
+        let old = read16(p, ql4 + checksum_at);
+        let mut d = quoted_port;
+        if pseudo {
+            d.merge(quoted_addr);
+        }
+        let new = match (proto, old, d.apply(old)) {
+            (Proto::Udp, 0, _) => 0,
+            (Proto::Udp, _, 0) => 0xffff,
+            (_, _, new) => new,
+        };
+        write16(p, ql4 + checksum_at, new, &mut icmp_delta);
+    }
+
+    let mut outer = Delta::default();
+    new_addr.write(p, outer_addr_at, &mut outer);
+    if A::HAS_HEADER_CHECKSUM {
+        adjust_at(p, 10, outer);
+    } else {
+        icmp_delta.merge(outer); // the ICMPv6 checksum covers the pseudo-header
+    }
+    adjust_at(p, icmp + 2, icmp_delta);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

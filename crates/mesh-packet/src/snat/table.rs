@@ -1,0 +1,531 @@
+//! The state of one address family's SNAT: flows, endpoint-independent mappings, the port pools, the
+//! fragment memory and the expiry wheel.
+//!
+//! Layout is chosen for the hot path and for memory: flows live in a slab addressed by `u32`, and the hash
+//! index over them stores only that `u32` (hashbrown's `HashTable`), so a flow costs its slab slot plus a
+//! few bytes of index. Looking up an established flow is one hash, one probe and one slab read.
+
+use core::hash::{BuildHasher, Hasher};
+use std::collections::{HashMap, VecDeque};
+
+use hashbrown::HashTable;
+
+use super::addr::Family;
+use super::{Drop, Timeouts};
+
+pub(super) const NONE: u32 = u32::MAX;
+
+/// The protocols that get their own port space: TCP ports, UDP ports and ICMP echo identifiers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub(super) enum Proto {
+    Tcp = 0,
+    Udp = 1,
+    Icmp = 2,
+}
+
+/// TCP progress, as bits in [`Flow::tcp`]. Only what decides the idle timeout is tracked (RFC 5382 §5).
+pub(super) mod tcp {
+    pub const SYN_OUT: u8 = 1;
+    pub const REPLIED: u8 = 2;
+    pub const FIN_OUT: u8 = 4;
+    pub const FIN_IN: u8 = 8;
+    pub const RST: u8 = 16;
+}
+
+/// A session: one internal endpoint talking to one remote endpoint through a mapping.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Flow<A> {
+    pub int_addr: A,
+    pub remote_addr: A,
+    pub int_port: u16,
+    pub remote_port: u16,
+    /// Index of the mapping; [`NONE`] marks a free slab slot.
+    pub mapping: u32,
+    /// Tick at which the flow expires unless refreshed.
+    pub expires: u32,
+    /// Tick of the expiry-wheel entry that will look at this flow next (see [`Wheel`]).
+    pub next_check: u32,
+    pub proto: Proto,
+    pub tcp: u8,
+}
+
+/// An endpoint-independent mapping (RFC 4787 REQ-1, RFC 5382 REQ-1): one internal address and port bound
+/// to one external port, shared by every flow from that endpoint whatever its destination.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Mapping<A> {
+    pub int_addr: A,
+    pub int_port: u16,
+    pub ext_port: u16,
+    pub proto: Proto,
+    /// Flows using the mapping; zero marks a free slab slot.
+    pub flows: u32,
+}
+
+/// Identifies a flow from the internal side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct FlowKey<A> {
+    pub proto: Proto,
+    pub int_addr: A,
+    pub int_port: u16,
+    pub remote_addr: A,
+    pub remote_port: u16,
+}
+
+impl<A: Family> Flow<A> {
+    fn key(&self) -> FlowKey<A> {
+        FlowKey {
+            proto: self.proto,
+            int_addr: self.int_addr,
+            int_port: self.int_port,
+            remote_addr: self.remote_addr,
+            remote_port: self.remote_port,
+        }
+    }
+
+    #[inline]
+    fn matches(&self, k: &FlowKey<A>) -> bool {
+        self.int_port == k.int_port
+            && self.remote_port == k.remote_port
+            && self.proto == k.proto
+            && self.int_addr == k.int_addr
+            && self.remote_addr == k.remote_addr
+    }
+
+    pub fn timeout(&self, t: &Timeouts) -> u32 {
+        match self.proto {
+            Proto::Udp => t.udp,
+            Proto::Icmp => t.icmp,
+            Proto::Tcp => {
+                let closing = self.tcp & (tcp::FIN_OUT | tcp::FIN_IN | tcp::RST) != 0;
+                if closing || self.tcp & tcp::REPLIED == 0 {
+                    t.tcp_transitory
+                } else {
+                    t.tcp_established
+                }
+            }
+        }
+    }
+}
+
+/// External ports of one protocol: who owns each, and which are free in least-recently-used order, so a
+/// port just released is not handed to a new flow while the remote may still hold TIME_WAIT state for it.
+#[derive(Debug)]
+struct PortPool {
+    first: u16,
+    owner: Vec<u32>,
+    free: VecDeque<u16>,
+}
+
+impl PortPool {
+    fn new(first: u16, last: u16, rng: &mut fastrand::Rng) -> Self {
+        let mut ports: Vec<u16> = (first..=last).collect();
+        // A random starting order makes external ports unpredictable to off-path attackers (RFC 6056).
+        rng.shuffle(&mut ports);
+        Self {
+            first,
+            owner: vec![NONE; ports.len()],
+            free: ports.into(),
+        }
+    }
+
+    #[inline]
+    fn owner(&self, port: u16) -> Option<u32> {
+        let slot = usize::from(port.checked_sub(self.first)?);
+        self.owner.get(slot).copied().filter(|&m| m != NONE)
+    }
+}
+
+/// A slab of `T` with a free list; indices stay stable so the hash index and the wheel can refer to them.
+#[derive(Debug)]
+struct Slab<T> {
+    items: Vec<T>,
+    free: Vec<u32>,
+}
+
+impl<T> Slab<T> {
+    fn insert(&mut self, item: T) -> u32 {
+        match self.free.pop() {
+            Some(i) => {
+                self.items[i as usize] = item;
+                i
+            }
+            None => {
+                self.items.push(item);
+                (self.items.len() - 1) as u32
+            }
+        }
+    }
+}
+
+/// Expiry without sweeping: a wheel of one-second slots holding flow indices. Refreshing a flow only moves
+/// its `expires` forward; when its slot comes round the flow is either expired or re-filed at its new time.
+/// A flow whose timeout shrinks (FIN, RST) is filed again at the earlier time and `next_check` says which
+/// entry is current, so stale entries are recognised and dropped.
+#[derive(Debug)]
+struct Wheel {
+    slots: Box<[Vec<u32>]>,
+    /// Every tick up to and including this one has been processed.
+    done: u32,
+}
+
+const WHEEL_SLOTS: u32 = 8192;
+
+impl Wheel {
+    #[inline]
+    fn file(&mut self, flow: u32, at: u32) {
+        self.slots[(at % WHEEL_SLOTS) as usize].push(flow);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) struct FragmentKey<A> {
+    pub src: A,
+    pub dst: A,
+    pub proto: u8,
+    pub id: u32,
+}
+
+/// What the first fragment of a datagram was translated to, so later fragments (which carry no ports) can
+/// follow it. Every entry lives for the same time, so insertion order is expiry order.
+#[derive(Debug)]
+struct Fragments<A> {
+    map: HashMap<FragmentKey<A>, (A, u32), foldhash::fast::RandomState>,
+    order: VecDeque<(FragmentKey<A>, u32)>,
+    capacity: usize,
+}
+
+impl<A: Family> Fragments<A> {
+    fn expire(&mut self, now: u32) {
+        while let Some(&(key, expires)) = self.order.front() {
+            if expires > now {
+                break;
+            }
+            self.order.pop_front();
+            if self.map.get(&key).is_some_and(|&(_, e)| e == expires) {
+                self.map.remove(&key);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Table<A> {
+    pub addr: A,
+    flows: Slab<Flow<A>>,
+    flow_index: HashTable<u32>,
+    mappings: Slab<Mapping<A>>,
+    mapping_index: HashTable<u32>,
+    pools: [PortPool; 3],
+    wheel: Wheel,
+    fragments: Fragments<A>,
+    hasher: foldhash::fast::RandomState,
+    live: u32,
+    max_flows: u32,
+}
+
+impl<A: Family> Table<A> {
+    pub fn new(
+        addr: A,
+        first_port: u16,
+        last_port: u16,
+        max_flows: u32,
+        max_fragments: usize,
+        seed: u64,
+    ) -> Self {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        Self {
+            addr,
+            flows: Slab {
+                items: Vec::new(),
+                free: Vec::new(),
+            },
+            flow_index: HashTable::new(),
+            mappings: Slab {
+                items: Vec::new(),
+                free: Vec::new(),
+            },
+            mapping_index: HashTable::new(),
+            pools: core::array::from_fn(|_| PortPool::new(first_port, last_port, &mut rng)),
+            wheel: Wheel {
+                slots: (0..WHEEL_SLOTS).map(|_| Vec::new()).collect(),
+                done: 0,
+            },
+            fragments: Fragments {
+                map: HashMap::default(),
+                order: VecDeque::new(),
+                capacity: max_fragments,
+            },
+            hasher: foldhash::fast::RandomState::default(),
+            live: 0,
+            max_flows,
+        }
+    }
+
+    pub fn live_flows(&self) -> u32 {
+        self.live
+    }
+
+    pub fn mapping_count(&self) -> usize {
+        self.mappings.items.len() - self.mappings.free.len()
+    }
+
+    pub fn fragment_count(&self) -> usize {
+        self.fragments.map.len()
+    }
+
+    #[inline]
+    fn flow_hash(&self, k: &FlowKey<A>) -> u64 {
+        flow_hash_with(&self.hasher, k)
+    }
+
+    #[inline]
+    fn mapping_hash(&self, proto: Proto, addr: A, port: u16) -> u64 {
+        mapping_hash_with(&self.hasher, proto, addr, port)
+    }
+
+    #[inline]
+    pub fn flow(&self, i: u32) -> &Flow<A> {
+        &self.flows.items[i as usize]
+    }
+
+    #[inline]
+    pub fn flow_mut(&mut self, i: u32) -> &mut Flow<A> {
+        &mut self.flows.items[i as usize]
+    }
+
+    #[inline]
+    pub fn mapping(&self, i: u32) -> &Mapping<A> {
+        &self.mappings.items[i as usize]
+    }
+
+    #[inline]
+    pub fn find(&self, k: &FlowKey<A>) -> Option<u32> {
+        let items = &self.flows.items;
+        self.flow_index
+            .find(self.flow_hash(k), |&i| items[i as usize].matches(k))
+            .copied()
+    }
+
+    /// The mapping that owns external `port` of `proto`.
+    #[inline]
+    pub fn mapping_by_port(&self, proto: Proto, port: u16) -> Option<u32> {
+        self.pools[proto as usize].owner(port)
+    }
+
+    /// Creates a flow for `k`, reusing the internal endpoint's mapping or allocating one. `now` is the
+    /// current tick; `expire_budget` bounds the reclaiming done when the table is full.
+    pub fn create(
+        &mut self,
+        k: FlowKey<A>,
+        now: u32,
+        t: &Timeouts,
+        stats: &mut Stats,
+    ) -> Result<u32, Drop> {
+        if self.live >= self.max_flows {
+            self.expire(now, FULL_TABLE_EXPIRE_BUDGET, stats);
+            if self.live >= self.max_flows {
+                return Err(Drop::TableFull);
+            }
+        }
+        let mapping = self.mapping_for(k.proto, k.int_addr, k.int_port)?;
+        self.mappings.items[mapping as usize].flows += 1;
+        let mut flow = Flow {
+            int_addr: k.int_addr,
+            remote_addr: k.remote_addr,
+            int_port: k.int_port,
+            remote_port: k.remote_port,
+            mapping,
+            expires: 0,
+            next_check: 0,
+            proto: k.proto,
+            tcp: 0,
+        };
+        flow.expires = now + flow.timeout(t);
+        flow.next_check = flow.expires;
+        let i = self.flows.insert(flow);
+        let hash = self.flow_hash(&k);
+        let (items, hasher) = (&self.flows.items, &self.hasher);
+        self.flow_index.insert_unique(hash, i, |&j| {
+            flow_hash_with(hasher, &items[j as usize].key())
+        });
+        self.wheel.file(i, flow.expires);
+        self.live += 1;
+        stats.flows_created += 1;
+        Ok(i)
+    }
+
+    fn mapping_for(&mut self, proto: Proto, addr: A, port: u16) -> Result<u32, Drop> {
+        let hash = self.mapping_hash(proto, addr, port);
+        let items = &self.mappings.items;
+        if let Some(&m) = self.mapping_index.find(hash, |&m| {
+            let m = &items[m as usize];
+            m.int_port == port && m.proto == proto && m.int_addr == addr
+        }) {
+            return Ok(m);
+        }
+        let pool = &mut self.pools[proto as usize];
+        let ext_port = pool.free.pop_front().ok_or(Drop::PoolExhausted)?;
+        let m = self.mappings.insert(Mapping {
+            int_addr: addr,
+            int_port: port,
+            ext_port,
+            proto,
+            flows: 0,
+        });
+        pool.owner[usize::from(ext_port - pool.first)] = m;
+        let (items, hasher) = (&self.mappings.items, &self.hasher);
+        self.mapping_index.insert_unique(hash, m, |&j| {
+            let m = &items[j as usize];
+            mapping_hash_with(hasher, m.proto, m.int_addr, m.int_port)
+        });
+        Ok(m)
+    }
+
+    /// Moves a flow's expiry to `now + timeout`, filing it earlier in the wheel if the timeout shrank.
+    #[inline]
+    pub fn refresh(&mut self, i: u32, now: u32, t: &Timeouts) {
+        let flow = &mut self.flows.items[i as usize];
+        let expires = now + flow.timeout(t);
+        flow.expires = expires;
+        if expires < flow.next_check {
+            flow.next_check = expires;
+            self.wheel.file(i, expires);
+        }
+    }
+
+    fn remove(&mut self, i: u32, stats: &mut Stats) {
+        let flow = self.flows.items[i as usize];
+        let hash = self.flow_hash(&flow.key());
+        if let Ok(entry) = self.flow_index.find_entry(hash, |&j| j == i) {
+            entry.remove();
+        }
+        self.flows.items[i as usize].mapping = NONE;
+        self.flows.free.push(i);
+        self.live -= 1;
+        stats.flows_expired += 1;
+
+        let m = flow.mapping;
+        let mapping = &mut self.mappings.items[m as usize];
+        mapping.flows -= 1;
+        if mapping.flows == 0 {
+            let mapping = *mapping;
+            let hash = self.mapping_hash(mapping.proto, mapping.int_addr, mapping.int_port);
+            if let Ok(entry) = self.mapping_index.find_entry(hash, |&j| j == m) {
+                entry.remove();
+            }
+            let pool = &mut self.pools[mapping.proto as usize];
+            pool.owner[usize::from(mapping.ext_port - pool.first)] = NONE;
+            pool.free.push_back(mapping.ext_port);
+            self.mappings.free.push(m);
+        }
+    }
+
+    /// Processes the wheel up to tick `now`, looking at no more than `budget` entries. Returns whether it
+    /// caught up.
+    pub fn expire(&mut self, now: u32, mut budget: usize, stats: &mut Stats) -> bool {
+        self.fragments.expire(now);
+        // After a gap longer than the wheel, one pass over every slot is enough: an entry is due when its
+        // flow's `next_check` has passed, whichever lap the slot is on.
+        let last = now.min(self.wheel.done.saturating_add(WHEEL_SLOTS));
+        while self.wheel.done < last {
+            let tick = self.wheel.done + 1;
+            let slot = (tick % WHEEL_SLOTS) as usize;
+            let mut entries = core::mem::take(&mut self.wheel.slots[slot]);
+            let mut keep = Vec::new();
+            while let Some(i) = entries.pop() {
+                if budget == 0 {
+                    entries.push(i);
+                    entries.append(&mut keep);
+                    entries.append(&mut self.wheel.slots[slot]);
+                    self.wheel.slots[slot] = entries;
+                    return false;
+                }
+                budget -= 1;
+                let flow = self.flows.items[i as usize];
+                if flow.mapping == NONE || flow.next_check % WHEEL_SLOTS != slot as u32 {
+                    continue; // superseded by an earlier filing, or the slot was freed
+                }
+                if flow.next_check > now {
+                    keep.push(i); // due on a later lap
+                } else if flow.expires <= now {
+                    self.remove(i, stats);
+                } else {
+                    self.flows.items[i as usize].next_check = flow.expires;
+                    // Re-filing goes to a tick after `now`; if that slot is still ahead in this pass, the
+                    // entry is kept there as not yet due.
+                    self.wheel.file(i, flow.expires);
+                }
+            }
+            keep.append(&mut self.wheel.slots[slot]);
+            self.wheel.slots[slot] = keep;
+            self.wheel.done = tick;
+        }
+        self.wheel.done = now;
+        true
+    }
+
+    /// The next tick at which [`Table::expire`] has work, if anything is alive.
+    pub fn next_tick(&self) -> Option<u32> {
+        (self.live > 0 || !self.fragments.order.is_empty()).then_some(self.wheel.done + 1)
+    }
+
+    pub fn remember_fragment(
+        &mut self,
+        key: FragmentKey<A>,
+        translated: A,
+        now: u32,
+        t: &Timeouts,
+    ) -> Result<(), Drop> {
+        let f = &mut self.fragments;
+        f.expire(now);
+        if f.map.len() >= f.capacity && !f.map.contains_key(&key) {
+            return Err(Drop::FragmentTableFull);
+        }
+        let expires = now + t.fragment;
+        f.map.insert(key, (translated, expires));
+        f.order.push_back((key, expires));
+        Ok(())
+    }
+
+    pub fn fragment(&self, key: &FragmentKey<A>, now: u32) -> Option<A> {
+        self.fragments
+            .map
+            .get(key)
+            .filter(|&&(_, expires)| expires > now)
+            .map(|&(a, _)| a)
+    }
+}
+
+/// Entries looked at when a full table tries to make room before refusing a flow: enough to reclaim what
+/// is due, small enough that a flood of new flows cannot turn every packet into a long sweep.
+const FULL_TABLE_EXPIRE_BUDGET: usize = 64;
+
+#[inline]
+fn flow_hash_with<A: Family>(hasher: &foldhash::fast::RandomState, k: &FlowKey<A>) -> u64 {
+    let mut h = hasher.build_hasher();
+    h.write_u64((k.proto as u64) << 32 | u64::from(k.int_port) << 16 | u64::from(k.remote_port));
+    k.int_addr.hash_into(&mut h);
+    k.remote_addr.hash_into(&mut h);
+    h.finish()
+}
+
+#[inline]
+fn mapping_hash_with<A: Family>(
+    hasher: &foldhash::fast::RandomState,
+    proto: Proto,
+    addr: A,
+    port: u16,
+) -> u64 {
+    let mut h = hasher.build_hasher();
+    h.write_u32((proto as u32) << 16 | u32::from(port));
+    addr.hash_into(&mut h);
+    h.finish()
+}
+
+/// Lifetime counts kept by the tables.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    pub flows_created: u64,
+    pub flows_expired: u64,
+}

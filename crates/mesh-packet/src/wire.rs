@@ -1,0 +1,557 @@
+//! Zero-copy views of IPv4, IPv6, TCP, UDP and ICMP headers, and [`parse`], which walks a packet from the
+//! IP header to its transport header once and records where everything is.
+//!
+//! The views follow smoltcp's `wire` shape (`new_checked`, getters over the borrowed bytes, setters when
+//! the buffer is mutable). We keep our own rather than smoltcp's because the SNAT engine must also read the
+//! packet embedded in an ICMP error, which is truncated by definition: smoltcp's checked views reject a
+//! header whose length field exceeds the bytes present, and that is exactly the case here.
+
+use core::net::{Ipv4Addr, Ipv6Addr};
+
+pub const PROTO_HOPOPTS: u8 = 0;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ROUTING: u8 = 43;
+pub const PROTO_FRAGMENT: u8 = 44;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_DSTOPTS: u8 = 60;
+
+pub const IPV4_HEADER_LEN: usize = 20;
+pub const IPV6_HEADER_LEN: usize = 40;
+pub const TCP_HEADER_LEN: usize = 20;
+pub const UDP_HEADER_LEN: usize = 8;
+pub const ICMP_HEADER_LEN: usize = 8;
+
+/// More extension headers than this is not a packet anyone sends on purpose; refusing bounds the walk.
+const MAX_EXTENSION_HEADERS: usize = 8;
+
+/// Why a packet was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Error {
+    /// Shorter than a header or a length field says.
+    Truncated,
+    /// A field holds a value no valid packet has (version, header length, total length).
+    Malformed,
+    /// Valid, but of a kind we deliberately do not handle (an IPv6 routing header still in transit, AH/ESP
+    /// before the transport header, too many extension headers).
+    Unsupported,
+}
+
+impl core::fmt::Display for Error {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Error::Truncated => "packet truncated",
+            Error::Malformed => "malformed packet",
+            Error::Unsupported => "unsupported packet",
+        })
+    }
+}
+
+impl std::error::Error for Error {}
+
+#[inline]
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+#[inline]
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+#[inline]
+fn put16(b: &mut [u8], at: usize, value: u16) {
+    b[at..at + 2].copy_from_slice(&value.to_be_bytes());
+}
+
+/// Which part of a fragmented datagram a packet is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not fragmented.
+    Whole,
+    /// Offset zero with more fragments to come: it carries the transport header.
+    First { id: u32 },
+    /// Offset non-zero: no transport header, only the IP header identifies it.
+    Later { id: u32 },
+}
+
+/// IP version of a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpVersion {
+    V4,
+    V6,
+}
+
+/// Where the parts of an IP packet are, found by [`parse`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub version: IpVersion,
+    /// The transport protocol (after IPv6 extension headers).
+    pub protocol: u8,
+    /// Offset of the transport header (meaningless for [`Fragment::Later`]).
+    pub l4_offset: usize,
+    /// Length of the IP datagram per its header; bytes beyond it in the buffer are not part of the packet.
+    pub packet_len: usize,
+    pub fragment: Fragment,
+}
+
+impl Layout {
+    /// Length of the transport part present in this packet.
+    pub fn l4_len(&self) -> usize {
+        self.packet_len.saturating_sub(self.l4_offset)
+    }
+}
+
+/// Returns the IP version from the first nibble, if it is 4 or 6.
+pub fn version(packet: &[u8]) -> Result<IpVersion, Error> {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => Ok(IpVersion::V4),
+        Some(6) => Ok(IpVersion::V6),
+        Some(_) => Err(Error::Malformed),
+        None => Err(Error::Truncated),
+    }
+}
+
+/// Walks an IPv4 or IPv6 packet to its transport header.
+///
+/// With `embedded` set the packet is the one quoted inside an ICMP error: its length field may exceed the
+/// bytes present and only the IP header and the first bytes after it are required.
+pub fn parse(packet: &[u8], embedded: bool) -> Result<Layout, Error> {
+    match version(packet)? {
+        IpVersion::V4 => parse_v4(packet, embedded),
+        IpVersion::V6 => parse_v6(packet, embedded),
+    }
+}
+
+fn parse_v4(p: &[u8], embedded: bool) -> Result<Layout, Error> {
+    let header = Ipv4Header::new_checked(p, embedded)?;
+    let header_len = header.header_len();
+    let flags_offset = be16(p, 6);
+    let offset = flags_offset & 0x1fff;
+    let more = flags_offset & 0x2000 != 0;
+    let id = u32::from(header.ident());
+    let fragment = match (offset, more) {
+        (0, false) => Fragment::Whole,
+        (0, true) => Fragment::First { id },
+        _ => Fragment::Later { id },
+    };
+    let packet_len = if embedded {
+        p.len()
+    } else {
+        usize::from(header.total_len())
+    };
+    Ok(Layout {
+        version: IpVersion::V4,
+        protocol: header.protocol(),
+        l4_offset: header_len,
+        packet_len,
+        fragment,
+    })
+}
+
+fn parse_v6(p: &[u8], embedded: bool) -> Result<Layout, Error> {
+    let header = Ipv6Header::new_checked(p, embedded)?;
+    let packet_len = if embedded {
+        p.len()
+    } else {
+        IPV6_HEADER_LEN + usize::from(header.payload_len())
+    };
+    let mut next = header.next_header();
+    let mut at = IPV6_HEADER_LEN;
+    let mut fragment = Fragment::Whole;
+    for _ in 0..MAX_EXTENSION_HEADERS {
+        match next {
+            PROTO_HOPOPTS | PROTO_ROUTING | PROTO_DSTOPTS => {
+                let ext = p.get(at..at + 8).ok_or(Error::Truncated)?;
+                if next == PROTO_ROUTING && ext[3] != 0 {
+                    // Segments left: the destination field is not the final one, so a transport checksum
+                    // over the pseudo-header cannot be adjusted from what we see.
+                    return Err(Error::Unsupported);
+                }
+                next = ext[0];
+                at += (usize::from(ext[1]) + 1) * 8;
+            }
+            PROTO_FRAGMENT => {
+                let ext = p.get(at..at + 8).ok_or(Error::Truncated)?;
+                let offset = be16(ext, 2) >> 3;
+                let more = ext[3] & 1 != 0;
+                let id = be32(ext, 4);
+                next = ext[0];
+                at += 8;
+                if offset != 0 {
+                    fragment = Fragment::Later { id };
+                    break;
+                }
+                if more {
+                    fragment = Fragment::First { id };
+                }
+                // An atomic fragment (offset 0, no more) is a whole packet with a fragment header.
+            }
+            _ => break,
+        }
+    }
+    if matches!(
+        next,
+        PROTO_HOPOPTS | PROTO_ROUTING | PROTO_DSTOPTS | PROTO_FRAGMENT
+    ) && !matches!(fragment, Fragment::Later { .. })
+    {
+        return Err(Error::Unsupported);
+    }
+    if at > packet_len {
+        return Err(Error::Truncated);
+    }
+    Ok(Layout {
+        version: IpVersion::V6,
+        protocol: next,
+        l4_offset: at,
+        packet_len,
+        fragment,
+    })
+}
+
+/// A view of an IPv4 header.
+#[derive(Debug, Clone, Copy)]
+pub struct Ipv4Header<T> {
+    buf: T,
+}
+
+impl<T: AsRef<[u8]>> Ipv4Header<T> {
+    /// Checks version, header length and (unless `embedded`) that the total length fits the buffer.
+    pub fn new_checked(buf: T, embedded: bool) -> Result<Self, Error> {
+        let b = buf.as_ref();
+        if b.len() < IPV4_HEADER_LEN {
+            return Err(Error::Truncated);
+        }
+        if b[0] >> 4 != 4 {
+            return Err(Error::Malformed);
+        }
+        let header_len = usize::from(b[0] & 0x0f) * 4;
+        if header_len < IPV4_HEADER_LEN {
+            return Err(Error::Malformed);
+        }
+        if b.len() < header_len {
+            return Err(Error::Truncated);
+        }
+        let total = usize::from(be16(b, 2));
+        if total < header_len {
+            return Err(Error::Malformed);
+        }
+        if !embedded && total > b.len() {
+            return Err(Error::Truncated);
+        }
+        Ok(Self { buf })
+    }
+
+    pub fn header_len(&self) -> usize {
+        usize::from(self.buf.as_ref()[0] & 0x0f) * 4
+    }
+    pub fn total_len(&self) -> u16 {
+        be16(self.buf.as_ref(), 2)
+    }
+    pub fn ident(&self) -> u16 {
+        be16(self.buf.as_ref(), 4)
+    }
+    pub fn dont_fragment(&self) -> bool {
+        self.buf.as_ref()[6] & 0x40 != 0
+    }
+    pub fn ttl(&self) -> u8 {
+        self.buf.as_ref()[8]
+    }
+    pub fn protocol(&self) -> u8 {
+        self.buf.as_ref()[9]
+    }
+    pub fn checksum(&self) -> u16 {
+        be16(self.buf.as_ref(), 10)
+    }
+    pub fn src(&self) -> Ipv4Addr {
+        let b = self.buf.as_ref();
+        Ipv4Addr::new(b[12], b[13], b[14], b[15])
+    }
+    pub fn dst(&self) -> Ipv4Addr {
+        let b = self.buf.as_ref();
+        Ipv4Addr::new(b[16], b[17], b[18], b[19])
+    }
+    /// Whether the header checksum is correct.
+    pub fn verify_checksum(&self) -> bool {
+        crate::checksum::fold(crate::checksum::sum(
+            &self.buf.as_ref()[..self.header_len()],
+            0,
+        )) == 0xffff
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Header<T> {
+    /// Recomputes the header checksum from scratch.
+    pub fn fill_checksum(&mut self) {
+        let len = self.header_len();
+        let b = self.buf.as_mut();
+        put16(b, 10, 0);
+        let c = crate::checksum::checksum(&b[..len]);
+        put16(b, 10, c);
+    }
+}
+
+/// A view of the fixed IPv6 header.
+#[derive(Debug, Clone, Copy)]
+pub struct Ipv6Header<T> {
+    buf: T,
+}
+
+impl<T: AsRef<[u8]>> Ipv6Header<T> {
+    /// Checks version and (unless `embedded`) that the payload length fits the buffer.
+    pub fn new_checked(buf: T, embedded: bool) -> Result<Self, Error> {
+        let b = buf.as_ref();
+        if b.len() < IPV6_HEADER_LEN {
+            return Err(Error::Truncated);
+        }
+        if b[0] >> 4 != 6 {
+            return Err(Error::Malformed);
+        }
+        if !embedded && IPV6_HEADER_LEN + usize::from(be16(b, 4)) > b.len() {
+            return Err(Error::Truncated);
+        }
+        Ok(Self { buf })
+    }
+    pub fn payload_len(&self) -> u16 {
+        be16(self.buf.as_ref(), 4)
+    }
+    pub fn next_header(&self) -> u8 {
+        self.buf.as_ref()[6]
+    }
+    pub fn hop_limit(&self) -> u8 {
+        self.buf.as_ref()[7]
+    }
+    pub fn src(&self) -> Ipv6Addr {
+        Ipv6Addr::from(<[u8; 16]>::try_from(&self.buf.as_ref()[8..24]).expect("16 bytes"))
+    }
+    pub fn dst(&self) -> Ipv6Addr {
+        Ipv6Addr::from(<[u8; 16]>::try_from(&self.buf.as_ref()[24..40]).expect("16 bytes"))
+    }
+}
+
+/// A view of a TCP header.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpHeader<T> {
+    buf: T,
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+impl<T: AsRef<[u8]>> TcpHeader<T> {
+    pub fn new_checked(buf: T) -> Result<Self, Error> {
+        let b = buf.as_ref();
+        if b.len() < TCP_HEADER_LEN {
+            return Err(Error::Truncated);
+        }
+        let data_offset = usize::from(b[12] >> 4) * 4;
+        if data_offset < TCP_HEADER_LEN {
+            return Err(Error::Malformed);
+        }
+        if data_offset > b.len() {
+            return Err(Error::Truncated);
+        }
+        Ok(Self { buf })
+    }
+    pub fn src_port(&self) -> u16 {
+        be16(self.buf.as_ref(), 0)
+    }
+    pub fn dst_port(&self) -> u16 {
+        be16(self.buf.as_ref(), 2)
+    }
+    pub fn seq(&self) -> u32 {
+        be32(self.buf.as_ref(), 4)
+    }
+    pub fn header_len(&self) -> usize {
+        usize::from(self.buf.as_ref()[12] >> 4) * 4
+    }
+    pub fn flags(&self) -> u8 {
+        self.buf.as_ref()[13]
+    }
+    pub fn checksum(&self) -> u16 {
+        be16(self.buf.as_ref(), 16)
+    }
+}
+
+/// A view of a UDP header.
+#[derive(Debug, Clone, Copy)]
+pub struct UdpHeader<T> {
+    buf: T,
+}
+
+impl<T: AsRef<[u8]>> UdpHeader<T> {
+    pub fn new_checked(buf: T) -> Result<Self, Error> {
+        let b = buf.as_ref();
+        if b.len() < UDP_HEADER_LEN {
+            return Err(Error::Truncated);
+        }
+        let len = usize::from(be16(b, 4));
+        if len < UDP_HEADER_LEN {
+            return Err(Error::Malformed);
+        }
+        if len > b.len() {
+            return Err(Error::Truncated);
+        }
+        Ok(Self { buf })
+    }
+    pub fn src_port(&self) -> u16 {
+        be16(self.buf.as_ref(), 0)
+    }
+    pub fn dst_port(&self) -> u16 {
+        be16(self.buf.as_ref(), 2)
+    }
+    pub fn len(&self) -> u16 {
+        be16(self.buf.as_ref(), 4)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() as usize == UDP_HEADER_LEN
+    }
+    pub fn checksum(&self) -> u16 {
+        be16(self.buf.as_ref(), 6)
+    }
+}
+
+/// A view of an ICMPv4 or ICMPv6 header.
+#[derive(Debug, Clone, Copy)]
+pub struct IcmpHeader<T> {
+    buf: T,
+}
+
+impl<T: AsRef<[u8]>> IcmpHeader<T> {
+    pub fn new_checked(buf: T) -> Result<Self, Error> {
+        if buf.as_ref().len() < ICMP_HEADER_LEN {
+            return Err(Error::Truncated);
+        }
+        Ok(Self { buf })
+    }
+    pub fn msg_type(&self) -> u8 {
+        self.buf.as_ref()[0]
+    }
+    pub fn code(&self) -> u8 {
+        self.buf.as_ref()[1]
+    }
+    pub fn checksum(&self) -> u16 {
+        be16(self.buf.as_ref(), 2)
+    }
+    /// The echo identifier (meaningful for echo request and reply).
+    pub fn echo_ident(&self) -> u16 {
+        be16(self.buf.as_ref(), 4)
+    }
+    pub fn echo_seq(&self) -> u16 {
+        be16(self.buf.as_ref(), 6)
+    }
+    /// The quoted packet of an error message.
+    pub fn error_payload(&self) -> &[u8] {
+        &self.buf.as_ref()[ICMP_HEADER_LEN..]
+    }
+}
+
+/// ICMP message kinds that matter to address translation, for both ICMP versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IcmpKind {
+    EchoRequest,
+    EchoReply,
+    /// Destination unreachable, time exceeded, parameter problem and (ICMPv6) packet too big: they quote
+    /// the packet that caused them.
+    Error,
+    Other,
+}
+
+pub fn icmp_kind(version: IpVersion, msg_type: u8) -> IcmpKind {
+    match (version, msg_type) {
+        (IpVersion::V4, 8) | (IpVersion::V6, 128) => IcmpKind::EchoRequest,
+        (IpVersion::V4, 0) | (IpVersion::V6, 129) => IcmpKind::EchoReply,
+        (IpVersion::V4, 3 | 11 | 12) | (IpVersion::V6, 1..=4) => IcmpKind::Error,
+        _ => IcmpKind::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::{Builder, Transport};
+
+    #[test]
+    fn parses_ipv4_with_options() {
+        let mut pkt = Builder::v4([10, 0, 0, 1], [10, 0, 0, 2]).udp(1000, 53, b"hello");
+        // Insert 4 bytes of options (NOP NOP NOP EOL) and fix lengths: the transport header moves.
+        pkt.splice(20..20, [1, 1, 1, 0]);
+        pkt[0] = 0x46;
+        let total = pkt.len() as u16;
+        pkt[2..4].copy_from_slice(&total.to_be_bytes());
+        let layout = parse(&pkt, false).unwrap();
+        assert_eq!(layout.l4_offset, 24);
+        assert_eq!(layout.protocol, PROTO_UDP);
+        assert_eq!(layout.fragment, Fragment::Whole);
+    }
+
+    #[test]
+    fn ipv4_fragments_are_classified() {
+        let mut pkt = Builder::v4([10, 0, 0, 1], [10, 0, 0, 2]).udp(1000, 53, b"hello");
+        pkt[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+        pkt[6] = 0x20; // more fragments, offset 0
+        assert_eq!(
+            parse(&pkt, false).unwrap().fragment,
+            Fragment::First { id: 0x1234 }
+        );
+        pkt[6] = 0x00;
+        pkt[7] = 0x10; // offset 16 * 8
+        assert_eq!(
+            parse(&pkt, false).unwrap().fragment,
+            Fragment::Later { id: 0x1234 }
+        );
+    }
+
+    #[test]
+    fn refuses_bad_headers() {
+        assert_eq!(parse(&[], false), Err(Error::Truncated));
+        assert_eq!(parse(&[0x55; 40], false), Err(Error::Malformed));
+        let mut pkt = Builder::v4([10, 0, 0, 1], [10, 0, 0, 2]).udp(1, 2, b"");
+        pkt[0] = 0x44; // header length 16 bytes
+        assert_eq!(parse(&pkt, false), Err(Error::Malformed));
+        let pkt = Builder::v4([10, 0, 0, 1], [10, 0, 0, 2]).udp(1, 2, b"abc");
+        assert_eq!(parse(&pkt[..pkt.len() - 1], false), Err(Error::Truncated));
+        assert!(
+            parse(&pkt[..24], true).is_ok(),
+            "an ICMP quote may be truncated"
+        );
+    }
+
+    #[test]
+    fn walks_ipv6_extension_headers() {
+        let src = "fd00::1".parse::<Ipv6Addr>().unwrap().octets();
+        let dst = "fd00::2".parse::<Ipv6Addr>().unwrap().octets();
+        let mut pkt = Builder::v6(src, dst).udp(1000, 53, b"x");
+        // Hop-by-hop options (8 bytes, PadN) then a fragment header with offset 0 and more fragments.
+        let hop = [PROTO_FRAGMENT, 0, 1, 4, 0, 0, 0, 0];
+        let frag = [PROTO_UDP, 0, 0, 1, 0, 0, 0, 7];
+        pkt.splice(40..40, hop.into_iter().chain(frag));
+        pkt[6] = PROTO_HOPOPTS;
+        let payload = (pkt.len() - 40) as u16;
+        pkt[4..6].copy_from_slice(&payload.to_be_bytes());
+        let layout = parse(&pkt, false).unwrap();
+        assert_eq!(layout.l4_offset, 56);
+        assert_eq!(layout.protocol, PROTO_UDP);
+        assert_eq!(layout.fragment, Fragment::First { id: 7 });
+    }
+
+    #[test]
+    fn refuses_routing_header_in_transit() {
+        let src = [0xfd; 16];
+        let mut pkt = Builder::v6(src, src).transport(
+            Transport::Udp {
+                src_port: 1,
+                dst_port: 2,
+            },
+            b"",
+        );
+        pkt.splice(40..40, [PROTO_UDP, 0, 0, 1, 0, 0, 0, 0]);
+        pkt[6] = PROTO_ROUTING;
+        let payload = (pkt.len() - 40) as u16;
+        pkt[4..6].copy_from_slice(&payload.to_be_bytes());
+        assert_eq!(parse(&pkt, false), Err(Error::Unsupported));
+    }
+}
