@@ -529,3 +529,102 @@ pub struct Stats {
     pub flows_created: u64,
     pub flows_expired: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use core::net::Ipv4Addr;
+
+    use super::*;
+
+    fn table() -> Table<Ipv4Addr> {
+        Table::new(Ipv4Addr::new(192, 0, 2, 1), 1024, 65535, 1 << 20, 16, 7)
+    }
+
+    fn key(port: u16) -> FlowKey<Ipv4Addr> {
+        FlowKey {
+            proto: Proto::Udp,
+            int_addr: Ipv4Addr::new(100, 64, 0, 1),
+            int_port: port,
+            remote_addr: Ipv4Addr::new(10, 0, 0, 1),
+            remote_port: 53,
+        }
+    }
+
+    fn wheel_entries(t: &Table<Ipv4Addr>) -> usize {
+        t.wheel.slots.iter().map(Vec::len).sum()
+    }
+
+    #[test]
+    fn a_small_budget_still_catches_up() {
+        let (mut t, timeouts, mut stats) = (table(), Timeouts::default(), Stats::default());
+        for port in 0..100 {
+            t.create(key(port), 0, &timeouts, &mut stats).unwrap();
+        }
+        let mut calls = 0;
+        while !t.expire(1000, 7, &mut stats) {
+            calls += 1;
+            assert!(calls < 100, "expiry never caught up");
+        }
+        assert!(calls >= 100 / 7);
+        assert_eq!(t.live_flows(), 0);
+        assert_eq!(t.mapping_count(), 0);
+        assert_eq!(wheel_entries(&t), 0);
+    }
+
+    #[test]
+    fn refreshing_never_grows_the_wheel() {
+        let (mut t, timeouts, mut stats) = (table(), Timeouts::default(), Stats::default());
+        let flow = t.create(key(1), 0, &timeouts, &mut stats).unwrap();
+        for now in 1..20_000 {
+            t.refresh(flow, now, &timeouts);
+            t.expire(now, usize::MAX, &mut stats);
+            assert!(wheel_entries(&t) <= 1, "one flow, one entry");
+        }
+        assert_eq!(t.live_flows(), 1);
+        assert!(t.expire(20_000 + timeouts.udp, usize::MAX, &mut stats));
+        assert_eq!(t.live_flows(), 0);
+    }
+
+    #[test]
+    fn a_shortened_timeout_is_honoured_and_its_old_entry_discarded() {
+        let (mut t, timeouts, mut stats) = (table(), Timeouts::default(), Stats::default());
+        let k = FlowKey {
+            proto: Proto::Tcp,
+            ..key(1)
+        };
+        let flow = t.create(k, 0, &timeouts, &mut stats).unwrap();
+        t.flow_mut(flow).tcp = tcp::SYN_OUT | tcp::REPLIED;
+        t.refresh(flow, 10, &timeouts);
+        t.expire(3000, usize::MAX, &mut stats);
+        assert_eq!(t.live_flows(), 1, "established");
+        t.flow_mut(flow).tcp |= tcp::FIN_OUT;
+        t.refresh(flow, 3000, &timeouts);
+        assert_eq!(wheel_entries(&t), 2, "filed again, earlier");
+        t.expire(3000 + timeouts.tcp_transitory, usize::MAX, &mut stats);
+        assert_eq!(t.live_flows(), 0, "gone at the transitory timeout");
+        t.expire(20_000, usize::MAX, &mut stats);
+        assert_eq!(
+            wheel_entries(&t),
+            0,
+            "the stale entry is dropped when its slot comes round"
+        );
+    }
+
+    #[test]
+    fn freed_slots_are_reused() {
+        let (mut t, timeouts, mut stats) = (table(), Timeouts::default(), Stats::default());
+        for round in 0..5u32 {
+            for port in 0..1000 {
+                t.create(key(port), round * 1000, &timeouts, &mut stats)
+                    .unwrap();
+            }
+            t.expire(round * 1000 + 999, usize::MAX, &mut stats);
+            assert_eq!(t.live_flows(), 0);
+        }
+        assert_eq!(
+            t.flows.items.len(),
+            1000,
+            "the slab does not grow past its peak"
+        );
+    }
+}
