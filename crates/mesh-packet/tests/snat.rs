@@ -469,7 +469,7 @@ fn bad_configs_are_refused() {
     let mut c = SnatConfig::new(Some(SNAT), None);
     c.ports = 0..=10;
     assert!(Snat::new(c.clone(), now).is_err());
-    c.ports = 10..=9;
+    c.ports = core::ops::RangeInclusive::new(10, 9);
     assert!(Snat::new(c.clone(), now).is_err());
     c.ports = 10..=10;
     c.timeouts.udp = 0;
