@@ -44,21 +44,11 @@ pub struct Builder {
 
 impl Builder {
     pub fn v4(src: [u8; 4], dst: [u8; 4]) -> Self {
-        Self {
-            src: src.to_vec(),
-            dst: dst.to_vec(),
-            ttl: 64,
-            ident: 0x4d45,
-        }
+        Self { src: src.to_vec(), dst: dst.to_vec(), ttl: 64, ident: 0x4d45 }
     }
 
     pub fn v6(src: [u8; 16], dst: [u8; 16]) -> Self {
-        Self {
-            src: src.to_vec(),
-            dst: dst.to_vec(),
-            ttl: 64,
-            ident: 0,
-        }
+        Self { src: src.to_vec(), dst: dst.to_vec(), ttl: 64, ident: 0 }
     }
 
     pub fn ttl(mut self, ttl: u8) -> Self {
@@ -77,16 +67,7 @@ impl Builder {
     }
 
     pub fn tcp(self, src_port: u16, dst_port: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
-        self.transport(
-            Transport::Tcp {
-                src_port,
-                dst_port,
-                seq: 1,
-                ack: 0,
-                flags,
-            },
-            payload,
-        )
+        self.transport(Transport::Tcp { src_port, dst_port, seq: 1, ack: 0, flags }, payload)
     }
 
     pub fn udp(self, src_port: u16, dst_port: u16, payload: &[u8]) -> Vec<u8> {
@@ -94,39 +75,19 @@ impl Builder {
     }
 
     pub fn echo(self, request: bool, ident: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
-        self.transport(
-            Transport::Echo {
-                request,
-                ident,
-                seq,
-            },
-            payload,
-        )
+        self.transport(Transport::Echo { request, ident, seq }, payload)
     }
 
     /// An ICMP error quoting `quoted` (already truncated to what should be quoted).
     pub fn icmp_error(self, msg_type: u8, code: u8, rest: u32, quoted: &[u8]) -> Vec<u8> {
-        self.transport(
-            Transport::Icmp {
-                msg_type,
-                code,
-                rest,
-            },
-            quoted,
-        )
+        self.transport(Transport::Icmp { msg_type, code, rest }, quoted)
     }
 
     /// Builds the IP packet with `transport` and `payload`, all checksums filled in.
     pub fn transport(self, transport: Transport, payload: &[u8]) -> Vec<u8> {
         let v4 = self.is_v4();
         let (protocol, mut l4) = match transport {
-            Transport::Tcp {
-                src_port,
-                dst_port,
-                seq,
-                ack,
-                flags,
-            } => {
+            Transport::Tcp { src_port, dst_port, seq, ack, flags } => {
                 let mut h = vec![0u8; 20];
                 h[0..2].copy_from_slice(&src_port.to_be_bytes());
                 h[2..4].copy_from_slice(&dst_port.to_be_bytes());
@@ -144,11 +105,7 @@ impl Builder {
                 h[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
                 (PROTO_UDP, h)
             }
-            Transport::Echo {
-                request,
-                ident,
-                seq,
-            } => {
+            Transport::Echo { request, ident, seq } => {
                 let msg_type = match (v4, request) {
                     (true, true) => 8,
                     (true, false) => 0,
@@ -160,11 +117,7 @@ impl Builder {
                 h.extend_from_slice(&seq.to_be_bytes());
                 (if v4 { PROTO_ICMP } else { PROTO_ICMPV6 }, h)
             }
-            Transport::Icmp {
-                msg_type,
-                code,
-                rest,
-            } => {
+            Transport::Icmp { msg_type, code, rest } => {
                 let mut h = vec![msg_type, code, 0, 0];
                 h.extend_from_slice(&rest.to_be_bytes());
                 (if v4 { PROTO_ICMP } else { PROTO_ICMPV6 }, h)
@@ -177,11 +130,7 @@ impl Builder {
             _ => 2,
         };
         let with_pseudo = protocol != PROTO_ICMP;
-        let initial = if with_pseudo {
-            pseudo_header_sum(&self.src, &self.dst, protocol, l4.len() as u32)
-        } else {
-            0
-        };
+        let initial = if with_pseudo { pseudo_header_sum(&self.src, &self.dst, protocol, l4.len() as u32) } else { 0 };
         let mut c = finish(sum(&l4, initial));
         if protocol == PROTO_UDP && c == 0 {
             c = 0xffff;
@@ -223,10 +172,7 @@ impl Builder {
 /// Splits an IPv4 packet into fragments carrying at most `chunk` bytes of payload each (a multiple of 8),
 /// as a router on the path would, with correct header checksums.
 pub fn fragment_v4(packet: &[u8], chunk: usize) -> Vec<Vec<u8>> {
-    assert!(
-        chunk >= 8 && chunk.is_multiple_of(8),
-        "fragment payloads are multiples of 8 bytes"
-    );
+    assert!(chunk >= 8 && chunk.is_multiple_of(8), "fragment payloads are multiples of 8 bytes");
     let header_len = usize::from(packet[0] & 0x0f) * 4;
     let payload = &packet[header_len..];
     payload
@@ -249,10 +195,7 @@ pub fn fragment_v4(packet: &[u8], chunk: usize) -> Vec<Vec<u8>> {
 
 /// Splits an IPv6 packet (with no extension headers) into fragments with a fragment header.
 pub fn fragment_v6(packet: &[u8], chunk: usize, ident: u32) -> Vec<Vec<u8>> {
-    assert!(
-        chunk >= 8 && chunk.is_multiple_of(8),
-        "fragment payloads are multiples of 8 bytes"
-    );
+    assert!(chunk >= 8 && chunk.is_multiple_of(8), "fragment payloads are multiples of 8 bytes");
     let next_header = packet[6];
     let payload = &packet[40..];
     payload

@@ -52,9 +52,7 @@ pub fn checksum(data: &[u8]) -> u16 {
 pub fn pseudo_header_sum(src: &[u8], dst: &[u8], protocol: u8, length: u32) -> u32 {
     let acc = sum(src, 0);
     let acc = sum(dst, acc);
-    fold64(
-        u64::from(acc) + u64::from(protocol) + u64::from(length >> 16) + u64::from(length & 0xffff),
-    )
+    fold64(u64::from(acc) + u64::from(protocol) + u64::from(length >> 16) + u64::from(length & 0xffff))
 }
 
 /// Accumulates the changes to 16-bit words of a checksummed region, then applies them to a checksum with
@@ -77,10 +75,7 @@ impl Delta {
         debug_assert_eq!(old.len(), new.len());
         debug_assert!(old.len().is_multiple_of(2));
         for (o, n) in old.chunks_exact(2).zip(new.chunks_exact(2)) {
-            self.word(
-                u16::from_be_bytes([o[0], o[1]]),
-                u16::from_be_bytes([n[0], n[1]]),
-            );
+            self.word(u16::from_be_bytes([o[0], o[1]]), u16::from_be_bytes([n[0], n[1]]));
         }
     }
 
@@ -153,9 +148,7 @@ mod tests {
 
     #[test]
     fn delta_matches_recompute_for_one_word() {
-        let mut data = vec![
-            0x45, 0x00, 0x00, 0x54, 0x12, 0x34, 0x40, 0x00, 0x40, 0x01, 0, 0, 10, 0, 0, 1,
-        ];
+        let mut data = vec![0x45, 0x00, 0x00, 0x54, 0x12, 0x34, 0x40, 0x00, 0x40, 0x01, 0, 0, 10, 0, 0, 1];
         let before = checksum(&data);
         let mut delta = Delta::default();
         delta.word(0x0a00, 0x6440);

@@ -12,10 +12,7 @@ pub fn translate(data: &[u8]) {
         return;
     };
     let start = Instant::now();
-    let mut config = SnatConfig::new(
-        Some([192, 0, 2, 1].into()),
-        Some("fd00::5".parse().expect("valid address")),
-    );
+    let mut config = SnatConfig::new(Some([192, 0, 2, 1].into()), Some("fd00::5".parse().expect("valid address")));
     config.max_flows = 64;
     config.max_fragments = 8;
     config.ports = 40000..=40063;

@@ -136,27 +136,40 @@ fn parse_v4(p: &[u8], embedded: bool) -> Result<Layout, Error> {
         (0, true) => Fragment::First { id },
         _ => Fragment::Later { id },
     };
-    let packet_len = if embedded {
-        p.len()
-    } else {
-        usize::from(header.total_len())
-    };
-    Ok(Layout {
-        version: IpVersion::V4,
-        protocol: header.protocol(),
-        l4_offset: header_len,
-        packet_len,
-        fragment,
-    })
+    if header_len > IPV4_HEADER_LEN {
+        check_v4_options(&p[IPV4_HEADER_LEN..header_len])?;
+    }
+    let packet_len = if embedded { p.len() } else { usize::from(header.total_len()) };
+    Ok(Layout { version: IpVersion::V4, protocol: header.protocol(), l4_offset: header_len, packet_len, fragment })
+}
+
+/// Refuses loose and strict source routing: with them the destination field is not the final one, so
+/// neither a transport checksum nor a filter can be applied to what the header says.
+fn check_v4_options(mut options: &[u8]) -> Result<(), Error> {
+    const END: u8 = 0;
+    const NOP: u8 = 1;
+    const LSRR: u8 = 0x83;
+    const SSRR: u8 = 0x89;
+    while let Some(&kind) = options.first() {
+        match kind {
+            END => break,
+            NOP => options = &options[1..],
+            LSRR | SSRR => return Err(Error::Unsupported),
+            _ => {
+                let len = usize::from(*options.get(1).ok_or(Error::Malformed)?);
+                if len < 2 || len > options.len() {
+                    return Err(Error::Malformed);
+                }
+                options = &options[len..];
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse_v6(p: &[u8], embedded: bool) -> Result<Layout, Error> {
     let header = Ipv6Header::new_checked(p, embedded)?;
-    let packet_len = if embedded {
-        p.len()
-    } else {
-        IPV6_HEADER_LEN + usize::from(header.payload_len())
-    };
+    let packet_len = if embedded { p.len() } else { IPV6_HEADER_LEN + usize::from(header.payload_len()) };
     let mut next = header.next_header();
     let mut at = IPV6_HEADER_LEN;
     let mut fragment = Fragment::Whole;
@@ -191,23 +204,15 @@ fn parse_v6(p: &[u8], embedded: bool) -> Result<Layout, Error> {
             _ => break,
         }
     }
-    if matches!(
-        next,
-        PROTO_HOPOPTS | PROTO_ROUTING | PROTO_DSTOPTS | PROTO_FRAGMENT
-    ) && !matches!(fragment, Fragment::Later { .. })
+    if matches!(next, PROTO_HOPOPTS | PROTO_ROUTING | PROTO_DSTOPTS | PROTO_FRAGMENT)
+        && !matches!(fragment, Fragment::Later { .. })
     {
         return Err(Error::Unsupported);
     }
     if at > packet_len {
         return Err(Error::Truncated);
     }
-    Ok(Layout {
-        version: IpVersion::V6,
-        protocol: next,
-        l4_offset: at,
-        packet_len,
-        fragment,
-    })
+    Ok(Layout { version: IpVersion::V6, protocol: next, l4_offset: at, packet_len, fragment })
 }
 
 /// A view of an IPv4 header.
@@ -274,10 +279,7 @@ impl<T: AsRef<[u8]>> Ipv4Header<T> {
     }
     /// Whether the header checksum is correct.
     pub fn verify_checksum(&self) -> bool {
-        crate::checksum::fold(crate::checksum::sum(
-            &self.buf.as_ref()[..self.header_len()],
-            0,
-        )) == 0xffff
+        crate::checksum::fold(crate::checksum::sum(&self.buf.as_ref()[..self.header_len()], 0)) == 0xffff
     }
 }
 
@@ -489,20 +491,32 @@ mod tests {
     }
 
     #[test]
+    fn refuses_ipv4_source_routing_and_bad_options() {
+        let base = Builder::v4([10, 0, 0, 1], [10, 0, 0, 2]).udp(1000, 53, b"hello");
+        for (options, expected) in [
+            ([0x83, 7, 4, 10, 0, 0, 9, 0], Err(Error::Unsupported)),
+            ([1, 0x89, 7, 4, 10, 0, 0, 9], Err(Error::Unsupported)),
+            ([0x44, 9, 5, 0, 0, 0, 0, 0], Err(Error::Malformed)),
+            ([0x94, 4, 0, 0, 1, 0, 0, 0], Ok(28)), // router alert, then NOP and END
+        ] {
+            let mut pkt = base.clone();
+            pkt.splice(20..20, options);
+            pkt[0] = 0x47;
+            let total = pkt.len() as u16;
+            pkt[2..4].copy_from_slice(&total.to_be_bytes());
+            assert_eq!(parse(&pkt, false).map(|l| l.l4_offset), expected, "{options:x?}");
+        }
+    }
+
+    #[test]
     fn ipv4_fragments_are_classified() {
         let mut pkt = Builder::v4([10, 0, 0, 1], [10, 0, 0, 2]).udp(1000, 53, b"hello");
         pkt[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
         pkt[6] = 0x20; // more fragments, offset 0
-        assert_eq!(
-            parse(&pkt, false).unwrap().fragment,
-            Fragment::First { id: 0x1234 }
-        );
+        assert_eq!(parse(&pkt, false).unwrap().fragment, Fragment::First { id: 0x1234 });
         pkt[6] = 0x00;
         pkt[7] = 0x10; // offset 16 * 8
-        assert_eq!(
-            parse(&pkt, false).unwrap().fragment,
-            Fragment::Later { id: 0x1234 }
-        );
+        assert_eq!(parse(&pkt, false).unwrap().fragment, Fragment::Later { id: 0x1234 });
     }
 
     #[test]
@@ -514,10 +528,7 @@ mod tests {
         assert_eq!(parse(&pkt, false), Err(Error::Malformed));
         let pkt = Builder::v4([10, 0, 0, 1], [10, 0, 0, 2]).udp(1, 2, b"abc");
         assert_eq!(parse(&pkt[..pkt.len() - 1], false), Err(Error::Truncated));
-        assert!(
-            parse(&pkt[..24], true).is_ok(),
-            "an ICMP quote may be truncated"
-        );
+        assert!(parse(&pkt[..24], true).is_ok(), "an ICMP quote may be truncated");
     }
 
     #[test]
@@ -541,13 +552,7 @@ mod tests {
     #[test]
     fn refuses_routing_header_in_transit() {
         let src = [0xfd; 16];
-        let mut pkt = Builder::v6(src, src).transport(
-            Transport::Udp {
-                src_port: 1,
-                dst_port: 2,
-            },
-            b"",
-        );
+        let mut pkt = Builder::v6(src, src).transport(Transport::Udp { src_port: 1, dst_port: 2 }, b"");
         pkt.splice(40..40, [PROTO_UDP, 0, 0, 1, 0, 0, 0, 0]);
         pkt[6] = PROTO_ROUTING;
         let payload = (pkt.len() - 40) as u16;

@@ -29,47 +29,20 @@ fn transport() -> impl Strategy<Value = Transport> {
             any::<u32>(),
             prop_oneof![Just(TCP_SYN), Just(TCP_ACK), Just(0x18u8)]
         )
-            .prop_map(|(s, d, seq, ack, flags)| Transport::Tcp {
-                src_port: s,
-                dst_port: d,
-                seq,
-                ack,
-                flags
-            }),
-        (any::<u16>(), any::<u16>()).prop_map(|(s, d)| Transport::Udp {
-            src_port: s,
-            dst_port: d
-        }),
-        (any::<u16>(), any::<u16>()).prop_map(|(ident, seq)| Transport::Echo {
-            request: true,
-            ident,
-            seq
-        }),
+            .prop_map(|(s, d, seq, ack, flags)| Transport::Tcp { src_port: s, dst_port: d, seq, ack, flags }),
+        (any::<u16>(), any::<u16>()).prop_map(|(s, d)| Transport::Udp { src_port: s, dst_port: d }),
+        (any::<u16>(), any::<u16>()).prop_map(|(ident, seq)| Transport::Echo { request: true, ident, seq }),
     ]
 }
 
 fn flow() -> impl Strategy<Value = Flow> {
-    let v4 =
-        (any::<[u8; 4]>(), any::<[u8; 4]>()).prop_map(|(c, s)| (IpAddr::from(c), IpAddr::from(s)));
-    let v6 = (any::<[u8; 16]>(), any::<[u8; 16]>())
-        .prop_map(|(c, s)| (IpAddr::from(c), IpAddr::from(s)));
-    (
-        prop_oneof![v4, v6],
-        transport(),
-        proptest::collection::vec(any::<u8>(), 0..1400),
-    )
-        .prop_filter(
-            "client and server differ from the SNAT addresses",
-            |((c, s), _, _)| {
-                c != s && ![snat4(), snat6_ip()].contains(c) && ![snat4(), snat6_ip()].contains(s)
-            },
-        )
-        .prop_map(|((client, server), transport, payload)| Flow {
-            client,
-            server,
-            transport,
-            payload,
+    let v4 = (any::<[u8; 4]>(), any::<[u8; 4]>()).prop_map(|(c, s)| (IpAddr::from(c), IpAddr::from(s)));
+    let v6 = (any::<[u8; 16]>(), any::<[u8; 16]>()).prop_map(|(c, s)| (IpAddr::from(c), IpAddr::from(s)));
+    (prop_oneof![v4, v6], transport(), proptest::collection::vec(any::<u8>(), 0..1400))
+        .prop_filter("client and server differ from the SNAT addresses", |((c, s), _, _)| {
+            c != s && ![snat4(), snat6_ip()].contains(c) && ![snat4(), snat6_ip()].contains(s)
         })
+        .prop_map(|((client, server), transport, payload)| Flow { client, server, transport, payload })
 }
 
 fn snat4() -> IpAddr {
@@ -90,28 +63,11 @@ fn build(src: IpAddr, dst: IpAddr, t: Transport, payload: &[u8]) -> Vec<u8> {
 /// The reply a server would send to `t`: ports swapped, echo request answered.
 fn reply_transport(t: Transport) -> Transport {
     match t {
-        Transport::Tcp {
-            src_port,
-            dst_port,
-            seq,
-            ack,
-            flags,
-        } => Transport::Tcp {
-            src_port: dst_port,
-            dst_port: src_port,
-            seq: ack,
-            ack: seq,
-            flags,
-        },
-        Transport::Udp { src_port, dst_port } => Transport::Udp {
-            src_port: dst_port,
-            dst_port: src_port,
-        },
-        Transport::Echo { ident, seq, .. } => Transport::Echo {
-            request: false,
-            ident,
-            seq,
-        },
+        Transport::Tcp { src_port, dst_port, seq, ack, flags } => {
+            Transport::Tcp { src_port: dst_port, dst_port: src_port, seq: ack, ack: seq, flags }
+        }
+        Transport::Udp { src_port, dst_port } => Transport::Udp { src_port: dst_port, dst_port: src_port },
+        Transport::Echo { ident, seq, .. } => Transport::Echo { request: false, ident, seq },
         other => other,
     }
 }
@@ -121,24 +77,9 @@ fn read_transport(p: &[u8], original: Transport) -> Transport {
     let l4 = wire::parse(p, false).unwrap().l4_offset;
     let at = |o: usize| u16_at(p, l4 + o);
     match original {
-        Transport::Tcp {
-            seq, ack, flags, ..
-        } => Transport::Tcp {
-            src_port: at(0),
-            dst_port: at(2),
-            seq,
-            ack,
-            flags,
-        },
-        Transport::Udp { .. } => Transport::Udp {
-            src_port: at(0),
-            dst_port: at(2),
-        },
-        Transport::Echo { request, seq, .. } => Transport::Echo {
-            request,
-            ident: at(4),
-            seq,
-        },
+        Transport::Tcp { seq, ack, flags, .. } => Transport::Tcp { src_port: at(0), dst_port: at(2), seq, ack, flags },
+        Transport::Udp { .. } => Transport::Udp { src_port: at(0), dst_port: at(2) },
+        Transport::Echo { request, seq, .. } => Transport::Echo { request, ident: at(4), seq },
         other => other,
     }
 }
@@ -172,11 +113,7 @@ fn full_transport_checksum(p: &[u8]) -> u16 {
         checksum::pseudo_header_sum(&src, &dst, layout.protocol, copy.len() as u32)
     };
     let c = checksum::finish(checksum::sum(&copy, initial));
-    if layout.protocol == wire::PROTO_UDP && c == 0 {
-        0xffff
-    } else {
-        c
-    }
+    if layout.protocol == wire::PROTO_UDP && c == 0 { 0xffff } else { c }
 }
 
 fn stored_transport_checksum(p: &[u8]) -> u16 {
@@ -331,9 +268,6 @@ fn many_clients_get_distinct_ports() {
         let client = Ipv4Addr::from(0x6440_0000 + i);
         let mut p = Builder::v4(client.octets(), SERVER.octets()).udp(4000, 53, b"");
         snat.outbound(&mut p, now).unwrap();
-        assert!(
-            seen.insert(u16_at(&p, 20)),
-            "external port handed out twice"
-        );
+        assert!(seen.insert(u16_at(&p, 20)), "external port handed out twice");
     }
 }

@@ -42,8 +42,7 @@ fn tcp_outbound_and_reply_round_trip() {
     assert_checksums_valid(&p);
     assert_eq!(p[40..], original[40..], "payload untouched");
 
-    let mut reply =
-        Builder::v4(SERVER.octets(), SNAT.octets()).tcp(443, ext, TCP_SYN | TCP_ACK, b"ok");
+    let mut reply = Builder::v4(SERVER.octets(), SNAT.octets()).tcp(443, ext, TCP_SYN | TCP_ACK, b"ok");
     snat.inbound(&mut reply, now).unwrap();
     assert_eq!(dst4(&reply), CLIENT);
     assert_eq!(u16_at(&reply, 22), 51000);
@@ -60,11 +59,7 @@ fn udp_mapping_is_endpoint_independent_and_filtering_is_not() {
     let mut b = Builder::v4(CLIENT.octets(), SERVER2.octets()).udp(5353, 5000, b"query");
     snat.outbound(&mut a, now).unwrap();
     snat.outbound(&mut b, now).unwrap();
-    assert_eq!(
-        u16_at(&a, 20),
-        u16_at(&b, 20),
-        "one external port for one internal endpoint (RFC 4787 REQ-1)"
-    );
+    assert_eq!(u16_at(&a, 20), u16_at(&b, 20), "one external port for one internal endpoint (RFC 4787 REQ-1)");
     assert_eq!(snat.mappings(), 1);
     assert_eq!(snat.flows(), 2);
     let ext = u16_at(&a, 20);
@@ -77,8 +72,7 @@ fn udp_mapping_is_endpoint_independent_and_filtering_is_not() {
     let mut p = Builder::v4(SERVER.octets(), SNAT.octets()).udp(54, ext, b"spoof");
     assert_eq!(snat.inbound(&mut p, now), Err(Drop::Unsolicited));
     // An unmapped external port.
-    let mut p =
-        Builder::v4(SERVER.octets(), SNAT.octets()).udp(53, ext.wrapping_add(1).max(1024), b"x");
+    let mut p = Builder::v4(SERVER.octets(), SNAT.octets()).udp(53, ext.wrapping_add(1).max(1024), b"x");
     assert_eq!(snat.inbound(&mut p, now), Err(Drop::Unsolicited));
     assert_eq!(snat.counters().dropped(Drop::Unsolicited), 3);
 
@@ -123,14 +117,12 @@ fn icmp_echo_identifier_is_mapped_like_a_port() {
 fn icmpv6_echo_round_trip() {
     let now = Instant::now();
     let mut snat = engine(now);
-    let mut ping =
-        Builder::v6(client6().octets(), server6().octets()).echo(true, 77, 3, b"v6 ping");
+    let mut ping = Builder::v6(client6().octets(), server6().octets()).echo(true, 77, 3, b"v6 ping");
     snat.outbound(&mut ping, now).unwrap();
     assert_eq!(src6(&ping), snat6());
     assert_checksums_valid(&ping);
     let ext_id = u16_at(&ping, 44);
-    let mut pong =
-        Builder::v6(server6().octets(), snat6().octets()).echo(false, ext_id, 3, b"v6 ping");
+    let mut pong = Builder::v6(server6().octets(), snat6().octets()).echo(false, ext_id, 3, b"v6 ping");
     snat.inbound(&mut pong, now).unwrap();
     assert_eq!((dst6(&pong), u16_at(&pong, 44)), (client6(), 77));
     assert_checksums_valid(&pong);
@@ -145,8 +137,7 @@ fn tcp_over_ipv6_round_trip() {
     assert_eq!(src6(&p), snat6());
     assert_checksums_valid(&p);
     let ext = u16_at(&p, 40);
-    let mut r =
-        Builder::v6(server6().octets(), snat6().octets()).tcp(5432, ext, TCP_SYN | TCP_ACK, b"");
+    let mut r = Builder::v6(server6().octets(), snat6().octets()).tcp(5432, ext, TCP_SYN | TCP_ACK, b"");
     snat.inbound(&mut r, now).unwrap();
     assert_eq!((dst6(&r), u16_at(&r, 42)), (client6(), 40000));
     assert_checksums_valid(&r);
@@ -156,54 +147,30 @@ fn tcp_over_ipv6_round_trip() {
 fn fragmentation_needed_is_translated_with_its_quote() {
     let now = Instant::now();
     let mut snat = engine(now);
-    let mut big =
-        Builder::v4(CLIENT.octets(), SERVER.octets()).tcp(51000, 443, TCP_ACK, &[7u8; 1400]);
+    let mut big = Builder::v4(CLIENT.octets(), SERVER.octets()).tcp(51000, 443, TCP_ACK, &[7u8; 1400]);
     snat.outbound(&mut big, now).unwrap();
     let ext = u16_at(&big, 20);
 
     for quote_len in [big.len().min(576 - 28), 20 + 8] {
         // A router on the LAN path cannot forward it: "fragmentation needed", next-hop MTU 1300.
-        let mut err = Builder::v4(ROUTER_ON_PATH.octets(), SNAT.octets()).icmp_error(
-            3,
-            4,
-            1300,
-            &big[..quote_len],
-        );
+        let mut err = Builder::v4(ROUTER_ON_PATH.octets(), SNAT.octets()).icmp_error(3, 4, 1300, &big[..quote_len]);
         snat.inbound(&mut err, now).unwrap();
         assert_eq!(dst4(&err), CLIENT);
         assert_checksums_valid(&err);
         let inner = 28;
         assert_quoted_v4_header_valid(&err, inner);
         assert_eq!(src4(&err[inner..]), CLIENT, "quoted source translated back");
-        assert_eq!(
-            u16_at(&err, inner + 20),
-            51000,
-            "quoted source port translated back"
-        );
+        assert_eq!(u16_at(&err, inner + 20), 51000, "quoted source port translated back");
         if quote_len >= 40 {
             // The quoted TCP checksum must be what the client computed for its original packet.
-            let original = Builder::v4(CLIENT.octets(), SERVER.octets()).tcp(
-                51000,
-                443,
-                TCP_ACK,
-                &[7u8; 1400],
-            );
+            let original = Builder::v4(CLIENT.octets(), SERVER.octets()).tcp(51000, 443, TCP_ACK, &[7u8; 1400]);
             assert_eq!(u16_at(&err, inner + 36), u16_at(&original, 36));
         }
     }
     // An error quoting a flow that does not exist is dropped.
-    let bogus = Builder::v4(SNAT.octets(), SERVER.octets()).tcp(
-        ext.wrapping_add(7).max(1024),
-        443,
-        TCP_ACK,
-        b"",
-    );
-    let mut err =
-        Builder::v4(ROUTER_ON_PATH.octets(), SNAT.octets()).icmp_error(3, 4, 1300, &bogus[..28]);
-    assert_eq!(
-        snat.inbound(&mut err, now),
-        Err(Drop::IcmpErrorWithoutSession)
-    );
+    let bogus = Builder::v4(SNAT.octets(), SERVER.octets()).tcp(ext.wrapping_add(7).max(1024), 443, TCP_ACK, b"");
+    let mut err = Builder::v4(ROUTER_ON_PATH.octets(), SNAT.octets()).icmp_error(3, 4, 1300, &bogus[..28]);
+    assert_eq!(snat.inbound(&mut err, now), Err(Drop::IcmpErrorWithoutSession));
 }
 
 #[test]
@@ -213,18 +180,12 @@ fn icmpv6_packet_too_big_is_translated() {
     let mut big = Builder::v6(client6().octets(), server6().octets()).udp(6000, 6001, &[1u8; 1300]);
     snat.outbound(&mut big, now).unwrap();
     let router = v6("fd00:a::1");
-    let mut err =
-        Builder::v6(router.octets(), snat6().octets()).icmp_error(2, 0, 1280, &big[..1232]);
+    let mut err = Builder::v6(router.octets(), snat6().octets()).icmp_error(2, 0, 1280, &big[..1232]);
     snat.inbound(&mut err, now).unwrap();
     assert_eq!(dst6(&err), client6());
     assert_checksums_valid(&err);
-    let original =
-        Builder::v6(client6().octets(), server6().octets()).udp(6000, 6001, &[1u8; 1300]);
-    assert_eq!(
-        err[48..48 + 48],
-        original[..48],
-        "quoted headers are the client's own again"
-    );
+    let original = Builder::v6(client6().octets(), server6().octets()).udp(6000, 6001, &[1u8; 1300]);
+    assert_eq!(err[48..48 + 48], original[..48], "quoted headers are the client's own again");
 }
 
 #[test]
@@ -245,20 +206,14 @@ fn outbound_port_unreachable_about_a_reply_is_translated() {
     assert_eq!(dst4(&err[28..]), SNAT);
     assert_eq!(u16_at(&err, 28 + 22), ext);
     let what_server_sent = Builder::v4(SERVER.octets(), SNAT.octets()).udp(53, ext, b"late answer");
-    assert_eq!(
-        err[28..],
-        what_server_sent[..],
-        "the quote is exactly what the server sent"
-    );
+    assert_eq!(err[28..], what_server_sent[..], "the quote is exactly what the server sent");
 }
 
 #[test]
 fn ipv4_fragments_follow_their_first_fragment() {
     let now = Instant::now();
     let mut snat = engine(now);
-    let datagram = Builder::v4(CLIENT.octets(), SERVER.octets())
-        .ident(0x7777)
-        .udp(9000, 9001, &[3u8; 3000]);
+    let datagram = Builder::v4(CLIENT.octets(), SERVER.octets()).ident(0x7777).udp(9000, 9001, &[3u8; 3000]);
     let mut frags = fragment_v4(&datagram, 1280);
     assert_eq!(frags.len(), 3);
     for f in &mut frags {
@@ -281,9 +236,7 @@ fn ipv4_fragments_follow_their_first_fragment() {
 
     // Replies in fragments come back the same way, the later ones by IP identification alone.
     let ext = u16_at(&frags[0], 20);
-    let reply = Builder::v4(SERVER.octets(), SNAT.octets())
-        .ident(0x8888)
-        .udp(9001, ext, &[4u8; 2000]);
+    let reply = Builder::v4(SERVER.octets(), SNAT.octets()).ident(0x8888).udp(9001, ext, &[4u8; 2000]);
     for mut f in fragment_v4(&reply, 1024) {
         snat.inbound(&mut f, now).unwrap();
         assert_eq!(dst4(&f), CLIENT);
@@ -292,36 +245,24 @@ fn ipv4_fragments_follow_their_first_fragment() {
 
     // A later fragment of a datagram whose first fragment never came is dropped, and so is one that
     // arrives after the fragment timeout.
-    let stray = Builder::v4(SERVER.octets(), SNAT.octets())
-        .ident(0x9999)
-        .udp(9001, ext, &[5u8; 2000]);
+    let stray = Builder::v4(SERVER.octets(), SNAT.octets()).ident(0x9999).udp(9001, ext, &[5u8; 2000]);
     let mut later = fragment_v4(&stray, 1024).pop().unwrap();
-    assert_eq!(
-        snat.inbound(&mut later, now),
-        Err(Drop::FragmentWithoutState)
-    );
+    assert_eq!(snat.inbound(&mut later, now), Err(Drop::FragmentWithoutState));
     let mut late = fragment_v4(&reply, 1024).pop().unwrap();
-    assert_eq!(
-        snat.inbound(&mut late, now + secs(6)),
-        Err(Drop::FragmentWithoutState)
-    );
+    assert_eq!(snat.inbound(&mut late, now + secs(6)), Err(Drop::FragmentWithoutState));
 }
 
 #[test]
 fn ipv6_fragments_follow_their_first_fragment() {
     let now = Instant::now();
     let mut snat = engine(now);
-    let datagram =
-        Builder::v6(client6().octets(), server6().octets()).udp(9000, 9001, &[3u8; 3000]);
+    let datagram = Builder::v6(client6().octets(), server6().octets()).udp(9000, 9001, &[3u8; 3000]);
     for mut f in fragment_v6(&datagram, 1232, 0xabcdef) {
         snat.outbound(&mut f, now).unwrap();
         assert_eq!(src6(&f), snat6());
     }
     let mut stray = fragment_v6(&datagram, 1232, 0x1111).pop().unwrap();
-    assert_eq!(
-        snat.outbound(&mut stray, now),
-        Err(Drop::FragmentWithoutState)
-    );
+    assert_eq!(snat.outbound(&mut stray, now), Err(Drop::FragmentWithoutState));
 }
 
 #[test]
@@ -335,8 +276,7 @@ fn timeouts_follow_protocol_and_tcp_state() {
     open_tcp(&mut snat, CLIENT, 2222, t0);
     // TCP established both ways: two hours four minutes.
     let ext = open_tcp(&mut snat, CLIENT, 3333, t0);
-    let mut synack =
-        Builder::v4(SERVER.octets(), SNAT.octets()).tcp(443, ext, TCP_SYN | TCP_ACK, b"");
+    let mut synack = Builder::v4(SERVER.octets(), SNAT.octets()).tcp(443, ext, TCP_SYN | TCP_ACK, b"");
     snat.inbound(&mut synack, t0).unwrap();
     assert_eq!(snat.flows(), 3);
 
@@ -354,15 +294,10 @@ fn timeouts_follow_protocol_and_tcp_state() {
     snat.outbound(&mut data, t0 + secs(7000)).unwrap();
     snat.handle_timeout(t0 + secs(7441));
     assert_eq!(snat.flows(), 1, "refreshed at 7000 s");
-    let mut fin =
-        Builder::v4(CLIENT.octets(), SERVER.octets()).tcp(3333, 443, TCP_FIN | TCP_ACK, b"");
+    let mut fin = Builder::v4(CLIENT.octets(), SERVER.octets()).tcp(3333, 443, TCP_FIN | TCP_ACK, b"");
     snat.outbound(&mut fin, t0 + secs(7500)).unwrap();
     snat.handle_timeout(t0 + secs(7500 + 241));
-    assert_eq!(
-        snat.flows(),
-        0,
-        "closing TCP gone after the transitory timeout"
-    );
+    assert_eq!(snat.flows(), 0, "closing TCP gone after the transitory timeout");
     assert_eq!(snat.mappings(), 0, "ports returned to the pool");
     assert_eq!(snat.poll_timeout(), None);
     assert_eq!(snat.counters().flows_expired, 3);
@@ -444,18 +379,11 @@ fn refusals_are_counted_by_reason() {
     let mut v6 = Builder::v6(client6().octets(), server6().octets()).udp(1, 2, b"");
     assert_eq!(snat.outbound(&mut v6, now), Err(Drop::NoAddressForFamily));
     let mut elsewhere = Builder::v4(SERVER.octets(), CLIENT.octets()).udp(1, 2, b"");
-    assert_eq!(
-        snat.inbound(&mut elsewhere, now),
-        Err(Drop::NotForSnatAddress)
-    );
+    assert_eq!(snat.inbound(&mut elsewhere, now), Err(Drop::NotForSnatAddress));
     let mut rst = Builder::v4(CLIENT.octets(), SERVER.octets()).tcp(5, 6, TCP_RST, b"");
     assert_eq!(snat.outbound(&mut rst, now), Err(Drop::OrphanReset));
-    let mut redirect =
-        Builder::v4(CLIENT.octets(), SERVER.octets()).icmp_error(5, 1, 0, &[0u8; 28]);
-    assert_eq!(
-        snat.outbound(&mut redirect, now),
-        Err(Drop::UnsupportedIcmp)
-    );
+    let mut redirect = Builder::v4(CLIENT.octets(), SERVER.octets()).icmp_error(5, 1, 0, &[0u8; 28]);
+    assert_eq!(snat.outbound(&mut redirect, now), Err(Drop::UnsupportedIcmp));
     assert_eq!(snat.outbound(&mut [0x45, 0, 0], now), Err(Drop::Malformed));
     let c = snat.counters();
     assert_eq!(c.drops_total(), 6);
@@ -482,4 +410,64 @@ fn the_checksum_oracle_catches_a_wrong_checksum() {
     let mut p = Builder::v4(CLIENT.octets(), SERVER.octets()).tcp(1, 2, TCP_SYN, b"data");
     p[36] ^= 0x01;
     assert_checksums_valid(&p);
+}
+
+#[test]
+fn an_outbound_icmp_error_must_go_to_the_sender_of_what_it_quotes() {
+    let now = Instant::now();
+    let mut snat = engine(now);
+    let mut q = Builder::v4(CLIENT.octets(), SERVER.octets()).udp(5000, 53, b"q");
+    snat.outbound(&mut q, now).unwrap();
+    let ext = u16_at(&q, 20);
+    let reply = Builder::v4(SERVER.octets(), CLIENT.octets()).udp(53, 5000, b"a");
+    // Another mesh host forges "fragmentation needed" about CLIENT's flow, addressed elsewhere.
+    let mut forged = Builder::v4(CLIENT2.octets(), SERVER2.octets()).icmp_error(3, 4, 552, &reply);
+    assert_eq!(snat.outbound(&mut forged, now), Err(Drop::IcmpErrorWithoutSession));
+    // The same error about an expired flow is refused too.
+    let mut late = Builder::v4(CLIENT.octets(), SERVER.octets()).icmp_error(3, 3, 0, &reply);
+    assert_eq!(snat.outbound(&mut late, now + secs(400)), Err(Drop::IcmpErrorWithoutSession));
+    let _ = ext;
+}
+
+#[test]
+fn ipv6_later_fragments_match_when_an_extension_header_follows_the_fragment_header() {
+    let now = Instant::now();
+    let mut snat = engine(now);
+    let datagram = Builder::v6(client6().octets(), server6().octets()).udp(9000, 9001, &[3u8; 300]);
+    // Put a destination-options header in the fragmentable part: Frag(next=60) -> DestOpts(next=17) -> UDP.
+    let mut with_opts = datagram[..40].to_vec();
+    with_opts[6] = 60;
+    with_opts.extend_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]);
+    with_opts.extend_from_slice(&datagram[40..]);
+    let payload = (with_opts.len() - 40) as u16;
+    with_opts[4..6].copy_from_slice(&payload.to_be_bytes());
+    let mut frags = fragment_v6(&with_opts, 128, 0x5151);
+    assert!(frags.len() >= 3);
+    for f in &mut frags {
+        snat.outbound(f, now).unwrap();
+        assert_eq!(src6(f), snat6());
+    }
+}
+
+#[test]
+fn repeated_first_fragments_use_one_entry() {
+    let now = Instant::now();
+    let mut config = SnatConfig::new(Some(SNAT), None);
+    config.max_fragments = 2;
+    let mut snat = Snat::new(config, now).unwrap();
+    let datagram = Builder::v4(CLIENT.octets(), SERVER.octets()).ident(1).udp(9000, 9001, &[3u8; 300]);
+    let first = fragment_v4(&datagram, 128).remove(0);
+    for _ in 0..1000 {
+        snat.outbound(&mut first.clone(), now).unwrap();
+    }
+    assert_eq!(snat.pending_fragments(), 1);
+    // Two datagrams in flight fill the table; a third is refused without creating a flow.
+    let other = Builder::v4(CLIENT.octets(), SERVER.octets()).ident(2).udp(9002, 9001, &[3u8; 300]);
+    snat.outbound(&mut fragment_v4(&other, 128).remove(0), now).unwrap();
+    let third = Builder::v4(CLIENT.octets(), SERVER.octets()).ident(3).udp(9003, 9001, &[3u8; 300]);
+    let flows = snat.flows();
+    assert_eq!(snat.outbound(&mut fragment_v4(&third, 128).remove(0), now), Err(Drop::FragmentTableFull));
+    assert_eq!(snat.flows(), flows, "a refused first fragment leaves no flow behind");
+    // Once the first two have timed out there is room again.
+    snat.outbound(&mut fragment_v4(&third, 128).remove(0), now + secs(6)).unwrap();
 }

@@ -6,11 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "meshd",
-    about = "Userspace WireGuard mesh and subnet router",
-    disable_version_flag = true
-)]
+#[command(name = "meshd", about = "Userspace WireGuard mesh and subnet router", disable_version_flag = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -52,10 +48,7 @@ mod tests {
 
     #[test]
     fn version_names_the_package_version() {
-        assert_eq!(
-            version_text(false),
-            format!("meshd {} (commit unknown)", env!("CARGO_PKG_VERSION"))
-        );
+        assert_eq!(version_text(false), format!("meshd {} (commit unknown)", env!("CARGO_PKG_VERSION")));
         assert!(version_text(true).starts_with(r#"{"version":""#));
     }
 

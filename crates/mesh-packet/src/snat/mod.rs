@@ -42,13 +42,7 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self {
-            tcp_established: 7440,
-            tcp_transitory: 240,
-            udp: 300,
-            icmp: 60,
-            fragment: 5,
-        }
+        Self { tcp_established: 7440, tcp_transitory: 240, udp: 300, icmp: 60, fragment: 5 }
     }
 }
 
@@ -63,7 +57,8 @@ pub struct SnatConfig {
     /// Datagrams per address family whose later fragments are awaited at once.
     pub max_fragments: u32,
     pub timeouts: Timeouts,
-    /// Seeds the order in which external ports are handed out.
+    /// Seeds the order in which external ports are handed out. [`SnatConfig::new`] draws it from the
+    /// operating system's randomness; tests set it to make runs repeatable.
     pub seed: u64,
 }
 
@@ -76,17 +71,27 @@ impl SnatConfig {
             max_flows: 1 << 20,
             max_fragments: 4096,
             timeouts: Timeouts::default(),
-            seed: 0x6d65_7368_6400_0001,
+            seed: random_seed(),
         }
     }
 }
+
+/// A seed from the standard library's per-process hash keys, which it draws from the operating system:
+/// enough to make external ports unpredictable off-path without another dependency.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new().build_hasher().finish()
+}
+
+/// The longest idle timeout accepted: thirty days.
+pub const MAX_TIMEOUT: u32 = 30 * 24 * 3600;
 
 /// Why a configuration was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConfigError {
     NoAddress,
     EmptyPortRange,
-    ZeroTimeout,
+    TimeoutOutOfRange,
 }
 
 impl core::fmt::Display for ConfigError {
@@ -94,7 +99,7 @@ impl core::fmt::Display for ConfigError {
         f.write_str(match self {
             ConfigError::NoAddress => "SNAT needs an IPv4 or IPv6 address to translate to",
             ConfigError::EmptyPortRange => "the SNAT port range is empty or starts at 0",
-            ConfigError::ZeroTimeout => "SNAT timeouts must be at least one second",
+            ConfigError::TimeoutOutOfRange => "SNAT timeouts must be between one second and thirty days",
         })
     }
 }
@@ -230,34 +235,16 @@ impl Snat {
             return Err(ConfigError::EmptyPortRange);
         }
         let t = config.timeouts;
-        if [
-            t.tcp_established,
-            t.tcp_transitory,
-            t.udp,
-            t.icmp,
-            t.fragment,
-        ]
-        .contains(&0)
-        {
-            return Err(ConfigError::ZeroTimeout);
+        let timeouts = [t.tcp_established, t.tcp_transitory, t.udp, t.icmp, t.fragment];
+        if timeouts.iter().any(|&s| s == 0 || s > MAX_TIMEOUT) {
+            return Err(ConfigError::TimeoutOutOfRange);
         }
         let fragments = config.max_fragments as usize;
         Ok(Self {
             epoch: now,
             timeouts: t,
-            v4: config
-                .ipv4
-                .map(|a| Table::new(a, first, last, config.max_flows, fragments, config.seed)),
-            v6: config.ipv6.map(|a| {
-                Table::new(
-                    a,
-                    first,
-                    last,
-                    config.max_flows,
-                    fragments,
-                    config.seed ^ 0x6,
-                )
-            }),
+            v4: config.ipv4.map(|a| Table::new(a, first, last, config.max_flows, fragments, config.seed)),
+            v6: config.ipv6.map(|a| Table::new(a, first, last, config.max_flows, fragments, config.seed ^ 0x6)),
             counters: Counters::default(),
             stats: Stats::default(),
         })
@@ -328,14 +315,8 @@ impl Snat {
 
     /// When [`Snat::handle_timeout`] next has work; `None` while there is no state at all.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let next = [
-            self.v4.as_ref().and_then(Table::next_tick),
-            self.v6.as_ref().and_then(Table::next_tick),
-        ];
-        next.into_iter()
-            .flatten()
-            .min()
-            .map(|tick| self.epoch + Duration::from_secs(u64::from(tick)))
+        let next = [self.v4.as_ref().and_then(Table::next_tick), self.v6.as_ref().and_then(Table::next_tick)];
+        next.into_iter().flatten().min().map(|tick| self.epoch + Duration::from_secs(u64::from(tick)))
     }
 
     pub fn counters(&self) -> Counters {
@@ -355,14 +336,12 @@ impl Snat {
 
     /// Live mappings (external ports in use), both families.
     pub fn mappings(&self) -> usize {
-        self.v4.as_ref().map_or(0, |t| t.mapping_count())
-            + self.v6.as_ref().map_or(0, |t| t.mapping_count())
+        self.v4.as_ref().map_or(0, |t| t.mapping_count()) + self.v6.as_ref().map_or(0, |t| t.mapping_count())
     }
 
     /// Datagrams whose later fragments are awaited, both families.
     pub fn pending_fragments(&self) -> usize {
-        self.v4.as_ref().map_or(0, |t| t.fragment_count())
-            + self.v6.as_ref().map_or(0, |t| t.fragment_count())
+        self.v4.as_ref().map_or(0, |t| t.fragment_count()) + self.v6.as_ref().map_or(0, |t| t.fragment_count())
     }
 }
 
@@ -424,8 +403,7 @@ fn classify<A: Family>(p: &[u8], layout: &Layout) -> Result<Proto, Drop> {
     if layout.l4_len() < need {
         return Err(Drop::Malformed);
     }
-    if proto == Proto::Tcp && usize::from(p[layout.l4_offset + 12] >> 4) * 4 < wire::TCP_HEADER_LEN
-    {
+    if proto == Proto::Tcp && usize::from(p[layout.l4_offset + 12] >> 4) * 4 < wire::TCP_HEADER_LEN {
         return Err(Drop::Malformed);
     }
     Ok(proto)
@@ -446,39 +424,54 @@ fn translate<A: Family>(
     if dir == Direction::Inbound && dst != table.addr {
         return Err(Drop::NotForSnatAddress);
     }
-    if let Fragment::Later { id } = layout.fragment {
-        let key = FragmentKey {
-            src,
-            dst,
-            proto: layout.protocol,
-            id,
-        };
-        let to = table
-            .fragment(&key, now)
-            .ok_or(Drop::FragmentWithoutState)?;
-        let mut d = Delta::default();
-        to.write(
-            p,
-            if dir == Direction::Outbound {
-                A::SRC
-            } else {
-                A::DST
-            },
-            &mut d,
-        );
-        if A::HAS_HEADER_CHECKSUM {
-            adjust_at(p, 10, d);
+    // Later fragments are recognised by the header they arrive with, which is the untranslated one.
+    let fragment_key = |id| FragmentKey {
+        src,
+        dst,
+        proto: if A::VERSION == IpVersion::V4 { layout.protocol } else { 0 },
+        id,
+        inbound: dir == Direction::Inbound,
+    };
+    match layout.fragment {
+        Fragment::Later { id } => {
+            let to = table.fragment(&fragment_key(id), now).ok_or(Drop::FragmentWithoutState)?;
+            let mut d = Delta::default();
+            to.write(p, if dir == Direction::Outbound { A::SRC } else { A::DST }, &mut d);
+            if A::HAS_HEADER_CHECKSUM {
+                adjust_at(p, 10, d);
+            }
+            return Ok(());
         }
-        return Ok(());
+        // Refused before any flow state changes, so a dropped first fragment leaves nothing behind.
+        Fragment::First { id } if !table.fragment_room(&fragment_key(id), now) => return Err(Drop::FragmentTableFull),
+        _ => {}
     }
+    let translated = translate_unfragmented(table, p, &layout, (src, dst), now, t, stats, dir)?;
+    if let Fragment::First { id } = layout.fragment {
+        table.remember_fragment(fragment_key(id), translated, now, t);
+    }
+    Ok(())
+}
 
-    let proto = classify::<A>(p, &layout)?;
+/// Translates a whole packet or a first fragment; returns the address now in the rewritten header field.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn translate_unfragmented<A: Family>(
+    table: &mut Table<A>,
+    p: &mut [u8],
+    layout: &Layout,
+    (src, dst): (A, A),
+    now: u32,
+    t: &Timeouts,
+    stats: &mut table::Stats,
+    dir: Direction,
+) -> Result<A, Drop> {
+    let proto = classify::<A>(p, layout)?;
     let l4 = layout.l4_offset;
     if proto == Proto::Icmp {
         match (wire::icmp_kind(A::VERSION, p[l4]), dir) {
-            (IcmpKind::EchoRequest, Direction::Outbound)
-            | (IcmpKind::EchoReply, Direction::Inbound) => {}
-            (IcmpKind::Error, _) => return translate_icmp_error(table, p, &layout, now, dir),
+            (IcmpKind::EchoRequest, Direction::Outbound) | (IcmpKind::EchoReply, Direction::Inbound) => {}
+            (IcmpKind::Error, _) => return translate_icmp_error(table, p, layout, now, dir),
             (_, Direction::Inbound) => return Err(Drop::Unsolicited),
             (_, Direction::Outbound) => return Err(Drop::UnsupportedIcmp),
         }
@@ -489,40 +482,26 @@ fn translate<A: Family>(
     let remote_port = remote_port_at.map_or(0, |at| read16(p, l4 + at));
     let tcp_flags = if proto == Proto::Tcp { p[l4 + 13] } else { 0 };
 
-    let (flow, new_addr, new_port, translated) = match dir {
+    let (flow, new_addr, new_port) = match dir {
         Direction::Outbound => {
-            let key = FlowKey {
-                proto,
-                int_addr: src,
-                int_port: own_port,
-                remote_addr: dst,
-                remote_port,
-            };
+            let key = FlowKey { proto, int_addr: src, int_port: own_port, remote_addr: dst, remote_port };
             let flow = match table.find(&key) {
                 Some(f) => f,
                 None if tcp_flags & wire::TCP_RST != 0 => return Err(Drop::OrphanReset),
                 None => table.create(key, now, t, stats)?,
             };
             let ext_port = table.mapping(table.flow(flow).mapping).ext_port;
-            (flow, table.addr, ext_port, table.addr)
+            (flow, table.addr, ext_port)
         }
         Direction::Inbound => {
-            let mapping = table
-                .mapping_by_port(proto, own_port)
-                .ok_or(Drop::Unsolicited)?;
+            let mapping = table.mapping_by_port(proto, own_port).ok_or(Drop::Unsolicited)?;
             let m = *table.mapping(mapping);
-            let key = FlowKey {
-                proto,
-                int_addr: m.int_addr,
-                int_port: m.int_port,
-                remote_addr: src,
-                remote_port,
-            };
+            let key = FlowKey { proto, int_addr: m.int_addr, int_port: m.int_port, remote_addr: src, remote_port };
             let flow = table.find(&key).ok_or(Drop::Unsolicited)?;
             if table.flow(flow).expires <= now {
                 return Err(Drop::Unsolicited);
             }
-            (flow, m.int_addr, m.int_port, m.int_addr)
+            (flow, m.int_addr, m.int_port)
         }
     };
 
@@ -532,33 +511,14 @@ fn translate<A: Family>(
     table.refresh(flow, now, t);
 
     let mut addr_delta = Delta::default();
-    new_addr.write(
-        p,
-        if dir == Direction::Outbound {
-            A::SRC
-        } else {
-            A::DST
-        },
-        &mut addr_delta,
-    );
+    new_addr.write(p, if dir == Direction::Outbound { A::SRC } else { A::DST }, &mut addr_delta);
     if A::HAS_HEADER_CHECKSUM {
         adjust_at(p, 10, addr_delta);
     }
     let mut port_delta = Delta::default();
     write16(p, l4 + own_port_at, new_port, &mut port_delta);
     adjust_l4::<A>(p, l4, proto, addr_delta, port_delta);
-
-    if let Fragment::First { id } = layout.fragment {
-        // Later fragments are recognised by the header they arrive with, which is the untranslated one.
-        let key = FragmentKey {
-            src,
-            dst,
-            proto: layout.protocol,
-            id,
-        };
-        table.remember_fragment(key, translated, now, t)?;
-    }
-    Ok(())
+    Ok(new_addr)
 }
 
 /// Tracks what decides a TCP flow's timeout. A new SYN from our side after a close reopens the flow (the
@@ -568,10 +528,7 @@ fn update_tcp(state: &mut u8, flags: u8, dir: Direction) {
     let syn = flags & wire::TCP_SYN != 0;
     match dir {
         Direction::Outbound => {
-            if syn
-                && flags & wire::TCP_ACK == 0
-                && *state & (tcp::FIN_OUT | tcp::FIN_IN | tcp::RST) != 0
-            {
+            if syn && flags & wire::TCP_ACK == 0 && *state & (tcp::FIN_OUT | tcp::FIN_IN | tcp::RST) != 0 {
                 *state = 0;
             }
             if syn {
@@ -606,13 +563,11 @@ fn translate_icmp_error<A: Family>(
     layout: &Layout,
     now: u32,
     dir: Direction,
-) -> Result<(), Drop> {
+) -> Result<A, Drop> {
     let icmp = layout.l4_offset;
     let inner = icmp + wire::ICMP_HEADER_LEN;
     let quoted = wire::parse(&p[inner..], true)?;
-    if wire::version(&p[inner..])? != A::VERSION
-        || matches!(quoted.fragment, Fragment::Later { .. })
-    {
+    if wire::version(&p[inner..])? != A::VERSION || matches!(quoted.fragment, Fragment::Later { .. }) {
         return Err(Drop::IcmpErrorWithoutSession);
     }
     let (proto, ports_needed) = match quoted.protocol {
@@ -644,9 +599,7 @@ fn translate_icmp_error<A: Family>(
             if quoted_src != table.addr {
                 return Err(Drop::IcmpErrorWithoutSession);
             }
-            let mapping = table
-                .mapping_by_port(proto, quoted_own)
-                .ok_or(Drop::IcmpErrorWithoutSession)?;
+            let mapping = table.mapping_by_port(proto, quoted_own).ok_or(Drop::IcmpErrorWithoutSession)?;
             let m = *table.mapping(mapping);
             let key = FlowKey {
                 proto,
@@ -662,6 +615,11 @@ fn translate_icmp_error<A: Family>(
             (m.int_addr, m.int_port, A::SRC, A::DST)
         }
         Direction::Outbound => {
+            // An error goes back to whoever sent the packet it quotes; anything else is a forgery aimed at
+            // someone else's flow.
+            if A::read(p, A::DST) != quoted_src {
+                return Err(Drop::IcmpErrorWithoutSession);
+            }
             let key = FlowKey {
                 proto,
                 int_addr: quoted_dst,
@@ -670,6 +628,9 @@ fn translate_icmp_error<A: Family>(
                 remote_port: quoted_remote,
             };
             let flow = table.find(&key).ok_or(Drop::IcmpErrorWithoutSession)?;
+            if table.flow(flow).expires <= now {
+                return Err(Drop::IcmpErrorWithoutSession);
+            }
             let ext_port = table.mapping(table.flow(flow).mapping).ext_port;
             (table.addr, ext_port, A::DST, A::SRC)
         }
@@ -711,7 +672,7 @@ fn translate_icmp_error<A: Family>(
         icmp_delta.merge(outer); // the ICMPv6 checksum covers the pseudo-header
     }
     adjust_at(p, icmp + 2, icmp_delta);
-    Ok(())
+    Ok(new_addr)
 }
 
 #[cfg(test)]

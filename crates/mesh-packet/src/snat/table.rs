@@ -98,11 +98,7 @@ impl<A: Family> Flow<A> {
             Proto::Icmp => t.icmp,
             Proto::Tcp => {
                 let closing = self.tcp & (tcp::FIN_OUT | tcp::FIN_IN | tcp::RST) != 0;
-                if closing || self.tcp & tcp::REPLIED == 0 {
-                    t.tcp_transitory
-                } else {
-                    t.tcp_established
-                }
+                if closing || self.tcp & tcp::REPLIED == 0 { t.tcp_transitory } else { t.tcp_established }
             }
         }
     }
@@ -122,11 +118,7 @@ impl PortPool {
         let mut ports: Vec<u16> = (first..=last).collect();
         // A random starting order makes external ports unpredictable to off-path attackers (RFC 6056).
         rng.shuffle(&mut ports);
-        Self {
-            first,
-            owner: vec![NONE; ports.len()],
-            free: ports.into(),
-        }
+        Self { first, owner: vec![NONE; ports.len()], free: ports.into() }
     }
 
     #[inline]
@@ -162,6 +154,10 @@ impl<T> Slab<T> {
 /// its `expires` forward; when its slot comes round the flow is either expired or re-filed at its new time.
 /// A flow whose timeout shrinks (FIN, RST) is filed again at the earlier time and `next_check` says which
 /// entry is current, so stale entries are recognised and dropped.
+///
+/// Every entry is filed within one lap of the last processed tick, so the entries of a slot are all due
+/// when it comes round: a timeout longer than the wheel is reached in several hops, never by keeping
+/// not-yet-due entries that a bounded pass would have to step over again and again.
 #[derive(Debug)]
 struct Wheel {
     slots: Box<[Vec<u32>]>,
@@ -172,18 +168,27 @@ struct Wheel {
 const WHEEL_SLOTS: u32 = 8192;
 
 impl Wheel {
+    /// The tick to file an entry due at `due` under, given that ticks up to `done` are processed.
+    #[inline]
+    fn target(&self, due: u32, done: u32) -> u32 {
+        due.clamp(done + 1, done + WHEEL_SLOTS - 1)
+    }
+
     #[inline]
     fn file(&mut self, flow: u32, at: u32) {
         self.slots[(at % WHEEL_SLOTS) as usize].push(flow);
     }
 }
 
+/// Identifies a fragmented datagram as reassembly does: (source, destination, protocol, identification)
+/// for IPv4, (source, destination, identification) for IPv6 (RFC 8200 §4.5), where `proto` is zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) struct FragmentKey<A> {
     pub src: A,
     pub dst: A,
     pub proto: u8,
     pub id: u32,
+    pub inbound: bool,
 }
 
 /// What the first fragment of a datagram was translated to, so later fragments (which carry no ports) can
@@ -225,37 +230,17 @@ pub(super) struct Table<A> {
 }
 
 impl<A: Family> Table<A> {
-    pub fn new(
-        addr: A,
-        first_port: u16,
-        last_port: u16,
-        max_flows: u32,
-        max_fragments: usize,
-        seed: u64,
-    ) -> Self {
+    pub fn new(addr: A, first_port: u16, last_port: u16, max_flows: u32, max_fragments: usize, seed: u64) -> Self {
         let mut rng = fastrand::Rng::with_seed(seed);
         Self {
             addr,
-            flows: Slab {
-                items: Vec::new(),
-                free: Vec::new(),
-            },
+            flows: Slab { items: Vec::new(), free: Vec::new() },
             flow_index: HashTable::new(),
-            mappings: Slab {
-                items: Vec::new(),
-                free: Vec::new(),
-            },
+            mappings: Slab { items: Vec::new(), free: Vec::new() },
             mapping_index: HashTable::new(),
             pools: core::array::from_fn(|_| PortPool::new(first_port, last_port, &mut rng)),
-            wheel: Wheel {
-                slots: (0..WHEEL_SLOTS).map(|_| Vec::new()).collect(),
-                done: 0,
-            },
-            fragments: Fragments {
-                map: HashMap::default(),
-                order: VecDeque::new(),
-                capacity: max_fragments,
-            },
+            wheel: Wheel { slots: (0..WHEEL_SLOTS).map(|_| Vec::new()).collect(), done: 0 },
+            fragments: Fragments { map: HashMap::default(), order: VecDeque::new(), capacity: max_fragments },
             hasher: foldhash::fast::RandomState::default(),
             live: 0,
             max_flows,
@@ -302,9 +287,7 @@ impl<A: Family> Table<A> {
     #[inline]
     pub fn find(&self, k: &FlowKey<A>) -> Option<u32> {
         let items = &self.flows.items;
-        self.flow_index
-            .find(self.flow_hash(k), |&i| items[i as usize].matches(k))
-            .copied()
+        self.flow_index.find(self.flow_hash(k), |&i| items[i as usize].matches(k)).copied()
     }
 
     /// The mapping that owns external `port` of `proto`.
@@ -315,13 +298,7 @@ impl<A: Family> Table<A> {
 
     /// Creates a flow for `k`, reusing the internal endpoint's mapping or allocating one. `now` is the
     /// current tick; `expire_budget` bounds the reclaiming done when the table is full.
-    pub fn create(
-        &mut self,
-        k: FlowKey<A>,
-        now: u32,
-        t: &Timeouts,
-        stats: &mut Stats,
-    ) -> Result<u32, Drop> {
+    pub fn create(&mut self, k: FlowKey<A>, now: u32, t: &Timeouts, stats: &mut Stats) -> Result<u32, Drop> {
         if self.live >= self.max_flows {
             self.expire(now, FULL_TABLE_EXPIRE_BUDGET, stats);
             if self.live >= self.max_flows {
@@ -341,15 +318,13 @@ impl<A: Family> Table<A> {
             proto: k.proto,
             tcp: 0,
         };
-        flow.expires = now + flow.timeout(t);
-        flow.next_check = flow.expires;
+        flow.expires = expiry(now, flow.timeout(t));
+        flow.next_check = self.wheel.target(flow.expires, self.wheel.done);
         let i = self.flows.insert(flow);
         let hash = self.flow_hash(&k);
         let (items, hasher) = (&self.flows.items, &self.hasher);
-        self.flow_index.insert_unique(hash, i, |&j| {
-            flow_hash_with(hasher, &items[j as usize].key())
-        });
-        self.wheel.file(i, flow.expires);
+        self.flow_index.insert_unique(hash, i, |&j| flow_hash_with(hasher, &items[j as usize].key()));
+        self.wheel.file(i, flow.next_check);
         self.live += 1;
         stats.flows_created += 1;
         Ok(i)
@@ -366,13 +341,7 @@ impl<A: Family> Table<A> {
         }
         let pool = &mut self.pools[proto as usize];
         let ext_port = pool.free.pop_front().ok_or(Drop::PoolExhausted)?;
-        let m = self.mappings.insert(Mapping {
-            int_addr: addr,
-            int_port: port,
-            ext_port,
-            proto,
-            flows: 0,
-        });
+        let m = self.mappings.insert(Mapping { int_addr: addr, int_port: port, ext_port, proto, flows: 0 });
         pool.owner[usize::from(ext_port - pool.first)] = m;
         let (items, hasher) = (&self.mappings.items, &self.hasher);
         self.mapping_index.insert_unique(hash, m, |&j| {
@@ -386,11 +355,12 @@ impl<A: Family> Table<A> {
     #[inline]
     pub fn refresh(&mut self, i: u32, now: u32, t: &Timeouts) {
         let flow = &mut self.flows.items[i as usize];
-        let expires = now + flow.timeout(t);
+        let expires = expiry(now, flow.timeout(t));
         flow.expires = expires;
         if expires < flow.next_check {
-            flow.next_check = expires;
-            self.wheel.file(i, expires);
+            let at = self.wheel.target(expires, self.wheel.done);
+            flow.next_check = at;
+            self.wheel.file(i, at);
         }
     }
 
@@ -422,46 +392,33 @@ impl<A: Family> Table<A> {
     }
 
     /// Processes the wheel up to tick `now`, looking at no more than `budget` entries. Returns whether it
-    /// caught up.
+    /// caught up. Empty ticks cost nothing worth counting, so a long idle gap is crossed in one call.
     pub fn expire(&mut self, now: u32, mut budget: usize, stats: &mut Stats) -> bool {
         self.fragments.expire(now);
-        // After a gap longer than the wheel, one pass over every slot is enough: an entry is due when its
-        // flow's `next_check` has passed, whichever lap the slot is on.
-        let last = now.min(self.wheel.done.saturating_add(WHEEL_SLOTS));
-        while self.wheel.done < last {
+        while self.wheel.done < now {
             let tick = self.wheel.done + 1;
             let slot = (tick % WHEEL_SLOTS) as usize;
-            let mut entries = core::mem::take(&mut self.wheel.slots[slot]);
-            let mut keep = Vec::new();
-            while let Some(i) = entries.pop() {
+            while let Some(i) = self.wheel.slots[slot].pop() {
                 if budget == 0 {
-                    entries.push(i);
-                    entries.append(&mut keep);
-                    entries.append(&mut self.wheel.slots[slot]);
-                    self.wheel.slots[slot] = entries;
+                    self.wheel.slots[slot].push(i);
                     return false;
                 }
                 budget -= 1;
                 let flow = self.flows.items[i as usize];
-                if flow.mapping == NONE || flow.next_check % WHEEL_SLOTS != slot as u32 {
+                if flow.mapping == NONE || flow.next_check != tick {
                     continue; // superseded by an earlier filing, or the slot was freed
                 }
-                if flow.next_check > now {
-                    keep.push(i); // due on a later lap
-                } else if flow.expires <= now {
+                if flow.expires <= now {
                     self.remove(i, stats);
                 } else {
-                    self.flows.items[i as usize].next_check = flow.expires;
-                    // Re-filing goes to a tick after `now`; if that slot is still ahead in this pass, the
-                    // entry is kept there as not yet due.
-                    self.wheel.file(i, flow.expires);
+                    // Filed at most one lap ahead, so never back into the slot being emptied.
+                    let at = self.wheel.target(flow.expires, tick);
+                    self.flows.items[i as usize].next_check = at;
+                    self.wheel.file(i, at);
                 }
             }
-            keep.append(&mut self.wheel.slots[slot]);
-            self.wheel.slots[slot] = keep;
             self.wheel.done = tick;
         }
-        self.wheel.done = now;
         true
     }
 
@@ -470,31 +427,36 @@ impl<A: Family> Table<A> {
         (self.live > 0 || !self.fragments.order.is_empty()).then_some(self.wheel.done + 1)
     }
 
-    pub fn remember_fragment(
-        &mut self,
-        key: FragmentKey<A>,
-        translated: A,
-        now: u32,
-        t: &Timeouts,
-    ) -> Result<(), Drop> {
+    /// Whether a fragmented datagram with `key` can be remembered (checked before any state changes).
+    pub fn fragment_room(&mut self, key: &FragmentKey<A>, now: u32) -> bool {
         let f = &mut self.fragments;
         f.expire(now);
-        if f.map.len() >= f.capacity && !f.map.contains_key(&key) {
-            return Err(Drop::FragmentTableFull);
+        f.map.len() < f.capacity || f.map.contains_key(key)
+    }
+
+    /// Remembers where a datagram's later fragments go. A repeated first fragment keeps the lifetime of the
+    /// first, so the expiry queue holds one entry per datagram.
+    pub fn remember_fragment(&mut self, key: FragmentKey<A>, translated: A, now: u32, t: &Timeouts) {
+        let f = &mut self.fragments;
+        if let Some(entry) = f.map.get_mut(&key) {
+            entry.0 = translated;
+            return;
         }
-        let expires = now + t.fragment;
+        let expires = expiry(now, t.fragment);
         f.map.insert(key, (translated, expires));
         f.order.push_back((key, expires));
-        Ok(())
     }
 
     pub fn fragment(&self, key: &FragmentKey<A>, now: u32) -> Option<A> {
-        self.fragments
-            .map
-            .get(key)
-            .filter(|&&(_, expires)| expires > now)
-            .map(|&(a, _)| a)
+        self.fragments.map.get(key).filter(|&&(_, expires)| expires > now).map(|&(a, _)| a)
     }
+}
+
+/// The tick at which something idle from `now` for `timeout` seconds expires. Ticks are whole seconds
+/// truncated, so one is added: nothing expires before its full timeout has passed.
+#[inline]
+fn expiry(now: u32, timeout: u32) -> u32 {
+    now.saturating_add(timeout).saturating_add(1)
 }
 
 /// Entries looked at when a full table tries to make room before refusing a flow: enough to reclaim what
@@ -511,12 +473,7 @@ fn flow_hash_with<A: Family>(hasher: &foldhash::fast::RandomState, k: &FlowKey<A
 }
 
 #[inline]
-fn mapping_hash_with<A: Family>(
-    hasher: &foldhash::fast::RandomState,
-    proto: Proto,
-    addr: A,
-    port: u16,
-) -> u64 {
+fn mapping_hash_with<A: Family>(hasher: &foldhash::fast::RandomState, proto: Proto, addr: A, port: u16) -> u64 {
     let mut h = hasher.build_hasher();
     h.write_u32((proto as u32) << 16 | u32::from(port));
     addr.hash_into(&mut h);
@@ -588,10 +545,7 @@ mod tests {
     #[test]
     fn a_shortened_timeout_is_honoured_and_its_old_entry_discarded() {
         let (mut t, timeouts, mut stats) = (table(), Timeouts::default(), Stats::default());
-        let k = FlowKey {
-            proto: Proto::Tcp,
-            ..key(1)
-        };
+        let k = FlowKey { proto: Proto::Tcp, ..key(1) };
         let flow = t.create(k, 0, &timeouts, &mut stats).unwrap();
         t.flow_mut(flow).tcp = tcp::SYN_OUT | tcp::REPLIED;
         t.refresh(flow, 10, &timeouts);
@@ -601,13 +555,11 @@ mod tests {
         t.refresh(flow, 3000, &timeouts);
         assert_eq!(wheel_entries(&t), 2, "filed again, earlier");
         t.expire(3000 + timeouts.tcp_transitory, usize::MAX, &mut stats);
+        assert_eq!(t.live_flows(), 1, "a whole timeout has not passed within the last tick");
+        t.expire(3000 + timeouts.tcp_transitory + 1, usize::MAX, &mut stats);
         assert_eq!(t.live_flows(), 0, "gone at the transitory timeout");
         t.expire(20_000, usize::MAX, &mut stats);
-        assert_eq!(
-            wheel_entries(&t),
-            0,
-            "the stale entry is dropped when its slot comes round"
-        );
+        assert_eq!(wheel_entries(&t), 0, "the stale entry is dropped when its slot comes round");
     }
 
     #[test]
@@ -615,16 +567,48 @@ mod tests {
         let (mut t, timeouts, mut stats) = (table(), Timeouts::default(), Stats::default());
         for round in 0..5u32 {
             for port in 0..1000 {
-                t.create(key(port), round * 1000, &timeouts, &mut stats)
-                    .unwrap();
+                t.create(key(port), round * 1000, &timeouts, &mut stats).unwrap();
             }
             t.expire(round * 1000 + 999, usize::MAX, &mut stats);
             assert_eq!(t.live_flows(), 0);
         }
-        assert_eq!(
-            t.flows.items.len(),
-            1000,
-            "the slab does not grow past its peak"
-        );
+        assert_eq!(t.flows.items.len(), 1000, "the slab does not grow past its peak");
+    }
+}
+
+#[cfg(test)]
+mod long_timeouts {
+    use core::net::Ipv4Addr;
+
+    use super::*;
+
+    /// Timeouts longer than the wheel used to leave not-yet-due entries in a slot; with enough of them a
+    /// bounded pass spent its whole budget on them every time and expiry stalled for good.
+    #[test]
+    fn timeouts_longer_than_the_wheel_never_stall_expiry() {
+        let timeouts = Timeouts { udp: 3 * WHEEL_SLOTS + 17, ..Timeouts::default() };
+        let mut t: Table<Ipv4Addr> = Table::new(Ipv4Addr::new(192, 0, 2, 1), 1024, 65535, 1 << 20, 16, 7);
+        let mut stats = Stats::default();
+        for port in 0..5000 {
+            let k = FlowKey {
+                proto: Proto::Udp,
+                int_addr: Ipv4Addr::new(100, 64, 0, 1),
+                int_port: port,
+                remote_addr: Ipv4Addr::new(10, 0, 0, 1),
+                remote_port: 53,
+            };
+            t.create(k, 0, &timeouts, &mut stats).unwrap();
+        }
+        let mut now = 0;
+        let mut calls = 0;
+        while t.live_flows() > 0 {
+            now += 60;
+            while !t.expire(now, 100, &mut stats) {
+                calls += 1;
+                assert!(calls < 10_000, "expiry stalled at {now}");
+            }
+            assert!(now <= timeouts.udp + 60, "flows outlived their timeout");
+        }
+        assert!(now > timeouts.udp, "flows expired early");
     }
 }

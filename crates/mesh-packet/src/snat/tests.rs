@@ -6,17 +6,9 @@ fn tcp_state_decides_the_timeout() {
     let mut state = 0;
     update_tcp(&mut state, wire::TCP_SYN, Direction::Outbound);
     assert_eq!(timeout_for(state, &t), t.tcp_transitory, "half open");
-    update_tcp(
-        &mut state,
-        wire::TCP_SYN | wire::TCP_ACK,
-        Direction::Inbound,
-    );
+    update_tcp(&mut state, wire::TCP_SYN | wire::TCP_ACK, Direction::Inbound);
     assert_eq!(timeout_for(state, &t), t.tcp_established);
-    update_tcp(
-        &mut state,
-        wire::TCP_FIN | wire::TCP_ACK,
-        Direction::Inbound,
-    );
+    update_tcp(&mut state, wire::TCP_FIN | wire::TCP_ACK, Direction::Inbound);
     assert_eq!(timeout_for(state, &t), t.tcp_transitory, "half closed");
     // The client reuses its port for a new connection: the flow starts over.
     update_tcp(&mut state, wire::TCP_SYN, Direction::Outbound);

@@ -3,9 +3,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use smoltcp::wire::{
-    Icmpv4Packet, Icmpv6Packet, IpAddress, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket,
-};
+use smoltcp::wire::{Icmpv4Packet, Icmpv6Packet, IpAddress, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket};
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 7);
 pub const CLIENT2: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 8);
@@ -39,31 +37,15 @@ pub fn assert_checksums_valid(packet: &[u8]) {
             if ip.more_frags() || ip.frag_offset() != 0 {
                 return;
             }
-            let (src, dst) = (
-                IpAddress::Ipv4(ip.src_addr()),
-                IpAddress::Ipv4(ip.dst_addr()),
-            );
+            let (src, dst) = (IpAddress::Ipv4(ip.src_addr()), IpAddress::Ipv4(ip.dst_addr()));
             let payload = ip.payload();
             match u8::from(ip.next_header()) {
-                6 => assert!(
-                    TcpPacket::new_checked(payload)
-                        .unwrap()
-                        .verify_checksum(&src, &dst),
-                    "TCP checksum"
-                ),
+                6 => assert!(TcpPacket::new_checked(payload).unwrap().verify_checksum(&src, &dst), "TCP checksum"),
                 17 => {
                     let udp = UdpPacket::new_checked(payload).unwrap();
-                    assert!(
-                        udp.checksum() == 0 || udp.verify_checksum(&src, &dst),
-                        "UDP checksum"
-                    );
+                    assert!(udp.checksum() == 0 || udp.verify_checksum(&src, &dst), "UDP checksum");
                 }
-                1 => assert!(
-                    Icmpv4Packet::new_checked(payload)
-                        .unwrap()
-                        .verify_checksum(),
-                    "ICMP checksum"
-                ),
+                1 => assert!(Icmpv4Packet::new_checked(payload).unwrap().verify_checksum(), "ICMP checksum"),
                 other => panic!("unexpected protocol {other}"),
             }
         }
@@ -73,23 +55,16 @@ pub fn assert_checksums_valid(packet: &[u8]) {
             let payload = ip.payload();
             match u8::from(ip.next_header()) {
                 6 => assert!(
-                    TcpPacket::new_checked(payload)
-                        .unwrap()
-                        .verify_checksum(&src.into(), &dst.into()),
+                    TcpPacket::new_checked(payload).unwrap().verify_checksum(&src.into(), &dst.into()),
                     "TCP checksum"
                 ),
                 17 => assert!(
-                    UdpPacket::new_checked(payload)
-                        .unwrap()
-                        .verify_checksum(&src.into(), &dst.into()),
+                    UdpPacket::new_checked(payload).unwrap().verify_checksum(&src.into(), &dst.into()),
                     "UDP checksum"
                 ),
-                58 => assert!(
-                    Icmpv6Packet::new_checked(payload)
-                        .unwrap()
-                        .verify_checksum(&src, &dst),
-                    "ICMPv6 checksum"
-                ),
+                58 => {
+                    assert!(Icmpv6Packet::new_checked(payload).unwrap().verify_checksum(&src, &dst), "ICMPv6 checksum")
+                }
                 44 => {}
                 other => panic!("unexpected next header {other}"),
             }
@@ -101,10 +76,7 @@ pub fn assert_checksums_valid(packet: &[u8]) {
 /// Asserts that the IPv4 header quoted in an ICMPv4 error at `inner` has a valid header checksum.
 pub fn assert_quoted_v4_header_valid(packet: &[u8], inner: usize) {
     let header_len = usize::from(packet[inner] & 0x0f) * 4;
-    let sum = mesh_packet::checksum::fold(mesh_packet::checksum::sum(
-        &packet[inner..inner + header_len],
-        0,
-    ));
+    let sum = mesh_packet::checksum::fold(mesh_packet::checksum::sum(&packet[inner..inner + header_len], 0));
     assert_eq!(sum, 0xffff, "quoted IPv4 header checksum");
 }
 

@@ -1,0 +1,7 @@
+//! Parse and SNAT-translate arbitrary bytes in both directions. Run with
+//! `cargo +nightly fuzz run translate fuzz/corpus/translate` from the repository root.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    mesh_packet::fuzzing::translate(data);
+});
