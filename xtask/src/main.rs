@@ -1,1 +1,208 @@
-fn main() {}
+//! Project automation: `cargo xtask ci` is the one test command CI runs; `cargo xtask bench` runs the
+//! benchmarks recorded in docs/benchmarks.md.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages the tests need: namespaces and routes, the firewall, the reference WireGuard peer and
+/// its configuration tool, throughput measurement, and ping/ss inside namespaces.
+const PACKAGES: &[&str] = &["iproute2", "nftables", "wireguard-go", "wireguard-tools", "iperf3", "iputils-ping", "procps"];
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  ci              install missing system packages (as root), then fmt, clippy and every test
+  bench [snat]    criterion benchmarks of the SNAT hot path and memory per flow";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("bench") => bench(args.get(1).map(String::as_str)),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Pass and fail counts of the whole run: each test, plus fmt and clippy as one check each.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn check(&mut self, name: &str, ok: bool) {
+        if ok {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+            self.failures.push(name.to_string());
+        }
+    }
+}
+
+fn ci() -> Result<bool> {
+    install_packages()?;
+    let mut tally = Tally::default();
+
+    section("cargo fmt --check");
+    let ok = cargo().args(["fmt", "--all", "--", "--check"]).status().context("running cargo fmt")?.success();
+    tally.check("cargo fmt --check", ok);
+
+    section("cargo clippy -D warnings");
+    let ok = cargo()
+        .args(["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"])
+        .status()
+        .context("running cargo clippy")?
+        .success();
+    tally.check("cargo clippy", ok);
+
+    section("cargo test (unit, integration, end-to-end)");
+    run_tests(&mut tally)?;
+
+    println!();
+    for failure in &tally.failures {
+        println!("FAILED: {failure}");
+    }
+    println!("{} passed, {} failed", tally.passed, tally.failed);
+    Ok(tally.failed == 0)
+}
+
+fn section(title: &str) {
+    println!("\n==> {title}");
+}
+
+/// Runs every test of the workspace, streaming cargo's output and adding up its result lines.
+fn run_tests(tally: &mut Tally) -> Result<()> {
+    let mut child = cargo()
+        .args(["test", "--workspace", "--locked", "--no-fail-fast", "--color", "never"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut saw_results = false;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some((passed, failed)) = parse_result_line(&line) {
+            saw_results = true;
+            tally.passed += passed;
+            tally.failed += failed;
+        }
+        if let Some(name) = line.strip_prefix("test ").and_then(|rest| rest.strip_suffix(" ... FAILED")) {
+            tally.failures.push(name.to_string());
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    if !status.success() && tally.failures.is_empty() {
+        // A build error or a crashed test binary reports no per-test failure: count it so it cannot hide.
+        tally.check("cargo test (build or harness failure)", false);
+    }
+    if !saw_results {
+        bail!("cargo test printed no results");
+    }
+    Ok(())
+}
+
+/// Reads `test result: ok. 12 passed; 0 failed; ...`.
+fn parse_result_line(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let (_, counts) = rest.split_once(". ")?;
+    let mut fields = counts.split("; ");
+    let passed = fields.next()?.strip_suffix(" passed")?.parse().ok()?;
+    let failed = fields.next()?.strip_suffix(" failed")?.parse().ok()?;
+    Some((passed, failed))
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn install_packages() -> Result<()> {
+    section("system packages");
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        println!("all present: {}", PACKAGES.join(" "));
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("missing packages {}: run `cargo xtask ci` as root so it can install them", missing.join(" "));
+    }
+    println!("installing: {}", missing.join(" "));
+    let quiet = |args: &[&str]| -> Result<()> {
+        let status = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get (this needs a Debian machine)")?;
+        if !status.success() {
+            bail!("apt-get {} failed", args.join(" "));
+        }
+        Ok(())
+    };
+    quiet(&["-qq", "update"])?;
+    let mut install = vec!["-qq", "install", "-y", "--no-install-recommends"];
+    install.extend(&missing);
+    quiet(&install)
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn bench(which: Option<&str>) -> Result<bool> {
+    match which {
+        None | Some("snat") => {
+            let criterion = cargo().args(["bench", "-p", "mesh-benches", "--bench", "snat"]).status()?.success();
+            let memory = cargo().args(["bench", "-p", "mesh-benches", "--bench", "flow_memory"]).status()?.success();
+            Ok(criterion && memory)
+        }
+        Some(other) => bail!("unknown benchmark {other:?}; known: snat"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_result_line;
+
+    #[test]
+    fn reads_cargo_result_lines() {
+        let ok = "test result: ok. 12 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s";
+        assert_eq!(parse_result_line(ok), Some((12, 0)));
+        let bad = "test result: FAILED. 6 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.2s";
+        assert_eq!(parse_result_line(bad), Some((6, 1)));
+        assert_eq!(parse_result_line("test foo ... ok"), None);
+    }
+}
