@@ -9,7 +9,8 @@ use anyhow::{Context, Result, bail};
 
 /// Debian packages the tests need: namespaces and routes, the firewall, the reference WireGuard peer and
 /// its configuration tool, throughput measurement, and ping/ss inside namespaces.
-const PACKAGES: &[&str] = &["iproute2", "nftables", "wireguard-go", "wireguard-tools", "iperf3", "iputils-ping", "procps"];
+const PACKAGES: &[&str] =
+    &["iproute2", "nftables", "wireguard-go", "wireguard-tools", "iperf3", "iputils-ping", "procps"];
 
 const USAGE: &str = "usage: cargo xtask <command>
 
