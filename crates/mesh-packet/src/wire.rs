@@ -117,6 +117,7 @@ pub fn version(packet: &[u8]) -> Result<IpVersion, Error> {
 ///
 /// With `embedded` set the packet is the one quoted inside an ICMP error: its length field may exceed the
 /// bytes present and only the IP header and the first bytes after it are required.
+#[inline]
 pub fn parse(packet: &[u8], embedded: bool) -> Result<Layout, Error> {
     match version(packet)? {
         IpVersion::V4 => parse_v4(packet, embedded),
@@ -124,7 +125,8 @@ pub fn parse(packet: &[u8], embedded: bool) -> Result<Layout, Error> {
     }
 }
 
-fn parse_v4(p: &[u8], embedded: bool) -> Result<Layout, Error> {
+#[inline]
+pub(crate) fn parse_v4(p: &[u8], embedded: bool) -> Result<Layout, Error> {
     let header = Ipv4Header::new_checked(p, embedded)?;
     let header_len = header.header_len();
     let flags_offset = be16(p, 6);
@@ -167,7 +169,7 @@ fn check_v4_options(mut options: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
-fn parse_v6(p: &[u8], embedded: bool) -> Result<Layout, Error> {
+pub(crate) fn parse_v6(p: &[u8], embedded: bool) -> Result<Layout, Error> {
     let header = Ipv6Header::new_checked(p, embedded)?;
     let packet_len = if embedded { p.len() } else { IPV6_HEADER_LEN + usize::from(header.payload_len()) };
     let mut next = header.next_header();

@@ -5,7 +5,7 @@ use core::hash::{Hash, Hasher};
 use core::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::checksum::Delta;
-use crate::wire::{IpVersion, PROTO_ICMP, PROTO_ICMPV6};
+use crate::wire::{self, IpVersion, Layout, PROTO_ICMP, PROTO_ICMPV6};
 
 pub trait Family: Copy + Eq + Hash + Debug + 'static {
     const VERSION: IpVersion;
@@ -17,6 +17,8 @@ pub trait Family: Copy + Eq + Hash + Debug + 'static {
     /// IPv4 has a header checksum; IPv6 does not, but its ICMP checksum covers the pseudo-header.
     const HAS_HEADER_CHECKSUM: bool;
 
+    /// [`wire::parse`](crate::wire::parse) for a packet already known to be of this family.
+    fn parse(packet: &[u8]) -> Result<Layout, wire::Error>;
     fn read(packet: &[u8], at: usize) -> Self;
     /// Writes `self` at `at`, recording the change of every word in `delta`.
     fn write(self, packet: &mut [u8], at: usize, delta: &mut Delta);
@@ -30,6 +32,11 @@ impl Family for Ipv4Addr {
     const DST: usize = 16;
     const ICMP: u8 = PROTO_ICMP;
     const HAS_HEADER_CHECKSUM: bool = true;
+
+    #[inline]
+    fn parse(packet: &[u8]) -> Result<Layout, wire::Error> {
+        wire::parse_v4(packet, false)
+    }
 
     #[inline]
     fn read(packet: &[u8], at: usize) -> Self {
@@ -56,6 +63,11 @@ impl Family for Ipv6Addr {
     const DST: usize = 24;
     const ICMP: u8 = PROTO_ICMPV6;
     const HAS_HEADER_CHECKSUM: bool = false;
+
+    #[inline]
+    fn parse(packet: &[u8]) -> Result<Layout, wire::Error> {
+        wire::parse_v6(packet, false)
+    }
 
     #[inline]
     fn read(packet: &[u8], at: usize) -> Self {

@@ -15,6 +15,7 @@
 mod addr;
 mod table;
 
+use core::cell::Cell;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use core::ops::RangeInclusive;
 use std::time::{Duration, Instant};
@@ -215,11 +216,21 @@ enum Direction {
 #[derive(Debug)]
 pub struct Snat {
     epoch: Instant,
+    clock: Cell<SecondCache>,
     timeouts: Timeouts,
     v4: Option<Table<Ipv4Addr>>,
     v6: Option<Table<Ipv6Addr>>,
     counters: Counters,
     stats: Stats,
+}
+
+/// The tick of the second last seen, and where that second starts and ends, so packets arriving within one
+/// second (nearly all of them) find their tick with two comparisons.
+#[derive(Debug, Clone, Copy)]
+struct SecondCache {
+    start: Instant,
+    end: Instant,
+    tick: u32,
 }
 
 /// Wheel entries handled per [`Snat::handle_timeout`] call, so one call never stalls the data path.
@@ -242,6 +253,7 @@ impl Snat {
         let fragments = config.max_fragments as usize;
         Ok(Self {
             epoch: now,
+            clock: Cell::new(SecondCache { start: now, end: now + Duration::from_secs(1), tick: 0 }),
             timeouts: t,
             v4: config.ipv4.map(|a| Table::new(a, first, last, config.max_flows, fragments, config.seed)),
             v6: config.ipv6.map(|a| Table::new(a, first, last, config.max_flows, fragments, config.seed ^ 0x6)),
@@ -260,7 +272,22 @@ impl Snat {
 
     #[inline]
     fn tick(&self, now: Instant) -> u32 {
-        now.saturating_duration_since(self.epoch).as_secs() as u32
+        let cached = self.clock.get();
+        if cached.start <= now && now < cached.end {
+            return cached.tick;
+        }
+        self.tick_slow(now)
+    }
+
+    #[cold]
+    fn tick_slow(&self, now: Instant) -> u32 {
+        let secs = now.saturating_duration_since(self.epoch).as_secs();
+        // Capped far below u32::MAX so tick arithmetic (tick + timeout, tick + wheel size) cannot overflow;
+        // the cap is 68 years of uptime.
+        let tick = secs.min(u64::from(u32::MAX / 2)) as u32;
+        let start = self.epoch + Duration::from_secs(secs);
+        self.clock.set(SecondCache { start, end: start + Duration::from_secs(1), tick });
+        tick
     }
 
     /// Translates a packet from the mesh toward the LAN in place. On `Err` the packet must be dropped; it may
@@ -417,7 +444,7 @@ fn translate<A: Family>(
     stats: &mut table::Stats,
     dir: Direction,
 ) -> Result<(), Drop> {
-    let layout = wire::parse(p, false)?;
+    let layout = A::parse(p)?;
     let p = &mut p[..layout.packet_len];
     let src = A::read(p, A::SRC);
     let dst = A::read(p, A::DST);
@@ -490,7 +517,7 @@ fn translate_unfragmented<A: Family>(
                 None if tcp_flags & wire::TCP_RST != 0 => return Err(Drop::OrphanReset),
                 None => table.create(key, now, t, stats)?,
             };
-            let ext_port = table.mapping(table.flow(flow).mapping).ext_port;
+            let ext_port = table.flow(flow).ext_port;
             (flow, table.addr, ext_port)
         }
         Direction::Inbound => {
@@ -550,13 +577,15 @@ fn update_tcp(state: &mut u8, flags: u8, dir: Direction) {
     }
 }
 
-/// Translates an ICMP error and the packet it quotes (RFC 5508 §4).
+/// Translates an ICMP error and the packet it quotes (RFC 5508 §4). Kept out of line: it is rare, and
+/// inlining it would crowd the hot path.
 ///
 /// Inbound, a LAN host or router reports on a packet we sent: the quote has the SNAT address and an
 /// external port as its *source*; both go back to the internal endpoint, and so does the outer destination.
 /// Outbound, a mesh host reports on a packet it received from the LAN: the quote has the internal endpoint
 /// as its *destination*, which becomes the SNAT address and external port, and the outer source becomes the
 /// SNAT address.
+#[inline(never)]
 fn translate_icmp_error<A: Family>(
     table: &mut Table<A>,
     p: &mut [u8],
@@ -631,7 +660,7 @@ fn translate_icmp_error<A: Family>(
             if table.flow(flow).expires <= now {
                 return Err(Drop::IcmpErrorWithoutSession);
             }
-            let ext_port = table.mapping(table.flow(flow).mapping).ext_port;
+            let ext_port = table.flow(flow).ext_port;
             (table.addr, ext_port, A::DST, A::SRC)
         }
     };

@@ -40,6 +40,9 @@ pub(super) struct Flow<A> {
     pub remote_addr: A,
     pub int_port: u16,
     pub remote_port: u16,
+    /// The mapping's external port, copied so the hot path need not read the mapping (it fits in what
+    /// would otherwise be padding).
+    pub ext_port: u16,
     /// Index of the mapping; [`NONE`] marks a free slab slot.
     pub mapping: u32,
     /// Tick at which the flow expires unless refreshed.
@@ -312,6 +315,7 @@ impl<A: Family> Table<A> {
             remote_addr: k.remote_addr,
             int_port: k.int_port,
             remote_port: k.remote_port,
+            ext_port: self.mappings.items[mapping as usize].ext_port,
             mapping,
             expires: 0,
             next_check: 0,
@@ -573,6 +577,12 @@ mod tests {
             assert_eq!(t.live_flows(), 0);
         }
         assert_eq!(t.flows.items.len(), 1000, "the slab does not grow past its peak");
+    }
+
+    #[test]
+    fn flows_stay_small() {
+        assert_eq!(size_of::<Flow<Ipv4Addr>>(), 28);
+        assert_eq!(size_of::<Flow<core::net::Ipv6Addr>>(), 52);
     }
 }
 

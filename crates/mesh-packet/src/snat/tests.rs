@@ -23,6 +23,7 @@ fn timeout_for(state: u8, t: &Timeouts) -> u32 {
         remote_addr: Ipv4Addr::LOCALHOST,
         int_port: 1,
         remote_port: 1,
+        ext_port: 1,
         mapping: 0,
         expires: 0,
         next_check: 0,
