@@ -132,24 +132,53 @@ impl PortPool {
 }
 
 /// A slab of `T` with a free list; indices stay stable so the hash index and the wheel can refer to them.
+/// It grows by an eighth rather than by doubling, so a table of N flows carries at most N/8 unused slots
+/// (doubling would allow N) while lookups stay a single indexed load. Large reallocations are cheap: the
+/// allocator remaps pages instead of copying.
 #[derive(Debug)]
 struct Slab<T> {
     items: Vec<T>,
     free: Vec<u32>,
 }
 
+const MIN_GROWTH: usize = 1024;
+
 impl<T> Slab<T> {
+    fn new() -> Self {
+        Self { items: Vec::new(), free: Vec::new() }
+    }
+
     fn insert(&mut self, item: T) -> u32 {
-        match self.free.pop() {
-            Some(i) => {
-                self.items[i as usize] = item;
-                i
-            }
-            None => {
-                self.items.push(item);
-                (self.items.len() - 1) as u32
-            }
+        if let Some(i) = self.free.pop() {
+            self[i] = item;
+            return i;
         }
+        if self.items.len() == self.items.capacity() {
+            self.items.reserve_exact((self.items.len() / 8).max(MIN_GROWTH));
+        }
+        self.items.push(item);
+        (self.items.len() - 1) as u32
+    }
+
+    /// Slots ever used, free or not.
+    fn slots(&self) -> usize {
+        self.items.len()
+    }
+}
+
+impl<T> core::ops::Index<u32> for Slab<T> {
+    type Output = T;
+
+    #[inline]
+    fn index(&self, i: u32) -> &T {
+        &self.items[i as usize]
+    }
+}
+
+impl<T> core::ops::IndexMut<u32> for Slab<T> {
+    #[inline]
+    fn index_mut(&mut self, i: u32) -> &mut T {
+        &mut self.items[i as usize]
     }
 }
 
@@ -237,9 +266,9 @@ impl<A: Family> Table<A> {
         let mut rng = fastrand::Rng::with_seed(seed);
         Self {
             addr,
-            flows: Slab { items: Vec::new(), free: Vec::new() },
+            flows: Slab::new(),
             flow_index: HashTable::new(),
-            mappings: Slab { items: Vec::new(), free: Vec::new() },
+            mappings: Slab::new(),
             mapping_index: HashTable::new(),
             pools: core::array::from_fn(|_| PortPool::new(first_port, last_port, &mut rng)),
             wheel: Wheel { slots: (0..WHEEL_SLOTS).map(|_| Vec::new()).collect(), done: 0 },
@@ -255,7 +284,7 @@ impl<A: Family> Table<A> {
     }
 
     pub fn mapping_count(&self) -> usize {
-        self.mappings.items.len() - self.mappings.free.len()
+        self.mappings.slots() - self.mappings.free.len()
     }
 
     pub fn fragment_count(&self) -> usize {
@@ -274,23 +303,23 @@ impl<A: Family> Table<A> {
 
     #[inline]
     pub fn flow(&self, i: u32) -> &Flow<A> {
-        &self.flows.items[i as usize]
+        &self.flows[i]
     }
 
     #[inline]
     pub fn flow_mut(&mut self, i: u32) -> &mut Flow<A> {
-        &mut self.flows.items[i as usize]
+        &mut self.flows[i]
     }
 
     #[inline]
     pub fn mapping(&self, i: u32) -> &Mapping<A> {
-        &self.mappings.items[i as usize]
+        &self.mappings[i]
     }
 
     #[inline]
     pub fn find(&self, k: &FlowKey<A>) -> Option<u32> {
-        let items = &self.flows.items;
-        self.flow_index.find(self.flow_hash(k), |&i| items[i as usize].matches(k)).copied()
+        let items = &self.flows;
+        self.flow_index.find(self.flow_hash(k), |&i| items[i].matches(k)).copied()
     }
 
     /// The mapping that owns external `port` of `proto`.
@@ -309,13 +338,13 @@ impl<A: Family> Table<A> {
             }
         }
         let mapping = self.mapping_for(k.proto, k.int_addr, k.int_port)?;
-        self.mappings.items[mapping as usize].flows += 1;
+        self.mappings[mapping].flows += 1;
         let mut flow = Flow {
             int_addr: k.int_addr,
             remote_addr: k.remote_addr,
             int_port: k.int_port,
             remote_port: k.remote_port,
-            ext_port: self.mappings.items[mapping as usize].ext_port,
+            ext_port: self.mappings[mapping].ext_port,
             mapping,
             expires: 0,
             next_check: 0,
@@ -326,8 +355,8 @@ impl<A: Family> Table<A> {
         flow.next_check = self.wheel.target(flow.expires, self.wheel.done);
         let i = self.flows.insert(flow);
         let hash = self.flow_hash(&k);
-        let (items, hasher) = (&self.flows.items, &self.hasher);
-        self.flow_index.insert_unique(hash, i, |&j| flow_hash_with(hasher, &items[j as usize].key()));
+        let (items, hasher) = (&self.flows, &self.hasher);
+        self.flow_index.insert_unique(hash, i, |&j| flow_hash_with(hasher, &items[j].key()));
         self.wheel.file(i, flow.next_check);
         self.live += 1;
         stats.flows_created += 1;
@@ -336,9 +365,9 @@ impl<A: Family> Table<A> {
 
     fn mapping_for(&mut self, proto: Proto, addr: A, port: u16) -> Result<u32, Drop> {
         let hash = self.mapping_hash(proto, addr, port);
-        let items = &self.mappings.items;
+        let items = &self.mappings;
         if let Some(&m) = self.mapping_index.find(hash, |&m| {
-            let m = &items[m as usize];
+            let m = &items[m];
             m.int_port == port && m.proto == proto && m.int_addr == addr
         }) {
             return Ok(m);
@@ -347,9 +376,9 @@ impl<A: Family> Table<A> {
         let ext_port = pool.free.pop_front().ok_or(Drop::PoolExhausted)?;
         let m = self.mappings.insert(Mapping { int_addr: addr, int_port: port, ext_port, proto, flows: 0 });
         pool.owner[usize::from(ext_port - pool.first)] = m;
-        let (items, hasher) = (&self.mappings.items, &self.hasher);
+        let (items, hasher) = (&self.mappings, &self.hasher);
         self.mapping_index.insert_unique(hash, m, |&j| {
-            let m = &items[j as usize];
+            let m = &items[j];
             mapping_hash_with(hasher, m.proto, m.int_addr, m.int_port)
         });
         Ok(m)
@@ -358,7 +387,7 @@ impl<A: Family> Table<A> {
     /// Moves a flow's expiry to `now + timeout`, filing it earlier in the wheel if the timeout shrank.
     #[inline]
     pub fn refresh(&mut self, i: u32, now: u32, t: &Timeouts) {
-        let flow = &mut self.flows.items[i as usize];
+        let flow = &mut self.flows[i];
         let expires = expiry(now, flow.timeout(t));
         flow.expires = expires;
         if expires < flow.next_check {
@@ -369,18 +398,18 @@ impl<A: Family> Table<A> {
     }
 
     fn remove(&mut self, i: u32, stats: &mut Stats) {
-        let flow = self.flows.items[i as usize];
+        let flow = self.flows[i];
         let hash = self.flow_hash(&flow.key());
         if let Ok(entry) = self.flow_index.find_entry(hash, |&j| j == i) {
             entry.remove();
         }
-        self.flows.items[i as usize].mapping = NONE;
+        self.flows[i].mapping = NONE;
         self.flows.free.push(i);
         self.live -= 1;
         stats.flows_expired += 1;
 
         let m = flow.mapping;
-        let mapping = &mut self.mappings.items[m as usize];
+        let mapping = &mut self.mappings[m];
         mapping.flows -= 1;
         if mapping.flows == 0 {
             let mapping = *mapping;
@@ -408,7 +437,7 @@ impl<A: Family> Table<A> {
                     return false;
                 }
                 budget -= 1;
-                let flow = self.flows.items[i as usize];
+                let flow = self.flows[i];
                 if flow.mapping == NONE || flow.next_check != tick {
                     continue; // superseded by an earlier filing, or the slot was freed
                 }
@@ -417,7 +446,7 @@ impl<A: Family> Table<A> {
                 } else {
                     // Filed at most one lap ahead, so never back into the slot being emptied.
                     let at = self.wheel.target(flow.expires, tick);
-                    self.flows.items[i as usize].next_check = at;
+                    self.flows[i].next_check = at;
                     self.wheel.file(i, at);
                 }
             }
@@ -576,7 +605,7 @@ mod tests {
             t.expire(round * 1000 + 999, usize::MAX, &mut stats);
             assert_eq!(t.live_flows(), 0);
         }
-        assert_eq!(t.flows.items.len(), 1000, "the slab does not grow past its peak");
+        assert_eq!(t.flows.slots(), 1000, "the slab does not grow past its peak");
     }
 
     #[test]
