@@ -91,21 +91,25 @@ fn addrs(p: &[u8]) -> (IpAddr, IpAddr) {
     }
 }
 
+/// Offset of the transport checksum within the transport header.
+fn checksum_offset(protocol: u8) -> usize {
+    match protocol {
+        wire::PROTO_TCP => 16,
+        wire::PROTO_UDP => 6,
+        _ => 2,
+    }
+}
+
 /// Recomputes the transport checksum of `p` from scratch, as a sender would.
 fn full_transport_checksum(p: &[u8]) -> u16 {
     let layout = wire::parse(p, false).unwrap();
-    let l4 = &p[layout.l4_offset..layout.packet_len];
     let (src, dst): (Vec<u8>, Vec<u8>) = match addrs(p) {
         (IpAddr::V4(s), IpAddr::V4(d)) => (s.octets().to_vec(), d.octets().to_vec()),
         (IpAddr::V6(s), IpAddr::V6(d)) => (s.octets().to_vec(), d.octets().to_vec()),
         _ => unreachable!(),
     };
-    let at = match layout.protocol {
-        wire::PROTO_TCP => 16,
-        wire::PROTO_UDP => 6,
-        _ => 2,
-    };
-    let mut copy = l4.to_vec();
+    let at = checksum_offset(layout.protocol);
+    let mut copy = p[layout.l4_offset..layout.packet_len].to_vec();
     copy[at..at + 2].copy_from_slice(&[0, 0]);
     let initial = if layout.protocol == wire::PROTO_ICMP {
         0
@@ -118,12 +122,7 @@ fn full_transport_checksum(p: &[u8]) -> u16 {
 
 fn stored_transport_checksum(p: &[u8]) -> u16 {
     let layout = wire::parse(p, false).unwrap();
-    let at = match layout.protocol {
-        wire::PROTO_TCP => 16,
-        wire::PROTO_UDP => 6,
-        _ => 2,
-    };
-    u16_at(p, layout.l4_offset + at)
+    u16_at(p, layout.l4_offset + checksum_offset(layout.protocol))
 }
 
 fn engine(now: Instant) -> Snat {
@@ -217,7 +216,7 @@ proptest! {
         let mut expected = original[..quote_len].to_vec();
         // A quote that ends halfway through the transport checksum keeps that half as it was: the carry
         // into it depends on the byte that was cut off.
-        let checksum_at = header + match f.transport { Transport::Tcp { .. } => 16, Transport::Udp { .. } => 6, _ => 2 };
+        let checksum_at = header + checksum_offset(wire::parse(&original, false).unwrap().protocol);
         if quote_len == checksum_at + 1 {
             quoted.pop();
             expected.pop();
