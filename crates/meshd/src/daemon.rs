@@ -1,0 +1,409 @@
+//! `meshd daemon` in static mode: a configuration file of peers, the sans-IO node, and the Linux shell
+//! around it. One task owns the node and waits on the TUN device, the UDP sockets, its timer, signals and
+//! the UAPI socket; nothing on that path blocks.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use ipnet::IpNet;
+use mesh_dataplane::{Drop, Node, PeerSpec, Received};
+use mesh_linux::RoutingPolicy;
+use mesh_linux::netlink::Netlink;
+use mesh_linux::tun::AsyncDevice;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UdpSocket, UnixListener, UnixStream};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{self, Endpoint, StaticConfig};
+use crate::{keys, uapi};
+
+pub const DEFAULT_TUN: &str = "mesh0";
+pub const DEFAULT_PORT: u16 = 41641;
+pub const DEFAULT_MTU: u16 = 1420;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub config: PathBuf,
+    pub state_dir: PathBuf,
+    pub tun: Option<String>,
+    pub port: Option<u16>,
+    pub uapi_dir: PathBuf,
+}
+
+/// A failure that stops the daemon: bad input (exit status 2) or the system refusing something (1).
+#[derive(Debug)]
+pub enum Failure {
+    Config(String),
+    System(String),
+}
+
+impl Failure {
+    fn system(what: &str, e: impl std::fmt::Display) -> Self {
+        Failure::System(format!("{what}: {e}"))
+    }
+}
+
+/// Peers as the node wants them, with host names resolved.
+async fn peer_specs(config: &StaticConfig) -> Result<Vec<PeerSpec>, String> {
+    let mut specs = Vec::with_capacity(config.peers.len());
+    for peer in &config.peers {
+        let endpoint = match &peer.endpoint {
+            None => None,
+            Some(Endpoint::Addr(addr)) => Some(*addr),
+            Some(Endpoint::Host { host, port }) => Some(resolve(host, *port).await?),
+        };
+        specs.push(PeerSpec {
+            public_key: peer.public_key,
+            preshared_key: peer.preshared_key,
+            endpoint,
+            allowed_ips: peer.allowed_ips.clone(),
+            persistent_keepalive: peer.persistent_keepalive,
+        });
+    }
+    Ok(specs)
+}
+
+async fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+    let mut addrs = tokio::net::lookup_host((host, port)).await.map_err(|e| format!("cannot resolve {host}: {e}"))?;
+    addrs.next().ok_or_else(|| format!("{host} has no address"))
+}
+
+fn allowed_prefixes(specs: &[PeerSpec]) -> BTreeSet<IpNet> {
+    specs.iter().flat_map(|s| s.allowed_ips.iter().map(IpNet::trunc)).collect()
+}
+
+/// Logs drops at most once per reason every ten seconds, with how many there were since the last line, so a
+/// flood of garbage costs a counter increment, not a log write.
+struct DropLog {
+    last: [Option<Instant>; Drop::ALL.len()],
+    pending: [u64; Drop::ALL.len()],
+}
+
+const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+impl DropLog {
+    fn new() -> Self {
+        Self { last: [None; Drop::ALL.len()], pending: [0; Drop::ALL.len()] }
+    }
+
+    fn record(&mut self, reason: Drop, from: Option<SocketAddr>, now: Instant) {
+        let i = reason as usize;
+        self.pending[i] += 1;
+        if self.last[i].is_none_or(|t| now.duration_since(t) >= DROP_LOG_INTERVAL) {
+            match from {
+                Some(addr) => {
+                    tracing::warn!(reason = %reason, count = self.pending[i], latest_from = %addr, "dropped packets")
+                }
+                None => tracing::debug!(reason = %reason, count = self.pending[i], "dropped packets"),
+            }
+            self.last[i] = Some(now);
+            self.pending[i] = 0;
+        }
+    }
+}
+
+type UapiRequest = (uapi::Request, oneshot::Sender<String>);
+
+struct Daemon {
+    options: Options,
+    node: Node,
+    private_key: [u8; 32],
+    tun: AsyncDevice,
+    tun_index: u32,
+    udp4: UdpSocket,
+    udp6: Option<UdpSocket>,
+    listen_port: u16,
+    netlink: Netlink,
+    policy: RoutingPolicy,
+    routes: BTreeSet<IpNet>,
+    drops: DropLog,
+    uapi_path: PathBuf,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT, then removes what it added.
+pub async fn run(options: Options) -> Result<(), Failure> {
+    let config = config::load(&options.config).map_err(|e| Failure::Config(e.to_string()))?;
+    let private_key = keys::load(&config.interface.private_key, &options.state_dir).map_err(Failure::Config)?;
+    let specs = peer_specs(&config).await.map_err(|e| Failure::Config(format!("{}: {e}", options.config.display())))?;
+
+    let tun_name =
+        options.tun.clone().or_else(|| config.interface.tun_name.clone()).unwrap_or_else(|| DEFAULT_TUN.into());
+    let mtu = config.interface.mtu.unwrap_or(DEFAULT_MTU);
+    let port = options.port.or(config.interface.listen_port).unwrap_or(DEFAULT_PORT);
+    let policy = RoutingPolicy::default();
+
+    let netlink = Netlink::connect().map_err(|e| Failure::system("opening netlink", e))?;
+    // A previous run killed with SIGKILL left its routes and rules: clear them before installing afresh.
+    let leftovers = netlink.remove_own_routes(policy.table).await.map_err(|e| Failure::system("cleaning up", e))?;
+    if leftovers > 0 {
+        tracing::info!(routes = leftovers, table = policy.table, "removed routes left by an earlier run");
+    }
+    let tun = mesh_linux::tun::create(&tun_name, mtu).map_err(|e| Failure::System(e.to_string()))?;
+    let udp4 =
+        mesh_linux::socket::bind_marked(false, port, policy.fwmark).map_err(|e| Failure::System(e.to_string()))?;
+    let listen_port = udp4.local_addr().map_err(|e| Failure::system("reading the UDP port", e))?.port();
+    let udp6 = match mesh_linux::socket::bind_marked(true, listen_port, policy.fwmark) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no IPv6 socket; IPv6 endpoints are unreachable");
+            None
+        }
+    };
+
+    let mut node = Node::new(private_key, seed());
+    let (added, _, _) = node.set_peers(specs.clone());
+    let mut daemon = Daemon {
+        tun_index: 0,
+        uapi_path: options.uapi_dir.join(format!("{tun_name}.sock")),
+        options,
+        node,
+        private_key,
+        tun,
+        udp4,
+        udp6,
+        listen_port,
+        netlink,
+        policy,
+        routes: BTreeSet::new(),
+        drops: DropLog::new(),
+    };
+    let result = daemon.start(&config, &tun_name, &specs).await;
+    let result = match result {
+        Ok(listener) => {
+            tracing::info!(
+                tun = %tun_name,
+                port = daemon.listen_port,
+                peers = added,
+                public_key = %config::base64_key(&daemon.node.public_key()),
+                "meshd is up"
+            );
+            daemon.event_loop(listener).await
+        }
+        Err(e) => Err(e),
+    };
+    daemon.stop().await;
+    result
+}
+
+fn seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new().build_hasher().finish()
+}
+
+impl Daemon {
+    async fn start(
+        &mut self,
+        config: &StaticConfig,
+        tun_name: &str,
+        specs: &[PeerSpec],
+    ) -> Result<UnixListener, Failure> {
+        self.tun_index = self.netlink.link_index(tun_name).await.map_err(|e| Failure::System(e.to_string()))?;
+        for address in &config.interface.addresses {
+            self.netlink.add_address(self.tun_index, *address).await.map_err(|e| Failure::System(e.to_string()))?;
+        }
+        self.netlink.install_rules(&self.policy).await.map_err(|e| Failure::System(e.to_string()))?;
+        self.apply_routes(allowed_prefixes(specs)).await.map_err(|e| Failure::System(e.to_string()))?;
+        self.listen_uapi().map_err(|e| Failure::system(&format!("listening on {}", self.uapi_path.display()), e))
+    }
+
+    fn listen_uapi(&self) -> io::Result<UnixListener> {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(dir) = self.uapi_path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        // A socket file left by a killed run would make bind fail.
+        let _ = std::fs::remove_file(&self.uapi_path);
+        let listener = UnixListener::bind(&self.uapi_path)?;
+        std::fs::set_permissions(&self.uapi_path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(listener)
+    }
+
+    /// Makes the routes in the mesh table equal to `wanted`.
+    async fn apply_routes(&mut self, wanted: BTreeSet<IpNet>) -> io::Result<()> {
+        for prefix in self.routes.difference(&wanted).copied().collect::<Vec<_>>() {
+            self.netlink.del_route(self.tun_index, prefix, self.policy.table).await?;
+            self.routes.remove(&prefix);
+        }
+        for prefix in wanted.difference(&self.routes).copied().collect::<Vec<_>>() {
+            self.netlink.add_route(self.tun_index, prefix, self.policy.table).await?;
+            self.routes.insert(prefix);
+        }
+        Ok(())
+    }
+
+    async fn stop(&mut self) {
+        for prefix in std::mem::take(&mut self.routes) {
+            if let Err(e) = self.netlink.del_route(self.tun_index, prefix, self.policy.table).await {
+                tracing::warn!(error = %e, "cleanup");
+            }
+        }
+        if let Err(e) = self.netlink.remove_rules(&self.policy).await {
+            tracing::warn!(error = %e, "cleanup");
+        }
+        let _ = std::fs::remove_file(&self.uapi_path);
+        tracing::info!("meshd stopped; routes, rules and the UAPI socket removed");
+    }
+
+    async fn event_loop(&mut self, uapi_listener: UnixListener) -> Result<(), Failure> {
+        let mut hangup = signal(SignalKind::hangup()).map_err(|e| Failure::system("SIGHUP handler", e))?;
+        let mut terminate = signal(SignalKind::terminate()).map_err(|e| Failure::system("SIGTERM handler", e))?;
+        let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| Failure::system("SIGINT handler", e))?;
+        let (uapi_tx, mut uapi_rx) = mpsc::channel::<UapiRequest>(8);
+
+        let mut tun_buf = vec![0u8; 65_536];
+        let mut udp4_buf = vec![0u8; 65_536];
+        let mut udp6_buf = vec![0u8; 65_536];
+        let mut out = vec![0u8; 65_536 + 64];
+        loop {
+            let wake = self.node.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                read = self.tun.recv(&mut tun_buf) => {
+                    let n = read.map_err(|e| Failure::system("reading the TUN device", e))?;
+                    let now = Instant::now();
+                    if let Err(reason) = self.node.handle_tun_packet(&tun_buf[..n], now) {
+                        self.drops.record(reason, None, now);
+                    }
+                    self.flush().await;
+                }
+                received = self.udp4.recv_from(&mut udp4_buf) => {
+                    if let Ok((n, from)) = received {
+                        self.datagram(from, &udp4_buf[..n], &mut out).await;
+                    }
+                }
+                received = recv_optional(self.udp6.as_ref(), &mut udp6_buf) => {
+                    if let Ok((n, from)) = received {
+                        self.datagram(from, &udp6_buf[..n], &mut out).await;
+                    }
+                }
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    self.node.handle_timeout(Instant::now());
+                    self.flush().await;
+                }
+                accepted = uapi_listener.accept() => {
+                    if let Ok((stream, _)) = accepted {
+                        tokio::spawn(serve_uapi(stream, uapi_tx.clone()));
+                    }
+                }
+                Some((request, reply)) = uapi_rx.recv() => {
+                    let _ = reply.send(self.uapi_reply(&request));
+                }
+                _ = hangup.recv() => self.reload().await,
+                _ = terminate.recv() => return Ok(()),
+                _ = interrupt.recv() => return Ok(()),
+            }
+        }
+    }
+
+    async fn datagram(&mut self, from: SocketAddr, datagram: &[u8], out: &mut [u8]) {
+        let now = Instant::now();
+        match self.node.handle_datagram(from, datagram, now, out) {
+            Ok(Received::Packet(n)) => {
+                if let Err(e) = self.tun.send(&out[..n]).await {
+                    tracing::debug!(error = %e, "writing to the TUN device");
+                }
+            }
+            Ok(Received::Control) => {}
+            Err(reason) => self.drops.record(reason, Some(from), now),
+        }
+        self.flush().await;
+    }
+
+    /// Sends every queued datagram. UDP may drop under pressure; nothing here waits for more than a send.
+    async fn flush(&mut self) {
+        while let Some(transmit) = self.node.poll_transmit() {
+            let socket = if transmit.dst.is_ipv4() { Some(&self.udp4) } else { self.udp6.as_ref() };
+            if let Some(socket) = socket {
+                let sent = match socket.try_send_to(&transmit.payload, transmit.dst) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        socket.send_to(&transmit.payload, transmit.dst).await
+                    }
+                    other => other,
+                };
+                if let Err(e) = sent {
+                    tracing::debug!(error = %e, to = %transmit.dst, "sending");
+                }
+            }
+            self.node.recycle(transmit.payload);
+        }
+    }
+
+    /// Re-reads the configuration (SIGHUP): peers are added, removed or changed; unchanged peers keep their
+    /// sessions. A file that does not parse changes nothing.
+    async fn reload(&mut self) {
+        let config = match config::load(&self.options.config) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("reload refused, keeping the running configuration: {e}");
+                return;
+            }
+        };
+        let specs = match peer_specs(&config).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("reload refused, keeping the running configuration: {e}");
+                return;
+            }
+        };
+        if let Ok(key) = keys::load(&config.interface.private_key, &self.options.state_dir)
+            && key != self.private_key
+        {
+            tracing::warn!("the private key changed; restart meshd to use it");
+        }
+        let wanted = allowed_prefixes(&specs);
+        let (added, removed, changed) = self.node.set_peers(specs);
+        if let Err(e) = self.apply_routes(wanted).await {
+            tracing::error!(error = %e, "updating routes after reload");
+        }
+        tracing::info!(added, removed, changed, "configuration reloaded");
+    }
+
+    fn uapi_reply(&self, request: &uapi::Request) -> String {
+        match request {
+            uapi::Request::Get => {
+                let peers = self.node.peer_status();
+                let device = uapi::Device {
+                    private_key: &self.private_key,
+                    listen_port: self.listen_port,
+                    fwmark: self.policy.fwmark,
+                    peers: &peers,
+                };
+                uapi::get_reply(&device, SystemTime::now())
+            }
+            _ => uapi::refusal().to_string(),
+        }
+    }
+}
+
+async fn recv_optional(socket: Option<&UdpSocket>, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+    match socket {
+        Some(s) => s.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads one request from a UAPI client, has the event loop answer it, and writes the answer.
+async fn serve_uapi(stream: UnixStream, requests: mpsc::Sender<UapiRequest>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read);
+    let read = tokio::time::timeout(Duration::from_secs(2), reader.read_line(&mut line)).await;
+    if !matches!(read, Ok(Ok(n)) if n > 0) {
+        return;
+    }
+    let (tx, rx) = oneshot::channel();
+    if requests.send((uapi::parse_request(&line), tx)).await.is_err() {
+        return;
+    }
+    if let Ok(reply) = rx.await {
+        let _ = write.write_all(reply.as_bytes()).await;
+    }
+}
+
+/// The default state directory, overridable with `--state-dir`.
+pub fn default_state_dir() -> &'static Path {
+    Path::new("/var/lib/meshd")
+}

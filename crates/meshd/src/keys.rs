@@ -1,0 +1,84 @@
+//! The node's private key: from the configuration, from a key file, or generated once into the state
+//! directory. Key files are created 0600 and written atomically; their contents never reach a log.
+
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use crate::config::{Key, PrivateKey, base64_key, decode_key};
+
+/// Resolves where the private key comes from into the key itself.
+pub fn load(source: &PrivateKey, state_dir: &Path) -> Result<Key, String> {
+    match source {
+        PrivateKey::Inline(key) => Ok(*key),
+        PrivateKey::File(path) => read_key_file(path),
+        PrivateKey::Generate => {
+            let path = state_dir.join("private.key");
+            if path.exists() { read_key_file(&path) } else { generate(&path) }
+        }
+    }
+}
+
+fn read_key_file(path: &Path) -> Result<Key, String> {
+    let text = fs::read_to_string(path).map_err(|e| format!("{}: cannot read key file: {e}", path.display()))?;
+    if let Ok(meta) = fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(file = %path.display(), "private key file is readable by others; chmod 600 it");
+    }
+    decode_key(text.trim()).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn generate(path: &Path) -> Result<Key, String> {
+    let dir = path.parent().expect("state files live in a directory");
+    fs::create_dir_all(dir).map_err(|e| format!("{}: cannot create state directory: {e}", dir.display()))?;
+    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+    let mut key = [0u8; 32];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .map_err(|e| format!("reading /dev/urandom: {e}"))?;
+    write_private(path, format!("{}\n", base64_key(&key)).as_bytes())?;
+    tracing::info!(file = %path.display(), "generated a new private key");
+    Ok(key)
+}
+
+/// Writes `contents` to `path` with mode 0600: temp file, fsync, rename, so a crash leaves the old file or
+/// the new one, never half of either.
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    let result = (|| {
+        let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            fs::File::open(dir)?.sync_all()?;
+        }
+        Ok::<_, std::io::Error>(())
+    })();
+    result.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        format!("{}: cannot write: {e}", path.display())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_generated_key_is_0600_and_reused() {
+        let dir = std::env::temp_dir().join(format!("meshd-keys-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let first = load(&PrivateKey::Generate, &dir).unwrap();
+        let mode = fs::metadata(dir.join("private.key")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(load(&PrivateKey::Generate, &dir).unwrap(), first, "the same key after a restart");
+        assert_eq!(load(&PrivateKey::File(dir.join("private.key")), &dir).unwrap(), first);
+        fs::write(dir.join("bad.key"), "not a key").unwrap();
+        let err = load(&PrivateKey::File(dir.join("bad.key")), &dir).unwrap_err();
+        assert!(err.contains("bad.key"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
