@@ -8,9 +8,9 @@ use std::process::{Command, ExitCode, Stdio};
 use anyhow::{Context, Result, bail};
 
 /// Debian packages the tests need: namespaces and routes, the firewall, the reference WireGuard peer and
-/// its configuration tool, throughput measurement, and ping/ss inside namespaces.
+/// its configuration tool, throughput measurement, ping/ss inside namespaces, and socat for TCP transfers.
 const PACKAGES: &[&str] =
-    &["iproute2", "nftables", "wireguard-go", "wireguard-tools", "iperf3", "iputils-ping", "procps"];
+    &["iproute2", "nftables", "wireguard-go", "wireguard-tools", "iperf3", "iputils-ping", "procps", "socat"];
 
 const USAGE: &str = "usage: cargo xtask <command>
 

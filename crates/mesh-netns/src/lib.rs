@@ -1,0 +1,331 @@
+//! Hosts for end-to-end tests and benchmarks: network namespaces joined by veth links, processes started
+//! inside them, and WireGuard keys. Everything is removed when its owner is dropped, on success and on
+//! panic alike; processes are ended by the PID we started, never by name.
+//!
+//! Needs root, `ip` (iproute2) and, for keys and reference peers, `wg` and `wireguard-go`. `cargo xtask ci`
+//! installs them.
+#![forbid(unsafe_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+/// Namespace tests share two CPUs and global names (`/var/run/wireguard/<dev>.sock`): one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Runs a command and returns its output, panicking with everything it printed if it fails.
+pub fn run(program: &str, args: &[&str]) -> Output {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {} failed ({}): {}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `check` every `every` until it holds or `limit` passes; returns whether it held.
+pub fn wait_until(limit: Duration, every: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        sleep(every);
+    }
+}
+
+/// A WireGuard key pair in base64, made with `wg genkey` / `wg pubkey`.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub private: String,
+    pub public: String,
+}
+
+impl Keys {
+    pub fn generate() -> Self {
+        let private = stdout(&run("wg", &["genkey"])).trim().to_string();
+        let mut child = Command::new("wg")
+            .arg("pubkey")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("cannot run wg pubkey");
+        std::io::Write::write_all(child.stdin.as_mut().expect("piped"), private.as_bytes()).expect("write key");
+        let out = child.wait_with_output().expect("wg pubkey");
+        Keys { private, public: stdout(&out).trim().to_string() }
+    }
+}
+
+/// A process started inside a namespace, with its output in a log file.
+#[derive(Debug)]
+pub struct Process {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Process {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends a signal by number (`kill -s`), to this process only.
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill").args(["-s", signal, &self.pid().to_string()]).status();
+    }
+
+    /// SIGTERM, then waits up to `limit` for a clean exit; SIGKILL if it does not come. Returns the exit code.
+    pub fn stop(&mut self, limit: Duration) -> Option<i32> {
+        if !self.running() {
+            return self.child.try_wait().ok().flatten().and_then(|s| s.code());
+        }
+        self.signal("TERM");
+        if wait_until(limit, Duration::from_millis(20), || !matches!(self.child.try_wait(), Ok(None))) {
+            return self.child.try_wait().ok().flatten().and_then(|s| s.code());
+        }
+        self.kill();
+        None
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(3));
+    }
+}
+
+/// A network namespace, deleted (with its links) on drop.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    fn new(name: String) -> Self {
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n <ns> ...`
+    pub fn ip(&self, args: &[&str]) -> Output {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Runs a command inside the namespace and returns its output without judging it.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program} in {}: {e}", self.name))
+    }
+
+    /// Like [`Netns::exec`] but panics with the output if the command fails.
+    pub fn exec_ok(&self, program: &str, args: &[&str]) -> Output {
+        let out = self.exec(program, args);
+        assert!(
+            out.status.success(),
+            "{program} {} in {} failed: {}{}",
+            args.join(" "),
+            self.name,
+            stdout(&out),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Whether `ping` from this namespace reaches `addr` (one echo, one second).
+    pub fn ping(&self, addr: &str) -> bool {
+        self.exec("ping", &["-c", "1", "-W", "1", "-q", addr]).status.success()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// A set of namespaces, processes and files for one test. Processes stop first, then namespaces go, then
+/// the directory. If the test is panicking, the processes' logs are printed first.
+#[derive(Debug)]
+pub struct Lab {
+    processes: Vec<Process>,
+    namespaces: Vec<Netns>,
+    pub dir: PathBuf,
+    tag: String,
+    links: u32,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Lab {
+    /// A new lab; waits for any other lab in this process to finish first.
+    pub fn new(name: &str) -> Self {
+        let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}{}", std::process::id() % 100_000, n);
+        let dir = std::env::temp_dir().join(format!("meshd-{name}-{tag}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("lab directory");
+        Lab { processes: Vec::new(), namespaces: Vec::new(), dir, tag, links: 0, _serial: serial }
+    }
+
+    /// A unique short name (interface and namespace names are limited to 15 bytes).
+    pub fn unique(&self, prefix: &str) -> String {
+        let name = format!("{prefix}{}", self.tag);
+        assert!(name.len() <= 15, "{name} is too long for an interface name");
+        name
+    }
+
+    pub fn netns(&mut self, prefix: &str) -> usize {
+        let ns = Netns::new(self.unique(prefix));
+        self.namespaces.push(ns);
+        self.namespaces.len() - 1
+    }
+
+    pub fn ns(&self, i: usize) -> &Netns {
+        &self.namespaces[i]
+    }
+
+    /// Joins two namespaces with a veth pair and addresses (`a_addr`, `b_addr` with prefix, e.g. 10.1.0.1/24).
+    pub fn link(&mut self, a: usize, a_addr: &str, b: usize, b_addr: &str) -> (String, String) {
+        self.links += 1;
+        let a_if = self.unique(&format!("v{}a", self.links));
+        let b_if = self.unique(&format!("v{}b", self.links));
+        let (na, nb) = (&self.namespaces[a], &self.namespaces[b]);
+        na.ip(&["link", "add", &a_if, "type", "veth", "peer", "name", &b_if, "netns", &nb.name]);
+        na.ip(&["addr", "add", a_addr, "dev", &a_if]);
+        nb.ip(&["addr", "add", b_addr, "dev", &b_if]);
+        na.ip(&["link", "set", &a_if, "up"]);
+        nb.ip(&["link", "set", &b_if, "up"]);
+        (a_if, b_if)
+    }
+
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        fs::write(&path, contents).expect("write lab file");
+        path
+    }
+
+    /// Starts `program args` inside namespace `ns`, output to `<dir>/<name>.log`; returns its index.
+    pub fn spawn(&mut self, ns: usize, name: &str, program: &str, args: &[&str], env: &[(&str, &str)]) -> usize {
+        let log = self.dir.join(format!("{name}.log"));
+        let file = fs::File::create(&log).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.namespaces[ns].name, program])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        self.processes.push(Process { name: name.to_string(), child, log });
+        self.processes.len() - 1
+    }
+
+    pub fn process(&mut self, i: usize) -> &mut Process {
+        &mut self.processes[i]
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for p in &self.processes {
+                eprintln!("----- {} ({}) -----\n{}", p.name, p.log.display(), p.log_text());
+            }
+        }
+        for mut p in self.processes.drain(..) {
+            p.stop(Duration::from_secs(3));
+        }
+        self.namespaces.clear();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts wireguard-go as device `dev` in namespace `ns`, with `keys`, `listen_port` and one peer, addresses
+/// and a route for the peer's allowed IPs; returns the process index.
+#[allow(clippy::too_many_arguments)]
+pub fn start_wireguard_go(
+    lab: &mut Lab,
+    ns: usize,
+    dev: &str,
+    keys: &Keys,
+    listen_port: u16,
+    address: &str,
+    peer_public: &str,
+    peer_endpoint: &str,
+    peer_allowed: &str,
+    keepalive: Option<u16>,
+) -> usize {
+    let sock = format!("/var/run/wireguard/{dev}.sock");
+    // A killed wireguard-go leaves its socket file; waiting for it would then wait for nothing.
+    let _ = fs::remove_file(&sock);
+    let proc_index = lab.spawn(
+        ns,
+        &format!("wireguard-go-{dev}"),
+        "wireguard-go",
+        &["-f", dev],
+        &[("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")],
+    );
+    let ready = || Path::new(&sock).exists() && lab.ns(ns).exec("ip", &["link", "show", dev]).status.success();
+    assert!(wait_until(Duration::from_secs(5), Duration::from_millis(20), ready), "wireguard-go did not start");
+    let key_file = lab.write(&format!("{dev}.key"), &keys.private);
+    let n = lab.ns(ns);
+    n.ip(&["addr", "add", address, "dev", dev]);
+    n.ip(&["link", "set", dev, "up"]);
+    let port = listen_port.to_string();
+    let key_path = key_file.to_str().expect("utf-8 path");
+    let mut args = vec!["set", dev, "private-key", key_path, "listen-port", &port, "peer", peer_public];
+    args.extend(["allowed-ips", peer_allowed, "endpoint", peer_endpoint]);
+    let keepalive = keepalive.map(|k| k.to_string());
+    if let Some(k) = &keepalive {
+        args.extend(["persistent-keepalive", k.as_str()]);
+    }
+    n.exec_ok("wg", &args);
+    for prefix in peer_allowed.split(',') {
+        n.ip(&["route", "replace", prefix, "dev", dev]);
+    }
+    proc_index
+}

@@ -1,0 +1,382 @@
+//! End-to-end: real meshd daemons and real wireguard-go peers in network namespaces joined by veth links.
+//! Needs root, iproute2, wireguard-tools, wireguard-go and socat (`cargo xtask ci` installs them).
+
+use std::time::{Duration, Instant};
+
+use mesh_netns::{Keys, Lab, start_wireguard_go, stdout, wait_until};
+
+const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
+
+/// Two hosts on one LAN: `a` at 192.168.77.1, `b` at 192.168.77.2.
+fn two_hosts(name: &str) -> (Lab, usize, usize) {
+    let mut lab = Lab::new(name);
+    let a = lab.netns("a");
+    let b = lab.netns("b");
+    lab.link(a, "192.168.77.1/24", b, "192.168.77.2/24");
+    (lab, a, b)
+}
+
+/// A meshd TOML configuration with one peer.
+fn meshd_toml(keys: &Keys, address: &str, port: u16, tun: &str, peer: &Keys, endpoint: &str, allowed: &str) -> String {
+    format!(
+        r#"# meshd's own format
+[interface]
+private_key = "{}"
+addresses = ["{address}"]
+listen_port = {port}
+tun_name = "{tun}"
+mtu = 1420
+
+[[peers]]
+public_key = "{}"
+endpoint = "{endpoint}"
+allowed_ips = ["{allowed}"]
+"#,
+        keys.private, peer.public
+    )
+}
+
+fn start_meshd(lab: &mut Lab, ns: usize, name: &str, config: &str) -> usize {
+    let path = lab.write(&format!("{name}.conf.toml"), config);
+    let state = lab.path(&format!("{name}-state"));
+    lab.spawn(
+        ns,
+        name,
+        MESHD,
+        &["daemon", "--config", path.to_str().unwrap(), "--state-dir", state.to_str().unwrap()],
+        &[("MESHD_LOG", "debug")],
+    )
+}
+
+fn wait_for_ping(lab: &Lab, ns: usize, addr: &str, limit: Duration) -> bool {
+    wait_until(limit, Duration::from_millis(100), || lab.ns(ns).ping(addr))
+}
+
+/// Sends `size` random bytes over TCP from `from` to `to_addr:port` through socat and returns (sent, received).
+fn tcp_transfer(lab: &mut Lab, from: usize, to: usize, to_addr: &str, size: usize) -> (Vec<u8>, Vec<u8>) {
+    let payload: Vec<u8> = {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        (0..size)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let source = lab.dir.join("payload.bin");
+    let sink = lab.dir.join("received.bin");
+    std::fs::write(&source, &payload).unwrap();
+    let listen = format!("TCP-LISTEN:5001,bind={to_addr},reuseaddr");
+    let out = format!("CREATE:{}", sink.display());
+    let server = lab.spawn(to, "socat-server", "socat", &["-u", &listen, &out], &[]);
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            stdout(&lab.ns(to).exec("ss", &["-ltn"])).contains(&format!("{to_addr}:5001"))
+        }),
+        "socat did not listen"
+    );
+    let connect = format!("TCP:{to_addr}:5001");
+    let input = format!("OPEN:{}", source.display());
+    let sent = lab.ns(from).exec("timeout", &["30", "socat", "-u", &input, &connect]);
+    assert!(sent.status.success(), "socat client failed: {}", String::from_utf8_lossy(&sent.stderr));
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(50), || !lab.process(server).running()),
+        "the receiving socat did not finish"
+    );
+    (payload, std::fs::read(&sink).unwrap_or_default())
+}
+
+#[test]
+fn meshd_to_meshd_ping_and_a_verified_tcp_transfer() {
+    let (mut lab, a, b) = two_hosts("m2m");
+    let (ka, kb) = (Keys::generate(), Keys::generate());
+    let (tun_a, tun_b) = (lab.unique("ma"), lab.unique("mb"));
+    start_meshd(
+        &mut lab,
+        a,
+        "meshd-a",
+        &meshd_toml(&ka, "100.64.0.1/32", 51001, &tun_a, &kb, "192.168.77.2:51002", "100.64.0.2/32"),
+    );
+    start_meshd(
+        &mut lab,
+        b,
+        "meshd-b",
+        &meshd_toml(&kb, "100.64.0.2/32", 51002, &tun_b, &ka, "192.168.77.1:51001", "100.64.0.1/32"),
+    );
+
+    assert!(wait_for_ping(&lab, a, "100.64.0.2", Duration::from_secs(10)), "a cannot ping b through the mesh");
+    assert!(lab.ns(b).ping("100.64.0.1"), "b cannot ping a");
+
+    let (sent, received) = tcp_transfer(&mut lab, a, b, "100.64.0.2", 4 << 20);
+    assert_eq!(received.len(), sent.len(), "bytes received");
+    assert!(received == sent, "the payload arrived changed");
+
+    // What the seed's authors checked by hand: the route in table 52 and the rules in front of it.
+    let table = stdout(&lab.ns(a).ip(&["route", "show", "table", "52"]));
+    assert!(table.contains(&format!("100.64.0.2 dev {tun_a} proto 88")), "{table}");
+    let rules = stdout(&lab.ns(a).ip(&["rule", "list"]));
+    for rule in [
+        "5210:\tfrom all fwmark 0x80000/0xff0000 lookup main",
+        "5230:\tfrom all fwmark 0x80000/0xff0000 lookup default",
+        "5250:\tfrom all fwmark 0x80000/0xff0000 unreachable",
+        "5270:\tfrom all lookup 52",
+    ] {
+        assert!(rules.contains(rule), "missing {rule:?} in\n{rules}");
+    }
+    let rules6 = stdout(&lab.ns(a).ip(&["-6", "rule", "list"]));
+    assert!(rules6.contains("5270:\tfrom all lookup 52"), "{rules6}");
+}
+
+#[test]
+fn sigterm_removes_everything_meshd_added() {
+    let (mut lab, a, b) = two_hosts("term");
+    let (ka, kb) = (Keys::generate(), Keys::generate());
+    let tun = lab.unique("ma");
+    let meshd = start_meshd(
+        &mut lab,
+        a,
+        "meshd-a",
+        &meshd_toml(&ka, "100.64.0.1/32", 51001, &tun, &kb, "192.168.77.2:51002", "100.64.0.2/32"),
+    );
+    let sock = format!("/var/run/wireguard/{tun}.sock");
+    assert!(wait_until(Duration::from_secs(5), Duration::from_millis(50), || std::path::Path::new(&sock).exists()));
+    assert_eq!(lab.process(meshd).stop(Duration::from_secs(5)), Some(0), "clean exit on SIGTERM");
+    let table = stdout(&lab.ns(a).ip(&["route", "show", "table", "52"]));
+    assert!(table.is_empty(), "routes left behind: {table}");
+    for family in ["-4", "-6"] {
+        let rules = stdout(&lab.ns(a).ip(&[family, "rule", "list"]));
+        assert!(!rules.contains("52") && !rules.contains("0x80000"), "rules left behind: {rules}");
+    }
+    assert!(!std::path::Path::new(&sock).exists(), "UAPI socket left behind");
+    assert!(!lab.ns(a).exec("ip", &["link", "show", &tun]).status.success(), "TUN device left behind");
+    let _ = b;
+}
+
+#[test]
+fn meshd_initiates_to_wireguard_go() {
+    let (mut lab, a, b) = two_hosts("wgi");
+    let (ka, kb) = (Keys::generate(), Keys::generate());
+    let (tun_a, dev_b) = (lab.unique("ma"), lab.unique("wg"));
+    start_meshd(
+        &mut lab,
+        a,
+        "meshd-a",
+        &meshd_toml(&ka, "100.64.0.1/32", 51001, &tun_a, &kb, "192.168.77.2:51002", "100.64.0.2/32"),
+    );
+    start_wireguard_go(
+        &mut lab,
+        b,
+        &dev_b,
+        &kb,
+        51002,
+        "100.64.0.2/32",
+        &ka.public,
+        "192.168.77.1:51001",
+        "100.64.0.1/32",
+        None,
+    );
+    assert!(wait_for_ping(&lab, a, "100.64.0.2", Duration::from_secs(10)), "meshd -> wireguard-go");
+    let (sent, received) = tcp_transfer(&mut lab, a, b, "100.64.0.2", 1 << 20);
+    assert!(received == sent, "payload changed in transit ({} of {} bytes)", received.len(), sent.len());
+}
+
+#[test]
+fn wireguard_go_initiates_to_meshd() {
+    let (mut lab, a, b) = two_hosts("wgr");
+    let (ka, kb) = (Keys::generate(), Keys::generate());
+    let (tun_a, dev_b) = (lab.unique("ma"), lab.unique("wg"));
+    start_meshd(
+        &mut lab,
+        a,
+        "meshd-a",
+        &meshd_toml(&ka, "100.64.0.1/32", 51001, &tun_a, &kb, "192.168.77.2:51002", "100.64.0.2/32"),
+    );
+    start_wireguard_go(
+        &mut lab,
+        b,
+        &dev_b,
+        &kb,
+        51002,
+        "100.64.0.2/32",
+        &ka.public,
+        "192.168.77.1:51001",
+        "100.64.0.1/32",
+        None,
+    );
+    assert!(wait_for_ping(&lab, b, "100.64.0.1", Duration::from_secs(10)), "wireguard-go -> meshd");
+    // wireguard-go made the handshake: meshd answered it.
+    let show = stdout(&lab.ns(b).exec_ok("wg", &["show", &dev_b, "latest-handshakes"]));
+    assert!(!show.trim().ends_with("\t0"), "wireguard-go has a handshake: {show}");
+}
+
+#[test]
+fn a_wg_quick_file_works_as_is_and_wg_show_reads_meshd() {
+    let (mut lab, a, b) = two_hosts("wgq");
+    let (ka, kb) = (Keys::generate(), Keys::generate());
+    let (tun_a, dev_b) = (lab.unique("ma"), lab.unique("wg"));
+    // A file as users have it, with wg-quick-only lines meshd must accept and leave alone.
+    let conf = format!(
+        "[Interface]\n# laptop\nPrivateKey = {}\nAddress = 100.64.0.1/32\nListenPort = 51001\nDNS = 10.0.0.2\n\
+         PostUp = iptables -A FORWARD -i %i -j ACCEPT\nSaveConfig = false\n\n[Peer]\n# router\nPublicKey = {}\n\
+         Endpoint = 192.168.77.2:51002\nAllowedIPs = 100.64.0.2/32, 10.77.0.0/16\nPersistentKeepalive = 25\n",
+        ka.private, kb.public
+    );
+    let path = lab.write("wg0.conf", &conf);
+    let state = lab.path("state-a");
+    lab.spawn(
+        a,
+        "meshd-a",
+        MESHD,
+        &["daemon", "--config", path.to_str().unwrap(), "--tun", &tun_a, "--state-dir", state.to_str().unwrap()],
+        &[],
+    );
+    start_wireguard_go(
+        &mut lab,
+        b,
+        &dev_b,
+        &kb,
+        51002,
+        "100.64.0.2/32",
+        &ka.public,
+        "192.168.77.1:51001",
+        "100.64.0.1/32",
+        None,
+    );
+    assert!(
+        wait_for_ping(&lab, a, "100.64.0.2", Duration::from_secs(10)),
+        "meshd with a wg-quick file -> wireguard-go"
+    );
+
+    let show = stdout(&lab.ns(a).exec_ok("wg", &["show", &tun_a]));
+    for expected in [
+        format!("peer: {}", kb.public),
+        "endpoint: 192.168.77.2:51002".to_string(),
+        "allowed ips: 100.64.0.2/32, 10.77.0.0/16".to_string(),
+        "latest handshake:".to_string(),
+        "persistent keepalive: every 25 seconds".to_string(),
+        "listening port: 51001".to_string(),
+    ] {
+        assert!(show.contains(&expected), "wg show lacks {expected:?}:\n{show}");
+    }
+    let handshakes = stdout(&lab.ns(a).exec_ok("wg", &["show", &tun_a, "latest-handshakes"]));
+    let when: u64 = handshakes.split_whitespace().nth(1).and_then(|t| t.parse().ok()).expect("a handshake time");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(now.abs_diff(when) < 60, "handshake {when} is recent (now {now})");
+    let dump = stdout(&lab.ns(a).exec_ok("wg", &["show", &tun_a, "transfer"]));
+    let rx: u64 = dump.split_whitespace().nth(1).and_then(|t| t.parse().ok()).unwrap_or(0);
+    assert!(rx > 0, "transfer counted: {dump}");
+    // The private key is the UAPI client's to hide; the log never has it.
+    assert!(!lab.process(0).log_text().contains(&ka.private), "private key in the log");
+}
+
+#[test]
+fn traffic_resumes_after_wireguard_go_restarts() {
+    let (mut lab, a, b) = two_hosts("wgrs");
+    let (ka, kb) = (Keys::generate(), Keys::generate());
+    let (tun_a, dev_b) = (lab.unique("ma"), lab.unique("wg"));
+    start_meshd(
+        &mut lab,
+        a,
+        "meshd-a",
+        &meshd_toml(&ka, "100.64.0.1/32", 51001, &tun_a, &kb, "192.168.77.2:51002", "100.64.0.2/32"),
+    );
+    let wg = start_wireguard_go(
+        &mut lab,
+        b,
+        &dev_b,
+        &kb,
+        51002,
+        "100.64.0.2/32",
+        &ka.public,
+        "192.168.77.1:51001",
+        "100.64.0.1/32",
+        Some(25),
+    );
+    assert!(wait_for_ping(&lab, a, "100.64.0.2", Duration::from_secs(10)));
+
+    lab.process(wg).kill();
+    assert!(!lab.ns(a).ping("100.64.0.2"), "the peer is gone");
+    let restarted = Instant::now();
+    start_wireguard_go(
+        &mut lab,
+        b,
+        &dev_b,
+        &kb,
+        51002,
+        "100.64.0.2/32",
+        &ka.public,
+        "192.168.77.1:51001",
+        "100.64.0.1/32",
+        Some(25),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(200), || lab.ns(a).ping("100.64.0.2")),
+        "traffic did not resume within 10 s of the restart"
+    );
+    eprintln!("traffic resumed {:?} after wireguard-go restarted", restarted.elapsed());
+}
+
+#[test]
+fn sighup_adds_a_peer_and_keeps_the_running_session() {
+    let mut lab = Lab::new("hup");
+    let a = lab.netns("a");
+    let b = lab.netns("b");
+    let c = lab.netns("c");
+    lab.link(a, "192.168.77.1/24", b, "192.168.77.2/24");
+    lab.link(a, "192.168.78.1/24", c, "192.168.78.3/24");
+    let (ka, kb, kc) = (Keys::generate(), Keys::generate(), Keys::generate());
+    let (tun_a, dev_b, dev_c) = (lab.unique("ma"), lab.unique("wb"), lab.unique("wc"));
+    let config = meshd_toml(&ka, "100.64.0.1/32", 51001, &tun_a, &kb, "192.168.77.2:51002", "100.64.0.2/32");
+    let meshd = start_meshd(&mut lab, a, "meshd-a", &config);
+    start_wireguard_go(
+        &mut lab,
+        b,
+        &dev_b,
+        &kb,
+        51002,
+        "100.64.0.2/32",
+        &ka.public,
+        "192.168.77.1:51001",
+        "100.64.0.1/32",
+        None,
+    );
+    start_wireguard_go(
+        &mut lab,
+        c,
+        &dev_c,
+        &kc,
+        51003,
+        "100.64.0.3/32",
+        &ka.public,
+        "192.168.78.1:51001",
+        "100.64.0.1/32",
+        None,
+    );
+    assert!(wait_for_ping(&lab, a, "100.64.0.2", Duration::from_secs(10)));
+    assert!(!lab.ns(a).ping("100.64.0.3"), "c is not configured yet");
+    let handshakes = |lab: &Lab| stdout(&lab.ns(a).exec_ok("wg", &["show", &tun_a, "latest-handshakes"]));
+    let before = handshakes(&lab);
+
+    let added = format!(
+        "{config}\n[[peers]]\npublic_key = \"{}\"\nendpoint = \"192.168.78.3:51003\"\nallowed_ips = [\"100.64.0.3/32\"]\n",
+        kc.public
+    );
+    lab.write("meshd-a.conf.toml", &added);
+    lab.process(meshd).signal("HUP");
+    assert!(wait_for_ping(&lab, a, "100.64.0.3", Duration::from_secs(10)), "the added peer is reachable");
+    assert!(lab.ns(a).ping("100.64.0.2"), "the old peer still is");
+    let after = handshakes(&lab);
+    let line_b = |s: &str| s.lines().find(|l| l.starts_with(&kb.public)).map(str::to_string);
+    assert_eq!(line_b(&before), line_b(&after), "b's session was kept, not renegotiated");
+    assert!(stdout(&lab.ns(a).ip(&["route", "show", "table", "52"])).contains("100.64.0.3"));
+
+    // A broken file on reload changes nothing.
+    lab.write("meshd-a.conf.toml", "[interface]\nbogus = 1\n");
+    lab.process(meshd).signal("HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(lab.process(meshd).running());
+    assert!(lab.ns(a).ping("100.64.0.3"));
+    assert!(lab.process(meshd).log_text().contains("reload refused"));
+}
