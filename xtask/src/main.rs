@@ -7,6 +7,8 @@ use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Context, Result, bail};
 
+mod throughput;
+
 /// Debian packages the tests need: namespaces and routes, the firewall, the reference WireGuard peer and
 /// its configuration tool, throughput measurement, ping/ss inside namespaces, and socat for TCP transfers.
 const PACKAGES: &[&str] =
@@ -16,13 +18,15 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   ci              install missing system packages (as root), then fmt, clippy and every test
-  bench [snat]    criterion benchmarks of the SNAT hot path and memory per flow";
+  bench [snat]    criterion benchmarks of the SNAT hot path and memory per flow
+  bench throughput [--seconds N]
+                  iperf3 through meshd and through wireguard-go in namespaces, same run (root)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
-        Some("bench") => bench(args.get(1).map(String::as_str)),
+        Some("bench") => bench(args.get(1).map(String::as_str), &args[args.len().min(2)..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -42,7 +46,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
 }
 
@@ -190,14 +194,22 @@ fn is_root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
-fn bench(which: Option<&str>) -> Result<bool> {
+fn bench(which: Option<&str>, rest: &[String]) -> Result<bool> {
     match which {
+        Some("throughput") => {
+            let seconds = match rest {
+                [flag, n] if flag == "--seconds" => n.parse().context("--seconds takes a number")?,
+                [] => 10,
+                _ => bail!("usage: cargo xtask bench throughput [--seconds N]"),
+            };
+            throughput::run(seconds)
+        }
         None | Some("snat") => {
             let criterion = cargo().args(["bench", "-p", "mesh-benches", "--bench", "snat"]).status()?.success();
             let memory = cargo().args(["bench", "-p", "mesh-benches", "--bench", "flow_memory"]).status()?.success();
             Ok(criterion && memory)
         }
-        Some(other) => bail!("unknown benchmark {other:?}; known: snat"),
+        Some(other) => bail!("unknown benchmark {other:?}; known: snat, throughput"),
     }
 }
 
