@@ -9,5 +9,8 @@
 mod node;
 mod routes;
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 pub use node::{Drop, Key, Node, NodeCounters, PeerError, PeerId, PeerSpec, PeerStatus, Received, Transmit};
 pub use routes::PrefixTable;

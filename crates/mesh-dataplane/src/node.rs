@@ -790,6 +790,28 @@ mod tests {
         assert_eq!(a.set_peers(vec![spec(2, "100.64.0.2/32,10.2.0.0/16"), spec(4, "100.64.0.4/32")]), (0, 0, 0));
     }
 
+    proptest::proptest! {
+        /// Arbitrary bytes, as a datagram or as a TUN packet, never panic the node, with sessions live.
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let (mut a, _) = crate::fuzzing::established_pair();
+            crate::fuzzing::datagram(&mut a, &data);
+        }
+
+        /// Well-formed data messages for the live session with random contents are rejected, never panic.
+        #[test]
+        fn forged_data_for_a_live_session_is_rejected(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 16..200)) {
+            let (mut a, mut b) = crate::fuzzing::established_pair();
+            b.handle_tun_packet(&ping([100, 64, 0, 2], [100, 64, 0, 1]), Instant::now()).unwrap();
+            let mut real = b.poll_transmit().unwrap().payload;
+            // Keep the header (type, receiver index, counter), replace the ciphertext.
+            real.truncate(16);
+            real.extend_from_slice(&body);
+            let mut out = vec![0u8; 2048];
+            proptest::prop_assert!(a.handle_datagram(addr(2), &real, Instant::now(), &mut out).is_err());
+        }
+    }
+
     #[test]
     fn a_peer_cannot_be_added_twice_or_be_ourselves() {
         let mut a = Node::new(key(1), 1);

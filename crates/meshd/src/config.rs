@@ -160,3 +160,57 @@ mod dispatch_tests {
         assert!(matches!(config.interface.private_key, PrivateKey::Inline(_)));
     }
 }
+
+#[cfg(test)]
+mod never_panic {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const WG: &str = "[Interface]\nPrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\nAddress = 100.64.0.1/32\n\
+                      ListenPort = 51820\n\n[Peer]\nPublicKey = xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\n\
+                      Endpoint = [fd00::1]:51820\nAllowedIPs = 10.0.0.0/16, 100.64.0.2\nPersistentKeepalive = 25\n";
+    const TOML: &str = "[interface]\nprivate_key = \"yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\"\n\
+                        addresses = [\"100.64.0.1/32\"]\n[[peers]]\npublic_key = \"xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\"\n\
+                        allowed_ips = [\"10.0.0.0/16\"]\nendpoint = \"host.example:51820\"\n";
+
+    proptest! {
+        /// Configuration files are user input: any text gives a config or an error, never a panic.
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,400}") {
+            let _ = parse(Path::new("x.conf"), &text);
+            let _ = parse(Path::new("x.toml"), &text);
+        }
+
+        /// Valid files with bytes replaced or cut short reach deeper than random text does.
+        #[test]
+        fn damaged_files_never_panic(
+            which in any::<bool>(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), "\\PC{0,3}"), 0..6),
+            keep in any::<prop::sample::Index>(),
+        ) {
+            let mut text = if which { WG.to_string() } else { TOML.to_string() };
+            for (at, with) in edits {
+                let mut i = at.index(text.len());
+                while !text.is_char_boundary(i) {
+                    i -= 1;
+                }
+                // Replace one whole character (or append at the end).
+                let end = text[i..].chars().next().map_or(i, |c| i + c.len_utf8());
+                text.replace_range(i..end, &with);
+            }
+            let mut cut = keep.index(text.len() + 1);
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            let _ = parse(Path::new(if which { "wg0.conf" } else { "meshd.toml" }), &text);
+        }
+    }
+
+    #[test]
+    fn the_seeds_themselves_parse() {
+        assert!(parse(Path::new("wg0.conf"), WG).is_ok());
+        assert!(parse(Path::new("meshd.toml"), TOML).is_ok());
+    }
+}
