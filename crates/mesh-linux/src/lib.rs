@@ -2,7 +2,9 @@
 //! addresses over rtnetlink. Nothing here decides anything; `meshd` wires it to the sans-IO node.
 #![forbid(unsafe_code)]
 
+pub mod manager;
 pub mod netlink;
+pub mod plan;
 pub mod socket;
 pub mod tun;
 

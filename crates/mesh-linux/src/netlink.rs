@@ -8,10 +8,17 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use futures_util::TryStreamExt;
 use ipnet::IpNet;
-use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol, RouteScope};
+use rtnetlink::packet_core::NetlinkMessage;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 
+use crate::plan::{Entry, Route};
 use crate::{ROUTE_PROTOCOL, RoutingPolicy};
 
 /// The kernel's `main` and `default` routing tables.
@@ -136,6 +143,171 @@ impl Netlink {
         Ok(removed)
     }
 
+    fn throw_message(prefix: IpNet, table: u32) -> RouteMessage {
+        let prefix = prefix.trunc();
+        let mut message = match prefix {
+            IpNet::V4(p) => RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(p.addr(), p.prefix_len()).build(),
+            IpNet::V6(p) => RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(p.addr(), p.prefix_len()).build(),
+        };
+        message.header.kind = RouteType::Throw;
+        message.header.protocol = RouteProtocol::Other(ROUTE_PROTOCOL);
+        message.header.scope = RouteScope::Universe;
+        message.header.table = if table > 255 { 0 } else { table as u8 };
+        message.attributes.push(RouteAttribute::Table(table));
+        message
+    }
+
+    /// Installs one planned route.
+    pub async fn add_planned(&self, route: Route, tun_index: u32, table: u32) -> io::Result<()> {
+        match route {
+            Route::Mesh(prefix) => self.add_route(tun_index, prefix, table).await,
+            Route::Throw(prefix) => self
+                .handle
+                .route()
+                .add(Self::throw_message(prefix, table))
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| io_err(&format!("adding throw route {prefix} to table {table}"), e)),
+        }
+    }
+
+    /// Removes a route found in the table, exactly as found.
+    pub async fn remove_entry(&self, entry: &Entry, table: u32) -> io::Result<()> {
+        let mut message = if entry.throw {
+            Self::throw_message(entry.prefix, table)
+        } else {
+            Self::route_message(entry.oif.unwrap_or(0), entry.prefix, table)
+        };
+        message.header.protocol = RouteProtocol::Other(entry.protocol);
+        match self.handle.route().del(message).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(io_err(&format!("removing route {} from table {table}", entry.prefix), e)),
+        }
+    }
+
+    /// Every route in `table`, both families.
+    pub async fn dump_table(&self, table: u32) -> io::Result<Vec<Entry>> {
+        let names = self.link_names().await?;
+        let mut entries = Vec::new();
+        for v6 in [false, true] {
+            let request = if v6 {
+                RouteMessageBuilder::<Ipv6Addr>::new().table_id(table).build()
+            } else {
+                RouteMessageBuilder::<Ipv4Addr>::new().table_id(table).build()
+            };
+            let routes: Vec<RouteMessage> = self
+                .handle
+                .route()
+                .get(request)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| io_err("listing routes", e))?;
+            for route in routes.into_iter().filter(|r| route_table(r) == table) {
+                let Some(prefix) = route_prefix(&route) else { continue };
+                let oif =
+                    route.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None });
+                let protocol = u8::from(route.header.protocol);
+                entries.push(Entry {
+                    prefix,
+                    throw: route.header.kind == RouteType::Throw,
+                    oif,
+                    device: oif.and_then(|i| names.iter().find(|(j, _)| *j == i).map(|(_, n)| n.clone())),
+                    protocol,
+                });
+            }
+        }
+        Ok(entries)
+    }
+
+    async fn link_names(&self) -> io::Result<Vec<(u32, String)>> {
+        let links: Vec<_> =
+            self.handle.link().get().execute().try_collect().await.map_err(|e| io_err("listing links", e))?;
+        Ok(links
+            .into_iter()
+            .filter_map(|l| {
+                let name = l
+                    .attributes
+                    .iter()
+                    .find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None })?;
+                Some((l.header.index, name))
+            })
+            .collect())
+    }
+
+    /// Prefixes of the subnets directly connected to this host, on every interface but loopback and
+    /// `except` (the mesh device).
+    pub async fn connected_prefixes(&self, except: u32) -> io::Result<Vec<IpNet>> {
+        let links: Vec<_> =
+            self.handle.link().get().execute().try_collect().await.map_err(|e| io_err("listing links", e))?;
+        let loopback: Vec<u32> =
+            links.iter().filter(|l| l.header.flags.contains(LinkFlags::Loopback)).map(|l| l.header.index).collect();
+        let addresses: Vec<_> =
+            self.handle.address().get().execute().try_collect().await.map_err(|e| io_err("listing addresses", e))?;
+        let mut prefixes: Vec<IpNet> = addresses
+            .into_iter()
+            .filter(|a| a.header.index != except && !loopback.contains(&a.header.index))
+            .filter_map(|a| {
+                let addr = a.attributes.iter().find_map(|attr| match attr {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })?;
+                IpNet::new(addr, a.header.prefix_len).ok().map(|n| n.trunc())
+            })
+            // A host address (/32, /128) is no subnet to protect.
+            .filter(|n| n.prefix_len() < n.max_prefix_len())
+            .collect();
+        prefixes.sort();
+        prefixes.dedup();
+        Ok(prefixes)
+    }
+
+    /// Makes the policy rules exactly the desired eight: adds the missing, removes duplicates and meshd
+    /// rules of the wrong shape. Returns the priorities of the rules it added.
+    pub async fn ensure_rules(&self, policy: &RoutingPolicy) -> io::Result<Vec<(bool, u32)>> {
+        let mut added = Vec::new();
+        for (version, v6) in [(IpVersion::V4, false), (IpVersion::V6, true)] {
+            let rules: Vec<RuleMessage> = self
+                .handle
+                .rule()
+                .get(version)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| io_err("listing rules", e))?;
+            let wanted = desired_rules(policy);
+            let mut seen = vec![false; wanted.len()];
+            for rule in rules.into_iter().filter(|r| is_ours(r, policy)) {
+                match wanted.iter().position(|w| w.matches(&rule)) {
+                    Some(i) if !seen[i] => seen[i] = true,
+                    _ => match self.handle.rule().del(rule).execute().await {
+                        Ok(()) => {}
+                        Err(e) if is_not_found(&e) => {}
+                        Err(e) => return Err(io_err("removing a stray rule", e)),
+                    },
+                }
+            }
+            for (w, present) in wanted.iter().zip(seen) {
+                if !present {
+                    self.add_rule(v6, w.priority, w.action, w.table, w.mark).await?;
+                    added.push((v6, w.priority));
+                }
+            }
+        }
+        Ok(added)
+    }
+
+    /// A netlink socket subscribed to route, rule and address changes (what `ip monitor` shows).
+    pub fn subscribe() -> io::Result<Subscription> {
+        use rtnetlink::MulticastGroup as G;
+        let groups = [G::Ipv4Route, G::Ipv6Route, G::Ipv4Rule, G::Ipv6Rule, G::Ipv4Ifaddr, G::Ipv6Ifaddr];
+        let (connection, handle, messages) = rtnetlink::new_multicast_connection(&groups)?;
+        tokio::spawn(connection);
+        Ok(Subscription { events: messages, _handle: handle })
+    }
+
     /// Installs the four policy rules for IPv4 and IPv6, after removing any rule already at those
     /// priorities that points at our table or matches our mark (a previous run's leftovers).
     pub async fn install_rules(&self, policy: &RoutingPolicy) -> io::Result<()> {
@@ -201,6 +373,94 @@ impl Netlink {
         Ok(())
     }
 }
+
+fn route_prefix(route: &RouteMessage) -> Option<IpNet> {
+    let len = route.header.destination_prefix_length;
+    let addr = route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(std::net::IpAddr::V4(*a)),
+        RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(std::net::IpAddr::V6(*a)),
+        _ => None,
+    });
+    let addr = match (addr, route.header.address_family) {
+        (Some(a), _) => a,
+        (None, AddressFamily::Inet) => std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        (None, AddressFamily::Inet6) => std::net::IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => return None,
+    };
+    IpNet::new(addr, len).ok()
+}
+
+/// One of the policy rules meshd wants.
+struct WantedRule {
+    priority: u32,
+    action: RuleAction,
+    table: u32,
+    mark: Option<(u32, u32)>,
+}
+
+impl WantedRule {
+    fn matches(&self, rule: &RuleMessage) -> bool {
+        let mut priority = None;
+        let mut table = u32::from(rule.header.table);
+        let (mut mark, mut mask) = (None, None);
+        for attribute in &rule.attributes {
+            match attribute {
+                RuleAttribute::Priority(p) => priority = Some(*p),
+                RuleAttribute::Table(t) => table = *t,
+                RuleAttribute::FwMark(m) => mark = Some(*m),
+                RuleAttribute::FwMask(m) => mask = Some(*m),
+                _ => {}
+            }
+        }
+        let want_table = if self.table == 0 { 0 } else { self.table };
+        priority == Some(self.priority)
+            && rule.header.action == self.action
+            && (self.action != RuleAction::ToTable || table == want_table)
+            && match self.mark {
+                Some((m, k)) => mark == Some(m) && mask == Some(k),
+                None => mark.is_none(),
+            }
+    }
+}
+
+fn desired_rules(policy: &RoutingPolicy) -> [WantedRule; 4] {
+    let mark = Some((policy.fwmark, policy.fwmask));
+    [
+        WantedRule { priority: policy.marked_main, action: RuleAction::ToTable, table: TABLE_MAIN, mark },
+        WantedRule { priority: policy.marked_default, action: RuleAction::ToTable, table: TABLE_DEFAULT, mark },
+        WantedRule { priority: policy.marked_unreachable, action: RuleAction::Unreachable, table: 0, mark },
+        WantedRule { priority: policy.lookup_table, action: RuleAction::ToTable, table: policy.table, mark: None },
+    ]
+}
+
+/// Whether a netlink message from the subscription concerns meshd's state (a route in any table, a rule,
+/// an address), so a reconcile is worth scheduling.
+pub fn is_relevant(message: &NetlinkMessage<RouteNetlinkMessage>) -> bool {
+    use rtnetlink::packet_core::NetlinkPayload;
+    matches!(
+        &message.payload,
+        NetlinkPayload::InnerMessage(
+            RouteNetlinkMessage::DelRoute(_)
+                | RouteNetlinkMessage::NewRoute(_)
+                | RouteNetlinkMessage::DelRule(_)
+                | RouteNetlinkMessage::NewRule(_)
+                | RouteNetlinkMessage::NewAddress(_)
+                | RouteNetlinkMessage::DelAddress(_)
+        )
+    )
+}
+
+/// Route, rule and address changes as the kernel announces them.
+#[derive(Debug)]
+pub struct Subscription {
+    pub events: Events,
+    // The connection task stops when its last handle is gone, and the events with it.
+    _handle: Handle,
+}
+
+/// The receiving end of [`Netlink::subscribe`].
+pub type Events =
+    futures_channel::mpsc::UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, rtnetlink::sys::SocketAddr)>;
 
 fn route_table(route: &RouteMessage) -> u32 {
     route

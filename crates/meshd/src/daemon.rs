@@ -8,10 +8,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures_util::StreamExt;
 use ipnet::IpNet;
 use mesh_dataplane::{Drop, Node, PeerSpec, Received};
 use mesh_linux::RoutingPolicy;
-use mesh_linux::netlink::Netlink;
+use mesh_linux::manager::{Cause, Report, RouteManager};
+use mesh_linux::netlink::{self, Netlink};
 use mesh_linux::tun::AsyncDevice;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UdpSocket, UnixListener, UnixStream};
@@ -32,6 +34,7 @@ pub struct Options {
     pub tun: Option<String>,
     pub port: Option<u16>,
     pub uapi_dir: PathBuf,
+    pub policy: RoutingPolicy,
 }
 
 /// A failure that stops the daemon: bad input (exit status 2) or the system refusing something (1).
@@ -72,9 +75,15 @@ async fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
     addrs.next().ok_or_else(|| format!("{host} has no address"))
 }
 
-fn allowed_prefixes(specs: &[PeerSpec]) -> BTreeSet<IpNet> {
-    specs.iter().flat_map(|s| s.allowed_ips.iter().map(IpNet::trunc)).collect()
+fn allowed_prefixes(specs: &[PeerSpec]) -> Vec<IpNet> {
+    let set: BTreeSet<IpNet> = specs.iter().flat_map(|s| s.allowed_ips.iter().map(IpNet::trunc)).collect();
+    set.into_iter().collect()
 }
+
+/// How often the route manager checks the kernel even without an event.
+const ROUTE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// How long after a netlink event the check runs, so a burst of events costs one pass.
+const ROUTE_EVENT_DELAY: Duration = Duration::from_millis(100);
 
 /// Logs drops at most once per reason every ten seconds, with how many there were since the last line, so a
 /// flood of garbage costs a counter increment, not a log write.
@@ -118,9 +127,9 @@ struct Daemon {
     udp6: Option<UdpSocket>,
     listen_port: u16,
     netlink: Netlink,
-    policy: RoutingPolicy,
-    routes: BTreeSet<IpNet>,
+    routes: RouteManager,
     drops: DropLog,
+    deferred_logged: Option<Instant>,
     uapi_path: PathBuf,
 }
 
@@ -134,15 +143,14 @@ pub async fn run(options: Options) -> Result<(), Failure> {
         options.tun.clone().or_else(|| config.interface.tun_name.clone()).unwrap_or_else(|| DEFAULT_TUN.into());
     let mtu = config.interface.mtu.unwrap_or(DEFAULT_MTU);
     let port = options.port.or(config.interface.listen_port).unwrap_or(DEFAULT_PORT);
-    let policy = RoutingPolicy::default();
+    let policy = options.policy;
 
     let netlink = Netlink::connect().map_err(|e| Failure::system("opening netlink", e))?;
-    // A previous run killed with SIGKILL left its routes and rules: clear them before installing afresh.
-    let leftovers = netlink.remove_own_routes(policy.table).await.map_err(|e| Failure::system("cleaning up", e))?;
-    if leftovers > 0 {
-        tracing::info!(routes = leftovers, table = policy.table, "removed routes left by an earlier run");
-    }
     let tun = mesh_linux::tun::create(&tun_name, mtu).map_err(|e| Failure::System(e.to_string()))?;
+    let tun_index = netlink.link_index(&tun_name).await.map_err(|e| Failure::System(e.to_string()))?;
+    let routes = RouteManager::new(netlink.clone(), policy, tun_index);
+    // Before anything is installed: sharing the table with another manager would make both wrong.
+    routes.check_table_free().await.map_err(Failure::System)?;
     let udp4 =
         mesh_linux::socket::bind_marked(false, port, policy.fwmark).map_err(|e| Failure::System(e.to_string()))?;
     let listen_port = udp4.local_addr().map_err(|e| Failure::system("reading the UDP port", e))?.port();
@@ -157,7 +165,7 @@ pub async fn run(options: Options) -> Result<(), Failure> {
     let mut node = Node::new(private_key, seed());
     let (added, _, _) = node.set_peers(specs.clone());
     let mut daemon = Daemon {
-        tun_index: 0,
+        tun_index,
         uapi_path: options.uapi_dir.join(format!("{tun_name}.sock")),
         options,
         node,
@@ -167,11 +175,11 @@ pub async fn run(options: Options) -> Result<(), Failure> {
         udp6,
         listen_port,
         netlink,
-        policy,
-        routes: BTreeSet::new(),
+        routes,
         drops: DropLog::new(),
+        deferred_logged: None,
     };
-    let result = daemon.start(&config, &tun_name, &specs).await;
+    let result = daemon.start(&config, &specs).await;
     let result = match result {
         Ok(listener) => {
             tracing::info!(
@@ -195,19 +203,47 @@ fn seed() -> u64 {
 }
 
 impl Daemon {
-    async fn start(
-        &mut self,
-        config: &StaticConfig,
-        tun_name: &str,
-        specs: &[PeerSpec],
-    ) -> Result<UnixListener, Failure> {
-        self.tun_index = self.netlink.link_index(tun_name).await.map_err(|e| Failure::System(e.to_string()))?;
+    async fn start(&mut self, config: &StaticConfig, specs: &[PeerSpec]) -> Result<UnixListener, Failure> {
         for address in &config.interface.addresses {
             self.netlink.add_address(self.tun_index, *address).await.map_err(|e| Failure::System(e.to_string()))?;
         }
-        self.netlink.install_rules(&self.policy).await.map_err(|e| Failure::System(e.to_string()))?;
-        self.apply_routes(allowed_prefixes(specs)).await.map_err(|e| Failure::System(e.to_string()))?;
+        self.routes.set_accepted(allowed_prefixes(specs));
+        // Leftovers of a killed run (routes with meshd's protocol, duplicate rules) go in this same pass.
+        let report = self.routes.reconcile(Cause::Change).await.map_err(|e| Failure::System(e.to_string()))?;
+        self.log_routes(&report, Cause::Change);
         self.listen_uapi().map_err(|e| Failure::system(&format!("listening on {}", self.uapi_path.display()), e))
+    }
+
+    fn log_routes(&mut self, report: &Report, cause: Cause) {
+        let table = self.routes.policy().table;
+        for skipped in &report.skipped {
+            tracing::warn!(
+                accepted = %skipped.accepted, local = %skipped.local,
+                "not routing an accepted prefix into the mesh: it would take over a local network"
+            );
+        }
+        if cause == Cause::Repair {
+            for route in &report.added {
+                tracing::info!(route = %route, table, "restored a route something else removed");
+            }
+            for entry in &report.removed {
+                tracing::info!(route = %entry.prefix, table, "removed a stale or duplicate meshd route");
+            }
+            for (v6, priority) in &report.rules_added {
+                tracing::info!(priority, ipv6 = v6, "restored a policy rule something else removed");
+            }
+        }
+        if report.deferred && self.deferred_logged.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+            tracing::warn!(table, "routes or rules keep being changed by another program; meshd is backing off");
+            self.deferred_logged = Some(Instant::now());
+        }
+    }
+
+    async fn reconcile_routes(&mut self, cause: Cause) {
+        match self.routes.reconcile(cause).await {
+            Ok(report) => self.log_routes(&report, cause),
+            Err(e) => tracing::error!(error = %e, "checking routes"),
+        }
     }
 
     fn listen_uapi(&self) -> io::Result<UnixListener> {
@@ -222,26 +258,8 @@ impl Daemon {
         Ok(listener)
     }
 
-    /// Makes the routes in the mesh table equal to `wanted`.
-    async fn apply_routes(&mut self, wanted: BTreeSet<IpNet>) -> io::Result<()> {
-        for prefix in self.routes.difference(&wanted).copied().collect::<Vec<_>>() {
-            self.netlink.del_route(self.tun_index, prefix, self.policy.table).await?;
-            self.routes.remove(&prefix);
-        }
-        for prefix in wanted.difference(&self.routes).copied().collect::<Vec<_>>() {
-            self.netlink.add_route(self.tun_index, prefix, self.policy.table).await?;
-            self.routes.insert(prefix);
-        }
-        Ok(())
-    }
-
     async fn stop(&mut self) {
-        for prefix in std::mem::take(&mut self.routes) {
-            if let Err(e) = self.netlink.del_route(self.tun_index, prefix, self.policy.table).await {
-                tracing::warn!(error = %e, "cleanup");
-            }
-        }
-        if let Err(e) = self.netlink.remove_rules(&self.policy).await {
+        if let Err(e) = self.routes.teardown().await {
             tracing::warn!(error = %e, "cleanup");
         }
         let _ = std::fs::remove_file(&self.uapi_path);
@@ -253,6 +271,8 @@ impl Daemon {
         let mut terminate = signal(SignalKind::terminate()).map_err(|e| Failure::system("SIGTERM handler", e))?;
         let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| Failure::system("SIGINT handler", e))?;
         let (uapi_tx, mut uapi_rx) = mpsc::channel::<UapiRequest>(8);
+        let mut route_events = Netlink::subscribe().map_err(|e| Failure::system("watching routes", e))?;
+        let mut next_route_check = Instant::now() + ROUTE_CHECK_INTERVAL;
 
         let mut tun_buf = vec![0u8; 65_536];
         let mut udp4_buf = vec![0u8; 65_536];
@@ -282,6 +302,16 @@ impl Daemon {
                 _ = tokio::time::sleep_until(wake.into()) => {
                     self.node.handle_timeout(Instant::now());
                     self.flush().await;
+                }
+                Some((message, _)) = route_events.events.next() => {
+                    tracing::trace!(?message, "netlink event");
+                    if netlink::is_relevant(&message) {
+                        next_route_check = next_route_check.min(Instant::now() + ROUTE_EVENT_DELAY);
+                    }
+                }
+                _ = tokio::time::sleep_until(next_route_check.into()) => {
+                    self.reconcile_routes(Cause::Repair).await;
+                    next_route_check = Instant::now() + ROUTE_CHECK_INTERVAL;
                 }
                 accepted = uapi_listener.accept() => {
                     if let Ok((stream, _)) = accepted {
@@ -353,11 +383,9 @@ impl Daemon {
         {
             tracing::warn!("the private key changed; restart meshd to use it");
         }
-        let wanted = allowed_prefixes(&specs);
+        self.routes.set_accepted(allowed_prefixes(&specs));
         let (added, removed, changed) = self.node.set_peers(specs);
-        if let Err(e) = self.apply_routes(wanted).await {
-            tracing::error!(error = %e, "updating routes after reload");
-        }
+        self.reconcile_routes(Cause::Change).await;
         tracing::info!(added, removed, changed, "configuration reloaded");
     }
 
@@ -368,7 +396,7 @@ impl Daemon {
                 let device = uapi::Device {
                     private_key: &self.private_key,
                     listen_port: self.listen_port,
-                    fwmark: self.policy.fwmark,
+                    fwmark: self.routes.policy().fwmark,
                     peers: &peers,
                 };
                 uapi::get_reply(&device, SystemTime::now())

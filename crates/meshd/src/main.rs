@@ -37,6 +37,8 @@ enum Command {
         /// Directory of the WireGuard UAPI socket (<tun>.sock) that `wg show` reads.
         #[arg(long, env = "MESHD_UAPI_DIR", default_value = "/var/run/wireguard")]
         uapi_dir: PathBuf,
+        #[command(flatten)]
+        routing: RoutingArgs,
     },
     /// Print the version of meshd and of the protocols it speaks.
     Version {
@@ -46,6 +48,52 @@ enum Command {
     },
 }
 
+/// Where meshd's routes and rules go. The defaults are Tailscale's, so choose others when both run.
+#[derive(Debug, clap::Args)]
+struct RoutingArgs {
+    /// Routing table for mesh routes.
+    #[arg(long, env = "MESHD_TABLE", default_value_t = 52, value_parser = clap::value_parser!(u32).range(1..=0xffff_fffe))]
+    table: u32,
+    /// Mark on meshd's own sockets, so its encrypted traffic bypasses the mesh table (decimal or 0x hex).
+    #[arg(long, env = "MESHD_FWMARK", default_value = "0x80000", value_parser = parse_u32)]
+    fwmark: u32,
+    /// Priority of the first policy rule; the others follow at +20, +40 and +60.
+    #[arg(long, env = "MESHD_RULE_PRIORITY", default_value_t = 5210)]
+    rule_priority: u32,
+}
+
+impl RoutingArgs {
+    fn policy(&self) -> mesh_linux::RoutingPolicy {
+        let p = self.rule_priority;
+        mesh_linux::RoutingPolicy {
+            table: self.table,
+            fwmark: self.fwmark,
+            fwmask: mask_for(self.fwmark),
+            marked_main: p,
+            marked_default: p + 20,
+            marked_unreachable: p + 40,
+            lookup_table: p + 60,
+        }
+    }
+}
+
+/// The mask that covers the mark's bits byte by byte (0x80000 -> 0xff0000, as Tailscale's).
+fn mask_for(mark: u32) -> u32 {
+    (0..4).map(|i| 0xffu32 << (i * 8)).filter(|byte| mark & byte != 0).fold(0, |acc, byte| acc | byte)
+}
+
+fn parse_u32(text: &str) -> Result<u32, String> {
+    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    match parsed {
+        Ok(0) => Err("the mark must not be 0".into()),
+        Ok(v) => Ok(v),
+        Err(_) => Err(format!("{text:?} is not a number (decimal or 0x hex)")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -53,9 +101,9 @@ fn main() -> ExitCode {
             println!("{}", version_text(json));
             ExitCode::SUCCESS
         }
-        Command::Daemon { config, state_dir, tun, port, uapi_dir } => {
+        Command::Daemon { config, state_dir, tun, port, uapi_dir, routing } => {
             init_logging();
-            let options = daemon::Options { config, state_dir, tun, port, uapi_dir };
+            let options = daemon::Options { config, state_dir, tun, port, uapi_dir, policy: routing.policy() };
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(r) => r,
                 Err(e) => {
@@ -108,6 +156,17 @@ mod tests {
     fn version_names_the_package_version() {
         assert_eq!(version_text(false), format!("meshd {} (commit unknown)", env!("CARGO_PKG_VERSION")));
         assert!(version_text(true).starts_with(r#"{"version":""#));
+    }
+
+    #[test]
+    fn marks_and_masks() {
+        assert_eq!(parse_u32("0x80000"), Ok(0x80000));
+        assert_eq!(parse_u32("524288"), Ok(0x80000));
+        assert!(parse_u32("0").is_err());
+        assert!(parse_u32("0xzz").is_err());
+        assert_eq!(mask_for(0x80000), 0xff0000);
+        assert_eq!(mask_for(0x1), 0xff);
+        assert_eq!(mask_for(0x10100), 0xffff00);
     }
 
     #[test]

@@ -1,92 +1,12 @@
 //! End-to-end: real meshd daemons and real wireguard-go peers in network namespaces joined by veth links.
 //! Needs root, iproute2, wireguard-tools, wireguard-go and socat (`cargo xtask ci` installs them).
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::*;
 use mesh_netns::{Keys, Lab, start_wireguard_go, stdout, wait_until};
-
-const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
-
-/// Two hosts on one LAN: `a` at 192.168.77.1, `b` at 192.168.77.2.
-fn two_hosts(name: &str) -> (Lab, usize, usize) {
-    let mut lab = Lab::new(name);
-    let a = lab.netns("a");
-    let b = lab.netns("b");
-    lab.link(a, "192.168.77.1/24", b, "192.168.77.2/24");
-    (lab, a, b)
-}
-
-/// A meshd TOML configuration with one peer.
-fn meshd_toml(keys: &Keys, address: &str, port: u16, tun: &str, peer: &Keys, endpoint: &str, allowed: &str) -> String {
-    format!(
-        r#"# meshd's own format
-[interface]
-private_key = "{}"
-addresses = ["{address}"]
-listen_port = {port}
-tun_name = "{tun}"
-mtu = 1420
-
-[[peers]]
-public_key = "{}"
-endpoint = "{endpoint}"
-allowed_ips = ["{allowed}"]
-"#,
-        keys.private, peer.public
-    )
-}
-
-fn start_meshd(lab: &mut Lab, ns: usize, name: &str, config: &str) -> usize {
-    let path = lab.write(&format!("{name}.conf.toml"), config);
-    let state = lab.path(&format!("{name}-state"));
-    lab.spawn(
-        ns,
-        name,
-        MESHD,
-        &["daemon", "--config", path.to_str().unwrap(), "--state-dir", state.to_str().unwrap()],
-        &[("MESHD_LOG", "debug")],
-    )
-}
-
-fn wait_for_ping(lab: &Lab, ns: usize, addr: &str, limit: Duration) -> bool {
-    wait_until(limit, Duration::from_millis(100), || lab.ns(ns).ping(addr))
-}
-
-/// Sends `size` random bytes over TCP from `from` to `to_addr:port` through socat and returns (sent, received).
-fn tcp_transfer(lab: &mut Lab, from: usize, to: usize, to_addr: &str, size: usize) -> (Vec<u8>, Vec<u8>) {
-    let payload: Vec<u8> = {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        (0..size)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    };
-    let source = lab.dir.join("payload.bin");
-    let sink = lab.dir.join("received.bin");
-    std::fs::write(&source, &payload).unwrap();
-    let listen = format!("TCP-LISTEN:5001,bind={to_addr},reuseaddr");
-    let out = format!("CREATE:{}", sink.display());
-    let server = lab.spawn(to, "socat-server", "socat", &["-u", &listen, &out], &[]);
-    assert!(
-        wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
-            stdout(&lab.ns(to).exec("ss", &["-ltn"])).contains(&format!("{to_addr}:5001"))
-        }),
-        "socat did not listen"
-    );
-    let connect = format!("TCP:{to_addr}:5001");
-    let input = format!("OPEN:{}", source.display());
-    let sent = lab.ns(from).exec("timeout", &["30", "socat", "-u", &input, &connect]);
-    assert!(sent.status.success(), "socat client failed: {}", String::from_utf8_lossy(&sent.stderr));
-    assert!(
-        wait_until(Duration::from_secs(10), Duration::from_millis(50), || !lab.process(server).running()),
-        "the receiving socat did not finish"
-    );
-    (payload, std::fs::read(&sink).unwrap_or_default())
-}
 
 #[test]
 fn meshd_to_meshd_ping_and_a_verified_tcp_transfer() {

@@ -1,0 +1,166 @@
+//! The route manager: keeps the mesh table and the policy rules equal to what meshd wants, whoever else
+//! touches them.
+//!
+//! Every pass dumps the table and the rules, computes the difference ([`crate::plan`]) and applies only
+//! that. A pass runs when the wanted routes change, when netlink announces a change to routes, rules or
+//! addresses (so a deletion is put back within a fraction of a second), and every few seconds as a
+//! fallback. Repairs draw on a small budget that refills slowly: if another program keeps undoing meshd's
+//! routes, meshd backs off and says so instead of fighting it in a tight loop.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+
+use crate::RoutingPolicy;
+use crate::netlink::Netlink;
+use crate::plan::{self, Entry, Route, Skipped};
+
+/// Repairs allowed in a burst, and how fast the allowance comes back.
+const REPAIR_BURST: u32 = 10;
+const REPAIR_REFILL: Duration = Duration::from_secs(5);
+
+/// Why a pass runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// meshd's own wish changed (start, reload, new netmap): always applied.
+    Change,
+    /// The kernel's state may have drifted (an event, the periodic check): applied within the repair budget.
+    Repair,
+}
+
+/// What a pass did.
+#[derive(Debug, Default, Clone)]
+pub struct Report {
+    pub added: Vec<Route>,
+    pub removed: Vec<Entry>,
+    /// Rules (IPv6?, priority) that had to be added.
+    pub rules_added: Vec<(bool, u32)>,
+    /// Accepted prefixes left out because a local network holds them.
+    pub skipped: Vec<Skipped>,
+    /// Routes of other programs in the table.
+    pub foreign: Vec<Entry>,
+    /// A repair was due but the budget was spent: nothing was changed.
+    pub deferred: bool,
+}
+
+impl Report {
+    pub fn changed(&self) -> bool {
+        !self.added.is_empty() || !self.removed.is_empty() || !self.rules_added.is_empty()
+    }
+}
+
+#[derive(Debug)]
+pub struct RouteManager {
+    netlink: Netlink,
+    policy: RoutingPolicy,
+    tun_index: u32,
+    accepted: Vec<IpNet>,
+    advertised: Vec<IpNet>,
+    budget: u32,
+    refilled: Instant,
+}
+
+impl RouteManager {
+    pub fn new(netlink: Netlink, policy: RoutingPolicy, tun_index: u32) -> Self {
+        Self {
+            netlink,
+            policy,
+            tun_index,
+            accepted: Vec::new(),
+            advertised: Vec::new(),
+            budget: REPAIR_BURST,
+            refilled: Instant::now(),
+        }
+    }
+
+    pub fn policy(&self) -> &RoutingPolicy {
+        &self.policy
+    }
+
+    /// Refuses to share the table with another program: if it holds routes meshd did not install (for example
+    /// a running Tailscale's), returns an error naming their device and the flag that picks another table.
+    pub async fn check_table_free(&self) -> Result<(), String> {
+        let entries = self.netlink.dump_table(self.policy.table).await.map_err(|e| e.to_string())?;
+        let foreign: Vec<&Entry> = entries.iter().filter(|e| e.protocol != crate::ROUTE_PROTOCOL).collect();
+        let Some(first) = foreign.first() else { return Ok(()) };
+        let device = first
+            .device
+            .clone()
+            .unwrap_or_else(|| if first.throw { "a throw route".into() } else { "another device".into() });
+        Err(format!(
+            "routing table {} already holds {} route(s) meshd did not install, e.g. {} via {device} (is Tailscale \
+             running?); choose another table with --table N",
+            self.policy.table,
+            foreign.len(),
+            first.prefix
+        ))
+    }
+
+    /// Sets the prefixes meshd routes into the mesh (peers' allowed IPs, accepted subnet routes).
+    pub fn set_accepted(&mut self, accepted: Vec<IpNet>) {
+        self.accepted = accepted;
+    }
+
+    /// Sets the node's own advertised routes: like connected subnets, they stay local.
+    pub fn set_advertised(&mut self, advertised: Vec<IpNet>) {
+        self.advertised = advertised;
+    }
+
+    /// The routes wanted now, given the host's connected subnets.
+    pub async fn desired(&self) -> io::Result<(std::collections::BTreeSet<Route>, Vec<Skipped>)> {
+        let mut local = self.netlink.connected_prefixes(self.tun_index).await?;
+        local.extend(self.advertised.iter().map(IpNet::trunc));
+        Ok(plan::desired(self.accepted.iter().copied(), &local))
+    }
+
+    /// One pass: compare and apply the difference.
+    pub async fn reconcile(&mut self, cause: Cause) -> io::Result<Report> {
+        let (desired, skipped) = self.desired().await?;
+        let table = self.netlink.dump_table(self.policy.table).await?;
+        let plan = plan::plan(&desired, &table, self.tun_index);
+        let mut report = Report { skipped, foreign: plan.foreign.clone(), ..Report::default() };
+        if cause == Cause::Repair && !plan.is_empty() && !self.take_repair() {
+            report.deferred = true;
+            return Ok(report);
+        }
+        for entry in &plan.remove {
+            self.netlink.remove_entry(entry, self.policy.table).await?;
+        }
+        for route in &plan.add {
+            self.netlink.add_planned(*route, self.tun_index, self.policy.table).await?;
+        }
+        report.removed = plan.remove;
+        report.added = plan.add;
+        report.rules_added = self.netlink.ensure_rules(&self.policy).await?;
+        if cause == Cause::Repair
+            && !report.rules_added.is_empty()
+            && report.added.is_empty()
+            && report.removed.is_empty()
+        {
+            // A rules-only repair still counts against the budget.
+            let _ = self.take_repair();
+        }
+        Ok(report)
+    }
+
+    fn take_repair(&mut self) -> bool {
+        let refills = (self.refilled.elapsed().as_secs_f64() / REPAIR_REFILL.as_secs_f64()) as u32;
+        if refills > 0 {
+            self.budget = (self.budget + refills).min(REPAIR_BURST);
+            self.refilled = Instant::now();
+        }
+        if self.budget == 0 {
+            return false;
+        }
+        self.budget -= 1;
+        true
+    }
+
+    /// Removes every route meshd installed in the table and its rules.
+    pub async fn teardown(&mut self) -> io::Result<()> {
+        let removed = self.netlink.remove_own_routes(self.policy.table).await;
+        let rules = self.netlink.remove_rules(&self.policy).await;
+        removed.and(rules)
+    }
+}

@@ -1,0 +1,166 @@
+//! The route manager on a real kernel: table 52 and the policy rules kept as meshd wants them, leftovers of a
+//! killed run cleared, LAN-aware acceptance, and refusing a table another program owns.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use mesh_netns::{Keys, Lab, stdout, wait_until};
+
+/// Routes in table `id` of namespace `ns`, one per line; empty while the table does not exist.
+fn table_n(lab: &Lab, ns: usize, id: &str) -> String {
+    stdout(&lab.ns(ns).exec("ip", &["route", "show", "table", id]))
+}
+
+fn table(lab: &Lab, ns: usize) -> String {
+    table_n(lab, ns, "52")
+}
+
+fn rules(lab: &Lab, ns: usize, family: &str) -> String {
+    stdout(&lab.ns(ns).ip(&[family, "rule", "list"]))
+}
+
+/// How many lines of `text` contain `needle`.
+fn count(text: &str, needle: &str) -> usize {
+    text.lines().filter(|l| l.contains(needle)).count()
+}
+
+/// Starts meshd in `a` with peer `b` whose allowed IPs are `allowed`, and waits until its routes are in.
+fn meshd_with_routes(lab: &mut Lab, a: usize, allowed: &str) -> (usize, String) {
+    let (ka, kb) = (Keys::generate(), Keys::generate());
+    let tun = lab.unique("ma");
+    let config = meshd_toml(&ka, "100.64.0.1/32", 51001, &tun, &kb, "192.168.77.2:51002", allowed);
+    let meshd = start_meshd(lab, a, "meshd-a", &config);
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(50), || table(lab, a).contains(&tun)),
+        "routes never appeared"
+    );
+    (meshd, tun)
+}
+
+#[test]
+fn a_flushed_table_and_a_deleted_rule_are_put_back_within_two_seconds() {
+    let (mut lab, a, _b) = two_hosts("flush");
+    let (meshd, tun) = meshd_with_routes(&mut lab, a, "100.64.0.2/32\", \"10.0.0.0/16");
+    let before = table(&lab, a);
+    assert_eq!(count(&before, &tun), 2, "{before}");
+
+    lab.ns(a).ip(&["route", "flush", "table", "52"]);
+    assert!(table(&lab, a).is_empty(), "flushed");
+    assert!(
+        wait_until(Duration::from_secs(2), Duration::from_millis(20), || table(&lab, a) == before),
+        "table 52 not restored within 2 s: {}",
+        table(&lab, a)
+    );
+
+    lab.ns(a).ip(&["rule", "del", "priority", "5270"]);
+    lab.ns(a).ip(&["-6", "rule", "del", "priority", "5210"]);
+    assert!(
+        wait_until(Duration::from_secs(2), Duration::from_millis(20), || {
+            rules(&lab, a, "-4").contains("5270:\tfrom all lookup 52")
+                && rules(&lab, a, "-6").contains("5210:\tfrom all fwmark 0x80000/0xff0000 lookup main")
+        }),
+        "rules not restored within 2 s"
+    );
+    let log = lab.process(meshd).log_text();
+    assert!(log.contains("restored a route something else removed"), "restorations are logged:\n{log}");
+    assert!(log.contains("restored a policy rule something else removed"));
+}
+
+#[test]
+fn sigkill_then_start_leaves_exactly_one_of_each_route_and_rule() {
+    let (mut lab, a, _b) = two_hosts("kill");
+    let (meshd, tun) = meshd_with_routes(&mut lab, a, "100.64.0.2/32\", \"10.0.0.0/16");
+    lab.process(meshd).kill();
+    // What a killed run leaves: its rules, and a route of its own the new run does not want.
+    lab.ns(a).ip(&["route", "add", "10.99.0.0/16", "dev", "lo", "table", "52", "proto", "88"]);
+    assert_eq!(count(&rules(&lab, a, "-4"), "lookup 52"), 1, "the rules survive SIGKILL");
+
+    let config = std::fs::read_to_string(lab.path("meshd-a.conf.toml")).unwrap();
+    start_meshd(&mut lab, a, "meshd-a2", &config);
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            let t = table(&lab, a);
+            t.contains(&tun) && !t.contains("10.99.0.0/16")
+        }),
+        "the new run did not settle: {}",
+        table(&lab, a)
+    );
+    let t = table(&lab, a);
+    assert_eq!(count(&t, "100.64.0.2"), 1, "{t}");
+    assert_eq!(count(&t, "10.0.0.0/16"), 1, "{t}");
+    for family in ["-4", "-6"] {
+        let r = rules(&lab, a, family);
+        for priority in ["5210:", "5230:", "5250:", "5270:"] {
+            assert_eq!(count(&r, priority), 1, "{family} {priority} in\n{r}");
+        }
+    }
+}
+
+#[test]
+fn an_accepted_route_never_swallows_the_lan() {
+    // Host a sits on LAN 10.0.5.0/24 with a neighbour; its peer b advertises 10.0.0.0/16 (VPC-wide), where
+    // 10.0.12.50 lives behind b.
+    let mut lab = Lab::new("lan");
+    let a = lab.netns("a");
+    let b = lab.netns("b");
+    let n = lab.netns("n");
+    lab.link(a, "192.168.77.1/24", b, "192.168.77.2/24");
+    lab.link(a, "10.0.5.1/24", n, "10.0.5.9/24");
+    lab.ns(b).ip(&["addr", "add", "10.0.12.50/32", "dev", "lo"]);
+    let (ka, kb) = (Keys::generate(), Keys::generate());
+    let (tun_a, tun_b) = (lab.unique("ma"), lab.unique("mb"));
+    start_meshd(
+        &mut lab,
+        a,
+        "meshd-a",
+        &meshd_toml(&ka, "100.64.0.1/32", 51001, &tun_a, &kb, "192.168.77.2:51002", "100.64.0.2/32\", \"10.0.0.0/16"),
+    );
+    start_meshd(
+        &mut lab,
+        b,
+        "meshd-b",
+        &meshd_toml(&kb, "100.64.0.2/32", 51002, &tun_b, &ka, "192.168.77.1:51001", "100.64.0.1/32"),
+    );
+
+    assert!(
+        wait_for_ping(&lab, a, "10.0.12.50", Duration::from_secs(10)),
+        "the VPC address behind b goes through the mesh"
+    );
+    assert!(lab.ns(a).ping("10.0.5.9"), "the LAN neighbour stays reachable directly");
+    let t = table(&lab, a);
+    assert!(t.contains("throw 10.0.5.0/24"), "{t}");
+    let via = |dst: &str| stdout(&lab.ns(a).ip(&["route", "get", dst]));
+    assert!(via("10.0.12.50").contains(&format!("dev {tun_a}")), "{}", via("10.0.12.50"));
+    assert!(!via("10.0.5.9").contains(&tun_a), "{}", via("10.0.5.9"));
+}
+
+#[test]
+fn a_table_another_program_uses_is_refused_with_the_way_out() {
+    let (mut lab, a, _b) = two_hosts("own");
+    // Something else (say, Tailscale) already routes through table 52.
+    let device = stdout(&lab.ns(a).ip(&["-o", "link", "show", "type", "veth"]));
+    let device = device.split(':').nth(1).unwrap().trim().split('@').next().unwrap().to_string();
+    lab.ns(a).ip(&["route", "add", "100.100.100.100/32", "dev", &device, "table", "52"]);
+    let (ka, kb) = (Keys::generate(), Keys::generate());
+    let tun = lab.unique("ma");
+    let config = meshd_toml(&ka, "100.64.0.1/32", 51001, &tun, &kb, "192.168.77.2:51002", "100.64.0.2/32");
+    let refused = start_meshd(&mut lab, a, "meshd-refused", &config);
+    assert!(wait_until(Duration::from_secs(5), Duration::from_millis(50), || !lab.process(refused).running()));
+    let log = lab.process(refused).log_text();
+    assert!(log.contains(&device) && log.contains("--table"), "the error names the device and the flag:\n{log}");
+    assert_eq!(count(&table(&lab, a), "100.100.100.100"), 1, "the other program's route is untouched");
+    assert!(!rules(&lab, a, "-4").contains("5270"), "nothing half-applied");
+
+    let path = lab.path("meshd-refused.conf.toml");
+    let state = lab.path("state-53");
+    let args = ["daemon", "--config", path.to_str().unwrap(), "--state-dir", state.to_str().unwrap(), "--table", "53"];
+    lab.spawn(a, "meshd-53", MESHD, &args, &[]);
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            table_n(&lab, a, "53").contains(&tun) && rules(&lab, a, "-4").contains("5270:\tfrom all lookup 53")
+        }),
+        "with --table 53 meshd starts and uses table 53"
+    );
+}
