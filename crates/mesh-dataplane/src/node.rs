@@ -30,6 +30,9 @@ const MIN_BUFFER: usize = 148;
 /// Idle output buffers kept for reuse, so steady traffic allocates nothing.
 const BUFFER_POOL: usize = 256;
 
+/// WireGuard's message type of a cookie reply.
+const COOKIE_REPLY: u8 = 3;
+
 /// What a peer is, as configured.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PeerSpec {
@@ -206,7 +209,6 @@ pub struct Node {
     transmits: VecDeque<Transmit>,
     buffers: Vec<Vec<u8>>,
     counters: NodeCounters,
-    last_limiter_reset: Option<Instant>,
     next_timer: Option<Instant>,
     scratch: Vec<u8>,
 }
@@ -257,7 +259,6 @@ impl Node {
             transmits: VecDeque::new(),
             buffers: Vec::new(),
             counters: NodeCounters::default(),
-            last_limiter_reset: None,
             next_timer: None,
             scratch: vec![0; 65535 + OVERHEAD],
         }
@@ -362,14 +363,16 @@ impl Node {
     /// Makes the peer set equal to `specs`: peers not listed are removed, new ones added, changed ones
     /// updated, and unchanged ones keep their sessions untouched. Returns (added, removed, changed).
     pub fn set_peers(&mut self, specs: Vec<PeerSpec>) -> (usize, usize, usize) {
-        let wanted: HashMap<Key, PeerSpec> = specs.into_iter().map(|s| (s.public_key, s)).collect();
-        let gone: Vec<PeerId> =
-            self.by_key.iter().filter(|(k, _)| !wanted.contains_key(*k)).map(|(_, id)| *id).collect();
+        let wanted: std::collections::HashSet<Key> = specs.iter().map(|s| s.public_key).collect();
+        let gone: Vec<PeerId> = self.by_key.iter().filter(|(k, _)| !wanted.contains(*k)).map(|(_, id)| *id).collect();
         for id in &gone {
             self.remove_peer(*id);
         }
         let (mut added, mut changed) = (0, 0);
-        for (key, spec) in wanted {
+        // In configuration order, so when two peers list one prefix the later one has it, every time (as
+        // with `wg setconf`).
+        for spec in specs {
+            let key = spec.public_key;
             match self.by_key.get(&key).copied() {
                 Some(id) => {
                     if self.peers[id.0 as usize].as_ref().is_some_and(|p| p.spec != spec) {
@@ -492,6 +495,9 @@ impl Node {
         out: &mut [u8],
     ) -> Result<Received, Drop> {
         let Ok(packet) = Tunn::parse_incoming_packet(datagram) else { return Err(self.count(Drop::Malformed)) };
+        // Only a data message (a keepalive, when boringtun answers Done) authenticates the sender by its
+        // session key; a cookie reply is keyed by public values and proves nothing about where the peer is.
+        let is_data = matches!(packet, Packet::PacketData(_));
         let id = match packet {
             Packet::HandshakeInit(ref init) => {
                 // Check the MAC and the load before the key exchange that tells us who is calling: that
@@ -522,8 +528,18 @@ impl Node {
         match peer.tunn.decapsulate(Some(from.ip()), datagram, out) {
             TunnResult::WriteToTunnelV4(packet, src) => self.accept(id, from, IpAddr::V4(src), packet.len()),
             TunnResult::WriteToTunnelV6(packet, src) => self.accept(id, from, IpAddr::V6(src), packet.len()),
+            TunnResult::WriteToNetwork(reply) if reply.first() == Some(&COOKIE_REPLY) => {
+                // boringtun is under load and answers a handshake message (whose MAC anyone can compute)
+                // with a cookie: nothing is proven, so the endpoint stays and nothing queued goes there.
+                let len = reply.len();
+                let mut buf = self.buffer(len);
+                buf[..len].copy_from_slice(reply);
+                self.queue(from, buf, len);
+                Err(self.count(Drop::UnderLoad))
+            }
             TunnResult::WriteToNetwork(reply) => {
-                // A handshake answered: the peer has proven its key, so its address is where it is now.
+                // Our handshake response to a verified initiation, or the keepalive after a verified
+                // response: the peer has proven its key, so its address is where it is now.
                 peer.endpoint = Some(from);
                 let len = reply.len();
                 let mut buf = self.buffer(len);
@@ -533,7 +549,9 @@ impl Node {
                 Ok(Received::Control)
             }
             TunnResult::Done => {
-                peer.endpoint = Some(from);
+                if is_data {
+                    peer.endpoint = Some(from);
+                }
                 Ok(Received::Control)
             }
             TunnResult::Err(e) => Err(self.count(Drop::from_wireguard(&e))),
@@ -542,6 +560,11 @@ impl Node {
 
     /// Accepts a decrypted packet if its source belongs to the peer that sent it.
     fn accept(&mut self, id: PeerId, from: SocketAddr, src: IpAddr, len: usize) -> Result<Received, Drop> {
+        // boringtun trusts the IPv4 length field; an authenticated peer could still send less than a header.
+        let header = if src.is_ipv4() { 20 } else { 40 };
+        if len < header {
+            return Err(self.count(Drop::Malformed));
+        }
         if self.routes.lookup(src) != Some(id) {
             return Err(self.count(Drop::SourceNotAllowed));
         }
@@ -579,11 +602,9 @@ impl Node {
 
     /// Runs handshake retries, rekeys, keepalives and the load limiter's reset.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.last_limiter_reset.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
-            // A limiter shared between peers is reset by its owner, not by each peer's timers.
-            self.limiter.reset_count();
-            self.last_limiter_reset = Some(now);
-        }
+        // A limiter shared between peers is reset by its owner, not by each peer's timers. It keeps its own
+        // one-second gate, so calling it every tick resets it once a second on its own clock.
+        self.limiter.reset_count();
         let mut scratch = std::mem::take(&mut self.scratch);
         for slot in 0..self.peers.len() {
             let Some(peer) = self.peers[slot].as_mut() else { continue };
@@ -764,6 +785,48 @@ mod tests {
         // A forged datagram from elsewhere does not move it.
         let _ = a.handle_datagram(addr(9), &data, Instant::now(), &mut out);
         assert_eq!(a.peer_status()[0].endpoint, Some(roamed));
+    }
+
+    #[test]
+    fn a_cookie_under_load_does_not_move_the_endpoint() {
+        let (mut a, mut b) = pair();
+        // a starts a handshake; b answers, but the answer is captured instead of delivered.
+        a.handle_tun_packet(&ping([100, 64, 0, 1], [100, 64, 0, 2]), Instant::now()).unwrap();
+        let init = a.poll_transmit().unwrap().payload;
+        let mut out = vec![0u8; 2048];
+        b.handle_datagram(addr(1), &init, Instant::now(), &mut out).unwrap();
+        let response = b.poll_transmit().unwrap().payload;
+        // A flood of initiations from an unknown key (their MAC needs only a's public key) puts a under load.
+        let mut flooder =
+            Tunn::new(StaticSecret::from(key(77)), PublicKey::from(&StaticSecret::from(key(1))), None, None, 9, None);
+        let attacker = SocketAddr::from(([203, 0, 113, 66], 4444));
+        for _ in 0..(HANDSHAKE_RATE_LIMIT + 10) {
+            let mut dst = vec![0u8; 256];
+            if let TunnResult::WriteToNetwork(init) = flooder.format_handshake_initiation(&mut dst, true) {
+                let _ = a.handle_datagram(attacker, init, Instant::now(), &mut out);
+            }
+        }
+        // The captured response, replayed from elsewhere, draws a cookie: the endpoint must not follow it.
+        assert_eq!(a.handle_datagram(attacker, &response, Instant::now(), &mut out), Err(Drop::UnderLoad));
+        assert_eq!(a.peer_status()[0].endpoint, Some(addr(2)));
+    }
+
+    #[test]
+    fn a_forged_cookie_reply_does_not_move_the_endpoint() {
+        let (mut a, _) = pair();
+        a.handle_tun_packet(&ping([100, 64, 0, 1], [100, 64, 0, 2]), Instant::now()).unwrap();
+        let init = a.poll_transmit().unwrap().payload;
+        // Anyone who saw the initiation and knows b's public key can make a cookie reply that a accepts.
+        let forger = RateLimiter::new(&PublicKey::from(&StaticSecret::from(key(2))), 0);
+        let mut cookie = [0u8; 64];
+        let Err(TunnResult::WriteToNetwork(reply)) = forger.verify_packet(Some(addr(9).ip()), &init, &mut cookie)
+        else {
+            panic!("a limiter at zero answers with a cookie");
+        };
+        let reply = reply.to_vec();
+        let mut out = vec![0u8; 2048];
+        assert_eq!(a.handle_datagram(addr(9), &reply, Instant::now(), &mut out), Ok(Received::Control));
+        assert_eq!(a.peer_status()[0].endpoint, Some(addr(2)), "the endpoint stays");
     }
 
     #[test]
