@@ -36,6 +36,12 @@ fn io_err(what: &str, e: rtnetlink::Error) -> io::Error {
 
 const ENOENT: i32 = 2;
 const ESRCH: i32 = 3;
+const EAFNOSUPPORT: i32 = 97;
+
+/// Whether the kernel has no such address family (IPv6 disabled): that family is then skipped, not fatal.
+fn family_unsupported(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -EAFNOSUPPORT)
+}
 
 /// Whether a netlink error is the kernel saying "no such entry" (deleting what is already gone).
 fn is_not_found(e: &rtnetlink::Error) -> bool {
@@ -122,14 +128,11 @@ impl Netlink {
                 IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
                 IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
             };
-            let routes: Vec<RouteMessage> = self
-                .handle
-                .route()
-                .get(request)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|e| io_err("listing routes", e))?;
+            let routes: Vec<RouteMessage> = match self.handle.route().get(request).execute().try_collect().await {
+                Ok(routes) => routes,
+                Err(e) if family_unsupported(&e) => continue,
+                Err(e) => return Err(io_err("listing routes", e)),
+            };
             for route in routes {
                 if route_table(&route) == table && route.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL) {
                     match self.handle.route().del(route).execute().await {
@@ -197,14 +200,11 @@ impl Netlink {
             } else {
                 RouteMessageBuilder::<Ipv4Addr>::new().table_id(table).build()
             };
-            let routes: Vec<RouteMessage> = self
-                .handle
-                .route()
-                .get(request)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|e| io_err("listing routes", e))?;
+            let routes: Vec<RouteMessage> = match self.handle.route().get(request).execute().try_collect().await {
+                Ok(routes) => routes,
+                Err(e) if family_unsupported(&e) => continue,
+                Err(e) => return Err(io_err("listing routes", e)),
+            };
             for route in routes.into_iter().filter(|r| route_table(r) == table) {
                 let Some(prefix) = route_prefix(&route) else { continue };
                 let oif =
@@ -264,19 +264,21 @@ impl Netlink {
         Ok(prefixes)
     }
 
+    /// The rules of one family; `None` when the kernel has no such family.
+    async fn list_rules(&self, version: IpVersion) -> io::Result<Option<Vec<RuleMessage>>> {
+        match self.handle.rule().get(version).execute().try_collect().await {
+            Ok(rules) => Ok(Some(rules)),
+            Err(e) if family_unsupported(&e) => Ok(None),
+            Err(e) => Err(io_err("listing rules", e)),
+        }
+    }
+
     /// Makes the policy rules exactly the desired eight: adds the missing, removes duplicates and meshd
     /// rules of the wrong shape. Returns the priorities of the rules it added.
     pub async fn ensure_rules(&self, policy: &RoutingPolicy) -> io::Result<Vec<(bool, u32)>> {
         let mut added = Vec::new();
         for (version, v6) in [(IpVersion::V4, false), (IpVersion::V6, true)] {
-            let rules: Vec<RuleMessage> = self
-                .handle
-                .rule()
-                .get(version)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|e| io_err("listing rules", e))?;
+            let Some(rules) = self.list_rules(version).await? else { continue };
             let wanted = desired_rules(policy);
             let mut seen = vec![false; wanted.len()];
             for rule in rules.into_iter().filter(|r| is_ours(r, policy)) {
@@ -308,24 +310,6 @@ impl Netlink {
         Ok(Subscription { events: messages, _handle: handle })
     }
 
-    /// Installs the four policy rules for IPv4 and IPv6, after removing any rule already at those
-    /// priorities that points at our table or matches our mark (a previous run's leftovers).
-    pub async fn install_rules(&self, policy: &RoutingPolicy) -> io::Result<()> {
-        self.remove_rules(policy).await?;
-        for v6 in [false, true] {
-            let marked = [
-                (policy.marked_main, RuleAction::ToTable, TABLE_MAIN),
-                (policy.marked_default, RuleAction::ToTable, TABLE_DEFAULT),
-                (policy.marked_unreachable, RuleAction::Unreachable, 0),
-            ];
-            for (priority, action, table) in marked {
-                self.add_rule(v6, priority, action, table, Some((policy.fwmark, policy.fwmask))).await?;
-            }
-            self.add_rule(v6, policy.lookup_table, RuleAction::ToTable, policy.table, None).await?;
-        }
-        Ok(())
-    }
-
     async fn add_rule(
         &self,
         v6: bool,
@@ -349,19 +333,13 @@ impl Netlink {
         result.map_err(|e| io_err(&format!("adding rule {priority}"), e))
     }
 
-    /// Removes the rules at the policy's priorities that belong to meshd (by table or by mark).
+    /// Removes the rules that are exactly meshd's (priority, action, table, mark and mask all equal).
     pub async fn remove_rules(&self, policy: &RoutingPolicy) -> io::Result<()> {
+        let wanted = desired_rules(policy);
         for version in [IpVersion::V4, IpVersion::V6] {
-            let rules: Vec<RuleMessage> = self
-                .handle
-                .rule()
-                .get(version)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|e| io_err("listing rules", e))?;
+            let Some(rules) = self.list_rules(version).await? else { continue };
             for rule in rules {
-                if is_ours(&rule, policy) {
+                if wanted.iter().any(|w| w.matches(&rule)) {
                     match self.handle.rule().del(rule).execute().await {
                         Ok(()) => {}
                         Err(e) if is_not_found(&e) => {}

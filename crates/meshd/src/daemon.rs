@@ -56,7 +56,8 @@ async fn peer_specs(config: &StaticConfig) -> Result<Vec<PeerSpec>, String> {
     for peer in &config.peers {
         let endpoint = match &peer.endpoint {
             None => None,
-            Some(Endpoint::Addr(addr)) => Some(*addr),
+            // An IPv4-mapped IPv6 address would go to the IPv6-only socket and never leave.
+            Some(Endpoint::Addr(addr)) => Some(SocketAddr::new(addr.ip().to_canonical(), addr.port())),
             Some(Endpoint::Host { host, port }) => Some(resolve(host, *port).await?),
         };
         specs.push(PeerSpec {
@@ -133,8 +134,27 @@ struct Daemon {
     uapi_path: PathBuf,
 }
 
+/// The signals the daemon handles, installed before it changes anything: a SIGTERM or SIGHUP during start-up
+/// waits for the event loop instead of killing the process halfway with its routes in place.
+struct Signals {
+    hangup: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, Failure> {
+        Ok(Self {
+            hangup: signal(SignalKind::hangup()).map_err(|e| Failure::system("SIGHUP handler", e))?,
+            terminate: signal(SignalKind::terminate()).map_err(|e| Failure::system("SIGTERM handler", e))?,
+            interrupt: signal(SignalKind::interrupt()).map_err(|e| Failure::system("SIGINT handler", e))?,
+        })
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT, then removes what it added.
 pub async fn run(options: Options) -> Result<(), Failure> {
+    let signals = Signals::install()?;
     let config = config::load(&options.config).map_err(|e| Failure::Config(e.to_string()))?;
     let private_key = keys::load(&config.interface.private_key, &options.state_dir).map_err(Failure::Config)?;
     let specs = peer_specs(&config).await.map_err(|e| Failure::Config(format!("{}: {e}", options.config.display())))?;
@@ -189,7 +209,7 @@ pub async fn run(options: Options) -> Result<(), Failure> {
                 public_key = %config::base64_key(&daemon.node.public_key()),
                 "meshd is up"
             );
-            daemon.event_loop(listener).await
+            daemon.event_loop(listener, signals).await
         }
         Err(e) => Err(e),
     };
@@ -251,10 +271,13 @@ impl Daemon {
         if let Some(dir) = self.uapi_path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        // A socket file left by a killed run would make bind fail.
-        let _ = std::fs::remove_file(&self.uapi_path);
-        let listener = UnixListener::bind(&self.uapi_path)?;
-        std::fs::set_permissions(&self.uapi_path, std::fs::Permissions::from_mode(0o600))?;
+        // Bound under a temporary name and made 0600 before it takes the real one, so no client can connect
+        // in the moment between bind and chmod (the reply to `get` holds the private key).
+        let staging = self.uapi_path.with_extension("sock.new");
+        let _ = std::fs::remove_file(&staging);
+        let listener = UnixListener::bind(&staging)?;
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staging, &self.uapi_path)?;
         Ok(listener)
     }
 
@@ -266,10 +289,8 @@ impl Daemon {
         tracing::info!("meshd stopped; routes, rules and the UAPI socket removed");
     }
 
-    async fn event_loop(&mut self, uapi_listener: UnixListener) -> Result<(), Failure> {
-        let mut hangup = signal(SignalKind::hangup()).map_err(|e| Failure::system("SIGHUP handler", e))?;
-        let mut terminate = signal(SignalKind::terminate()).map_err(|e| Failure::system("SIGTERM handler", e))?;
-        let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| Failure::system("SIGINT handler", e))?;
+    async fn event_loop(&mut self, uapi_listener: UnixListener, signals: Signals) -> Result<(), Failure> {
+        let Signals { mut hangup, mut terminate, mut interrupt } = signals;
         let (uapi_tx, mut uapi_rx) = mpsc::channel::<UapiRequest>(8);
         let mut route_events = Netlink::subscribe().map_err(|e| Failure::system("watching routes", e))?;
         let mut next_route_check = Instant::now() + ROUTE_CHECK_INTERVAL;
@@ -378,7 +399,9 @@ impl Daemon {
                 return;
             }
         };
-        if let Ok(key) = keys::load(&config.interface.private_key, &self.options.state_dir)
+        // Only compare: a reload never generates a key (a missing key file is not a reason to make one).
+        if !matches!(config.interface.private_key, config::PrivateKey::Generate)
+            && let Ok(key) = keys::load(&config.interface.private_key, &self.options.state_dir)
             && key != self.private_key
         {
             tracing::warn!("the private key changed; restart meshd to use it");

@@ -32,8 +32,11 @@ fn read_key_file(path: &Path) -> Result<Key, String> {
 
 fn generate(path: &Path) -> Result<Key, String> {
     let dir = path.parent().expect("state files live in a directory");
-    fs::create_dir_all(dir).map_err(|e| format!("{}: cannot create state directory: {e}", dir.display()))?;
-    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+    if !dir.exists() {
+        fs::create_dir_all(dir).map_err(|e| format!("{}: cannot create state directory: {e}", dir.display()))?;
+        // Only a directory meshd made is narrowed; an existing one (say /var/lib) keeps its mode.
+        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+    }
     let mut key = [0u8; 32];
     fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut key))
@@ -48,7 +51,10 @@ fn generate(path: &Path) -> Result<Key, String> {
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), String> {
     let tmp = path.with_extension("tmp");
     let result = (|| {
-        let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        // A leftover temp file (or a link planted in its place) is removed, and the new one must be created
+        // by us, so the 0600 mode really applies and the key is never written through a link.
+        let _ = fs::remove_file(&tmp);
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
         file.write_all(contents)?;
         file.sync_all()?;
         fs::rename(&tmp, path)?;

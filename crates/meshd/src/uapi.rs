@@ -8,8 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use mesh_dataplane::PeerStatus;
 
-/// What a `get` reply reports about the device.
-#[derive(Debug)]
+/// What a `get` reply reports about the device. No `Debug`: it holds the private key.
 pub struct Device<'a> {
     pub private_key: &'a [u8; 32],
     pub listen_port: u16,
