@@ -276,7 +276,25 @@ impl Netlink {
     /// Makes the policy rules exactly the desired eight: adds the missing, removes duplicates and meshd
     /// rules of the wrong shape. Returns the priorities of the rules it added.
     pub async fn ensure_rules(&self, policy: &RoutingPolicy) -> io::Result<Vec<(bool, u32)>> {
-        let mut added = Vec::new();
+        let status = self.rule_status(policy).await?;
+        for rule in status.stray {
+            match self.handle.rule().del(rule).execute().await {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(io_err("removing a stray rule", e)),
+            }
+        }
+        for &(v6, priority) in &status.missing {
+            let w = desired_rules(policy).into_iter().find(|w| w.priority == priority).expect("a wanted priority");
+            self.add_rule(v6, w.priority, w.action, w.table, w.mark).await?;
+        }
+        Ok(status.missing)
+    }
+
+    /// Which of meshd's rules are missing, and which rules at its priorities are duplicates or of the wrong
+    /// shape, without changing anything.
+    pub async fn rule_status(&self, policy: &RoutingPolicy) -> io::Result<RuleStatus> {
+        let mut status = RuleStatus::default();
         for (version, v6) in [(IpVersion::V4, false), (IpVersion::V6, true)] {
             let Some(rules) = self.list_rules(version).await? else { continue };
             let wanted = desired_rules(policy);
@@ -284,21 +302,18 @@ impl Netlink {
             for rule in rules.into_iter().filter(|r| is_ours(r, policy)) {
                 match wanted.iter().position(|w| w.matches(&rule)) {
                     Some(i) if !seen[i] => seen[i] = true,
-                    _ => match self.handle.rule().del(rule).execute().await {
-                        Ok(()) => {}
-                        Err(e) if is_not_found(&e) => {}
-                        Err(e) => return Err(io_err("removing a stray rule", e)),
-                    },
+                    _ => status.stray.push(rule),
                 }
             }
             for (w, present) in wanted.iter().zip(seen) {
-                if !present {
-                    self.add_rule(v6, w.priority, w.action, w.table, w.mark).await?;
-                    added.push((v6, w.priority));
+                if present {
+                    status.present += 1;
+                } else {
+                    status.missing.push((v6, w.priority));
                 }
             }
         }
-        Ok(added)
+        Ok(status)
     }
 
     /// A netlink socket subscribed to route, rule and address changes (what `ip monitor` shows).
@@ -426,6 +441,16 @@ pub fn is_relevant(message: &NetlinkMessage<RouteNetlinkMessage>) -> bool {
                 | RouteNetlinkMessage::DelAddress(_)
         )
     )
+}
+
+/// meshd's policy rules as the kernel holds them.
+#[derive(Debug, Default)]
+pub struct RuleStatus {
+    pub present: usize,
+    /// (IPv6?, priority) of each wanted rule that is not there.
+    pub missing: Vec<(bool, u32)>,
+    /// Duplicates, and rules at meshd's priorities for its table or mark that have the wrong shape.
+    pub stray: Vec<RuleMessage>,
 }
 
 /// Route, rule and address changes as the kernel announces them.

@@ -3,6 +3,7 @@
 
 mod config;
 mod daemon;
+mod doctor;
 mod keys;
 mod uapi;
 
@@ -37,6 +38,20 @@ enum Command {
         /// Directory of the WireGuard UAPI socket (<tun>.sock) that `wg show` reads.
         #[arg(long, env = "MESHD_UAPI_DIR", default_value = "/var/run/wireguard")]
         uapi_dir: PathBuf,
+        #[command(flatten)]
+        routing: RoutingArgs,
+    },
+    /// Check the routing state, rules, forwarding, firewall and MTU; print what is wrong and how to fix it.
+    Doctor {
+        /// TUN device of the meshd to check.
+        #[arg(long, env = "MESHD_TUN", default_value = daemon::DEFAULT_TUN)]
+        tun: String,
+        /// Directory of the UAPI socket through which doctor asks meshd what it routes.
+        #[arg(long, env = "MESHD_UAPI_DIR", default_value = "/var/run/wireguard")]
+        uapi_dir: PathBuf,
+        /// Print the checks as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         routing: RoutingArgs,
     },
@@ -100,6 +115,9 @@ fn main() -> ExitCode {
         Command::Version { json } => {
             println!("{}", version_text(json));
             ExitCode::SUCCESS
+        }
+        Command::Doctor { tun, uapi_dir, json, routing } => {
+            doctor::run(doctor::Options { tun, uapi_dir, policy: routing.policy(), json })
         }
         Command::Daemon { config, state_dir, tun, port, uapi_dir, routing } => {
             init_logging();

@@ -164,3 +164,60 @@ fn a_table_another_program_uses_is_refused_with_the_way_out() {
         "with --table 53 meshd starts and uses table 53"
     );
 }
+
+fn doctor(lab: &Lab, ns: usize, tun: &str, json: bool) -> (Option<i32>, String) {
+    let mut args = vec!["doctor", "--tun", tun];
+    if json {
+        args.push("--json");
+    }
+    let out = lab.ns(ns).exec(MESHD, &args);
+    (out.status.code(), stdout(&out))
+}
+
+#[test]
+fn doctor_finds_a_forward_reject_ip_forward_off_and_stale_state() {
+    let (mut lab, a, _b) = two_hosts("doc");
+    let (meshd, tun) = meshd_with_routes(&mut lab, a, "100.64.0.2/32");
+    let (status, healthy) = doctor(&lab, a, &tun, false);
+    assert!(healthy.contains("OK    rules") && healthy.contains("OK    table"), "{healthy}");
+    assert!(healthy.contains("WARN  ip_forward"), "a fresh namespace does not forward: {healthy}");
+    assert_eq!(status, Some(0), "warnings alone do not fail: {healthy}");
+
+    // What seed 002's authors found by hand: firewalld's FORWARD reject.
+    let nft = |args: &[&str]| lab.ns(a).exec_ok("nft", args);
+    nft(&["add", "table", "inet", "firewalld"]);
+    nft(&["add", "chain", "inet", "firewalld", "filter_FORWARD", "{ type filter hook forward priority 10 ; }"]);
+    nft(&["add", "rule", "inet", "firewalld", "filter_FORWARD", "reject", "with", "icmpx", "admin-prohibited"]);
+    let (status, report) = doctor(&lab, a, &tun, false);
+    assert_eq!(status, Some(1), "{report}");
+    assert!(report.contains("FAIL  firewall"), "{report}");
+    assert!(report.contains("reject with icmpx admin-prohibited"), "{report}");
+    assert!(
+        report.contains(&format!("nft insert rule inet firewalld filter_FORWARD iifname \"{tun}\" accept")),
+        "{report}"
+    );
+
+    // A meshd killed with SIGKILL leaves its rules and (here) a stale route behind.
+    lab.process(meshd).kill();
+    lab.ns(a).ip(&["route", "add", "10.99.0.0/16", "dev", "lo", "table", "52", "proto", "88"]);
+    let (status, report) = doctor(&lab, a, &tun, false);
+    assert_eq!(status, Some(1));
+    assert!(report.contains("WARN  daemon"), "{report}");
+    assert!(report.contains("FAIL  rules") && report.contains("ip rule del priority 5270"), "{report}");
+    assert!(
+        report.contains("stale: 10.99.0.0/16") && report.contains("ip route del 10.99.0.0/16 table 52"),
+        "{report}"
+    );
+
+    let (_, json) = doctor(&lab, a, &tun, true);
+    let parsed: serde_json::Value = serde_json::from_str(&json).expect("doctor --json is JSON");
+    assert_eq!(parsed["ok"], false);
+    let failed: Vec<&str> = parsed["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["status"] == "FAIL")
+        .map(|c| c["check"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, ["rules", "table", "firewall"]);
+}

@@ -1,0 +1,445 @@
+//! `meshd doctor`: checks what users of subnet routers lose hours to (seed 002) and prints, for each, OK,
+//! WARN or FAIL with the command that fixes it. The exit status is non-zero if anything failed.
+//!
+//! It asks the running daemon (over its UAPI socket) which prefixes it routes, computes the table it should
+//! have with the route manager's own planning code, and compares that with what the kernel holds.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use mesh_linux::RoutingPolicy;
+use mesh_linux::netlink::Netlink;
+use mesh_linux::plan;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub tun: String,
+    pub uapi_dir: PathBuf,
+    pub policy: RoutingPolicy,
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Status {
+    Ok,
+    Warn,
+    Fail,
+}
+
+impl Status {
+    fn word(self) -> &'static str {
+        match self {
+            Status::Ok => "OK",
+            Status::Warn => "WARN",
+            Status::Fail => "FAIL",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    pub summary: String,
+    pub details: Vec<String>,
+    pub fix: Vec<String>,
+}
+
+impl Check {
+    fn new(name: &'static str, status: Status, summary: impl Into<String>) -> Self {
+        Self { name, status, summary: summary.into(), details: Vec::new(), fix: Vec::new() }
+    }
+}
+
+/// What the running daemon reports about itself.
+#[derive(Debug, Default)]
+struct Daemon {
+    allowed_ips: Vec<IpNet>,
+    endpoints: Vec<SocketAddr>,
+}
+
+fn ask_daemon(socket: &Path) -> Option<Daemon> {
+    let mut stream = UnixStream::connect(socket).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream.write_all(b"get=1\n\n").ok()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).ok()?;
+    let mut daemon = Daemon::default();
+    for line in reply.lines() {
+        match line.split_once('=') {
+            Some(("allowed_ip", v)) => daemon.allowed_ips.extend(v.parse::<IpNet>().ok()),
+            Some(("endpoint", v)) => daemon.endpoints.extend(v.parse::<SocketAddr>().ok()),
+            _ => {}
+        }
+    }
+    reply.contains("errno=0").then_some(daemon)
+}
+
+pub fn run(options: Options) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("meshd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let checks = match runtime.block_on(checks(&options)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("meshd: doctor cannot read the routing state: {e} (run it as root)");
+            return ExitCode::FAILURE;
+        }
+    };
+    if options.json {
+        println!("{}", to_json(&checks));
+    } else {
+        for check in &checks {
+            println!("{:<4}  {:<11} {}", check.status.word(), check.name, check.summary);
+            for detail in &check.details {
+                println!("              {detail}");
+            }
+            for fix in &check.fix {
+                println!("              fix: {fix}");
+            }
+        }
+    }
+    if checks.iter().any(|c| c.status == Status::Fail) { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
+
+fn to_json(checks: &[Check]) -> String {
+    let list: Vec<serde_json::Value> = checks
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "check": c.name,
+                "status": c.status.word(),
+                "summary": c.summary,
+                "details": c.details,
+                "fix": c.fix,
+            })
+        })
+        .collect();
+    serde_json::json!({ "checks": list, "ok": !checks.iter().any(|c| c.status == Status::Fail) }).to_string()
+}
+
+async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
+    let netlink = Netlink::connect()?;
+    let table = o.policy.table;
+    let socket = o.uapi_dir.join(format!("{}.sock", o.tun));
+    let daemon = ask_daemon(&socket);
+    let tun_index = netlink.link_index(&o.tun).await.ok();
+    let mut out = Vec::new();
+
+    out.push(match (&daemon, tun_index) {
+        (Some(d), Some(_)) => Check::new(
+            "daemon",
+            Status::Ok,
+            format!("meshd runs on {} and routes {} prefix(es)", o.tun, d.allowed_ips.len()),
+        ),
+        _ => {
+            let mut c = Check::new(
+                "daemon",
+                Status::Warn,
+                format!("meshd is not running on {} (no answer on {})", o.tun, socket.display()),
+            );
+            c.fix.push("systemctl start meshd   # or: meshd daemon --config FILE".into());
+            c
+        }
+    });
+
+    // Policy rules.
+    let rules = netlink.rule_status(&o.policy).await?;
+    let mut c = if daemon.is_some() {
+        if rules.missing.is_empty() {
+            Check::new("rules", Status::Ok, format!("the {} policy rules are in place", rules.present))
+        } else {
+            let mut c = Check::new("rules", Status::Fail, format!("{} policy rule(s) missing", rules.missing.len()));
+            for (v6, priority) in &rules.missing {
+                c.details.push(format!("missing: {} rule {priority}", if *v6 { "IPv6" } else { "IPv4" }));
+            }
+            c.fix.push("meshd restores them within seconds; if not, restart meshd".into());
+            c
+        }
+    } else if rules.present > 0 {
+        let mut c = Check::new(
+            "rules",
+            Status::Fail,
+            format!("{} meshd rule(s) left by a run that did not stop cleanly", rules.present),
+        );
+        for priority in o.policy.priorities() {
+            c.fix.push(format!("ip rule del priority {priority}; ip -6 rule del priority {priority}"));
+        }
+        c
+    } else {
+        Check::new("rules", Status::Ok, "no meshd rules (meshd is not running)")
+    };
+    if !rules.stray.is_empty() {
+        c.status = c.status.max(Status::Warn);
+        c.details.push(format!("{} duplicate or misshapen rule(s) at meshd's priorities", rules.stray.len()));
+    }
+    out.push(c);
+
+    // The mesh table: what should be there against what is.
+    let entries = netlink.dump_table(table).await?;
+    let local = match tun_index {
+        Some(i) => netlink.connected_prefixes(i).await?,
+        None => Vec::new(),
+    };
+    let (desired, skipped) = match &daemon {
+        Some(d) => plan::desired(d.allowed_ips.iter().copied(), &local),
+        None => Default::default(),
+    };
+    let p = plan::plan(&desired, &entries, tun_index.unwrap_or(0));
+    let mut c = if p.add.is_empty() && p.remove.is_empty() {
+        Check::new("table", Status::Ok, format!("table {table} holds exactly the {} routes meshd wants", desired.len()))
+    } else {
+        Check::new(
+            "table",
+            Status::Fail,
+            format!("table {table}: {} route(s) missing, {} stale", p.add.len(), p.remove.len()),
+        )
+    };
+    for route in &p.add {
+        c.details.push(format!("missing: {route}"));
+        c.fix.push(match route {
+            plan::Route::Mesh(prefix) => {
+                format!("ip route replace {prefix} dev {} table {table} proto {}", o.tun, mesh_linux::ROUTE_PROTOCOL)
+            }
+            plan::Route::Throw(prefix) => {
+                format!("ip route replace throw {prefix} table {table} proto {}", mesh_linux::ROUTE_PROTOCOL)
+            }
+        });
+    }
+    for entry in &p.remove {
+        c.details.push(format!("stale: {}{}", if entry.throw { "throw " } else { "" }, entry.prefix));
+        c.fix.push(format!("ip route del {}{} table {table}", if entry.throw { "throw " } else { "" }, entry.prefix));
+    }
+    for s in &skipped {
+        c.details.push(format!("not routed: {} would take over the local network {}", s.accepted, s.local));
+    }
+    out.push(c);
+
+    // Another owner of the table (a running Tailscale, a hand-made route).
+    out.push(if p.foreign.is_empty() {
+        Check::new("table-owner", Status::Ok, format!("nothing but meshd routes through table {table}"))
+    } else {
+        let mut c = Check::new(
+            "table-owner",
+            Status::Warn,
+            format!("table {table} holds {} route(s) meshd did not install", p.foreign.len()),
+        );
+        for e in &p.foreign {
+            let via = e.device.clone().map(|d| format!(" via {d}")).unwrap_or_default();
+            c.details.push(format!("{}{}{via}", if e.throw { "throw " } else { "" }, e.prefix));
+            c.fix.push(format!("ip route del {} table {table}", e.prefix));
+        }
+        c.fix.push("or give meshd a table of its own: meshd daemon --table 53 ...".into());
+        c
+    });
+
+    out.push(forwarding_check());
+    out.push(rp_filter_check(&o.tun));
+    out.push(firewall_check(&o.tun));
+    if let Some(d) = &daemon {
+        out.push(mtu_check(&o.tun, &d.endpoints));
+    }
+    Ok(out)
+}
+
+fn sysctl(path: &str) -> Option<String> {
+    std::fs::read_to_string(Path::new("/proc/sys").join(path)).ok().map(|s| s.trim().to_string())
+}
+
+fn forwarding_check() -> Check {
+    let v4 = sysctl("net/ipv4/ip_forward").as_deref() == Some("1");
+    let v6 = sysctl("net/ipv6/conf/all/forwarding").as_deref() == Some("1");
+    if v4 {
+        let mut c = Check::new("ip_forward", Status::Ok, "IPv4 forwarding is on");
+        if !v6 {
+            c.details.push("IPv6 forwarding is off: IPv6 subnet routes through this node will not work".into());
+            c.fix.push("sysctl -w net.ipv6.conf.all.forwarding=1".into());
+        }
+        c
+    } else {
+        let mut c = Check::new(
+            "ip_forward",
+            Status::Warn,
+            "IPv4 forwarding is off: this node cannot route for others (a subnet router must)",
+        );
+        c.fix.push("sysctl -w net.ipv4.ip_forward=1   # and put it in /etc/sysctl.d/ to keep it".into());
+        c
+    }
+}
+
+fn rp_filter_check(tun: &str) -> Check {
+    let all = sysctl("net/ipv4/conf/all/rp_filter").and_then(|v| v.parse::<u8>().ok()).unwrap_or(0);
+    let dev = sysctl(&format!("net/ipv4/conf/{tun}/rp_filter")).and_then(|v| v.parse::<u8>().ok()).unwrap_or(0);
+    // The kernel applies the larger of the two.
+    if all.max(dev) == 1 {
+        let mut c = Check::new(
+            "rp_filter",
+            Status::Warn,
+            format!("strict reverse-path filtering on {tun} drops mesh packets whose return path differs"),
+        );
+        c.fix.push(format!(
+            "sysctl -w net.ipv4.conf.{tun}.rp_filter=2{}",
+            if all == 1 { " net.ipv4.conf.all.rp_filter=2" } else { "" }
+        ));
+        c
+    } else {
+        Check::new(
+            "rp_filter",
+            Status::Ok,
+            format!("reverse-path filtering is {} on {tun}", if all.max(dev) == 2 { "loose" } else { "off" }),
+        )
+    }
+}
+
+/// A forward-hook chain that rejects or drops: firewalld's `reject with icmpx admin-prohibited` in its
+/// FORWARD chain (seed 002, case 4), a `policy drop`, or iptables' FORWARD policy.
+fn firewall_check(tun: &str) -> Check {
+    let mut findings = Vec::new();
+    let mut fixes = Vec::new();
+    if let Ok(out) = Command::new("nft").args(["list", "ruleset"]).output()
+        && out.status.success()
+    {
+        let text = String::from_utf8_lossy(&out.stdout);
+        for (family, table, chain, lines) in forward_chains(&text) {
+            let policy_drop = lines.iter().any(|l| l.contains("hook forward") && l.contains("policy drop"));
+            let rejecting: Vec<&String> = lines
+                .iter()
+                .filter(|l| !l.contains("hook forward") && (l.contains("reject") || l.ends_with("drop")))
+                .collect();
+            if policy_drop || !rejecting.is_empty() {
+                let what = rejecting.first().map(|l| l.trim().to_string()).unwrap_or_else(|| "policy drop".into());
+                findings.push(format!("nftables {family} {table} chain {chain}: {what}"));
+                fixes.push(format!("nft insert rule {family} {table} {chain} iifname \"{tun}\" accept"));
+                fixes.push(format!("nft insert rule {family} {table} {chain} oifname \"{tun}\" accept"));
+            }
+        }
+    }
+    if let Ok(out) = Command::new("iptables").args(["-S", "FORWARD"]).output()
+        && String::from_utf8_lossy(&out.stdout).lines().next() == Some("-P FORWARD DROP")
+    {
+        findings.push("iptables FORWARD policy is DROP".into());
+        fixes.push(format!("iptables -I FORWARD -i {tun} -j ACCEPT; iptables -I FORWARD -o {tun} -j ACCEPT"));
+    }
+    if findings.is_empty() {
+        return Check::new("firewall", Status::Ok, "no firewall rule rejects forwarded traffic");
+    }
+    let mut c =
+        Check::new("firewall", Status::Fail, "the firewall rejects or drops forwarded traffic, mesh traffic included");
+    c.details = findings;
+    c.fix = fixes;
+    c
+}
+
+/// (family, table, chain, lines) of every nftables chain hooked into forward.
+fn forward_chains(ruleset: &str) -> Vec<(String, String, String, Vec<String>)> {
+    let mut found = Vec::new();
+    let (mut family, mut table) = (String::new(), String::new());
+    let mut chain: Option<(String, Vec<String>)> = None;
+    for line in ruleset.lines() {
+        let t = line.trim();
+        if let Some(rest) = t.strip_prefix("table ") {
+            let mut parts = rest.trim_end_matches('{').split_whitespace();
+            family = parts.next().unwrap_or("").to_string();
+            table = parts.next().unwrap_or("").to_string();
+        } else if let Some(rest) = t.strip_prefix("chain ") {
+            chain = Some((rest.trim_end_matches('{').trim().to_string(), Vec::new()));
+        } else if t == "}" {
+            if let Some((name, lines)) = chain.take()
+                && lines.iter().any(|l| l.contains("hook forward"))
+            {
+                found.push((family.clone(), table.clone(), name, lines));
+            }
+        } else if let Some((_, lines)) = chain.as_mut() {
+            lines.push(t.to_string());
+        }
+    }
+    found
+}
+
+/// WireGuard adds 60 bytes over IPv4 and 80 over IPv6; the tunnel MTU plus that must fit the path.
+fn mtu_check(tun: &str, endpoints: &[SocketAddr]) -> Check {
+    let read_mtu =
+        |dev: &str| std::fs::read_to_string(format!("/sys/class/net/{dev}/mtu")).ok()?.trim().parse::<u32>().ok();
+    let Some(tun_mtu) = read_mtu(tun) else {
+        return Check::new("mtu", Status::Warn, format!("cannot read the MTU of {tun}"));
+    };
+    let mut c = Check::new("mtu", Status::Ok, format!("{tun} MTU {tun_mtu} fits the path to every peer"));
+    for endpoint in endpoints {
+        let Some(dev) = route_device(endpoint.ip()) else { continue };
+        let Some(path_mtu) = read_mtu(&dev) else { continue };
+        let overhead = if endpoint.is_ipv4() { 60 } else { 80 };
+        if tun_mtu + overhead > path_mtu {
+            c.status = Status::Warn;
+            c.summary = format!("{tun} MTU {tun_mtu} is too large for the path to some peers");
+            c.details.push(format!("{endpoint} via {dev} (MTU {path_mtu}) fits at most {}", path_mtu - overhead));
+            c.fix.push(format!(
+                "set mtu = {} in the [interface] section (or MTU = in wg-quick) and restart",
+                path_mtu - overhead
+            ));
+        }
+    }
+    c
+}
+
+fn route_device(ip: IpAddr) -> Option<String> {
+    let out = Command::new("ip").args(["route", "get", &ip.to_string()]).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "dev")?;
+    words.next().map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_firewalld_style_forward_rejects() {
+        let ruleset = r#"table inet firewalld {
+	chain filter_FORWARD {
+		type filter hook forward priority filter + 10; policy accept;
+		ct state { established, related } accept
+		jump filter_FORWARD_POLICIES
+		reject with icmpx admin-prohibited
+	}
+	chain filter_INPUT {
+		type filter hook input priority filter + 10; policy accept;
+		reject with icmpx admin-prohibited
+	}
+}
+table ip filter {
+	chain FORWARD {
+		type filter hook forward priority filter; policy drop;
+	}
+}
+"#;
+        let chains = forward_chains(ruleset);
+        assert_eq!(chains.len(), 2, "only forward-hook chains");
+        assert_eq!(
+            (chains[0].0.as_str(), chains[0].1.as_str(), chains[0].2.as_str()),
+            ("inet", "firewalld", "filter_FORWARD")
+        );
+        assert!(chains[0].3.iter().any(|l| l == "reject with icmpx admin-prohibited"));
+        assert_eq!(chains[1].2, "FORWARD");
+    }
+
+    #[test]
+    fn json_lists_every_check() {
+        let mut c = Check::new("table", Status::Fail, "table 52: 1 route(s) missing, 0 stale");
+        c.fix.push("ip route replace 10.0.0.0/16 dev mesh0 table 52 proto 88".into());
+        let json: serde_json::Value =
+            serde_json::from_str(&to_json(&[c, Check::new("rules", Status::Ok, "ok")])).unwrap();
+        assert_eq!(json["ok"], false);
+        assert_eq!(json["checks"][0]["status"], "FAIL");
+        assert_eq!(json["checks"][1]["check"], "rules");
+    }
+}
