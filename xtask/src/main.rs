@@ -7,6 +7,7 @@ use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Context, Result, bail};
 
+mod routes;
 mod throughput;
 
 /// Debian packages the tests need: namespaces and routes, the firewall, the reference WireGuard peer and
@@ -19,6 +20,8 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   ci              install missing system packages (as root), then fmt, clippy and every test
   bench [snat]    criterion benchmarks of the SNAT hot path and memory per flow
+  bench routes [--count N]
+                  time the route manager installing, checking and restoring N routes (root)
   bench throughput [--seconds N]
                   iperf3 through meshd and through wireguard-go in namespaces, same run (root)";
 
@@ -196,6 +199,14 @@ fn is_root() -> bool {
 
 fn bench(which: Option<&str>, rest: &[String]) -> Result<bool> {
     match which {
+        Some("routes") => {
+            let count = match rest {
+                [flag, n] if flag == "--count" => n.parse().context("--count takes a number")?,
+                [] => 10_000,
+                _ => bail!("usage: cargo xtask bench routes [--count N]"),
+            };
+            routes::run(count)
+        }
         Some("throughput") => {
             let seconds = match rest {
                 [flag, n] if flag == "--seconds" => n.parse().context("--seconds takes a number")?,
@@ -209,7 +220,7 @@ fn bench(which: Option<&str>, rest: &[String]) -> Result<bool> {
             let memory = cargo().args(["bench", "-p", "mesh-benches", "--bench", "flow_memory"]).status()?.success();
             Ok(criterion && memory)
         }
-        Some(other) => bail!("unknown benchmark {other:?}; known: snat, throughput"),
+        Some(other) => bail!("unknown benchmark {other:?}; known: snat, routes, throughput"),
     }
 }
 
