@@ -14,7 +14,7 @@ use ipnet::IpNet;
 
 use crate::RoutingPolicy;
 use crate::netlink::Netlink;
-use crate::plan::{self, Entry, Route, Skipped};
+use crate::plan::{self, Accept, Entry, Route, Skipped};
 
 /// Repairs allowed in a burst, and how fast the allowance comes back.
 const REPAIR_BURST: u32 = 10;
@@ -56,6 +56,7 @@ pub struct RouteManager {
     policy: RoutingPolicy,
     tun_index: u32,
     accepted: Vec<IpNet>,
+    accept: Accept,
     advertised: Vec<IpNet>,
     budget: u32,
     refilled: Instant,
@@ -68,6 +69,7 @@ impl RouteManager {
             policy,
             tun_index,
             accepted: Vec::new(),
+            accept: Accept::All,
             advertised: Vec::new(),
             budget: REPAIR_BURST,
             refilled: Instant::now(),
@@ -102,6 +104,11 @@ impl RouteManager {
         self.accepted = accepted;
     }
 
+    /// Limits which of the accepted prefixes are routed (`--accept-routes=CIDR,..`).
+    pub fn set_accept(&mut self, accept: Accept) {
+        self.accept = accept;
+    }
+
     /// Sets the node's own advertised routes: like connected subnets, they stay local.
     pub fn set_advertised(&mut self, advertised: Vec<IpNet>) {
         self.advertised = advertised;
@@ -111,7 +118,7 @@ impl RouteManager {
     pub async fn desired(&self) -> io::Result<(std::collections::BTreeSet<Route>, Vec<Skipped>)> {
         let mut local = self.netlink.connected_prefixes(self.tun_index).await?;
         local.extend(self.advertised.iter().map(IpNet::trunc));
-        Ok(plan::desired(self.accepted.iter().copied(), &local))
+        Ok(plan::desired(self.accepted.iter().copied().filter(|p| self.accept.allows(p)), &local))
     }
 
     /// One pass: compare and apply the difference.

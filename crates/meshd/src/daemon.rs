@@ -35,6 +35,7 @@ pub struct Options {
     pub port: Option<u16>,
     pub uapi_dir: PathBuf,
     pub policy: RoutingPolicy,
+    pub accept: mesh_linux::plan::Accept,
 }
 
 /// A failure that stops the daemon: bad input (exit status 2) or the system refusing something (1).
@@ -168,7 +169,8 @@ pub async fn run(options: Options) -> Result<(), Failure> {
     let netlink = Netlink::connect().map_err(|e| Failure::system("opening netlink", e))?;
     let tun = mesh_linux::tun::create(&tun_name, mtu).map_err(|e| Failure::System(e.to_string()))?;
     let tun_index = netlink.link_index(&tun_name).await.map_err(|e| Failure::System(e.to_string()))?;
-    let routes = RouteManager::new(netlink.clone(), policy, tun_index);
+    let mut routes = RouteManager::new(netlink.clone(), policy, tun_index);
+    routes.set_accept(options.accept.clone());
     // Before anything is installed: sharing the table with another manager would make both wrong.
     routes.check_table_free().await.map_err(Failure::System)?;
     let udp4 =

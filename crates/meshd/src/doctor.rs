@@ -21,6 +21,7 @@ pub struct Options {
     pub tun: String,
     pub uapi_dir: PathBuf,
     pub policy: RoutingPolicy,
+    pub accept: plan::Accept,
     pub json: bool,
 }
 
@@ -191,7 +192,7 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
         None => Vec::new(),
     };
     let (desired, skipped) = match &daemon {
-        Some(d) => plan::desired(d.allowed_ips.iter().copied(), &local),
+        Some(d) => plan::desired(d.allowed_ips.iter().copied().filter(|p| o.accept.allows(p)), &local),
         None => Default::default(),
     };
     let p = plan::plan(&desired, &entries, tun_index.unwrap_or(0));

@@ -75,9 +75,22 @@ struct RoutingArgs {
     /// Priority of the first policy rule; the others follow at +20, +40 and +60.
     #[arg(long, env = "MESHD_RULE_PRIORITY", default_value_t = 5210)]
     rule_priority: u32,
+    /// Route only subnet routes inside these prefixes (and their more-specifics) into the mesh; peers' own
+    /// addresses always are. Without it, every allowed IP is routed.
+    #[arg(long, env = "MESHD_ACCEPT_ROUTES", value_name = "CIDR,..", value_delimiter = ',', num_args = 0.., require_equals = true)]
+    accept_routes: Option<Vec<ipnet::IpNet>>,
 }
 
 impl RoutingArgs {
+    fn accept(&self) -> mesh_linux::plan::Accept {
+        match &self.accept_routes {
+            Some(list) if !list.is_empty() => {
+                mesh_linux::plan::Accept::Within(list.iter().map(|p| p.trunc()).collect())
+            }
+            _ => mesh_linux::plan::Accept::All,
+        }
+    }
+
     fn policy(&self) -> mesh_linux::RoutingPolicy {
         let p = self.rule_priority;
         mesh_linux::RoutingPolicy {
@@ -117,11 +130,19 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Doctor { tun, uapi_dir, json, routing } => {
-            doctor::run(doctor::Options { tun, uapi_dir, policy: routing.policy(), json })
+            doctor::run(doctor::Options { tun, uapi_dir, policy: routing.policy(), accept: routing.accept(), json })
         }
         Command::Daemon { config, state_dir, tun, port, uapi_dir, routing } => {
             init_logging();
-            let options = daemon::Options { config, state_dir, tun, port, uapi_dir, policy: routing.policy() };
+            let options = daemon::Options {
+                config,
+                state_dir,
+                tun,
+                port,
+                uapi_dir,
+                policy: routing.policy(),
+                accept: routing.accept(),
+            };
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(r) => r,
                 Err(e) => {

@@ -221,3 +221,39 @@ fn doctor_finds_a_forward_reject_ip_forward_off_and_stale_state() {
         .collect();
     assert_eq!(failed, ["rules", "table", "firewall"]);
 }
+
+#[test]
+fn accept_routes_takes_only_the_listed_prefixes_and_every_peer_address() {
+    let (mut lab, a, _b) = two_hosts("acc");
+    let (ka, kb) = (Keys::generate(), Keys::generate());
+    let tun = lab.unique("ma");
+    let config = meshd_toml(
+        &ka,
+        "100.64.0.1/32",
+        51001,
+        &tun,
+        &kb,
+        "192.168.77.2:51002",
+        "100.64.0.2/32\", \"10.0.0.0/16\", \"10.52.0.0/16\", \"10.52.9.0/24",
+    );
+    let path = lab.write("meshd-a.conf.toml", &config);
+    let state = lab.path("state");
+    let args = [
+        "daemon",
+        "--config",
+        path.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--accept-routes=10.52.0.0/16",
+    ];
+    lab.spawn(a, "meshd-a", MESHD, &args, &[]);
+    assert!(wait_until(Duration::from_secs(5), Duration::from_millis(50), || table(&lab, a).contains("10.52.9.0/24")));
+    let t = table(&lab, a);
+    assert!(t.contains("100.64.0.2 dev") && t.contains("10.52.0.0/16 dev"), "{t}");
+    assert!(!t.contains("10.0.0.0/16"), "a prefix outside --accept-routes is not routed: {t}");
+    let (_, report) = {
+        let out = lab.ns(a).exec(MESHD, &["doctor", "--tun", &tun, "--accept-routes=10.52.0.0/16"]);
+        (out.status.code(), stdout(&out))
+    };
+    assert!(report.contains("OK    table"), "doctor, told the same, agrees: {report}");
+}
