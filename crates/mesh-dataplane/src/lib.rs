@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod node;
+pub mod router;
 mod routes;
 
 #[doc(hidden)]

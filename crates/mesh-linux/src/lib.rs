@@ -6,6 +6,7 @@ pub mod manager;
 pub mod netlink;
 pub mod plan;
 pub mod socket;
+pub mod sysctl;
 pub mod tun;
 
 /// The Linux policy-routing contract (design.md §3): which table holds mesh routes, which mark meshd's own

@@ -58,6 +58,7 @@ pub struct RouteManager {
     accepted: Vec<IpNet>,
     accept: Accept,
     advertised: Vec<IpNet>,
+    pinned: Vec<IpNet>,
     budget: u32,
     refilled: Instant,
 }
@@ -71,6 +72,7 @@ impl RouteManager {
             accepted: Vec::new(),
             accept: Accept::All,
             advertised: Vec::new(),
+            pinned: Vec::new(),
             budget: REPAIR_BURST,
             refilled: Instant::now(),
         }
@@ -109,6 +111,12 @@ impl RouteManager {
         self.accept = accept;
     }
 
+    /// Routes into the mesh device that no filter or LAN check removes: the SNAT address's host route, which
+    /// lies inside the LAN on purpose (replies to it must come to meshd).
+    pub fn set_pinned(&mut self, pinned: Vec<IpNet>) {
+        self.pinned = pinned;
+    }
+
     /// Sets the node's own advertised routes: like connected subnets, they stay local.
     pub fn set_advertised(&mut self, advertised: Vec<IpNet>) {
         self.advertised = advertised;
@@ -118,7 +126,10 @@ impl RouteManager {
     pub async fn desired(&self) -> io::Result<(std::collections::BTreeSet<Route>, Vec<Skipped>)> {
         let mut local = self.netlink.connected_prefixes(self.tun_index).await?;
         local.extend(self.advertised.iter().map(IpNet::trunc));
-        Ok(plan::desired(self.accepted.iter().copied().filter(|p| self.accept.allows(p)), &local))
+        let (mut routes, skipped) =
+            plan::desired(self.accepted.iter().copied().filter(|p| self.accept.allows(p)), &local);
+        routes.extend(self.pinned.iter().map(|p| Route::Mesh(p.trunc())));
+        Ok((routes, skipped))
     }
 
     /// One pass: compare and apply the difference.

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use rtnetlink::packet_core::NetlinkMessage;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
+use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
@@ -262,6 +263,61 @@ impl Netlink {
         prefixes.sort();
         prefixes.dedup();
         Ok(prefixes)
+    }
+
+    /// The interface (index, name) whose directly connected subnet holds `addr`, other than `except`.
+    pub async fn interface_with_subnet(
+        &self,
+        addr: std::net::IpAddr,
+        except: u32,
+    ) -> io::Result<Option<(u32, String)>> {
+        let addresses: Vec<_> =
+            self.handle.address().get().execute().try_collect().await.map_err(|e| io_err("listing addresses", e))?;
+        let names = self.link_names().await?;
+        for a in addresses.into_iter().filter(|a| a.header.index != except) {
+            let Some(ip) = a.attributes.iter().find_map(|attr| match attr {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            }) else {
+                continue;
+            };
+            if IpNet::new(ip, a.header.prefix_len)
+                .is_ok_and(|n| n.prefix_len() < n.max_prefix_len() && n.contains(&addr))
+            {
+                let name = names.iter().find(|(i, _)| *i == a.header.index).map(|(_, n)| n.clone()).unwrap_or_default();
+                return Ok(Some((a.header.index, name)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Answers ARP (IPv4) or neighbour solicitations (IPv6) for `addr` on interface `index` on the host's
+    /// behalf: `ip neigh add proxy <addr> dev <if>`.
+    pub async fn add_proxy_neighbour(&self, index: u32, addr: std::net::IpAddr) -> io::Result<()> {
+        self.handle
+            .neighbours()
+            .add(index, addr)
+            .flags(NeighbourFlags::Proxy)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| io_err(&format!("adding proxy neighbour {addr}"), e))
+    }
+
+    pub async fn del_proxy_neighbour(&self, index: u32, addr: std::net::IpAddr) -> io::Result<()> {
+        let mut message = NeighbourMessage::default();
+        message.header.ifindex = index;
+        message.header.family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+        message.header.flags = NeighbourFlags::Proxy;
+        message.attributes.push(NeighbourAttribute::Destination(match addr {
+            std::net::IpAddr::V4(a) => NeighbourAddress::Inet(a),
+            std::net::IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+        }));
+        match self.handle.neighbours().del(message).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(io_err(&format!("removing proxy neighbour {addr}"), e)),
+        }
     }
 
     /// The rules of one family; `None` when the kernel has no such family.

@@ -4,17 +4,20 @@
 
 use std::collections::BTreeSet;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
 use ipnet::IpNet;
-use mesh_dataplane::{Drop, Node, PeerSpec, Received};
+use mesh_dataplane::router::{Router, Served};
+use mesh_dataplane::{Node, PeerSpec, Received};
 use mesh_linux::RoutingPolicy;
 use mesh_linux::manager::{Cause, Report, RouteManager};
 use mesh_linux::netlink::{self, Netlink};
+use mesh_linux::sysctl;
 use mesh_linux::tun::AsyncDevice;
+use mesh_packet::snat::{Snat, SnatConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UdpSocket, UnixListener, UnixStream};
 use tokio::signal::unix::{SignalKind, signal};
@@ -36,6 +39,11 @@ pub struct Options {
     pub uapi_dir: PathBuf,
     pub policy: RoutingPolicy,
     pub accept: mesh_linux::plan::Accept,
+    /// Routes this node forwards into (a subnet router's advertised routes), each with or without SNAT.
+    pub served: Vec<Served>,
+    pub snat_addresses: Vec<IpAddr>,
+    /// Where the runtime state for `meshd doctor` goes.
+    pub run_dir: PathBuf,
 }
 
 /// A failure that stops the daemon: bad input (exit status 2) or the system refusing something (1).
@@ -90,29 +98,29 @@ const ROUTE_EVENT_DELAY: Duration = Duration::from_millis(100);
 /// Logs drops at most once per reason every ten seconds, with how many there were since the last line, so a
 /// flood of garbage costs a counter increment, not a log write.
 struct DropLog {
-    last: [Option<Instant>; Drop::ALL.len()],
-    pending: [u64; Drop::ALL.len()],
+    reasons: std::collections::HashMap<&'static str, (Option<Instant>, u64)>,
 }
 
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl DropLog {
     fn new() -> Self {
-        Self { last: [None; Drop::ALL.len()], pending: [0; Drop::ALL.len()] }
+        Self { reasons: std::collections::HashMap::new() }
     }
 
-    fn record(&mut self, reason: Drop, from: Option<SocketAddr>, now: Instant) {
-        let i = reason as usize;
-        self.pending[i] += 1;
-        if self.last[i].is_none_or(|t| now.duration_since(t) >= DROP_LOG_INTERVAL) {
-            match from {
+    /// Records a drop; the data plane's drops come with the sender, the router's with the destination.
+    fn record(&mut self, reason: &'static str, peer: Option<SocketAddr>, now: Instant) {
+        let (last, pending) = self.reasons.entry(reason).or_insert((None, 0));
+        *pending += 1;
+        if last.is_none_or(|t| now.duration_since(t) >= DROP_LOG_INTERVAL) {
+            match peer {
                 Some(addr) => {
-                    tracing::warn!(reason = %reason, count = self.pending[i], latest_from = %addr, "dropped packets")
+                    tracing::warn!(reason = %reason, count = *pending, latest_from = %addr, "dropped packets")
                 }
-                None => tracing::debug!(reason = %reason, count = self.pending[i], "dropped packets"),
+                None => tracing::info!(reason = %reason, count = *pending, "dropped packets"),
             }
-            self.last[i] = Some(now);
-            self.pending[i] = 0;
+            *last = Some(now);
+            *pending = 0;
         }
     }
 }
@@ -130,9 +138,21 @@ struct Daemon {
     listen_port: u16,
     netlink: Netlink,
     routes: RouteManager,
+    router: Router,
+    plumbing: Vec<Plumbing>,
+    saved_sysctls: Vec<sysctl::Saved>,
     drops: DropLog,
     deferred_logged: Option<Instant>,
     uapi_path: PathBuf,
+    state_path: PathBuf,
+}
+
+/// What one SNAT address needs on the host: its LAN interface answers ARP for it.
+#[derive(Debug, Clone)]
+struct Plumbing {
+    address: IpAddr,
+    lan_index: u32,
+    lan: String,
 }
 
 /// The signals the daemon handles, installed before it changes anything: a SIGTERM or SIGHUP during start-up
@@ -166,6 +186,8 @@ pub async fn run(options: Options) -> Result<(), Failure> {
     let port = options.port.or(config.interface.listen_port).unwrap_or(DEFAULT_PORT);
     let policy = options.policy;
 
+    let router = build_router(&options, &config, mtu)?;
+
     let netlink = Netlink::connect().map_err(|e| Failure::system("opening netlink", e))?;
     let tun = mesh_linux::tun::create(&tun_name, mtu).map_err(|e| Failure::System(e.to_string()))?;
     let tun_index = netlink.link_index(&tun_name).await.map_err(|e| Failure::System(e.to_string()))?;
@@ -189,6 +211,7 @@ pub async fn run(options: Options) -> Result<(), Failure> {
     let mut daemon = Daemon {
         tun_index,
         uapi_path: options.uapi_dir.join(format!("{tun_name}.sock")),
+        state_path: options.run_dir.join(format!("{tun_name}.json")),
         options,
         node,
         private_key,
@@ -198,6 +221,9 @@ pub async fn run(options: Options) -> Result<(), Failure> {
         listen_port,
         netlink,
         routes,
+        router,
+        plumbing: Vec::new(),
+        saved_sysctls: Vec::new(),
         drops: DropLog::new(),
         deferred_logged: None,
     };
@@ -219,6 +245,37 @@ pub async fn run(options: Options) -> Result<(), Failure> {
     result
 }
 
+/// Checks the routing options against each other and the system, then builds the router. Nothing has been
+/// changed yet, so a refusal here leaves nothing behind.
+fn build_router(options: &Options, config: &StaticConfig, mtu: u16) -> Result<Router, Failure> {
+    let v4 = options.snat_addresses.iter().find_map(|a| if let IpAddr::V4(v) = a { Some(*v) } else { None });
+    let v6 = options.snat_addresses.iter().find_map(|a| if let IpAddr::V6(v) = a { Some(*v) } else { None });
+    for served in options.served.iter().filter(|s| s.snat) {
+        let has_address = if served.prefix.addr().is_ipv4() { v4.is_some() } else { v6.is_some() };
+        if !has_address {
+            return Err(Failure::Config(format!(
+                "SNAT is on for {} but no --snat-address of that family is set: give a free LAN address with \
+                 --snat-address, or keep sources with --snat-subnet-routes=false",
+                served.prefix
+            )));
+        }
+    }
+    if !options.served.is_empty() && sysctl::read("net.ipv4.ip_forward").is_ok_and(|v| v == "0") {
+        return Err(Failure::System(
+            "serving routes needs IP forwarding, which is off: sysctl -w net.ipv4.ip_forward=1".into(),
+        ));
+    }
+    let snat = if options.snat_addresses.is_empty() {
+        None
+    } else {
+        let mut snat_config = SnatConfig::new(v4, v6);
+        snat_config.seed = seed();
+        Some(Snat::new(snat_config, Instant::now()).map_err(|e| Failure::Config(e.to_string()))?)
+    };
+    let own = config.interface.addresses.iter().map(IpNet::addr).collect();
+    Ok(Router::new(own, &options.served, snat, mtu))
+}
+
 fn seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     std::collections::hash_map::RandomState::new().build_hasher().finish()
@@ -230,10 +287,57 @@ impl Daemon {
             self.netlink.add_address(self.tun_index, *address).await.map_err(|e| Failure::System(e.to_string()))?;
         }
         self.routes.set_accepted(allowed_prefixes(specs));
+        self.plumb_snat().await?;
         // Leftovers of a killed run (routes with meshd's protocol, duplicate rules) go in this same pass.
         let report = self.routes.reconcile(Cause::Change).await.map_err(|e| Failure::System(e.to_string()))?;
         self.log_routes(&report, Cause::Change);
+        self.write_state();
         self.listen_uapi().map_err(|e| Failure::system(&format!("listening on {}", self.uapi_path.display()), e))
+    }
+
+    /// Makes each SNAT address appear on its LAN: replies to it are routed into the TUN device (a host route in
+    /// the mesh table), its LAN interface answers ARP for it (a proxy neighbour entry, with `proxy_delay=0` so
+    /// the first connection does not wait up to 0.8 s).
+    async fn plumb_snat(&mut self) -> Result<(), Failure> {
+        let mut pinned = Vec::new();
+        for &address in &self.options.snat_addresses.clone() {
+            let Some((lan_index, lan)) = self
+                .netlink
+                .interface_with_subnet(address, self.tun_index)
+                .await
+                .map_err(|e| Failure::System(e.to_string()))?
+            else {
+                return Err(Failure::Config(format!(
+                    "--snat-address {address} lies in no subnet this host is connected to; give a free address of the \
+                     LAN the routed traffic should appear from"
+                )));
+            };
+            self.netlink.add_proxy_neighbour(lan_index, address).await.map_err(|e| Failure::System(e.to_string()))?;
+            self.plumbing.push(Plumbing { address, lan_index, lan: lan.clone() });
+            if address.is_ipv4()
+                && let Some(saved) =
+                    sysctl::set(&sysctl::proxy_delay_key(&lan), "0").map_err(|e| Failure::System(e.to_string()))?
+            {
+                self.saved_sysctls.push(saved);
+            }
+            pinned.push(IpNet::from(address));
+            tracing::info!(snat_address = %address, lan = %lan, "SNAT address answers on the LAN");
+        }
+        self.routes.set_pinned(pinned);
+        Ok(())
+    }
+
+    /// What `meshd doctor` needs to know beyond the UAPI: served routes and the SNAT plumbing.
+    fn write_state(&self) {
+        let state = serde_json::json!({
+            "served": self.options.served.iter().map(|s| serde_json::json!({"prefix": s.prefix.to_string(), "snat": s.snat})).collect::<Vec<_>>(),
+            "snat": self.plumbing.iter().map(|p| serde_json::json!({"address": p.address.to_string(), "lan": p.lan})).collect::<Vec<_>>(),
+        });
+        let result = std::fs::create_dir_all(&self.options.run_dir)
+            .and_then(|()| std::fs::write(&self.state_path, state.to_string()));
+        if let Err(e) = result {
+            tracing::warn!(error = %e, file = %self.state_path.display(), "cannot write the state doctor reads");
+        }
     }
 
     fn log_routes(&mut self, report: &Report, cause: Cause) {
@@ -287,6 +391,17 @@ impl Daemon {
         if let Err(e) = self.routes.teardown().await {
             tracing::warn!(error = %e, "cleanup");
         }
+        for p in std::mem::take(&mut self.plumbing) {
+            if let Err(e) = self.netlink.del_proxy_neighbour(p.lan_index, p.address).await {
+                tracing::warn!(error = %e, "cleanup");
+            }
+        }
+        for saved in std::mem::take(&mut self.saved_sysctls) {
+            if let Err(e) = sysctl::restore(&saved) {
+                tracing::warn!(error = %e, "cleanup");
+            }
+        }
+        let _ = std::fs::remove_file(&self.state_path);
         let _ = std::fs::remove_file(&self.uapi_path);
         tracing::info!("meshd stopped; routes, rules and the UAPI socket removed");
     }
@@ -307,8 +422,13 @@ impl Daemon {
                 read = self.tun.recv(&mut tun_buf) => {
                     let n = read.map_err(|e| Failure::system("reading the TUN device", e))?;
                     let now = Instant::now();
-                    if let Err(reason) = self.node.handle_tun_packet(&tun_buf[..n], now) {
-                        self.drops.record(reason, None, now);
+                    match self.router.to_mesh(&mut tun_buf[..n], now) {
+                        Ok(()) => {
+                            if let Err(reason) = self.node.handle_tun_packet(&tun_buf[..n], now) {
+                                self.drops.record(reason.name(), None, now);
+                            }
+                        }
+                        Err(reason) => self.drops.record(reason.name(), None, now),
                     }
                     self.flush().await;
                 }
@@ -323,7 +443,9 @@ impl Daemon {
                     }
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {
-                    self.node.handle_timeout(Instant::now());
+                    let now = Instant::now();
+                    self.node.handle_timeout(now);
+                    self.router.handle_timeout(now);
                     self.flush().await;
                 }
                 Some((message, _)) = route_events.events.next() => {
@@ -354,13 +476,16 @@ impl Daemon {
     async fn datagram(&mut self, from: SocketAddr, datagram: &[u8], out: &mut [u8]) {
         let now = Instant::now();
         match self.node.handle_datagram(from, datagram, now, out) {
-            Ok(Received::Packet(n)) => {
-                if let Err(e) = self.tun.send(&out[..n]).await {
-                    tracing::debug!(error = %e, "writing to the TUN device");
+            Ok(Received::Packet(n)) => match self.router.from_mesh(&mut out[..n], now) {
+                Ok(_) => {
+                    if let Err(e) = self.tun.send(&out[..n]).await {
+                        tracing::debug!(error = %e, "writing to the TUN device");
+                    }
                 }
-            }
+                Err(reason) => self.drops.record(reason.name(), Some(from), now),
+            },
             Ok(Received::Control) => {}
-            Err(reason) => self.drops.record(reason, Some(from), now),
+            Err(reason) => self.drops.record(reason.name(), Some(from), now),
         }
         self.flush().await;
     }

@@ -23,6 +23,7 @@ pub struct Options {
     pub policy: RoutingPolicy,
     pub accept: plan::Accept,
     pub json: bool,
+    pub run_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -55,6 +56,25 @@ impl Check {
     fn new(name: &'static str, status: Status, summary: impl Into<String>) -> Self {
         Self { name, status, summary: summary.into(), details: Vec::new(), fix: Vec::new() }
     }
+}
+
+/// What the daemon wrote for doctor: the routes it serves and its SNAT plumbing.
+#[derive(Debug, Default)]
+struct RunState {
+    serving: bool,
+    snat: Vec<(IpAddr, String)>,
+}
+
+fn read_state(path: &Path) -> RunState {
+    let Ok(text) = std::fs::read_to_string(path) else { return RunState::default() };
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else { return RunState::default() };
+    let snat = json["snat"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| Some((s["address"].as_str()?.parse().ok()?, s["lan"].as_str()?.to_string())))
+        .collect();
+    RunState { serving: json["served"].as_array().is_some_and(|a| !a.is_empty()), snat }
 }
 
 /// What the running daemon reports about itself.
@@ -133,6 +153,8 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
     let table = o.policy.table;
     let socket = o.uapi_dir.join(format!("{}.sock", o.tun));
     let daemon = ask_daemon(&socket);
+    let state =
+        if daemon.is_some() { read_state(&o.run_dir.join(format!("{}.json", o.tun))) } else { RunState::default() };
     let tun_index = netlink.link_index(&o.tun).await.ok();
     let mut out = Vec::new();
 
@@ -191,10 +213,12 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
         Some(i) => netlink.connected_prefixes(i).await?,
         None => Vec::new(),
     };
-    let (desired, skipped) = match &daemon {
+    let (mut desired, skipped) = match &daemon {
         Some(d) => plan::desired(d.allowed_ips.iter().copied().filter(|p| o.accept.allows(p)), &local),
         None => Default::default(),
     };
+    // The SNAT addresses' host routes are pinned into the table by the daemon.
+    desired.extend(state.snat.iter().map(|(a, _)| plan::Route::Mesh(IpNet::from(*a))));
     let p = plan::plan(&desired, &entries, tun_index.unwrap_or(0));
     let mut c = if p.add.is_empty() && p.remove.is_empty() {
         Check::new("table", Status::Ok, format!("table {table} holds exactly the {} routes meshd wants", desired.len()))
@@ -243,7 +267,10 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
         c
     });
 
-    out.push(forwarding_check());
+    out.push(forwarding_check(state.serving));
+    if !state.snat.is_empty() {
+        out.push(snat_check(&o.tun, &state.snat));
+    }
     out.push(rp_filter_check(&o.tun));
     out.push(firewall_check(&o.tun));
     if let Some(d) = &daemon {
@@ -256,7 +283,33 @@ fn sysctl(path: &str) -> Option<String> {
     std::fs::read_to_string(Path::new("/proc/sys").join(path)).ok().map(|s| s.trim().to_string())
 }
 
-fn forwarding_check() -> Check {
+/// The plumbing that makes a SNAT address answer on its LAN (design.md §3): the proxy neighbour entry and
+/// `proxy_delay=0` (the host route is part of the table check).
+fn snat_check(tun: &str, snat: &[(IpAddr, String)]) -> Check {
+    let mut c =
+        Check::new("snat", Status::Ok, format!("the SNAT address plumbing is in place ({} address(es))", snat.len()));
+    for (address, lan) in snat {
+        let neighbours = Command::new("ip").args(["neigh", "show", "proxy", "dev", lan]).output();
+        let proxied = neighbours
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().any(|w| w == address.to_string()));
+        if !proxied {
+            c.status = Status::Fail;
+            c.details.push(format!("{lan} does not answer ARP for {address}: LAN hosts cannot reach it"));
+            c.fix.push(format!("ip neigh replace proxy {address} dev {lan}"));
+        }
+        if address.is_ipv4() && sysctl(&format!("net/ipv4/neigh/{lan}/proxy_delay")).as_deref() != Some("0") {
+            c.status = c.status.max(Status::Warn);
+            c.details.push(format!("proxy_delay on {lan} is not 0: first contact with {address} waits up to 0.8 s"));
+            c.fix.push(format!("sysctl -w net.ipv4.neigh.{lan}.proxy_delay=0"));
+        }
+    }
+    if c.status != Status::Ok {
+        c.summary = format!("the SNAT address plumbing is incomplete; replies may not reach {tun}");
+    }
+    c
+}
+
+fn forwarding_check(serving: bool) -> Check {
     let v4 = sysctl("net/ipv4/ip_forward").as_deref() == Some("1");
     let v6 = sysctl("net/ipv6/conf/all/forwarding").as_deref() == Some("1");
     if v4 {
@@ -267,9 +320,10 @@ fn forwarding_check() -> Check {
         }
         c
     } else {
+        let status = if serving { Status::Fail } else { Status::Warn };
         let mut c = Check::new(
             "ip_forward",
-            Status::Warn,
+            status,
             "IPv4 forwarding is off: this node cannot route for others (a subnet router must)",
         );
         c.fix.push("sysctl -w net.ipv4.ip_forward=1   # and put it in /etc/sysctl.d/ to keep it".into());

@@ -40,6 +40,11 @@ enum Command {
         uapi_dir: PathBuf,
         #[command(flatten)]
         routing: RoutingArgs,
+        #[command(flatten)]
+        router: RouterArgs,
+        /// Where runtime state for `meshd doctor` is written.
+        #[arg(long, env = "MESHD_RUN_DIR", default_value = "/run/meshd")]
+        run_dir: PathBuf,
     },
     /// Check the routing state, rules, forwarding, firewall and MTU; print what is wrong and how to fix it.
     Doctor {
@@ -52,6 +57,9 @@ enum Command {
         /// Print the checks as JSON.
         #[arg(long)]
         json: bool,
+        /// Where the daemon writes its runtime state.
+        #[arg(long, env = "MESHD_RUN_DIR", default_value = "/run/meshd")]
+        run_dir: PathBuf,
         #[command(flatten)]
         routing: RoutingArgs,
     },
@@ -79,6 +87,45 @@ struct RoutingArgs {
     /// addresses always are. Without it, every allowed IP is routed.
     #[arg(long, env = "MESHD_ACCEPT_ROUTES", value_name = "CIDR,..", value_delimiter = ',', num_args = 0.., require_equals = true)]
     accept_routes: Option<Vec<ipnet::IpNet>>,
+}
+
+/// What a subnet router serves and how.
+#[derive(Debug, clap::Args)]
+struct RouterArgs {
+    /// Routes this node forwards into from the mesh (peers list them in its allowed IPs). A prefix may end in
+    /// `:nosnat` (keep sources) or `:snat`, overriding --snat-subnet-routes for it.
+    #[arg(long, env = "MESHD_ADVERTISE_ROUTES", value_name = "CIDR[:nosnat],..", value_delimiter = ',', value_parser = parse_served)]
+    advertise_routes: Vec<(ipnet::IpNet, Option<bool>)>,
+    /// Rewrite the source of forwarded packets to --snat-address (the default), or keep the mesh source.
+    #[arg(long, env = "MESHD_SNAT_SUBNET_ROUTES", default_value_t = true, action = clap::ArgAction::Set)]
+    snat_subnet_routes: bool,
+    /// A free address on the LAN (e.g. a cloud secondary private IP) that forwarded traffic appears from; one
+    /// IPv4 and one IPv6 at most.
+    #[arg(long, env = "MESHD_SNAT_ADDRESS", value_name = "IP,..", value_delimiter = ',')]
+    snat_address: Vec<std::net::IpAddr>,
+}
+
+impl RouterArgs {
+    fn served(&self) -> Vec<mesh_dataplane::router::Served> {
+        self.advertise_routes
+            .iter()
+            .map(|(prefix, snat)| mesh_dataplane::router::Served {
+                prefix: prefix.trunc(),
+                snat: snat.unwrap_or(self.snat_subnet_routes),
+            })
+            .collect()
+    }
+}
+
+fn parse_served(text: &str) -> Result<(ipnet::IpNet, Option<bool>), String> {
+    let (prefix, mode) = match text.rsplit_once(':') {
+        Some((p, "nosnat")) => (p, Some(false)),
+        Some((p, "snat")) => (p, Some(true)),
+        _ => (text, None),
+    };
+    let prefix: ipnet::IpNet =
+        prefix.parse().map_err(|_| format!("{text:?} is not a prefix like 10.0.0.0/16 (optionally :nosnat)"))?;
+    Ok((prefix, mode))
 }
 
 impl RoutingArgs {
@@ -129,10 +176,15 @@ fn main() -> ExitCode {
             println!("{}", version_text(json));
             ExitCode::SUCCESS
         }
-        Command::Doctor { tun, uapi_dir, json, routing } => {
-            doctor::run(doctor::Options { tun, uapi_dir, policy: routing.policy(), accept: routing.accept(), json })
-        }
-        Command::Daemon { config, state_dir, tun, port, uapi_dir, routing } => {
+        Command::Doctor { tun, uapi_dir, json, routing, run_dir } => doctor::run(doctor::Options {
+            tun,
+            uapi_dir,
+            policy: routing.policy(),
+            accept: routing.accept(),
+            json,
+            run_dir,
+        }),
+        Command::Daemon { config, state_dir, tun, port, uapi_dir, routing, router, run_dir } => {
             init_logging();
             let options = daemon::Options {
                 config,
@@ -142,6 +194,9 @@ fn main() -> ExitCode {
                 uapi_dir,
                 policy: routing.policy(),
                 accept: routing.accept(),
+                served: router.served(),
+                snat_addresses: router.snat_address.clone(),
+                run_dir,
             };
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(r) => r,
@@ -195,6 +250,15 @@ mod tests {
     fn version_names_the_package_version() {
         assert_eq!(version_text(false), format!("meshd {} (commit unknown)", env!("CARGO_PKG_VERSION")));
         assert!(version_text(true).starts_with(r#"{"version":""#));
+    }
+
+    #[test]
+    fn served_routes_take_a_snat_suffix() {
+        assert_eq!(parse_served("10.0.0.0/16"), Ok(("10.0.0.0/16".parse().unwrap(), None)));
+        assert_eq!(parse_served("10.42.0.0/16:nosnat"), Ok(("10.42.0.0/16".parse().unwrap(), Some(false))));
+        assert_eq!(parse_served("fd00::/48:snat"), Ok(("fd00::/48".parse().unwrap(), Some(true))));
+        assert!(parse_served("10.0.0.0/16:maybe").is_err());
+        assert!(parse_served("nonsense").is_err());
     }
 
     #[test]

@@ -41,3 +41,23 @@ fn a_malformed_config_is_one_line_naming_file_line_and_field_with_status_2() {
     assert_eq!(missing.status.code(), Some(2));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn snat_without_an_address_names_both_ways_out() {
+    let dir = std::env::temp_dir().join(format!("meshd-cli-snat-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("router.toml");
+    std::fs::write(&path, "[interface]\nprivate_key = \"yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\"\n").unwrap();
+    let out = meshd()
+        .args(["daemon", "--config", path.to_str().unwrap(), "--advertise-routes=10.0.0.0/16", "--state-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--snat-address") && err.contains("--snat-subnet-routes=false"), "{err}");
+    let bad = meshd().args(["daemon", "--config", "x", "--advertise-routes=10.0.0.0/16:sometimes"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

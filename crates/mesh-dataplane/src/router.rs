@@ -1,0 +1,174 @@
+//! What a node does with packets that are not simply its own: the subnet-router path.
+//!
+//! From the mesh, a decrypted packet is delivered if it is for one of the node's own addresses, forwarded if
+//! its destination lies in one of the routes this node serves (SNAT'd to the SNAT address unless that route
+//! preserves sources), and dropped otherwise: a router is not an open relay. Toward the mesh, packets
+//! addressed to the SNAT address are replies and are translated back. TCP SYNs crossing in either direction
+//! get their MSS clamped to the tunnel.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use ipnet::IpNet;
+use mesh_packet::mss;
+use mesh_packet::snat::{self, Snat};
+
+use crate::routes::PrefixTable;
+
+/// A route this node serves, and whether traffic into it is SNAT'd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Served {
+    pub prefix: IpNet,
+    pub snat: bool,
+}
+
+/// Why the router refused a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouterDrop {
+    /// From the mesh, for a destination that is neither this node nor a route it serves.
+    NotRouted,
+    /// Not an IP packet.
+    NotIp,
+    /// Refused by the SNAT engine (its own counters say why).
+    Snat(snat::Drop),
+}
+
+impl RouterDrop {
+    pub fn name(self) -> &'static str {
+        match self {
+            RouterDrop::NotRouted => "not_routed",
+            RouterDrop::NotIp => "not_ip",
+            RouterDrop::Snat(d) => d.name(),
+        }
+    }
+}
+
+/// What to do with a packet from the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FromMesh {
+    /// For this node.
+    Local,
+    /// Forwarded into a served route (rewritten if SNAT applies).
+    Forwarded,
+}
+
+#[derive(Debug)]
+pub struct Router {
+    own: Vec<IpAddr>,
+    served: PrefixTable<bool>,
+    snat: Option<Snat>,
+    mtu: u16,
+    not_routed: u64,
+}
+
+impl Router {
+    /// `own`: the node's mesh addresses; `served`: the routes it forwards into; `snat`: the engine, needed if
+    /// any served route SNATs; `mtu`: the tunnel MTU for MSS clamping.
+    pub fn new(own: Vec<IpAddr>, served: &[Served], snat: Option<Snat>, mtu: u16) -> Self {
+        let mut table = PrefixTable::default();
+        for s in served {
+            table.insert(s.prefix, s.snat);
+        }
+        Self { own, served: table, snat, mtu, not_routed: 0 }
+    }
+
+    pub fn not_routed(&self) -> u64 {
+        self.not_routed
+    }
+
+    pub fn snat(&self) -> Option<&Snat> {
+        self.snat.as_ref()
+    }
+
+    /// Decides on a decrypted packet from a peer, rewriting it in place when it is forwarded with SNAT.
+    pub fn from_mesh(&mut self, packet: &mut [u8], now: Instant) -> Result<FromMesh, RouterDrop> {
+        let dst = destination(packet).ok_or(RouterDrop::NotIp)?;
+        if self.own.contains(&dst) {
+            return Ok(FromMesh::Local);
+        }
+        let Some(snat_on) = self.served.lookup(dst) else {
+            self.not_routed += 1;
+            return Err(RouterDrop::NotRouted);
+        };
+        mss::clamp(packet, self.mtu);
+        if snat_on {
+            let engine = self.snat.as_mut().ok_or(RouterDrop::Snat(snat::Drop::NoAddressForFamily))?;
+            engine.outbound(packet, now).map_err(RouterDrop::Snat)?;
+        }
+        Ok(FromMesh::Forwarded)
+    }
+
+    /// Prepares a packet read from the TUN device for the mesh: replies to the SNAT address are translated
+    /// back to the mesh client; forwarded SYNs are clamped.
+    pub fn to_mesh(&mut self, packet: &mut [u8], now: Instant) -> Result<(), RouterDrop> {
+        let dst = destination(packet).ok_or(RouterDrop::NotIp)?;
+        if let Some(engine) = self.snat.as_mut()
+            && engine.is_snat_address(dst)
+        {
+            engine.inbound(packet, now).map_err(RouterDrop::Snat)?;
+        }
+        mss::clamp(packet, self.mtu);
+        Ok(())
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(engine) = self.snat.as_mut() {
+            engine.handle_timeout(now);
+        }
+    }
+}
+
+fn destination(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 if packet.len() >= 20 => Some(IpAddr::from(<[u8; 4]>::try_from(&packet[16..20]).ok()?)),
+        6 if packet.len() >= 40 => Some(IpAddr::from(<[u8; 16]>::try_from(&packet[24..40]).ok()?)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use mesh_packet::build::Builder;
+    use mesh_packet::snat::SnatConfig;
+    use mesh_packet::wire::TCP_SYN;
+
+    use super::*;
+
+    fn router() -> Router {
+        let snat = Snat::new(SnatConfig::new(Some(Ipv4Addr::new(10, 0, 12, 9)), None), Instant::now()).unwrap();
+        let served = [
+            Served { prefix: "10.0.0.0/16".parse().unwrap(), snat: true },
+            Served { prefix: "10.42.0.0/16".parse().unwrap(), snat: false },
+        ];
+        Router::new(vec!["100.64.0.1".parse().unwrap()], &served, Some(snat), 1420)
+    }
+
+    #[test]
+    fn routes_snats_preserves_and_refuses() {
+        let mut r = router();
+        let now = Instant::now();
+        let mut local = Builder::v4([100, 64, 0, 2], [100, 64, 0, 1]).echo(true, 1, 1, b"");
+        assert_eq!(r.from_mesh(&mut local, now), Ok(FromMesh::Local));
+
+        let mut to_vpc = Builder::v4([100, 64, 0, 2], [10, 0, 12, 50]).tcp(40000, 443, TCP_SYN, b"");
+        assert_eq!(r.from_mesh(&mut to_vpc, now), Ok(FromMesh::Forwarded));
+        assert_eq!(&to_vpc[12..16], &[10, 0, 12, 9], "SNAT'd");
+        let ext = u16::from_be_bytes([to_vpc[20], to_vpc[21]]);
+
+        let mut to_pods = Builder::v4([100, 64, 0, 2], [10, 42, 1, 5]).udp(5000, 53, b"q");
+        assert_eq!(r.from_mesh(&mut to_pods, now), Ok(FromMesh::Forwarded));
+        assert_eq!(&to_pods[12..16], &[100, 64, 0, 2], "source preserved");
+
+        let mut elsewhere = Builder::v4([100, 64, 0, 2], [8, 8, 8, 8]).udp(5000, 53, b"q");
+        assert_eq!(r.from_mesh(&mut elsewhere, now), Err(RouterDrop::NotRouted));
+        assert_eq!(r.not_routed(), 1);
+
+        let mut reply = Builder::v4([10, 0, 12, 50], [10, 0, 12, 9]).tcp(443, ext, TCP_SYN | 0x10, b"");
+        r.to_mesh(&mut reply, now).unwrap();
+        assert_eq!(&reply[16..20], &[100, 64, 0, 2], "translated back");
+        let mut unsolicited = Builder::v4([10, 0, 12, 66], [10, 0, 12, 9]).tcp(443, 999, TCP_SYN, b"");
+        assert!(matches!(r.to_mesh(&mut unsolicited, now), Err(RouterDrop::Snat(snat::Drop::Unsolicited))));
+    }
+}

@@ -1,0 +1,222 @@
+//! Subnet routing on real kernels, static mode: the S1 (SNAT, seed 000) and S2 (sources preserved, seed 002)
+//! topologies with real meshd daemons, and what a router refuses.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use mesh_netns::{Keys, Lab, stdout, wait_until};
+
+struct Node {
+    ns: usize,
+    tun: String,
+}
+
+/// A meshd daemon with one peer; `extra` are more daemon flags.
+fn start(
+    lab: &mut Lab,
+    ns: usize,
+    name: &str,
+    me: (&Keys, &str, u16),
+    peer: (&Keys, &str, &str),
+    extra: &[&str],
+) -> Node {
+    let tun = lab.unique(&name[..2]);
+    let (keys, address, port) = me;
+    let (peer_keys, endpoint, allowed) = peer;
+    let config = meshd_toml(keys, address, port, &tun, peer_keys, endpoint, allowed);
+    let path = lab.write(&format!("{name}.toml"), &config);
+    let state = lab.path(&format!("{name}-state"));
+    let run = lab.path(&format!("{name}-run"));
+    let mut args = vec!["daemon", "--config", path.to_str().unwrap(), "--state-dir", state.to_str().unwrap()];
+    args.extend(["--run-dir", run.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    lab.spawn(ns, name, MESHD, &args, &[("MESHD_LOG", "info")]);
+    Node { ns, tun }
+}
+
+/// Asks a socat service at `addr` (TCP, or UDP if `udp`) which source address it saw.
+fn seen_source(lab: &Lab, from: usize, addr: &str, udp: bool) -> String {
+    let target = if udp { format!("UDP:{addr}:5353") } else { format!("TCP:{addr}:5300") };
+    // UDP needs a datagram to answer; TCP answers the connection.
+    let out = lab.ns(from).exec("sh", &["-c", &format!("echo hello | timeout 5 socat -T 2 - {target}")]);
+    stdout(&out).trim().to_string()
+}
+
+/// Starts services on `ns` that answer with the peer address they see, over TCP 5300 and UDP 5353.
+fn start_echo_services(lab: &mut Lab, ns: usize, bind: &str) {
+    let tcp = format!("TCP-LISTEN:5300,bind={bind},reuseaddr,fork");
+    lab.spawn(ns, "seen-tcp", "socat", &[&tcp, "SYSTEM:echo $SOCAT_PEERADDR"], &[]);
+    let udp = format!("UDP-RECVFROM:5353,bind={bind},fork");
+    lab.spawn(ns, "seen-udp", "socat", &[&udp, "SYSTEM:echo $SOCAT_PEERADDR"], &[]);
+    assert!(wait_until(Duration::from_secs(5), Duration::from_millis(50), || stdout(
+        &lab.ns(ns).exec("ss", &["-ltn"])
+    )
+    .contains(&format!("{bind}:5300"))));
+}
+
+/// Sends `size` bytes from a socat file server at `addr` to `to` and returns (served, received).
+fn download(lab: &mut Lab, server_ns: usize, to: usize, addr: &str, size: usize) -> (Vec<u8>, Vec<u8>) {
+    let data: Vec<u8> = (0..size).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let file = lab.dir.join("served.bin");
+    let got = lab.dir.join("downloaded.bin");
+    std::fs::write(&file, &data).unwrap();
+    let listen = format!("TCP-LISTEN:5001,bind={addr},reuseaddr");
+    lab.spawn(server_ns, "file-server", "socat", &["-u", &format!("OPEN:{}", file.display()), &listen], &[]);
+    assert!(wait_until(Duration::from_secs(5), Duration::from_millis(50), || stdout(
+        &lab.ns(server_ns).exec("ss", &["-ltn"])
+    )
+    .contains(&format!("{addr}:5001"))));
+    let out = lab
+        .ns(to)
+        .exec("timeout", &["60", "socat", "-u", &format!("TCP:{addr}:5001"), &format!("CREATE:{}", got.display())]);
+    assert!(out.status.success(), "download failed: {}", String::from_utf8_lossy(&out.stderr));
+    (data, std::fs::read(&got).unwrap_or_default())
+}
+
+/// S1: VPC B's client reaches VPC A's server 10.0.12.50 through VPC A's router, which SNATs to 10.0.12.9.
+struct S1 {
+    lab: Lab,
+    client: Node,
+    router: Node,
+    server: usize,
+}
+
+fn s1(name: &str) -> S1 {
+    let mut lab = Lab::new(name);
+    let c = lab.netns("cl");
+    let r = lab.netns("rt");
+    let s = lab.netns("sv");
+    lab.link(c, "192.168.90.2/24", r, "192.168.90.1/24");
+    lab.link(r, "10.0.12.1/24", s, "10.0.12.50/24");
+    lab.ns(r).exec_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    let (kc, kr) = (Keys::generate(), Keys::generate());
+    let router = start(
+        &mut lab,
+        r,
+        "router",
+        (&kr, "100.64.0.1/32", 41641),
+        (&kc, "192.168.90.2:41641", "100.64.0.2/32"),
+        &["--advertise-routes=10.0.0.0/16", "--snat-address", "10.0.12.9"],
+    );
+    // The client also accepts a prefix the router does not serve, to show the router refuses it.
+    let client = start(
+        &mut lab,
+        c,
+        "client",
+        (&kc, "100.64.0.2/32", 41641),
+        (&kr, "192.168.90.1:41641", "100.64.0.1/32\", \"10.0.0.0/16\", \"10.9.0.0/16"),
+        &[],
+    );
+    assert!(wait_for_ping(&lab, c, "10.0.12.50", Duration::from_secs(10)), "the client cannot reach the VPC server");
+    S1 { lab, client, router, server: s }
+}
+
+#[test]
+fn s1_the_server_sees_the_snat_address_and_downloads_arrive_intact() {
+    let S1 { mut lab, client, router, server } = s1("s1");
+    start_echo_services(&mut lab, server, "10.0.12.50");
+    assert!(
+        seen_source(&lab, client.ns, "10.0.12.50", false).starts_with("10.0.12.9"),
+        "TCP source seen by the server"
+    );
+    assert!(seen_source(&lab, client.ns, "10.0.12.50", true).starts_with("10.0.12.9"), "UDP source seen by the server");
+
+    let (served, received) = download(&mut lab, server, client.ns, "10.0.12.50", 10 << 20);
+    assert_eq!(received.len(), served.len(), "10 MiB downloaded");
+    assert!(received == served, "the download arrived changed");
+
+    // The seed's checks on the client, and the router's plumbing.
+    assert!(
+        stdout(&lab.ns(client.ns).ip(&["route", "show", "table", "52"]))
+            .contains(&format!("10.0.0.0/16 dev {}", client.tun))
+    );
+    assert!(stdout(&lab.ns(client.ns).ip(&["rule", "list"])).contains("5270:\tfrom all lookup 52"));
+    assert!(
+        stdout(&lab.ns(router.ns).ip(&["route", "show", "table", "52"]))
+            .contains(&format!("10.0.12.9 dev {}", router.tun))
+    );
+    let neighbours = stdout(&lab.ns(router.ns).ip(&["neigh", "show", "proxy"]));
+    assert!(neighbours.contains("10.0.12.9"), "{neighbours}");
+}
+
+#[test]
+fn s1_the_router_refuses_what_it_does_not_serve_and_spoofed_sources() {
+    let S1 { lab, client, router, .. } = s1("s1n");
+    // 10.9.0.1 is inside what the client sends to the router but outside what the router serves.
+    assert!(!lab.ns(client.ns).ping("10.9.0.1"));
+    // A source the client does not own, through the tunnel.
+    lab.ns(client.ns).ip(&["addr", "add", "10.77.0.1/32", "dev", "lo"]);
+    let spoofed = lab.ns(client.ns).exec("ping", &["-c", "1", "-W", "1", "-I", "10.77.0.1", "10.0.12.50"]);
+    assert!(!spoofed.status.success());
+    let log = || std::fs::read_to_string(lab.path("router.log")).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(3), Duration::from_millis(100), || log().contains("reason=not_routed")),
+        "{}",
+        log()
+    );
+    assert!(log().contains("reason=source_not_allowed"), "{}", log());
+    let _ = router;
+}
+
+#[test]
+fn s1_doctor_checks_the_snat_plumbing() {
+    let S1 { lab, router, .. } = s1("s1d");
+    let run = lab.path("router-run");
+    let doctor = |lab: &Lab| {
+        stdout(&lab.ns(router.ns).exec(MESHD, &["doctor", "--tun", &router.tun, "--run-dir", run.to_str().unwrap()]))
+    };
+    let report = doctor(&lab);
+    assert!(
+        report.contains("OK    snat") && report.contains("OK    table") && report.contains("OK    ip_forward"),
+        "{report}"
+    );
+    let lan = stdout(&lab.ns(router.ns).ip(&["-o", "addr", "show", "to", "10.0.12.1/24"]));
+    let lan = lan.split_whitespace().nth(1).unwrap().to_string();
+    lab.ns(router.ns).ip(&["neigh", "del", "proxy", "10.0.12.9", "dev", &lan]);
+    let report = doctor(&lab);
+    assert!(
+        report.contains("FAIL  snat") && report.contains(&format!("ip neigh replace proxy 10.0.12.9 dev {lan}")),
+        "{report}"
+    );
+}
+
+#[test]
+fn s2_two_clusters_reach_each_other_both_ways_with_sources_preserved() {
+    let mut lab = Lab::new("s2");
+    let r1 = lab.netns("r1");
+    let r2 = lab.netns("r2");
+    let h1 = lab.netns("h1");
+    let h2 = lab.netns("h2");
+    lab.link(r1, "192.168.90.1/24", r2, "192.168.90.2/24");
+    lab.link(r1, "10.42.0.1/16", h1, "10.42.0.10/16");
+    lab.link(r2, "10.52.0.1/16", h2, "10.52.0.10/16");
+    lab.ns(h1).ip(&["route", "add", "default", "via", "10.42.0.1"]);
+    lab.ns(h2).ip(&["route", "add", "default", "via", "10.52.0.1"]);
+    for r in [r1, r2] {
+        lab.ns(r).exec_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    }
+    let (k1, k2) = (Keys::generate(), Keys::generate());
+    start(
+        &mut lab,
+        r1,
+        "r1-meshd",
+        (&k1, "100.64.0.1/32", 41641),
+        (&k2, "192.168.90.2:41641", "100.64.0.2/32\", \"10.52.0.0/16\", \"10.53.0.0/16"),
+        &["--advertise-routes=10.42.0.0/16,10.43.0.0/16", "--snat-subnet-routes=false"],
+    );
+    start(
+        &mut lab,
+        r2,
+        "r2-meshd",
+        (&k2, "100.64.0.2/32", 41641),
+        (&k1, "192.168.90.1:41641", "100.64.0.1/32\", \"10.42.0.0/16\", \"10.43.0.0/16"),
+        &["--advertise-routes=10.52.0.0/16:nosnat,10.53.0.0/16:nosnat"],
+    );
+    assert!(wait_for_ping(&lab, h1, "10.52.0.10", Duration::from_secs(10)), "cluster 1 -> cluster 2");
+    assert!(lab.ns(h2).ping("10.42.0.10"), "cluster 2 -> cluster 1");
+    start_echo_services(&mut lab, h2, "10.52.0.10");
+    assert!(seen_source(&lab, h1, "10.52.0.10", false).starts_with("10.42.0.10"), "the source is preserved");
+    assert!(seen_source(&lab, h1, "10.52.0.10", true).starts_with("10.42.0.10"));
+}
