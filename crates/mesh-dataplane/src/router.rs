@@ -72,6 +72,12 @@ impl Router {
         Self { own, served: table, snat, mtu, not_routed: 0 }
     }
 
+    /// Replaces the addresses that count as this node: every address of the host, not only its mesh
+    /// addresses, since a packet to any of them is delivered here rather than forwarded.
+    pub fn set_own(&mut self, own: Vec<IpAddr>) {
+        self.own = own;
+    }
+
     pub fn not_routed(&self) -> u64 {
         self.not_routed
     }

@@ -265,6 +265,21 @@ impl Netlink {
         Ok(prefixes)
     }
 
+    /// Every address configured on the host, on any interface.
+    pub async fn local_addresses(&self) -> io::Result<Vec<std::net::IpAddr>> {
+        let addresses: Vec<_> =
+            self.handle.address().get().execute().try_collect().await.map_err(|e| io_err("listing addresses", e))?;
+        Ok(addresses
+            .iter()
+            .filter_map(|a| {
+                a.attributes.iter().find_map(|attr| match attr {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
     /// The interface (index, name) whose directly connected subnet holds `addr`, other than `except`.
     pub async fn interface_with_subnet(
         &self,

@@ -288,6 +288,7 @@ impl Daemon {
         }
         self.routes.set_accepted(allowed_prefixes(specs));
         self.plumb_snat().await?;
+        self.refresh_own_addresses().await;
         // Leftovers of a killed run (routes with meshd's protocol, duplicate rules) go in this same pass.
         let report = self.routes.reconcile(Cause::Change).await.map_err(|e| Failure::System(e.to_string()))?;
         self.log_routes(&report, Cause::Change);
@@ -365,7 +366,17 @@ impl Daemon {
         }
     }
 
+    /// Addresses come and go (DHCP, a hand-added alias); the router counts all of them as this node. Route
+    /// passes run on every address change, so they refresh this too.
+    async fn refresh_own_addresses(&mut self) {
+        match self.netlink.local_addresses().await {
+            Ok(addresses) => self.router.set_own(addresses),
+            Err(e) => tracing::warn!(error = %e, "reading the host's addresses"),
+        }
+    }
+
     async fn reconcile_routes(&mut self, cause: Cause) {
+        self.refresh_own_addresses().await;
         match self.routes.reconcile(cause).await {
             Ok(report) => self.log_routes(&report, cause),
             Err(e) => tracing::error!(error = %e, "checking routes"),
