@@ -7,6 +7,7 @@ use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Context, Result, bail};
 
+mod demo;
 mod routes;
 mod throughput;
 
@@ -19,6 +20,7 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   ci              install missing system packages (as root), then fmt, clippy and every test
+  demo            subnet routing with SNAT in network namespaces, shown step by step (root)
   bench [snat]    criterion benchmarks of the SNAT hot path and memory per flow
   bench routes [--count N]
                   time the route manager installing, checking and restoring N routes (root)
@@ -29,6 +31,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
+        Some("demo") => demo::run(),
         Some("bench") => bench(args.get(1).map(String::as_str), &args[args.len().min(2)..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
@@ -193,7 +196,7 @@ fn install_packages() -> Result<()> {
     quiet(&install)
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 

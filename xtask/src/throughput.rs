@@ -24,7 +24,7 @@ enum Topology {
 }
 
 pub fn run(seconds: u32) -> Result<bool> {
-    if !is_root() {
+    if !crate::is_root() {
         bail!("the throughput bench builds network namespaces: run it as root");
     }
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -252,8 +252,4 @@ fn measure(
     let mbit = bps / 1e6;
     println!("  {name:<32} {mbit:>8.0} Mbit/s");
     Ok(mbit)
-}
-
-fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
