@@ -39,32 +39,7 @@ pub fn run(seconds: u32) -> Result<bool> {
     println!("one TCP stream, {seconds} s each\n\nclient -> router (two namespaces)");
     let veth = measure("veth (no tunnel)", seconds, Topology::ToRouter, |_, _, _| Ok(ROUTER_LAN.to_string()))?;
     let wg = measure("wireguard-go", seconds, Topology::ToRouter, |lab, client, router| {
-        let (kc, kr) = (Keys::generate(), Keys::generate());
-        let (dc, dr) = (lab.unique("wgc"), lab.unique("wgr"));
-        start_wireguard_go(
-            lab,
-            client,
-            &dc,
-            &kc,
-            51820,
-            "100.64.0.1/32",
-            &kr.public,
-            &format!("{ROUTER_LAN}:51820"),
-            "100.64.0.2/32",
-            None,
-        );
-        start_wireguard_go(
-            lab,
-            router,
-            &dr,
-            &kr,
-            51820,
-            "100.64.0.2/32",
-            &kc.public,
-            &format!("{CLIENT_LAN}:51820"),
-            "100.64.0.1/32",
-            None,
-        );
+        wireguard_go_pair(lab, client, router, &format!("{ROUTER_MESH}/32"));
         Ok(ROUTER_MESH.to_string())
     })?;
     let ours = measure("meshd", seconds, Topology::ToRouter, |lab, client, router| {
@@ -97,33 +72,7 @@ pub fn run(seconds: u32) -> Result<bool> {
     })?;
     let routed_wg =
         measure("wireguard-go + nft masquerade", seconds, Topology::ThroughRouter, |lab, client, router| {
-            let (kc, kr) = (Keys::generate(), Keys::generate());
-            let (dc, dr) = (lab.unique("wgc"), lab.unique("wgr"));
-            let allowed = format!("{ROUTER_MESH}/32,10.0.0.0/16");
-            start_wireguard_go(
-                lab,
-                client,
-                &dc,
-                &kc,
-                51820,
-                "100.64.0.1/32",
-                &kr.public,
-                &format!("{ROUTER_LAN}:51820"),
-                &allowed,
-                None,
-            );
-            start_wireguard_go(
-                lab,
-                router,
-                &dr,
-                &kr,
-                51820,
-                "100.64.0.2/32",
-                &kc.public,
-                &format!("{CLIENT_LAN}:51820"),
-                "100.64.0.1/32",
-                None,
-            );
+            let dr = wireguard_go_pair(lab, client, router, &format!("{ROUTER_MESH}/32,10.0.0.0/16"));
             let nft = |args: &[&str]| lab.ns(router).exec_ok("nft", args);
             nft(&["add", "table", "ip", "nat"]);
             nft(&["add", "chain", "ip", "nat", "post", "{ type nat hook postrouting priority 100 ; }"]);
@@ -176,6 +125,17 @@ pub fn run(seconds: u32) -> Result<bool> {
     println!("\nmeshd / wireguard-go = {:.2} (client -> router)", ours / wg);
     println!("meshd / wireguard-go = {:.2} (routed, with SNAT)", routed_ours / routed_wg);
     Ok(true)
+}
+
+/// wireguard-go at both ends: the client reaching `client_allowed` through the router. Returns the router's
+/// device name.
+fn wireguard_go_pair(lab: &mut Lab, client: usize, router: usize, client_allowed: &str) -> String {
+    let (kc, kr) = (Keys::generate(), Keys::generate());
+    let (dc, dr) = (lab.unique("wgc"), lab.unique("wgr"));
+    let (to_router, to_client) = (format!("{ROUTER_LAN}:51820"), format!("{CLIENT_LAN}:51820"));
+    start_wireguard_go(lab, client, &dc, &kc, 51820, "100.64.0.1/32", &kr.public, &to_router, client_allowed, None);
+    start_wireguard_go(lab, router, &dr, &kr, 51820, "100.64.0.2/32", &kc.public, &to_client, "100.64.0.1/32", None);
+    dr
 }
 
 /// Starts meshd in `ns` with one peer; `me` is (keys, mesh address), `peer` is (keys, LAN address, allowed IPs).

@@ -137,6 +137,26 @@ pub fn parse(path: &Path, text: &str) -> Result<StaticConfig, ConfigError> {
 mod toml_format;
 mod wgquick;
 
+/// Keys and helpers the tests of both file formats share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::{IpNet, Key, decode_key};
+
+    // Keys as `wg genkey` / `wg pubkey` / `wg genpsk` print them.
+    pub const PRIVATE: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    pub const PEER_A: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+    pub const PEER_B: &str = "TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=";
+    pub const PSK: &str = "FpCyhws9cxwWoV4xELtfJvjJN+zQVRPISllRWgeopVE=";
+
+    pub fn key(b64: &str) -> Key {
+        decode_key(b64).unwrap()
+    }
+
+    pub fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+}
+
 pub use wgquick::decode_key;
 
 #[cfg(test)]

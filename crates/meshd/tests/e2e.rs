@@ -8,6 +8,39 @@ use std::time::{Duration, Instant};
 use common::*;
 use mesh_netns::{Keys, Lab, start_wireguard_go, stdout, wait_until};
 
+/// meshd in host `a` (100.64.0.1, port 51001) peered with a wireguard-go in host `b` (100.64.0.2, port 51002).
+struct Pair {
+    dev_b: String,
+    keys_a: Keys,
+    keys_b: Keys,
+}
+
+/// Starts the meshd side; [`start_wg_side`] starts (or restarts) the other.
+fn meshd_and_wireguard_go(lab: &mut Lab, a: usize) -> Pair {
+    let (keys_a, keys_b) = (Keys::generate(), Keys::generate());
+    let (tun_a, dev_b) = (lab.unique("ma"), lab.unique("wg"));
+    let config = meshd_toml(&keys_a, "100.64.0.1/32", 51001, &tun_a, &keys_b, "192.168.77.2:51002", "100.64.0.2/32");
+    start_meshd(lab, a, "meshd-a", &config);
+    Pair { dev_b, keys_a, keys_b }
+}
+
+/// (Re)starts the pair's wireguard-go side, with `keepalive` if given; returns the process index.
+fn start_wg_side(lab: &mut Lab, b: usize, pair: &Pair, keepalive: Option<u16>) -> usize {
+    let (keys, peer) = (&pair.keys_b, &pair.keys_a.public);
+    start_wireguard_go(
+        lab,
+        b,
+        &pair.dev_b,
+        keys,
+        51002,
+        "100.64.0.2/32",
+        peer,
+        "192.168.77.1:51001",
+        "100.64.0.1/32",
+        keepalive,
+    )
+}
+
 #[test]
 fn meshd_to_meshd_ping_and_a_verified_tcp_transfer() {
     let (mut lab, a, b) = two_hosts("m2m");
@@ -77,26 +110,8 @@ fn sigterm_removes_everything_meshd_added() {
 #[test]
 fn meshd_initiates_to_wireguard_go() {
     let (mut lab, a, b) = two_hosts("wgi");
-    let (ka, kb) = (Keys::generate(), Keys::generate());
-    let (tun_a, dev_b) = (lab.unique("ma"), lab.unique("wg"));
-    start_meshd(
-        &mut lab,
-        a,
-        "meshd-a",
-        &meshd_toml(&ka, "100.64.0.1/32", 51001, &tun_a, &kb, "192.168.77.2:51002", "100.64.0.2/32"),
-    );
-    start_wireguard_go(
-        &mut lab,
-        b,
-        &dev_b,
-        &kb,
-        51002,
-        "100.64.0.2/32",
-        &ka.public,
-        "192.168.77.1:51001",
-        "100.64.0.1/32",
-        None,
-    );
+    let pair = meshd_and_wireguard_go(&mut lab, a);
+    start_wg_side(&mut lab, b, &pair, None);
     assert!(wait_for_ping(&lab, a, "100.64.0.2", Duration::from_secs(10)), "meshd -> wireguard-go");
     let (sent, received) = tcp_transfer(&mut lab, a, b, "100.64.0.2", 1 << 20);
     assert!(received == sent, "payload changed in transit ({} of {} bytes)", received.len(), sent.len());
@@ -105,29 +120,11 @@ fn meshd_initiates_to_wireguard_go() {
 #[test]
 fn wireguard_go_initiates_to_meshd() {
     let (mut lab, a, b) = two_hosts("wgr");
-    let (ka, kb) = (Keys::generate(), Keys::generate());
-    let (tun_a, dev_b) = (lab.unique("ma"), lab.unique("wg"));
-    start_meshd(
-        &mut lab,
-        a,
-        "meshd-a",
-        &meshd_toml(&ka, "100.64.0.1/32", 51001, &tun_a, &kb, "192.168.77.2:51002", "100.64.0.2/32"),
-    );
-    start_wireguard_go(
-        &mut lab,
-        b,
-        &dev_b,
-        &kb,
-        51002,
-        "100.64.0.2/32",
-        &ka.public,
-        "192.168.77.1:51001",
-        "100.64.0.1/32",
-        None,
-    );
+    let pair = meshd_and_wireguard_go(&mut lab, a);
+    start_wg_side(&mut lab, b, &pair, None);
     assert!(wait_for_ping(&lab, b, "100.64.0.1", Duration::from_secs(10)), "wireguard-go -> meshd");
     // wireguard-go made the handshake: meshd answered it.
-    let show = stdout(&lab.ns(b).exec_ok("wg", &["show", &dev_b, "latest-handshakes"]));
+    let show = stdout(&lab.ns(b).exec_ok("wg", &["show", &pair.dev_b, "latest-handshakes"]));
     assert!(!show.trim().ends_with("\t0"), "wireguard-go has a handshake: {show}");
 }
 
@@ -194,43 +191,14 @@ fn a_wg_quick_file_works_as_is_and_wg_show_reads_meshd() {
 #[test]
 fn traffic_resumes_after_wireguard_go_restarts() {
     let (mut lab, a, b) = two_hosts("wgrs");
-    let (ka, kb) = (Keys::generate(), Keys::generate());
-    let (tun_a, dev_b) = (lab.unique("ma"), lab.unique("wg"));
-    start_meshd(
-        &mut lab,
-        a,
-        "meshd-a",
-        &meshd_toml(&ka, "100.64.0.1/32", 51001, &tun_a, &kb, "192.168.77.2:51002", "100.64.0.2/32"),
-    );
-    let wg = start_wireguard_go(
-        &mut lab,
-        b,
-        &dev_b,
-        &kb,
-        51002,
-        "100.64.0.2/32",
-        &ka.public,
-        "192.168.77.1:51001",
-        "100.64.0.1/32",
-        Some(25),
-    );
+    let pair = meshd_and_wireguard_go(&mut lab, a);
+    let wg = start_wg_side(&mut lab, b, &pair, Some(25));
     assert!(wait_for_ping(&lab, a, "100.64.0.2", Duration::from_secs(10)));
 
     lab.process(wg).kill();
     assert!(!lab.ns(a).ping("100.64.0.2"), "the peer is gone");
     let restarted = Instant::now();
-    start_wireguard_go(
-        &mut lab,
-        b,
-        &dev_b,
-        &kb,
-        51002,
-        "100.64.0.2/32",
-        &ka.public,
-        "192.168.77.1:51001",
-        "100.64.0.1/32",
-        Some(25),
-    );
+    start_wg_side(&mut lab, b, &pair, Some(25));
     assert!(
         wait_until(Duration::from_secs(10), Duration::from_millis(200), || lab.ns(a).ping("100.64.0.2")),
         "traffic did not resume within 10 s of the restart"

@@ -205,24 +205,11 @@ fn find_in_value(value: &Spanned<DeValue<'_>>, offset: usize) -> Option<String> 
 mod tests {
     use std::net::SocketAddr;
 
-    use ipnet::IpNet;
-
     use super::super::Endpoint;
     use super::super::wgquick::{ALLOWED_IP_EXPECTED, ENDPOINT_EXPECTED, KEY_EXPECTED};
     use super::*;
 
-    const PRIVATE: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
-    const PEER_A: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
-    const PEER_B: &str = "TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=";
-    const PSK: &str = "FpCyhws9cxwWoV4xELtfJvjJN+zQVRPISllRWgeopVE=";
-
-    fn key(b64: &str) -> Key {
-        decode_key(b64).unwrap()
-    }
-
-    fn net(s: &str) -> IpNet {
-        s.parse().unwrap()
-    }
+    use crate::config::test_support::*;
 
     fn parse_text(text: &str) -> Result<StaticConfig, ConfigError> {
         parse(Path::new("/etc/meshd/meshd.toml"), text)

@@ -297,19 +297,7 @@ mod tests {
 
     use super::*;
 
-    // Keys as `wg genkey` / `wg pubkey` / `wg genpsk` print them.
-    const PRIVATE: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
-    const PEER_A: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
-    const PEER_B: &str = "TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=";
-    const PSK: &str = "FpCyhws9cxwWoV4xELtfJvjJN+zQVRPISllRWgeopVE=";
-
-    fn key(b64: &str) -> Key {
-        decode_key(b64).unwrap()
-    }
-
-    fn net(s: &str) -> IpNet {
-        s.parse().unwrap()
-    }
+    use crate::config::test_support::*;
 
     fn parse_text(text: &str) -> Result<StaticConfig, ConfigError> {
         parse(Path::new("/etc/wireguard/wg0.conf"), text)
