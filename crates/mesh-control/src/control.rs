@@ -1,0 +1,613 @@
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use mesh_proto::{ErrorCode, NetMap, Peer, RegisterRequest, RegisterResponse, RouteState, VERSION};
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+
+use crate::policy::Policy;
+
+/// The schema, one statement list per version. Plain SQL both SQLite and PostgreSQL accept, so a PostgreSQL
+/// store can follow without a rewrite (INTEGER ids are assigned by the database in both).
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE auth_keys (
+        id INTEGER PRIMARY KEY,
+        lookup TEXT NOT NULL UNIQUE,
+        hash TEXT NOT NULL,
+        reusable INTEGER NOT NULL,
+        ephemeral INTEGER NOT NULL,
+        tags TEXT NOT NULL,
+        expires_at INTEGER,
+        revoked INTEGER NOT NULL DEFAULT 0,
+        uses INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE nodes (
+        id INTEGER PRIMARY KEY,
+        node_key TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL UNIQUE,
+        ipv4 TEXT NOT NULL UNIQUE,
+        ipv6 TEXT NOT NULL UNIQUE,
+        tags TEXT NOT NULL,
+        credential_hash TEXT NOT NULL,
+        ephemeral INTEGER NOT NULL,
+        expired INTEGER NOT NULL DEFAULT 0,
+        last_seen INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE routes (
+        node_id INTEGER NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+        prefix TEXT NOT NULL,
+        approved INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (node_id, prefix)
+    );
+"];
+
+/// The mesh's IPv4 range (RFC 6598 shared address space, as Tailscale uses).
+const MESH_V4: &str = "100.64.0.0/10";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ControlError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+
+    fn storage(e: rusqlite::Error) -> Self {
+        Self::new(ErrorCode::BadRequest, format!("storage: {e}"))
+    }
+}
+
+impl std::fmt::Display for ControlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ControlError {}
+
+impl From<rusqlite::Error> for ControlError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::storage(e)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthKeyOptions {
+    pub reusable: bool,
+    pub ephemeral: bool,
+    pub tags: Vec<String>,
+    /// Seconds from creation; `None` never expires.
+    pub expiry: Option<u64>,
+}
+
+/// An auth key as listed (never with its secret, which only its creator sees once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthKey {
+    pub id: u64,
+    pub lookup: String,
+    pub reusable: bool,
+    pub ephemeral: bool,
+    pub tags: Vec<String>,
+    pub expires_at: Option<u64>,
+    pub revoked: bool,
+    pub uses: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub id: u64,
+    pub node_key: String,
+    pub name: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub tags: Vec<String>,
+    pub ephemeral: bool,
+    pub expired: bool,
+    pub last_seen: u64,
+}
+
+/// The coordination server's state.
+#[derive(Debug)]
+pub struct Control {
+    db: Connection,
+    policy: Policy,
+    domain: String,
+}
+
+fn sha256_hex(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).expect("the operating system provides randomness");
+    hex::encode(buf)
+}
+
+fn join(list: &[String]) -> String {
+    list.join(",")
+}
+
+fn split(text: &str) -> Vec<String> {
+    text.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()
+}
+
+/// A hostname as a mesh name: lower case, letters, digits and dashes.
+fn sanitize(hostname: &str) -> String {
+    let name: String = hostname
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect::<String>()
+        .trim_matches('-')
+        .chars()
+        .take(63)
+        .collect();
+    if name.is_empty() { "node".into() } else { name }
+}
+
+impl Control {
+    /// Opens (creating and migrating as needed) the database at `path`.
+    pub fn open(path: &Path, policy: Policy, domain: &str) -> Result<Self, ControlError> {
+        Self::with_connection(Connection::open(path)?, policy, domain)
+    }
+
+    pub fn in_memory(policy: Policy, domain: &str) -> Result<Self, ControlError> {
+        Self::with_connection(Connection::open_in_memory()?, policy, domain)
+    }
+
+    fn with_connection(db: Connection, policy: Policy, domain: &str) -> Result<Self, ControlError> {
+        db.execute_batch(
+            "PRAGMA foreign_keys = ON; CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);",
+        )?;
+        let current: i64 = db.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))?;
+        for (i, migration) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            let tx = db.unchecked_transaction()?;
+            tx.execute_batch(migration)?;
+            tx.execute("INSERT INTO schema_version (version) VALUES (?1)", params![i as i64 + 1])?;
+            tx.commit()?;
+        }
+        let control = Self { db, policy, domain: domain.to_string() };
+        if control.meta("ula")?.is_none() {
+            // A random ULA /48 (RFC 4193) per mesh, chosen once.
+            let mut global = [0u8; 5];
+            getrandom::fill(&mut global).expect("the operating system provides randomness");
+            let ula = Ipv6Net::new(
+                Ipv6Addr::new(
+                    0xfd00 | u16::from(global[0]),
+                    u16::from_be_bytes([global[1], global[2]]),
+                    u16::from_be_bytes([global[3], global[4]]),
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                ),
+                48,
+            )
+            .expect("a /48");
+            control.set_meta("ula", &ula.to_string())?;
+            control.set_meta("version", "1")?;
+        }
+        Ok(control)
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>, ControlError> {
+        Ok(self.db.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get(0)).optional()?)
+    }
+
+    fn set_meta(&self, key: &str, value: &str) -> Result<(), ControlError> {
+        self.db.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    /// The netmap version: it grows with every change any node could see.
+    pub fn version(&self) -> Result<u64, ControlError> {
+        Ok(self.meta("version")?.and_then(|v| v.parse().ok()).unwrap_or(1))
+    }
+
+    fn bump(&self) -> Result<u64, ControlError> {
+        let next = self.version()? + 1;
+        self.set_meta("version", &next.to_string())?;
+        Ok(next)
+    }
+
+    pub fn ula(&self) -> Result<Ipv6Net, ControlError> {
+        let text = self.meta("ula")?.ok_or_else(|| ControlError::new(ErrorCode::BadRequest, "no ULA prefix"))?;
+        text.parse().map_err(|_| ControlError::new(ErrorCode::BadRequest, "bad ULA prefix in storage"))
+    }
+
+    pub fn set_policy(&mut self, policy: Policy) -> Result<(), ControlError> {
+        self.policy = policy;
+        self.bump()?;
+        Ok(())
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Creates an auth key; returns it and its secret text, which is shown once and stored only hashed.
+    pub fn create_auth_key(&self, options: &AuthKeyOptions, now: u64) -> Result<(AuthKey, String), ControlError> {
+        for tag in &options.tags {
+            if !tag.starts_with("tag:") {
+                return Err(ControlError::new(
+                    ErrorCode::BadRequest,
+                    format!("{tag:?} is not a tag (tags start with \"tag:\")"),
+                ));
+            }
+        }
+        let lookup = random_hex(6);
+        let secret = random_hex(24);
+        let expires_at = options.expiry.map(|s| now + s);
+        self.db.execute(
+            "INSERT INTO auth_keys (lookup, hash, reusable, ephemeral, tags, expires_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![lookup, sha256_hex(&secret), options.reusable, options.ephemeral, join(&options.tags), expires_at.map(|e| e as i64), now as i64],
+        )?;
+        let id = self.db.last_insert_rowid() as u64;
+        let key = AuthKey {
+            id,
+            lookup: lookup.clone(),
+            reusable: options.reusable,
+            ephemeral: options.ephemeral,
+            tags: options.tags.clone(),
+            expires_at,
+            revoked: false,
+            uses: 0,
+        };
+        Ok((key, format!("mkey-{lookup}-{secret}")))
+    }
+
+    pub fn list_auth_keys(&self) -> Result<Vec<AuthKey>, ControlError> {
+        let mut statement = self.db.prepare(
+            "SELECT id, lookup, reusable, ephemeral, tags, expires_at, revoked, uses FROM auth_keys ORDER BY id",
+        )?;
+        let rows = statement.query_map([], |r| {
+            Ok(AuthKey {
+                id: r.get::<_, i64>(0)? as u64,
+                lookup: r.get(1)?,
+                reusable: r.get(2)?,
+                ephemeral: r.get(3)?,
+                tags: split(&r.get::<_, String>(4)?),
+                expires_at: r.get::<_, Option<i64>>(5)?.map(|e| e as u64),
+                revoked: r.get(6)?,
+                uses: r.get::<_, i64>(7)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn revoke_auth_key(&self, id: u64) -> Result<bool, ControlError> {
+        Ok(self.db.execute("UPDATE auth_keys SET revoked = 1 WHERE id = ?1", params![id as i64])? == 1)
+    }
+
+    /// Finds the key a secret text names and checks it is usable now.
+    fn check_auth_key(&self, text: &str, now: u64) -> Result<AuthKey, ControlError> {
+        let unknown = || ControlError::new(ErrorCode::UnknownAuthKey, "the auth key is not known to this server");
+        let rest = text.strip_prefix("mkey-").ok_or_else(unknown)?;
+        let (lookup, secret) = rest.split_once('-').ok_or_else(unknown)?;
+        let row: Option<(String, i64)> = self
+            .db
+            .query_row("SELECT hash, id FROM auth_keys WHERE lookup = ?1", params![lookup], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        let Some((hash, id)) = row else { return Err(unknown()) };
+        if hash != sha256_hex(secret) {
+            return Err(unknown());
+        }
+        let key = self.list_auth_keys()?.into_iter().find(|k| k.id == id as u64).ok_or_else(unknown)?;
+        if key.revoked {
+            return Err(ControlError::new(
+                ErrorCode::AuthKeyRevoked,
+                "the auth key has been revoked; create a new one",
+            ));
+        }
+        if key.expires_at.is_some_and(|e| e <= now) {
+            return Err(ControlError::new(ErrorCode::AuthKeyExpired, "the auth key has expired; create a new one"));
+        }
+        Ok(key)
+    }
+
+    /// Registers a node, or re-registers the node that already has this node key (same id and addresses,
+    /// a fresh credential): a known key is never "already exists".
+    pub fn register(&self, request: &RegisterRequest, now: u64) -> Result<RegisterResponse, ControlError> {
+        if request.version != VERSION {
+            return Err(ControlError::new(
+                ErrorCode::VersionMismatch,
+                format!("this server speaks protocol {VERSION}, the node {}", request.version),
+            ));
+        }
+        let key = self.check_auth_key(&request.auth_key, now)?;
+        for tag in &request.tags {
+            if !self.policy.may_apply(&key.tags, tag) {
+                return Err(ControlError::new(ErrorCode::TagNotAllowed, format!("the auth key may not apply {tag}")));
+            }
+        }
+        let mut tags = key.tags.clone();
+        tags.extend(request.tags.iter().filter(|t| !key.tags.contains(t)).cloned());
+        let credential = random_hex(24);
+
+        let tx = self.db.unchecked_transaction()?;
+        let existing = self.node_by_key(&request.node_key)?;
+        let node = match existing {
+            Some(node) => {
+                tx.execute(
+                    "UPDATE nodes SET credential_hash = ?1, tags = ?2, expired = 0, last_seen = ?3 WHERE id = ?4",
+                    params![sha256_hex(&credential), join(&tags), now as i64, node.id as i64],
+                )?;
+                node
+            }
+            None => {
+                if !key.reusable && key.uses > 0 {
+                    return Err(ControlError::new(
+                        ErrorCode::AuthKeyUsed,
+                        "the auth key was for one node and is used; create a new one",
+                    ));
+                }
+                let name = self.unique_name(&sanitize(&request.hostname))?;
+                let ipv4 = self.free_ipv4()?;
+                tx.execute(
+                    "INSERT INTO nodes (node_key, name, ipv4, ipv6, tags, credential_hash, ephemeral, last_seen, created_at)
+                     VALUES (?1, ?2, ?3, '::', ?4, ?5, ?6, ?7, ?7)",
+                    params![request.node_key, name, ipv4.to_string(), join(&tags), sha256_hex(&credential), key.ephemeral, now as i64],
+                )?;
+                let id = tx.last_insert_rowid() as u64;
+                let ipv6 = self.ipv6_for(id)?;
+                tx.execute("UPDATE nodes SET ipv6 = ?1 WHERE id = ?2", params![ipv6.to_string(), id as i64])?;
+                tx.execute("UPDATE auth_keys SET uses = uses + 1 WHERE id = ?1", params![key.id as i64])?;
+                NodeRecord {
+                    id,
+                    node_key: request.node_key.clone(),
+                    name,
+                    ipv4,
+                    ipv6,
+                    tags: tags.clone(),
+                    ephemeral: key.ephemeral,
+                    expired: false,
+                    last_seen: now,
+                }
+            }
+        };
+        self.set_routes(node.id, &request.advertise_routes, &tags)?;
+        tx.commit()?;
+        self.bump()?;
+        Ok(RegisterResponse {
+            version: VERSION,
+            node_id: node.id,
+            name: node.name,
+            ipv4: node.ipv4,
+            ipv6: node.ipv6,
+            credential,
+            domain: self.domain.clone(),
+        })
+    }
+
+    /// Records what a node advertises: new prefixes are approved if the policy's autoApprovers say so,
+    /// prefixes it no longer advertises are dropped, approvals of kept prefixes stay.
+    fn set_routes(&self, node: u64, advertised: &[IpNet], tags: &[String]) -> Result<(), ControlError> {
+        let wanted: Vec<String> = advertised.iter().map(|p| p.trunc().to_string()).collect();
+        let current = self.routes_of(node)?;
+        for (prefix, _) in &current {
+            if !wanted.contains(&prefix.to_string()) {
+                self.db.execute(
+                    "DELETE FROM routes WHERE node_id = ?1 AND prefix = ?2",
+                    params![node as i64, prefix.to_string()],
+                )?;
+            }
+        }
+        for prefix in advertised.iter().map(IpNet::trunc) {
+            let auto = self.policy.auto_approves(&prefix, tags);
+            self.db.execute(
+                "INSERT INTO routes (node_id, prefix, approved) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (node_id, prefix) DO UPDATE SET approved = (routes.approved OR excluded.approved)",
+                params![node as i64, prefix.to_string(), auto],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn routes_of(&self, node: u64) -> Result<Vec<(IpNet, bool)>, ControlError> {
+        let mut statement =
+            self.db.prepare("SELECT prefix, approved FROM routes WHERE node_id = ?1 ORDER BY prefix")?;
+        let rows = statement.query_map(params![node as i64], |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (prefix, approved) = row?;
+            if let Ok(p) = prefix.parse() {
+                out.push((p, approved));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Approves (or, with `approved = false`, rejects) a node's advertised route.
+    pub fn set_route_approval(&self, node: u64, prefix: IpNet, approved: bool) -> Result<bool, ControlError> {
+        let changed = self.db.execute(
+            "UPDATE routes SET approved = ?1 WHERE node_id = ?2 AND prefix = ?3",
+            params![approved, node as i64, prefix.trunc().to_string()],
+        )? == 1;
+        if changed {
+            self.bump()?;
+        }
+        Ok(changed)
+    }
+
+    fn unique_name(&self, base: &str) -> Result<String, ControlError> {
+        for n in 1.. {
+            let name = if n == 1 { base.to_string() } else { format!("{base}-{n}") };
+            let taken: bool =
+                self.db
+                    .query_row("SELECT EXISTS (SELECT 1 FROM nodes WHERE name = ?1)", params![name], |r| r.get(0))?;
+            if !taken {
+                return Ok(name);
+            }
+        }
+        unreachable!("some suffix is free")
+    }
+
+    /// The lowest address of the mesh range no node has, so addresses stay small and stable.
+    fn free_ipv4(&self) -> Result<Ipv4Addr, ControlError> {
+        let range: Ipv4Net = MESH_V4.parse().expect("a literal prefix");
+        let mut statement = self.db.prepare("SELECT ipv4 FROM nodes")?;
+        let used: std::collections::HashSet<Ipv4Addr> =
+            statement.query_map([], |r| r.get::<_, String>(0))?.filter_map(|a| a.ok()?.parse().ok()).collect();
+        range
+            .hosts()
+            .find(|a| !used.contains(a))
+            .ok_or_else(|| ControlError::new(ErrorCode::BadRequest, "the mesh's IPv4 range is full"))
+    }
+
+    fn ipv6_for(&self, id: u64) -> Result<Ipv6Addr, ControlError> {
+        let ula = self.ula()?;
+        Ok(Ipv6Addr::from(u128::from(ula.network()) | u128::from(id)))
+    }
+
+    fn node_by_key(&self, node_key: &str) -> Result<Option<NodeRecord>, ControlError> {
+        Ok(self.nodes()?.into_iter().find(|n| n.node_key == node_key))
+    }
+
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, ControlError> {
+        let mut statement = self.db.prepare(
+            "SELECT id, node_key, name, ipv4, ipv6, tags, ephemeral, expired, last_seen FROM nodes ORDER BY id",
+        )?;
+        let rows = statement.query_map([], |r| {
+            Ok(NodeRecord {
+                id: r.get::<_, i64>(0)? as u64,
+                node_key: r.get(1)?,
+                name: r.get(2)?,
+                ipv4: r.get::<_, String>(3)?.parse().unwrap_or(Ipv4Addr::UNSPECIFIED),
+                ipv6: r.get::<_, String>(4)?.parse().unwrap_or(Ipv6Addr::UNSPECIFIED),
+                tags: split(&r.get::<_, String>(5)?),
+                ephemeral: r.get(6)?,
+                expired: r.get(7)?,
+                last_seen: r.get::<_, i64>(8)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The node a credential belongs to, if it is live.
+    pub fn authenticate(&self, node_id: u64, credential: &str) -> Result<NodeRecord, ControlError> {
+        let hash: Option<String> = self
+            .db
+            .query_row("SELECT credential_hash FROM nodes WHERE id = ?1", params![node_id as i64], |r| r.get(0))
+            .optional()?;
+        if hash.as_deref() != Some(sha256_hex(credential).as_str()) {
+            return Err(ControlError::new(
+                ErrorCode::Unauthorized,
+                "unknown node or wrong credential; run meshd up again",
+            ));
+        }
+        let node = self.nodes()?.into_iter().find(|n| n.id == node_id).expect("the row just read");
+        if node.expired {
+            return Err(ControlError::new(
+                ErrorCode::NodeExpired,
+                "this node has expired; re-authenticate with meshd up --force-reauth",
+            ));
+        }
+        Ok(node)
+    }
+
+    pub fn touch(&self, node: u64, now: u64) -> Result<(), ControlError> {
+        self.db.execute("UPDATE nodes SET last_seen = ?1 WHERE id = ?2", params![now as i64, node as i64])?;
+        Ok(())
+    }
+
+    pub fn delete_node(&self, node: u64) -> Result<bool, ControlError> {
+        let deleted = self.db.execute("DELETE FROM nodes WHERE id = ?1", params![node as i64])? == 1;
+        if deleted {
+            self.bump()?;
+        }
+        Ok(deleted)
+    }
+
+    pub fn expire_node(&self, node: u64) -> Result<bool, ControlError> {
+        let expired = self.db.execute("UPDATE nodes SET expired = 1 WHERE id = ?1", params![node as i64])? == 1;
+        if expired {
+            self.bump()?;
+        }
+        Ok(expired)
+    }
+
+    /// Removes ephemeral nodes not seen for `offline_for` seconds; returns how many.
+    pub fn remove_stale_ephemeral(&self, now: u64, offline_for: u64) -> Result<usize, ControlError> {
+        let removed = self.db.execute(
+            "DELETE FROM nodes WHERE ephemeral = 1 AND last_seen < ?1",
+            params![now.saturating_sub(offline_for) as i64],
+        )?;
+        if removed > 0 {
+            self.bump()?;
+        }
+        Ok(removed)
+    }
+
+    /// For each approved prefix, the one node peers route it to: the lowest node id among the live nodes that
+    /// advertise it approved, so the choice is stable until that node goes.
+    fn primaries(&self, nodes: &[NodeRecord]) -> Result<BTreeMap<IpNet, u64>, ControlError> {
+        let mut primary = BTreeMap::new();
+        for node in nodes.iter().filter(|n| !n.expired) {
+            for (prefix, approved) in self.routes_of(node.id)? {
+                if approved {
+                    primary.entry(prefix).or_insert(node.id);
+                }
+            }
+        }
+        Ok(primary)
+    }
+
+    /// The netmap of `node`, `online` deciding which nodes count as online.
+    pub fn netmap(&self, node: u64, online: impl Fn(&NodeRecord) -> bool) -> Result<NetMap, ControlError> {
+        let nodes = self.nodes()?;
+        let me = nodes
+            .iter()
+            .find(|n| n.id == node)
+            .ok_or_else(|| ControlError::new(ErrorCode::Unauthorized, "unknown node"))?;
+        if me.expired {
+            return Err(ControlError::new(ErrorCode::NodeExpired, "this node has expired"));
+        }
+        let primaries = self.primaries(&nodes)?;
+        let view = |n: &NodeRecord| {
+            let mut allowed_ips =
+                vec![IpNet::from(std::net::IpAddr::V4(n.ipv4)), IpNet::from(std::net::IpAddr::V6(n.ipv6))];
+            allowed_ips.extend(primaries.iter().filter(|(_, id)| **id == n.id).map(|(p, _)| *p));
+            Peer {
+                node_id: n.id,
+                name: n.name.clone(),
+                node_key: n.node_key.clone(),
+                ipv4: n.ipv4,
+                ipv6: n.ipv6,
+                endpoints: Vec::new(),
+                allowed_ips,
+                online: online(n),
+                tags: n.tags.clone(),
+            }
+        };
+        let routes = self
+            .routes_of(node)?
+            .into_iter()
+            .map(|(prefix, approved)| RouteState { prefix, approved, primary: primaries.get(&prefix) == Some(&node) })
+            .collect();
+        Ok(NetMap {
+            version: self.version()?,
+            domain: self.domain.clone(),
+            node: view(me),
+            routes,
+            peers: nodes.iter().filter(|n| n.id != node && !n.expired).map(view).collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,8 @@
+//! The coordination server's core: what it stores and decides, without the HTTP around it. Time is a
+//! parameter (seconds since the Unix epoch), so expiry and ephemeral clean-up are tested without waiting.
+#![forbid(unsafe_code)]
+
+mod control;
+pub mod policy;
+
+pub use control::{AuthKey, AuthKeyOptions, Control, ControlError, NodeRecord};

@@ -1,0 +1,122 @@
+//! The messages between a node and the coordination server. Every message carries the protocol version it
+//! was written with; a server answers a version it does not speak with an error naming both, so an old
+//! node never misreads a new netmap.
+#![forbid(unsafe_code)]
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+
+/// A WireGuard public key, as base64 text on the wire (the form `wg` prints).
+pub type NodeKey = String;
+
+/// A node asks to join the mesh with an auth key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub version: u32,
+    pub auth_key: String,
+    pub node_key: NodeKey,
+    pub hostname: String,
+    #[serde(default)]
+    pub advertise_routes: Vec<IpNet>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// The server's answer: the node's identity in the mesh and the credential it uses from now on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub version: u32,
+    pub node_id: u64,
+    /// The name the node got (the requested hostname, made unique in the mesh).
+    pub name: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    /// Presented with every later request; the server keeps only its hash.
+    pub credential: String,
+    pub domain: String,
+}
+
+/// A node as its peers see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    pub node_id: u64,
+    pub name: String,
+    pub node_key: NodeKey,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub endpoints: Vec<SocketAddr>,
+    /// The peer's mesh addresses and the approved routes of which it is the primary router.
+    pub allowed_ips: Vec<IpNet>,
+    pub online: bool,
+    pub tags: Vec<String>,
+}
+
+/// Routes a node advertises, and what became of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteState {
+    pub prefix: IpNet,
+    pub approved: bool,
+    /// Whether this node is the one router peers send this prefix to.
+    pub primary: bool,
+}
+
+/// Everything a node needs to configure itself: itself, its peers, the mesh's domain. `version` grows with
+/// every change, so a node long-polling with the version it has gets the next one and nothing stale.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetMap {
+    pub version: u64,
+    pub domain: String,
+    pub node: Peer,
+    pub routes: Vec<RouteState>,
+    pub peers: Vec<Peer>,
+}
+
+/// An error the server returns, with a stable code a node can act on and a sentence for the user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    UnknownAuthKey,
+    AuthKeyRevoked,
+    AuthKeyExpired,
+    AuthKeyUsed,
+    TagNotAllowed,
+    NodeExpired,
+    BadRequest,
+    Unauthorized,
+    VersionMismatch,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_register_request_round_trips_and_refuses_unknown_fields() {
+        let request = RegisterRequest {
+            version: VERSION,
+            auth_key: "mkey-abc".into(),
+            node_key: "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=".into(),
+            hostname: "router-a".into(),
+            advertise_routes: vec!["10.0.0.0/16".parse().unwrap()],
+            tags: vec!["tag:router".into()],
+        };
+        let json = serde_json::to_string(&request).unwrap();
+        assert_eq!(serde_json::from_str::<RegisterRequest>(&json).unwrap(), request);
+        let extra = json.replacen('{', r#"{"surprise":1,"#, 1);
+        assert!(serde_json::from_str::<RegisterRequest>(&extra).is_err());
+        let code = serde_json::to_string(&ErrorCode::AuthKeyExpired).unwrap();
+        assert_eq!(code, r#""auth_key_expired""#);
+    }
+}
