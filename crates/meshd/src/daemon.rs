@@ -90,6 +90,23 @@ fn allowed_prefixes(specs: &[PeerSpec]) -> Vec<IpNet> {
     set.into_iter().collect()
 }
 
+/// A configuration re-read for SIGHUP, ready to apply.
+struct Reloaded {
+    specs: Vec<PeerSpec>,
+    /// The private key the file names, when it names one (a reload never generates a key).
+    key: Option<[u8; 32]>,
+}
+
+async fn load_for_reload(path: &Path, state_dir: &Path) -> Result<Reloaded, String> {
+    let config = config::load(path).map_err(|e| e.to_string())?;
+    let specs = peer_specs(&config).await.map_err(|e| format!("{}: {e}", path.display()))?;
+    let key = match config.interface.private_key {
+        config::PrivateKey::Generate => None,
+        ref source => keys::load(source, state_dir).ok(),
+    };
+    Ok(Reloaded { specs, key })
+}
+
 /// How often the route manager checks the kernel even without an event.
 const ROUTE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// How long after a netlink event the check runs, so a burst of events costs one pass.
@@ -420,6 +437,7 @@ impl Daemon {
     async fn event_loop(&mut self, uapi_listener: UnixListener, signals: Signals) -> Result<(), Failure> {
         let Signals { mut hangup, mut terminate, mut interrupt } = signals;
         let (uapi_tx, mut uapi_rx) = mpsc::channel::<UapiRequest>(8);
+        let (reload_tx, mut reload_rx) = mpsc::channel::<Result<Reloaded, String>>(1);
         let mut route_events = Netlink::subscribe().map_err(|e| Failure::system("watching routes", e))?;
         let mut next_route_check = Instant::now() + ROUTE_CHECK_INTERVAL;
 
@@ -477,7 +495,15 @@ impl Daemon {
                 Some((request, reply)) = uapi_rx.recv() => {
                     let _ = reply.send(self.uapi_reply(&request));
                 }
-                _ = hangup.recv() => self.reload().await,
+                // Reading the file and resolving names happen off the loop, so a slow DNS server never
+                // stalls packets; the loop only applies the result.
+                _ = hangup.recv() => {
+                    let (config, state_dir, done) = (self.options.config.clone(), self.options.state_dir.clone(), reload_tx.clone());
+                    tokio::spawn(async move {
+                        let _ = done.send(load_for_reload(&config, &state_dir).await).await;
+                    });
+                }
+                Some(loaded) = reload_rx.recv() => self.apply_reload(loaded).await,
                 _ = terminate.recv() => return Ok(()),
                 _ = interrupt.recv() => return Ok(()),
             }
@@ -522,26 +548,17 @@ impl Daemon {
 
     /// Re-reads the configuration (SIGHUP): peers are added, removed or changed; unchanged peers keep their
     /// sessions. A file that does not parse changes nothing.
-    async fn reload(&mut self) {
-        let config = match config::load(&self.options.config) {
-            Ok(c) => c,
+    /// Applies a configuration re-read on SIGHUP: peers are added, removed or changed; unchanged peers keep
+    /// their sessions. A file that did not parse, or names that did not resolve, change nothing.
+    async fn apply_reload(&mut self, loaded: Result<Reloaded, String>) {
+        let Reloaded { specs, key } = match loaded {
+            Ok(r) => r,
             Err(e) => {
                 tracing::error!("reload refused, keeping the running configuration: {e}");
                 return;
             }
         };
-        let specs = match peer_specs(&config).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!("reload refused, keeping the running configuration: {e}");
-                return;
-            }
-        };
-        // Only compare: a reload never generates a key (a missing key file is not a reason to make one).
-        if !matches!(config.interface.private_key, config::PrivateKey::Generate)
-            && let Ok(key) = keys::load(&config.interface.private_key, &self.options.state_dir)
-            && key != self.private_key
-        {
+        if key.is_some_and(|k| k != self.private_key) {
             tracing::warn!("the private key changed; restart meshd to use it");
         }
         self.routes.set_accepted(allowed_prefixes(&specs));
