@@ -19,6 +19,8 @@ pub fn translate(data: &[u8]) {
     let mut snat = Snat::new(config, start).expect("valid config");
     let mut buf = packet.to_vec();
     let _ = crate::wire::parse(&buf, control & 1 == 0);
+    let mut clamped = packet.to_vec();
+    crate::mss::clamp(&mut clamped, u16::from(control) * 8);
     let now = start + Duration::from_secs(u64::from(control >> 4) * 60);
     // Run the packet outbound first so inbound has state to match against, then inbound.
     let _ = snat.outbound(&mut buf, start);

@@ -51,15 +51,17 @@ pub fn clamp(packet: &mut [u8], mtu: u16) -> bool {
                     if mss <= limit {
                         return false;
                     }
-                    // The option starts at an even offset or not; the checksum is over 16-bit words, so
-                    // record the change of the words the value spans.
-                    let word_at = (at + 2) & !1;
-                    let old: [u16; 2] = words(packet, word_at);
-                    packet[at + 2..at + 4].copy_from_slice(&limit.to_be_bytes());
-                    let new: [u16; 2] = words(packet, word_at);
+                    // The checksum sums 16-bit words aligned to the segment's start. The value's two bytes
+                    // are one word when they start on an even offset, and straddle two words otherwise; only
+                    // words inside the header are read (an MSS-only SYN ends right after the value).
                     let mut delta = Delta::default();
-                    delta.word(old[0], new[0]);
-                    delta.word(old[1], new[1]);
+                    let even = (at + 2 - l4).is_multiple_of(2);
+                    let span = if even { at + 2..at + 4 } else { at + 1..at + 5 };
+                    let before: Vec<u16> = span.clone().step_by(2).map(|i| word(packet, i, end)).collect();
+                    packet[at + 2..at + 4].copy_from_slice(&limit.to_be_bytes());
+                    for (i, old) in span.step_by(2).zip(before) {
+                        delta.word(old, word(packet, i, end));
+                    }
                     adjust_at(packet, l4 + 16, delta);
                     return true;
                 }
@@ -70,9 +72,10 @@ pub fn clamp(packet: &mut [u8], mtu: u16) -> bool {
     false
 }
 
-fn words(packet: &[u8], at: usize) -> [u16; 2] {
-    let w = |i: usize| u16::from_be_bytes([packet[i], *packet.get(i + 1).unwrap_or(&0)]);
-    [w(at), w(at + 2)]
+/// The 16-bit word at `at`, a byte at `end` or beyond counting as the zero padding the checksum uses.
+fn word(packet: &[u8], at: usize, end: usize) -> u16 {
+    let byte = |i: usize| if i < end { packet[i] } else { 0 };
+    u16::from_be_bytes([byte(at), byte(at + 1)])
 }
 
 #[cfg(test)]
@@ -139,6 +142,20 @@ mod tests {
     }
 
     #[test]
+    fn an_mss_only_syn_ending_with_the_value_is_clamped_without_reading_past_it() {
+        // The crash a review found: MSS as the last four bytes of the packet, nothing after it.
+        for v6 in [false, true] {
+            let mut p = syn(&[2, 4, 0x05, 0xb4], v6);
+            assert!(clamp(&mut p, 1420));
+            assert!(tcp_checksum_ok(&p));
+        }
+        // The odd case as close to the end as it can be: the value in the header's last bytes but one.
+        let mut p = syn(&[1, 1, 1, 2, 4, 0x05, 0xb4, 0], false);
+        assert!(clamp(&mut p, 1420));
+        assert!(tcp_checksum_ok(&p));
+    }
+
+    #[test]
     fn leaves_small_mss_non_syn_and_odd_packets_alone() {
         let mut small = syn(&[2, 4, 0x04, 0x00], false);
         assert!(!clamp(&mut small, 1420), "1024 already fits");
@@ -149,5 +166,27 @@ mod tests {
         assert!(!clamp(&mut broken, 1420), "an option running past the header");
         let mut udp = crate::build::Builder::v4([1, 1, 1, 1], [2, 2, 2, 2]).udp(1, 2, &[2, 4, 5, 0xb4]);
         assert!(!clamp(&mut udp, 1420));
+    }
+}
+
+#[cfg(test)]
+mod never_panic {
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Arbitrary bytes, and TCP SYNs with arbitrary options, never panic the clamp.
+        #[test]
+        fn clamping_arbitrary_packets_never_panics(data in proptest::collection::vec(any::<u8>(), 0..120), mtu in any::<u16>()) {
+            let mut p = data.clone();
+            super::clamp(&mut p, mtu);
+            // The same bytes behind a valid IPv4 header, as a SYN whose options are the fuzzed bytes.
+            let opts = &data[..data.len().min(40) / 4 * 4];
+            let mut tcp = vec![0u8; 20];
+            tcp[12] = (((20 + opts.len()) / 4) << 4) as u8;
+            tcp[13] = crate::wire::TCP_SYN;
+            tcp.extend_from_slice(opts);
+            let mut packet = crate::build::Builder::v4([1, 2, 3, 4], [5, 6, 7, 8]).ip(crate::wire::PROTO_TCP, &tcp);
+            super::clamp(&mut packet, mtu);
+        }
     }
 }
