@@ -25,8 +25,12 @@ pub struct Served {
 /// Why the router refused a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouterDrop {
-    /// From the mesh, for a destination that is neither this node nor a route it serves.
+    /// From the mesh, for a destination that is neither this node nor a route it serves (or one no router
+    /// forwards: multicast, broadcast, loopback, link-local, unspecified).
     NotRouted,
+    /// From the mesh, for a destination that leads back into the mesh (another peer, the SNAT address): a
+    /// router does not relay between peers.
+    Hairpin,
     /// Not an IP packet.
     NotIp,
     /// Refused by the SNAT engine (its own counters say why).
@@ -37,6 +41,7 @@ impl RouterDrop {
     pub fn name(self) -> &'static str {
         match self {
             RouterDrop::NotRouted => "not_routed",
+            RouterDrop::Hairpin => "hairpin",
             RouterDrop::NotIp => "not_ip",
             RouterDrop::Snat(d) => d.name(),
         }
@@ -87,10 +92,23 @@ impl Router {
     }
 
     /// Decides on a decrypted packet from a peer, rewriting it in place when it is forwarded with SNAT.
-    pub fn from_mesh(&mut self, packet: &mut [u8], now: Instant) -> Result<FromMesh, RouterDrop> {
+    /// `into_mesh` says whether a destination is routed to a peer (the node's allowed-IPs table).
+    pub fn from_mesh(
+        &mut self,
+        packet: &mut [u8],
+        now: Instant,
+        into_mesh: impl Fn(IpAddr) -> bool,
+    ) -> Result<FromMesh, RouterDrop> {
         let dst = destination(packet).ok_or(RouterDrop::NotIp)?;
         if self.own.contains(&dst) {
             return Ok(FromMesh::Local);
+        }
+        if !forwardable(dst) {
+            self.not_routed += 1;
+            return Err(RouterDrop::NotRouted);
+        }
+        if into_mesh(dst) || self.snat.as_ref().is_some_and(|s| s.is_snat_address(dst)) {
+            return Err(RouterDrop::Hairpin);
         }
         let Some(snat_on) = self.served.lookup(dst) else {
             self.not_routed += 1;
@@ -121,6 +139,16 @@ impl Router {
         if let Some(engine) = self.snat.as_mut() {
             engine.handle_timeout(now);
         }
+    }
+}
+
+/// Whether a router may forward to `dst` at all.
+fn forwardable(dst: IpAddr) -> bool {
+    match dst {
+        IpAddr::V4(a) => {
+            !(a.is_multicast() || a.is_broadcast() || a.is_loopback() || a.is_link_local() || a.is_unspecified())
+        }
+        IpAddr::V6(a) => !(a.is_multicast() || a.is_loopback() || a.is_unicast_link_local() || a.is_unspecified()),
     }
 }
 
@@ -155,21 +183,33 @@ mod tests {
     fn routes_snats_preserves_and_refuses() {
         let mut r = router();
         let now = Instant::now();
+        let none = |_: IpAddr| false;
         let mut local = Builder::v4([100, 64, 0, 2], [100, 64, 0, 1]).echo(true, 1, 1, b"");
-        assert_eq!(r.from_mesh(&mut local, now), Ok(FromMesh::Local));
+        assert_eq!(r.from_mesh(&mut local, now, none), Ok(FromMesh::Local));
 
         let mut to_vpc = Builder::v4([100, 64, 0, 2], [10, 0, 12, 50]).tcp(40000, 443, TCP_SYN, b"");
-        assert_eq!(r.from_mesh(&mut to_vpc, now), Ok(FromMesh::Forwarded));
+        assert_eq!(r.from_mesh(&mut to_vpc, now, none), Ok(FromMesh::Forwarded));
         assert_eq!(&to_vpc[12..16], &[10, 0, 12, 9], "SNAT'd");
         let ext = u16::from_be_bytes([to_vpc[20], to_vpc[21]]);
 
         let mut to_pods = Builder::v4([100, 64, 0, 2], [10, 42, 1, 5]).udp(5000, 53, b"q");
-        assert_eq!(r.from_mesh(&mut to_pods, now), Ok(FromMesh::Forwarded));
+        assert_eq!(r.from_mesh(&mut to_pods, now, none), Ok(FromMesh::Forwarded));
         assert_eq!(&to_pods[12..16], &[100, 64, 0, 2], "source preserved");
 
         let mut elsewhere = Builder::v4([100, 64, 0, 2], [8, 8, 8, 8]).udp(5000, 53, b"q");
-        assert_eq!(r.from_mesh(&mut elsewhere, now), Err(RouterDrop::NotRouted));
+        assert_eq!(r.from_mesh(&mut elsewhere, now, none), Err(RouterDrop::NotRouted));
         assert_eq!(r.not_routed(), 1);
+
+        // No relaying between peers: a served destination another peer owns, or the SNAT address itself.
+        let peer_owns_10_0_7 = |a: IpAddr| matches!(a, IpAddr::V4(v) if v.octets()[..3] == [10, 0, 7]);
+        let mut to_peer = Builder::v4([100, 64, 0, 2], [10, 0, 7, 1]).udp(1, 2, b"");
+        assert_eq!(r.from_mesh(&mut to_peer, now, peer_owns_10_0_7), Err(RouterDrop::Hairpin));
+        let mut to_snat = Builder::v4([100, 64, 0, 2], [10, 0, 12, 9]).udp(1, 2, b"");
+        assert_eq!(r.from_mesh(&mut to_snat, now, none), Err(RouterDrop::Hairpin));
+        for special in [[224, 0, 0, 1], [255, 255, 255, 255], [127, 0, 0, 1], [169, 254, 1, 1]] {
+            let mut p = Builder::v4([100, 64, 0, 2], special).udp(1, 2, b"");
+            assert_eq!(r.from_mesh(&mut p, now, none), Err(RouterDrop::NotRouted), "{special:?}");
+        }
 
         let mut reply = Builder::v4([10, 0, 12, 50], [10, 0, 12, 9]).tcp(443, ext, TCP_SYN | 0x10, b"");
         r.to_mesh(&mut reply, now).unwrap();

@@ -40,6 +40,8 @@ pub struct Report {
     pub skipped: Vec<Skipped>,
     /// Routes of other programs in the table.
     pub foreign: Vec<Entry>,
+    /// Wanted routes not installed because another program's route holds the prefix.
+    pub conflicts: Vec<Route>,
     /// A repair was due but the budget was spent: nothing was changed.
     pub deferred: bool,
 }
@@ -86,7 +88,8 @@ impl RouteManager {
     /// a running Tailscale's), returns an error naming their device and the flag that picks another table.
     pub async fn check_table_free(&self) -> Result<(), String> {
         let entries = self.netlink.dump_table(self.policy.table).await.map_err(|e| e.to_string())?;
-        let foreign: Vec<&Entry> = entries.iter().filter(|e| e.protocol != crate::ROUTE_PROTOCOL).collect();
+        // Routes of another program, or of another meshd through its own live device.
+        let foreign: Vec<&Entry> = entries.iter().filter(|e| !e.is_ours(self.tun_index)).collect();
         let Some(first) = foreign.first() else { return Ok(()) };
         let device = first
             .device
@@ -137,7 +140,8 @@ impl RouteManager {
         let (desired, skipped) = self.desired().await?;
         let table = self.netlink.dump_table(self.policy.table).await?;
         let plan = plan::plan(&desired, &table, self.tun_index);
-        let mut report = Report { skipped, foreign: plan.foreign.clone(), ..Report::default() };
+        let mut report =
+            Report { skipped, foreign: plan.foreign.clone(), conflicts: plan.conflicts.clone(), ..Report::default() };
         if cause == Cause::Repair && !plan.is_empty() && !self.take_repair() {
             report.deferred = true;
             return Ok(report);

@@ -45,13 +45,15 @@ pub struct Entry {
 }
 
 impl Entry {
-    fn is_ours(&self) -> bool {
-        self.protocol == ROUTE_PROTOCOL
+    /// Installed by this meshd: its protocol number, and not through another live device (a second meshd
+    /// on another TUN device uses the same number). A route through a device that is gone is a leftover.
+    pub fn is_ours(&self, tun_index: u32) -> bool {
+        self.protocol == ROUTE_PROTOCOL && (self.oif.is_none_or(|i| i == tun_index) || self.device.is_none())
     }
 
     /// The route this entry is, if meshd installed it through `tun_index`.
     fn as_route(&self, tun_index: u32) -> Option<Route> {
-        if !self.is_ours() {
+        if !self.is_ours(tun_index) {
             return None;
         }
         if self.throw {
@@ -101,6 +103,8 @@ pub struct Plan {
     pub remove: Vec<Entry>,
     /// Routes in the table that another program installed: meshd neither removes nor shadows them.
     pub foreign: Vec<Entry>,
+    /// Wanted routes left out because a foreign route holds the same prefix.
+    pub conflicts: Vec<Route>,
 }
 
 impl Plan {
@@ -113,7 +117,7 @@ pub fn plan(desired: &BTreeSet<Route>, table: &[Entry], tun_index: u32) -> Plan 
     let mut plan = Plan::default();
     let mut present = BTreeSet::new();
     for entry in table {
-        if !entry.is_ours() {
+        if !entry.is_ours(tun_index) {
             plan.foreign.push(entry.clone());
             continue;
         }
@@ -123,7 +127,11 @@ pub fn plan(desired: &BTreeSet<Route>, table: &[Entry], tun_index: u32) -> Plan 
             _ => plan.remove.push(entry.clone()),
         }
     }
-    plan.add = desired.difference(&present).copied().collect();
+    let held: BTreeSet<IpNet> = plan.foreign.iter().map(|e| e.prefix).collect();
+    let (conflicts, add): (Vec<Route>, Vec<Route>) =
+        desired.difference(&present).copied().partition(|r| held.contains(&r.prefix()));
+    plan.add = add;
+    plan.conflicts = conflicts;
     plan
 }
 
@@ -224,6 +232,19 @@ mod tests {
             assert!(!accept.allows(&net(refused)), "{refused}");
         }
         assert!(Accept::All.allows(&net("0.0.0.0/0")));
+    }
+
+    #[test]
+    fn another_meshd_and_another_program_are_left_alone() {
+        let (want, _) = desired([net("10.0.0.0/16"), net("100.64.0.2/32")], &[]);
+        let other_meshd = Entry { device: Some("mesh1".into()), ..ours("100.64.0.9/32", 9) };
+        let foreign =
+            Entry { prefix: net("10.0.0.0/16"), throw: false, oif: Some(4), device: Some("eth0".into()), protocol: 3 };
+        let p = plan(&want, &[other_meshd.clone(), foreign.clone()], 7);
+        assert!(p.remove.is_empty(), "another meshd's route through its live device is not stale: {p:?}");
+        assert_eq!(p.foreign, vec![other_meshd, foreign]);
+        assert_eq!(p.add, vec![Route::Mesh(net("100.64.0.2/32"))]);
+        assert_eq!(p.conflicts, vec![Route::Mesh(net("10.0.0.0/16"))], "never replaced over a foreign route");
     }
 
     #[test]

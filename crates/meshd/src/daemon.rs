@@ -162,6 +162,9 @@ struct Daemon {
     deferred_logged: Option<Instant>,
     uapi_path: PathBuf,
     state_path: PathBuf,
+    /// Whether this run got past its ownership checks and may tear routes and rules down: a run refused
+    /// because another program owns them must leave them alone.
+    installed: bool,
 }
 
 /// What one SNAT address needs on the host: its LAN interface answers ARP for it.
@@ -241,6 +244,7 @@ pub async fn run(options: Options) -> Result<(), Failure> {
         router,
         plumbing: Vec::new(),
         saved_sysctls: Vec::new(),
+        installed: false,
         drops: DropLog::new(),
         deferred_logged: None,
     };
@@ -299,11 +303,31 @@ fn seed() -> u64 {
 }
 
 impl Daemon {
+    /// Rules at meshd's priorities or with its mark are a previous meshd's leftovers only if that run left its
+    /// state file (a clean stop removes it, SIGKILL does not); otherwise another program owns them. Tailscale's
+    /// defaults are the same numbers, so shape alone cannot tell.
+    async fn check_rules_free(&self) -> Result<(), Failure> {
+        let rules = self.netlink.rule_status(self.routes.policy()).await.map_err(|e| Failure::System(e.to_string()))?;
+        if (rules.present > 0 || !rules.stray.is_empty()) && !self.state_path.exists() {
+            let p = self.routes.policy();
+            return Err(Failure::System(format!(
+                "policy rules at priorities {}-{} or with mark {:#x} already exist and meshd did not install them (is \
+                 Tailscale running?); choose others with --rule-priority N --fwmark M",
+                p.marked_main, p.lookup_table, p.fwmark
+            )));
+        }
+        Ok(())
+    }
+
     async fn start(&mut self, config: &StaticConfig, specs: &[PeerSpec]) -> Result<UnixListener, Failure> {
+        self.check_rules_free().await?;
+        self.installed = true;
         for address in &config.interface.addresses {
             self.netlink.add_address(self.tun_index, *address).await.map_err(|e| Failure::System(e.to_string()))?;
         }
         self.routes.set_accepted(allowed_prefixes(specs));
+        // A router's own served routes stay local like its LAN: never routed back into the mesh.
+        self.routes.set_advertised(self.options.served.iter().map(|s| s.prefix).collect());
         self.plumb_snat().await?;
         self.refresh_own_addresses().await;
         // Leftovers of a killed run (routes with meshd's protocol, duplicate rules) go in this same pass.
@@ -360,6 +384,9 @@ impl Daemon {
 
     fn log_routes(&mut self, report: &Report, cause: Cause) {
         let table = self.routes.policy().table;
+        for route in &report.conflicts {
+            tracing::warn!(route = %route, table, "not installed: another program's route holds this prefix");
+        }
         for skipped in &report.skipped {
             tracing::warn!(
                 accepted = %skipped.accepted, local = %skipped.local,
@@ -416,6 +443,9 @@ impl Daemon {
     }
 
     async fn stop(&mut self) {
+        if !self.installed {
+            return;
+        }
         if let Err(e) = self.routes.teardown().await {
             tracing::warn!(error = %e, "cleanup");
         }
@@ -513,14 +543,16 @@ impl Daemon {
     async fn datagram(&mut self, from: SocketAddr, datagram: &[u8], out: &mut [u8]) {
         let now = Instant::now();
         match self.node.handle_datagram(from, datagram, now, out) {
-            Ok(Received::Packet(n)) => match self.router.from_mesh(&mut out[..n], now) {
-                Ok(_) => {
-                    if let Err(e) = self.tun.send(&out[..n]).await {
-                        tracing::debug!(error = %e, "writing to the TUN device");
+            Ok(Received::Packet(n)) => {
+                match self.router.from_mesh(&mut out[..n], now, |dst| self.node.route(dst).is_some()) {
+                    Ok(_) => {
+                        if let Err(e) = self.tun.send(&out[..n]).await {
+                            tracing::debug!(error = %e, "writing to the TUN device");
+                        }
                     }
+                    Err(reason) => self.drops.record(reason.name(), Some(from), now),
                 }
-                Err(reason) => self.drops.record(reason.name(), Some(from), now),
-            },
+            }
             Ok(Received::Control) => {}
             Err(reason) => self.drops.record(reason.name(), Some(from), now),
         }

@@ -188,7 +188,8 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
             c.fix.push("meshd restores them within seconds; if not, restart meshd".into());
             c
         }
-    } else if rules.present > 0 {
+    } else if rules.present > 0 && o.run_dir.join(format!("{}.json", o.tun)).exists() {
+        // The state file of a run that never stopped: these rules are its leftovers.
         let mut c = Check::new(
             "rules",
             Status::Fail,
@@ -197,6 +198,14 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
         for priority in o.policy.priorities() {
             c.fix.push(format!("ip rule del priority {priority}; ip -6 rule del priority {priority}"));
         }
+        c
+    } else if rules.present > 0 {
+        let mut c = Check::new(
+            "rules",
+            Status::Warn,
+            "rules at meshd's priorities belong to another program (Tailscale uses the same numbers)",
+        );
+        c.fix.push("give meshd others: --rule-priority N --fwmark M (and --table N)".into());
         c
     } else {
         Check::new("rules", Status::Ok, "no meshd rules (meshd is not running)")
@@ -246,6 +255,10 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
     }
     for s in &skipped {
         c.details.push(format!("not routed: {} would take over the local network {}", s.accepted, s.local));
+    }
+    for route in &p.conflicts {
+        c.status = c.status.max(Status::Warn);
+        c.details.push(format!("not installed: {route} is held by another program's route (see table-owner)"));
     }
     out.push(c);
 

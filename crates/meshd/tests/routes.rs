@@ -73,8 +73,9 @@ fn sigkill_then_start_leaves_exactly_one_of_each_route_and_rule() {
     let (mut lab, a, _b) = two_hosts("kill");
     let (meshd, tun) = meshd_with_routes(&mut lab, a, "100.64.0.2/32\", \"10.0.0.0/16");
     lab.process(meshd).kill();
-    // What a killed run leaves: its rules, and a route of its own the new run does not want.
-    lab.ns(a).ip(&["route", "add", "10.99.0.0/16", "dev", "lo", "table", "52", "proto", "88"]);
+    // What a killed run leaves: its rules, and a route of its own the new run does not want (its TUN device
+    // died with it, so a leftover of that kind is one without a device: a throw route).
+    lab.ns(a).ip(&["route", "add", "throw", "10.99.0.0/16", "table", "52", "proto", "88"]);
     assert_eq!(count(&rules(&lab, a, "-4"), "lookup 52"), 1, "the rules survive SIGKILL");
 
     let config = std::fs::read_to_string(lab.path("meshd-a.conf.toml")).unwrap();
@@ -199,13 +200,13 @@ fn doctor_finds_a_forward_reject_ip_forward_off_and_stale_state() {
 
     // A meshd killed with SIGKILL leaves its rules and (here) a stale route behind.
     lab.process(meshd).kill();
-    lab.ns(a).ip(&["route", "add", "10.99.0.0/16", "dev", "lo", "table", "52", "proto", "88"]);
+    lab.ns(a).ip(&["route", "add", "throw", "10.99.0.0/16", "table", "52", "proto", "88"]);
     let (status, report) = doctor(&lab, a, &tun, false);
     assert_eq!(status, Some(1));
     assert!(report.contains("WARN  daemon"), "{report}");
     assert!(report.contains("FAIL  rules") && report.contains("ip rule del priority 5270"), "{report}");
     assert!(
-        report.contains("stale: 10.99.0.0/16") && report.contains("ip route del 10.99.0.0/16 table 52"),
+        report.contains("stale: throw 10.99.0.0/16") && report.contains("ip route del throw 10.99.0.0/16 table 52"),
         "{report}"
     );
 
@@ -256,4 +257,44 @@ fn accept_routes_takes_only_the_listed_prefixes_and_every_peer_address() {
         (out.status.code(), stdout(&out))
     };
     assert!(report.contains("OK    table"), "doctor, told the same, agrees: {report}");
+}
+
+#[test]
+fn rules_another_program_owns_are_refused_and_never_removed() {
+    let (mut lab, a, _b) = two_hosts("rul");
+    // Tailscale's rule, byte for byte what meshd would install.
+    lab.ns(a).ip(&["rule", "add", "priority", "5210", "fwmark", "0x80000/0xff0000", "lookup", "main"]);
+    let (ka, kb) = (Keys::generate(), Keys::generate());
+    let tun = lab.unique("ma");
+    let config = meshd_toml(&ka, "100.64.0.1/32", 51001, &tun, &kb, "192.168.77.2:51002", "100.64.0.2/32");
+    let refused = start_meshd(&mut lab, a, "meshd-refused", &config);
+    assert!(wait_until(Duration::from_secs(5), Duration::from_millis(50), || !lab.process(refused).running()));
+    let log = lab.process(refused).log_text();
+    assert!(log.contains("--rule-priority") && log.contains("--fwmark"), "{log}");
+
+    let path = lab.path("meshd-refused.conf.toml");
+    let state = lab.path("state-own");
+    let args = [
+        "daemon",
+        "--config",
+        path.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--rule-priority",
+        "5310",
+        "--fwmark",
+        "0x40000",
+        "--table",
+        "53",
+    ];
+    let own = lab.spawn(a, "meshd-own", MESHD, &args, &[]);
+    assert!(wait_until(Duration::from_secs(5), Duration::from_millis(50), || rules(&lab, a, "-4")
+        .contains("5370:\tfrom all lookup 53")));
+    assert_eq!(lab.process(own).stop(Duration::from_secs(5)), Some(0));
+    let left = rules(&lab, a, "-4");
+    assert!(
+        left.contains("5210:\tfrom all fwmark 0x80000/0xff0000 lookup main"),
+        "the other program's rule survives: {left}"
+    );
+    assert!(!left.contains("5370") && !left.contains("0x40000"), "meshd's own are gone: {left}");
 }
