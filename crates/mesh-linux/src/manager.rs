@@ -142,26 +142,36 @@ impl RouteManager {
         let plan = plan::plan(&desired, &table, self.tun_index);
         let mut report =
             Report { skipped, foreign: plan.foreign.clone(), conflicts: plan.conflicts.clone(), ..Report::default() };
-        if cause == Cause::Repair && !plan.is_empty() && !self.take_repair() {
+        // Rules count against the repair budget like routes: another manager deleting them must not make
+        // meshd answer every 100 ms.
+        let rules = self.netlink.rule_status(&self.policy).await?;
+        let rules_drifted = !rules.missing.is_empty() || !rules.stray.is_empty();
+        if cause == Cause::Repair && (!plan.is_empty() || rules_drifted) && !self.take_repair() {
             report.deferred = true;
             return Ok(report);
         }
+        // One route the kernel refuses (an IPv6 prefix on a host without IPv6, say) must not keep every other
+        // route and the rules from being installed: apply all, then report the first failure.
+        let mut first_error = None;
         for entry in &plan.remove {
-            self.netlink.remove_entry(entry, self.policy.table).await?;
+            if let Err(e) = self.netlink.remove_entry(entry, self.policy.table).await {
+                first_error.get_or_insert(e);
+            }
         }
         for route in &plan.add {
-            self.netlink.add_planned(*route, self.tun_index, self.policy.table).await?;
+            match self.netlink.add_planned(*route, self.tun_index, self.policy.table).await {
+                Ok(()) => report.added.push(*route),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
         report.removed = plan.remove;
-        report.added = plan.add;
-        report.rules_added = self.netlink.ensure_rules(&self.policy).await?;
-        if cause == Cause::Repair
-            && !report.rules_added.is_empty()
-            && report.added.is_empty()
-            && report.removed.is_empty()
-        {
-            // A rules-only repair still counts against the budget.
-            let _ = self.take_repair();
+        if rules_drifted {
+            report.rules_added = self.netlink.ensure_rules(&self.policy).await?;
+        }
+        if let Some(e) = first_error {
+            return Err(e);
         }
         Ok(report)
     }

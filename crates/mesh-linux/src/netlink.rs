@@ -251,10 +251,7 @@ impl Netlink {
             .into_iter()
             .filter(|a| a.header.index != except && !loopback.contains(&a.header.index))
             .filter_map(|a| {
-                let addr = a.attributes.iter().find_map(|attr| match attr {
-                    AddressAttribute::Address(ip) => Some(*ip),
-                    _ => None,
-                })?;
+                let addr = local_address(&a.attributes)?;
                 IpNet::new(addr, a.header.prefix_len).ok().map(|n| n.trunc())
             })
             // A host address (/32, /128) is no subnet to protect.
@@ -269,15 +266,7 @@ impl Netlink {
     pub async fn local_addresses(&self) -> io::Result<Vec<std::net::IpAddr>> {
         let addresses: Vec<_> =
             self.handle.address().get().execute().try_collect().await.map_err(|e| io_err("listing addresses", e))?;
-        Ok(addresses
-            .iter()
-            .filter_map(|a| {
-                a.attributes.iter().find_map(|attr| match attr {
-                    AddressAttribute::Address(ip) => Some(*ip),
-                    _ => None,
-                })
-            })
-            .collect())
+        Ok(addresses.iter().filter_map(|a| local_address(&a.attributes)).collect())
     }
 
     /// The interface (index, name) whose directly connected subnet holds `addr`, other than `except`.
@@ -290,10 +279,7 @@ impl Netlink {
             self.handle.address().get().execute().try_collect().await.map_err(|e| io_err("listing addresses", e))?;
         let names = self.link_names().await?;
         for a in addresses.into_iter().filter(|a| a.header.index != except) {
-            let Some(ip) = a.attributes.iter().find_map(|attr| match attr {
-                AddressAttribute::Address(ip) => Some(*ip),
-                _ => None,
-            }) else {
+            let Some(ip) = local_address(&a.attributes) else {
                 continue;
             };
             if IpNet::new(ip, a.header.prefix_len)
@@ -512,6 +498,15 @@ pub fn is_relevant(message: &NetlinkMessage<RouteNetlinkMessage>) -> bool {
                 | RouteNetlinkMessage::DelAddress(_)
         )
     )
+}
+
+/// The host's own address in an address message: `IFA_LOCAL` when present (on point-to-point links
+/// `IFA_ADDRESS` is the far end), else `IFA_ADDRESS`.
+fn local_address(attributes: &[AddressAttribute]) -> Option<std::net::IpAddr> {
+    let local = attributes.iter().find_map(|a| if let AddressAttribute::Local(ip) = a { Some(*ip) } else { None });
+    local.or_else(|| {
+        attributes.iter().find_map(|a| if let AddressAttribute::Address(ip) = a { Some(*ip) } else { None })
+    })
 }
 
 /// meshd's policy rules as the kernel holds them.

@@ -269,6 +269,13 @@ pub async fn run(options: Options) -> Result<(), Failure> {
 /// Checks the routing options against each other and the system, then builds the router. Nothing has been
 /// changed yet, so a refusal here leaves nothing behind.
 fn build_router(options: &Options, config: &StaticConfig, mtu: u16) -> Result<Router, Failure> {
+    let (n4, n6) = (
+        options.snat_addresses.iter().filter(|a| a.is_ipv4()).count(),
+        options.snat_addresses.iter().filter(|a| a.is_ipv6()).count(),
+    );
+    if n4 > 1 || n6 > 1 {
+        return Err(Failure::Config("give at most one --snat-address per address family".into()));
+    }
     let v4 = options.snat_addresses.iter().find_map(|a| if let IpAddr::V4(v) = a { Some(*v) } else { None });
     let v6 = options.snat_addresses.iter().find_map(|a| if let IpAddr::V6(v) = a { Some(*v) } else { None });
     for served in options.served.iter().filter(|s| s.snat) {
@@ -281,9 +288,18 @@ fn build_router(options: &Options, config: &StaticConfig, mtu: u16) -> Result<Ro
             )));
         }
     }
-    if !options.served.is_empty() && sysctl::read("net.ipv4.ip_forward").is_ok_and(|v| v == "0") {
+    if options.served.iter().any(|s| s.prefix.addr().is_ipv4())
+        && sysctl::read("net.ipv4.ip_forward").is_ok_and(|v| v == "0")
+    {
         return Err(Failure::System(
             "serving routes needs IP forwarding, which is off: sysctl -w net.ipv4.ip_forward=1".into(),
+        ));
+    }
+    if options.served.iter().any(|s| s.prefix.addr().is_ipv6())
+        && sysctl::read("net.ipv6.conf.all.forwarding").is_ok_and(|v| v == "0")
+    {
+        return Err(Failure::System(
+            "serving IPv6 routes needs IPv6 forwarding, which is off: sysctl -w net.ipv6.conf.all.forwarding=1".into(),
         ));
     }
     let snat = if options.snat_addresses.is_empty() {
@@ -342,7 +358,14 @@ impl Daemon {
     /// the first connection does not wait up to 0.8 s).
     async fn plumb_snat(&mut self) -> Result<(), Failure> {
         let mut pinned = Vec::new();
+        let local = self.netlink.local_addresses().await.map_err(|e| Failure::System(e.to_string()))?;
         for &address in &self.options.snat_addresses.clone() {
+            if local.contains(&address) {
+                return Err(Failure::Config(format!(
+                    "--snat-address {address} is already an address of this host; SNAT needs a free address of the LAN \
+                     (e.g. a secondary private IP not assigned to any interface)"
+                )));
+            }
             let Some((lan_index, lan)) = self
                 .netlink
                 .interface_with_subnet(address, self.tun_index)
@@ -356,10 +379,14 @@ impl Daemon {
             };
             self.netlink.add_proxy_neighbour(lan_index, address).await.map_err(|e| Failure::System(e.to_string()))?;
             self.plumbing.push(Plumbing { address, lan_index, lan: lan.clone() });
-            if address.is_ipv4()
-                && let Some(saved) =
-                    sysctl::set(&sysctl::proxy_delay_key(&lan), "0").map_err(|e| Failure::System(e.to_string()))?
-            {
+            // IPv4 answers ARP for a proxy entry at once only with proxy_delay 0; IPv6 answers neighbour
+            // solicitations for one only with proxy_ndp on.
+            let (key, value) = if address.is_ipv4() {
+                (sysctl::proxy_delay_key(&lan), "0")
+            } else {
+                (format!("net/ipv6/conf/{lan}/proxy_ndp"), "1")
+            };
+            if let Some(saved) = sysctl::set(&key, value).map_err(|e| Failure::System(e.to_string()))? {
                 self.saved_sysctls.push(saved);
             }
             pinned.push(IpNet::from(address));

@@ -102,6 +102,13 @@ fn ask_daemon(socket: &Path) -> Option<Daemon> {
 }
 
 pub fn run(options: Options) -> ExitCode {
+    // Without root the UAPI socket (0600) refuses the connection while the kernel still shows the rules and
+    // routes: doctor would take a running meshd's state for leftovers and advise deleting it.
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        eprintln!("meshd: doctor needs root to ask meshd and read the routing state; run it with sudo");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -287,7 +294,7 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
     out.push(rp_filter_check(&o.tun));
     out.push(firewall_check(&o.tun));
     if let Some(d) = &daemon {
-        out.push(mtu_check(&o.tun, &d.endpoints));
+        out.push(mtu_check(&o.tun, &d.endpoints, o.policy.fwmark));
     }
     Ok(out)
 }
@@ -434,7 +441,7 @@ fn forward_chains(ruleset: &str) -> Vec<(String, String, String, Vec<String>)> {
 }
 
 /// WireGuard adds 60 bytes over IPv4 and 80 over IPv6; the tunnel MTU plus that must fit the path.
-fn mtu_check(tun: &str, endpoints: &[SocketAddr]) -> Check {
+fn mtu_check(tun: &str, endpoints: &[SocketAddr], mark: u32) -> Check {
     let read_mtu =
         |dev: &str| std::fs::read_to_string(format!("/sys/class/net/{dev}/mtu")).ok()?.trim().parse::<u32>().ok();
     let Some(tun_mtu) = read_mtu(tun) else {
@@ -442,7 +449,7 @@ fn mtu_check(tun: &str, endpoints: &[SocketAddr]) -> Check {
     };
     let mut c = Check::new("mtu", Status::Ok, format!("{tun} MTU {tun_mtu} fits the path to every peer"));
     for endpoint in endpoints {
-        let Some(dev) = route_device(endpoint.ip()) else { continue };
+        let Some(dev) = route_device(endpoint.ip(), mark) else { continue };
         let Some(path_mtu) = read_mtu(&dev) else { continue };
         let overhead = if endpoint.is_ipv4() { 60 } else { 80 };
         if tun_mtu + overhead > path_mtu {
@@ -458,8 +465,11 @@ fn mtu_check(tun: &str, endpoints: &[SocketAddr]) -> Check {
     c
 }
 
-fn route_device(ip: IpAddr) -> Option<String> {
-    let out = Command::new("ip").args(["route", "get", &ip.to_string()]).output().ok()?;
+/// The device meshd's own (marked) packets to `ip` leave through: without the mark, an accepted route or an
+/// exit node would send the lookup into the tunnel itself.
+fn route_device(ip: IpAddr, mark: u32) -> Option<String> {
+    let out =
+        Command::new("ip").args(["route", "get", &ip.to_string(), "mark", &format!("{mark:#x}")]).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut words = text.split_whitespace();
     words.find(|w| *w == "dev")?;

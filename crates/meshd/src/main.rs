@@ -81,7 +81,7 @@ struct RoutingArgs {
     #[arg(long, env = "MESHD_FWMARK", default_value = "0x80000", value_parser = parse_u32)]
     fwmark: u32,
     /// Priority of the first policy rule; the others follow at +20, +40 and +60.
-    #[arg(long, env = "MESHD_RULE_PRIORITY", default_value_t = 5210)]
+    #[arg(long, env = "MESHD_RULE_PRIORITY", default_value_t = 5210, value_parser = clap::value_parser!(u32).range(1..=32700))]
     rule_priority: u32,
     /// Route only subnet routes inside these prefixes (and their more-specifics) into the mesh; peers' own
     /// addresses always are. Without it, every allowed IP is routed.
