@@ -398,7 +398,14 @@ impl Daemon {
 
     /// What `meshd doctor` needs to know beyond the UAPI: served routes and the SNAT plumbing.
     fn write_state(&self) {
+        let p = self.routes.policy();
+        let accept = match &self.options.accept {
+            mesh_linux::plan::Accept::All => serde_json::Value::Null,
+            mesh_linux::plan::Accept::Within(list) => list.iter().map(ToString::to_string).collect(),
+        };
         let state = serde_json::json!({
+            "policy": {"table": p.table, "fwmark": p.fwmark, "rule_priority": p.marked_main},
+            "accept_routes": accept,
             "served": self.options.served.iter().map(|s| serde_json::json!({"prefix": s.prefix.to_string(), "snat": s.snat})).collect::<Vec<_>>(),
             "snat": self.plumbing.iter().map(|p| serde_json::json!({"address": p.address.to_string(), "lan": p.lan})).collect::<Vec<_>>(),
         });

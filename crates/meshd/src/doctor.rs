@@ -58,11 +58,14 @@ impl Check {
     }
 }
 
-/// What the daemon wrote for doctor: the routes it serves and its SNAT plumbing.
+/// What the daemon wrote for doctor: the routes it serves, its SNAT plumbing, and the numbers and filter it
+/// runs with (so doctor plans the same table whatever flags doctor itself was given).
 #[derive(Debug, Default)]
 struct RunState {
     serving: bool,
     snat: Vec<(IpAddr, String)>,
+    policy: Option<(u32, u32, u32)>,
+    accept: Option<plan::Accept>,
 }
 
 fn read_state(path: &Path) -> RunState {
@@ -74,7 +77,19 @@ fn read_state(path: &Path) -> RunState {
         .flatten()
         .filter_map(|s| Some((s["address"].as_str()?.parse().ok()?, s["lan"].as_str()?.to_string())))
         .collect();
-    RunState { serving: json["served"].as_array().is_some_and(|a| !a.is_empty()), snat }
+    let p = &json["policy"];
+    let policy = match (p["table"].as_u64(), p["fwmark"].as_u64(), p["rule_priority"].as_u64()) {
+        (Some(t), Some(m), Some(r)) => Some((t as u32, m as u32, r as u32)),
+        _ => None,
+    };
+    let accept = match &json["accept_routes"] {
+        serde_json::Value::Array(list) => {
+            Some(plan::Accept::Within(list.iter().filter_map(|v| v.as_str()?.parse().ok()).collect()))
+        }
+        serde_json::Value::Null => Some(plan::Accept::All),
+        _ => None,
+    };
+    RunState { serving: json["served"].as_array().is_some_and(|a| !a.is_empty()), snat, policy, accept }
 }
 
 /// What the running daemon reports about itself.
@@ -157,11 +172,29 @@ fn to_json(checks: &[Check]) -> String {
 
 async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
     let netlink = Netlink::connect()?;
-    let table = o.policy.table;
     let socket = o.uapi_dir.join(format!("{}.sock", o.tun));
     let daemon = ask_daemon(&socket);
     let state =
         if daemon.is_some() { read_state(&o.run_dir.join(format!("{}.json", o.tun))) } else { RunState::default() };
+    // The running daemon's own numbers and filter win over doctor's flags.
+    let mut o = o.clone();
+    if let Some((table, fwmark, rule_priority)) = state.policy {
+        let mask = (0..4).map(|i| 0xffu32 << (i * 8)).filter(|b| fwmark & b != 0).fold(0, |a, b| a | b);
+        o.policy = RoutingPolicy {
+            table,
+            fwmark,
+            fwmask: mask,
+            marked_main: rule_priority,
+            marked_default: rule_priority + 20,
+            marked_unreachable: rule_priority + 40,
+            lookup_table: rule_priority + 60,
+        };
+    }
+    if let Some(accept) = state.accept.clone() {
+        o.accept = accept;
+    }
+    let o = &o;
+    let table = o.policy.table;
     let tun_index = netlink.link_index(&o.tun).await.ok();
     let mut out = Vec::new();
 

@@ -290,6 +290,10 @@ fn rules_another_program_owns_are_refused_and_never_removed() {
     let own = lab.spawn(a, "meshd-own", MESHD, &args, &[]);
     assert!(wait_until(Duration::from_secs(5), Duration::from_millis(50), || rules(&lab, a, "-4")
         .contains("5370:\tfrom all lookup 53")));
+    // doctor, given no flags, plans with the running daemon's own numbers.
+    let run = std::path::Path::new("/run/meshd");
+    let report = stdout(&lab.ns(a).exec(MESHD, &["doctor", "--tun", &tun, "--run-dir", run.to_str().unwrap()]));
+    assert!(report.contains("OK    rules") && report.contains("OK    table"), "{report}");
     assert_eq!(lab.process(own).stop(Duration::from_secs(5)), Some(0));
     let left = rules(&lab, a, "-4");
     assert!(
