@@ -418,24 +418,31 @@ fn firewall_check(tun: &str) -> Check {
     {
         let text = String::from_utf8_lossy(&out.stdout);
         for (family, table, chain, lines) in forward_chains(&text) {
-            let policy_drop = lines.iter().any(|l| l.contains("hook forward") && l.contains("policy drop"));
-            let rejecting: Vec<&String> = lines
-                .iter()
-                .filter(|l| !l.contains("hook forward") && (l.contains("reject") || l.ends_with("drop")))
-                .collect();
-            if policy_drop || !rejecting.is_empty() {
-                let what = rejecting.first().map(|l| l.trim().to_string()).unwrap_or_else(|| "policy drop".into());
+            // Bridge chains see bridged frames, not routed mesh traffic.
+            if family == "bridge" {
+                continue;
+            }
+            if let Some(what) = blocks_mesh(&lines, tun) {
                 findings.push(format!("nftables {family} {table} chain {chain}: {what}"));
                 fixes.push(format!("nft insert rule {family} {table} {chain} iifname \"{tun}\" accept"));
                 fixes.push(format!("nft insert rule {family} {table} {chain} oifname \"{tun}\" accept"));
             }
         }
     }
-    if let Ok(out) = Command::new("iptables").args(["-S", "FORWARD"]).output()
-        && String::from_utf8_lossy(&out.stdout).lines().next() == Some("-P FORWARD DROP")
-    {
-        findings.push("iptables FORWARD policy is DROP".into());
-        fixes.push(format!("iptables -I FORWARD -i {tun} -j ACCEPT; iptables -I FORWARD -o {tun} -j ACCEPT"));
+    if let Ok(out) = Command::new("iptables").args(["-S", "FORWARD"]).output() {
+        let text = String::from_utf8_lossy(&out.stdout);
+        let accepts_mesh = text.lines().any(|l| {
+            (l.contains(&format!("-i {tun} ")) || l.contains(&format!("-o {tun} "))) && l.ends_with("-j ACCEPT")
+        });
+        let blocking = text
+            .lines()
+            .find(|l| *l == "-P FORWARD DROP" || *l == "-A FORWARD -j DROP" || l.starts_with("-A FORWARD -j REJECT"));
+        if let Some(line) = blocking
+            && !accepts_mesh
+        {
+            findings.push(format!("iptables: {line}"));
+            fixes.push(format!("iptables -I FORWARD -i {tun} -j ACCEPT; iptables -I FORWARD -o {tun} -j ACCEPT"));
+        }
     }
     if findings.is_empty() {
         return Check::new("firewall", Status::Ok, "no firewall rule rejects forwarded traffic");
@@ -445,6 +452,37 @@ fn firewall_check(tun: &str) -> Check {
     c.details = findings;
     c.fix = fixes;
     c
+}
+
+/// What in a forward chain stops mesh traffic, if anything: walking the rules in order, an accept for the mesh
+/// device first means no; an unconditional reject or drop (a bare verdict, perhaps with a counter or a
+/// comment), or a drop policy at the end, means yes. Conditional rules (`ct state invalid drop`, rules for
+/// other addresses) are not judged: doctor cannot evaluate their matches.
+fn blocks_mesh(lines: &[String], tun: &str) -> Option<String> {
+    for line in lines.iter().filter(|l| !l.contains("hook forward")) {
+        if (line.contains(&format!("iifname \"{tun}\"")) || line.contains(&format!("oifname \"{tun}\"")))
+            && line.ends_with("accept")
+        {
+            return None;
+        }
+        if is_unconditional_verdict(line) {
+            return Some(line.clone());
+        }
+    }
+    lines.iter().any(|l| l.contains("hook forward") && l.contains("policy drop")).then(|| "policy drop".to_string())
+}
+
+/// `reject`, `reject with icmpx admin-prohibited`, `drop`, optionally after `counter packets N bytes M` and
+/// before `comment "..."`.
+fn is_unconditional_verdict(line: &str) -> bool {
+    let mut rule = line.trim();
+    if let Some(at) = rule.find(" comment \"") {
+        rule = &rule[..at];
+    }
+    if let Some(rest) = rule.strip_prefix("counter packets ") {
+        rule = rest.splitn(4, ' ').nth(3).unwrap_or("");
+    }
+    rule == "drop" || rule == "reject" || rule.starts_with("reject with ")
 }
 
 /// (family, table, chain, lines) of every nftables chain hooked into forward.
@@ -541,6 +579,26 @@ table ip filter {
         );
         assert!(chains[0].3.iter().any(|l| l == "reject with icmpx admin-prohibited"));
         assert_eq!(chains[1].2, "FORWARD");
+        assert_eq!(blocks_mesh(&chains[0].3, "mesh0").as_deref(), Some("reject with icmpx admin-prohibited"));
+        assert_eq!(blocks_mesh(&chains[1].3, "mesh0").as_deref(), Some("policy drop"));
+    }
+
+    #[test]
+    fn conditional_rules_and_an_earlier_mesh_accept_are_not_blocks() {
+        let lines = |ls: &[&str]| ls.iter().map(|l| l.to_string()).collect::<Vec<_>>();
+        let harmless = lines(&[
+            "type filter hook forward priority filter; policy accept;",
+            "ct state invalid drop",
+            "ip daddr 10.9.9.9 reject",
+        ]);
+        assert_eq!(blocks_mesh(&harmless, "mesh0"), None);
+        let fixed = lines(&["type filter hook forward priority 0; policy drop;", "iifname \"mesh0\" accept", "reject"]);
+        assert_eq!(blocks_mesh(&fixed, "mesh0"), None, "doctor's own fix, applied, clears the finding");
+        let counted = lines(&[
+            "type filter hook forward priority 0; policy accept;",
+            "counter packets 12 bytes 960 drop comment \"lockdown\"",
+        ]);
+        assert!(blocks_mesh(&counted, "mesh0").is_some());
     }
 
     #[test]
