@@ -177,13 +177,29 @@ impl Netlink {
     }
 
     /// Removes a route found in the table, exactly as found.
+    /// Removes a route found in the table. The kernel's own message is deleted as dumped: a rebuilt one
+    /// misses any leftover whose scope, type, metric or gateway differ (a blackhole, a route via a gateway),
+    /// and would keep failing on every pass.
     pub async fn remove_entry(&self, entry: &Entry, table: u32) -> io::Result<()> {
-        let mut message = if entry.throw {
-            Self::throw_message(entry.prefix, table)
+        let request = if entry.prefix.addr().is_ipv6() {
+            RouteMessageBuilder::<Ipv6Addr>::new().table_id(table).build()
         } else {
-            Self::route_message(entry.oif.unwrap_or(0), entry.prefix, table)
+            RouteMessageBuilder::<Ipv4Addr>::new().table_id(table).build()
         };
-        message.header.protocol = RouteProtocol::Other(entry.protocol);
+        let routes: Vec<RouteMessage> = match self.handle.route().get(request).execute().try_collect().await {
+            Ok(routes) => routes,
+            Err(e) if family_unsupported(&e) => return Ok(()),
+            Err(e) => return Err(io_err("listing routes", e)),
+        };
+        let found = routes.into_iter().find(|r| {
+            route_table(r) == table
+                && route_prefix(r) == Some(entry.prefix)
+                && (r.header.kind == RouteType::Throw) == entry.throw
+                && u8::from(r.header.protocol) == entry.protocol
+                && r.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None })
+                    == entry.oif
+        });
+        let Some(message) = found else { return Ok(()) };
         match self.handle.route().del(message).execute().await {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
@@ -450,6 +466,28 @@ struct WantedRule {
 
 impl WantedRule {
     fn matches(&self, rule: &RuleMessage) -> bool {
+        // meshd's rules select by nothing but priority and mark: a rule with any other selector (source,
+        // destination, interfaces, ports, uid, an inverted match) at the same priority is someone else's. The
+        // kernel reports the suppress attributes on every rule, -1 meaning unset.
+        let selects_more = rule.header.src_len != 0
+            || rule.header.dst_len != 0
+            || rule.header.tos != 0
+            || !rule.header.flags.is_empty() || rule.attributes.iter().any(|a| {
+            matches!(
+                a,
+                RuleAttribute::Source(_)
+                    | RuleAttribute::Destination(_)
+                    | RuleAttribute::Iifname(_)
+                    | RuleAttribute::Oifname(_)
+                    | RuleAttribute::UidRange(_)
+                    | RuleAttribute::IpProtocol(_)
+                    | RuleAttribute::SourcePortRange(_)
+                    | RuleAttribute::DestinationPortRange(_)
+            ) || matches!(a, RuleAttribute::SuppressPrefixLen(n) | RuleAttribute::SuppressIfGroup(n) if *n != u32::MAX)
+        });
+        if selects_more {
+            return false;
+        }
         let mut priority = None;
         let mut table = u32::from(rule.header.table);
         let (mut mark, mut mask) = (None, None);
