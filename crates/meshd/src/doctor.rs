@@ -291,7 +291,11 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
     }
     for entry in &p.remove {
         c.details.push(format!("stale: {}{}", if entry.throw { "throw " } else { "" }, entry.prefix));
-        c.fix.push(format!("ip route del {}{} table {table}", if entry.throw { "throw " } else { "" }, entry.prefix));
+        c.fix.push(format!(
+            "ip route del {}{} table {table} proto 88",
+            if entry.throw { "throw " } else { "" },
+            entry.prefix
+        ));
     }
     for s in &skipped {
         c.details.push(format!("not routed: {} would take over the local network {}", s.accepted, s.local));
@@ -314,8 +318,8 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
         for e in &p.foreign {
             let via = e.device.clone().map(|d| format!(" via {d}")).unwrap_or_default();
             c.details.push(format!("{}{}{via}", if e.throw { "throw " } else { "" }, e.prefix));
-            c.fix.push(format!("ip route del {} table {table}", e.prefix));
         }
+        // Another program's routes are its own to remove; the way out on meshd's side is a table of its own.
         c.fix.push("or give meshd a table of its own: meshd daemon --table 53 ...".into());
         c
     });
@@ -353,7 +357,7 @@ fn snat_check(tun: &str, snat: &[(IpAddr, String)]) -> Check {
         if address.is_ipv4() && sysctl(&format!("net/ipv4/neigh/{lan}/proxy_delay")).as_deref() != Some("0") {
             c.status = c.status.max(Status::Warn);
             c.details.push(format!("proxy_delay on {lan} is not 0: first contact with {address} waits up to 0.8 s"));
-            c.fix.push(format!("sysctl -w net.ipv4.neigh.{lan}.proxy_delay=0"));
+            c.fix.push(format!("sysctl -w net/ipv4/neigh/{lan}/proxy_delay=0"));
         }
     }
     if c.status != Status::Ok {
@@ -395,7 +399,7 @@ fn rp_filter_check(tun: &str) -> Check {
             format!("strict reverse-path filtering on {tun} drops mesh packets whose return path differs"),
         );
         c.fix.push(format!(
-            "sysctl -w net.ipv4.conf.{tun}.rp_filter=2{}",
+            "sysctl -w net/ipv4/conf/{tun}/rp_filter=2{}",
             if all == 1 { " net.ipv4.conf.all.rp_filter=2" } else { "" }
         ));
         c

@@ -206,7 +206,8 @@ fn doctor_finds_a_forward_reject_ip_forward_off_and_stale_state() {
     assert!(report.contains("WARN  daemon"), "{report}");
     assert!(report.contains("FAIL  rules") && report.contains("ip rule del priority 5270"), "{report}");
     assert!(
-        report.contains("stale: throw 10.99.0.0/16") && report.contains("ip route del throw 10.99.0.0/16 table 52"),
+        report.contains("stale: throw 10.99.0.0/16")
+            && report.contains("ip route del throw 10.99.0.0/16 table 52 proto 88"),
         "{report}"
     );
 
