@@ -432,6 +432,19 @@ impl Control {
         Ok(out)
     }
 
+    /// Every advertised route: (node id, node name, prefix, approved, primary).
+    pub fn all_routes(&self) -> Result<Vec<(u64, String, IpNet, bool, bool)>, ControlError> {
+        let nodes = self.nodes()?;
+        let primaries = self.primaries(&nodes)?;
+        let mut out = Vec::new();
+        for node in &nodes {
+            for (prefix, approved) in self.routes_of(node.id)? {
+                out.push((node.id, node.name.clone(), prefix, approved, primaries.get(&prefix) == Some(&node.id)));
+            }
+        }
+        Ok(out)
+    }
+
     /// Approves (or, with `approved = false`, rejects) a node's advertised route.
     pub fn set_route_approval(&self, node: u64, prefix: IpNet, approved: bool) -> Result<bool, ControlError> {
         let changed = self.db.execute(

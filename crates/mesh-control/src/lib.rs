@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod control;
+pub mod http;
 pub mod policy;
 
 pub use control::{AuthKey, AuthKeyOptions, Control, ControlError, NodeRecord};

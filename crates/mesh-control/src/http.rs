@@ -1,0 +1,389 @@
+//! The coordination server's HTTP API: what `meshd control ...` (administrators, with the admin token) and
+//! `meshd up` (nodes, with their credential) talk to. JSON bodies; errors are an `ErrorBody` with a stable
+//! code. The netmap is a long poll: a node asks with the version it has and gets the next one as soon as
+//! anything changes, or the same one after a while, so changes reach every node within a second.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use ipnet::IpNet;
+use mesh_proto::{ErrorBody, ErrorCode, RegisterRequest};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::control::{AuthKeyOptions, Control, ControlError};
+use crate::policy::Policy;
+
+/// How long a netmap request waits for a change before answering with what it has.
+const LONG_POLL: Duration = Duration::from_secs(25);
+
+/// A node that polled within this many seconds is online.
+const ONLINE_WINDOW: u64 = 60;
+
+pub struct AppState {
+    control: Mutex<Control>,
+    policy_text: Mutex<String>,
+    admin_hash: String,
+    version: watch::Sender<u64>,
+    clock: fn() -> u64,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// `admin_token` is kept only as a hash; `clock` gives Unix seconds (tests pass their own).
+    pub fn new(control: Control, policy_text: String, admin_token: &str, clock: fn() -> u64) -> Arc<Self> {
+        let version = control.version().unwrap_or(1);
+        Arc::new(Self {
+            control: Mutex::new(control),
+            policy_text: Mutex::new(policy_text),
+            admin_hash: hash(admin_token),
+            version: watch::channel(version).0,
+            clock,
+        })
+    }
+
+    fn control(&self) -> std::sync::MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Tells waiting long polls that something changed.
+    fn changed(&self) {
+        let version = self.control().version().unwrap_or(0);
+        self.version.send_replace(version);
+    }
+}
+
+fn hash(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+/// An error as the API returns it.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, ErrorBody);
+
+impl ApiError {
+    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self(status, ErrorBody { code, message: message.into() })
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        let status = match e.code {
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::UnknownAuthKey
+            | ErrorCode::AuthKeyRevoked
+            | ErrorCode::AuthKeyExpired
+            | ErrorCode::AuthKeyUsed
+            | ErrorCode::TagNotAllowed
+            | ErrorCode::NodeExpired => StatusCode::FORBIDDEN,
+            ErrorCode::VersionMismatch => StatusCode::CONFLICT,
+            ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+        };
+        Self(status, ErrorBody { code: e.code, message: e.message })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let token = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match token {
+        Some(t) if hash(t) == state.admin_hash => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "an admin token is needed (--admin-token)",
+        )),
+    }
+}
+
+/// `Authorization: Node <id> <credential>`.
+fn require_node(state: &AppState, headers: &HeaderMap) -> Result<u64, ApiError> {
+    let unauthorized =
+        || ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "a node credential is needed");
+    let value = headers.get("authorization").and_then(|v| v.to_str().ok()).ok_or_else(unauthorized)?;
+    let mut parts = value.strip_prefix("Node ").ok_or_else(unauthorized)?.split(' ');
+    let id: u64 = parts.next().and_then(|i| i.parse().ok()).ok_or_else(unauthorized)?;
+    let credential = parts.next().ok_or_else(unauthorized)?;
+    Ok(state.control().authenticate(id, credential)?.id)
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/api/v1/register", post(register))
+        .route("/api/v1/netmap", get(netmap))
+        .route("/api/v1/admin/authkeys", post(create_key).get(list_keys))
+        .route("/api/v1/admin/authkeys/{id}", delete(revoke_key))
+        .route("/api/v1/admin/nodes", get(list_nodes))
+        .route("/api/v1/admin/nodes/{id}", delete(delete_node))
+        .route("/api/v1/admin/nodes/{id}/expire", post(expire_node))
+        .route("/api/v1/admin/routes", get(list_routes))
+        .route("/api/v1/admin/routes/approve", post(approve_route))
+        .route("/api/v1/admin/routes/reject", post(reject_route))
+        .route("/api/v1/admin/policy", get(get_policy).put(set_policy))
+        .route("/api/v1/admin/policy/check", post(check_policy))
+        .with_state(state)
+}
+
+async fn register(
+    State(state): State<Arc<AppState>>,
+    Json(request): Json<RegisterRequest>,
+) -> ApiResult<mesh_proto::RegisterResponse> {
+    let response = state.control().register(&request, (state.clock)())?;
+    state.changed();
+    Ok(Json(response))
+}
+
+#[derive(Debug, Deserialize)]
+struct Since {
+    #[serde(default)]
+    since: u64,
+}
+
+async fn netmap(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(Since { since }): Query<Since>,
+) -> ApiResult<mesh_proto::NetMap> {
+    let node = require_node(&state, &headers)?;
+    let now = (state.clock)();
+    state.control().touch(node, now)?;
+    let mut versions = state.version.subscribe();
+    if *versions.borrow() <= since {
+        // Wait for the next change, or answer with what there is when the poll times out.
+        let _ = tokio::time::timeout(LONG_POLL, versions.wait_for(|v| *v > since)).await;
+    }
+    let now = (state.clock)();
+    let map = state.control().netmap(node, |n| now.saturating_sub(n.last_seen) < ONLINE_WINDOW)?;
+    Ok(Json(map))
+}
+
+#[derive(Debug, Deserialize)]
+struct CreateKey {
+    #[serde(default)]
+    reusable: bool,
+    #[serde(default)]
+    ephemeral: bool,
+    #[serde(default)]
+    tags: Vec<String>,
+    /// Seconds until it expires; none never expires.
+    expiry: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct CreatedKey {
+    id: u64,
+    key: String,
+}
+
+async fn create_key(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Json(body): Json<CreateKey>,
+) -> ApiResult<CreatedKey> {
+    require_admin(&state, &headers)?;
+    let options =
+        AuthKeyOptions { reusable: body.reusable, ephemeral: body.ephemeral, tags: body.tags, expiry: body.expiry };
+    let (key, secret) = state.control().create_auth_key(&options, (state.clock)())?;
+    Ok(Json(CreatedKey { id: key.id, key: secret }))
+}
+
+#[derive(Debug, Serialize)]
+struct KeyView {
+    id: u64,
+    reusable: bool,
+    ephemeral: bool,
+    tags: Vec<String>,
+    expires_at: Option<u64>,
+    revoked: bool,
+    uses: u64,
+}
+
+async fn list_keys(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Vec<KeyView>> {
+    require_admin(&state, &headers)?;
+    let keys = state.control().list_auth_keys()?;
+    Ok(Json(
+        keys.into_iter()
+            .map(|k| KeyView {
+                id: k.id,
+                reusable: k.reusable,
+                ephemeral: k.ephemeral,
+                tags: k.tags,
+                expires_at: k.expires_at,
+                revoked: k.revoked,
+                uses: k.uses,
+            })
+            .collect(),
+    ))
+}
+
+fn not_found(what: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, ErrorCode::BadRequest, format!("no such {what}"))
+}
+
+async fn revoke_key(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> Result<StatusCode, ApiError> {
+    require_admin(&state, &headers)?;
+    if state.control().revoke_auth_key(id)? { Ok(StatusCode::NO_CONTENT) } else { Err(not_found("auth key")) }
+}
+
+#[derive(Debug, Serialize)]
+struct NodeView {
+    id: u64,
+    name: String,
+    ipv4: std::net::Ipv4Addr,
+    ipv6: std::net::Ipv6Addr,
+    tags: Vec<String>,
+    ephemeral: bool,
+    expired: bool,
+    online: bool,
+}
+
+async fn list_nodes(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Vec<NodeView>> {
+    require_admin(&state, &headers)?;
+    let now = (state.clock)();
+    let nodes = state.control().nodes()?;
+    Ok(Json(
+        nodes
+            .into_iter()
+            .map(|n| NodeView {
+                online: now.saturating_sub(n.last_seen) < ONLINE_WINDOW,
+                id: n.id,
+                name: n.name,
+                ipv4: n.ipv4,
+                ipv6: n.ipv6,
+                tags: n.tags,
+                ephemeral: n.ephemeral,
+                expired: n.expired,
+            })
+            .collect(),
+    ))
+}
+
+async fn delete_node(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> Result<StatusCode, ApiError> {
+    require_admin(&state, &headers)?;
+    let deleted = state.control().delete_node(id)?;
+    state.changed();
+    if deleted { Ok(StatusCode::NO_CONTENT) } else { Err(not_found("node")) }
+}
+
+async fn expire_node(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> Result<StatusCode, ApiError> {
+    require_admin(&state, &headers)?;
+    let expired = state.control().expire_node(id)?;
+    state.changed();
+    if expired { Ok(StatusCode::NO_CONTENT) } else { Err(not_found("node")) }
+}
+
+#[derive(Debug, Serialize)]
+struct RouteView {
+    node: u64,
+    name: String,
+    prefix: IpNet,
+    approved: bool,
+    primary: bool,
+}
+
+async fn list_routes(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Vec<RouteView>> {
+    require_admin(&state, &headers)?;
+    let routes = state.control().all_routes()?;
+    Ok(Json(
+        routes
+            .into_iter()
+            .map(|(node, name, prefix, approved, primary)| RouteView { node, name, prefix, approved, primary })
+            .collect(),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct RouteChoice {
+    node: u64,
+    prefix: IpNet,
+}
+
+async fn approve_route(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Json(r): Json<RouteChoice>,
+) -> Result<StatusCode, ApiError> {
+    set_route(&state, &headers, r, true)
+}
+
+async fn reject_route(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Json(r): Json<RouteChoice>,
+) -> Result<StatusCode, ApiError> {
+    set_route(&state, &headers, r, false)
+}
+
+fn set_route(state: &AppState, headers: &HeaderMap, r: RouteChoice, approved: bool) -> Result<StatusCode, ApiError> {
+    require_admin(state, headers)?;
+    let known = state.control().all_routes()?.iter().any(|(n, _, p, _, _)| *n == r.node && *p == r.prefix.trunc());
+    if !known {
+        return Err(not_found("advertised route (node, prefix)"));
+    }
+    state.control().set_route_approval(r.node, r.prefix, approved)?;
+    state.changed();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn get_policy(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<String, ApiError> {
+    require_admin(&state, &headers)?;
+    Ok(state.policy_text.lock().unwrap_or_else(|p| p.into_inner()).clone())
+}
+
+async fn set_policy(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<StatusCode, ApiError> {
+    require_admin(&state, &headers)?;
+    let policy =
+        Policy::parse(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.0))?;
+    state.control.lock().unwrap_or_else(|p| p.into_inner()).set_policy(policy)?;
+    *state.policy_text.lock().unwrap_or_else(|p| p.into_inner()) = body;
+    state.changed();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn check_policy(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<StatusCode, ApiError> {
+    require_admin(&state, &headers)?;
+    Policy::parse(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.0))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests;

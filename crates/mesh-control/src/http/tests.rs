@@ -1,0 +1,148 @@
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use mesh_proto::{NetMap, RegisterResponse, VERSION};
+use tower::ServiceExt;
+
+use super::*;
+
+const TOKEN: &str = "admin-secret";
+
+fn clock() -> u64 {
+    1_800_000_000
+}
+
+fn app() -> Router {
+    let control = Control::in_memory(Policy::default(), "mesh.example").unwrap();
+    router(AppState::new(control, "{}".into(), TOKEN, clock))
+}
+
+async fn call(app: &Router, method: &str, uri: &str, auth: Option<&str>, body: &str) -> (StatusCode, String) {
+    let mut request = Request::builder().method(method).uri(uri).header("content-type", "application/json");
+    if let Some(a) = auth {
+        request = request.header("authorization", a);
+    }
+    let response = app.clone().oneshot(request.body(Body::from(body.to_string())).unwrap()).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn admin() -> Option<&'static str> {
+    Some("Bearer admin-secret")
+}
+
+async fn new_key(app: &Router, body: &str) -> String {
+    let (status, text) = call(app, "POST", "/api/v1/admin/authkeys", admin(), body).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    serde_json::from_str::<serde_json::Value>(&text).unwrap()["key"].as_str().unwrap().to_string()
+}
+
+async fn register(app: &Router, key: &str, node: u8, routes: &[&str]) -> RegisterResponse {
+    let body = serde_json::json!({
+        "version": VERSION, "auth_key": key, "node_key": format!("key-{node}"), "hostname": format!("node-{node}"),
+        "advertise_routes": routes,
+    });
+    let (status, text) = call(app, "POST", "/api/v1/register", None, &body.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+fn node_auth(r: &RegisterResponse) -> String {
+    format!("Node {} {}", r.node_id, r.credential)
+}
+
+#[tokio::test]
+async fn admin_endpoints_need_the_token_and_never_show_key_secrets() {
+    let app = app();
+    assert_eq!(call(&app, "GET", "/api/v1/admin/authkeys", None, "").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&app, "GET", "/api/v1/admin/authkeys", Some("Bearer wrong"), "").await.0, StatusCode::UNAUTHORIZED);
+    let key = new_key(&app, r#"{"reusable": true, "tags": ["tag:router"], "expiry": 7776000}"#).await;
+    let (_, listed) = call(&app, "GET", "/api/v1/admin/authkeys", admin(), "").await;
+    assert!(listed.contains("tag:router") && !listed.contains(&key[key.len() - 20..]), "{listed}");
+    assert_eq!(call(&app, "DELETE", "/api/v1/admin/authkeys/1", admin(), "").await.0, StatusCode::NO_CONTENT);
+    assert_eq!(call(&app, "DELETE", "/api/v1/admin/authkeys/99", admin(), "").await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn registration_errors_have_stable_codes() {
+    let app = app();
+    let body = serde_json::json!({"version": VERSION, "auth_key": "mkey-nope-nope", "node_key": "k", "hostname": "h"});
+    let (status, text) = call(&app, "POST", "/api/v1/register", None, &body.to_string()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(serde_json::from_str::<ErrorBody>(&text).unwrap().code, ErrorCode::UnknownAuthKey);
+    let (status, _) = call(&app, "POST", "/api/v1/register", None, r#"{"version": 1}"#).await;
+    assert!(status.is_client_error(), "a malformed body is refused");
+}
+
+#[tokio::test]
+async fn an_approval_reaches_a_waiting_long_poll_within_a_second() {
+    let app = app();
+    let key = new_key(&app, r#"{"reusable": true}"#).await;
+    let router_node = register(&app, &key, 1, &["10.0.0.0/16"]).await;
+    let client = register(&app, &key, 2, &[]).await;
+    let (status, text) = call(&app, "GET", "/api/v1/netmap?since=0", Some(&node_auth(&client)), "").await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let first: NetMap = serde_json::from_str(&text).unwrap();
+    assert!(first.peers[0].allowed_ips.iter().all(|p| p.to_string() != "10.0.0.0/16"), "not approved yet");
+
+    // The client waits for the next version; the administrator approves the router's route.
+    let poll = {
+        let (app, auth, uri) = (app.clone(), node_auth(&client), format!("/api/v1/netmap?since={}", first.version));
+        tokio::spawn(async move { call(&app, "GET", &uri, Some(&auth), "").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let approve = format!(r#"{{"node": {}, "prefix": "10.0.0.0/16"}}"#, router_node.node_id);
+    assert_eq!(call(&app, "POST", "/api/v1/admin/routes/approve", admin(), &approve).await.0, StatusCode::NO_CONTENT);
+    let (status, text) = tokio::time::timeout(Duration::from_secs(2), poll).await.expect("the poll answered").unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(started.elapsed() < Duration::from_secs(1), "the change arrived in {:?}", started.elapsed());
+    let next: NetMap = serde_json::from_str(&text).unwrap();
+    assert!(next.version > first.version);
+    assert!(next.peers[0].allowed_ips.iter().any(|p| p.to_string() == "10.0.0.0/16"));
+
+    let (_, routes) = call(&app, "GET", "/api/v1/admin/routes", admin(), "").await;
+    assert!(routes.contains(r#""approved":true"#) && routes.contains(r#""primary":true"#), "{routes}");
+    let unknown = r#"{"node": 99, "prefix": "10.0.0.0/16"}"#;
+    assert_eq!(call(&app, "POST", "/api/v1/admin/routes/approve", admin(), unknown).await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_node_needs_its_credential_and_an_expired_one_gets_no_netmap() {
+    let app = app();
+    let key = new_key(&app, r#"{"reusable": true}"#).await;
+    let node = register(&app, &key, 1, &[]).await;
+    assert_eq!(call(&app, "GET", "/api/v1/netmap", None, "").await.0, StatusCode::UNAUTHORIZED);
+    let wrong = format!("Node {} not-the-credential", node.node_id);
+    assert_eq!(call(&app, "GET", "/api/v1/netmap", Some(&wrong), "").await.0, StatusCode::UNAUTHORIZED);
+    let (_, nodes) = call(&app, "GET", "/api/v1/admin/nodes", admin(), "").await;
+    assert!(nodes.contains(r#""online":true"#), "registering counts as seen: {nodes}");
+    let expire = format!("/api/v1/admin/nodes/{}/expire", node.node_id);
+    assert_eq!(call(&app, "POST", &expire, admin(), "").await.0, StatusCode::NO_CONTENT);
+    let (status, text) = call(&app, "GET", "/api/v1/netmap", Some(&node_auth(&node)), "").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(serde_json::from_str::<ErrorBody>(&text).unwrap().code, ErrorCode::NodeExpired);
+}
+
+#[tokio::test]
+async fn policies_are_checked_before_they_are_set() {
+    let app = app();
+    let good = r#"{ // HuJSON
+        "tagOwners": { "tag:router": ["tag:infra"], },
+    }"#;
+    assert_eq!(call(&app, "POST", "/api/v1/admin/policy/check", admin(), good).await.0, StatusCode::NO_CONTENT);
+    let (status, text) =
+        call(&app, "PUT", "/api/v1/admin/policy", admin(), r#"{"tagOwners": {"router": ["x"]}}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(text.contains("is not a tag"), "{text}");
+    assert_eq!(
+        call(&app, "GET", "/api/v1/admin/policy", admin(), "").await.1,
+        "{}",
+        "a refused policy changes nothing"
+    );
+    assert_eq!(call(&app, "PUT", "/api/v1/admin/policy", admin(), good).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(call(&app, "GET", "/api/v1/admin/policy", admin(), "").await.1, good);
+}
