@@ -101,6 +101,16 @@ pub struct AuthKey {
     pub uses: u64,
 }
 
+/// A route a node advertises, as administrators list it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AdvertisedRoute {
+    pub node: u64,
+    pub name: String,
+    pub prefix: IpNet,
+    pub approved: bool,
+    pub primary: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRecord {
     pub id: u64,
@@ -432,14 +442,15 @@ impl Control {
         Ok(out)
     }
 
-    /// Every advertised route: (node id, node name, prefix, approved, primary).
-    pub fn all_routes(&self) -> Result<Vec<(u64, String, IpNet, bool, bool)>, ControlError> {
+    /// Every advertised route, with its node and what became of it.
+    pub fn all_routes(&self) -> Result<Vec<AdvertisedRoute>, ControlError> {
         let nodes = self.nodes()?;
         let primaries = self.primaries(&nodes)?;
         let mut out = Vec::new();
         for node in &nodes {
             for (prefix, approved) in self.routes_of(node.id)? {
-                out.push((node.id, node.name.clone(), prefix, approved, primaries.get(&prefix) == Some(&node.id)));
+                let primary = primaries.get(&prefix) == Some(&node.id);
+                out.push(AdvertisedRoute { node: node.id, name: node.name.clone(), prefix, approved, primary });
             }
         }
         Ok(out)

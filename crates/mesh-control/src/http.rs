@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::control::{AuthKeyOptions, Control, ControlError};
+use crate::control::{AdvertisedRoute, AuthKeyOptions, Control, ControlError};
 use crate::policy::Policy;
 
 /// How long a netmap request waits for a change before answering with what it has.
@@ -303,24 +303,9 @@ async fn expire_node(
     if expired { Ok(StatusCode::NO_CONTENT) } else { Err(not_found("node")) }
 }
 
-#[derive(Debug, Serialize)]
-struct RouteView {
-    node: u64,
-    name: String,
-    prefix: IpNet,
-    approved: bool,
-    primary: bool,
-}
-
-async fn list_routes(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Vec<RouteView>> {
+async fn list_routes(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Vec<AdvertisedRoute>> {
     require_admin(&state, &headers)?;
-    let routes = state.control().all_routes()?;
-    Ok(Json(
-        routes
-            .into_iter()
-            .map(|(node, name, prefix, approved, primary)| RouteView { node, name, prefix, approved, primary })
-            .collect(),
-    ))
+    Ok(Json(state.control().all_routes()?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -347,7 +332,7 @@ async fn reject_route(
 
 fn set_route(state: &AppState, headers: &HeaderMap, r: RouteChoice, approved: bool) -> Result<StatusCode, ApiError> {
     require_admin(state, headers)?;
-    let known = state.control().all_routes()?.iter().any(|(n, _, p, _, _)| *n == r.node && *p == r.prefix.trunc());
+    let known = state.control().all_routes()?.iter().any(|a| a.node == r.node && a.prefix == r.prefix.trunc());
     if !known {
         return Err(not_found("advertised route (node, prefix)"));
     }

@@ -6,4 +6,4 @@ mod control;
 pub mod http;
 pub mod policy;
 
-pub use control::{AuthKey, AuthKeyOptions, Control, ControlError, NodeRecord};
+pub use control::{AdvertisedRoute, AuthKey, AuthKeyOptions, Control, ControlError, NodeRecord};
