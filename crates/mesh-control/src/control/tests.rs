@@ -67,7 +67,9 @@ fn each_refused_key_has_its_own_error() {
     for bogus in ["", "mkey-", "mkey-abc-def", "tskey-auth-xyz"] {
         assert_eq!(c.register(&request(bogus, 6, "f"), NOW).unwrap_err().code, ErrorCode::UnknownAuthKey);
     }
-    let tampered = format!("{}0", &single[..single.len() - 1]);
+    // Change the last digit of the secret (to another digit, whatever it was).
+    let last = if single.ends_with('0') { '1' } else { '0' };
+    let tampered = format!("{}{last}", &single[..single.len() - 1]);
     assert_eq!(c.register(&request(&tampered, 7, "g"), NOW).unwrap_err().code, ErrorCode::UnknownAuthKey);
     let mut old = request(&short, 8, "h");
     old.version = 99;
