@@ -12,14 +12,7 @@ pub fn run() -> Result<bool> {
     if !crate::is_root() {
         bail!("the demo builds network namespaces: run it as root");
     }
-    let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--locked", "-p", "meshd"])
-        .current_dir(crate::root())
-        .status()?;
-    if !status.success() {
-        bail!("building meshd failed");
-    }
-    let meshd = crate::root().join("target/release/meshd");
+    let meshd = crate::build_release_meshd()?;
     let meshd = meshd.to_str().unwrap_or_default();
 
     let mut lab = Lab::new("demo");

@@ -196,6 +196,15 @@ fn install_packages() -> Result<()> {
     quiet(&install)
 }
 
+/// Builds meshd in release mode and returns the binary's path (for the demo and the benches).
+pub(crate) fn build_release_meshd() -> Result<PathBuf> {
+    let status = cargo().args(["build", "--release", "--locked", "-p", "meshd"]).status()?;
+    if !status.success() {
+        bail!("building meshd failed");
+    }
+    Ok(root().join("target/release/meshd"))
+}
+
 pub(crate) fn is_root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }

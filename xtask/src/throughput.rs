@@ -2,7 +2,6 @@
 //! through a tunnel, with meshd at both ends and with wireguard-go at both ends, in the same run, beside the
 //! bare veth link as the ceiling. Prints the figures and the ratio meshd / wireguard-go.
 
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -27,14 +26,7 @@ pub fn run(seconds: u32) -> Result<bool> {
     if !crate::is_root() {
         bail!("the throughput bench builds network namespaces: run it as root");
     }
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--locked", "-p", "meshd"])
-        .current_dir(crate::root())
-        .status()?;
-    if !status.success() {
-        bail!("building meshd failed");
-    }
-    let meshd = crate::root().join("target/release/meshd");
+    let meshd = crate::build_release_meshd()?;
 
     println!("one TCP stream, {seconds} s each\n\nclient -> router (two namespaces)");
     let veth = measure("veth (no tunnel)", seconds, Topology::ToRouter, |_, _, _| Ok(ROUTER_LAN.to_string()))?;
@@ -43,25 +35,7 @@ pub fn run(seconds: u32) -> Result<bool> {
         Ok(ROUTER_MESH.to_string())
     })?;
     let ours = measure("meshd", seconds, Topology::ToRouter, |lab, client, router| {
-        let (kc, kr) = (Keys::generate(), Keys::generate());
-        start_meshd(
-            lab,
-            &meshd,
-            client,
-            "meshd-client",
-            (&kc, CLIENT_MESH),
-            (&kr, ROUTER_LAN, &format!("{ROUTER_MESH}/32")),
-            &[],
-        );
-        start_meshd(
-            lab,
-            &meshd,
-            router,
-            "meshd-router",
-            (&kr, ROUTER_MESH),
-            (&kc, CLIENT_LAN, &format!("{CLIENT_MESH}/32")),
-            &[],
-        );
+        meshd_pair(lab, &meshd, client, router, &format!("{ROUTER_MESH}/32"), &[]);
         Ok(ROUTER_MESH.to_string())
     })?;
 
@@ -93,20 +67,9 @@ pub fn run(seconds: u32) -> Result<bool> {
             Ok(SERVER.to_string())
         })?;
     let routed_ours = measure("meshd + userspace SNAT", seconds, Topology::ThroughRouter, |lab, client, router| {
-        let (kc, kr) = (Keys::generate(), Keys::generate());
         let client_allowed = format!("{ROUTER_MESH}/32\", \"10.0.0.0/16");
-        start_meshd(lab, &meshd, client, "meshd-client", (&kc, CLIENT_MESH), (&kr, ROUTER_LAN, &client_allowed), &[]);
-        let router_allowed = format!("{CLIENT_MESH}/32");
         let extra = ["--advertise-routes=10.0.0.0/16", "--snat-address", SNAT_ADDRESS];
-        start_meshd(
-            lab,
-            &meshd,
-            router,
-            "meshd-router",
-            (&kr, ROUTER_MESH),
-            (&kc, CLIENT_LAN, &router_allowed),
-            &extra,
-        );
+        meshd_pair(lab, &meshd, client, router, &client_allowed, &extra);
         Ok(SERVER.to_string())
     })?;
 
@@ -136,6 +99,29 @@ fn wireguard_go_pair(lab: &mut Lab, client: usize, router: usize, client_allowed
     start_wireguard_go(lab, client, &dc, &kc, 51820, "100.64.0.1/32", &kr.public, &to_router, client_allowed, None);
     start_wireguard_go(lab, router, &dr, &kr, 51820, "100.64.0.2/32", &kc.public, &to_client, "100.64.0.1/32", None);
     dr
+}
+
+/// meshd at both ends: the client reaching `client_allowed` through the router, which runs with `router_extra`.
+fn meshd_pair(
+    lab: &mut Lab,
+    meshd: &std::path::Path,
+    client: usize,
+    router: usize,
+    client_allowed: &str,
+    router_extra: &[&str],
+) {
+    let (kc, kr) = (Keys::generate(), Keys::generate());
+    start_meshd(lab, meshd, client, "meshd-client", (&kc, CLIENT_MESH), (&kr, ROUTER_LAN, client_allowed), &[]);
+    let router_allowed = format!("{CLIENT_MESH}/32");
+    start_meshd(
+        lab,
+        meshd,
+        router,
+        "meshd-router",
+        (&kr, ROUTER_MESH),
+        (&kc, CLIENT_LAN, &router_allowed),
+        router_extra,
+    );
 }
 
 /// Starts meshd in `ns` with one peer; `me` is (keys, mesh address), `peer` is (keys, LAN address, allowed IPs).
