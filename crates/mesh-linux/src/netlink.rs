@@ -523,19 +523,22 @@ fn desired_rules(policy: &RoutingPolicy) -> [WantedRule; 4] {
 
 /// Whether a netlink message from the subscription concerns meshd's state (a route in any table, a rule,
 /// an address), so a reconcile is worth scheduling.
-pub fn is_relevant(message: &NetlinkMessage<RouteNetlinkMessage>) -> bool {
+/// Route changes count only in `table`: a host with a busy main table (a BGP daemon, a Kubernetes node)
+/// must not make meshd re-check its own table on every change elsewhere.
+pub fn is_relevant(message: &NetlinkMessage<RouteNetlinkMessage>, table: u32) -> bool {
     use rtnetlink::packet_core::NetlinkPayload;
-    matches!(
-        &message.payload,
+    match &message.payload {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(r) | RouteNetlinkMessage::NewRoute(r)) => {
+            route_table(r) == table
+        }
         NetlinkPayload::InnerMessage(
-            RouteNetlinkMessage::DelRoute(_)
-                | RouteNetlinkMessage::NewRoute(_)
-                | RouteNetlinkMessage::DelRule(_)
-                | RouteNetlinkMessage::NewRule(_)
-                | RouteNetlinkMessage::NewAddress(_)
-                | RouteNetlinkMessage::DelAddress(_)
-        )
-    )
+            RouteNetlinkMessage::DelRule(_)
+            | RouteNetlinkMessage::NewRule(_)
+            | RouteNetlinkMessage::NewAddress(_)
+            | RouteNetlinkMessage::DelAddress(_),
+        ) => true,
+        _ => false,
+    }
 }
 
 /// The host's own address in an address message: `IFA_LOCAL` when present (on point-to-point links

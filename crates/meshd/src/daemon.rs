@@ -90,6 +90,20 @@ fn allowed_prefixes(specs: &[PeerSpec]) -> Vec<IpNet> {
     set.into_iter().collect()
 }
 
+/// The sysctls a previous run on this TUN device saved and never put back (it crashed).
+fn previous_sysctls(state_path: &Path) -> Vec<sysctl::Saved> {
+    let Ok(text) = std::fs::read_to_string(state_path) else { return Vec::new() };
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else { return Vec::new() };
+    json["sysctls"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            Some(sysctl::Saved { key: s["key"].as_str()?.to_string(), old: s["old"].as_str()?.to_string() })
+        })
+        .collect()
+}
+
 /// A configuration re-read for SIGHUP, ready to apply.
 struct Reloaded {
     specs: Vec<PeerSpec>,
@@ -357,6 +371,9 @@ impl Daemon {
     /// the mesh table), its LAN interface answers ARP for it (a proxy neighbour entry, with `proxy_delay=0` so
     /// the first connection does not wait up to 0.8 s).
     async fn plumb_snat(&mut self) -> Result<(), Failure> {
+        // A run that crashed left its sysctls set and its state file behind: adopt the values it saved, so this
+        // run's stop puts back what was there before any meshd (this run would only see meshd's own value).
+        self.saved_sysctls = previous_sysctls(&self.state_path);
         let mut pinned = Vec::new();
         let local = self.netlink.local_addresses().await.map_err(|e| Failure::System(e.to_string()))?;
         for &address in &self.options.snat_addresses.clone() {
@@ -386,7 +403,9 @@ impl Daemon {
             } else {
                 (format!("net/ipv6/conf/{lan}/proxy_ndp"), "1")
             };
-            if let Some(saved) = sysctl::set(&key, value).map_err(|e| Failure::System(e.to_string()))? {
+            if let Some(saved) = sysctl::set(&key, value).map_err(|e| Failure::System(e.to_string()))?
+                && !self.saved_sysctls.iter().any(|s| s.key == saved.key)
+            {
                 self.saved_sysctls.push(saved);
             }
             pinned.push(IpNet::from(address));
@@ -408,6 +427,8 @@ impl Daemon {
             "accept_routes": accept,
             "served": self.options.served.iter().map(|s| serde_json::json!({"prefix": s.prefix.to_string(), "snat": s.snat})).collect::<Vec<_>>(),
             "snat": self.plumbing.iter().map(|p| serde_json::json!({"address": p.address.to_string(), "lan": p.lan})).collect::<Vec<_>>(),
+            // What to put back, so a run after a crash can still restore the values from before meshd.
+            "sysctls": self.saved_sysctls.iter().map(|s| serde_json::json!({"key": s.key, "old": s.old})).collect::<Vec<_>>(),
         });
         let result = std::fs::create_dir_all(&self.options.run_dir)
             .and_then(|()| std::fs::write(&self.state_path, state.to_string()));
@@ -543,7 +564,7 @@ impl Daemon {
                 }
                 Some((message, _)) = route_events.events.next() => {
                     tracing::trace!(?message, "netlink event");
-                    if netlink::is_relevant(&message) {
+                    if netlink::is_relevant(&message, self.routes.policy().table) {
                         next_route_check = next_route_check.min(Instant::now() + ROUTE_EVENT_DELAY);
                     }
                 }

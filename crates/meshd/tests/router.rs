@@ -220,3 +220,41 @@ fn s2_two_clusters_reach_each_other_both_ways_with_sources_preserved() {
     assert!(seen_source(&lab, h1, "10.52.0.10", false).starts_with("10.42.0.10"), "the source is preserved");
     assert!(seen_source(&lab, h1, "10.52.0.10", true).starts_with("10.42.0.10"));
 }
+
+#[test]
+fn a_router_restarted_after_a_crash_still_restores_the_original_proxy_delay() {
+    let S1 { mut lab, router, .. } = s1("s1k");
+    let lan = stdout(&lab.ns(router.ns).ip(&["-o", "addr", "show", "to", "10.0.12.1/24"]));
+    let lan = lan.split_whitespace().nth(1).unwrap().to_string();
+    let key = format!("/proc/sys/net/ipv4/neigh/{lan}/proxy_delay");
+    let read = |lab: &Lab| stdout(&lab.ns(router.ns).exec("cat", &[&key])).trim().to_string();
+    assert_eq!(read(&lab), "0", "set while the router runs");
+
+    // SIGKILL: nothing is put back; the next run sees meshd's own 0.
+    let first = 0; // the router was the first process the lab started
+    lab.process(first).kill();
+    assert_eq!(read(&lab), "0");
+    let config = lab.path("router.toml");
+    let (state, run) = (lab.path("router-state"), lab.path("router-run"));
+    let args = [
+        "daemon",
+        "--config",
+        config.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--run-dir",
+        run.to_str().unwrap(),
+        "--advertise-routes=10.0.0.0/16",
+        "--snat-address",
+        "10.0.12.9",
+    ];
+    let again = lab.spawn(router.ns, "router-again", MESHD, &args, &[]);
+    // The killed run's proxy entry is still there, so wait for the new run itself to be up.
+    assert!(wait_until(Duration::from_secs(5), Duration::from_millis(50), || lab
+        .process(again)
+        .log_text()
+        .contains("meshd is up")));
+    assert_eq!(lab.process(again).stop(Duration::from_secs(5)), Some(0));
+    assert_ne!(read(&lab), "0", "the value from before any meshd is back");
+    assert!(!stdout(&lab.ns(router.ns).ip(&["neigh", "show", "proxy"])).contains("10.0.12.9"));
+}
