@@ -12,9 +12,20 @@ mod routes;
 mod throughput;
 
 /// Debian packages the tests need: namespaces and routes, the firewall, the reference WireGuard peer and
-/// its configuration tool, throughput measurement, ping/ss inside namespaces, and socat for TCP transfers.
-const PACKAGES: &[&str] =
-    &["iproute2", "nftables", "wireguard-go", "wireguard-tools", "iperf3", "iputils-ping", "procps", "socat"];
+/// its configuration tool, throughput measurement, ping/ss inside namespaces, socat for TCP transfers, and
+/// curl and openssl for the coordination server's HTTPS tests.
+const PACKAGES: &[&str] = &[
+    "iproute2",
+    "nftables",
+    "wireguard-go",
+    "wireguard-tools",
+    "iperf3",
+    "iputils-ping",
+    "procps",
+    "socat",
+    "curl",
+    "openssl",
+];
 
 const USAGE: &str = "usage: cargo xtask <command>
 

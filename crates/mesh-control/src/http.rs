@@ -57,6 +57,15 @@ impl AppState {
         self.control.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Removes ephemeral nodes offline for `offline_for` seconds, telling the others.
+    pub fn remove_stale_ephemeral(&self, offline_for: u64) -> Result<usize, ControlError> {
+        let removed = self.control().remove_stale_ephemeral((self.clock)(), offline_for)?;
+        if removed > 0 {
+            self.changed();
+        }
+        Ok(removed)
+    }
+
     /// Tells waiting long polls that something changed.
     fn changed(&self) {
         let version = self.control().version().unwrap_or(0);

@@ -5,5 +5,6 @@
 mod control;
 pub mod http;
 pub mod policy;
+pub mod serve;
 
 pub use control::{AdvertisedRoute, AuthKey, AuthKeyOptions, Control, ControlError, NodeRecord};

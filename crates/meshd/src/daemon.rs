@@ -54,7 +54,7 @@ pub enum Failure {
 }
 
 impl Failure {
-    fn system(what: &str, e: impl std::fmt::Display) -> Self {
+    pub(crate) fn system(what: &str, e: impl std::fmt::Display) -> Self {
         Failure::System(format!("{what}: {e}"))
     }
 }

@@ -38,12 +38,15 @@ fn generate(path: &Path) -> Result<Key, String> {
         let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
     }
     let mut key = [0u8; 32];
-    fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut key))
-        .map_err(|e| format!("reading /dev/urandom: {e}"))?;
+    random_bytes(&mut key)?;
     write_private(path, format!("{}\n", base64_key(&key)).as_bytes())?;
     tracing::info!(file = %path.display(), "generated a new private key");
     Ok(key)
+}
+
+/// Fills `buf` from the operating system's randomness.
+pub fn random_bytes(buf: &mut [u8]) -> Result<(), String> {
+    fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(buf)).map_err(|e| format!("reading /dev/urandom: {e}"))
 }
 
 /// Writes `contents` to `path` with mode 0600: temp file, fsync, rename, so a crash leaves the old file or

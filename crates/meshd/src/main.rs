@@ -2,6 +2,7 @@
 //! server. Each verb arrives with the issue that builds it.
 
 mod config;
+mod control_serve;
 mod daemon;
 mod doctor;
 mod keys;
@@ -63,6 +64,11 @@ enum Command {
         #[command(flatten)]
         routing: RoutingArgs,
     },
+    /// The coordination server and its administration.
+    Control {
+        #[command(subcommand)]
+        command: ControlCommand,
+    },
     /// Print the version of meshd and of the protocols it speaks.
     Version {
         /// Print as JSON.
@@ -87,6 +93,40 @@ struct RoutingArgs {
     /// addresses always are. Without it, every allowed IP is routed.
     #[arg(long, env = "MESHD_ACCEPT_ROUTES", value_name = "CIDR,..", value_delimiter = ',', num_args = 0.., require_equals = true)]
     accept_routes: Option<Vec<ipnet::IpNet>>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ControlCommand {
+    /// Run the coordination server.
+    Serve {
+        /// Address and port to listen on.
+        #[arg(long, env = "MESHD_CONTROL_LISTEN", default_value = "0.0.0.0:8443")]
+        listen: std::net::SocketAddr,
+        /// Where the database and the admin token live.
+        #[arg(long, env = "MESHD_CONTROL_DATA_DIR", default_value = "/var/lib/meshd-control")]
+        data_dir: PathBuf,
+        /// sqlite://PATH (default: <data-dir>/control.db).
+        #[arg(long, env = "MESHD_CONTROL_DB")]
+        db: Option<String>,
+        /// Policy file (HuJSON, in the shape of Tailscale's).
+        #[arg(long, env = "MESHD_CONTROL_POLICY")]
+        policy: Option<PathBuf>,
+        /// The mesh's DNS domain.
+        #[arg(long, env = "MESHD_CONTROL_DOMAIN", default_value = "mesh.internal")]
+        domain: String,
+        /// PEM certificate chain for HTTPS.
+        #[arg(long, env = "MESHD_CONTROL_TLS_CERT")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key for HTTPS.
+        #[arg(long, env = "MESHD_CONTROL_TLS_KEY")]
+        tls_key: Option<PathBuf>,
+        /// Serve plain HTTP (only on a network you trust).
+        #[arg(long, env = "MESHD_CONTROL_INSECURE_HTTP")]
+        insecure_http: bool,
+        /// Seconds an ephemeral node may be offline before it is removed.
+        #[arg(long, env = "MESHD_CONTROL_EPHEMERAL_TIMEOUT", default_value_t = 600)]
+        ephemeral_timeout: u64,
+    },
 }
 
 /// What a subnet router serves and how.
@@ -198,24 +238,58 @@ fn main() -> ExitCode {
                 snat_addresses: router.snat_address.clone(),
                 run_dir,
             };
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("meshd: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            block_on(daemon::run(options))
+        }
+        Command::Control {
+            command:
+                ControlCommand::Serve {
+                    listen,
+                    data_dir,
+                    db,
+                    policy,
+                    domain,
+                    tls_cert,
+                    tls_key,
+                    insecure_http,
+                    ephemeral_timeout,
+                },
+        } => {
+            init_logging();
+            let options = control_serve::Options {
+                listen,
+                data_dir,
+                db,
+                policy,
+                domain,
+                tls_cert,
+                tls_key,
+                insecure_http,
+                ephemeral_timeout,
             };
-            match runtime.block_on(daemon::run(options)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(daemon::Failure::Config(message)) => {
-                    eprintln!("meshd: {message}");
-                    ExitCode::from(2)
-                }
-                Err(daemon::Failure::System(message)) => {
-                    eprintln!("meshd: {message}");
-                    ExitCode::FAILURE
-                }
-            }
+            block_on(control_serve::run(options))
+        }
+    }
+}
+
+/// Runs a command on a single-threaded runtime and turns its failure into one line and an exit status:
+/// 2 for bad input, 1 for the system refusing.
+fn block_on(task: impl std::future::Future<Output = Result<(), daemon::Failure>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("meshd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(daemon::Failure::Config(message)) => {
+            eprintln!("meshd: {message}");
+            ExitCode::from(2)
+        }
+        Err(daemon::Failure::System(message)) => {
+            eprintln!("meshd: {message}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,0 +1,127 @@
+//! The coordination server as operators run it: HTTPS with a certificate from a CA the test makes, the admin
+//! token file, an auth key created and used over the API, state kept across a restart; plain HTTP only when
+//! asked for. Everything runs inside a namespace the test creates.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use mesh_netns::{Lab, stdout, wait_until};
+
+const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
+
+/// A CA and a certificate for 127.0.0.1 signed by it, in the lab directory.
+fn make_certificates(lab: &Lab) {
+    let dir = lab.dir.to_str().unwrap();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=meshd test CA"]);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend(["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=control"]);
+    lab.write("san.ext", "subjectAltName=IP:127.0.0.1\n");
+    let sign = [
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    ];
+    for args in [ca, csr, sign.to_vec()] {
+        let status = std::process::Command::new("openssl").args(&args).current_dir(dir).output().unwrap();
+        assert!(status.status.success(), "openssl {}: {}", args.join(" "), String::from_utf8_lossy(&status.stderr));
+    }
+}
+
+fn serve(lab: &mut Lab, ns: usize, name: &str, extra: &[&str]) -> usize {
+    let data = lab.path("control-data");
+    let mut args = vec!["control", "serve", "--listen", "127.0.0.1:8443", "--data-dir", data.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let p = lab.spawn(ns, name, MESHD, &args, &[]);
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(50), || lab
+            .process(p)
+            .log_text()
+            .contains("coordination server listening")),
+        "the server did not start:\n{}",
+        lab.process(p).log_text()
+    );
+    p
+}
+
+fn curl(lab: &Lab, ns: usize, args: &[&str]) -> (bool, String) {
+    let mut all = vec!["-sS", "--max-time", "5", "-H", "content-type: application/json"];
+    all.extend_from_slice(args);
+    let out = lab.ns(ns).exec("curl", &all);
+    (out.status.success(), format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn the_server_speaks_https_keeps_its_state_and_its_admin_token_is_private() {
+    let mut lab = Lab::new("ctl");
+    let ns = lab.netns("cs");
+    make_certificates(&lab);
+    let (cert, key, ca) = (lab.path("server.pem"), lab.path("server.key"), lab.path("ca.pem"));
+    let tls = ["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()];
+    let server = serve(&mut lab, ns, "control", &tls);
+
+    let token_file = lab.path("control-data").join("admin-token");
+    assert_eq!(std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777, 0o600);
+    let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+    let bearer = format!("authorization: Bearer {token}");
+    let ca = ca.to_str().unwrap();
+    let base = "https://127.0.0.1:8443/api/v1";
+
+    let (ok, created) = curl(
+        &lab,
+        ns,
+        &["--cacert", ca, "-H", &bearer, "-d", r#"{"reusable": true}"#, &format!("{base}/admin/authkeys")],
+    );
+    assert!(ok, "{created}");
+    let auth_key = serde_json::from_str::<serde_json::Value>(&created).unwrap()["key"].as_str().unwrap().to_string();
+    assert!(auth_key.starts_with("mkey-"));
+    assert!(!lab.process(server).log_text().contains(&auth_key), "keys never reach the log");
+
+    let (ok, text) = curl(&lab, ns, &[&format!("{base}/admin/nodes")]);
+    assert!(!ok, "an unknown CA is refused: {text}");
+
+    let register = format!(r#"{{"version": 1, "auth_key": "{auth_key}", "node_key": "k1", "hostname": "router"}}"#);
+    let (ok, registered) = curl(&lab, ns, &["--cacert", ca, "-d", &register, &format!("{base}/register")]);
+    assert!(ok && registered.contains(r#""ipv4":"100.64.0.1""#), "{registered}");
+
+    // A restart keeps the token, the database and the node.
+    lab.process(server).stop(Duration::from_secs(5));
+    serve(&mut lab, ns, "control-again", &tls);
+    assert_eq!(std::fs::read_to_string(&token_file).unwrap().trim(), token);
+    let (ok, nodes) = curl(&lab, ns, &["--cacert", ca, "-H", &bearer, &format!("{base}/admin/nodes")]);
+    assert!(ok && nodes.contains(r#""name":"router""#), "{nodes}");
+}
+
+#[test]
+fn plain_http_only_when_asked_for_and_loudly() {
+    let mut lab = Lab::new("cth");
+    let ns = lab.netns("ch");
+    let data = lab.path("control-data");
+    let refused = std::process::Command::new(MESHD)
+        .args(["control", "serve", "--data-dir", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.lines().count() == 1 && err.contains("--insecure-http") && err.contains("--tls-cert"), "{err}");
+
+    let server = serve(&mut lab, ns, "control-http", &["--insecure-http"]);
+    assert!(lab.process(server).log_text().contains("plain HTTP"), "the warning is logged");
+    let (ok, text) = curl(&lab, ns, &["http://127.0.0.1:8443/api/v1/admin/nodes"]);
+    assert!(ok && text.contains("unauthorized"), "{text}");
+}
