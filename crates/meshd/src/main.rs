@@ -2,6 +2,7 @@
 //! server. Each verb arrives with the issue that builds it.
 
 mod config;
+mod control_client;
 mod control_serve;
 mod daemon;
 mod doctor;
@@ -127,6 +128,90 @@ enum ControlCommand {
         #[arg(long, env = "MESHD_CONTROL_EPHEMERAL_TIMEOUT", default_value_t = 600)]
         ephemeral_timeout: u64,
     },
+    /// Auth keys: create, list, revoke.
+    Authkey {
+        #[command(subcommand)]
+        command: AuthkeyCommand,
+        #[command(flatten)]
+        connection: ConnectionArgs,
+    },
+    /// Nodes: list, delete, expire.
+    Nodes {
+        #[command(subcommand)]
+        command: NodesCommand,
+        #[command(flatten)]
+        connection: ConnectionArgs,
+    },
+    /// Advertised routes: list, approve, reject.
+    Routes {
+        #[command(subcommand)]
+        command: RoutesCommand,
+        #[command(flatten)]
+        connection: ConnectionArgs,
+    },
+    /// The policy: get, set, check.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+        #[command(flatten)]
+        connection: ConnectionArgs,
+    },
+}
+
+/// How the administration verbs reach the server.
+#[derive(Debug, clap::Args)]
+struct ConnectionArgs {
+    /// The coordination server, e.g. https://control.example:8443.
+    #[arg(long, global = true, env = "MESHD_CONTROL_URL", default_value = "")]
+    control_url: String,
+    /// The admin token, or file:PATH to read it from (serve writes <data-dir>/admin-token).
+    #[arg(long, global = true, env = "MESHD_ADMIN_TOKEN", default_value = "", hide_env_values = true)]
+    admin_token: String,
+    /// A CA certificate (PEM) to trust for the server, when it is not in the public web PKI.
+    #[arg(long, global = true, env = "MESHD_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuthkeyCommand {
+    /// Create an auth key; prints only the key.
+    Create {
+        #[arg(long)]
+        reusable: bool,
+        #[arg(long)]
+        ephemeral: bool,
+        /// Tags nodes joining with the key get, e.g. tag:router,tag:infra.
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
+        /// Expiry such as 90d, 12h (default: never).
+        #[arg(long)]
+        expiry: Option<String>,
+    },
+    List,
+    Revoke {
+        id: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodesCommand {
+    List,
+    Delete { id: u64 },
+    Expire { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+enum RoutesCommand {
+    List,
+    Approve { node: u64, prefix: ipnet::IpNet },
+    Reject { node: u64, prefix: ipnet::IpNet },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    Get,
+    Set { file: PathBuf },
+    Check { file: PathBuf },
 }
 
 /// What a subnet router serves and how.
@@ -240,6 +325,44 @@ fn main() -> ExitCode {
             };
             block_on(daemon::run(options))
         }
+        Command::Control { command: ControlCommand::Authkey { command, connection } } => {
+            use control_client::Verb;
+            let verb = match command {
+                AuthkeyCommand::Create { reusable, ephemeral, tags, expiry } => {
+                    Verb::KeyCreate { reusable, ephemeral, tags, expiry }
+                }
+                AuthkeyCommand::List => Verb::KeyList,
+                AuthkeyCommand::Revoke { id } => Verb::KeyRevoke(id),
+            };
+            admin(connection, verb)
+        }
+        Command::Control { command: ControlCommand::Nodes { command, connection } } => {
+            use control_client::Verb;
+            let verb = match command {
+                NodesCommand::List => Verb::NodeList,
+                NodesCommand::Delete { id } => Verb::NodeDelete(id),
+                NodesCommand::Expire { id } => Verb::NodeExpire(id),
+            };
+            admin(connection, verb)
+        }
+        Command::Control { command: ControlCommand::Routes { command, connection } } => {
+            use control_client::Verb;
+            let verb = match command {
+                RoutesCommand::List => Verb::RouteList,
+                RoutesCommand::Approve { node, prefix } => Verb::RouteSet { node, prefix, approve: true },
+                RoutesCommand::Reject { node, prefix } => Verb::RouteSet { node, prefix, approve: false },
+            };
+            admin(connection, verb)
+        }
+        Command::Control { command: ControlCommand::Policy { command, connection } } => {
+            use control_client::Verb;
+            let verb = match command {
+                PolicyCommand::Get => Verb::PolicyGet,
+                PolicyCommand::Set { file } => Verb::PolicySet(file),
+                PolicyCommand::Check { file } => Verb::PolicyCheck(file),
+            };
+            admin(connection, verb)
+        }
         Command::Control {
             command:
                 ControlCommand::Serve {
@@ -269,6 +392,19 @@ fn main() -> ExitCode {
             block_on(control_serve::run(options))
         }
     }
+}
+
+fn admin(connection: ConnectionArgs, verb: control_client::Verb) -> ExitCode {
+    if connection.control_url.is_empty() {
+        eprintln!("meshd: --control-url (or MESHD_CONTROL_URL) names the coordination server");
+        return ExitCode::from(2);
+    }
+    let connection = control_client::Connection {
+        url: connection.control_url,
+        admin_token: connection.admin_token,
+        ca_cert: connection.ca_cert,
+    };
+    control_client::run(connection, verb)
 }
 
 /// Runs a command on a single-threaded runtime and turns its failure into one line and an exit status:

@@ -125,3 +125,79 @@ fn plain_http_only_when_asked_for_and_loudly() {
     let (ok, text) = curl(&lab, ns, &["http://127.0.0.1:8443/api/v1/admin/nodes"]);
     assert!(ok && text.contains("unauthorized"), "{text}");
 }
+
+#[test]
+fn the_admin_verbs_manage_keys_nodes_routes_and_policy() {
+    let mut lab = Lab::new("cta");
+    let ns = lab.netns("ca");
+    make_certificates(&lab);
+    let (cert, key, ca) = (lab.path("server.pem"), lab.path("server.key"), lab.path("ca.pem"));
+    serve(&mut lab, ns, "control", &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    let token = format!("file:{}", lab.path("control-data").join("admin-token").display());
+    let ca = ca.to_str().unwrap().to_string();
+    let meshd = |args: &[&str]| {
+        let mut all: Vec<&str> = vec!["control"];
+        all.extend_from_slice(args);
+        all.extend(["--control-url", "https://127.0.0.1:8443", "--admin-token", &token, "--ca-cert", &ca]);
+        let out = lab.ns(ns).exec(MESHD, &all);
+        (out.status.code(), stdout(&out).trim().to_string(), String::from_utf8_lossy(&out.stderr).trim().to_string())
+    };
+
+    let (status, auth_key, _) = meshd(&["authkey", "create", "--reusable", "--tags", "tag:router", "--expiry", "90d"]);
+    assert_eq!(status, Some(0));
+    assert!(auth_key.starts_with("mkey-") && !auth_key.contains('\n'), "only the key: {auth_key}");
+    let register = |key: &str, node: &str| {
+        let body = format!(
+            r#"{{"version": 1, "auth_key": "{key}", "node_key": "{node}", "hostname": "{node}", "advertise_routes": ["10.0.0.0/16"]}}"#
+        );
+        curl(&lab, ns, &["--cacert", &ca, "-d", &body, "https://127.0.0.1:8443/api/v1/register"]).1
+    };
+    assert!(register(&auth_key, "router-a").contains("100.64.0.1"));
+
+    let (_, routes, _) = meshd(&["routes", "list"]);
+    assert!(routes.contains("10.0.0.0/16") && routes.contains("router-a") && routes.contains("false"), "{routes}");
+    assert_eq!(meshd(&["routes", "approve", "1", "10.0.0.0/16"]).0, Some(0));
+    assert!(meshd(&["routes", "list"]).1.lines().nth(1).unwrap().contains("true"));
+    assert!(meshd(&["nodes", "list"]).1.contains("tag:router"));
+    let (status, _, err) = meshd(&["routes", "approve", "7", "10.0.0.0/16"]);
+    assert_eq!(status, Some(1));
+    assert!(err.starts_with("meshd: no such advertised route"), "{err}");
+
+    assert_eq!(meshd(&["authkey", "revoke", "1"]).0, Some(0));
+    assert!(register(&auth_key, "router-b").contains("auth_key_revoked"));
+    assert!(meshd(&["authkey", "list"]).1.contains("true"), "listed as revoked");
+
+    let bad = lab.write("bad-policy.hujson", r#"{"tagOwners": {"router": ["tag:x"]}}"#);
+    let (status, _, err) = meshd(&["policy", "check", bad.to_str().unwrap()]);
+    assert_eq!(status, Some(1));
+    assert!(err.contains("is not a tag"), "{err}");
+    let good =
+        lab.write("policy.hujson", "{ // comments are fine\n \"tagOwners\": { \"tag:router\": [\"tag:infra\"], },\n}");
+    assert_eq!(meshd(&["policy", "set", good.to_str().unwrap()]).0, Some(0));
+    assert!(meshd(&["policy", "get"]).1.contains("comments are fine"));
+
+    // Bad input and unreachable servers are one line each.
+    let out = lab.ns(ns).exec(MESHD, &["control", "nodes", "list"]);
+    assert_eq!(out.status.code(), Some(2));
+    let wrong = lab.ns(ns).exec(
+        MESHD,
+        &[
+            "control",
+            "nodes",
+            "list",
+            "--control-url",
+            "https://127.0.0.1:8443",
+            "--ca-cert",
+            &ca,
+            "--admin-token",
+            "nope",
+        ],
+    );
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("admin token"));
+    let away = lab
+        .ns(ns)
+        .exec(MESHD, &["control", "nodes", "list", "--control-url", "https://127.0.0.1:9", "--admin-token", "x"]);
+    assert_eq!(away.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&away.stderr).contains("cannot reach the coordination server"));
+}

@@ -1,0 +1,243 @@
+//! `meshd control <verb>`: administration of the coordination server over its HTTPS API, with the admin
+//! token. Output is plain text for people and one value per line where scripts want it (`authkey create`
+//! prints only the key).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use ureq::tls::{PemItem, RootCerts, TlsConfig};
+
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub url: String,
+    /// The token itself, or `file:PATH`.
+    pub admin_token: String,
+    pub ca_cert: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Verb {
+    KeyCreate { reusable: bool, ephemeral: bool, tags: Vec<String>, expiry: Option<String> },
+    KeyList,
+    KeyRevoke(u64),
+    NodeList,
+    NodeDelete(u64),
+    NodeExpire(u64),
+    RouteList,
+    RouteSet { node: u64, prefix: ipnet::IpNet, approve: bool },
+    PolicyGet,
+    PolicySet(PathBuf),
+    PolicyCheck(PathBuf),
+}
+
+/// Seconds in `90d`, `12h`, `30m` or `45s`.
+pub fn parse_duration(text: &str) -> Result<u64, String> {
+    let (number, unit) = text.split_at(text.len().saturating_sub(1));
+    let factor = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => return Err(format!("{text:?}: expected a number and d, h, m or s, like 90d")),
+    };
+    number
+        .parse::<u64>()
+        .map(|n| n * factor)
+        .map_err(|_| format!("{text:?}: expected a number and d, h, m or s, like 90d"))
+}
+
+enum Failure {
+    Input(String),
+    Server(String),
+}
+
+pub fn run(connection: Connection, verb: Verb) -> ExitCode {
+    match execute(&connection, verb) {
+        Ok(output) => {
+            if !output.is_empty() {
+                println!("{output}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(Failure::Input(message)) => {
+            eprintln!("meshd: {message}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Server(message)) => {
+            eprintln!("meshd: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn agent(connection: &Connection) -> Result<ureq::Agent, Failure> {
+    let mut tls = TlsConfig::builder();
+    if let Some(path) = &connection.ca_cert {
+        let pem = std::fs::read(path).map_err(|e| Failure::Input(format!("{}: cannot read: {e}", path.display())))?;
+        let certs: Vec<_> = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| if let Ok(PemItem::Certificate(c)) = item { Some(c) } else { None })
+            .collect();
+        if certs.is_empty() {
+            return Err(Failure::Input(format!("{}: no PEM certificate in it", path.display())));
+        }
+        tls = tls.root_certs(RootCerts::Specific(Arc::new(certs)));
+    }
+    Ok(ureq::Agent::config_builder().tls_config(tls.build()).http_status_as_error(false).build().into())
+}
+
+fn token(connection: &Connection) -> Result<String, Failure> {
+    match connection.admin_token.strip_prefix("file:") {
+        Some(path) => std::fs::read_to_string(path)
+            .map(|t| t.trim().to_string())
+            .map_err(|e| Failure::Input(format!("{path}: cannot read the admin token: {e}"))),
+        None if connection.admin_token.is_empty() => {
+            Err(Failure::Input("an admin token is needed: --admin-token TOKEN|file:PATH or MESHD_ADMIN_TOKEN".into()))
+        }
+        None => Ok(connection.admin_token.clone()),
+    }
+}
+
+/// Sends one request and returns the body of a success, or the server's one-line error.
+fn call(connection: &Connection, method: &str, path: &str, body: Option<String>) -> Result<String, Failure> {
+    let agent = agent(connection)?;
+    let url = format!("{}/api/v1/admin/{path}", connection.url.trim_end_matches('/'));
+    let auth = format!("Bearer {}", token(connection)?);
+    let unreachable =
+        |e: ureq::Error| Failure::Server(format!("cannot reach the coordination server at {}: {e}", connection.url));
+    let mut response = match (method, body) {
+        ("GET", _) => agent.get(&url).header("authorization", &auth).call().map_err(unreachable)?,
+        ("DELETE", _) => agent.delete(&url).header("authorization", &auth).call().map_err(unreachable)?,
+        ("PUT", Some(b)) => agent.put(&url).header("authorization", &auth).send(b).map_err(unreachable)?,
+        (_, b) => agent
+            .post(&url)
+            .header("authorization", &auth)
+            .header("content-type", "application/json")
+            .send(b.unwrap_or_default())
+            .map_err(unreachable)?,
+    };
+    let status = response.status();
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    if status.is_success() {
+        return Ok(text);
+    }
+    let message = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("the server answered {status}"));
+    Err(Failure::Server(message))
+}
+
+fn json(text: &str) -> Result<serde_json::Value, Failure> {
+    serde_json::from_str(text).map_err(|e| Failure::Server(format!("unexpected answer from the server: {e}")))
+}
+
+fn execute(c: &Connection, verb: Verb) -> Result<String, Failure> {
+    match verb {
+        Verb::KeyCreate { reusable, ephemeral, tags, expiry } => {
+            let expiry = expiry.map(|e| parse_duration(&e)).transpose().map_err(Failure::Input)?;
+            let body =
+                serde_json::json!({"reusable": reusable, "ephemeral": ephemeral, "tags": tags, "expiry": expiry});
+            let created = json(&call(c, "POST", "authkeys", Some(body.to_string()))?)?;
+            Ok(created["key"].as_str().unwrap_or_default().to_string())
+        }
+        Verb::KeyList => {
+            let keys = json(&call(c, "GET", "authkeys", None)?)?;
+            let mut out = format!(
+                "{:<4} {:<9} {:<10} {:<8} {:>5} {:<12} {}",
+                "ID", "REUSABLE", "EPHEMERAL", "REVOKED", "USES", "EXPIRES", "TAGS"
+            );
+            for k in keys.as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "\n{:<4} {:<9} {:<10} {:<8} {:>5} {:<12} {}",
+                    k["id"],
+                    k["reusable"],
+                    k["ephemeral"],
+                    k["revoked"],
+                    k["uses"],
+                    k["expires_at"].as_u64().map_or("never".into(), |e| e.to_string()),
+                    k["tags"]
+                        .as_array()
+                        .map(|t| t.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","))
+                        .unwrap_or_default()
+                ));
+            }
+            Ok(out)
+        }
+        Verb::KeyRevoke(id) => {
+            call(c, "DELETE", &format!("authkeys/{id}"), None).map(|_| format!("auth key {id} revoked"))
+        }
+        Verb::NodeList => {
+            let nodes = json(&call(c, "GET", "nodes", None)?)?;
+            let mut out = format!("{:<4} {:<24} {:<16} {:<8} {}", "ID", "NAME", "IPV4", "ONLINE", "TAGS");
+            for n in nodes.as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "\n{:<4} {:<24} {:<16} {:<8} {}",
+                    n["id"],
+                    n["name"].as_str().unwrap_or(""),
+                    n["ipv4"].as_str().unwrap_or(""),
+                    if n["expired"].as_bool() == Some(true) { "expired".to_string() } else { n["online"].to_string() },
+                    n["tags"]
+                        .as_array()
+                        .map(|t| t.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","))
+                        .unwrap_or_default()
+                ));
+            }
+            Ok(out)
+        }
+        Verb::NodeDelete(id) => call(c, "DELETE", &format!("nodes/{id}"), None).map(|_| format!("node {id} deleted")),
+        Verb::NodeExpire(id) => {
+            call(c, "POST", &format!("nodes/{id}/expire"), None).map(|_| format!("node {id} expired"))
+        }
+        Verb::RouteList => {
+            let routes = json(&call(c, "GET", "routes", None)?)?;
+            let mut out = format!("{:<4} {:<24} {:<20} {:<9} {}", "NODE", "NAME", "PREFIX", "APPROVED", "PRIMARY");
+            for r in routes.as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "\n{:<4} {:<24} {:<20} {:<9} {}",
+                    r["node"],
+                    r["name"].as_str().unwrap_or(""),
+                    r["prefix"].as_str().unwrap_or(""),
+                    r["approved"],
+                    r["primary"]
+                ));
+            }
+            Ok(out)
+        }
+        Verb::RouteSet { node, prefix, approve } => {
+            let body = serde_json::json!({"node": node, "prefix": prefix.to_string()}).to_string();
+            let path = if approve { "routes/approve" } else { "routes/reject" };
+            call(c, "POST", path, Some(body))
+                .map(|_| format!("{prefix} of node {node} {}", if approve { "approved" } else { "rejected" }))
+        }
+        Verb::PolicyGet => call(c, "GET", "policy", None),
+        Verb::PolicySet(path) | Verb::PolicyCheck(path) if !path.exists() => {
+            Err(Failure::Input(format!("{}: no such file", path.display())))
+        }
+        Verb::PolicySet(path) => {
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| Failure::Input(format!("{}: {e}", path.display())))?;
+            call(c, "PUT", "policy", Some(text)).map(|_| "policy set".into())
+        }
+        Verb::PolicyCheck(path) => {
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| Failure::Input(format!("{}: {e}", path.display())))?;
+            call(c, "POST", "policy/check", Some(text)).map(|_| "policy ok".into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90d"), Ok(90 * 86_400));
+        assert_eq!(parse_duration("12h"), Ok(43_200));
+        assert_eq!(parse_duration("45s"), Ok(45));
+        assert!(parse_duration("90").is_err());
+        assert!(parse_duration("d").is_err());
+        assert!(parse_duration("1.5h").is_err());
+    }
+}
