@@ -445,7 +445,7 @@ impl Control {
     /// Every advertised route, with its node and what became of it.
     pub fn all_routes(&self) -> Result<Vec<AdvertisedRoute>, ControlError> {
         let nodes = self.nodes()?;
-        let primaries = self.primaries(&nodes)?;
+        let primaries = self.primaries()?;
         let mut out = Vec::new();
         for node in &nodes {
             for (prefix, approved) in self.routes_of(node.id)? {
@@ -499,14 +499,24 @@ impl Control {
     }
 
     fn node_by_key(&self, node_key: &str) -> Result<Option<NodeRecord>, ControlError> {
-        Ok(self.nodes()?.into_iter().find(|n| n.node_key == node_key))
+        Ok(self.nodes_where("WHERE node_key = ?1", params![node_key])?.pop())
+    }
+
+    fn node_by_id(&self, id: u64) -> Result<Option<NodeRecord>, ControlError> {
+        Ok(self.nodes_where("WHERE id = ?1", params![id as i64])?.pop())
     }
 
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, ControlError> {
-        let mut statement = self.db.prepare(
-            "SELECT id, node_key, name, ipv4, ipv6, tags, ephemeral, expired, last_seen FROM nodes ORDER BY id",
-        )?;
-        let rows = statement.query_map([], |r| {
+        self.nodes_where("", params![])
+    }
+
+    /// Nodes matching a fixed SQL filter; lookups of one node go through the unique indexes rather than
+    /// reading the whole table, which registration and every authenticated request would otherwise do.
+    fn nodes_where(&self, filter: &str, values: &[&dyn rusqlite::ToSql]) -> Result<Vec<NodeRecord>, ControlError> {
+        let mut statement = self.db.prepare_cached(&format!(
+            "SELECT id, node_key, name, ipv4, ipv6, tags, ephemeral, expired, last_seen FROM nodes {filter} ORDER BY id"
+        ))?;
+        let rows = statement.query_map(values, |r| {
             Ok(NodeRecord {
                 id: r.get::<_, i64>(0)? as u64,
                 node_key: r.get(1)?,
@@ -534,7 +544,7 @@ impl Control {
                 "unknown node or wrong credential; run meshd up again",
             ));
         }
-        let node = self.nodes()?.into_iter().find(|n| n.id == node_id).expect("the row just read");
+        let node = self.node_by_id(node_id)?.expect("the row just read");
         if node.expired {
             return Err(ControlError::new(
                 ErrorCode::NodeExpired,
@@ -579,13 +589,19 @@ impl Control {
 
     /// For each approved prefix, the one node peers route it to: the lowest node id among the live nodes that
     /// advertise it approved, so the choice is stable until that node goes.
-    fn primaries(&self, nodes: &[NodeRecord]) -> Result<BTreeMap<IpNet, u64>, ControlError> {
+    /// Which node serves each approved prefix: the oldest live node approved for it. One query for
+    /// the whole mesh, because every netmap needs it and a per-node query made fan-out O(N²).
+    fn primaries(&self) -> Result<BTreeMap<IpNet, u64>, ControlError> {
+        let mut statement = self.db.prepare(
+            "SELECT r.prefix, r.node_id FROM routes r JOIN nodes n ON n.id = r.node_id \
+             WHERE r.approved AND NOT n.expired ORDER BY r.node_id",
+        )?;
+        let rows = statement.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
         let mut primary = BTreeMap::new();
-        for node in nodes.iter().filter(|n| !n.expired) {
-            for (prefix, approved) in self.routes_of(node.id)? {
-                if approved {
-                    primary.entry(prefix).or_insert(node.id);
-                }
+        for row in rows {
+            let (prefix, node) = row?;
+            if let Ok(prefix) = prefix.parse() {
+                primary.entry(prefix).or_insert(node);
             }
         }
         Ok(primary)
@@ -601,11 +617,15 @@ impl Control {
         if me.expired {
             return Err(ControlError::new(ErrorCode::NodeExpired, "this node has expired"));
         }
-        let primaries = self.primaries(&nodes)?;
+        let primaries = self.primaries()?;
+        let mut served: BTreeMap<u64, Vec<IpNet>> = BTreeMap::new();
+        for (prefix, id) in &primaries {
+            served.entry(*id).or_default().push(*prefix);
+        }
         let view = |n: &NodeRecord| {
             let mut allowed_ips =
                 vec![IpNet::from(std::net::IpAddr::V4(n.ipv4)), IpNet::from(std::net::IpAddr::V6(n.ipv6))];
-            allowed_ips.extend(primaries.iter().filter(|(_, id)| **id == n.id).map(|(p, _)| *p));
+            allowed_ips.extend(served.get(&n.id).into_iter().flatten().copied());
             Peer {
                 node_id: n.id,
                 name: n.name.clone(),
