@@ -1,9 +1,11 @@
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use mesh_proto::{ErrorCode, NetMap, Peer, RegisterRequest, RegisterResponse, RouteState, VERSION};
+use mesh_proto::{
+    EndpointsUpdate, ErrorCode, MAX_ENDPOINTS, NetMap, Peer, RegisterRequest, RegisterResponse, RouteState, VERSION,
+};
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
@@ -11,7 +13,8 @@ use crate::policy::Policy;
 
 /// The schema, one statement list per version. Plain SQL both SQLite and PostgreSQL accept, so a PostgreSQL
 /// store can follow without a rewrite (INTEGER ids are assigned by the database in both).
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE auth_keys (
         id INTEGER PRIMARY KEY,
@@ -44,7 +47,11 @@ const MIGRATIONS: &[&str] = &["
         approved INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (node_id, prefix)
     );
-"];
+",
+    "
+    ALTER TABLE nodes ADD COLUMN endpoints TEXT NOT NULL DEFAULT '';
+",
+];
 
 /// The mesh's IPv4 range (RFC 6598 shared address space, as Tailscale uses).
 const MESH_V4: &str = "100.64.0.0/10";
@@ -122,6 +129,8 @@ pub struct NodeRecord {
     pub ephemeral: bool,
     pub expired: bool,
     pub last_seen: u64,
+    /// Where the node's WireGuard socket can be reached, as it last reported.
+    pub endpoints: Vec<SocketAddr>,
 }
 
 /// The coordination server's state.
@@ -387,6 +396,7 @@ impl Control {
                     ephemeral: key.ephemeral,
                     expired: false,
                     last_seen: now,
+                    endpoints: Vec::new(),
                 }
             }
         };
@@ -514,7 +524,8 @@ impl Control {
     /// reading the whole table, which registration and every authenticated request would otherwise do.
     fn nodes_where(&self, filter: &str, values: &[&dyn rusqlite::ToSql]) -> Result<Vec<NodeRecord>, ControlError> {
         let mut statement = self.db.prepare_cached(&format!(
-            "SELECT id, node_key, name, ipv4, ipv6, tags, ephemeral, expired, last_seen FROM nodes {filter} ORDER BY id"
+            "SELECT id, node_key, name, ipv4, ipv6, tags, ephemeral, expired, last_seen, endpoints FROM nodes {filter} \
+             ORDER BY id"
         ))?;
         let rows = statement.query_map(values, |r| {
             Ok(NodeRecord {
@@ -527,6 +538,7 @@ impl Control {
                 ephemeral: r.get(6)?,
                 expired: r.get(7)?,
                 last_seen: r.get::<_, i64>(8)? as u64,
+                endpoints: split(&r.get::<_, String>(9)?).iter().filter_map(|e| e.parse().ok()).collect(),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -557,6 +569,45 @@ impl Control {
     pub fn touch(&self, node: u64, now: u64) -> Result<(), ControlError> {
         self.db.execute("UPDATE nodes SET last_seen = ?1 WHERE id = ?2", params![now as i64, node as i64])?;
         Ok(())
+    }
+
+    /// Records where a node can be reached. Only a change bumps the netmap version, so a node that reports
+    /// the same endpoints on every reconnect does not wake the whole mesh.
+    pub fn set_endpoints(&self, node: u64, update: &EndpointsUpdate) -> Result<bool, ControlError> {
+        if update.version != VERSION {
+            return Err(ControlError::new(
+                ErrorCode::VersionMismatch,
+                format!("this server speaks protocol {VERSION}, the node {}", update.version),
+            ));
+        }
+        if update.endpoints.len() > MAX_ENDPOINTS {
+            return Err(ControlError::new(
+                ErrorCode::BadRequest,
+                format!("{} endpoints reported; at most {MAX_ENDPOINTS} are kept", update.endpoints.len()),
+            ));
+        }
+        if let Some(bad) = update
+            .endpoints
+            .iter()
+            .find(|e| e.port() == 0 || e.ip().is_unspecified() || e.ip().is_multicast() || e.ip().is_loopback())
+        {
+            return Err(ControlError::new(ErrorCode::BadRequest, format!("{bad} is not an address peers can reach")));
+        }
+        let mut endpoints: Vec<SocketAddr> = Vec::with_capacity(update.endpoints.len());
+        for endpoint in &update.endpoints {
+            if !endpoints.contains(endpoint) {
+                endpoints.push(*endpoint);
+            }
+        }
+        let text = endpoints.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+        let changed = self
+            .db
+            .execute("UPDATE nodes SET endpoints = ?1 WHERE id = ?2 AND endpoints <> ?1", params![text, node as i64])?
+            == 1;
+        if changed {
+            self.bump()?;
+        }
+        Ok(changed)
     }
 
     pub fn delete_node(&self, node: u64) -> Result<bool, ControlError> {
@@ -632,7 +683,7 @@ impl Control {
                 node_key: n.node_key.clone(),
                 ipv4: n.ipv4,
                 ipv6: n.ipv6,
-                endpoints: Vec::new(),
+                endpoints: n.endpoints.clone(),
                 allowed_ips,
                 online: online(n),
                 tags: n.tags.clone(),

@@ -139,6 +139,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/api/v1/register", post(register))
         .route("/api/v1/netmap", get(netmap))
+        .route("/api/v1/endpoints", post(endpoints))
         .route("/api/v1/admin/authkeys", post(create_key).get(list_keys))
         .route("/api/v1/admin/authkeys/{id}", delete(revoke_key))
         .route("/api/v1/admin/nodes", get(list_nodes))
@@ -183,6 +184,18 @@ async fn netmap(
     let now = (state.clock)();
     let map = state.control().netmap(node, |n| now.saturating_sub(n.last_seen) < ONLINE_WINDOW)?;
     Ok(Json(map))
+}
+
+async fn endpoints(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Json(update): Json<mesh_proto::EndpointsUpdate>,
+) -> Result<StatusCode, ApiError> {
+    let node = require_node(&state, &headers)?;
+    if state.control().set_endpoints(node, &update)? {
+        state.changed();
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Debug, Deserialize)]

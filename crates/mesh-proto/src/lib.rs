@@ -42,6 +42,18 @@ pub struct RegisterResponse {
     pub domain: String,
 }
 
+/// The most endpoints a node may report; more is a misbehaving node, not a bigger host.
+pub const MAX_ENDPOINTS: usize = 16;
+
+/// A node tells the server where its WireGuard socket can be reached, so peers can send the first
+/// handshake there. Sent whenever the set changes; the server passes it on in every peer's netmap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointsUpdate {
+    pub version: u32,
+    pub endpoints: Vec<SocketAddr>,
+}
+
 /// A node as its peers see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Peer {

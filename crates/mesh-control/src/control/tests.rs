@@ -203,3 +203,69 @@ fn the_database_survives_a_restart() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn endpoints(list: &[&str]) -> EndpointsUpdate {
+    EndpointsUpdate { version: VERSION, endpoints: list.iter().map(|e| e.parse().unwrap()).collect() }
+}
+
+#[test]
+fn reported_endpoints_reach_peers_and_only_a_change_bumps_the_version() {
+    let c = control("{}");
+    let (_, key) = c.create_auth_key(&AuthKeyOptions { reusable: true, ..Default::default() }, NOW).unwrap();
+    let a = c.register(&request(&key, 1, "a"), NOW).unwrap();
+    let b = c.register(&request(&key, 2, "b"), NOW).unwrap();
+    let before = c.version().unwrap();
+    let update = endpoints(&["192.0.2.7:41641", "[2001:db8::7]:41641", "192.0.2.7:41641"]);
+    assert!(c.set_endpoints(a.node_id, &update).unwrap());
+    let after = c.version().unwrap();
+    assert!(after > before);
+    let seen = c.netmap(b.node_id, |_| true).unwrap().peers[0].endpoints.clone();
+    assert_eq!(seen, endpoints(&["192.0.2.7:41641", "[2001:db8::7]:41641"]).endpoints, "duplicates collapse");
+    assert!(!c.set_endpoints(a.node_id, &update).unwrap(), "the same set again is no change");
+    assert_eq!(c.version().unwrap(), after);
+    assert!(c.set_endpoints(a.node_id, &endpoints(&[])).unwrap(), "a node may withdraw its endpoints");
+    assert!(c.netmap(b.node_id, |_| true).unwrap().peers[0].endpoints.is_empty());
+}
+
+#[test]
+fn endpoints_peers_cannot_use_are_refused_whole() {
+    let c = control("{}");
+    let (_, key) = c.create_auth_key(&AuthKeyOptions::default(), NOW).unwrap();
+    let a = c.register(&request(&key, 1, "a"), NOW).unwrap();
+    for bad in ["0.0.0.0:41641", "192.0.2.7:0", "127.0.0.1:41641", "[::1]:41641", "224.0.0.1:41641"] {
+        let error = c.set_endpoints(a.node_id, &endpoints(&["192.0.2.7:41641", bad])).unwrap_err();
+        assert_eq!(error.code, ErrorCode::BadRequest, "{bad}");
+    }
+    let many: Vec<String> = (1..=MAX_ENDPOINTS as u16 + 1).map(|p| format!("192.0.2.7:{p}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    assert_eq!(c.set_endpoints(a.node_id, &endpoints(&many)).unwrap_err().code, ErrorCode::BadRequest);
+    let old = EndpointsUpdate { version: VERSION + 1, endpoints: Vec::new() };
+    assert_eq!(c.set_endpoints(a.node_id, &old).unwrap_err().code, ErrorCode::VersionMismatch);
+    assert!(c.nodes().unwrap()[0].endpoints.is_empty(), "nothing of a refused report is kept");
+}
+
+#[test]
+fn a_database_from_schema_1_upgrades_and_keeps_its_nodes() {
+    let dir = std::env::temp_dir().join(format!("mesh-control-upgrade-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("control.db");
+    let _ = std::fs::remove_file(&path);
+    {
+        let db = Connection::open(&path).unwrap();
+        db.execute_batch("CREATE TABLE schema_version (version INTEGER NOT NULL);").unwrap();
+        db.execute_batch(MIGRATIONS[0]).unwrap();
+        db.execute_batch(
+            "INSERT INTO schema_version (version) VALUES (1);
+             INSERT INTO nodes (node_key, name, ipv4, ipv6, tags, credential_hash, ephemeral, last_seen, created_at)
+             VALUES ('k', 'old-node', '100.64.0.1', 'fd00::1', '', 'x', 0, 1, 1);",
+        )
+        .unwrap();
+    }
+    let c = Control::open(&path, Policy::default(), "mesh.example").unwrap();
+    let nodes = c.nodes().unwrap();
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].name, "old-node");
+    assert!(nodes[0].endpoints.is_empty());
+    assert!(c.set_endpoints(nodes[0].id, &endpoints(&["192.0.2.9:41641"])).unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -146,3 +146,33 @@ async fn policies_are_checked_before_they_are_set() {
     assert_eq!(call(&app, "PUT", "/api/v1/admin/policy", admin(), good).await.0, StatusCode::NO_CONTENT);
     assert_eq!(call(&app, "GET", "/api/v1/admin/policy", admin(), "").await.1, good);
 }
+
+#[tokio::test]
+async fn a_nodes_reported_endpoints_wake_a_peers_long_poll() {
+    let app = app();
+    let key = new_key(&app, r#"{"reusable": true}"#).await;
+    let a = register(&app, &key, 1, &[]).await;
+    let b = register(&app, &key, 2, &[]).await;
+    let (_, text) = call(&app, "GET", "/api/v1/netmap", Some(&node_auth(&b)), "").await;
+    let version = serde_json::from_str::<NetMap>(&text).unwrap().version;
+    let poll = {
+        let app = app.clone();
+        let auth = node_auth(&b);
+        tokio::spawn(
+            async move { call(&app, "GET", &format!("/api/v1/netmap?since={version}"), Some(&auth), "").await },
+        )
+    };
+    let body = format!(r#"{{"version": {VERSION}, "endpoints": ["192.0.2.7:41641"]}}"#);
+    assert_eq!(call(&app, "POST", "/api/v1/endpoints", None, &body).await.0, StatusCode::UNAUTHORIZED);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(call(&app, "POST", "/api/v1/endpoints", Some(&node_auth(&a)), &body).await.0, StatusCode::NO_CONTENT);
+    // Far inside the server's 25 s long poll, so an answer here was woken by the report.
+    let (status, text) = tokio::time::timeout(Duration::from_secs(5), poll).await.expect("the poll was woken").unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let map: NetMap = serde_json::from_str(&text).unwrap();
+    assert!(map.version > version);
+    assert_eq!(map.peers[0].endpoints, vec!["192.0.2.7:41641".parse().unwrap()]);
+    let loopback = format!(r#"{{"version": {VERSION}, "endpoints": ["127.0.0.1:41641"]}}"#);
+    let (status, text) = call(&app, "POST", "/api/v1/endpoints", Some(&node_auth(&a)), &loopback).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+}
