@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod control;
+pub mod fuzzing;
 pub mod http;
 pub mod policy;
 pub mod serve;

@@ -1,0 +1,89 @@
+//! The body of the `control_api` fuzz target, shared with the test that replays its corpus on every CI run:
+//! untrusted bytes as each body the server parses (a registration, an endpoints report, a policy file),
+//! driven through a live store so parsing and the decisions after it are both exercised.
+
+use mesh_proto::{EndpointsUpdate, RegisterRequest};
+
+use crate::policy::Policy;
+use crate::{AuthKeyOptions, Control};
+
+const NOW: u64 = 1_800_000_000;
+/// The store starts afresh after this many registrations, so a long run does not grow without bound.
+const NODES_PER_STORE: usize = 256;
+
+pub struct Target {
+    control: Control,
+    key: String,
+    node: u64,
+    registered: usize,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the key: even a fuzzing key stays out of output, like every other.
+        f.debug_struct("Target").field("node", &self.node).field("registered", &self.registered).finish()
+    }
+}
+
+impl Default for Target {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Target {
+    pub fn new() -> Self {
+        let policy =
+            Policy::parse(r#"{"autoApprovers": {"routes": {"10.0.0.0/8": ["tag:router"]}}}"#).expect("literal policy");
+        let control = Control::in_memory(policy, "mesh.example").expect("in-memory store");
+        let options = AuthKeyOptions { reusable: true, tags: vec!["tag:router".into()], ..Default::default() };
+        let (_, key) = control.create_auth_key(&options, NOW).expect("auth key");
+        let node = control
+            .register(
+                &RegisterRequest {
+                    version: mesh_proto::VERSION,
+                    auth_key: key.clone(),
+                    node_key: "fuzz-anchor".into(),
+                    hostname: "anchor".into(),
+                    advertise_routes: vec!["10.1.0.0/16".parse().expect("literal prefix")],
+                    tags: Vec::new(),
+                },
+                NOW,
+            )
+            .expect("anchor node")
+            .node_id;
+        Self { control, key, node, registered: 0 }
+    }
+
+    pub fn feed(&mut self, data: &[u8]) {
+        if self.registered >= NODES_PER_STORE {
+            *self = Self::new();
+        }
+        if let Ok(text) = std::str::from_utf8(data) {
+            let _ = Policy::parse(text);
+        }
+        if let Ok(mut request) = serde_json::from_slice::<RegisterRequest>(data) {
+            // The fuzzer cannot guess a key; half the inputs use the real one to reach what follows.
+            if data.len().is_multiple_of(2) {
+                request.auth_key = self.key.clone();
+            }
+            if let Ok(response) = self.control.register(&request, NOW) {
+                self.registered += 1;
+                assert!(
+                    response.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+                    "names are DNS labels: {:?}",
+                    response.name
+                );
+                self.control.netmap(response.node_id, |_| true).expect("a registered node has a netmap");
+            }
+        }
+        if let Ok(update) = serde_json::from_slice::<EndpointsUpdate>(data) {
+            let accepted = self.control.set_endpoints(self.node, &update).is_ok();
+            let map = self.control.netmap(self.node, |_| true).expect("the anchor has a netmap");
+            if accepted {
+                assert!(map.node.endpoints.len() <= mesh_proto::MAX_ENDPOINTS);
+                assert!(map.node.endpoints.iter().all(|e| update.endpoints.contains(e)));
+            }
+        }
+    }
+}
