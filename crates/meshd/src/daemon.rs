@@ -633,8 +633,6 @@ impl Daemon {
         }
     }
 
-    /// Re-reads the configuration (SIGHUP): peers are added, removed or changed; unchanged peers keep their
-    /// sessions. A file that does not parse changes nothing.
     /// Applies a configuration re-read on SIGHUP: peers are added, removed or changed; unchanged peers keep
     /// their sessions. A file that did not parse, or names that did not resolve, change nothing.
     async fn apply_reload(&mut self, loaded: Result<Reloaded, String>) {

@@ -182,12 +182,18 @@ fn expired_and_stale_ephemeral_nodes_leave_the_mesh() {
     assert!(c.netmap(server.node_id, |_| true).unwrap().peers.is_empty(), "peers drop the expired node");
 }
 
-#[test]
-fn the_database_survives_a_restart() {
-    let dir = std::env::temp_dir().join(format!("mesh-control-{}", std::process::id()));
+/// A directory of its own per test and process, with no database in it yet.
+fn fresh_database(test: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("mesh-control-{test}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("control.db");
     let _ = std::fs::remove_file(&path);
+    (dir, path)
+}
+
+#[test]
+fn the_database_survives_a_restart() {
+    let (dir, path) = fresh_database("restart");
     let (first, ula) = {
         let c = Control::open(&path, Policy::default(), "mesh.example").unwrap();
         let (_, key) = c.create_auth_key(&AuthKeyOptions::default(), NOW).unwrap();
@@ -246,10 +252,7 @@ fn endpoints_peers_cannot_use_are_refused_whole() {
 
 #[test]
 fn a_database_from_schema_1_upgrades_and_keeps_its_nodes() {
-    let dir = std::env::temp_dir().join(format!("mesh-control-upgrade-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("control.db");
-    let _ = std::fs::remove_file(&path);
+    let (dir, path) = fresh_database("upgrade");
     {
         let db = Connection::open(&path).unwrap();
         db.execute_batch("CREATE TABLE schema_version (version INTEGER NOT NULL);").unwrap();
