@@ -6,6 +6,7 @@
 //! (monotonic, or `mock_instant` with the `mock-clock` feature, which the simulation uses).
 #![forbid(unsafe_code)]
 
+pub mod netmap;
 mod node;
 pub mod router;
 mod routes;

@@ -1,0 +1,181 @@
+//! What a node configures from a netmap: its peers, which of their subnet routes it accepts, and which of
+//! its own advertised routes it may serve. Pure, so the daemon's follow loop only fetches and applies.
+
+use std::collections::HashSet;
+
+use base64::Engine;
+use ipnet::IpNet;
+use mesh_proto::NetMap;
+
+use crate::{Key, PeerSpec};
+
+/// Which peers' subnet routes this node sends into the mesh (Tailscale's `--accept-routes`). Mesh
+/// addresses are always accepted; subnet routes only when asked for, so joining a mesh never reroutes a
+/// host's LAN by surprise.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AcceptRoutes {
+    #[default]
+    None,
+    All,
+    /// Only routes inside one of these prefixes (`--accept-routes=10.52.0.0/16,...`).
+    Within(Vec<IpNet>),
+}
+
+impl AcceptRoutes {
+    fn accepts(&self, route: &IpNet) -> bool {
+        match self {
+            Self::None => false,
+            Self::All => true,
+            Self::Within(allowed) => allowed.iter().any(|a| a.contains(route)),
+        }
+    }
+}
+
+/// A peer the netmap names that cannot be configured, and why; the rest of the mesh still is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedPeer {
+    pub node_id: u64,
+    pub name: String,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Default)]
+pub struct Peers {
+    pub specs: Vec<PeerSpec>,
+    pub skipped: Vec<SkippedPeer>,
+}
+
+fn decode_key(text: &str) -> Option<Key> {
+    base64::engine::general_purpose::STANDARD.decode(text).ok()?.try_into().ok()
+}
+
+/// The peers to configure: each with its mesh addresses and the accepted routes it is primary for, and the
+/// first endpoint it reported. A peer with a malformed key, this node's own key, or a key an earlier peer
+/// already has is skipped and reported, never configured twice.
+pub fn peers(map: &NetMap, accept: &AcceptRoutes, persistent_keepalive: Option<u16>) -> Peers {
+    let mut out = Peers::default();
+    let mut seen: HashSet<Key> = decode_key(&map.node.node_key).into_iter().collect();
+    let mesh_addresses =
+        |p: &mesh_proto::Peer| [IpNet::from(std::net::IpAddr::V4(p.ipv4)), IpNet::from(std::net::IpAddr::V6(p.ipv6))];
+    for peer in &map.peers {
+        let skip = |reason| SkippedPeer { node_id: peer.node_id, name: peer.name.clone(), reason };
+        let Some(key) = decode_key(&peer.node_key) else {
+            out.skipped.push(skip("its node key is not a base64 WireGuard key"));
+            continue;
+        };
+        if !seen.insert(key) {
+            out.skipped.push(skip("its node key is this node's or an earlier peer's"));
+            continue;
+        }
+        let own = mesh_addresses(peer);
+        let mut allowed_ips: Vec<IpNet> = own.to_vec();
+        allowed_ips.extend(peer.allowed_ips.iter().filter(|p| !own.contains(p) && accept.accepts(p)).copied());
+        out.specs.push(PeerSpec {
+            public_key: key,
+            preshared_key: None,
+            endpoint: peer.endpoints.first().copied(),
+            allowed_ips,
+            persistent_keepalive,
+        });
+    }
+    out
+}
+
+/// The advertised routes this node may forward to: the approved ones. An unapproved route is never served,
+/// even to a peer that sends traffic for it anyway.
+pub fn served_routes(map: &NetMap) -> Vec<IpNet> {
+    map.routes.iter().filter(|r| r.approved).map(|r| r.prefix).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_proto::{Peer, RouteState};
+
+    use super::*;
+
+    fn key_text(byte: u8) -> String {
+        base64::engine::general_purpose::STANDARD.encode([byte; 32])
+    }
+
+    fn peer(id: u8, key: String, extra: &[&str]) -> Peer {
+        let ipv4 = std::net::Ipv4Addr::new(100, 64, 0, id);
+        let ipv6 = format!("fd7a:1::{id}").parse().unwrap();
+        let mut allowed_ips = vec![IpNet::from(std::net::IpAddr::V4(ipv4)), IpNet::from(std::net::IpAddr::V6(ipv6))];
+        allowed_ips.extend(extra.iter().map(|p| p.parse::<IpNet>().unwrap()));
+        Peer {
+            node_id: u64::from(id),
+            name: format!("node-{id}"),
+            node_key: key,
+            ipv4,
+            ipv6,
+            endpoints: vec![
+                format!("192.0.2.{id}:41641").parse().unwrap(),
+                format!("[2001:db8::{id}]:41641").parse().unwrap(),
+            ],
+            allowed_ips,
+            online: true,
+            tags: Vec::new(),
+        }
+    }
+
+    fn map(peers: Vec<Peer>) -> NetMap {
+        NetMap {
+            version: 7,
+            domain: "mesh.example".into(),
+            node: peer(1, key_text(1), &[]),
+            routes: vec![
+                RouteState { prefix: "10.1.0.0/16".parse().unwrap(), approved: true, primary: true },
+                RouteState { prefix: "10.9.0.0/16".parse().unwrap(), approved: false, primary: false },
+            ],
+            peers,
+        }
+    }
+
+    fn allowed(peers: &Peers, index: usize) -> Vec<String> {
+        peers.specs[index].allowed_ips.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn subnet_routes_are_accepted_only_when_asked_for() {
+        let m = map(vec![peer(2, key_text(2), &["10.2.0.0/16", "192.168.7.0/24"]), peer(3, key_text(3), &[])]);
+        let none = peers(&m, &AcceptRoutes::None, None);
+        assert_eq!(allowed(&none, 0), ["100.64.0.2/32", "fd7a:1::2/128"], "mesh addresses only");
+        let all = peers(&m, &AcceptRoutes::All, Some(25));
+        assert_eq!(allowed(&all, 0), ["100.64.0.2/32", "fd7a:1::2/128", "10.2.0.0/16", "192.168.7.0/24"]);
+        assert_eq!(all.specs[0].persistent_keepalive, Some(25));
+        let within = peers(&m, &AcceptRoutes::Within(vec!["10.0.0.0/8".parse().unwrap()]), None);
+        assert_eq!(allowed(&within, 0), ["100.64.0.2/32", "fd7a:1::2/128", "10.2.0.0/16"]);
+        assert_eq!(all.specs[0].endpoint, Some("192.0.2.2:41641".parse().unwrap()), "the first reported endpoint");
+        assert_eq!(all.specs[0].public_key, [2; 32]);
+        assert_eq!(all.specs.len(), 2);
+        assert!(all.skipped.is_empty());
+    }
+
+    #[test]
+    fn bad_own_and_repeated_keys_skip_that_peer_only() {
+        let m = map(vec![
+            peer(2, "not base64!".into(), &[]),
+            peer(3, base64::engine::general_purpose::STANDARD.encode([3u8; 31]), &[]),
+            peer(4, key_text(1), &[]),
+            peer(5, key_text(5), &[]),
+            peer(6, key_text(5), &[]),
+        ]);
+        let out = peers(&m, &AcceptRoutes::All, None);
+        assert_eq!(out.specs.len(), 1);
+        assert_eq!(out.specs[0].public_key, [5; 32]);
+        let skipped: Vec<u64> = out.skipped.iter().map(|s| s.node_id).collect();
+        assert_eq!(skipped, [2, 3, 4, 6]);
+    }
+
+    #[test]
+    fn a_peer_without_endpoints_waits_for_its_handshake() {
+        let mut quiet = peer(2, key_text(2), &[]);
+        quiet.endpoints.clear();
+        assert_eq!(peers(&map(vec![quiet]), &AcceptRoutes::None, None).specs[0].endpoint, None);
+    }
+
+    #[test]
+    fn only_approved_routes_are_served() {
+        assert_eq!(served_routes(&map(Vec::new())), ["10.1.0.0/16".parse::<IpNet>().unwrap()]);
+    }
+}
