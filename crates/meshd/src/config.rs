@@ -140,7 +140,9 @@ mod wgquick;
 /// Keys and helpers the tests of both file formats share.
 #[cfg(test)]
 pub(crate) mod test_support {
-    use super::{IpNet, Key, decode_key};
+    use std::path::Path;
+
+    use super::{ConfigError, IpNet, Key, StaticConfig, decode_key};
 
     // Keys as `wg genkey` / `wg pubkey` / `wg genpsk` print them.
     pub const PRIVATE: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
@@ -154,6 +156,21 @@ pub(crate) mod test_support {
 
     pub fn net(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    /// Checks that `parse` refuses `text` (as the file at `path`) naming the line and field a user must fix.
+    #[track_caller]
+    pub fn assert_refused(
+        parse: fn(&Path, &str) -> Result<StaticConfig, ConfigError>,
+        path: &str,
+        text: &str,
+        line: usize,
+        field: &str,
+    ) -> ConfigError {
+        let err = parse(Path::new(path), text).expect_err("config should be rejected");
+        assert_eq!((err.line, err.field.as_str()), (line, field), "wrong place in {err}");
+        assert_eq!(err.file, Path::new(path));
+        err
     }
 }
 

@@ -217,10 +217,7 @@ mod tests {
 
     #[track_caller]
     fn assert_error(text: &str, line: usize, field: &str) -> ConfigError {
-        let err = parse_text(text).expect_err("config should be rejected");
-        assert_eq!((err.line, err.field.as_str()), (line, field), "wrong place in {err}");
-        assert_eq!(err.file, PathBuf::from("/etc/meshd/meshd.toml"));
-        err
+        assert_refused(parse, "/etc/meshd/meshd.toml", text, line, field)
     }
 
     fn realistic() -> String {

@@ -293,7 +293,6 @@ pub(super) fn keepalive(seconds: u16) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV6};
-    use std::path::PathBuf;
 
     use super::*;
 
@@ -305,10 +304,7 @@ mod tests {
 
     #[track_caller]
     fn assert_error(text: &str, line: usize, field: &str) -> ConfigError {
-        let err = parse_text(text).expect_err("config should be rejected");
-        assert_eq!((err.line, err.field.as_str()), (line, field), "wrong place in {err}");
-        assert_eq!(err.file, PathBuf::from("/etc/wireguard/wg0.conf"));
-        err
+        assert_refused(parse, "/etc/wireguard/wg0.conf", text, line, field)
     }
 
     fn realistic() -> String {
