@@ -16,12 +16,7 @@ pub fn run() -> Result<bool> {
     let meshd = meshd.to_str().unwrap_or_default();
 
     let mut lab = Lab::new("demo");
-    let client = lab.netns("vpcb");
-    let router = lab.netns("rtra");
-    let server = lab.netns("srva");
-    lab.link(client, "192.168.90.2/24", router, "192.168.90.1/24");
-    lab.link(router, "10.0.12.1/24", server, "10.0.12.50/24");
-    lab.ns(router).exec_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    let (client, router, server) = lab.subnet_router(["vpcb", "rtra", "srva"]);
     step("VPC B's server (client) and VPC A's subnet router join the mesh; 10.0.12.50 serves HTTP in VPC A");
     println!("  client  100.64.0.2  underlay 192.168.90.2   accepts 10.0.0.0/16 from the router");
     println!(

@@ -223,6 +223,17 @@ impl Lab {
         &self.namespaces[i]
     }
 
+    /// The subnet-router shape (design S1): a client on an underlay 192.168.90.0/24 with a router (.1) that
+    /// forwards into a LAN 10.0.12.0/24 (router .1) holding one server at 10.0.12.50. Namespace name prefixes
+    /// are given as `[client, router, server]`; returns their indices in that order.
+    pub fn subnet_router(&mut self, names: [&str; 3]) -> (usize, usize, usize) {
+        let (client, router, server) = (self.netns(names[0]), self.netns(names[1]), self.netns(names[2]));
+        self.link(client, "192.168.90.2/24", router, "192.168.90.1/24");
+        self.link(router, "10.0.12.1/24", server, "10.0.12.50/24");
+        self.ns(router).exec_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        (client, router, server)
+    }
+
     /// Joins two namespaces with a veth pair and addresses (`a_addr`, `b_addr` with prefix, e.g. 10.1.0.1/24).
     pub fn link(&mut self, a: usize, a_addr: &str, b: usize, b_addr: &str) -> (String, String) {
         self.links += 1;

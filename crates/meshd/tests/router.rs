@@ -85,12 +85,7 @@ struct S1 {
 
 fn s1(name: &str) -> S1 {
     let mut lab = Lab::new(name);
-    let c = lab.netns("cl");
-    let r = lab.netns("rt");
-    let s = lab.netns("sv");
-    lab.link(c, "192.168.90.2/24", r, "192.168.90.1/24");
-    lab.link(r, "10.0.12.1/24", s, "10.0.12.50/24");
-    lab.ns(r).exec_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    let (c, r, s) = lab.subnet_router(["cl", "rt", "sv"]);
     let (kc, kr) = (Keys::generate(), Keys::generate());
     let router = start(
         &mut lab,
