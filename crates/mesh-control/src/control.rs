@@ -4,7 +4,8 @@ use std::path::Path;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use mesh_proto::{
-    EndpointsUpdate, ErrorCode, MAX_ENDPOINTS, NetMap, Peer, RegisterRequest, RegisterResponse, RouteState, VERSION,
+    EndpointsUpdate, ErrorCode, MAX_ENDPOINTS, NetMap, Peer, RegisterRequest, RegisterResponse, RouteState, RoutesUpdate,
+    VERSION,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
@@ -608,6 +609,24 @@ impl Control {
             self.bump()?;
         }
         Ok(changed)
+    }
+
+    /// Replaces the routes a node advertises, applying autoApprovers to new ones.
+    pub fn set_advertised(&self, node: u64, update: &RoutesUpdate) -> Result<(), ControlError> {
+        if update.version != VERSION {
+            return Err(ControlError::new(
+                ErrorCode::VersionMismatch,
+                format!("this server speaks protocol {VERSION}, the node {}", update.version),
+            ));
+        }
+        let record = self
+            .node_by_id(node)?
+            .ok_or_else(|| ControlError::new(ErrorCode::Unauthorized, "this node is no longer registered"))?;
+        let tx = self.db.unchecked_transaction()?;
+        self.set_routes(node, &update.advertise_routes, &record.tags)?;
+        tx.commit()?;
+        self.bump()?;
+        Ok(())
     }
 
     pub fn delete_node(&self, node: u64) -> Result<bool, ControlError> {

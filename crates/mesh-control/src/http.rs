@@ -140,6 +140,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/register", post(register))
         .route("/api/v1/netmap", get(netmap))
         .route("/api/v1/endpoints", post(endpoints))
+        .route("/api/v1/routes", post(advertise))
+        .route("/api/v1/logout", post(logout))
         .route("/api/v1/admin/authkeys", post(create_key).get(list_keys))
         .route("/api/v1/admin/authkeys/{id}", delete(revoke_key))
         .route("/api/v1/admin/nodes", get(list_nodes))
@@ -195,6 +197,25 @@ async fn endpoints(
     if state.control().set_endpoints(node, &update)? {
         state.changed();
     }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn advertise(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Json(update): Json<mesh_proto::RoutesUpdate>,
+) -> Result<StatusCode, ApiError> {
+    let node = require_node(&state, &headers)?;
+    state.control().set_advertised(node, &update)?;
+    state.changed();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A node leaves the mesh for good (`meshd logout`); its peers drop it with the next netmap.
+async fn logout(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<StatusCode, ApiError> {
+    let node = require_node(&state, &headers)?;
+    state.control().delete_node(node)?;
+    state.changed();
     Ok(StatusCode::NO_CONTENT)
 }
 

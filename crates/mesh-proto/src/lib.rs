@@ -54,6 +54,15 @@ pub struct EndpointsUpdate {
     pub endpoints: Vec<SocketAddr>,
 }
 
+/// A node changes the routes it advertises without registering again (`meshd set --advertise-routes`).
+/// Approvals of prefixes it keeps advertising stay; new ones wait for approval (or autoApprovers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesUpdate {
+    pub version: u32,
+    pub advertise_routes: Vec<IpNet>,
+}
+
 /// A node as its peers see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Peer {

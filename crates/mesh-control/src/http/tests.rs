@@ -176,3 +176,33 @@ async fn a_nodes_reported_endpoints_wake_a_peers_long_poll() {
     let (status, text) = call(&app, "POST", "/api/v1/endpoints", Some(&node_auth(&a)), &loopback).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
 }
+
+#[tokio::test]
+async fn a_node_changes_its_routes_and_logs_itself_out() {
+    let app = app();
+    let key = new_key(&app, r#"{"reusable": true}"#).await;
+    let router = register(&app, &key, 1, &["10.1.0.0/16"]).await;
+    let client = register(&app, &key, 2, &[]).await;
+    let approve = r#"{"node": 1, "prefix": "10.1.0.0/16"}"#;
+    assert_eq!(call(&app, "POST", "/api/v1/admin/routes/approve", admin(), approve).await.0, StatusCode::NO_CONTENT);
+
+    let update = r#"{"version": 1, "advertise_routes": ["10.1.0.0/16", "10.2.0.0/16"]}"#;
+    let auth = node_auth(&router);
+    assert_eq!(call(&app, "POST", "/api/v1/routes", None, update).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&app, "POST", "/api/v1/routes", Some(&auth), update).await.0, StatusCode::NO_CONTENT);
+    let (_, routes) = call(&app, "GET", "/api/v1/admin/routes", admin(), "").await;
+    let routes: serde_json::Value = serde_json::from_str(&routes).unwrap();
+    let approved: Vec<(String, bool)> = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["prefix"].as_str().unwrap().to_string(), r["approved"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(approved, [("10.1.0.0/16".to_string(), true), ("10.2.0.0/16".to_string(), false)], "kept approval");
+
+    assert_eq!(call(&app, "POST", "/api/v1/logout", Some(&auth), "").await.0, StatusCode::NO_CONTENT);
+    let (_, map) = call(&app, "GET", "/api/v1/netmap?since=0", Some(&node_auth(&client)), "").await;
+    let map: NetMap = serde_json::from_str(&map).unwrap();
+    assert!(map.peers.is_empty(), "the logged-out node left every netmap");
+    assert_eq!(call(&app, "POST", "/api/v1/routes", Some(&auth), update).await.0, StatusCode::UNAUTHORIZED);
+}
