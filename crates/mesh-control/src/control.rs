@@ -4,8 +4,8 @@ use std::path::Path;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use mesh_proto::{
-    EndpointsUpdate, ErrorCode, MAX_ENDPOINTS, NetMap, Peer, RegisterRequest, RegisterResponse, RouteState, RoutesUpdate,
-    VERSION,
+    EndpointsUpdate, ErrorCode, MAX_ENDPOINTS, NetMap, Peer, RegisterRequest, RegisterResponse, RouteState,
+    RoutesUpdate, VERSION,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};

@@ -70,17 +70,30 @@ impl Router {
     /// `own`: the node's mesh addresses; `served`: the routes it forwards into; `snat`: the engine, needed if
     /// any served route SNATs; `mtu`: the tunnel MTU for MSS clamping.
     pub fn new(own: Vec<IpAddr>, served: &[Served], snat: Option<Snat>, mtu: u16) -> Self {
-        let mut table = PrefixTable::default();
-        for s in served {
-            table.insert(s.prefix, s.snat);
-        }
-        Self { own, served: table, snat, mtu, not_routed: 0 }
+        let mut router = Self { own, served: PrefixTable::default(), snat, mtu, not_routed: 0 };
+        router.set_served(served);
+        router
     }
 
     /// Replaces the addresses that count as this node: every address of the host, not only its mesh
     /// addresses, since a packet to any of them is delivered here rather than forwarded.
     pub fn set_own(&mut self, own: Vec<IpAddr>) {
         self.own = own;
+    }
+
+    /// Replaces the routes this node forwards into (a managed node's approvals change); flows already
+    /// translated keep their SNAT state.
+    pub fn set_served(&mut self, served: &[Served]) {
+        let mut table = PrefixTable::default();
+        for s in served {
+            table.insert(s.prefix, s.snat);
+        }
+        self.served = table;
+    }
+
+    /// Replaces the SNAT engine (a changed `--snat-address`); existing translations are dropped with it.
+    pub fn set_snat(&mut self, snat: Option<Snat>) {
+        self.snat = snat;
     }
 
     pub fn not_routed(&self) -> u64 {
@@ -216,5 +229,19 @@ mod tests {
         assert_eq!(&reply[16..20], &[100, 64, 0, 2], "translated back");
         let mut unsolicited = Builder::v4([10, 0, 12, 66], [10, 0, 12, 9]).tcp(443, 999, TCP_SYN, b"");
         assert!(matches!(r.to_mesh(&mut unsolicited, now), Err(RouterDrop::Snat(snat::Drop::Unsolicited))));
+    }
+
+    #[test]
+    fn served_routes_change_at_run_time() {
+        let mut r = router();
+        let now = Instant::now();
+        let none = |_: IpAddr| false;
+        r.set_served(&[Served { prefix: "10.42.0.0/16".parse().unwrap(), snat: false }]);
+        let mut to_vpc = Builder::v4([100, 64, 0, 2], [10, 0, 12, 50]).udp(5000, 53, b"q");
+        assert_eq!(r.from_mesh(&mut to_vpc, now, none), Err(RouterDrop::NotRouted), "no longer served");
+        let mut to_pods = Builder::v4([100, 64, 0, 2], [10, 42, 1, 5]).udp(5000, 53, b"q");
+        assert_eq!(r.from_mesh(&mut to_pods, now, none), Ok(FromMesh::Forwarded));
+        r.set_served(&[]);
+        assert_eq!(r.from_mesh(&mut to_pods, now, none), Err(RouterDrop::NotRouted));
     }
 }

@@ -77,6 +77,26 @@ impl Netlink {
             .map_err(|e| io_err(&format!("adding address {address}"), e))
     }
 
+    /// Removes `address` from the link; an address already gone is fine.
+    pub async fn del_address(&self, index: u32, address: IpNet) -> io::Result<()> {
+        let addresses: Vec<_> =
+            self.handle.address().get().execute().try_collect().await.map_err(|e| io_err("listing addresses", e))?;
+        for message in addresses {
+            let matches = message.header.index == index
+                && message.header.prefix_len == address.prefix_len()
+                && local_address(&message.attributes) == Some(address.addr());
+            if matches {
+                self.handle
+                    .address()
+                    .del(message)
+                    .execute()
+                    .await
+                    .map_err(|e| io_err(&format!("removing address {address}"), e))?;
+            }
+        }
+        Ok(())
+    }
+
     fn route_message(index: u32, prefix: IpNet, table: u32) -> RouteMessage {
         let prefix = prefix.trunc();
         let mut message = match prefix {

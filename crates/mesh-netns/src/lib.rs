@@ -248,6 +248,26 @@ impl Lab {
         (a_if, b_if)
     }
 
+    /// A switch: a bridge in namespace `hub` holding `hub_addr`, and a veth from each member (with its
+    /// address) plugged into it, so every member and the hub share one subnet.
+    pub fn switch(&mut self, hub: usize, hub_addr: &str, members: &[(usize, &str)]) {
+        let bridge = self.unique(&format!("br{}", self.links));
+        let h = &self.namespaces[hub];
+        h.ip(&["link", "add", &bridge, "type", "bridge"]);
+        h.ip(&["addr", "add", hub_addr, "dev", &bridge]);
+        h.ip(&["link", "set", &bridge, "up"]);
+        for &(member, addr) in members {
+            self.links += 1;
+            let hub_if = self.unique(&format!("v{}h", self.links));
+            let member_if = self.unique(&format!("v{}m", self.links));
+            let (h, m) = (&self.namespaces[hub], &self.namespaces[member]);
+            h.ip(&["link", "add", &hub_if, "type", "veth", "peer", "name", &member_if, "netns", &m.name]);
+            h.ip(&["link", "set", &hub_if, "master", &bridge, "up"]);
+            m.ip(&["addr", "add", addr, "dev", &member_if]);
+            m.ip(&["link", "set", &member_if, "up"]);
+        }
+    }
+
     pub fn write(&self, name: &str, contents: &str) -> PathBuf {
         let path = self.dir.join(name);
         fs::write(&path, contents).expect("write lab file");

@@ -72,18 +72,33 @@ pub fn run(connection: Connection, verb: Verb) -> ExitCode {
 }
 
 fn agent(connection: &Connection) -> Result<ureq::Agent, Failure> {
+    https_agent(connection.ca_cert.as_deref(), None).map_err(Failure::Input)
+}
+
+/// An HTTPS client that trusts `ca_cert` (PEM) when given, else the public web PKI; a status code is an
+/// answer, not an error. `timeout` bounds a whole request (a netmap long poll needs more than the default).
+pub fn https_agent(
+    ca_cert: Option<&std::path::Path>,
+    timeout: Option<std::time::Duration>,
+) -> Result<ureq::Agent, String> {
     let mut tls = TlsConfig::builder();
-    if let Some(path) = &connection.ca_cert {
-        let pem = std::fs::read(path).map_err(|e| Failure::Input(format!("{}: cannot read: {e}", path.display())))?;
+    if let Some(path) = ca_cert {
+        let pem = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
         let certs: Vec<_> = ureq::tls::parse_pem(&pem)
             .filter_map(|item| if let Ok(PemItem::Certificate(c)) = item { Some(c) } else { None })
             .collect();
         if certs.is_empty() {
-            return Err(Failure::Input(format!("{}: no PEM certificate in it", path.display())));
+            return Err(format!("{}: no PEM certificate in it", path.display()));
         }
         tls = tls.root_certs(RootCerts::Specific(Arc::new(certs)));
     }
-    Ok(ureq::Agent::config_builder().tls_config(tls.build()).http_status_as_error(false).build().into())
+    Ok(ureq::Agent::config_builder()
+        .tls_config(tls.build())
+        .http_status_as_error(false)
+        .timeout_connect(Some(std::time::Duration::from_secs(5)))
+        .timeout_global(timeout)
+        .build()
+        .into())
 }
 
 fn token(connection: &Connection) -> Result<String, Failure> {

@@ -24,7 +24,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{self, Endpoint, StaticConfig};
-use crate::{keys, uapi};
+use crate::{keys, local_api, uapi};
+
+mod managed;
 
 pub const DEFAULT_TUN: &str = "mesh0";
 pub const DEFAULT_PORT: u16 = 41641;
@@ -32,7 +34,10 @@ pub const DEFAULT_MTU: u16 = 1420;
 
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub config: PathBuf,
+    /// Static mode: peers from this file. Without it the node is managed by a coordination server (`up`).
+    pub config: Option<PathBuf>,
+    /// The local API socket `up`, `set`, `status` and friends talk to (managed mode).
+    pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub tun: Option<String>,
     pub port: Option<u16>,
@@ -40,6 +45,7 @@ pub struct Options {
     pub policy: RoutingPolicy,
     pub accept: mesh_linux::plan::Accept,
     /// Routes this node forwards into (a subnet router's advertised routes), each with or without SNAT.
+    /// Static mode only: a managed node serves its approved routes.
     pub served: Vec<Served>,
     pub snat_addresses: Vec<IpAddr>,
     /// Where the runtime state for `meshd doctor` goes.
@@ -158,8 +164,20 @@ impl DropLog {
 
 type UapiRequest = (uapi::Request, oneshot::Sender<String>);
 
+/// The sockets the daemon answers on: the WireGuard UAPI always, the local API for a managed node.
+struct Listeners {
+    uapi: UnixListener,
+    api: Option<UnixListener>,
+}
+
 struct Daemon {
     options: Options,
+    /// What this node forwards into, and the addresses its SNAT rewrites to.
+    served: Vec<Served>,
+    snat_addresses: Vec<IpAddr>,
+    /// The mesh addresses on the TUN device.
+    addresses: Vec<IpNet>,
+    managed: Option<Box<managed::Managed>>,
     node: Node,
     private_key: [u8; 32],
     tun: AsyncDevice,
@@ -207,26 +225,59 @@ impl Signals {
     }
 }
 
+/// What a run starts from: the static file's peers, or a managed node's preferences and cached netmap.
+struct Setup {
+    private_key: [u8; 32],
+    specs: Vec<PeerSpec>,
+    tun_name: String,
+    mtu: u16,
+    port: u16,
+    addresses: Vec<IpNet>,
+    served: Vec<Served>,
+    snat_addresses: Vec<IpAddr>,
+    managed: Option<Box<managed::Managed>>,
+}
+
+async fn static_setup(options: &Options, path: &Path) -> Result<Setup, Failure> {
+    let config = config::load(path).map_err(|e| Failure::Config(e.to_string()))?;
+    let private_key = keys::load(&config.interface.private_key, &options.state_dir).map_err(Failure::Config)?;
+    let specs = peer_specs(&config).await.map_err(|e| Failure::Config(format!("{}: {e}", path.display())))?;
+    Ok(Setup {
+        private_key,
+        specs,
+        tun_name: options
+            .tun
+            .clone()
+            .or_else(|| config.interface.tun_name.clone())
+            .unwrap_or_else(|| DEFAULT_TUN.into()),
+        mtu: config.interface.mtu.unwrap_or(DEFAULT_MTU),
+        port: options.port.or(config.interface.listen_port).unwrap_or(DEFAULT_PORT),
+        addresses: config.interface.addresses.clone(),
+        served: options.served.clone(),
+        snat_addresses: options.snat_addresses.clone(),
+        managed: None,
+    })
+}
+
 /// Runs the daemon until SIGTERM or SIGINT, then removes what it added.
 pub async fn run(options: Options) -> Result<(), Failure> {
     let signals = Signals::install()?;
-    let config = config::load(&options.config).map_err(|e| Failure::Config(e.to_string()))?;
-    let private_key = keys::load(&config.interface.private_key, &options.state_dir).map_err(Failure::Config)?;
-    let specs = peer_specs(&config).await.map_err(|e| Failure::Config(format!("{}: {e}", options.config.display())))?;
-
-    let tun_name =
-        options.tun.clone().or_else(|| config.interface.tun_name.clone()).unwrap_or_else(|| DEFAULT_TUN.into());
-    let mtu = config.interface.mtu.unwrap_or(DEFAULT_MTU);
-    let port = options.port.or(config.interface.listen_port).unwrap_or(DEFAULT_PORT);
+    let setup = match &options.config {
+        Some(path) => static_setup(&options, &path.clone()).await?,
+        None => managed::setup(&options).await?,
+    };
+    let Setup { private_key, specs, tun_name, mtu, port, addresses, served, snat_addresses, managed } = setup;
     let policy = options.policy;
 
-    let router = build_router(&options, &config, mtu)?;
+    let own = addresses.iter().map(IpNet::addr).collect();
+    let router = build_router(&served, &snat_addresses, own, mtu)?;
 
     let netlink = Netlink::connect().map_err(|e| Failure::system("opening netlink", e))?;
     let tun = mesh_linux::tun::create(&tun_name, mtu).map_err(|e| Failure::System(e.to_string()))?;
     let tun_index = netlink.link_index(&tun_name).await.map_err(|e| Failure::System(e.to_string()))?;
     let mut routes = RouteManager::new(netlink.clone(), policy, tun_index);
-    routes.set_accept(options.accept.clone());
+    // A managed node's netmap carries only the routes it accepts, so every allowed IP is routed.
+    routes.set_accept(if managed.is_some() { mesh_linux::plan::Accept::All } else { options.accept.clone() });
     // Before anything is installed: sharing the table with another manager would make both wrong.
     routes.check_table_free().await.map_err(Failure::System)?;
     let udp4 =
@@ -247,6 +298,10 @@ pub async fn run(options: Options) -> Result<(), Failure> {
         uapi_path: options.uapi_dir.join(format!("{tun_name}.sock")),
         state_path: options.run_dir.join(format!("{tun_name}.json")),
         options,
+        served,
+        snat_addresses,
+        addresses: Vec::new(),
+        managed,
         node,
         private_key,
         tun,
@@ -262,9 +317,9 @@ pub async fn run(options: Options) -> Result<(), Failure> {
         drops: DropLog::new(),
         deferred_logged: None,
     };
-    let result = daemon.start(&config, &specs).await;
+    let result = daemon.start(&addresses, &specs).await;
     let result = match result {
-        Ok(listener) => {
+        Ok(listeners) => {
             tracing::info!(
                 tun = %tun_name,
                 port = daemon.listen_port,
@@ -272,7 +327,7 @@ pub async fn run(options: Options) -> Result<(), Failure> {
                 public_key = %config::base64_key(&daemon.node.public_key()),
                 "meshd is up"
             );
-            daemon.event_loop(listener, signals).await
+            daemon.event_loop(listeners, signals).await
         }
         Err(e) => Err(e),
     };
@@ -282,49 +337,36 @@ pub async fn run(options: Options) -> Result<(), Failure> {
 
 /// Checks the routing options against each other and the system, then builds the router. Nothing has been
 /// changed yet, so a refusal here leaves nothing behind.
-fn build_router(options: &Options, config: &StaticConfig, mtu: u16) -> Result<Router, Failure> {
-    let (n4, n6) = (
-        options.snat_addresses.iter().filter(|a| a.is_ipv4()).count(),
-        options.snat_addresses.iter().filter(|a| a.is_ipv6()).count(),
-    );
-    if n4 > 1 || n6 > 1 {
-        return Err(Failure::Config("give at most one --snat-address per address family".into()));
+fn build_router(served: &[Served], snat_addresses: &[IpAddr], own: Vec<IpAddr>, mtu: u16) -> Result<Router, Failure> {
+    crate::prefs::check_snat(served, snat_addresses).map_err(Failure::Config)?;
+    check_forwarding(served).map_err(Failure::System)?;
+    Ok(Router::new(own, served, snat_engine(snat_addresses)?, mtu))
+}
+
+/// Forwarding must be on for each family a router serves.
+fn check_forwarding(served: &[Served]) -> Result<(), String> {
+    if served.iter().any(|s| s.prefix.addr().is_ipv4()) && sysctl::read("net.ipv4.ip_forward").is_ok_and(|v| v == "0") {
+        return Err("serving routes needs IP forwarding, which is off: sysctl -w net.ipv4.ip_forward=1".into());
     }
-    let v4 = options.snat_addresses.iter().find_map(|a| if let IpAddr::V4(v) = a { Some(*v) } else { None });
-    let v6 = options.snat_addresses.iter().find_map(|a| if let IpAddr::V6(v) = a { Some(*v) } else { None });
-    for served in options.served.iter().filter(|s| s.snat) {
-        let has_address = if served.prefix.addr().is_ipv4() { v4.is_some() } else { v6.is_some() };
-        if !has_address {
-            return Err(Failure::Config(format!(
-                "SNAT is on for {} but no --snat-address of that family is set: give a free LAN address with \
-                 --snat-address, or keep sources with --snat-subnet-routes=false",
-                served.prefix
-            )));
-        }
-    }
-    if options.served.iter().any(|s| s.prefix.addr().is_ipv4())
-        && sysctl::read("net.ipv4.ip_forward").is_ok_and(|v| v == "0")
-    {
-        return Err(Failure::System(
-            "serving routes needs IP forwarding, which is off: sysctl -w net.ipv4.ip_forward=1".into(),
-        ));
-    }
-    if options.served.iter().any(|s| s.prefix.addr().is_ipv6())
+    if served.iter().any(|s| s.prefix.addr().is_ipv6())
         && sysctl::read("net.ipv6.conf.all.forwarding").is_ok_and(|v| v == "0")
     {
-        return Err(Failure::System(
+        return Err(
             "serving IPv6 routes needs IPv6 forwarding, which is off: sysctl -w net.ipv6.conf.all.forwarding=1".into(),
-        ));
+        );
     }
-    let snat = if options.snat_addresses.is_empty() {
-        None
-    } else {
-        let mut snat_config = SnatConfig::new(v4, v6);
-        snat_config.seed = seed();
-        Some(Snat::new(snat_config, Instant::now()).map_err(|e| Failure::Config(e.to_string()))?)
-    };
-    let own = config.interface.addresses.iter().map(IpNet::addr).collect();
-    Ok(Router::new(own, &options.served, snat, mtu))
+    Ok(())
+}
+
+fn snat_engine(snat_addresses: &[IpAddr]) -> Result<Option<Snat>, Failure> {
+    if snat_addresses.is_empty() {
+        return Ok(None);
+    }
+    let v4 = snat_addresses.iter().find_map(|a| if let IpAddr::V4(v) = a { Some(*v) } else { None });
+    let v6 = snat_addresses.iter().find_map(|a| if let IpAddr::V6(v) = a { Some(*v) } else { None });
+    let mut snat_config = SnatConfig::new(v4, v6);
+    snat_config.seed = seed();
+    Ok(Some(Snat::new(snat_config, Instant::now()).map_err(|e| Failure::Config(e.to_string()))?))
 }
 
 fn seed() -> u64 {
@@ -349,34 +391,58 @@ impl Daemon {
         Ok(())
     }
 
-    async fn start(&mut self, config: &StaticConfig, specs: &[PeerSpec]) -> Result<UnixListener, Failure> {
+    async fn start(&mut self, addresses: &[IpNet], specs: &[PeerSpec]) -> Result<Listeners, Failure> {
+        // The local API goes first: a second daemon on the same socket is refused before it touches anything.
+        let api = match &self.managed {
+            Some(_) => Some(local_api::listen(&self.options.socket).await.map_err(Failure::System)?),
+            None => None,
+        };
         self.check_rules_free().await?;
         self.installed = true;
-        for address in &config.interface.addresses {
-            self.netlink.add_address(self.tun_index, *address).await.map_err(|e| Failure::System(e.to_string()))?;
-        }
+        self.set_addresses(addresses.to_vec()).await.map_err(Failure::System)?;
         self.routes.set_accepted(allowed_prefixes(specs));
         // A router's own served routes stay local like its LAN: never routed back into the mesh.
-        self.routes.set_advertised(self.options.served.iter().map(|s| s.prefix).collect());
+        let advertised = match &self.managed {
+            Some(m) => m.prefs.advertised_prefixes(),
+            None => self.served.iter().map(|s| s.prefix).collect(),
+        };
+        self.routes.set_advertised(advertised);
+        // A run that crashed left its sysctls set and its state file behind: adopt the values it saved, so this
+        // run's stop puts back what was there before any meshd (this run would only see meshd's own value).
+        self.saved_sysctls = previous_sysctls(&self.state_path);
         self.plumb_snat().await?;
         self.refresh_own_addresses().await;
         // Leftovers of a killed run (routes with meshd's protocol, duplicate rules) go in this same pass.
         let report = self.routes.reconcile(Cause::Change).await.map_err(|e| Failure::System(e.to_string()))?;
         self.log_routes(&report, Cause::Change);
         self.write_state();
-        self.listen_uapi().map_err(|e| Failure::system(&format!("listening on {}", self.uapi_path.display()), e))
+        let uapi = self
+            .listen_uapi()
+            .map_err(|e| Failure::system(&format!("listening on {}", self.uapi_path.display()), e))?;
+        Ok(Listeners { uapi, api })
+    }
+
+    /// Puts exactly `wanted` on the TUN device: new addresses added, ones no longer wanted removed.
+    async fn set_addresses(&mut self, wanted: Vec<IpNet>) -> Result<(), String> {
+        for address in wanted.iter().filter(|a| !self.addresses.contains(a)) {
+            self.netlink.add_address(self.tun_index, *address).await.map_err(|e| e.to_string())?;
+        }
+        for address in self.addresses.iter().filter(|a| !wanted.contains(a)) {
+            if let Err(e) = self.netlink.del_address(self.tun_index, *address).await {
+                tracing::warn!(error = %e, "removing an old mesh address");
+            }
+        }
+        self.addresses = wanted;
+        Ok(())
     }
 
     /// Makes each SNAT address appear on its LAN: replies to it are routed into the TUN device (a host route in
     /// the mesh table), its LAN interface answers ARP for it (a proxy neighbour entry, with `proxy_delay=0` so
     /// the first connection does not wait up to 0.8 s).
     async fn plumb_snat(&mut self) -> Result<(), Failure> {
-        // A run that crashed left its sysctls set and its state file behind: adopt the values it saved, so this
-        // run's stop puts back what was there before any meshd (this run would only see meshd's own value).
-        self.saved_sysctls = previous_sysctls(&self.state_path);
         let mut pinned = Vec::new();
         let local = self.netlink.local_addresses().await.map_err(|e| Failure::System(e.to_string()))?;
-        for &address in &self.options.snat_addresses.clone() {
+        for &address in &self.snat_addresses.clone() {
             if local.contains(&address) {
                 return Err(Failure::Config(format!(
                     "--snat-address {address} is already an address of this host; SNAT needs a free address of the LAN \
@@ -425,7 +491,7 @@ impl Daemon {
         let state = serde_json::json!({
             "policy": {"table": p.table, "fwmark": p.fwmark, "rule_priority": p.marked_main},
             "accept_routes": accept,
-            "served": self.options.served.iter().map(|s| serde_json::json!({"prefix": s.prefix.to_string(), "snat": s.snat})).collect::<Vec<_>>(),
+            "served": self.served.iter().map(|s| serde_json::json!({"prefix": s.prefix.to_string(), "snat": s.snat})).collect::<Vec<_>>(),
             "snat": self.plumbing.iter().map(|p| serde_json::json!({"address": p.address.to_string(), "lan": p.lan})).collect::<Vec<_>>(),
             // What to put back, so a run after a crash can still restore the values from before meshd.
             "sysctls": self.saved_sysctls.iter().map(|s| serde_json::json!({"key": s.key, "old": s.old})).collect::<Vec<_>>(),
@@ -516,11 +582,20 @@ impl Daemon {
         }
         let _ = std::fs::remove_file(&self.state_path);
         let _ = std::fs::remove_file(&self.uapi_path);
+        if let Some(m) = &self.managed {
+            let _ = std::fs::remove_file(&self.options.socket);
+            tracing::info!(prefs = %m.store.prefs_path().display(), "preferences and identity kept for the next start");
+        }
         tracing::info!("meshd stopped; routes, rules and the UAPI socket removed");
     }
 
-    async fn event_loop(&mut self, uapi_listener: UnixListener, signals: Signals) -> Result<(), Failure> {
+    async fn event_loop(&mut self, listeners: Listeners, signals: Signals) -> Result<(), Failure> {
         let Signals { mut hangup, mut terminate, mut interrupt } = signals;
+        let uapi_listener = listeners.uapi;
+        let (api_tx, mut api_rx) = mpsc::channel::<local_api::Request>(16);
+        let api_task = listeners.api.map(|listener| AbortOnDrop(local_api::serve(listener, api_tx.clone())));
+        let mut follow_rx = self.managed.as_mut().and_then(|m| m.events_rx.take());
+        self.resume().await;
         let (uapi_tx, mut uapi_rx) = mpsc::channel::<UapiRequest>(8);
         let (reload_tx, mut reload_rx) = mpsc::channel::<Result<Reloaded, String>>(1);
         let mut route_events = Netlink::subscribe().map_err(|e| Failure::system("watching routes", e))?;
@@ -582,22 +657,31 @@ impl Daemon {
                 }
                 // Reading the file and resolving names happen off the loop, so a slow DNS server never
                 // stalls packets; the loop only applies the result.
+                Some(request) = api_rx.recv() => self.api_request(request).await,
+                Some((generation, event)) = recv_follow(&mut follow_rx) => self.follow_event(generation, event).await,
                 _ = hangup.recv() => {
-                    let (config, state_dir, done) = (self.options.config.clone(), self.options.state_dir.clone(), reload_tx.clone());
+                    let Some(config) = self.options.config.clone() else {
+                        tracing::info!("SIGHUP ignored: a managed node takes changes through meshd set");
+                        continue;
+                    };
+                    let (state_dir, done) = (self.options.state_dir.clone(), reload_tx.clone());
                     tokio::spawn(async move {
                         let _ = done.send(load_for_reload(&config, &state_dir).await).await;
                     });
                 }
                 Some(loaded) = reload_rx.recv() => self.apply_reload(loaded).await,
-                _ = terminate.recv() => return Ok(()),
-                _ = interrupt.recv() => return Ok(()),
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
             }
         }
+        drop(api_task);
+        Ok(())
     }
 
     async fn datagram(&mut self, from: SocketAddr, datagram: &[u8], out: &mut [u8]) {
         let now = Instant::now();
         match self.node.handle_datagram(from, datagram, now, out) {
+            Ok(Received::Packet(n)) if self.take_pong(&out[..n], now) => {}
             Ok(Received::Packet(n)) => {
                 match self.router.from_mesh(&mut out[..n], now, |dst| self.node.route(dst).is_some()) {
                     Ok(_) => {
@@ -666,6 +750,24 @@ impl Daemon {
             }
             _ => uapi::refusal().to_string(),
         }
+    }
+}
+
+/// Aborts a spawned task when the owner goes away (the local API server dies with the event loop).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn recv_follow(
+    events: &mut Option<mpsc::Receiver<(u64, crate::follow::Event)>>,
+) -> Option<(u64, crate::follow::Event)> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -6,7 +6,11 @@ mod control_client;
 mod control_serve;
 mod daemon;
 mod doctor;
+mod follow;
 mod keys;
+mod local_api;
+mod node_cli;
+mod prefs;
 mod uapi;
 
 use std::path::PathBuf;
@@ -23,11 +27,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the node daemon. With --config it runs static peers from a TOML or wg-quick file.
+    /// Run the node daemon. With --config it runs static peers from a TOML or wg-quick file; without, it
+    /// waits for `meshd up` and follows a coordination server.
     Daemon {
         /// Static configuration: meshd TOML, or a wg-quick .conf with [Interface] and [Peer] sections.
         #[arg(long, env = "MESHD_CONFIG")]
-        config: PathBuf,
+        config: Option<PathBuf>,
+        /// The local API socket (mode 0600) that up, set, status and the other node verbs use.
+        #[arg(long, env = "MESHD_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
         /// Where the generated private key and other state live.
         #[arg(long, env = "MESHD_STATE_DIR", default_value = daemon::default_state_dir().to_str())]
         state_dir: PathBuf,
@@ -65,6 +73,59 @@ enum Command {
         #[command(flatten)]
         routing: RoutingArgs,
     },
+    /// Join the mesh (or apply new preferences): register with --auth-key, follow the netmap. Prints the
+    /// node's mesh IPv4 once connected.
+    Up {
+        #[command(flatten)]
+        prefs: node_cli::PrefArgs,
+        /// An auth key from `meshd control authkey create`, or file:PATH holding one.
+        #[arg(long, env = "MESHD_AUTH_KEY", hide_env_values = true)]
+        auth_key: Option<String>,
+        /// Register again with a new node key (needs --auth-key).
+        #[arg(long)]
+        force_reauth: bool,
+        /// How long to wait for the connection, e.g. 30s, 2m.
+        #[arg(long, env = "MESHD_TIMEOUT", default_value = "30s")]
+        timeout: String,
+        #[command(flatten)]
+        daemon: SocketArgs,
+    },
+    /// Change preferences; only the flags given change.
+    Set {
+        #[command(flatten)]
+        prefs: node_cli::PrefArgs,
+        #[command(flatten)]
+        daemon: SocketArgs,
+    },
+    /// This node and its peers: addresses, endpoints, handshakes, transfer, routes.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        daemon: SocketArgs,
+    },
+    /// Ping a peer (by name or mesh IP) through the tunnel.
+    Ping {
+        peer: String,
+        #[command(flatten)]
+        daemon: SocketArgs,
+    },
+    /// Print this node's mesh addresses, or a peer's.
+    Ip {
+        peer: Option<String>,
+        #[command(flatten)]
+        daemon: SocketArgs,
+    },
+    /// Disconnect from the mesh; the node keeps its identity for the next `up`.
+    Down {
+        #[command(flatten)]
+        daemon: SocketArgs,
+    },
+    /// Leave the mesh: the server deletes the node and this node forgets its identity.
+    Logout {
+        #[command(flatten)]
+        daemon: SocketArgs,
+    },
     /// The coordination server and its administration.
     Control {
         #[command(subcommand)]
@@ -76,6 +137,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+const DEFAULT_SOCKET: &str = "/run/meshd/meshd.sock";
+
+/// How a node verb finds its daemon.
+#[derive(Debug, Clone, clap::Args)]
+struct SocketArgs {
+    /// The daemon's local API socket.
+    #[arg(long, env = "MESHD_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
 }
 
 /// Where meshd's routes and rules go. The defaults are Tailscale's, so choose others when both run.
@@ -242,7 +313,7 @@ impl RouterArgs {
     }
 }
 
-fn parse_served(text: &str) -> Result<(ipnet::IpNet, Option<bool>), String> {
+pub(crate) fn parse_served(text: &str) -> Result<(ipnet::IpNet, Option<bool>), String> {
     let (prefix, mode) = match text.rsplit_once(':') {
         Some((p, "nosnat")) => (p, Some(false)),
         Some((p, "snat")) => (p, Some(true)),
@@ -309,10 +380,20 @@ fn main() -> ExitCode {
             json,
             run_dir,
         }),
-        Command::Daemon { config, state_dir, tun, port, uapi_dir, routing, router, run_dir } => {
+        Command::Up { prefs, auth_key, force_reauth, timeout, daemon } => {
+            node_cli::run(daemon.socket, node_cli::Verb::Up { prefs: Box::new(prefs), auth_key, force_reauth, timeout })
+        }
+        Command::Set { prefs, daemon } => node_cli::run(daemon.socket, node_cli::Verb::Set(Box::new(prefs))),
+        Command::Status { json, daemon } => node_cli::run(daemon.socket, node_cli::Verb::Status { json }),
+        Command::Ping { peer, daemon } => node_cli::run(daemon.socket, node_cli::Verb::Ping { peer }),
+        Command::Ip { peer, daemon } => node_cli::run(daemon.socket, node_cli::Verb::Ip { peer }),
+        Command::Down { daemon } => node_cli::run(daemon.socket, node_cli::Verb::Down),
+        Command::Logout { daemon } => node_cli::run(daemon.socket, node_cli::Verb::Logout),
+        Command::Daemon { config, socket, state_dir, tun, port, uapi_dir, routing, router, run_dir } => {
             init_logging();
             let options = daemon::Options {
                 config,
+                socket,
                 state_dir,
                 tun,
                 port,

@@ -5,42 +5,13 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
+use common::MESHD;
 use mesh_netns::{Lab, stdout, wait_until};
 
-const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
+mod common;
 
-/// A CA and a certificate for 127.0.0.1 signed by it, in the lab directory.
 fn make_certificates(lab: &Lab) {
-    let dir = lab.dir.to_str().unwrap();
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=meshd test CA"]);
-    let mut csr = vec!["req"];
-    csr.extend(ec);
-    csr.extend(["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=control"]);
-    lab.write("san.ext", "subjectAltName=IP:127.0.0.1\n");
-    let sign = [
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "1",
-        "-extfile",
-        "san.ext",
-    ];
-    for args in [ca, csr, sign.to_vec()] {
-        let status = std::process::Command::new("openssl").args(&args).current_dir(dir).output().unwrap();
-        assert!(status.status.success(), "openssl {}: {}", args.join(" "), String::from_utf8_lossy(&status.stderr));
-    }
+    common::managed::make_certificates(lab, "127.0.0.1");
 }
 
 fn serve(lab: &mut Lab, ns: usize, name: &str, extra: &[&str]) -> usize {

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use mesh_netns::{Keys, Lab, stdout, wait_until};
 
+pub mod managed;
+
 pub const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
 
 /// Two hosts on one LAN: `a` at 192.168.77.1, `b` at 192.168.77.2.

@@ -1,0 +1,577 @@
+//! The daemon as a managed node: preferences from `up`/`set`, peers, addresses and approved routes from the
+//! coordination server's netmap. The data plane never waits for the server: a restarted node starts from
+//! its cached netmap, and a server that goes away only stops changes, never traffic.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use mesh_dataplane::netmap;
+use mesh_dataplane::router::Served;
+use mesh_proto::NetMap;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{Daemon, Failure, Options, Setup, allowed_prefixes, snat_engine};
+use crate::config::{self, PrivateKey};
+use crate::follow::{self, Event, Follow};
+use crate::keys;
+use crate::local_api::{Conn, PeerView, Request, SelfStatus, Status, UpReply, UpRequest};
+use crate::prefs::{Identity, Prefs, PrefsPatch, Store};
+
+pub(crate) struct Managed {
+    pub store: Store,
+    pub prefs: Prefs,
+    identity: Option<Identity>,
+    netmap: Option<NetMap>,
+    generation: u64,
+    follower: Option<follow::Handle>,
+    events_tx: mpsc::Sender<(u64, Event)>,
+    pub events_rx: Option<mpsc::Receiver<(u64, Event)>>,
+    conn: watch::Sender<Conn>,
+    /// Echo requests sent by `meshd ping`, by sequence number.
+    pings: HashMap<u16, (Instant, oneshot::Sender<Duration>)>,
+    ping_ident: u16,
+    ping_seq: u16,
+    /// Held in memory for the follower that registers with it, never written to disk.
+    auth_key: Option<String>,
+}
+
+/// The routes this node forwards into: those it advertises that the server approved.
+fn served_now(prefs: &Prefs, map: Option<&NetMap>) -> Vec<Served> {
+    let approved = map.map(netmap::served_routes).unwrap_or_default();
+    prefs.served().into_iter().filter(|s| approved.contains(&s.prefix)).collect()
+}
+
+fn mesh_addresses(map: &NetMap) -> Vec<IpNet> {
+    vec![IpNet::from(IpAddr::V4(map.node.ipv4)), IpNet::from(IpAddr::V6(map.node.ipv6))]
+}
+
+/// A router forwards: `up --advertise-routes` is the consent design.md asks for before turning on
+/// forwarding, which then stays on (a router restarting must not cut its LAN off in between).
+fn enable_forwarding(served: &[Served]) {
+    for (v6, key) in [(false, "net.ipv4.ip_forward"), (true, "net.ipv6.conf.all.forwarding")] {
+        if served.iter().any(|s| s.prefix.addr().is_ipv6() == v6)
+            && mesh_linux::sysctl::read(key).is_ok_and(|v| v == "0")
+        {
+            match mesh_linux::sysctl::set(key, "1") {
+                Ok(_) => tracing::info!(sysctl = key, "turned forwarding on to serve advertised routes"),
+                Err(e) => tracing::warn!(sysctl = key, error = %e, "cannot turn forwarding on"),
+            }
+        }
+    }
+}
+
+pub(super) async fn setup(options: &Options) -> Result<Setup, Failure> {
+    let store = Store { dir: options.state_dir.clone() };
+    let prefs = store.load_prefs().map_err(Failure::Config)?;
+    prefs.check().map_err(|e| Failure::Config(format!("{}: {e}", store.prefs_path().display())))?;
+    let identity = store.load_identity().map_err(Failure::Config)?;
+    let private_key = keys::load(&PrivateKey::Generate, &options.state_dir).map_err(Failure::Config)?;
+    let netmap = if identity.is_some() && prefs.want_running { store.load_netmap() } else { None };
+    let (specs, addresses) = match &netmap {
+        Some(map) => {
+            tracing::info!(version = map.version, peers = map.peers.len(), "starting from the cached netmap");
+            (netmap::peers(map, &prefs.accept_routes.to_dataplane(), None).specs, mesh_addresses(map))
+        }
+        None => (Vec::new(), Vec::new()),
+    };
+    let served = served_now(&prefs, netmap.as_ref());
+    if prefs.want_running {
+        enable_forwarding(&prefs.served());
+    }
+    let (events_tx, events_rx) = mpsc::channel(16);
+    let managed = Managed {
+        store,
+        identity,
+        netmap,
+        generation: 0,
+        follower: None,
+        events_tx,
+        events_rx: Some(events_rx),
+        conn: watch::channel(Conn::Stopped).0,
+        pings: HashMap::new(),
+        ping_ident: (super::seed() & 0xffff) as u16,
+        ping_seq: 0,
+        auth_key: None,
+        prefs: prefs.clone(),
+    };
+    Ok(Setup {
+        private_key,
+        specs,
+        tun_name: options.tun.clone().unwrap_or_else(|| super::DEFAULT_TUN.into()),
+        mtu: super::DEFAULT_MTU,
+        port: options.port.unwrap_or(super::DEFAULT_PORT),
+        addresses,
+        served,
+        snat_addresses: prefs.snat_address.clone(),
+        managed: Some(Box::new(managed)),
+    })
+}
+
+fn host_name(prefs: &Prefs) -> String {
+    prefs.hostname.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+    })
+}
+
+impl Daemon {
+    fn managed_mut(&mut self) -> &mut Managed {
+        self.managed.as_mut().expect("only a managed daemon gets here")
+    }
+
+    /// Called once the event loop runs: a node that was up before its restart follows its server again.
+    pub(super) async fn resume(&mut self) {
+        let Some(m) = &self.managed else { return };
+        if m.prefs.want_running {
+            if let Some(map) = &m.netmap {
+                let reply = UpReply { name: map.node.name.clone(), ipv4: map.node.ipv4, ipv6: map.node.ipv6 };
+                m.conn.send_replace(Conn::Running(reply));
+            }
+            self.start_following().await;
+        }
+    }
+
+    /// Starts a follower for the current preferences and identity; the one before it (if any) stops.
+    async fn start_following(&mut self) {
+        let port = self.listen_port;
+        let mesh: Vec<IpAddr> = self.addresses.iter().map(IpNet::addr).collect();
+        let snat = self.snat_addresses.clone();
+        let endpoints: Vec<SocketAddr> = match self.netlink.local_addresses().await {
+            Ok(list) => list
+                .into_iter()
+                .filter(|a| {
+                    !(a.is_loopback() || a.is_unspecified() || a.is_multicast() || mesh.contains(a) || snat.contains(a))
+                })
+                .filter(|a| match a {
+                    IpAddr::V4(v) => !v.is_link_local(),
+                    IpAddr::V6(v) => !v.is_unicast_link_local(),
+                })
+                .map(|a| SocketAddr::new(a, port))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the host's addresses for endpoints");
+                Vec::new()
+            }
+        };
+        let node_key = config::base64_key(&self.node.public_key());
+        let m = self.managed_mut();
+        m.generation += 1;
+        let follow = Follow {
+            control_url: m.prefs.control_url.clone(),
+            ca_cert: m.prefs.ca_cert.clone(),
+            identity: m.identity.clone(),
+            auth_key: m.auth_key.clone(),
+            node_key,
+            hostname: host_name(&m.prefs),
+            advertise_routes: m.prefs.advertised_prefixes(),
+            tags: m.prefs.advertise_tags.clone(),
+            endpoints,
+            since: 0,
+        };
+        m.follower = Some(follow::start(follow, m.generation, m.events_tx.clone()));
+        if !matches!(*m.conn.borrow(), Conn::Running(_)) {
+            m.conn.send_replace(Conn::Connecting(None));
+        }
+    }
+
+    pub(super) async fn follow_event(&mut self, generation: u64, event: Event) {
+        let m = self.managed_mut();
+        if generation != m.generation {
+            return;
+        }
+        match event {
+            Event::Registered(identity, response) => {
+                tracing::info!(name = %response.name, ipv4 = %response.ipv4, ipv6 = %response.ipv6, "registered");
+                if let Err(e) = m.store.save_identity(&identity) {
+                    tracing::error!("cannot keep the node's identity: {e}");
+                }
+                m.identity = Some(identity);
+                // The key did its job; a later re-registration needs a new `up --auth-key`.
+                m.auth_key = None;
+            }
+            Event::NetMap(map) => self.apply_netmap(*map).await,
+            Event::Trouble(message) => {
+                tracing::warn!("{message}");
+                if matches!(*m.conn.borrow(), Conn::Connecting(_)) {
+                    m.conn.send_replace(Conn::Connecting(Some(message)));
+                }
+            }
+            Event::Refused(message) => {
+                tracing::error!("the coordination server refused this node: {message}");
+                m.follower = None;
+                m.conn.send_replace(Conn::Refused(message));
+            }
+        }
+    }
+
+    /// Configures the node from a netmap: its mesh addresses, its peers and the routes it accepts from them,
+    /// the approved routes it serves. Unchanged peers keep their sessions.
+    async fn apply_netmap(&mut self, map: NetMap) {
+        let m = self.managed.as_ref().expect("managed");
+        let peers = netmap::peers(&map, &m.prefs.accept_routes.to_dataplane(), None);
+        for skipped in &peers.skipped {
+            tracing::warn!(peer = %skipped.name, node_id = skipped.node_id, "not configured: {}", skipped.reason);
+        }
+        let served = served_now(&m.prefs, Some(&map));
+        let advertised = m.prefs.advertised_prefixes();
+        if let Err(e) = self.set_addresses(mesh_addresses(&map)).await {
+            tracing::error!("cannot put the mesh address on the TUN device: {e}");
+        }
+        self.router.set_served(&served);
+        self.served = served;
+        self.routes.set_accepted(allowed_prefixes(&peers.specs));
+        self.routes.set_advertised(advertised);
+        let (added, removed, changed) = self.node.set_peers(peers.specs);
+        self.reconcile_routes(mesh_linux::manager::Cause::Change).await;
+        self.write_state();
+        tracing::info!(version = map.version, added, removed, changed, "netmap applied");
+        let m = self.managed_mut();
+        if let Err(e) = m.store.save_netmap(&map) {
+            tracing::warn!("cannot cache the netmap: {e}");
+        }
+        m.conn.send_replace(Conn::Running(UpReply {
+            name: map.node.name.clone(),
+            ipv4: map.node.ipv4,
+            ipv6: map.node.ipv6,
+        }));
+        m.netmap = Some(map);
+    }
+
+    /// Takes the node off the mesh: no peers, no addresses, no routes. The identity stays.
+    async fn disconnect(&mut self) {
+        let m = self.managed_mut();
+        m.follower = None;
+        m.generation += 1;
+        m.conn.send_replace(Conn::Stopped);
+        self.node.set_peers(Vec::new());
+        if let Err(e) = self.set_addresses(Vec::new()).await {
+            tracing::warn!("removing the mesh addresses: {e}");
+        }
+        self.served.clear();
+        self.router.set_served(&[]);
+        self.routes.set_accepted(Vec::new());
+        self.reconcile_routes(mesh_linux::manager::Cause::Change).await;
+        self.write_state();
+    }
+
+    pub(super) async fn api_request(&mut self, request: Request) {
+        if self.managed.is_none() {
+            let refusal = format!(
+                "this daemon runs the static configuration {}; edit it and send SIGHUP",
+                self.options.config.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+            );
+            match request {
+                Request::Status(reply) => {
+                    let _ = reply.send(self.status());
+                }
+                Request::Up(_, r) => drop(r.send(Err(refusal))),
+                Request::Set(_, r) | Request::Down(r) | Request::Logout(r) => drop(r.send(Err(refusal))),
+                Request::Ping(peer, r) => drop(r.send(self.ping(&peer))),
+            }
+            return;
+        }
+        match request {
+            Request::Up(up, reply) => {
+                let result = self.up(*up).await;
+                let _ = reply.send(result);
+            }
+            Request::Set(patch, reply) => {
+                let result = self.set(patch).await;
+                let _ = reply.send(result);
+            }
+            Request::Down(reply) => {
+                let result = self.down().await;
+                let _ = reply.send(result);
+            }
+            Request::Logout(reply) => {
+                let result = self.logout().await;
+                let _ = reply.send(result);
+            }
+            Request::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Request::Ping(peer, reply) => {
+                let _ = reply.send(self.ping(&peer));
+            }
+        }
+    }
+
+    /// Stores preferences after checking them, before anything acts on them.
+    fn store_prefs(&mut self, prefs: Prefs) -> Result<(), String> {
+        prefs.check()?;
+        let m = self.managed_mut();
+        m.store.save_prefs(&prefs)?;
+        m.prefs = prefs;
+        Ok(())
+    }
+
+    async fn up(&mut self, request: UpRequest) -> Result<watch::Receiver<Conn>, String> {
+        let m = self.managed.as_ref().expect("managed");
+        let mut prefs = m.prefs.patched(&request.prefs);
+        prefs.want_running = true;
+        let auth_key = request.auth_key.filter(|k| !k.is_empty());
+        let refused = matches!(*m.conn.borrow(), Conn::Refused(_));
+        let other_server = m.identity.as_ref().is_some_and(|i| i.control_url != prefs.control_url);
+        let reauth = request.force_reauth || refused || other_server || m.identity.is_none();
+        if reauth && auth_key.is_none() {
+            return Err(match (&m.identity, other_server) {
+                (Some(i), true) => format!(
+                    "this node is registered with {}; give --auth-key KEY to join {}",
+                    i.control_url, prefs.control_url
+                ),
+                _ if refused => "the coordination server refused this node; give a new --auth-key KEY".into(),
+                _ => "this node is not registered yet: give --auth-key KEY (or MESHD_AUTH_KEY)".into(),
+            });
+        }
+        prefs.check()?;
+        let snat_changed = prefs.snat_address != self.snat_addresses;
+        let snat = if snat_changed { Some(snat_engine(&prefs.snat_address).map_err(failure_text)?) } else { None };
+        self.store_prefs(prefs)?;
+        if request.force_reauth {
+            self.new_node_key().await?;
+        }
+        if let Some(engine) = snat {
+            self.replumb(engine).await?;
+        }
+        let m = self.managed_mut();
+        if reauth {
+            m.identity = None;
+            m.conn.send_replace(Conn::Connecting(None));
+        }
+        m.auth_key = auth_key;
+        enable_forwarding(&m.prefs.served());
+        self.start_following().await;
+        Ok(self.managed_mut().conn.subscribe())
+    }
+
+    /// `up --force-reauth`: a new node key, and with it a new registration.
+    async fn new_node_key(&mut self) -> Result<(), String> {
+        let path = self.options.state_dir.join("private.key");
+        let _ = std::fs::remove_file(&path);
+        let key = keys::load(&PrivateKey::Generate, &self.options.state_dir)?;
+        self.private_key = key;
+        self.node = mesh_dataplane::Node::new(key, super::seed());
+        self.managed_mut().store.forget_identity();
+        tracing::info!(public_key = %config::base64_key(&self.node.public_key()), "new node key");
+        Ok(())
+    }
+
+    /// A changed `--snat-address`: the old address stops answering on its LAN and the new one starts.
+    async fn replumb(&mut self, engine: Option<mesh_packet::snat::Snat>) -> Result<(), String> {
+        for p in std::mem::take(&mut self.plumbing) {
+            if let Err(e) = self.netlink.del_proxy_neighbour(p.lan_index, p.address).await {
+                tracing::warn!(error = %e, "removing the old SNAT address");
+            }
+        }
+        self.snat_addresses = self.managed_mut().prefs.snat_address.clone();
+        self.router.set_snat(engine);
+        self.plumb_snat().await.map_err(failure_text)?;
+        self.reconcile_routes(mesh_linux::manager::Cause::Change).await;
+        self.write_state();
+        Ok(())
+    }
+
+    async fn set(&mut self, patch: PrefsPatch) -> Result<(), String> {
+        let m = self.managed.as_ref().expect("managed");
+        let before = m.prefs.clone();
+        let prefs = before.patched(&patch);
+        prefs.check()?;
+        let snat = if prefs.snat_address != self.snat_addresses {
+            Some(snat_engine(&prefs.snat_address).map_err(failure_text)?)
+        } else {
+            None
+        };
+        self.store_prefs(prefs.clone())?;
+        if let Some(engine) = snat {
+            self.replumb(engine).await?;
+        }
+        if !prefs.want_running {
+            return Ok(());
+        }
+        enable_forwarding(&prefs.served());
+        let server_side = prefs.control_url != before.control_url
+            || prefs.ca_cert != before.ca_cert
+            || prefs.advertise_routes.iter().map(|a| a.prefix).ne(before.advertise_routes.iter().map(|a| a.prefix))
+            || prefs.advertise_tags != before.advertise_tags;
+        if server_side && self.managed_mut().identity.is_some() {
+            self.start_following().await;
+        }
+        // What is decided locally (which routes to accept, SNAT per prefix) applies to the netmap at hand.
+        if let Some(map) = self.managed_mut().netmap.clone() {
+            self.apply_netmap(map).await;
+        }
+        Ok(())
+    }
+
+    async fn down(&mut self) -> Result<(), String> {
+        let mut prefs = self.managed_mut().prefs.clone();
+        prefs.want_running = false;
+        self.store_prefs(prefs)?;
+        self.disconnect().await;
+        tracing::info!("down: disconnected from the mesh; the node keeps its identity");
+        Ok(())
+    }
+
+    /// Leaves the mesh for good: the server deletes the node, and this node forgets its identity.
+    async fn logout(&mut self) -> Result<(), String> {
+        let m = self.managed_mut();
+        let Some(identity) = m.identity.take() else {
+            return Err("this node is not registered".into());
+        };
+        let ca_cert = m.prefs.ca_cert.clone();
+        let mut prefs = m.prefs.clone();
+        prefs.want_running = false;
+        self.store_prefs(prefs)?;
+        self.disconnect().await;
+        let m = self.managed_mut();
+        m.store.forget_identity();
+        m.netmap = None;
+        let url = format!("{}/api/v1/logout", identity.control_url);
+        let auth = format!("Node {} {}", identity.node_id, identity.credential);
+        let told = tokio::task::spawn_blocking(move || {
+            let agent = crate::control_client::https_agent(ca_cert.as_deref(), Some(Duration::from_secs(10)))?;
+            let response = agent.post(&url).header("authorization", &auth).send("").map_err(|e| e.to_string())?;
+            match response.status().as_u16() {
+                204 | 401 => Ok(()),
+                other => Err(format!("it answered {other}")),
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        match told {
+            Ok(()) => {
+                tracing::info!("logged out");
+                Ok(())
+            }
+            Err(e) => Err(format!(
+                "logged out here, but the coordination server at {} was not told ({e}); an admin can run meshd \
+                 control nodes delete {}",
+                identity.control_url, identity.node_id
+            )),
+        }
+    }
+
+    pub(super) fn status(&self) -> Status {
+        let peers_now = self.node.peer_status();
+        let now_key = |key: &[u8; 32]| peers_now.iter().find(|p| &p.public_key == key);
+        let Some(m) = &self.managed else {
+            let peers = peers_now
+                .iter()
+                .map(|p| PeerView {
+                    name: config::base64_key(&p.public_key),
+                    ipv4: None,
+                    ipv6: None,
+                    public_key: config::base64_key(&p.public_key),
+                    online: None,
+                    endpoint: p.endpoint,
+                    last_handshake_secs: p.since_handshake.map(|d| d.as_secs()),
+                    rx_bytes: p.rx_bytes,
+                    tx_bytes: p.tx_bytes,
+                    routes: p.allowed_ips.clone(),
+                })
+                .collect();
+            return Status { state: "running".into(), message: None, mode: "static".into(), node: None, peers };
+        };
+        let conn = m.conn.borrow().clone();
+        let message = match &conn {
+            Conn::Connecting(trouble) => trouble.clone(),
+            Conn::Refused(m) => Some(m.clone()),
+            Conn::Stopped => Some("not connected; run meshd up".into()),
+            Conn::Running(_) => None,
+        };
+        let node = m.netmap.as_ref().map(|map| SelfStatus {
+            name: map.node.name.clone(),
+            ipv4: Some(map.node.ipv4),
+            ipv6: Some(map.node.ipv6),
+            public_key: config::base64_key(&self.node.public_key()),
+            domain: map.domain.clone(),
+            listen_port: self.listen_port,
+            routes: map.routes.clone(),
+        });
+        let mut peers = Vec::new();
+        if let Some(map) = &m.netmap
+            && matches!(conn, Conn::Running(_))
+        {
+            for peer in &map.peers {
+                let key = config::decode_key(&peer.node_key).ok();
+                let live = key.as_ref().and_then(now_key);
+                let own = [IpNet::from(IpAddr::V4(peer.ipv4)), IpNet::from(IpAddr::V6(peer.ipv6))];
+                peers.push(PeerView {
+                    name: peer.name.clone(),
+                    ipv4: Some(peer.ipv4),
+                    ipv6: Some(peer.ipv6),
+                    public_key: peer.node_key.clone(),
+                    online: Some(peer.online),
+                    endpoint: live.and_then(|p| p.endpoint),
+                    last_handshake_secs: live.and_then(|p| p.since_handshake).map(|d| d.as_secs()),
+                    rx_bytes: live.map_or(0, |p| p.rx_bytes),
+                    tx_bytes: live.map_or(0, |p| p.tx_bytes),
+                    routes: live
+                        .map(|p| p.allowed_ips.iter().filter(|r| !own.contains(r)).copied().collect())
+                        .unwrap_or_default(),
+                });
+            }
+        }
+        Status { state: conn.name().into(), message, mode: "managed".into(), node, peers }
+    }
+
+    /// Sends one ICMP echo request from this node's mesh address to a peer's, through the tunnel.
+    fn ping(&mut self, target: &str) -> Result<(String, IpAddr, oneshot::Receiver<Duration>), String> {
+        let Some(m) = self.managed.as_mut() else {
+            return Err("meshd ping needs a managed node (meshd up); in static mode use ping".into());
+        };
+        let Some(map) = &m.netmap else { return Err("not connected; run meshd up".into()) };
+        let domain_suffix = format!(".{}", map.domain);
+        let wanted = target.strip_suffix(&domain_suffix).unwrap_or(target);
+        let peer = map
+            .peers
+            .iter()
+            .find(|p| p.name == wanted || p.ipv4.to_string() == target || p.ipv6.to_string() == target)
+            .ok_or_else(|| format!("no peer named or addressed {target} in the netmap (see meshd status)"))?;
+        let (name, ip) = (peer.name.clone(), IpAddr::V4(peer.ipv4));
+        let now = Instant::now();
+        m.pings.retain(|_, (sent, _)| now.duration_since(*sent) < Duration::from_secs(10));
+        m.ping_seq = m.ping_seq.wrapping_add(1);
+        let packet = mesh_packet::build::Builder::v4(map.node.ipv4.octets(), peer.ipv4.octets()).echo(
+            true,
+            m.ping_ident,
+            m.ping_seq,
+            b"meshd ping",
+        );
+        let (tx, rx) = oneshot::channel();
+        m.pings.insert(m.ping_seq, (now, tx));
+        self.node
+            .handle_tun_packet(&packet, now)
+            .map_err(|reason| format!("cannot send to {name}: {}", reason.name()))?;
+        Ok((name, ip, rx))
+    }
+
+    /// Whether a decrypted packet is the answer to one of our pings (then it is consumed here).
+    pub(super) fn take_pong(&mut self, packet: &[u8], now: Instant) -> bool {
+        let Some(m) = self.managed.as_mut() else { return false };
+        if m.pings.is_empty() || packet.len() < 28 || packet[0] >> 4 != 4 || packet[9] != 1 {
+            return false;
+        }
+        let header = usize::from(packet[0] & 0x0f) * 4;
+        let Some(icmp) = packet.get(header..header + 8) else { return false };
+        let ident = u16::from_be_bytes([icmp[4], icmp[5]]);
+        if icmp[0] != 0 || ident != m.ping_ident {
+            return false;
+        }
+        match m.pings.remove(&u16::from_be_bytes([icmp[6], icmp[7]])) {
+            Some((sent, reply)) => {
+                let _ = reply.send(now.duration_since(sent));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+fn failure_text(f: Failure) -> String {
+    match f {
+        Failure::Config(m) | Failure::System(m) => m,
+    }
+}

@@ -1,0 +1,270 @@
+//! The node verbs (`up`, `set`, `status`, `ping`, `ip`, `down`, `logout`): each is one request to the local
+//! daemon over its Unix socket, printed for people (or as JSON where asked).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::local_api::{self, PingReply, Status, UpReply, UpRequest};
+use crate::prefs::{Accept, Advertised, PrefsPatch};
+
+/// The preference flags `up` and `set` share; a flag not given leaves that preference as it is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PrefArgs {
+    /// The coordination server, e.g. https://control.example:8443.
+    #[arg(long, env = "MESHD_CONTROL_URL")]
+    control_url: Option<String>,
+    /// A CA certificate (PEM) to trust for the server, when it is not in the public web PKI.
+    #[arg(long, env = "MESHD_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// The name to register with (default: the host name).
+    #[arg(long, env = "MESHD_HOSTNAME")]
+    hostname: Option<String>,
+    /// Subnets this node routes for the mesh; `CIDR:nosnat` keeps sources for that prefix. Empty clears.
+    #[arg(long, env = "MESHD_ROUTES", value_name = "CIDR[:nosnat],..")]
+    advertise_routes: Option<String>,
+    /// Accept peers' subnet routes: all (no value or `true`), none (`false`), or only those inside the given
+    /// prefixes.
+    #[arg(long, env = "MESHD_ACCEPT_ROUTES", value_name = "BOOL|CIDR,..", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    accept_routes: Option<String>,
+    /// Rewrite the source of forwarded traffic to --snat-address (true), or keep the mesh source (false).
+    #[arg(long, env = "MESHD_SNAT_SUBNET_ROUTES", value_name = "BOOL", action = clap::ArgAction::Set)]
+    snat_subnet_routes: Option<bool>,
+    /// A free LAN address forwarded traffic appears from (one IPv4 and one IPv6 at most). Empty clears.
+    #[arg(long, env = "MESHD_SNAT_ADDRESS", value_name = "IP,..")]
+    snat_address: Option<String>,
+    /// Tags to request for this node, e.g. tag:router (the auth key must allow them).
+    #[arg(long, env = "MESHD_ADVERTISE_TAGS", value_name = "tag:a,..")]
+    advertise_tags: Option<String>,
+}
+
+fn list(text: &str) -> impl Iterator<Item = &str> {
+    text.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+impl PrefArgs {
+    fn patch(&self) -> Result<PrefsPatch, String> {
+        let advertise_routes = match &self.advertise_routes {
+            None => None,
+            Some(text) => Some(
+                list(text)
+                    .map(|item| crate::parse_served(item).map(|(prefix, snat)| Advertised { prefix, snat }))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("--advertise-routes: {e}"))?,
+            ),
+        };
+        let snat_address = match &self.snat_address {
+            None => None,
+            Some(text) => Some(
+                list(text)
+                    .map(|a| a.parse().map_err(|_| format!("--snat-address: {a:?} is not an IP address")))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        Ok(PrefsPatch {
+            control_url: self.control_url.clone(),
+            ca_cert: self.ca_cert.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+            hostname: self.hostname.clone(),
+            advertise_routes,
+            accept_routes: self.accept_routes.as_deref().map(Accept::parse).transpose()?,
+            snat_subnet_routes: self.snat_subnet_routes,
+            snat_address,
+            advertise_tags: self.advertise_tags.as_deref().map(|t| list(t).map(str::to_string).collect()),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Verb {
+    Up { prefs: Box<PrefArgs>, auth_key: Option<String>, force_reauth: bool, timeout: String },
+    Set(Box<PrefArgs>),
+    Status { json: bool },
+    Ping { peer: String },
+    Ip { peer: Option<String> },
+    Down,
+    Logout,
+}
+
+enum Failure {
+    Input(String),
+    Other(String),
+}
+
+pub fn run(socket: PathBuf, verb: Verb) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("meshd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(&socket, verb)) {
+        Ok(output) => {
+            if !output.is_empty() {
+                println!("{output}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(Failure::Input(message)) => {
+            eprintln!("meshd: {message}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Other(message)) => {
+            eprintln!("meshd: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One request; a refusal becomes its one line (bad input when the daemon says the request was wrong).
+async fn request(socket: &PathBuf, method: &str, path: &str, body: Option<String>) -> Result<String, Failure> {
+    let (status, text) = local_api::call(socket, method, path, body).await.map_err(Failure::Other)?;
+    match status {
+        200..=299 => Ok(text),
+        400 => Err(Failure::Input(local_api::error_text(status, &text))),
+        _ => Err(Failure::Other(local_api::error_text(status, &text))),
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Failure> {
+    serde_json::from_str(text).map_err(|e| Failure::Other(format!("unexpected answer from the daemon: {e}")))
+}
+
+fn auth_key(given: Option<String>) -> Result<Option<String>, Failure> {
+    match given {
+        Some(k) if k.starts_with("file:") => {
+            let path = &k["file:".len()..];
+            std::fs::read_to_string(path)
+                .map(|t| Some(t.trim().to_string()))
+                .map_err(|e| Failure::Input(format!("--auth-key file:{path}: cannot read: {e}")))
+        }
+        other => Ok(other.filter(|k| !k.is_empty())),
+    }
+}
+
+async fn execute(socket: &PathBuf, verb: Verb) -> Result<String, Failure> {
+    match verb {
+        Verb::Up { prefs, auth_key: key, force_reauth, timeout } => {
+            let timeout = crate::control_client::parse_duration(&timeout)
+                .map_err(|e| Failure::Input(format!("--timeout {e}")))?;
+            let up = UpRequest {
+                prefs: prefs.patch().map_err(Failure::Input)?,
+                auth_key: auth_key(key)?,
+                force_reauth,
+                timeout_ms: timeout.saturating_mul(1000),
+            };
+            let body = serde_json::to_string(&up).map_err(|e| Failure::Other(e.to_string()))?;
+            let reply: UpReply = parse(&request(socket, "POST", "/v1/up", Some(body)).await?)?;
+            eprintln!("meshd: connected as {} ({}, {})", reply.name, reply.ipv4, reply.ipv6);
+            Ok(reply.ipv4.to_string())
+        }
+        Verb::Set(prefs) => {
+            let body = serde_json::to_string(&prefs.patch().map_err(Failure::Input)?)
+                .map_err(|e| Failure::Other(e.to_string()))?;
+            request(socket, "POST", "/v1/set", Some(body)).await.map(|_| String::new())
+        }
+        Verb::Down => request(socket, "POST", "/v1/down", None).await.map(|_| String::new()),
+        Verb::Logout => request(socket, "POST", "/v1/logout", None).await.map(|_| String::new()),
+        Verb::Status { json } => {
+            let text = request(socket, "GET", "/v1/status", None).await?;
+            if json {
+                return Ok(text);
+            }
+            Ok(format_status(&parse(&text)?))
+        }
+        Verb::Ip { peer } => {
+            let status: Status = parse(&request(socket, "GET", "/v1/status", None).await?)?;
+            let (v4, v6) = match &peer {
+                None => {
+                    let node = status.node.ok_or_else(|| Failure::Other("not connected; run meshd up".into()))?;
+                    (node.ipv4, node.ipv6)
+                }
+                Some(name) => {
+                    let p = status
+                        .peers
+                        .iter()
+                        .find(|p| &p.name == name || p.ipv4.is_some_and(|a| a.to_string() == *name))
+                        .ok_or_else(|| Failure::Other(format!("no peer named {name} (see meshd status)")))?;
+                    (p.ipv4, p.ipv6)
+                }
+            };
+            Ok([v4.map(|a| a.to_string()), v6.map(|a| a.to_string())]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join("\n"))
+        }
+        Verb::Ping { peer } => {
+            let body = serde_json::json!({ "peer": peer }).to_string();
+            let reply: PingReply = parse(&request(socket, "POST", "/v1/ping", Some(body)).await?)?;
+            Ok(format!(
+                "pong from {} ({}) through the tunnel in {:.2} ms",
+                reply.name,
+                reply.ip,
+                reply.rtt_us as f64 / 1000.0
+            ))
+        }
+    }
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        0..1024 => format!("{n} B"),
+        1024..1_048_576 => format!("{:.1} KiB", n as f64 / 1024.0),
+        _ => format!("{:.1} MiB", n as f64 / 1_048_576.0),
+    }
+}
+
+fn format_status(status: &Status) -> String {
+    let mut out = String::new();
+    let none = || "-".to_string();
+    match &status.node {
+        Some(node) => {
+            out.push_str(&format!(
+                "{:<16} {:<24} {}.{}  this node ({}), port {}\n",
+                node.ipv4.map_or_else(none, |a| a.to_string()),
+                node.ipv6.map_or_else(none, |a| a.to_string()),
+                node.name,
+                node.domain,
+                status.state,
+                node.listen_port
+            ));
+            for r in &node.routes {
+                let state = match (r.approved, r.primary) {
+                    (false, _) => "advertised, awaiting approval",
+                    (true, true) => "approved, primary",
+                    (true, false) => "approved, standby",
+                };
+                out.push_str(&format!("  route {:<20} {state}\n", r.prefix.to_string()));
+            }
+        }
+        None => out.push_str(&format!("this node: {} ({} mode)\n", status.state, status.mode)),
+    }
+    if let Some(message) = &status.message {
+        out.push_str(&format!("  {message}\n"));
+    }
+    for p in &status.peers {
+        let online = match p.online {
+            Some(true) => "online",
+            Some(false) => "offline",
+            None => "",
+        };
+        let handshake = p.last_handshake_secs.map_or("no handshake".into(), |s| format!("handshake {s}s ago"));
+        out.push_str(&format!(
+            "{:<16} {:<24} {:<20} {:<8} {:<22} {}, rx {}, tx {}{}\n",
+            p.ipv4.map_or_else(none, |a| a.to_string()),
+            p.ipv6.map_or_else(none, |a| a.to_string()),
+            p.name,
+            online,
+            p.endpoint.map_or_else(none, |e| e.to_string()),
+            handshake,
+            bytes(p.rx_bytes),
+            bytes(p.tx_bytes),
+            if p.routes.is_empty() {
+                String::new()
+            } else {
+                format!(", routes {}", p.routes.iter().map(ToString::to_string).collect::<Vec<_>>().join(","))
+            }
+        ));
+    }
+    out.trim_end().to_string()
+}

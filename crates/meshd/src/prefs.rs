@@ -1,0 +1,363 @@
+//! What a managed node keeps on disk: the preferences `up` and `set` give it, its identity in the mesh (the
+//! credential the server issued), and its last netmap. Each is one JSON file in the state directory, mode
+//! 0600, replaced atomically, so a crash or an interrupted `up` leaves the old file or the new one.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use mesh_dataplane::netmap::AcceptRoutes;
+use mesh_dataplane::router::Served;
+use serde::{Deserialize, Serialize};
+
+use crate::keys::write_private;
+
+/// Which peers' subnet routes to accept, as stored and as the local API carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accept {
+    #[default]
+    None,
+    All,
+    Within(Vec<IpNet>),
+}
+
+impl Accept {
+    /// `true`, `false`, or a list of prefixes, as `--accept-routes[=..]` takes it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "" | "true" => Ok(Self::All),
+            "false" => Ok(Self::None),
+            list => list
+                .split(',')
+                .map(|p| p.trim().parse::<IpNet>().map(|n| n.trunc()))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Self::Within)
+                .map_err(|_| format!("--accept-routes={list}: expected true, false or prefixes like 10.52.0.0/16,..")),
+        }
+    }
+
+    pub fn to_dataplane(&self) -> AcceptRoutes {
+        match self {
+            Self::None => AcceptRoutes::None,
+            Self::All => AcceptRoutes::All,
+            Self::Within(list) => AcceptRoutes::Within(list.clone()),
+        }
+    }
+}
+
+/// A route this node advertises, and whether forwarded traffic into it is SNAT'd when it is approved
+/// (`None`: follow `snat_subnet_routes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Advertised {
+    pub prefix: IpNet,
+    pub snat: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Prefs {
+    /// Whether the node should be connected: `up` sets it, `down` clears it, and a restarted daemon follows it.
+    pub want_running: bool,
+    pub control_url: String,
+    pub ca_cert: Option<PathBuf>,
+    pub hostname: Option<String>,
+    pub advertise_routes: Vec<Advertised>,
+    pub accept_routes: Accept,
+    pub snat_subnet_routes: bool,
+    pub snat_address: Vec<IpAddr>,
+    pub advertise_tags: Vec<String>,
+}
+
+impl Default for Prefs {
+    fn default() -> Self {
+        Self {
+            want_running: false,
+            control_url: String::new(),
+            ca_cert: None,
+            hostname: None,
+            advertise_routes: Vec::new(),
+            accept_routes: Accept::None,
+            snat_subnet_routes: true,
+            snat_address: Vec::new(),
+            advertise_tags: Vec::new(),
+        }
+    }
+}
+
+/// A change to the preferences: only the fields that are `Some` change (`meshd set` names only what it
+/// changes, so a half-finished `up` can be mended field by field).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrefsPatch {
+    pub control_url: Option<String>,
+    pub ca_cert: Option<PathBuf>,
+    pub hostname: Option<String>,
+    pub advertise_routes: Option<Vec<Advertised>>,
+    pub accept_routes: Option<Accept>,
+    pub snat_subnet_routes: Option<bool>,
+    pub snat_address: Option<Vec<IpAddr>>,
+    pub advertise_tags: Option<Vec<String>>,
+}
+
+impl Prefs {
+    /// The preferences with `patch` applied; nothing else changes.
+    pub fn patched(&self, patch: &PrefsPatch) -> Self {
+        let mut p = self.clone();
+        if let Some(v) = &patch.control_url {
+            p.control_url = v.trim_end_matches('/').to_string();
+        }
+        if let Some(v) = &patch.ca_cert {
+            p.ca_cert = Some(v.clone());
+        }
+        if let Some(v) = &patch.hostname {
+            p.hostname = Some(v.clone());
+        }
+        if let Some(v) = &patch.advertise_routes {
+            p.advertise_routes = v.iter().map(|a| Advertised { prefix: a.prefix.trunc(), snat: a.snat }).collect();
+        }
+        if let Some(v) = &patch.accept_routes {
+            p.accept_routes = v.clone();
+        }
+        if let Some(v) = patch.snat_subnet_routes {
+            p.snat_subnet_routes = v;
+        }
+        if let Some(v) = &patch.snat_address {
+            p.snat_address = v.clone();
+        }
+        if let Some(v) = &patch.advertise_tags {
+            p.advertise_tags = v.clone();
+        }
+        p
+    }
+
+    /// Every advertised route with its SNAT choice settled.
+    pub fn served(&self) -> Vec<Served> {
+        self.advertise_routes
+            .iter()
+            .map(|a| Served { prefix: a.prefix, snat: a.snat.unwrap_or(self.snat_subnet_routes) })
+            .collect()
+    }
+
+    pub fn advertised_prefixes(&self) -> Vec<IpNet> {
+        self.advertise_routes.iter().map(|a| a.prefix).collect()
+    }
+
+    /// Whether the preferences hang together; one line saying what to change if not. Checked before they are
+    /// stored, so a refused `up` or `set` changes nothing.
+    pub fn check(&self) -> Result<(), String> {
+        if self.want_running && self.control_url.is_empty() {
+            return Err("no coordination server: give --control-url URL (or MESHD_CONTROL_URL)".into());
+        }
+        if !self.control_url.is_empty()
+            && !self.control_url.starts_with("https://")
+            && !self.control_url.starts_with("http://")
+        {
+            return Err(format!("--control-url {}: expected https://HOST[:PORT]", self.control_url));
+        }
+        check_snat(&self.served(), &self.snat_address)
+    }
+}
+
+/// SNAT needs an address of each family it rewrites to, and at most one of each.
+pub fn check_snat(served: &[Served], snat_addresses: &[IpAddr]) -> Result<(), String> {
+    let (v4, v6) =
+        (snat_addresses.iter().filter(|a| a.is_ipv4()).count(), snat_addresses.iter().filter(|a| a.is_ipv6()).count());
+    if v4 > 1 || v6 > 1 {
+        return Err("give at most one --snat-address per address family".into());
+    }
+    for s in served.iter().filter(|s| s.snat) {
+        let has_address = if s.prefix.addr().is_ipv4() { v4 == 1 } else { v6 == 1 };
+        if !has_address {
+            return Err(format!(
+                "SNAT is on for {} but no --snat-address of that family is set: give a free LAN address with \
+                 --snat-address, or keep sources with --snat-subnet-routes=false",
+                s.prefix
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The node's registration: who the server says it is and the credential it presents.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub control_url: String,
+    pub node_id: u64,
+    pub name: String,
+    pub credential: String,
+}
+
+impl std::fmt::Debug for Identity {
+    // The credential is a secret; it never reaches a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("control_url", &self.control_url)
+            .field("node_id", &self.node_id)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The files of a managed node, all in its state directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub dir: PathBuf,
+}
+
+impl Store {
+    pub fn prefs_path(&self) -> PathBuf {
+        self.dir.join("prefs.json")
+    }
+
+    pub fn identity_path(&self) -> PathBuf {
+        self.dir.join("identity.json")
+    }
+
+    pub fn netmap_path(&self) -> PathBuf {
+        self.dir.join("netmap.json")
+    }
+
+    pub fn load_prefs(&self) -> Result<Prefs, String> {
+        load_json(&self.prefs_path()).map(Option::unwrap_or_default)
+    }
+
+    pub fn save_prefs(&self, prefs: &Prefs) -> Result<(), String> {
+        save_json(&self.dir, &self.prefs_path(), prefs)
+    }
+
+    pub fn load_identity(&self) -> Result<Option<Identity>, String> {
+        load_json(&self.identity_path())
+    }
+
+    pub fn save_identity(&self, identity: &Identity) -> Result<(), String> {
+        save_json(&self.dir, &self.identity_path(), identity)
+    }
+
+    /// The last netmap; a damaged cache is ignored (the server sends a fresh one), never fatal.
+    pub fn load_netmap(&self) -> Option<mesh_proto::NetMap> {
+        match load_json(&self.netmap_path()) {
+            Ok(map) => map,
+            Err(e) => {
+                tracing::warn!("ignoring the cached netmap: {e}");
+                None
+            }
+        }
+    }
+
+    pub fn save_netmap(&self, map: &mesh_proto::NetMap) -> Result<(), String> {
+        save_json(&self.dir, &self.netmap_path(), map)
+    }
+
+    /// Forgets the registration and what came with it (`logout`, `up --force-reauth`).
+    pub fn forget_identity(&self) {
+        let _ = std::fs::remove_file(self.identity_path());
+        let _ = std::fs::remove_file(self.netmap_path());
+    }
+}
+
+fn load_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: cannot read: {e}", path.display())),
+    }
+}
+
+fn save_json<T: Serialize>(dir: &Path, path: &Path, value: &T) -> Result<(), String> {
+    if !dir.exists() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: cannot create: {e}", dir.display()))?;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    }
+    let text = serde_json::to_vec_pretty(value).map_err(|e| format!("{}: {e}", path.display()))?;
+    write_private(path, &text)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_patch_changes_only_what_it_names() {
+        let before = Prefs {
+            want_running: true,
+            control_url: "https://c.example".into(),
+            advertise_routes: vec![Advertised { prefix: net("10.0.0.0/16"), snat: None }],
+            snat_address: vec!["10.0.12.9".parse().unwrap()],
+            ..Prefs::default()
+        };
+        let after = before.patched(&PrefsPatch { accept_routes: Some(Accept::All), ..PrefsPatch::default() });
+        assert_eq!(after.accept_routes, Accept::All);
+        assert_eq!(Prefs { accept_routes: Accept::All, ..before.clone() }, after, "nothing else moved");
+        let url =
+            before.patched(&PrefsPatch { control_url: Some("https://c.example:8443/".into()), ..Default::default() });
+        assert_eq!(url.control_url, "https://c.example:8443");
+    }
+
+    #[test]
+    fn accept_routes_takes_true_false_or_prefixes() {
+        assert_eq!(Accept::parse("true"), Ok(Accept::All));
+        assert_eq!(Accept::parse(""), Ok(Accept::All));
+        assert_eq!(Accept::parse("false"), Ok(Accept::None));
+        assert_eq!(
+            Accept::parse("10.52.1.0/16, fd00::/48"),
+            Ok(Accept::Within(vec![net("10.52.0.0/16"), net("fd00::/48")]))
+        );
+        assert!(Accept::parse("10.52.0.0/33").unwrap_err().contains("--accept-routes"));
+    }
+
+    #[test]
+    fn snat_without_an_address_names_both_ways_out() {
+        let prefs = Prefs {
+            control_url: "https://c".into(),
+            advertise_routes: vec![Advertised { prefix: net("10.0.0.0/16"), snat: None }],
+            ..Prefs::default()
+        };
+        let err = prefs.check().unwrap_err();
+        assert!(err.contains("--snat-address") && err.contains("--snat-subnet-routes=false"), "{err}");
+        assert!(Prefs { snat_subnet_routes: false, ..prefs.clone() }.check().is_ok());
+        let per_prefix = Prefs {
+            advertise_routes: vec![Advertised { prefix: net("10.0.0.0/16"), snat: Some(false) }],
+            ..prefs.clone()
+        };
+        assert!(per_prefix.check().is_ok(), "a :nosnat prefix needs no address");
+        assert!(
+            Prefs { want_running: true, control_url: String::new(), ..per_prefix }
+                .check()
+                .unwrap_err()
+                .contains("--control-url")
+        );
+    }
+
+    #[test]
+    fn files_are_0600_and_survive_a_round_trip() {
+        let dir = std::env::temp_dir().join(format!("meshd-prefs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store { dir: dir.clone() };
+        assert_eq!(store.load_prefs().unwrap(), Prefs::default(), "no file yet: defaults");
+        assert_eq!(store.load_identity().unwrap(), None);
+        let prefs = Prefs { want_running: true, control_url: "https://c".into(), ..Prefs::default() };
+        store.save_prefs(&prefs).unwrap();
+        let identity =
+            Identity { control_url: "https://c".into(), node_id: 3, name: "a".into(), credential: "s3cret".into() };
+        store.save_identity(&identity).unwrap();
+        assert_eq!(store.load_prefs().unwrap(), prefs);
+        assert_eq!(store.load_identity().unwrap(), Some(identity.clone()));
+        for path in [store.prefs_path(), store.identity_path()] {
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600, "{}", path.display());
+        }
+        assert!(!format!("{identity:?}").contains("s3cret"), "the credential stays out of logs");
+        std::fs::write(store.netmap_path(), "{broken").unwrap();
+        assert!(store.load_netmap().is_none(), "a damaged cache is ignored");
+        store.forget_identity();
+        assert_eq!(store.load_identity().unwrap(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

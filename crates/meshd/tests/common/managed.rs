@@ -1,0 +1,210 @@
+//! A coordination server and managed nodes for the end-to-end tests: the server speaks HTTPS with a
+//! certificate from a CA the test makes, nodes run `meshd daemon` without --config and join with `meshd up`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mesh_netns::{Lab, stdout, wait_until};
+
+use super::MESHD;
+
+/// A CA and a certificate for `ip` signed by it, in the lab directory (ca.pem, server.pem, server.key).
+pub fn make_certificates(lab: &Lab, ip: &str) {
+    let dir = lab.dir.to_str().unwrap();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=meshd test CA"]);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend(["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=control"]);
+    lab.write("san.ext", &format!("subjectAltName=IP:{ip}\n"));
+    let sign = [
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    ];
+    for args in [ca, csr, sign.to_vec()] {
+        let status = std::process::Command::new("openssl").args(&args).current_dir(dir).output().unwrap();
+        assert!(status.status.success(), "openssl {}: {}", args.join(" "), String::from_utf8_lossy(&status.stderr));
+    }
+}
+
+/// A running coordination server and how to reach it.
+pub struct Control {
+    pub ns: usize,
+    pub process: usize,
+    pub url: String,
+    pub ca: String,
+    pub token: String,
+    listen: String,
+}
+
+/// The output of one meshd command: exit status, stdout and stderr, trimmed.
+pub type Outcome = (Option<i32>, String, String);
+
+fn outcome(out: &std::process::Output) -> Outcome {
+    (out.status.code(), stdout(out).trim().to_string(), String::from_utf8_lossy(&out.stderr).trim().to_string())
+}
+
+impl Control {
+    /// Starts the server in `ns` on `ip:8443` with HTTPS and, if given, a policy file.
+    pub fn start(lab: &mut Lab, ns: usize, ip: &str, policy: Option<&str>) -> Self {
+        make_certificates(lab, ip);
+        let mut control = Control {
+            ns,
+            process: 0,
+            url: format!("https://{ip}:8443"),
+            ca: lab.path("ca.pem").to_str().unwrap().to_string(),
+            token: format!("file:{}", lab.path("control-data").join("admin-token").display()),
+            listen: format!("{ip}:8443"),
+        };
+        let policy = policy.map(|p| lab.write("policy.hujson", p));
+        control.process = control.spawn(lab, policy, "control");
+        control
+    }
+
+    fn spawn(&self, lab: &mut Lab, policy: Option<PathBuf>, name: &str) -> usize {
+        let data = lab.path("control-data");
+        let (cert, key) = (lab.path("server.pem"), lab.path("server.key"));
+        let mut args = vec!["control", "serve", "--listen", &self.listen, "--data-dir", data.to_str().unwrap()];
+        args.extend(["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+        let policy_text = policy.as_ref().map(|p| p.to_str().unwrap().to_string());
+        if let Some(p) = &policy_text {
+            args.extend(["--policy", p.as_str()]);
+        }
+        let p = lab.spawn(self.ns, name, MESHD, &args, &[]);
+        assert!(
+            wait_until(Duration::from_secs(10), Duration::from_millis(50), || lab
+                .process(p)
+                .log_text()
+                .contains("coordination server listening")),
+            "the server did not start:\n{}",
+            lab.process(p).log_text()
+        );
+        p
+    }
+
+    /// Stops the server (SIGTERM, then waits).
+    pub fn stop(&self, lab: &mut Lab) {
+        lab.process(self.process).stop(Duration::from_secs(5));
+    }
+
+    /// Starts it again on the same data directory.
+    pub fn restart(&mut self, lab: &mut Lab) {
+        let policy = Some(lab.path("policy.hujson")).filter(|p| p.exists());
+        self.process = self.spawn(lab, policy, "control-again");
+    }
+
+    /// `meshd control ARGS` with this server's URL, token and CA.
+    pub fn admin(&self, lab: &Lab, args: &[&str]) -> Outcome {
+        let mut all: Vec<&str> = vec!["control"];
+        all.extend_from_slice(args);
+        all.extend(["--control-url", &self.url, "--admin-token", &self.token, "--ca-cert", &self.ca]);
+        outcome(&lab.ns(self.ns).exec(MESHD, &all))
+    }
+
+    /// A new auth key made with `authkey create ARGS`.
+    pub fn authkey(&self, lab: &Lab, args: &[&str]) -> String {
+        let mut all = vec!["authkey", "create"];
+        all.extend_from_slice(args);
+        let (status, key, err) = self.admin(lab, &all);
+        assert_eq!(status, Some(0), "authkey create: {err}");
+        key
+    }
+}
+
+/// A managed node: `meshd daemon` without --config, its socket and state in the lab directory.
+pub struct Node {
+    pub ns: usize,
+    pub name: String,
+    pub tun: String,
+    pub process: usize,
+    socket: String,
+}
+
+impl Node {
+    pub fn start(lab: &mut Lab, ns: usize, name: &str) -> Self {
+        let tun = lab.unique(&format!("m{name}"));
+        let socket = lab.path(&format!("{name}.sock")).to_str().unwrap().to_string();
+        let mut node = Node { ns, name: name.to_string(), tun, process: 0, socket };
+        node.process = node.spawn(lab, name);
+        node
+    }
+
+    fn spawn(&self, lab: &mut Lab, log_name: &str) -> usize {
+        let state = lab.path(&format!("{}-state", self.name)).to_str().unwrap().to_string();
+        let run = lab.path(&format!("{}-run", self.name)).to_str().unwrap().to_string();
+        let args = [
+            "daemon",
+            "--socket",
+            &self.socket,
+            "--state-dir",
+            &state,
+            "--tun",
+            &self.tun,
+            "--port",
+            "41641",
+            "--uapi-dir",
+            &run,
+            "--run-dir",
+            &run,
+        ];
+        let p =
+            lab.spawn(self.ns, log_name, MESHD, &args, &[("MESHD_LOG", "debug,ureq=info,ureq_proto=info,rustls=info")]);
+        let socket = PathBuf::from(&self.socket);
+        assert!(
+            wait_until(Duration::from_secs(10), Duration::from_millis(50), || socket.exists()
+                && lab.process(p).log_text().contains("meshd is up")),
+            "the daemon did not start:\n{}",
+            lab.process(p).log_text()
+        );
+        p
+    }
+
+    /// Starts the daemon again after it stopped or was killed.
+    pub fn restart(&mut self, lab: &mut Lab, log_name: &str) {
+        self.process = self.spawn(lab, log_name);
+    }
+
+    /// `meshd ARGS --socket S`.
+    pub fn cli(&self, lab: &Lab, args: &[&str]) -> Outcome {
+        let mut all = args.to_vec();
+        all.extend(["--socket", &self.socket]);
+        outcome(&lab.ns(self.ns).exec(MESHD, &all))
+    }
+
+    /// `meshd up` against `control` with `key` and `extra` flags; panics unless it connects. Returns the
+    /// mesh IPv4 it printed.
+    pub fn up(&self, lab: &Lab, control: &Control, key: &str, extra: &[&str]) -> String {
+        let mut args = vec!["up", "--control-url", &control.url, "--ca-cert", &control.ca, "--auth-key", key];
+        args.extend(["--hostname", &self.name, "--timeout", "20s"]);
+        args.extend_from_slice(extra);
+        let (status, ip, err) = self.cli(lab, &args);
+        assert_eq!(status, Some(0), "meshd up on {}: {err}", self.name);
+        ip
+    }
+
+    pub fn status(&self, lab: &Lab) -> serde_json::Value {
+        let (status, text, err) = self.cli(lab, &["status", "--json"]);
+        assert_eq!(status, Some(0), "status: {err}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// The routes in the node's table 52, one per line as `ip route show table 52` prints them.
+    pub fn table52(&self, lab: &Lab) -> String {
+        stdout(&lab.ns(self.ns).ip(&["route", "show", "table", "52"]))
+    }
+}

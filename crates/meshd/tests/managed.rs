@@ -1,0 +1,126 @@
+//! Managed nodes end to end: the coordination server in its own namespace with HTTPS from a test CA, nodes
+//! joining with `meshd up`, netmaps, route approval by hand and by autoApprovers, auth-key errors, and a
+//! data plane that outlives the control plane. All hosts share one switch (10.99.0.0/24, server at .1).
+
+use std::time::Duration;
+
+use common::managed::{Control, Node};
+use mesh_netns::{Lab, wait_until};
+
+mod common;
+
+const POLICY: &str = r#"{
+  // Routers tagged by their auth key get their routes inside 10.77.0.0/16 approved at once.
+  "tagOwners": { "tag:router": ["tag:router"] },
+  "autoApprovers": { "routes": { "10.77.0.0/16": ["tag:router"] } },
+}"#;
+
+/// A switch with the server and `n` node namespaces at 10.99.0.2.. .
+fn mesh(name: &str, n: usize) -> (Lab, Control, Vec<usize>) {
+    let mut lab = Lab::new(name);
+    let hub = lab.netns("cs");
+    let hosts: Vec<usize> = (0..n).map(|i| lab.netns(&format!("n{i}"))).collect();
+    let addrs: Vec<String> = (0..n).map(|i| format!("10.99.0.{}/24", i + 2)).collect();
+    let members: Vec<(usize, &str)> = hosts.iter().zip(&addrs).map(|(h, a)| (*h, a.as_str())).collect();
+    lab.switch(hub, "10.99.0.1/24", &members);
+    let control = Control::start(&mut lab, hub, "10.99.0.1", Some(POLICY));
+    (lab, control, hosts)
+}
+
+fn wait(limit_ms: u64, check: impl FnMut() -> bool) -> bool {
+    wait_until(Duration::from_millis(limit_ms), Duration::from_millis(50), check)
+}
+
+#[test]
+fn three_nodes_join_ping_each_other_and_routes_wait_for_approval() {
+    let (mut lab, control, hosts) = mesh("mgd", 3);
+    let key = control.authkey(&lab, &["--reusable"]);
+    // b routes for a LAN with one server at 10.88.0.50 and advertises it without SNAT; a and c accept routes.
+    let lan = lab.netns("lan");
+    lab.link(hosts[1], "10.88.0.1/24", lan, "10.88.0.50/24");
+    lab.ns(lan).ip(&["route", "add", "100.64.0.0/10", "via", "10.88.0.1"]);
+    let nodes: Vec<Node> = ["a", "b", "c"].iter().zip(&hosts).map(|(n, h)| Node::start(&mut lab, *h, n)).collect();
+    let ip_a = nodes[0].up(&lab, &control, &key, &["--accept-routes"]);
+    let ip_b = nodes[1].up(&lab, &control, &key, &["--advertise-routes", "10.88.0.0/24", "--snat-subnet-routes=false"]);
+    let ip_c = nodes[2].up(&lab, &control, &key, &["--accept-routes"]);
+    let ips = [ip_a.clone(), ip_b.clone(), ip_c.clone()];
+    assert_eq!(ips, ["100.64.0.1", "100.64.0.2", "100.64.0.3"]);
+    assert_eq!(nodes[1].cli(&lab, &["ip"]).1.lines().next(), Some("100.64.0.2"));
+
+    // Every pair, both ways, within seconds of the last join.
+    for (i, node) in nodes.iter().enumerate() {
+        for (j, ip) in ips.iter().enumerate() {
+            if i != j {
+                assert!(wait(5000, || lab.ns(node.ns).ping(ip)), "{} cannot ping {ip}", node.name);
+            }
+        }
+    }
+    let (status, pong, err) = nodes[0].cli(&lab, &["ping", "c"]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(pong.starts_with("pong from c (100.64.0.3) through the tunnel in"), "{pong}");
+
+    let status_a = nodes[0].status(&lab);
+    assert_eq!(status_a["state"], "running");
+    assert_eq!(status_a["node"]["name"], "a");
+    let peers = status_a["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 2);
+    let c = peers.iter().find(|p| p["name"] == "c").unwrap();
+    assert_eq!(c["endpoint"], "10.99.0.4:41641", "the address facing the server came first");
+    assert!(c["last_handshake_secs"].as_u64().unwrap() < 60 && c["rx_bytes"].as_u64().unwrap() > 0, "{c}");
+    assert_eq!(c["online"], true);
+    assert!(nodes[0].cli(&lab, &["status"]).1.contains("100.64.0.3"), "the text status names the peers");
+
+    // Advertised, not approved: in no peer's table, unreachable, shown as waiting.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!nodes[0].table52(&lab).contains("10.88.0.0/24"), "{}", nodes[0].table52(&lab));
+    assert!(!lab.ns(hosts[0]).ping("10.88.0.50"), "an unapproved route is unreachable");
+    let routes_b = &nodes[1].status(&lab)["node"]["routes"];
+    assert_eq!(routes_b[0]["approved"], false, "{routes_b}");
+
+    let (status, _, err) = control.admin(&lab, &["routes", "approve", "2", "10.88.0.0/24"]);
+    assert_eq!(status, Some(0), "{err}");
+    for node in [&nodes[0], &nodes[2]] {
+        assert!(
+            wait(2000, || node.table52(&lab).contains("10.88.0.0/24 dev")),
+            "{} did not install the approved route within 2 s: {}",
+            node.name,
+            node.table52(&lab)
+        );
+    }
+    assert!(wait(3000, || lab.ns(hosts[0]).ping("10.88.0.50")), "the approved route carries traffic");
+    let rules = mesh_netns::stdout(&lab.ns(hosts[0]).ip(&["rule", "list"]));
+    assert!(rules.contains("5270:") && rules.contains("lookup 52"), "{rules}");
+
+    // set changes only what it names: c stops accepting routes, keeps everything else.
+    assert_eq!(nodes[2].cli(&lab, &["set", "--accept-routes=false"]).0, Some(0));
+    assert!(wait(2000, || !nodes[2].table52(&lab).contains("10.88.0.0/24")), "{}", nodes[2].table52(&lab));
+    assert!(lab.ns(hosts[2]).ping(&ip_a), "c is still in the mesh");
+
+    // autoApprovers: a tag:router node's route in 10.77.0.0/16 is approved without an administrator.
+    let router_key = control.authkey(&lab, &["--tags", "tag:router"]);
+    let host_d = lab.netns("n3");
+    let hub = control.ns;
+    lab.switch(hub, "10.99.1.1/24", &[(host_d, "10.99.1.2/24")]);
+    lab.ns(host_d).ip(&["route", "add", "10.99.0.0/24", "via", "10.99.1.1"]);
+    for h in &hosts {
+        lab.ns(*h).ip(&["route", "add", "10.99.1.0/24", "via", "10.99.0.1"]);
+    }
+    lab.ns(hub).exec_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    let d = Node::start(&mut lab, host_d, "d");
+    d.up(&lab, &control, &router_key, &["--advertise-routes", "10.77.1.0/24", "--snat-subnet-routes=false"]);
+    assert_eq!(d.status(&lab)["node"]["routes"][0]["approved"], true);
+    assert!(wait(2000, || nodes[0].table52(&lab).contains("10.77.1.0/24 dev")), "{}", nodes[0].table52(&lab));
+
+    // down keeps the identity: the next up needs no key and gets the same address.
+    assert_eq!(nodes[2].cli(&lab, &["down"]).0, Some(0));
+    assert_eq!(nodes[2].status(&lab)["state"], "stopped");
+    assert!(!lab.ns(hosts[0]).ping(&ip_c), "c left the mesh");
+    let (status, again, err) = nodes[2].cli(&lab, &["up", "--timeout", "20s"]);
+    assert_eq!((status, again.as_str()), (Some(0), ip_c.as_str()), "{err}");
+
+    // logout deregisters: the node is gone from the server and from its peers.
+    assert_eq!(nodes[2].cli(&lab, &["logout"]).0, Some(0));
+    let (_, listed, _) = control.admin(&lab, &["nodes", "list"]);
+    assert!(!listed.lines().any(|l| l.contains(" c ")), "{listed}");
+    assert!(wait(2000, || nodes[0].status(&lab)["peers"].as_array().unwrap().len() == 2), "a dropped c");
+}
