@@ -124,3 +124,87 @@ fn three_nodes_join_ping_each_other_and_routes_wait_for_approval() {
     assert!(!listed.lines().any(|l| l.contains(" c ")), "{listed}");
     assert!(wait(2000, || nodes[0].status(&lab)["peers"].as_array().unwrap().len() == 2), "a dropped c");
 }
+
+#[test]
+fn refused_keys_and_an_unreachable_server_are_one_clear_line() {
+    let (mut lab, control, hosts) = mesh("mgk", 1);
+    let node = Node::start(&mut lab, hosts[0], "a");
+    let up = |key: &str, url: &str| {
+        let args = ["up", "--control-url", url, "--ca-cert", &control.ca, "--auth-key", key, "--timeout", "3s"];
+        node.cli(&lab, &args)
+    };
+    let check = |(status, out, err): (Option<i32>, String, String), wanted: &str| {
+        assert_eq!(status, Some(1), "{err}");
+        assert!(out.is_empty() && err.lines().count() == 1 && err.contains(wanted), "wanted {wanted:?}: {err}");
+    };
+    check(up("mkey-0000000000000000-0000000000000000", &control.url), "auth key");
+    let revoked = control.authkey(&lab, &[]);
+    assert_eq!(control.admin(&lab, &["authkey", "revoke", "1"]).0, Some(0));
+    check(up(&revoked, &control.url), "revoked");
+    let expiring = control.authkey(&lab, &["--expiry", "1s"]);
+    std::thread::sleep(Duration::from_millis(2100));
+    check(up(&expiring, &control.url), "expired");
+    check(up("mkey-x", "https://10.99.0.1:9"), "cannot reach the coordination server at https://10.99.0.1:9");
+
+    // A single-use key joins one node; the second node is refused with the key's own error.
+    let single = control.authkey(&lab, &[]);
+    node.up(&lab, &control, &single, &[]);
+    let other_host = lab.netns("n9");
+    lab.switch(control.ns, "10.99.2.1/24", &[(other_host, "10.99.2.2/24")]);
+    lab.ns(other_host).ip(&["route", "add", "10.99.0.0/24", "via", "10.99.2.1"]);
+    let other = Node::start(&mut lab, other_host, "b");
+    let args =
+        ["up", "--control-url", &control.url, "--ca-cert", &control.ca, "--auth-key", &single, "--timeout", "3s"];
+    check(other.cli(&lab, &args), "used");
+    assert_eq!(other.status(&lab)["state"], "needs-login");
+    // Nothing was half-applied: no mesh address, no routes.
+    assert!(!mesh_netns::stdout(&lab.ns(other_host).ip(&["addr"])).contains("100.64."));
+    // Bad input never reaches the server: SNAT without an address is refused naming both ways out.
+    let (status, _, err) = node.cli(&lab, &["set", "--advertise-routes", "10.5.0.0/16"]);
+    assert_eq!(status, Some(2));
+    assert!(err.contains("--snat-address") && err.contains("--snat-subnet-routes=false"), "{err}");
+}
+
+#[test]
+fn a_killed_node_keeps_its_identity_and_the_mesh_outlives_the_server() {
+    let (mut lab, mut control, hosts) = mesh("mgr", 2);
+    let key = control.authkey(&lab, &["--reusable"]);
+    let a = Node::start(&mut lab, hosts[0], "a");
+    let mut b = Node::start(&mut lab, hosts[1], "b");
+    let ip_a = a.up(&lab, &control, &key, &[]);
+    let ip_b = b.up(&lab, &control, &key, &[]);
+    assert!(wait(5000, || lab.ns(hosts[0]).ping(&ip_b)));
+    let key_b = b.status(&lab)["node"]["public_key"].clone();
+
+    // SIGKILL and a plain restart: same key, same address, one node on the server, traffic again.
+    lab.process(b.process).kill();
+    b.restart(&mut lab, "b-after-kill");
+    assert!(wait(5000, || b.status(&lab)["state"] == "running"), "{}", b.status(&lab));
+    assert_eq!(b.status(&lab)["node"]["public_key"], key_b);
+    assert_eq!(b.cli(&lab, &["ip"]).1.lines().next(), Some(ip_b.as_str()));
+    let (_, nodes, _) = control.admin(&lab, &["nodes", "list"]);
+    assert_eq!(nodes.lines().count(), 3, "a header and two nodes, no duplicate: {nodes}");
+    assert!(wait(5000, || lab.ns(hosts[1]).ping(&ip_a)), "b reaches a after its restart");
+
+    // The server goes away: tunnels keep carrying traffic, and a node restarted meanwhile comes back from
+    // its cached netmap.
+    control.stop(&mut lab);
+    assert!(wait(3000, || lab.ns(hosts[0]).ping(&ip_b)), "traffic without the control plane");
+    lab.process(b.process).kill();
+    b.restart(&mut lab, "b-without-server");
+    assert!(wait(5000, || lab.ns(hosts[1]).ping(&ip_a)), "b restarted from its cache reaches a");
+    let status = b.status(&lab);
+    assert_eq!(status["node"]["ipv4"], ip_b.as_str());
+    assert!(
+        wait(5000, || b.status(&lab)["message"].as_str().is_some_and(|m| m.contains("cannot reach"))
+            || b.status(&lab)["state"] == "running"),
+        "{}",
+        b.status(&lab)
+    );
+
+    // The server returns; the nodes follow it again without being told.
+    control.restart(&mut lab);
+    let (_, nodes, _) = control.admin(&lab, &["nodes", "list"]);
+    assert_eq!(nodes.lines().count(), 3, "{nodes}");
+    assert!(wait(5000, || b.status(&lab)["peers"][0]["online"] == true), "{}", b.status(&lab));
+}
