@@ -97,3 +97,42 @@ pub fn tcp_transfer(lab: &mut Lab, from: usize, to: usize, to_addr: &str, size: 
     );
     (payload, std::fs::read(&sink).unwrap_or_default())
 }
+
+/// Asks a socat service at `addr` (TCP, or UDP if `udp`) which source address it saw.
+pub fn seen_source(lab: &Lab, from: usize, addr: &str, udp: bool) -> String {
+    let target = if udp { format!("UDP:{addr}:5353") } else { format!("TCP:{addr}:5300") };
+    // UDP needs a datagram to answer; TCP answers the connection.
+    let out = lab.ns(from).exec("sh", &["-c", &format!("echo hello | timeout 5 socat -T 2 - {target}")]);
+    stdout(&out).trim().to_string()
+}
+
+/// Starts services on `ns` that answer with the peer address they see, over TCP 5300 and UDP 5353.
+pub fn start_echo_services(lab: &mut Lab, ns: usize, bind: &str) {
+    let tcp = format!("TCP-LISTEN:5300,bind={bind},reuseaddr,fork");
+    lab.spawn(ns, "seen-tcp", "socat", &[&tcp, "SYSTEM:echo $SOCAT_PEERADDR"], &[]);
+    let udp = format!("UDP-RECVFROM:5353,bind={bind},fork");
+    lab.spawn(ns, "seen-udp", "socat", &[&udp, "SYSTEM:echo $SOCAT_PEERADDR"], &[]);
+    assert!(wait_until(Duration::from_secs(5), Duration::from_millis(50), || stdout(
+        &lab.ns(ns).exec("ss", &["-ltn"])
+    )
+    .contains(&format!("{bind}:5300"))));
+}
+
+/// Sends `size` bytes from a socat file server at `addr` to `to` and returns (served, received).
+pub fn download(lab: &mut Lab, server_ns: usize, to: usize, addr: &str, size: usize) -> (Vec<u8>, Vec<u8>) {
+    let data: Vec<u8> = (0..size).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let file = lab.dir.join("served.bin");
+    let got = lab.dir.join("downloaded.bin");
+    std::fs::write(&file, &data).unwrap();
+    let listen = format!("TCP-LISTEN:5001,bind={addr},reuseaddr");
+    lab.spawn(server_ns, "file-server", "socat", &["-u", &format!("OPEN:{}", file.display()), &listen], &[]);
+    assert!(wait_until(Duration::from_secs(5), Duration::from_millis(50), || stdout(
+        &lab.ns(server_ns).exec("ss", &["-ltn"])
+    )
+    .contains(&format!("{addr}:5001"))));
+    let out = lab
+        .ns(to)
+        .exec("timeout", &["60", "socat", "-u", &format!("TCP:{addr}:5001"), &format!("CREATE:{}", got.display())]);
+    assert!(out.status.success(), "download failed: {}", String::from_utf8_lossy(&out.stderr));
+    (data, std::fs::read(&got).unwrap_or_default())
+}
