@@ -315,6 +315,41 @@ impl Drop for Lab {
     }
 }
 
+/// A CA and a certificate for `ip` signed by it, in the lab directory (`ca.pem`, `server.pem`, `server.key`),
+/// for a coordination server speaking HTTPS to nodes that trust only that CA.
+pub fn make_certificates(lab: &Lab, ip: &str) {
+    let dir = lab.dir.to_str().expect("utf-8 path");
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=meshd test CA"]);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend(["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=control"]);
+    lab.write("san.ext", &format!("subjectAltName=IP:{ip}\n"));
+    let sign = [
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    ];
+    for args in [ca, csr, sign.to_vec()] {
+        let out = Command::new("openssl").args(&args).current_dir(dir).output().expect("openssl runs");
+        assert!(out.status.success(), "openssl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+}
+
 /// Starts wireguard-go as device `dev` in namespace `ns`, with `keys`, `listen_port` and one peer, addresses
 /// and a route for the peer's allowed IPs; returns the process index.
 #[allow(clippy::too_many_arguments)]

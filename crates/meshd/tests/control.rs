@@ -11,7 +11,7 @@ use mesh_netns::{Lab, stdout, wait_until};
 mod common;
 
 fn make_certificates(lab: &Lab) {
-    common::managed::make_certificates(lab, "127.0.0.1");
+    mesh_netns::make_certificates(lab, "127.0.0.1");
 }
 
 fn serve(lab: &mut Lab, ns: usize, name: &str, extra: &[&str]) -> usize {

@@ -4,43 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mesh_netns::{Lab, stdout, wait_until};
+use mesh_netns::{Lab, make_certificates, stdout, wait_until};
 
 use super::MESHD;
-
-/// A CA and a certificate for `ip` signed by it, in the lab directory (ca.pem, server.pem, server.key).
-pub fn make_certificates(lab: &Lab, ip: &str) {
-    let dir = lab.dir.to_str().unwrap();
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=meshd test CA"]);
-    let mut csr = vec!["req"];
-    csr.extend(ec);
-    csr.extend(["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=control"]);
-    lab.write("san.ext", &format!("subjectAltName=IP:{ip}\n"));
-    let sign = [
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "1",
-        "-extfile",
-        "san.ext",
-    ];
-    for args in [ca, csr, sign.to_vec()] {
-        let status = std::process::Command::new("openssl").args(&args).current_dir(dir).output().unwrap();
-        assert!(status.status.success(), "openssl {}: {}", args.join(" "), String::from_utf8_lossy(&status.stderr));
-    }
-}
 
 /// A running coordination server and how to reach it.
 pub struct Control {
