@@ -77,6 +77,14 @@ impl Target {
                 self.control.netmap(response.node_id, |_| true).expect("a registered node has a netmap");
             }
         }
+        if let Ok(update) = serde_json::from_slice::<mesh_proto::RoutesUpdate>(data) {
+            let accepted = self.control.set_advertised(self.node, &update).is_ok();
+            let map = self.control.netmap(self.node, |_| true).expect("the anchor has a netmap");
+            if accepted {
+                let held: Vec<_> = map.routes.iter().map(|r| r.prefix).collect();
+                assert!(update.advertise_routes.iter().all(|p| held.contains(&p.trunc())), "{held:?}");
+            }
+        }
         if let Ok(update) = serde_json::from_slice::<EndpointsUpdate>(data) {
             let accepted = self.control.set_endpoints(self.node, &update).is_ok();
             let map = self.control.netmap(self.node, |_| true).expect("the anchor has a netmap");

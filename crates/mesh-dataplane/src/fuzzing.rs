@@ -52,3 +52,28 @@ pub fn datagram(node: &mut Node, data: &[u8]) {
         node.recycle(t.payload);
     }
 }
+
+/// The body of the `netmap` fuzz target: a netmap from the coordination server (untrusted to the node) turned
+/// into peers under every acceptance setting. However odd the map, no key is configured twice, this node is
+/// never its own peer, every peer keeps its mesh addresses, and only approved routes are served.
+pub fn netmap(map: &mesh_proto::NetMap) {
+    use crate::netmap::{AcceptRoutes, peers, served_routes};
+    let within = AcceptRoutes::Within(vec!["10.0.0.0/8".parse().expect("literal prefix")]);
+    for accept in [AcceptRoutes::None, AcceptRoutes::All, within] {
+        let out = peers(map, &accept, Some(25));
+        let mut keys: Vec<_> = out.specs.iter().map(|s| s.public_key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), out.specs.len(), "a key configured twice");
+        assert_eq!(out.specs.len() + out.skipped.len(), map.peers.len(), "every peer configured or reported");
+        for spec in &out.specs {
+            assert!(spec.allowed_ips.len() >= 2, "a peer lost its mesh addresses");
+            if accept == AcceptRoutes::None {
+                assert_eq!(spec.allowed_ips.len(), 2, "a subnet route accepted without --accept-routes");
+            }
+        }
+    }
+    for route in served_routes(map) {
+        assert!(map.routes.iter().any(|r| r.prefix == route && r.approved), "{route} served unapproved");
+    }
+}
