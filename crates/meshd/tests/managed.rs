@@ -207,4 +207,13 @@ fn a_killed_node_keeps_its_identity_and_the_mesh_outlives_the_server() {
     let (_, nodes, _) = control.admin(&lab, &["nodes", "list"]);
     assert_eq!(nodes.lines().count(), 3, "{nodes}");
     assert!(wait(5000, || b.status(&lab)["peers"][0]["online"] == true), "{}", b.status(&lab));
+
+    // --force-reauth: a new node key, registered as a new node with a new address; a follows the change.
+    let (status, new_ip, err) = b.cli(&lab, &["up", "--force-reauth", "--auth-key", &key, "--timeout", "20s"]);
+    assert_eq!((status, new_ip.as_str()), (Some(0), "100.64.0.3"), "{err}");
+    assert_ne!(b.status(&lab)["node"]["public_key"], key_b);
+    assert!(wait(5000, || lab.ns(hosts[0]).ping("100.64.0.3")), "a reaches b under its new key");
+    let (status, _, err) = b.cli(&lab, &["up", "--force-reauth", "--timeout", "5s"]);
+    assert_eq!(status, Some(2), "a new registration needs a key: {err}");
+    assert!(err.contains("--auth-key"), "{err}");
 }

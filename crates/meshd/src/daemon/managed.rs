@@ -315,6 +315,9 @@ impl Daemon {
         let other_server = m.identity.as_ref().is_some_and(|i| i.control_url != prefs.control_url);
         let reauth = request.force_reauth || refused || other_server || m.identity.is_none();
         if reauth && auth_key.is_none() {
+            if request.force_reauth {
+                return Err("--force-reauth registers a new node key: give --auth-key KEY too".into());
+            }
             return Err(match (&m.identity, other_server) {
                 (Some(i), true) => format!(
                     "this node is registered with {}; give --auth-key KEY to join {}",
