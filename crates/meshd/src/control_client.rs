@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use ureq::tls::{PemItem, RootCerts, TlsConfig};
 
+use crate::VerbError as Failure;
+
 #[derive(Debug, Clone)]
 pub struct Connection {
     pub url: String,
@@ -47,28 +49,8 @@ pub fn parse_duration(text: &str) -> Result<u64, String> {
         .map_err(|_| format!("{text:?}: expected a number and d, h, m or s, like 90d"))
 }
 
-enum Failure {
-    Input(String),
-    Server(String),
-}
-
 pub fn run(connection: Connection, verb: Verb) -> ExitCode {
-    match execute(&connection, verb) {
-        Ok(output) => {
-            if !output.is_empty() {
-                println!("{output}");
-            }
-            ExitCode::SUCCESS
-        }
-        Err(Failure::Input(message)) => {
-            eprintln!("meshd: {message}");
-            ExitCode::from(2)
-        }
-        Err(Failure::Server(message)) => {
-            eprintln!("meshd: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::finish(execute(&connection, verb))
 }
 
 fn agent(connection: &Connection) -> Result<ureq::Agent, Failure> {
@@ -119,7 +101,7 @@ fn call(connection: &Connection, method: &str, path: &str, body: Option<String>)
     let url = format!("{}/api/v1/admin/{path}", connection.url.trim_end_matches('/'));
     let auth = format!("Bearer {}", token(connection)?);
     let unreachable =
-        |e: ureq::Error| Failure::Server(format!("cannot reach the coordination server at {}: {e}", connection.url));
+        |e: ureq::Error| Failure::Other(format!("cannot reach the coordination server at {}: {e}", connection.url));
     let mut response = match (method, body) {
         ("GET", _) => agent.get(&url).header("authorization", &auth).call().map_err(unreachable)?,
         ("DELETE", _) => agent.delete(&url).header("authorization", &auth).call().map_err(unreachable)?,
@@ -140,11 +122,11 @@ fn call(connection: &Connection, method: &str, path: &str, body: Option<String>)
         .ok()
         .and_then(|v| v["message"].as_str().map(str::to_string))
         .unwrap_or_else(|| format!("the server answered {status}"));
-    Err(Failure::Server(message))
+    Err(Failure::Other(message))
 }
 
 fn json(text: &str) -> Result<serde_json::Value, Failure> {
-    serde_json::from_str(text).map_err(|e| Failure::Server(format!("unexpected answer from the server: {e}")))
+    serde_json::from_str(text).map_err(|e| Failure::Other(format!("unexpected answer from the server: {e}")))
 }
 
 fn execute(c: &Connection, verb: Verb) -> Result<String, Failure> {

@@ -475,6 +475,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// Why a CLI verb failed: bad input (exit status 2) or anything else (1). Either is printed as one line.
+pub(crate) enum VerbError {
+    Input(String),
+    Other(String),
+}
+
+/// Prints a verb's output (if any) or its one-line error, and gives the exit status.
+pub(crate) fn finish(result: Result<String, VerbError>) -> ExitCode {
+    match result {
+        Ok(output) => {
+            if !output.is_empty() {
+                println!("{output}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(VerbError::Input(message)) => {
+            eprintln!("meshd: {message}");
+            ExitCode::from(2)
+        }
+        Err(VerbError::Other(message)) => {
+            eprintln!("meshd: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn admin(connection: ConnectionArgs, verb: control_client::Verb) -> ExitCode {
     if connection.control_url.is_empty() {
         eprintln!("meshd: --control-url (or MESHD_CONTROL_URL) names the coordination server");

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::VerbError as Failure;
 use crate::local_api::{self, PingReply, Status, UpReply, UpRequest};
 use crate::prefs::{Accept, Advertised, PrefsPatch};
 
@@ -84,11 +85,6 @@ pub enum Verb {
     Logout,
 }
 
-enum Failure {
-    Input(String),
-    Other(String),
-}
-
 pub fn run(socket: PathBuf, verb: Verb) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
@@ -97,22 +93,7 @@ pub fn run(socket: PathBuf, verb: Verb) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(execute(&socket, verb)) {
-        Ok(output) => {
-            if !output.is_empty() {
-                println!("{output}");
-            }
-            ExitCode::SUCCESS
-        }
-        Err(Failure::Input(message)) => {
-            eprintln!("meshd: {message}");
-            ExitCode::from(2)
-        }
-        Err(Failure::Other(message)) => {
-            eprintln!("meshd: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::finish(runtime.block_on(execute(&socket, verb)))
 }
 
 /// One request; a refusal becomes its one line (bad input when the daemon says the request was wrong).

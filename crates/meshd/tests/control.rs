@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::MESHD;
-use mesh_netns::{Lab, stdout, wait_until};
+use mesh_netns::{Lab, stdout};
 
 mod common;
 
@@ -19,14 +19,7 @@ fn serve(lab: &mut Lab, ns: usize, name: &str, extra: &[&str]) -> usize {
     let mut args = vec!["control", "serve", "--listen", "127.0.0.1:8443", "--data-dir", data.to_str().unwrap()];
     args.extend_from_slice(extra);
     let p = lab.spawn(ns, name, MESHD, &args, &[]);
-    assert!(
-        wait_until(Duration::from_secs(10), Duration::from_millis(50), || lab
-            .process(p)
-            .log_text()
-            .contains("coordination server listening")),
-        "the server did not start:\n{}",
-        lab.process(p).log_text()
-    );
+    common::managed::wait_for_server(lab, p);
     p
 }
 

@@ -8,6 +8,18 @@ use mesh_netns::{Lab, make_certificates, stdout, wait_until};
 
 use super::MESHD;
 
+/// Waits until the `meshd control serve` process `p` listens, or fails the test with its log.
+pub fn wait_for_server(lab: &mut Lab, p: usize) {
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(50), || lab
+            .process(p)
+            .log_text()
+            .contains("coordination server listening")),
+        "the server did not start:\n{}",
+        lab.process(p).log_text()
+    );
+}
+
 /// A running coordination server and how to reach it.
 pub struct Control {
     pub ns: usize,
@@ -52,14 +64,7 @@ impl Control {
             args.extend(["--policy", p.as_str()]);
         }
         let p = lab.spawn(self.ns, name, MESHD, &args, &[]);
-        assert!(
-            wait_until(Duration::from_secs(10), Duration::from_millis(50), || lab
-                .process(p)
-                .log_text()
-                .contains("coordination server listening")),
-            "the server did not start:\n{}",
-            lab.process(p).log_text()
-        );
+        wait_for_server(lab, p);
         p
     }
 
