@@ -79,8 +79,6 @@ pub struct Status {
     pub state: String,
     /// Why the node is not running, when it is not.
     pub message: Option<String>,
-    /// `static` for a --config daemon, `managed` for one following a coordination server.
-    pub mode: String,
     pub node: Option<SelfStatus>,
     pub peers: Vec<PeerView>,
 }

@@ -218,7 +218,7 @@ fn format_status(status: &Status) -> String {
                 out.push_str(&format!("  route {:<20} {state}\n", r.prefix.to_string()));
             }
         }
-        None => out.push_str(&format!("this node: {} ({} mode)\n", status.state, status.mode)),
+        None => out.push_str(&format!("this node: {}\n", status.state)),
     }
     if let Some(message) = &status.message {
         out.push_str(&format!("  {message}\n"));

@@ -255,22 +255,8 @@ impl Daemon {
         self.write_state();
     }
 
+    /// Only a managed daemon serves the local API, so only it gets here.
     pub(super) async fn api_request(&mut self, request: Request) {
-        if self.managed.is_none() {
-            let refusal = format!(
-                "this daemon runs the static configuration {}; edit it and send SIGHUP",
-                self.options.config.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
-            );
-            match request {
-                Request::Status(reply) => {
-                    let _ = reply.send(self.status());
-                }
-                Request::Up(_, r) => drop(r.send(Err(refusal))),
-                Request::Set(_, r) | Request::Down(r) | Request::Logout(r) => drop(r.send(Err(refusal))),
-                Request::Ping(peer, r) => drop(r.send(self.ping(&peer))),
-            }
-            return;
-        }
         match request {
             Request::Up(up, reply) => {
                 let result = self.up(*up).await;
@@ -328,8 +314,7 @@ impl Daemon {
             });
         }
         prefs.check()?;
-        let snat_changed = prefs.snat_address != self.snat_addresses;
-        let snat = if snat_changed { Some(snat_engine(&prefs.snat_address).map_err(failure_text)?) } else { None };
+        let snat = self.new_snat_engine(&prefs)?;
         self.store_prefs(prefs)?;
         if request.force_reauth {
             self.new_node_key().await?;
@@ -360,6 +345,15 @@ impl Daemon {
         Ok(())
     }
 
+    /// The SNAT engine new preferences need, built before they are stored so a refusal changes nothing;
+    /// `None` when the SNAT addresses stay as they are.
+    fn new_snat_engine(&self, prefs: &Prefs) -> Result<Option<Option<mesh_packet::snat::Snat>>, String> {
+        if prefs.snat_address == self.snat_addresses {
+            return Ok(None);
+        }
+        snat_engine(&prefs.snat_address).map(Some).map_err(failure_text)
+    }
+
     /// A changed `--snat-address`: the old address stops answering on its LAN and the new one starts.
     async fn replumb(&mut self, engine: Option<mesh_packet::snat::Snat>) -> Result<(), String> {
         for p in std::mem::take(&mut self.plumbing) {
@@ -380,11 +374,7 @@ impl Daemon {
         let before = m.prefs.clone();
         let prefs = before.patched(&patch);
         prefs.check()?;
-        let snat = if prefs.snat_address != self.snat_addresses {
-            Some(snat_engine(&prefs.snat_address).map_err(failure_text)?)
-        } else {
-            None
-        };
+        let snat = self.new_snat_engine(&prefs)?;
         self.store_prefs(prefs.clone())?;
         if let Some(engine) = snat {
             self.replumb(engine).await?;
@@ -459,24 +449,7 @@ impl Daemon {
     pub(super) fn status(&self) -> Status {
         let peers_now = self.node.peer_status();
         let now_key = |key: &[u8; 32]| peers_now.iter().find(|p| &p.public_key == key);
-        let Some(m) = &self.managed else {
-            let peers = peers_now
-                .iter()
-                .map(|p| PeerView {
-                    name: config::base64_key(&p.public_key),
-                    ipv4: None,
-                    ipv6: None,
-                    public_key: config::base64_key(&p.public_key),
-                    online: None,
-                    endpoint: p.endpoint,
-                    last_handshake_secs: p.since_handshake.map(|d| d.as_secs()),
-                    rx_bytes: p.rx_bytes,
-                    tx_bytes: p.tx_bytes,
-                    routes: p.allowed_ips.clone(),
-                })
-                .collect();
-            return Status { state: "running".into(), message: None, mode: "static".into(), node: None, peers };
-        };
+        let m = self.managed.as_ref().expect("managed");
         let conn = m.conn.borrow().clone();
         let message = match &conn {
             Conn::Connecting(trouble) => trouble.clone(),
@@ -517,14 +490,12 @@ impl Daemon {
                 });
             }
         }
-        Status { state: conn.name().into(), message, mode: "managed".into(), node, peers }
+        Status { state: conn.name().into(), message, node, peers }
     }
 
     /// Sends one ICMP echo request from this node's mesh address to a peer's, through the tunnel.
     fn ping(&mut self, target: &str) -> Result<(String, IpAddr, oneshot::Receiver<Duration>), String> {
-        let Some(m) = self.managed.as_mut() else {
-            return Err("meshd ping needs a managed node (meshd up); in static mode use ping".into());
-        };
+        let m = self.managed_mut();
         let Some(map) = &m.netmap else { return Err("not connected; run meshd up".into()) };
         let domain_suffix = format!(".{}", map.domain);
         let wanted = target.strip_suffix(&domain_suffix).unwrap_or(target);
