@@ -1,5 +1,5 @@
 //! Arbitrary bytes as the coordination server's request bodies and policy files, into a live store.
-//! `cargo +nightly fuzz run control_api fuzz/corpus/control_api`
+//! `RUSTC_BOOTSTRAP=1 cargo fuzz run control_api fuzz/corpus/control_api`
 #![no_main]
 
 use std::sync::Mutex;

@@ -1,5 +1,5 @@
 //! Arbitrary bytes into a mesh node, as a datagram from the network and as a packet from the TUN device.
-//! `cargo +nightly fuzz run datagram fuzz/corpus/datagram`
+//! `RUSTC_BOOTSTRAP=1 cargo fuzz run datagram fuzz/corpus/datagram`
 #![no_main]
 
 use std::sync::Mutex;

@@ -1,5 +1,5 @@
 //! A netmap as the coordination server sends it, into the node's peer configuration.
-//! `cargo +nightly fuzz run netmap fuzz/corpus/netmap`
+//! `RUSTC_BOOTSTRAP=1 cargo fuzz run netmap fuzz/corpus/netmap`
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

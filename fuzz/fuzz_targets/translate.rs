@@ -1,5 +1,5 @@
 //! Parse and SNAT-translate arbitrary bytes in both directions. Run with
-//! `cargo +nightly fuzz run translate fuzz/corpus/translate` from the repository root.
+//! `RUSTC_BOOTSTRAP=1 cargo fuzz run translate fuzz/corpus/translate` from the repository root.
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

@@ -1,15 +1,17 @@
 //! Project automation: `cargo xtask ci` is the one test command CI runs; `cargo xtask bench` runs the
 //! benchmarks recorded in docs/benchmarks.md.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 
 mod demo;
 mod routes;
+mod runner;
 mod throughput;
+
+use runner::Tally;
 
 /// Debian packages the tests need: namespaces and routes, the firewall, the reference WireGuard peer and
 /// its configuration tool, throughput measurement, ping/ss inside namespaces, socat for TCP transfers, and
@@ -73,27 +75,15 @@ fn cargo() -> Command {
     c
 }
 
-/// Pass and fail counts of the whole run: each test, plus fmt and clippy as one check each.
-#[derive(Default)]
-struct Tally {
-    passed: u64,
-    failed: u64,
-    failures: Vec<String>,
-}
-
-impl Tally {
-    fn check(&mut self, name: &str, ok: bool) {
-        if ok {
-            self.passed += 1;
-        } else {
-            self.failed += 1;
-            self.failures.push(name.to_string());
-        }
-    }
-}
-
 fn ci() -> Result<bool> {
     install_packages()?;
+    section("leftovers of an earlier, killed run");
+    let cleared = mesh_netns::clear_leftovers(mesh_netns::TEST_PREFIX);
+    println!(
+        "{} namespace(s) removed{}",
+        cleared.len(),
+        if cleared.is_empty() { String::new() } else { format!(": {}", cleared.join(" ")) }
+    );
     let mut tally = Tally::default();
 
     section("cargo fmt --check");
@@ -108,68 +98,37 @@ fn ci() -> Result<bool> {
         .success();
     tally.check("cargo clippy", ok);
 
+    // The fuzz targets are their own workspace (cargo fuzz builds them with sanitizers by hand); a check
+    // build here keeps them compiling as the code under them changes.
+    section("fuzz targets (check build)");
+    let ok = cargo()
+        .args(["check", "--manifest-path", "fuzz/Cargo.toml", "--bins", "--locked"])
+        .status()
+        .context("running cargo check on the fuzz targets")?
+        .success();
+    tally.check("fuzz targets build", ok);
+
     section("cargo test (unit, integration, end-to-end)");
-    run_tests(&mut tally, &["--workspace"])?;
+    tally.add(runner::run_tests(cargo(), &["--workspace"])?);
 
     // boringtun's mock clock stands still unless a test moves it, so the simulation is built on its own:
     // in the run above, that feature would have reached the daemon the end-to-end tests start.
     section("cargo test: deterministic data-plane simulation (mock clock)");
-    run_tests(&mut tally, &["-p", "mesh-dataplane", "--features", "mock-clock", "--test", "simulation"])?;
+    tally.add(runner::run_tests(
+        cargo(),
+        &["-p", "mesh-dataplane", "--features", "mock-clock", "--test", "simulation"],
+    )?);
 
     println!();
     for failure in &tally.failures {
         println!("FAILED: {failure}");
     }
-    println!("{} passed, {} failed", tally.passed, tally.failed);
+    println!("{}", tally.summary());
     Ok(tally.failed == 0)
 }
 
 fn section(title: &str) {
     println!("\n==> {title}");
-}
-
-/// Runs `cargo test` with `selection`, streaming cargo's output and adding up its result lines.
-fn run_tests(tally: &mut Tally, selection: &[&str]) -> Result<()> {
-    let mut child = cargo()
-        .arg("test")
-        .args(selection)
-        .args(["--locked", "--no-fail-fast", "--color", "never"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("running cargo test")?;
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut saw_results = false;
-    for line in BufReader::new(stdout).lines() {
-        let line = line.context("reading cargo test output")?;
-        println!("{line}");
-        if let Some((passed, failed)) = parse_result_line(&line) {
-            saw_results = true;
-            tally.passed += passed;
-            tally.failed += failed;
-        }
-        if let Some(name) = line.strip_prefix("test ").and_then(|rest| rest.strip_suffix(" ... FAILED")) {
-            tally.failures.push(name.to_string());
-        }
-    }
-    let status = child.wait().context("waiting for cargo test")?;
-    if !status.success() && tally.failures.is_empty() {
-        // A build error or a crashed test binary reports no per-test failure: count it so it cannot hide.
-        tally.check("cargo test (build or harness failure)", false);
-    }
-    if !saw_results {
-        bail!("cargo test printed no results");
-    }
-    Ok(())
-}
-
-/// Reads `test result: ok. 12 passed; 0 failed; ...`.
-fn parse_result_line(line: &str) -> Option<(u64, u64)> {
-    let rest = line.strip_prefix("test result: ")?;
-    let (_, counts) = rest.split_once(". ")?;
-    let mut fields = counts.split("; ");
-    let passed = fields.next()?.strip_suffix(" passed")?.parse().ok()?;
-    let failed = fields.next()?.strip_suffix(" failed")?.parse().ok()?;
-    Some((passed, failed))
 }
 
 fn installed(package: &str) -> bool {
@@ -244,19 +203,5 @@ fn bench(which: Option<&str>, rest: &[String]) -> Result<bool> {
             Ok(criterion && memory)
         }
         Some(other) => bail!("unknown benchmark {other:?}; known: snat, routes, throughput"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_result_line;
-
-    #[test]
-    fn reads_cargo_result_lines() {
-        let ok = "test result: ok. 12 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s";
-        assert_eq!(parse_result_line(ok), Some((12, 0)));
-        let bad = "test result: FAILED. 6 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.2s";
-        assert_eq!(parse_result_line(bad), Some((6, 1)));
-        assert_eq!(parse_result_line("test foo ... ok"), None);
     }
 }
