@@ -35,6 +35,9 @@ pub(crate) struct Managed {
     ping_seq: u16,
     /// Held in memory for the follower that registers with it, never written to disk.
     auth_key: Option<String>,
+    /// Why the server cannot be reached right now, while the node runs on the netmap it has (shown by
+    /// `status`; cleared by the next netmap).
+    trouble: Option<String>,
 }
 
 /// The routes this node forwards into: those it advertises that the server approved.
@@ -94,6 +97,7 @@ pub(super) async fn setup(options: &Options) -> Result<Setup, Failure> {
         ping_ident: (super::seed() & 0xffff) as u16,
         ping_seq: 0,
         auth_key: None,
+        trouble: None,
         prefs: prefs.clone(),
     };
     Ok(Setup {
@@ -169,6 +173,7 @@ impl Daemon {
             endpoints,
             since: 0,
         };
+        m.trouble = None;
         m.follower = Some(follow::start(follow, m.generation, m.events_tx.clone()));
         if !matches!(*m.conn.borrow(), Conn::Running(_)) {
             m.conn.send_replace(Conn::Connecting(None));
@@ -194,8 +199,9 @@ impl Daemon {
             Event::Trouble(message) => {
                 tracing::warn!("{message}");
                 if matches!(*m.conn.borrow(), Conn::Connecting(_)) {
-                    m.conn.send_replace(Conn::Connecting(Some(message)));
+                    m.conn.send_replace(Conn::Connecting(Some(message.clone())));
                 }
+                m.trouble = Some(message);
             }
             Event::Refused(message) => {
                 tracing::error!("the coordination server refused this node: {message}");
@@ -230,6 +236,7 @@ impl Daemon {
         if let Err(e) = m.store.save_netmap(&map) {
             tracing::warn!("cannot cache the netmap: {e}");
         }
+        m.trouble = None;
         m.conn.send_replace(Conn::Running(UpReply {
             name: map.node.name.clone(),
             ipv4: map.node.ipv4,
@@ -455,7 +462,7 @@ impl Daemon {
             Conn::Connecting(trouble) => trouble.clone(),
             Conn::Refused(m) => Some(m.clone()),
             Conn::Stopped => Some("not connected; run meshd up".into()),
-            Conn::Running(_) => None,
+            Conn::Running(_) => m.trouble.clone(),
         };
         let node = m.netmap.as_ref().map(|map| SelfStatus {
             name: map.node.name.clone(),
