@@ -17,7 +17,7 @@ pub fn run() -> Result<bool> {
     let meshd = crate::build_release_meshd()?;
     let meshd = meshd.to_str().unwrap_or_default();
 
-    let mut lab = Lab::new("demo");
+    let mut lab = Lab::for_tool("demo");
     let (client, router, server) = lab.subnet_router(["vpcb", "rtra", "srva"]);
     let control = lab.netns("ctl");
     lab.link(control, "10.98.0.1/24", router, "10.98.0.2/24");

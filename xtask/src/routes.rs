@@ -11,7 +11,7 @@ use mesh_linux::netlink::Netlink;
 use mesh_netns::Lab;
 
 pub fn run(count: u32) -> Result<bool> {
-    let mut lab = Lab::new("routes");
+    let mut lab = Lab::for_tool("routes");
     let ns = lab.netns("rt");
     // A veth pair stands in for the TUN device (this kernel may lack the dummy module).
     let dummy = lab.unique("dm");

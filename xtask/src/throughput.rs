@@ -163,7 +163,7 @@ fn measure(
     topology: Topology,
     setup: impl FnOnce(&mut Lab, usize, usize) -> Result<String>,
 ) -> Result<f64> {
-    let mut lab = Lab::new("bench");
+    let mut lab = Lab::for_tool("bench");
     let client = lab.netns("bc");
     let router = lab.netns("br");
     lab.link(client, &format!("{CLIENT_LAN}/24"), router, &format!("{ROUTER_LAN}/24"));

@@ -66,6 +66,12 @@ impl AppState {
         Ok(removed)
     }
 
+    /// How many netmap long polls are waiting for a change (each has subscribed before it checks the
+    /// version, so a change made after this counts one is seen by it).
+    pub fn waiting_polls(&self) -> usize {
+        self.version.receiver_count()
+    }
+
     /// Tells waiting long polls that something changed.
     fn changed(&self) {
         let version = self.control().version().unwrap_or(0);

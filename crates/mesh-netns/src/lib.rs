@@ -2,12 +2,18 @@
 //! inside them, and WireGuard keys. Everything is removed when its owner is dropped, on success and on
 //! panic alike; processes are ended by the PID we started, never by name.
 //!
+//! Nothing a lab runs touches the host's own files: every process gets `MESHD_RUN_DIR` and
+//! `MESHD_UAPI_DIR` inside the lab's directory and none of the caller's other `MESHD_*` variables, and
+//! `wg`/`wireguard-go` (whose socket directory is compiled in) run in a private mount namespace where the
+//! lab's directory is mounted over `/var/run/wireguard`. Namespace names start with a fixed prefix, so
+//! [`clear_leftovers`] can remove what a killed run left behind.
+//!
 //! Needs root, `ip` (iproute2) and, for keys and reference peers, `wg` and `wireguard-go`. `cargo xtask ci`
 //! installs them.
 #![forbid(unsafe_code)]
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -18,6 +24,59 @@ use std::time::{Duration, Instant};
 static SERIAL: Mutex<()> = Mutex::new(());
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// The first characters of every namespace a test lab makes (tools such as the demo use [`TOOL_PREFIX`]).
+pub const TEST_PREFIX: &str = "mt-";
+/// The first characters of every namespace the demo and the benchmarks make.
+pub const TOOL_PREFIX: &str = "mx-";
+
+/// Where `wg` and `wireguard-go` look for their sockets; compiled into both.
+const WIREGUARD_SOCKETS: &str = "/var/run/wireguard";
+
+/// A command with none of the caller's `MESHD_*` variables, so a developer's or CI's environment never
+/// changes what a test runs.
+fn command(program: &str) -> Command {
+    let mut c = Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("MESHD_") {
+            c.env_remove(name);
+        }
+    }
+    c
+}
+
+/// Removes the namespaces whose names start with `prefix`, ending the processes still inside them first
+/// (they can only be ones an earlier, killed run started there), and the lab directories of such runs.
+/// Returns the namespaces removed.
+pub fn clear_leftovers(prefix: &str) -> Vec<String> {
+    let listed = Command::new("ip").args(["netns", "list"]).output().map(|o| stdout(&o)).unwrap_or_default();
+    let names: Vec<String> = listed
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| name.starts_with(prefix))
+        .map(str::to_string)
+        .collect();
+    for name in &names {
+        let pids = Command::new("ip").args(["netns", "pids", name]).output().map(|o| stdout(&o)).unwrap_or_default();
+        for pid in pids.split_whitespace() {
+            let _ = Command::new("kill").args(["-s", "KILL", pid]).status();
+        }
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+    }
+    let dir_prefix = lab_dir_prefix(prefix);
+    if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&dir_prefix) {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    names
+}
+
+fn lab_dir_prefix(ns_prefix: &str) -> String {
+    format!("meshd-lab-{ns_prefix}")
+}
 
 /// Runs a command and returns its output, panicking with everything it printed if it fails.
 pub fn run(program: &str, args: &[&str]) -> Output {
@@ -70,6 +129,13 @@ impl Keys {
         std::io::Write::write_all(child.stdin.as_mut().expect("piped"), private.as_bytes()).expect("write key");
         let out = child.wait_with_output().expect("wg pubkey");
         Keys { private, public: stdout(&out).trim().to_string() }
+    }
+
+    /// The private key in every spelling a leak could take: base64 as given, and hex as the UAPI writes it.
+    pub fn private_spellings(&self) -> [String; 2] {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(&self.private).expect("wg genkey is base64");
+        [self.private.clone(), hex::encode(bytes)]
     }
 }
 
@@ -129,15 +195,53 @@ impl Drop for Process {
 #[derive(Debug)]
 pub struct Netns {
     pub name: String,
+    /// The lab's directories that stand in for the host's `/run/meshd` and `/var/run/wireguard`.
+    run_dir: PathBuf,
+    uapi_dir: PathBuf,
 }
 
 impl Netns {
-    fn new(name: String) -> Self {
+    fn new(name: String, run_dir: PathBuf, uapi_dir: PathBuf) -> Self {
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         run("ip", &["netns", "add", &name]);
-        let ns = Netns { name };
+        let ns = Netns { name, run_dir, uapi_dir };
         ns.ip(&["link", "set", "lo", "up"]);
+        // A new namespace inherits the host's ip_forward, which container engines turn on; a host here
+        // forwards only where its test says so.
+        ns.exec_ok("sysctl", &["-qw", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0"]);
         ns
+    }
+
+    /// `program args` inside the namespace, with the lab's environment.
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = command("ip");
+        c.args(["netns", "exec", &self.name, program]).args(args);
+        c.env("MESHD_RUN_DIR", &self.run_dir).env("MESHD_UAPI_DIR", &self.uapi_dir);
+        c
+    }
+
+    /// Like [`Netns::command`], in a private mount namespace that sees the lab's socket directory at
+    /// `/var/run/wireguard`: for `wg` and `wireguard-go`, which cannot be told another one.
+    pub fn wireguard_command(&self, program: &str, args: &[&str]) -> Command {
+        let uapi = self.uapi_dir.to_str().expect("utf-8 lab path");
+        let mut all = vec!["--mount", "--propagation", "private", "sh", "-c"];
+        all.extend([r#"mount --bind "$0" "$1" && shift && exec "$@""#, uapi, WIREGUARD_SOCKETS, program]);
+        all.extend_from_slice(args);
+        self.command("unshare", &all)
+    }
+
+    /// `wg ARGS` inside the namespace, reading the sockets of the lab's devices; panics if it fails.
+    pub fn wg(&self, args: &[&str]) -> Output {
+        let out = self.wireguard_command("wg", args).output().expect("cannot run wg");
+        assert!(
+            out.status.success(),
+            "wg {} in {} failed: {}{}",
+            args.join(" "),
+            self.name,
+            stdout(&out),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
     }
 
     /// `ip -n <ns> ...`
@@ -149,11 +253,7 @@ impl Netns {
 
     /// Runs a command inside the namespace and returns its output without judging it.
     pub fn exec(&self, program: &str, args: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name, program])
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {program} in {}: {e}", self.name))
+        self.command(program, args).output().unwrap_or_else(|e| panic!("cannot run {program} in {}: {e}", self.name))
     }
 
     /// Like [`Netns::exec`] but panics with the output if the command fails.
@@ -190,20 +290,44 @@ pub struct Lab {
     namespaces: Vec<Netns>,
     pub dir: PathBuf,
     tag: String,
+    prefix: &'static str,
     links: u32,
     _serial: MutexGuard<'static, ()>,
 }
 
 impl Lab {
-    /// A new lab; waits for any other lab in this process to finish first.
+    /// A new lab for a test; waits for any other lab in this process to finish first.
     pub fn new(name: &str) -> Self {
+        Self::with_prefix(name, TEST_PREFIX)
+    }
+
+    /// A new lab for the demo or a benchmark: its namespaces are not a test's leftovers.
+    pub fn for_tool(name: &str) -> Self {
+        Self::with_prefix(name, TOOL_PREFIX)
+    }
+
+    fn with_prefix(name: &str, prefix: &'static str) -> Self {
         let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let tag = format!("{}{}", std::process::id() % 100_000, n);
-        let dir = std::env::temp_dir().join(format!("meshd-{name}-{tag}"));
+        let dir = std::env::temp_dir().join(format!("{}{name}-{tag}", lab_dir_prefix(prefix)));
         let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("lab directory");
-        Lab { processes: Vec::new(), namespaces: Vec::new(), dir, tag, links: 0, _serial: serial }
+        for sub in ["", "run", "wireguard"] {
+            fs::create_dir_all(dir.join(sub)).expect("lab directory");
+        }
+        // The mount point for the lab's socket directory; wireguard-tools makes the same directory.
+        fs::create_dir_all(WIREGUARD_SOCKETS).expect("/var/run/wireguard");
+        Lab { processes: Vec::new(), namespaces: Vec::new(), dir, tag, prefix, links: 0, _serial: serial }
+    }
+
+    /// What stands in for `/run/meshd` for every meshd the lab runs (`MESHD_RUN_DIR`).
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+
+    /// What stands in for `/var/run/wireguard` for every process the lab runs (`MESHD_UAPI_DIR`).
+    pub fn uapi_dir(&self) -> PathBuf {
+        self.dir.join("wireguard")
     }
 
     /// A unique short name (interface and namespace names are limited to 15 bytes).
@@ -214,7 +338,8 @@ impl Lab {
     }
 
     pub fn netns(&mut self, prefix: &str) -> usize {
-        let ns = Netns::new(self.unique(prefix));
+        let name = format!("{}{}", self.prefix, self.unique(prefix));
+        let ns = Netns::new(name, self.run_dir(), self.uapi_dir());
         self.namespaces.push(ns);
         self.namespaces.len() - 1
     }
@@ -276,11 +401,16 @@ impl Lab {
 
     /// Starts `program args` inside namespace `ns`, output to `<dir>/<name>.log`; returns its index.
     pub fn spawn(&mut self, ns: usize, name: &str, program: &str, args: &[&str], env: &[(&str, &str)]) -> usize {
+        let command = self.namespaces[ns].command(program, args);
+        self.spawn_command(name, command, env)
+    }
+
+    /// Starts a command made by [`Netns::command`] or [`Netns::wireguard_command`]; returns its index.
+    pub fn spawn_command(&mut self, name: &str, mut command: Command, env: &[(&str, &str)]) -> usize {
         let log = self.dir.join(format!("{name}.log"));
         let file = fs::File::create(&log).expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.namespaces[ns].name, program])
-            .args(args)
+        let program = format!("{:?}", command.get_program());
+        let child = command
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
@@ -365,17 +495,16 @@ pub fn start_wireguard_go(
     peer_allowed: &str,
     keepalive: Option<u16>,
 ) -> usize {
-    let sock = format!("/var/run/wireguard/{dev}.sock");
+    let sock = lab.uapi_dir().join(format!("{dev}.sock"));
     // A killed wireguard-go leaves its socket file; waiting for it would then wait for nothing.
     let _ = fs::remove_file(&sock);
-    let proc_index = lab.spawn(
-        ns,
+    let command = lab.ns(ns).wireguard_command("wireguard-go", &["-f", dev]);
+    let proc_index = lab.spawn_command(
         &format!("wireguard-go-{dev}"),
-        "wireguard-go",
-        &["-f", dev],
+        command,
         &[("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")],
     );
-    let ready = || Path::new(&sock).exists() && lab.ns(ns).exec("ip", &["link", "show", dev]).status.success();
+    let ready = || sock.exists() && lab.ns(ns).exec("ip", &["link", "show", dev]).status.success();
     assert!(wait_until(Duration::from_secs(5), Duration::from_millis(20), ready), "wireguard-go did not start");
     let key_file = lab.write(&format!("{dev}.key"), &keys.private);
     let n = lab.ns(ns);
@@ -389,7 +518,7 @@ pub fn start_wireguard_go(
     if let Some(k) = &keepalive {
         args.extend(["persistent-keepalive", k.as_str()]);
     }
-    n.exec_ok("wg", &args);
+    n.wg(&args);
     for prefix in peer_allowed.split(',') {
         n.ip(&["route", "replace", prefix, "dev", dev]);
     }

@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+use mesh_netns::Lab;
+
 fn meshd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_meshd"))
 }
@@ -22,42 +24,50 @@ fn unknown_verb_is_one_clear_error_with_status_2() {
     assert!(err.contains("unrecognized subcommand 'frobnicate'"), "{err}");
 }
 
+/// `meshd ARGS` in a namespace of the test's own, under a timeout: these check refusals, and were one
+/// broken, the daemon would start and must neither change the host's routes nor hang the suite.
+fn refused(lab: &Lab, ns: usize, args: &[&str]) -> (Option<i32>, String) {
+    let mut all = vec!["10", env!("CARGO_BIN_EXE_meshd")];
+    all.extend_from_slice(args);
+    let out = lab.ns(ns).exec("timeout", &all);
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 #[test]
 fn a_malformed_config_is_one_line_naming_file_line_and_field_with_status_2() {
-    let dir = std::env::temp_dir().join(format!("meshd-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("wg0.conf");
-    std::fs::write(
-        &path,
+    let mut lab = Lab::new("cli");
+    let ns = lab.netns("cl");
+    let path = lab.write(
+        "wg0.conf",
         "[Interface]\nPrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n\n[Peer]\nPublicKey = nope\n",
-    )
-    .unwrap();
-    let out = meshd().args(["daemon", "--config", path.to_str().unwrap(), "--state-dir"]).arg(&dir).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8(out.stderr).unwrap();
+    );
+    let state = lab.path("state");
+    let (status, err) =
+        refused(&lab, ns, &["daemon", "--config", path.to_str().unwrap(), "--state-dir", state.to_str().unwrap()]);
+    assert_eq!(status, Some(2), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with(&format!("meshd: {}:5: PublicKey:", path.display())), "{err}");
-    let missing = meshd().args(["daemon", "--config", "/nonexistent/meshd.toml"]).output().unwrap();
-    assert_eq!(missing.status.code(), Some(2));
-    std::fs::remove_dir_all(&dir).unwrap();
+    let (status, err) = refused(&lab, ns, &["daemon", "--config", "/nonexistent/meshd.toml"]);
+    assert_eq!(status, Some(2), "{err}");
+    assert!(err.contains("/nonexistent/meshd.toml"), "{err}");
 }
 
 #[test]
 fn snat_without_an_address_names_both_ways_out() {
-    let dir = std::env::temp_dir().join(format!("meshd-cli-snat-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("router.toml");
-    std::fs::write(&path, "[interface]\nprivate_key = \"yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\"\n").unwrap();
-    let out = meshd()
-        .args(["daemon", "--config", path.to_str().unwrap(), "--advertise-routes=10.0.0.0/16", "--state-dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8(out.stderr).unwrap();
+    let mut lab = Lab::new("clisnat");
+    let ns = lab.netns("cs");
+    let path =
+        lab.write("router.toml", "[interface]\nprivate_key = \"yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\"\n");
+    let (config, state) = (path.to_str().unwrap(), lab.path("state"));
+    let state = state.to_str().unwrap();
+    let (status, err) =
+        refused(&lab, ns, &["daemon", "--config", config, "--advertise-routes=10.0.0.0/16", "--state-dir", state]);
+    assert_eq!(status, Some(2), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("--snat-address") && err.contains("--snat-subnet-routes=false"), "{err}");
-    let bad = meshd().args(["daemon", "--config", "x", "--advertise-routes=10.0.0.0/16:sometimes"]).output().unwrap();
-    assert_eq!(bad.status.code(), Some(2));
-    std::fs::remove_dir_all(&dir).unwrap();
+    // Everything else valid, so only the unknown mode can be what is refused.
+    let args = ["daemon", "--config", config, "--state-dir", state, "--snat-subnet-routes=false"];
+    let (status, err) = refused(&lab, ns, &[&args[..], &["--advertise-routes=10.0.0.0/16:sometimes"]].concat());
+    assert_eq!(status, Some(2), "{err}");
+    assert!(err.contains("10.0.0.0/16:sometimes") && err.contains("not a prefix"), "{err}");
 }

@@ -42,11 +42,21 @@ struct S1 {
     client: Node,
     router: Node,
     server: usize,
+    /// The router's interface on the LAN.
+    lan: String,
 }
 
 fn s1(name: &str) -> S1 {
+    s1_with(name, |_, _, _| {})
+}
+
+/// S1, with `before(lab, router_ns, lan_interface)` run once the hosts exist and before any meshd starts.
+fn s1_with(name: &str, before: impl FnOnce(&Lab, usize, &str)) -> S1 {
     let mut lab = Lab::new(name);
     let (c, r, s) = lab.subnet_router(["cl", "rt", "sv"]);
+    let lan = stdout(&lab.ns(r).ip(&["-o", "addr", "show", "to", "10.0.12.1/24"]));
+    let lan = lan.split_whitespace().nth(1).expect("the router's LAN interface").to_string();
+    before(&lab, r, &lan);
     let (kc, kr) = (Keys::generate(), Keys::generate());
     let router = start(
         &mut lab,
@@ -66,12 +76,12 @@ fn s1(name: &str) -> S1 {
         &[],
     );
     assert!(wait_for_ping(&lab, c, "10.0.12.50", Duration::from_secs(10)), "the client cannot reach the VPC server");
-    S1 { lab, client, router, server: s }
+    S1 { lab, client, router, server: s, lan }
 }
 
 #[test]
 fn s1_the_server_sees_the_snat_address_and_downloads_arrive_intact() {
-    let S1 { mut lab, client, router, server } = s1("s1");
+    let S1 { mut lab, client, router, server, .. } = s1("s1");
     start_echo_services(&mut lab, server, "10.0.12.50");
     assert!(
         seen_source(&lab, client.ns, "10.0.12.50", false).starts_with("10.0.12.9"),
@@ -97,23 +107,51 @@ fn s1_the_server_sees_the_snat_address_and_downloads_arrive_intact() {
     assert!(neighbours.contains("10.0.12.9"), "{neighbours}");
 }
 
+/// ICMP echo requests the namespace's kernel has received (`InEchos` in its /proc/net/snmp).
+fn echo_requests_received(lab: &Lab, ns: usize) -> u64 {
+    let snmp = stdout(&lab.ns(ns).exec_ok("cat", &["/proc/net/snmp"]));
+    let mut icmp = snmp.lines().filter(|l| l.starts_with("Icmp: "));
+    let (names, values) = (icmp.next().expect("Icmp header"), icmp.next().expect("Icmp values"));
+    let at = names.split_whitespace().position(|n| n == "InEchos").expect("InEchos");
+    values.split_whitespace().nth(at).and_then(|v| v.parse().ok()).expect("a count")
+}
+
 #[test]
 fn s1_the_router_refuses_what_it_does_not_serve_and_spoofed_sources() {
-    let S1 { lab, client, router, .. } = s1("s1n");
+    let S1 { lab, client, router, server, .. } = s1("s1n");
+    // Both refused destinations exist and can answer: a host at 10.9.0.1 (on the server, reached through the
+    // router's LAN) with routes back to the client's mesh address and to the spoofed source, so only the
+    // router's refusal can stop these pings. The router's own ping shows the host is there.
+    let (r, sv) = (lab.ns(router.ns), lab.ns(server));
+    let server_if = stdout(&sv.ip(&["-o", "addr", "show", "to", "10.0.12.50/24"]));
+    let server_if = server_if.split_whitespace().nth(1).unwrap().to_string();
+    sv.ip(&["addr", "add", "10.9.0.1/16", "dev", &server_if]);
+    sv.ip(&["route", "add", "100.64.0.0/10", "via", "10.0.12.1"]);
+    sv.ip(&["route", "add", "10.77.0.0/16", "via", "10.0.12.1"]);
+    r.ip(&["route", "add", "10.9.0.0/16", "via", "10.0.12.50"]);
+    r.ip(&["route", "add", "10.77.0.0/16", "via", "192.168.90.2"]);
+    assert!(r.ping("10.9.0.1"), "the host behind the refused prefix answers the router");
+
+    // A control: what the router serves arrives, and the counter sees it.
+    let before = echo_requests_received(&lab, server);
+    assert!(lab.ns(client.ns).ping("10.0.12.50"));
+    assert!(echo_requests_received(&lab, server) > before, "the counter counts what arrives");
+
     // 10.9.0.1 is inside what the client sends to the router but outside what the router serves.
+    let before = echo_requests_received(&lab, server);
     assert!(!lab.ns(client.ns).ping("10.9.0.1"));
-    // A source the client does not own, through the tunnel.
+    // A source the client does not own, through the tunnel to a prefix the router does serve.
     lab.ns(client.ns).ip(&["addr", "add", "10.77.0.1/32", "dev", "lo"]);
     let spoofed = lab.ns(client.ns).exec("ping", &["-c", "1", "-W", "1", "-I", "10.77.0.1", "10.0.12.50"]);
     assert!(!spoofed.status.success());
+    assert_eq!(echo_requests_received(&lab, server), before, "a refused packet reached the LAN");
     let log = || std::fs::read_to_string(lab.path("router.log")).unwrap_or_default();
     assert!(
-        wait_until(Duration::from_secs(3), Duration::from_millis(100), || log().contains("reason=not_routed")),
+        wait_until(Duration::from_secs(3), Duration::from_millis(100), || log().contains("reason=not_routed")
+            && log().contains("reason=source_not_allowed")),
         "{}",
         log()
     );
-    assert!(log().contains("reason=source_not_allowed"), "{}", log());
-    let _ = router;
 }
 
 #[test]
@@ -179,9 +217,11 @@ fn s2_two_clusters_reach_each_other_both_ways_with_sources_preserved() {
 
 #[test]
 fn a_router_restarted_after_a_crash_still_restores_the_original_proxy_delay() {
-    let S1 { mut lab, router, .. } = s1("s1k");
-    let lan = stdout(&lab.ns(router.ns).ip(&["-o", "addr", "show", "to", "10.0.12.1/24"]));
-    let lan = lan.split_whitespace().nth(1).unwrap().to_string();
+    // A value no kernel default has, set before any meshd runs: only a restore from what was read can
+    // bring it back. (40 survives the kernel's centisecond-to-jiffy rounding at any HZ; 37 reads back as 36.)
+    let S1 { mut lab, router, lan, .. } = s1_with("s1k", |lab, r, lan| {
+        lab.ns(r).exec_ok("sysctl", &["-qw", &format!("net.ipv4.neigh.{lan}.proxy_delay=40")]);
+    });
     let key = format!("/proc/sys/net/ipv4/neigh/{lan}/proxy_delay");
     let read = |lab: &Lab| stdout(&lab.ns(router.ns).exec("cat", &[&key])).trim().to_string();
     assert_eq!(read(&lab), "0", "set while the router runs");
@@ -211,6 +251,6 @@ fn a_router_restarted_after_a_crash_still_restores_the_original_proxy_delay() {
         .log_text()
         .contains("meshd is up")));
     assert_eq!(lab.process(again).stop(Duration::from_secs(5)), Some(0));
-    assert_ne!(read(&lab), "0", "the value from before any meshd is back");
+    assert_eq!(read(&lab), "40", "the value from before any meshd is back");
     assert!(!stdout(&lab.ns(router.ns).ip(&["neigh", "show", "proxy"])).contains("10.0.12.9"));
 }

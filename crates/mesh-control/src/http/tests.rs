@@ -15,8 +15,22 @@ fn clock() -> u64 {
 }
 
 fn app() -> Router {
+    app_and_state().0
+}
+
+fn app_and_state() -> (Router, Arc<AppState>) {
     let control = Control::in_memory(Policy::default(), "mesh.example").unwrap();
-    router(AppState::new(control, "{}".into(), TOKEN, clock))
+    let state = AppState::new(control, "{}".into(), TOKEN, clock);
+    (router(state.clone()), state)
+}
+
+/// Waits (at most 5 s) until `n` long polls wait on `state`, so what the test does next happens while they do.
+async fn polls_waiting(state: &AppState, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state.waiting_polls() < n {
+        assert!(Instant::now() < deadline, "{} long polls waiting, wanted {n}", state.waiting_polls());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 async fn call(app: &Router, method: &str, uri: &str, auth: Option<&str>, body: &str) -> (StatusCode, String) {
@@ -79,7 +93,7 @@ async fn registration_errors_have_stable_codes() {
 
 #[tokio::test]
 async fn an_approval_reaches_a_waiting_long_poll_within_a_second() {
-    let app = app();
+    let (app, state) = app_and_state();
     let key = new_key(&app, r#"{"reusable": true}"#).await;
     let router_node = register(&app, &key, 1, &["10.0.0.0/16"]).await;
     let client = register(&app, &key, 2, &[]).await;
@@ -93,7 +107,7 @@ async fn an_approval_reaches_a_waiting_long_poll_within_a_second() {
         let (app, auth, uri) = (app.clone(), node_auth(&client), format!("/api/v1/netmap?since={}", first.version));
         tokio::spawn(async move { call(&app, "GET", &uri, Some(&auth), "").await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    polls_waiting(&state, 1).await;
     let started = Instant::now();
     let approve = format!(r#"{{"node": {}, "prefix": "10.0.0.0/16"}}"#, router_node.node_id);
     assert_eq!(call(&app, "POST", "/api/v1/admin/routes/approve", admin(), &approve).await.0, StatusCode::NO_CONTENT);
@@ -149,7 +163,7 @@ async fn policies_are_checked_before_they_are_set() {
 
 #[tokio::test]
 async fn a_nodes_reported_endpoints_wake_a_peers_long_poll() {
-    let app = app();
+    let (app, state) = app_and_state();
     let key = new_key(&app, r#"{"reusable": true}"#).await;
     let a = register(&app, &key, 1, &[]).await;
     let b = register(&app, &key, 2, &[]).await;
@@ -164,7 +178,7 @@ async fn a_nodes_reported_endpoints_wake_a_peers_long_poll() {
     };
     let body = format!(r#"{{"version": {VERSION}, "endpoints": ["192.0.2.7:41641"]}}"#);
     assert_eq!(call(&app, "POST", "/api/v1/endpoints", None, &body).await.0, StatusCode::UNAUTHORIZED);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    polls_waiting(&state, 1).await;
     assert_eq!(call(&app, "POST", "/api/v1/endpoints", Some(&node_auth(&a)), &body).await.0, StatusCode::NO_CONTENT);
     // Far inside the server's 25 s long poll, so an answer here was woken by the report.
     let (status, text) = tokio::time::timeout(Duration::from_secs(5), poll).await.expect("the poll was woken").unwrap();

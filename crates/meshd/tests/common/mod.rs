@@ -112,10 +112,13 @@ pub fn start_echo_services(lab: &mut Lab, ns: usize, bind: &str) {
     lab.spawn(ns, "seen-tcp", "socat", &[&tcp, "SYSTEM:echo $SOCAT_PEERADDR"], &[]);
     let udp = format!("UDP-RECVFROM:5353,bind={bind},fork");
     lab.spawn(ns, "seen-udp", "socat", &[&udp, "SYSTEM:echo $SOCAT_PEERADDR"], &[]);
-    assert!(wait_until(Duration::from_secs(5), Duration::from_millis(50), || stdout(
-        &lab.ns(ns).exec("ss", &["-ltn"])
-    )
-    .contains(&format!("{bind}:5300"))));
+    let listening = |flags: &str, port: &str| {
+        wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            stdout(&lab.ns(ns).exec("ss", &[flags])).contains(&format!("{bind}:{port}"))
+        })
+    };
+    assert!(listening("-ltn", "5300"), "the TCP echo service did not listen");
+    assert!(listening("-lun", "5353"), "the UDP echo service did not bind");
 }
 
 /// Sends `size` bytes from a socat file server at `addr` to `to` and returns (served, received).
