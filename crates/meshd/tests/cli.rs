@@ -65,7 +65,8 @@ fn snat_without_an_address_names_both_ways_out() {
     assert_eq!(status, Some(2), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("--snat-address") && err.contains("--snat-subnet-routes=false"), "{err}");
-    // Everything else valid, so only the unknown mode can be what is refused.
+    // Everything else valid (forwarding on, as a router needs), so only the unknown mode can be refused.
+    lab.ns(ns).exec_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
     let args = ["daemon", "--config", config, "--state-dir", state, "--snat-subnet-routes=false"];
     let (status, err) = refused(&lab, ns, &[&args[..], &["--advertise-routes=10.0.0.0/16:sometimes"]].concat());
     assert_eq!(status, Some(2), "{err}");
