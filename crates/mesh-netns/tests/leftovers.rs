@@ -31,7 +31,7 @@ fn a_killed_runs_namespaces_processes_and_directories_are_cleared_by_prefix() {
     }));
 
     let cleared = clear_leftovers(&prefix);
-    assert_eq!(cleared, [name.clone()]);
+    assert_eq!(cleared, std::slice::from_ref(&name));
     assert!(!listed(&name), "the namespace is gone");
     let ended =
         wait_until(Duration::from_secs(5), Duration::from_millis(20), || matches!(orphan.try_wait(), Ok(Some(_))));
