@@ -1,6 +1,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,9 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::IpNet;
 
+use mesh_packet::wire::destination;
+
+use crate::DropReason;
 use crate::routes::PrefixTable;
 
 pub type Key = [u8; 32];
@@ -69,6 +72,18 @@ pub struct Transmit {
     pub payload: Vec<u8>,
 }
 
+/// A completed handshake: a new session with this peer, reached at this endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handshake {
+    pub public_key: Key,
+    pub endpoint: SocketAddr,
+    /// Whether this node sent the initiation (else the peer did and this node answered).
+    pub initiated_here: bool,
+}
+
+/// Handshakes kept for [`Node::poll_handshake`] when nobody collects them; older ones are dropped.
+const HANDSHAKE_BACKLOG: usize = 64;
+
 /// What a datagram turned into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Received {
@@ -78,92 +93,31 @@ pub enum Received {
     Control,
 }
 
-/// Why a packet or datagram was dropped. Each has a counter in [`NodeCounters`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Drop {
-    /// A datagram that is no WireGuard message (wrong type or length).
-    Malformed,
-    /// A well-formed message for a session index or public key we do not know.
-    UnknownPeer,
-    /// A handshake message that failed authentication or was replayed.
-    HandshakeRejected,
-    /// A handshake refused because of load; a cookie reply was sent instead.
-    UnderLoad,
-    /// A data message that failed decryption, or a replayed or too-old counter.
-    DataRejected,
-    /// A data message for a session that no longer exists.
-    NoSession,
-    /// A decrypted packet whose source is outside the sending peer's allowed IPs.
-    SourceNotAllowed,
-    /// A packet from the TUN device that is not IPv4 or IPv6.
-    NotIp,
-    /// A packet from the TUN device for a destination no peer's allowed IPs cover.
-    NoRoute,
-    /// A packet for a peer with no known endpoint.
-    NoEndpoint,
-}
-
-impl Drop {
-    pub const ALL: [Drop; 10] = [
-        Drop::Malformed,
-        Drop::UnknownPeer,
-        Drop::HandshakeRejected,
-        Drop::UnderLoad,
-        Drop::DataRejected,
-        Drop::NoSession,
-        Drop::SourceNotAllowed,
-        Drop::NotIp,
-        Drop::NoRoute,
-        Drop::NoEndpoint,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Drop::Malformed => "malformed",
-            Drop::UnknownPeer => "unknown_peer",
-            Drop::HandshakeRejected => "handshake_rejected",
-            Drop::UnderLoad => "under_load",
-            Drop::DataRejected => "data_rejected",
-            Drop::NoSession => "no_session",
-            Drop::SourceNotAllowed => "source_not_allowed",
-            Drop::NotIp => "not_ip",
-            Drop::NoRoute => "no_route",
-            Drop::NoEndpoint => "no_endpoint",
-        }
-    }
-
-    fn from_wireguard(e: &WireGuardError) -> Self {
-        use WireGuardError as E;
-        match e {
-            E::InvalidMac | E::WrongKey | E::InvalidTai64nTimestamp | E::WrongTai64nTimestamp | E::UnexpectedPacket => {
-                Drop::HandshakeRejected
-            }
-            E::InvalidAeadTag | E::InvalidCounter | E::DuplicateCounter => Drop::DataRejected,
-            E::NoCurrentSession | E::ConnectionExpired | E::WrongIndex => Drop::NoSession,
-            E::UnderLoad => Drop::UnderLoad,
-            _ => Drop::Malformed,
-        }
-    }
-}
-
-impl fmt::Display for Drop {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
 /// Node-wide counters.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct NodeCounters {
     pub packets_to_network: u64,
     pub packets_to_tun: u64,
-    drops: [u64; Drop::ALL.len()],
+    drops: [u64; DropReason::COUNT],
 }
 
 impl NodeCounters {
-    pub fn dropped(&self, reason: Drop) -> u64 {
-        self.drops[reason as usize]
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+}
+
+/// The reason boringtun's error amounts to.
+fn from_wireguard(e: &WireGuardError) -> DropReason {
+    use WireGuardError as E;
+    match e {
+        E::InvalidMac | E::WrongKey | E::InvalidTai64nTimestamp | E::WrongTai64nTimestamp | E::UnexpectedPacket => {
+            DropReason::HandshakeRejected
+        }
+        E::InvalidAeadTag | E::InvalidCounter | E::DuplicateCounter => DropReason::DataRejected,
+        E::NoCurrentSession | E::ConnectionExpired | E::WrongIndex => DropReason::NoSession,
+        E::UnderLoad => DropReason::UnderLoad,
+        _ => DropReason::Malformed,
     }
 }
 
@@ -211,6 +165,7 @@ pub struct Node {
     counters: NodeCounters,
     next_timer: Option<Instant>,
     scratch: Vec<u8>,
+    handshakes: VecDeque<Handshake>,
 }
 
 impl fmt::Debug for Node {
@@ -261,6 +216,7 @@ impl Node {
             counters: NodeCounters::default(),
             next_timer: None,
             scratch: vec![0; 65535 + OVERHEAD],
+            handshakes: VecDeque::new(),
         }
     }
 
@@ -279,11 +235,8 @@ impl Node {
 
     fn next_index(&mut self) -> u32 {
         loop {
-            // xorshift64: enough to make session indices differ between runs; they are not secrets.
-            self.rng ^= self.rng << 13;
-            self.rng ^= self.rng >> 7;
-            self.rng ^= self.rng << 17;
-            let index = (self.rng & 0x00ff_ffff) as u32;
+            // Enough to make session indices differ between runs; they are not secrets.
+            let index = (crate::xorshift(&mut self.rng) & 0x00ff_ffff) as u32;
             if !self.by_index.contains_key(&index) {
                 return index;
             }
@@ -423,8 +376,8 @@ impl Node {
         self.routes.lookup(addr)
     }
 
-    fn count(&mut self, reason: Drop) -> Drop {
-        self.counters.drops[reason as usize] += 1;
+    fn count(&mut self, reason: DropReason) -> DropReason {
+        self.counters.drops[reason.index()] += 1;
         reason
     }
 
@@ -454,15 +407,41 @@ impl Node {
         self.transmits.pop_front()
     }
 
+    /// Where the next datagram goes and how long it is, without taking it (to batch equal-sized datagrams
+    /// to one destination).
+    pub fn peek_transmit(&self) -> Option<(SocketAddr, usize)> {
+        self.transmits.front().map(|t| (t.dst, t.payload.len()))
+    }
+
+    /// The next completed handshake, if any.
+    pub fn poll_handshake(&mut self) -> Option<Handshake> {
+        self.handshakes.pop_front()
+    }
+
+    fn note_handshake(&mut self, id: PeerId, endpoint: SocketAddr, initiated_here: bool) {
+        let Some(peer) = self.peers[id.0 as usize].as_ref() else { return };
+        if self.handshakes.len() == HANDSHAKE_BACKLOG {
+            self.handshakes.pop_front();
+        }
+        self.handshakes.push_back(Handshake { public_key: peer.spec.public_key, endpoint, initiated_here });
+    }
+
+    /// Starts the timers at the first moment the node hears of time, so [`Node::poll_timeout`] never has to
+    /// invent one.
+    pub(crate) fn arm_timer(&mut self, now: Instant) {
+        self.next_timer.get_or_insert(now);
+    }
+
     /// Encrypts an IP packet read from the TUN device toward the peer whose allowed IPs hold its destination.
-    pub fn handle_tun_packet(&mut self, packet: &[u8], _now: Instant) -> Result<(), Drop> {
-        let Some(dst) = destination(packet) else { return Err(self.count(Drop::NotIp)) };
-        let Some(id) = self.routes.lookup(dst) else { return Err(self.count(Drop::NoRoute)) };
+    pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant) -> Result<(), DropReason> {
+        self.arm_timer(now);
+        let Some(dst) = destination(packet) else { return Err(self.count(DropReason::NotIp)) };
+        let Some(id) = self.routes.lookup(dst) else { return Err(self.count(DropReason::NoRoute)) };
         let mut buf = self.buffer(packet.len() + OVERHEAD);
         let peer = self.peers[id.0 as usize].as_mut().expect("routes point at live peers");
         let Some(endpoint) = peer.endpoint else {
             self.recycle(buf);
-            return Err(self.count(Drop::NoEndpoint));
+            return Err(self.count(DropReason::NoEndpoint));
         };
         match peer.tunn.encapsulate(packet, &mut buf) {
             TunnResult::WriteToNetwork(out) => {
@@ -477,7 +456,7 @@ impl Node {
             TunnResult::Done => self.recycle(buf),
             TunnResult::Err(e) => {
                 self.recycle(buf);
-                return Err(self.count(Drop::from_wireguard(&e)));
+                return Err(self.count(from_wireguard(&e)));
             }
             TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => self.recycle(buf),
         }
@@ -491,13 +470,21 @@ impl Node {
         &mut self,
         from: SocketAddr,
         datagram: &[u8],
-        _now: Instant,
+        now: Instant,
         out: &mut [u8],
-    ) -> Result<Received, Drop> {
-        let Ok(packet) = Tunn::parse_incoming_packet(datagram) else { return Err(self.count(Drop::Malformed)) };
+    ) -> Result<Received, DropReason> {
+        self.arm_timer(now);
+        let Ok(packet) = Tunn::parse_incoming_packet(datagram) else { return Err(self.count(DropReason::Malformed)) };
         // Only a data message (a keepalive, when boringtun answers Done) authenticates the sender by its
         // session key; a cookie reply is keyed by public values and proves nothing about where the peer is.
         let is_data = matches!(packet, Packet::PacketData(_));
+        // A handshake message answered (not with a cookie) means a new session: the peer's initiation
+        // answered by our response, or our initiation's response answered by the first keepalive.
+        let handshake = match packet {
+            Packet::HandshakeInit(_) => Some(false),
+            Packet::HandshakeResponse(_) => Some(true),
+            _ => None,
+        };
         let id = match packet {
             Packet::HandshakeInit(ref init) => {
                 // Check the MAC and the load before the key exchange that tells us who is calling: that
@@ -510,12 +497,12 @@ impl Node {
                         let mut buf = self.buffer(len);
                         buf[..len].copy_from_slice(reply);
                         self.queue(from, buf, len);
-                        return Err(self.count(Drop::UnderLoad));
+                        return Err(self.count(DropReason::UnderLoad));
                     }
-                    Err(_) => return Err(self.count(Drop::HandshakeRejected)),
+                    Err(_) => return Err(self.count(DropReason::HandshakeRejected)),
                 }
                 let Ok(half) = parse_handshake_anon(&self.secret, &self.public, init) else {
-                    return Err(self.count(Drop::HandshakeRejected));
+                    return Err(self.count(DropReason::HandshakeRejected));
                 };
                 self.by_key.get(&half.peer_static_public).copied()
             }
@@ -523,7 +510,7 @@ impl Node {
             Packet::PacketCookieReply(ref p) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
             Packet::PacketData(ref p) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
         };
-        let Some(id) = id else { return Err(self.count(Drop::UnknownPeer)) };
+        let Some(id) = id else { return Err(self.count(DropReason::UnknownPeer)) };
         let peer = self.peers[id.0 as usize].as_mut().expect("indices point at live peers");
         match peer.tunn.decapsulate(Some(from.ip()), datagram, out) {
             TunnResult::WriteToTunnelV4(packet, src) => self.accept(id, from, IpAddr::V4(src), packet.len()),
@@ -535,7 +522,7 @@ impl Node {
                 let mut buf = self.buffer(len);
                 buf[..len].copy_from_slice(reply);
                 self.queue(from, buf, len);
-                Err(self.count(Drop::UnderLoad))
+                Err(self.count(DropReason::UnderLoad))
             }
             TunnResult::WriteToNetwork(reply) => {
                 // Our handshake response to a verified initiation, or the keepalive after a verified
@@ -545,6 +532,9 @@ impl Node {
                 let mut buf = self.buffer(len);
                 buf[..len].copy_from_slice(reply);
                 self.queue(from, buf, len);
+                if let Some(initiated_here) = handshake {
+                    self.note_handshake(id, from, initiated_here);
+                }
                 self.flush_queued(id);
                 Ok(Received::Control)
             }
@@ -554,19 +544,19 @@ impl Node {
                 }
                 Ok(Received::Control)
             }
-            TunnResult::Err(e) => Err(self.count(Drop::from_wireguard(&e))),
+            TunnResult::Err(e) => Err(self.count(from_wireguard(&e))),
         }
     }
 
     /// Accepts a decrypted packet if its source belongs to the peer that sent it.
-    fn accept(&mut self, id: PeerId, from: SocketAddr, src: IpAddr, len: usize) -> Result<Received, Drop> {
+    fn accept(&mut self, id: PeerId, from: SocketAddr, src: IpAddr, len: usize) -> Result<Received, DropReason> {
         // boringtun trusts the IPv4 length field; an authenticated peer could still send less than a header.
         let header = if src.is_ipv4() { 20 } else { 40 };
         if len < header {
-            return Err(self.count(Drop::Malformed));
+            return Err(self.count(DropReason::Malformed));
         }
         if self.routes.lookup(src) != Some(id) {
-            return Err(self.count(Drop::SourceNotAllowed));
+            return Err(self.count(DropReason::SourceNotAllowed));
         }
         let peer = self.peers[id.0 as usize].as_mut().expect("caller checked");
         // Roaming: the latest authenticated packet says where the peer is.
@@ -617,7 +607,7 @@ impl Node {
                         self.queue(endpoint, buf, len);
                     }
                     None => {
-                        self.counters.drops[Drop::NoEndpoint as usize] += 1;
+                        self.counters.drops[DropReason::NoEndpoint.index()] += 1;
                     }
                 }
             }
@@ -626,28 +616,18 @@ impl Node {
         self.next_timer = Some(now + TIMER_INTERVAL);
     }
 
-    /// When [`Node::handle_timeout`] should next run.
+    /// When [`Node::handle_timeout`] should next run: never without peers, and not before the node has
+    /// been given a time (by any `handle_*` call).
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.by_key.is_empty() {
             return None;
         }
-        Some(self.next_timer.unwrap_or_else(Instant::now))
+        self.next_timer
     }
 }
 
 fn is_data(message: &[u8]) -> bool {
     message.first() == Some(&4)
-}
-
-/// The destination address of an IPv4 or IPv6 packet.
-fn destination(packet: &[u8]) -> Option<IpAddr> {
-    match packet.first()? >> 4 {
-        4 if packet.len() >= 20 => Some(IpAddr::V4(Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]))),
-        6 if packet.len() >= 40 => {
-            Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&packet[24..40]).expect("16 bytes"))))
-        }
-        _ => None,
-    }
 }
 
 #[cfg(test)]
@@ -733,7 +713,7 @@ mod tests {
         b.handle_tun_packet(&ping([100, 64, 0, 9], [100, 64, 0, 1]), Instant::now()).unwrap();
         let (to_a, _) = pump(&mut a, &mut b);
         assert!(to_a.is_empty());
-        assert_eq!(a.counters().dropped(Drop::SourceNotAllowed), 1);
+        assert_eq!(a.counters().dropped(DropReason::SourceNotAllowed), 1);
         // Its subnet is its own.
         b.handle_tun_packet(&ping([10, 2, 3, 4], [100, 64, 0, 1]), Instant::now()).unwrap();
         let (to_a, _) = pump(&mut a, &mut b);
@@ -747,28 +727,31 @@ mod tests {
         for junk in [&[][..], &[1, 0, 0, 0][..], &[4; 40][..], &[9; 200][..], &[1; 148][..]] {
             assert!(a.handle_datagram(addr(2), junk, Instant::now(), &mut out).is_err());
         }
-        assert!(a.counters().dropped(Drop::Malformed) + a.counters().dropped(Drop::HandshakeRejected) >= 4);
+        assert!(a.counters().dropped(DropReason::Malformed) + a.counters().dropped(DropReason::HandshakeRejected) >= 4);
 
         a.handle_tun_packet(&ping([100, 64, 0, 1], [100, 64, 0, 2]), Instant::now()).unwrap();
         pump(&mut a, &mut b);
         a.handle_tun_packet(&ping([100, 64, 0, 1], [100, 64, 0, 2]), Instant::now()).unwrap();
         let data = a.poll_transmit().unwrap().payload;
         assert_eq!(b.handle_datagram(addr(1), &data, Instant::now(), &mut out).unwrap(), Received::Packet(33));
-        assert_eq!(b.handle_datagram(addr(1), &data, Instant::now(), &mut out), Err(Drop::DataRejected));
+        assert_eq!(b.handle_datagram(addr(1), &data, Instant::now(), &mut out), Err(DropReason::DataRejected));
         let mut flipped = data.clone();
         *flipped.last_mut().unwrap() ^= 1;
-        assert_eq!(b.handle_datagram(addr(1), &flipped, Instant::now(), &mut out), Err(Drop::DataRejected));
-        assert_eq!(b.counters().dropped(Drop::DataRejected), 2);
+        assert_eq!(b.handle_datagram(addr(1), &flipped, Instant::now(), &mut out), Err(DropReason::DataRejected));
+        assert_eq!(b.counters().dropped(DropReason::DataRejected), 2);
     }
 
     #[test]
     fn packets_without_a_route_or_endpoint_are_refused() {
         let (mut a, _) = pair();
-        assert_eq!(a.handle_tun_packet(&ping([100, 64, 0, 1], [8, 8, 8, 8]), Instant::now()), Err(Drop::NoRoute));
-        assert_eq!(a.handle_tun_packet(&[0x50; 40], Instant::now()), Err(Drop::NotIp));
+        assert_eq!(a.handle_tun_packet(&ping([100, 64, 0, 1], [8, 8, 8, 8]), Instant::now()), Err(DropReason::NoRoute));
+        assert_eq!(a.handle_tun_packet(&[0x50; 40], Instant::now()), Err(DropReason::NotIp));
         let mut c = Node::new(key(3), 3);
         c.add_peer(PeerSpec { endpoint: None, ..spec(1, "100.64.0.1/32") }).unwrap();
-        assert_eq!(c.handle_tun_packet(&ping([100, 64, 0, 3], [100, 64, 0, 1]), Instant::now()), Err(Drop::NoEndpoint));
+        assert_eq!(
+            c.handle_tun_packet(&ping([100, 64, 0, 3], [100, 64, 0, 1]), Instant::now()),
+            Err(DropReason::NoEndpoint)
+        );
     }
 
     #[test]
@@ -807,7 +790,7 @@ mod tests {
             }
         }
         // The captured response, replayed from elsewhere, draws a cookie: the endpoint must not follow it.
-        assert_eq!(a.handle_datagram(attacker, &response, Instant::now(), &mut out), Err(Drop::UnderLoad));
+        assert_eq!(a.handle_datagram(attacker, &response, Instant::now(), &mut out), Err(DropReason::UnderLoad));
         assert_eq!(a.peer_status()[0].endpoint, Some(addr(2)));
     }
 

@@ -12,7 +12,9 @@ use std::time::Instant;
 use ipnet::IpNet;
 use mesh_packet::mss;
 use mesh_packet::snat::{self, Snat};
+use mesh_packet::wire::destination;
 
+use crate::DropReason;
 use crate::routes::PrefixTable;
 
 /// A route this node serves, and whether traffic into it is SNAT'd.
@@ -20,32 +22,6 @@ use crate::routes::PrefixTable;
 pub struct Served {
     pub prefix: IpNet,
     pub snat: bool,
-}
-
-/// Why the router refused a packet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RouterDrop {
-    /// From the mesh, for a destination that is neither this node nor a route it serves (or one no router
-    /// forwards: multicast, broadcast, loopback, link-local, unspecified).
-    NotRouted,
-    /// From the mesh, for a destination that leads back into the mesh (another peer, the SNAT address): a
-    /// router does not relay between peers.
-    Hairpin,
-    /// Not an IP packet.
-    NotIp,
-    /// Refused by the SNAT engine (its own counters say why).
-    Snat(snat::Drop),
-}
-
-impl RouterDrop {
-    pub fn name(self) -> &'static str {
-        match self {
-            RouterDrop::NotRouted => "not_routed",
-            RouterDrop::Hairpin => "hairpin",
-            RouterDrop::NotIp => "not_ip",
-            RouterDrop::Snat(d) => d.name(),
-        }
-    }
 }
 
 /// What to do with a packet from the mesh.
@@ -63,14 +39,13 @@ pub struct Router {
     served: PrefixTable<bool>,
     snat: Option<Snat>,
     mtu: u16,
-    not_routed: u64,
 }
 
 impl Router {
     /// `own`: the node's mesh addresses; `served`: the routes it forwards into; `snat`: the engine, needed if
     /// any served route SNATs; `mtu`: the tunnel MTU for MSS clamping.
     pub fn new(own: Vec<IpAddr>, served: &[Served], snat: Option<Snat>, mtu: u16) -> Self {
-        let mut router = Self { own, served: PrefixTable::default(), snat, mtu, not_routed: 0 };
+        let mut router = Self { own, served: PrefixTable::default(), snat, mtu };
         router.set_served(served);
         router
     }
@@ -96,10 +71,6 @@ impl Router {
         self.snat = snat;
     }
 
-    pub fn not_routed(&self) -> u64 {
-        self.not_routed
-    }
-
     pub fn snat(&self) -> Option<&Snat> {
         self.snat.as_ref()
     }
@@ -111,41 +82,44 @@ impl Router {
         packet: &mut [u8],
         now: Instant,
         into_mesh: impl Fn(IpAddr) -> bool,
-    ) -> Result<FromMesh, RouterDrop> {
-        let dst = destination(packet).ok_or(RouterDrop::NotIp)?;
+    ) -> Result<FromMesh, DropReason> {
+        let dst = destination(packet).ok_or(DropReason::NotIp)?;
         if self.own.contains(&dst) {
             return Ok(FromMesh::Local);
         }
         if !forwardable(dst) {
-            self.not_routed += 1;
-            return Err(RouterDrop::NotRouted);
+            return Err(DropReason::NotRouted);
         }
         if into_mesh(dst) || self.snat.as_ref().is_some_and(|s| s.is_snat_address(dst)) {
-            return Err(RouterDrop::Hairpin);
+            return Err(DropReason::Hairpin);
         }
         let Some(snat_on) = self.served.lookup(dst) else {
-            self.not_routed += 1;
-            return Err(RouterDrop::NotRouted);
+            return Err(DropReason::NotRouted);
         };
         mss::clamp(packet, self.mtu);
         if snat_on {
-            let engine = self.snat.as_mut().ok_or(RouterDrop::Snat(snat::Drop::NoAddressForFamily))?;
-            engine.outbound(packet, now).map_err(RouterDrop::Snat)?;
+            let engine = self.snat.as_mut().ok_or(DropReason::Snat(snat::DropReason::NoAddressForFamily))?;
+            engine.outbound(packet, now).map_err(DropReason::Snat)?;
         }
         Ok(FromMesh::Forwarded)
     }
 
     /// Prepares a packet read from the TUN device for the mesh: replies to the SNAT address are translated
     /// back to the mesh client; forwarded SYNs are clamped.
-    pub fn to_mesh(&mut self, packet: &mut [u8], now: Instant) -> Result<(), RouterDrop> {
-        let dst = destination(packet).ok_or(RouterDrop::NotIp)?;
+    pub fn to_mesh(&mut self, packet: &mut [u8], now: Instant) -> Result<(), DropReason> {
+        let dst = destination(packet).ok_or(DropReason::NotIp)?;
         if let Some(engine) = self.snat.as_mut()
             && engine.is_snat_address(dst)
         {
-            engine.inbound(packet, now).map_err(RouterDrop::Snat)?;
+            engine.inbound(packet, now).map_err(DropReason::Snat)?;
         }
         mss::clamp(packet, self.mtu);
         Ok(())
+    }
+
+    /// When the SNAT engine next has translations to expire.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.snat.as_ref().and_then(Snat::poll_timeout)
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -162,14 +136,6 @@ fn forwardable(dst: IpAddr) -> bool {
             !(a.is_multicast() || a.is_broadcast() || a.is_loopback() || a.is_link_local() || a.is_unspecified())
         }
         IpAddr::V6(a) => !(a.is_multicast() || a.is_loopback() || a.is_unicast_link_local() || a.is_unspecified()),
-    }
-}
-
-fn destination(packet: &[u8]) -> Option<IpAddr> {
-    match packet.first()? >> 4 {
-        4 if packet.len() >= 20 => Some(IpAddr::from(<[u8; 4]>::try_from(&packet[16..20]).ok()?)),
-        6 if packet.len() >= 40 => Some(IpAddr::from(<[u8; 16]>::try_from(&packet[24..40]).ok()?)),
-        _ => None,
     }
 }
 
@@ -210,25 +176,24 @@ mod tests {
         assert_eq!(&to_pods[12..16], &[100, 64, 0, 2], "source preserved");
 
         let mut elsewhere = Builder::v4([100, 64, 0, 2], [8, 8, 8, 8]).udp(5000, 53, b"q");
-        assert_eq!(r.from_mesh(&mut elsewhere, now, none), Err(RouterDrop::NotRouted));
-        assert_eq!(r.not_routed(), 1);
+        assert_eq!(r.from_mesh(&mut elsewhere, now, none), Err(DropReason::NotRouted));
 
         // No relaying between peers: a served destination another peer owns, or the SNAT address itself.
         let peer_owns_10_0_7 = |a: IpAddr| matches!(a, IpAddr::V4(v) if v.octets()[..3] == [10, 0, 7]);
         let mut to_peer = Builder::v4([100, 64, 0, 2], [10, 0, 7, 1]).udp(1, 2, b"");
-        assert_eq!(r.from_mesh(&mut to_peer, now, peer_owns_10_0_7), Err(RouterDrop::Hairpin));
+        assert_eq!(r.from_mesh(&mut to_peer, now, peer_owns_10_0_7), Err(DropReason::Hairpin));
         let mut to_snat = Builder::v4([100, 64, 0, 2], [10, 0, 12, 9]).udp(1, 2, b"");
-        assert_eq!(r.from_mesh(&mut to_snat, now, none), Err(RouterDrop::Hairpin));
+        assert_eq!(r.from_mesh(&mut to_snat, now, none), Err(DropReason::Hairpin));
         for special in [[224, 0, 0, 1], [255, 255, 255, 255], [127, 0, 0, 1], [169, 254, 1, 1]] {
             let mut p = Builder::v4([100, 64, 0, 2], special).udp(1, 2, b"");
-            assert_eq!(r.from_mesh(&mut p, now, none), Err(RouterDrop::NotRouted), "{special:?}");
+            assert_eq!(r.from_mesh(&mut p, now, none), Err(DropReason::NotRouted), "{special:?}");
         }
 
         let mut reply = Builder::v4([10, 0, 12, 50], [10, 0, 12, 9]).tcp(443, ext, TCP_SYN | 0x10, b"");
         r.to_mesh(&mut reply, now).unwrap();
         assert_eq!(&reply[16..20], &[100, 64, 0, 2], "translated back");
         let mut unsolicited = Builder::v4([10, 0, 12, 66], [10, 0, 12, 9]).tcp(443, 999, TCP_SYN, b"");
-        assert!(matches!(r.to_mesh(&mut unsolicited, now), Err(RouterDrop::Snat(snat::Drop::Unsolicited))));
+        assert!(matches!(r.to_mesh(&mut unsolicited, now), Err(DropReason::Snat(snat::DropReason::Unsolicited))));
     }
 
     #[test]
@@ -238,10 +203,10 @@ mod tests {
         let none = |_: IpAddr| false;
         r.set_served(&[Served { prefix: "10.42.0.0/16".parse().unwrap(), snat: false }]);
         let mut to_vpc = Builder::v4([100, 64, 0, 2], [10, 0, 12, 50]).udp(5000, 53, b"q");
-        assert_eq!(r.from_mesh(&mut to_vpc, now, none), Err(RouterDrop::NotRouted), "no longer served");
+        assert_eq!(r.from_mesh(&mut to_vpc, now, none), Err(DropReason::NotRouted), "no longer served");
         let mut to_pods = Builder::v4([100, 64, 0, 2], [10, 42, 1, 5]).udp(5000, 53, b"q");
         assert_eq!(r.from_mesh(&mut to_pods, now, none), Ok(FromMesh::Forwarded));
         r.set_served(&[]);
-        assert_eq!(r.from_mesh(&mut to_pods, now, none), Err(RouterDrop::NotRouted));
+        assert_eq!(r.from_mesh(&mut to_pods, now, none), Err(DropReason::NotRouted));
     }
 }

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use mesh_dataplane::{Drop, Node, PeerSpec, Received};
+use mesh_dataplane::{DropReason, Node, PeerSpec, Received};
 use mesh_packet::build::Builder;
 use mock_instant::MockClock;
 
@@ -253,7 +253,10 @@ fn a_restarted_peer_is_reachable_again() {
             "node 0 never re-handshook with the restarted node"
         );
     }
-    assert!(sim.node(1).counters().dropped(Drop::UnknownPeer) > 0, "old-session packets were dropped and counted");
+    assert!(
+        sim.node(1).counters().dropped(DropReason::UnknownPeer) > 0,
+        "old-session packets were dropped and counted"
+    );
     // Both directions work again.
     let before = sim.delivered(0, 1).len();
     sim.send(1, 0, 9999);

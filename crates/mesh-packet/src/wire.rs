@@ -103,6 +103,29 @@ impl Layout {
     }
 }
 
+/// The destination address of an IPv4 or IPv6 packet, from its fixed header alone (nothing else is
+/// checked: this is the routing decision's input, made before anything parses the rest).
+#[inline]
+pub fn destination(packet: &[u8]) -> Option<core::net::IpAddr> {
+    match packet.first()? >> 4 {
+        4 if packet.len() >= IPV4_HEADER_LEN => Some(Ipv4Addr::from(<[u8; 4]>::try_from(&packet[16..20]).ok()?).into()),
+        6 if packet.len() >= IPV6_HEADER_LEN => {
+            Some(Ipv6Addr::from(<[u8; 16]>::try_from(&packet[24..40]).ok()?).into())
+        }
+        _ => None,
+    }
+}
+
+/// The source address of an IPv4 or IPv6 packet, from its fixed header alone.
+#[inline]
+pub fn source(packet: &[u8]) -> Option<core::net::IpAddr> {
+    match packet.first()? >> 4 {
+        4 if packet.len() >= IPV4_HEADER_LEN => Some(Ipv4Addr::from(<[u8; 4]>::try_from(&packet[12..16]).ok()?).into()),
+        6 if packet.len() >= IPV6_HEADER_LEN => Some(Ipv6Addr::from(<[u8; 16]>::try_from(&packet[8..24]).ok()?).into()),
+        _ => None,
+    }
+}
+
 /// Returns the IP version from the first nibble, if it is 4 or 6.
 pub fn version(packet: &[u8]) -> Result<IpVersion, Error> {
     match packet.first().map(|b| b >> 4) {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use mesh_packet::build::{Builder, fragment_v4, fragment_v6};
-use mesh_packet::snat::{Drop, Snat, SnatConfig};
+use mesh_packet::snat::{DropReason, Snat, SnatConfig};
 use mesh_packet::wire::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 fn engine(now: Instant) -> Snat {
@@ -67,14 +67,14 @@ fn udp_mapping_is_endpoint_independent_and_filtering_is_not() {
     // A third host has never been contacted: its packet to the mapped port is unsolicited.
     let stranger = Ipv4Addr::new(10, 0, 99, 99);
     let mut p = Builder::v4(stranger.octets(), SNAT.octets()).udp(53, ext, b"spoof");
-    assert_eq!(snat.inbound(&mut p, now), Err(Drop::Unsolicited));
+    assert_eq!(snat.inbound(&mut p, now), Err(DropReason::Unsolicited));
     // A contacted host, but from another port.
     let mut p = Builder::v4(SERVER.octets(), SNAT.octets()).udp(54, ext, b"spoof");
-    assert_eq!(snat.inbound(&mut p, now), Err(Drop::Unsolicited));
+    assert_eq!(snat.inbound(&mut p, now), Err(DropReason::Unsolicited));
     // An unmapped external port.
     let mut p = Builder::v4(SERVER.octets(), SNAT.octets()).udp(53, ext.wrapping_add(1).max(1024), b"x");
-    assert_eq!(snat.inbound(&mut p, now), Err(Drop::Unsolicited));
-    assert_eq!(snat.counters().dropped(Drop::Unsolicited), 3);
+    assert_eq!(snat.inbound(&mut p, now), Err(DropReason::Unsolicited));
+    assert_eq!(snat.counters().dropped(DropReason::Unsolicited), 3);
 
     let mut reply = Builder::v4(SERVER2.octets(), SNAT.octets()).udp(5000, ext, b"answer");
     snat.inbound(&mut reply, now).unwrap();
@@ -110,7 +110,7 @@ fn icmp_echo_identifier_is_mapped_like_a_port() {
 
     // An echo request from the LAN to the SNAT address is unsolicited.
     let mut probe = Builder::v4(SERVER.octets(), SNAT.octets()).echo(true, 1, 1, b"");
-    assert_eq!(snat.inbound(&mut probe, now), Err(Drop::Unsolicited));
+    assert_eq!(snat.inbound(&mut probe, now), Err(DropReason::Unsolicited));
 }
 
 #[test]
@@ -170,7 +170,7 @@ fn fragmentation_needed_is_translated_with_its_quote() {
     // An error quoting a flow that does not exist is dropped.
     let bogus = Builder::v4(SNAT.octets(), SERVER.octets()).tcp(ext.wrapping_add(7).max(1024), 443, TCP_ACK, b"");
     let mut err = Builder::v4(ROUTER_ON_PATH.octets(), SNAT.octets()).icmp_error(3, 4, 1300, &bogus[..28]);
-    assert_eq!(snat.inbound(&mut err, now), Err(Drop::IcmpErrorWithoutSession));
+    assert_eq!(snat.inbound(&mut err, now), Err(DropReason::IcmpErrorWithoutSession));
 }
 
 #[test]
@@ -247,9 +247,9 @@ fn ipv4_fragments_follow_their_first_fragment() {
     // arrives after the fragment timeout.
     let stray = Builder::v4(SERVER.octets(), SNAT.octets()).ident(0x9999).udp(9001, ext, &[5u8; 2000]);
     let mut later = fragment_v4(&stray, 1024).pop().unwrap();
-    assert_eq!(snat.inbound(&mut later, now), Err(Drop::FragmentWithoutState));
+    assert_eq!(snat.inbound(&mut later, now), Err(DropReason::FragmentWithoutState));
     let mut late = fragment_v4(&reply, 1024).pop().unwrap();
-    assert_eq!(snat.inbound(&mut late, now + secs(6)), Err(Drop::FragmentWithoutState));
+    assert_eq!(snat.inbound(&mut late, now + secs(6)), Err(DropReason::FragmentWithoutState));
 }
 
 #[test]
@@ -262,7 +262,7 @@ fn ipv6_fragments_follow_their_first_fragment() {
         assert_eq!(src6(&f), snat6());
     }
     let mut stray = fragment_v6(&datagram, 1232, 0x1111).pop().unwrap();
-    assert_eq!(snat.outbound(&mut stray, now), Err(Drop::FragmentWithoutState));
+    assert_eq!(snat.outbound(&mut stray, now), Err(DropReason::FragmentWithoutState));
 }
 
 #[test]
@@ -311,7 +311,7 @@ fn a_reply_after_expiry_is_unsolicited_even_before_the_sweep() {
     snat.outbound(&mut u, t0).unwrap();
     let ext = u16_at(&u, 20);
     let mut r = Builder::v4(SERVER.octets(), SNAT.octets()).udp(53, ext, b"");
-    assert_eq!(snat.inbound(&mut r, t0 + secs(301)), Err(Drop::Unsolicited));
+    assert_eq!(snat.inbound(&mut r, t0 + secs(301)), Err(DropReason::Unsolicited));
 }
 
 #[test]
@@ -338,8 +338,8 @@ fn full_pool_refuses_new_mappings_and_keeps_old_ones() {
     let a = open_tcp(&mut snat, CLIENT, 1000, now);
     let b = open_tcp(&mut snat, CLIENT, 1001, now);
     let mut p = Builder::v4(CLIENT.octets(), SERVER.octets()).tcp(1002, 443, TCP_SYN, b"");
-    assert_eq!(snat.outbound(&mut p, now), Err(Drop::PoolExhausted));
-    assert_eq!(snat.counters().dropped(Drop::PoolExhausted), 1);
+    assert_eq!(snat.outbound(&mut p, now), Err(DropReason::PoolExhausted));
+    assert_eq!(snat.counters().dropped(DropReason::PoolExhausted), 1);
     // A new flow from an endpoint that already has a mapping needs no new port.
     let mut p = Builder::v4(CLIENT.octets(), SERVER2.octets()).tcp(1000, 443, TCP_SYN, b"");
     snat.outbound(&mut p, now).unwrap();
@@ -364,8 +364,8 @@ fn full_table_refuses_new_flows_and_recovers_after_expiry() {
     open_tcp(&mut snat, CLIENT, 1000, t0);
     open_tcp(&mut snat, CLIENT, 1001, t0);
     let mut p = Builder::v4(CLIENT.octets(), SERVER.octets()).tcp(1002, 443, TCP_SYN, b"");
-    assert_eq!(snat.outbound(&mut p.clone(), t0), Err(Drop::TableFull));
-    assert_eq!(snat.counters().dropped(Drop::TableFull), 1);
+    assert_eq!(snat.outbound(&mut p.clone(), t0), Err(DropReason::TableFull));
+    assert_eq!(snat.counters().dropped(DropReason::TableFull), 1);
     // Once the half-open flows time out, a new flow reclaims room without a separate timer call.
     snat.outbound(&mut p, t0 + secs(241)).unwrap();
 }
@@ -375,16 +375,16 @@ fn refusals_are_counted_by_reason() {
     let now = Instant::now();
     let mut snat = Snat::new(SnatConfig::new(Some(SNAT), None), now).unwrap();
     let mut gre = Builder::v4(CLIENT.octets(), SERVER.octets()).ip(47, &[0u8; 24]);
-    assert_eq!(snat.outbound(&mut gre, now), Err(Drop::UnsupportedProtocol));
+    assert_eq!(snat.outbound(&mut gre, now), Err(DropReason::UnsupportedProtocol));
     let mut v6 = Builder::v6(client6().octets(), server6().octets()).udp(1, 2, b"");
-    assert_eq!(snat.outbound(&mut v6, now), Err(Drop::NoAddressForFamily));
+    assert_eq!(snat.outbound(&mut v6, now), Err(DropReason::NoAddressForFamily));
     let mut elsewhere = Builder::v4(SERVER.octets(), CLIENT.octets()).udp(1, 2, b"");
-    assert_eq!(snat.inbound(&mut elsewhere, now), Err(Drop::NotForSnatAddress));
+    assert_eq!(snat.inbound(&mut elsewhere, now), Err(DropReason::NotForSnatAddress));
     let mut rst = Builder::v4(CLIENT.octets(), SERVER.octets()).tcp(5, 6, TCP_RST, b"");
-    assert_eq!(snat.outbound(&mut rst, now), Err(Drop::OrphanReset));
+    assert_eq!(snat.outbound(&mut rst, now), Err(DropReason::OrphanReset));
     let mut redirect = Builder::v4(CLIENT.octets(), SERVER.octets()).icmp_error(5, 1, 0, &[0u8; 28]);
-    assert_eq!(snat.outbound(&mut redirect, now), Err(Drop::UnsupportedIcmp));
-    assert_eq!(snat.outbound(&mut [0x45, 0, 0], now), Err(Drop::Malformed));
+    assert_eq!(snat.outbound(&mut redirect, now), Err(DropReason::UnsupportedIcmp));
+    assert_eq!(snat.outbound(&mut [0x45, 0, 0], now), Err(DropReason::Malformed));
     let c = snat.counters();
     assert_eq!(c.drops_total(), 6);
     assert_eq!(snat.flows(), 0, "no refusal leaves state behind");
@@ -422,10 +422,10 @@ fn an_outbound_icmp_error_must_go_to_the_sender_of_what_it_quotes() {
     let reply = Builder::v4(SERVER.octets(), CLIENT.octets()).udp(53, 5000, b"a");
     // Another mesh host forges "fragmentation needed" about CLIENT's flow, addressed elsewhere.
     let mut forged = Builder::v4(CLIENT2.octets(), SERVER2.octets()).icmp_error(3, 4, 552, &reply);
-    assert_eq!(snat.outbound(&mut forged, now), Err(Drop::IcmpErrorWithoutSession));
+    assert_eq!(snat.outbound(&mut forged, now), Err(DropReason::IcmpErrorWithoutSession));
     // The same error about an expired flow is refused too.
     let mut late = Builder::v4(CLIENT.octets(), SERVER.octets()).icmp_error(3, 3, 0, &reply);
-    assert_eq!(snat.outbound(&mut late, now + secs(400)), Err(Drop::IcmpErrorWithoutSession));
+    assert_eq!(snat.outbound(&mut late, now + secs(400)), Err(DropReason::IcmpErrorWithoutSession));
     let _ = ext;
 }
 
@@ -466,7 +466,7 @@ fn repeated_first_fragments_use_one_entry() {
     snat.outbound(&mut fragment_v4(&other, 128).remove(0), now).unwrap();
     let third = Builder::v4(CLIENT.octets(), SERVER.octets()).ident(3).udp(9003, 9001, &[3u8; 300]);
     let flows = snat.flows();
-    assert_eq!(snat.outbound(&mut fragment_v4(&third, 128).remove(0), now), Err(Drop::FragmentTableFull));
+    assert_eq!(snat.outbound(&mut fragment_v4(&third, 128).remove(0), now), Err(DropReason::FragmentTableFull));
     assert_eq!(snat.flows(), flows, "a refused first fragment leaves no flow behind");
     // Once the first two have timed out there is room again.
     snat.outbound(&mut fragment_v4(&third, 128).remove(0), now + secs(6)).unwrap();

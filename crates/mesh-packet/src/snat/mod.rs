@@ -10,7 +10,7 @@
 //! ICMP errors are translated with their quoted packet (RFC 5508), so path-MTU discovery works; later
 //! fragments follow their first fragment by (source, destination, protocol, identification).
 //!
-//! Every refusal is a [`Drop`] and is counted; a full table or pool refuses new flows and never evicts.
+//! Every refusal is a [`DropReason`] and is counted; a full table or pool refuses new flows and never evicts.
 
 mod addr;
 mod table;
@@ -110,7 +110,7 @@ impl std::error::Error for ConfigError {}
 /// Why a packet was not translated. Each has a counter in [`Counters`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub enum Drop {
+pub enum DropReason {
     /// Truncated or with impossible header fields.
     Malformed,
     /// Valid but not handled: an IPv6 routing header in transit, AH/ESP, too many extension headers.
@@ -139,48 +139,48 @@ pub enum Drop {
     OrphanReset,
 }
 
-impl Drop {
-    pub const ALL: [Drop; 13] = [
-        Drop::Malformed,
-        Drop::UnsupportedPacket,
-        Drop::UnsupportedProtocol,
-        Drop::UnsupportedIcmp,
-        Drop::NoAddressForFamily,
-        Drop::NotForSnatAddress,
-        Drop::Unsolicited,
-        Drop::PoolExhausted,
-        Drop::TableFull,
-        Drop::FragmentWithoutState,
-        Drop::FragmentTableFull,
-        Drop::IcmpErrorWithoutSession,
-        Drop::OrphanReset,
+impl DropReason {
+    pub const ALL: [DropReason; 13] = [
+        DropReason::Malformed,
+        DropReason::UnsupportedPacket,
+        DropReason::UnsupportedProtocol,
+        DropReason::UnsupportedIcmp,
+        DropReason::NoAddressForFamily,
+        DropReason::NotForSnatAddress,
+        DropReason::Unsolicited,
+        DropReason::PoolExhausted,
+        DropReason::TableFull,
+        DropReason::FragmentWithoutState,
+        DropReason::FragmentTableFull,
+        DropReason::IcmpErrorWithoutSession,
+        DropReason::OrphanReset,
     ];
 
     /// A stable name for metrics and logs.
     pub fn name(self) -> &'static str {
         match self {
-            Drop::Malformed => "malformed",
-            Drop::UnsupportedPacket => "unsupported_packet",
-            Drop::UnsupportedProtocol => "unsupported_protocol",
-            Drop::UnsupportedIcmp => "unsupported_icmp",
-            Drop::NoAddressForFamily => "no_address_for_family",
-            Drop::NotForSnatAddress => "not_for_snat_address",
-            Drop::Unsolicited => "unsolicited",
-            Drop::PoolExhausted => "pool_exhausted",
-            Drop::TableFull => "table_full",
-            Drop::FragmentWithoutState => "fragment_without_state",
-            Drop::FragmentTableFull => "fragment_table_full",
-            Drop::IcmpErrorWithoutSession => "icmp_error_without_session",
-            Drop::OrphanReset => "orphan_reset",
+            DropReason::Malformed => "malformed",
+            DropReason::UnsupportedPacket => "unsupported_packet",
+            DropReason::UnsupportedProtocol => "unsupported_protocol",
+            DropReason::UnsupportedIcmp => "unsupported_icmp",
+            DropReason::NoAddressForFamily => "no_address_for_family",
+            DropReason::NotForSnatAddress => "not_for_snat_address",
+            DropReason::Unsolicited => "unsolicited",
+            DropReason::PoolExhausted => "pool_exhausted",
+            DropReason::TableFull => "table_full",
+            DropReason::FragmentWithoutState => "fragment_without_state",
+            DropReason::FragmentTableFull => "fragment_table_full",
+            DropReason::IcmpErrorWithoutSession => "icmp_error_without_session",
+            DropReason::OrphanReset => "orphan_reset",
         }
     }
 }
 
-impl From<wire::Error> for Drop {
+impl From<wire::Error> for DropReason {
     fn from(e: wire::Error) -> Self {
         match e {
-            wire::Error::Truncated | wire::Error::Malformed => Drop::Malformed,
-            wire::Error::Unsupported => Drop::UnsupportedPacket,
+            wire::Error::Truncated | wire::Error::Malformed => DropReason::Malformed,
+            wire::Error::Unsupported => DropReason::UnsupportedPacket,
         }
     }
 }
@@ -192,11 +192,11 @@ pub struct Counters {
     pub inbound: u64,
     pub flows_created: u64,
     pub flows_expired: u64,
-    drops: [u64; Drop::ALL.len()],
+    drops: [u64; DropReason::ALL.len()],
 }
 
 impl Counters {
-    pub fn dropped(&self, reason: Drop) -> u64 {
+    pub fn dropped(&self, reason: DropReason) -> u64 {
         self.drops[reason as usize]
     }
 
@@ -292,35 +292,35 @@ impl Snat {
 
     /// Translates a packet from the mesh toward the LAN in place. On `Err` the packet must be dropped; it may
     /// have been partly rewritten.
-    pub fn outbound(&mut self, packet: &mut [u8], now: Instant) -> Result<(), Drop> {
+    pub fn outbound(&mut self, packet: &mut [u8], now: Instant) -> Result<(), DropReason> {
         let result = self.translate(packet, now, Direction::Outbound);
         self.count(result, Direction::Outbound)
     }
 
     /// Translates a packet from the LAN addressed to the SNAT address back toward the mesh, in place.
-    pub fn inbound(&mut self, packet: &mut [u8], now: Instant) -> Result<(), Drop> {
+    pub fn inbound(&mut self, packet: &mut [u8], now: Instant) -> Result<(), DropReason> {
         let result = self.translate(packet, now, Direction::Inbound);
         self.count(result, Direction::Inbound)
     }
 
     #[inline]
-    fn translate(&mut self, packet: &mut [u8], now: Instant, dir: Direction) -> Result<(), Drop> {
+    fn translate(&mut self, packet: &mut [u8], now: Instant, dir: Direction) -> Result<(), DropReason> {
         let tick = self.tick(now);
         let t = &self.timeouts;
         match wire::version(packet)? {
             IpVersion::V4 => {
-                let table = self.v4.as_mut().ok_or(Drop::NoAddressForFamily)?;
+                let table = self.v4.as_mut().ok_or(DropReason::NoAddressForFamily)?;
                 translate(table, packet, tick, t, &mut self.stats, dir)
             }
             IpVersion::V6 => {
-                let table = self.v6.as_mut().ok_or(Drop::NoAddressForFamily)?;
+                let table = self.v6.as_mut().ok_or(DropReason::NoAddressForFamily)?;
                 translate(table, packet, tick, t, &mut self.stats, dir)
             }
         }
     }
 
     #[inline]
-    fn count(&mut self, result: Result<(), Drop>, dir: Direction) -> Result<(), Drop> {
+    fn count(&mut self, result: Result<(), DropReason>, dir: Direction) -> Result<(), DropReason> {
         match result {
             Ok(()) if dir == Direction::Outbound => self.counters.outbound += 1,
             Ok(()) => self.counters.inbound += 1,
@@ -419,19 +419,19 @@ fn adjust_l4<A: Family>(p: &mut [u8], l4: usize, proto: Proto, addr: Delta, port
     }
 }
 
-fn classify<A: Family>(p: &[u8], layout: &Layout) -> Result<Proto, Drop> {
+fn classify<A: Family>(p: &[u8], layout: &Layout) -> Result<Proto, DropReason> {
     let (proto, need) = match layout.protocol {
         PROTO_TCP => (Proto::Tcp, wire::TCP_HEADER_LEN),
         PROTO_UDP => (Proto::Udp, wire::UDP_HEADER_LEN),
         x if x == A::ICMP => (Proto::Icmp, wire::ICMP_HEADER_LEN),
-        _ => return Err(Drop::UnsupportedProtocol),
+        _ => return Err(DropReason::UnsupportedProtocol),
     };
     // A first fragment too short to hold the whole transport header is refused (RFC 1858).
     if layout.l4_len() < need {
-        return Err(Drop::Malformed);
+        return Err(DropReason::Malformed);
     }
     if proto == Proto::Tcp && usize::from(p[layout.l4_offset + 12] >> 4) * 4 < wire::TCP_HEADER_LEN {
-        return Err(Drop::Malformed);
+        return Err(DropReason::Malformed);
     }
     Ok(proto)
 }
@@ -443,13 +443,13 @@ fn translate<A: Family>(
     t: &Timeouts,
     stats: &mut table::Stats,
     dir: Direction,
-) -> Result<(), Drop> {
+) -> Result<(), DropReason> {
     let layout = A::parse(p)?;
     let p = &mut p[..layout.packet_len];
     let src = A::read(p, A::SRC);
     let dst = A::read(p, A::DST);
     if dir == Direction::Inbound && dst != table.addr {
-        return Err(Drop::NotForSnatAddress);
+        return Err(DropReason::NotForSnatAddress);
     }
     // Later fragments are recognised by the header they arrive with, which is the untranslated one.
     let fragment_key = |id| FragmentKey {
@@ -461,7 +461,7 @@ fn translate<A: Family>(
     };
     match layout.fragment {
         Fragment::Later { id } => {
-            let to = table.fragment(&fragment_key(id), now).ok_or(Drop::FragmentWithoutState)?;
+            let to = table.fragment(&fragment_key(id), now).ok_or(DropReason::FragmentWithoutState)?;
             let mut d = Delta::default();
             to.write(p, if dir == Direction::Outbound { A::SRC } else { A::DST }, &mut d);
             if A::HAS_HEADER_CHECKSUM {
@@ -470,7 +470,9 @@ fn translate<A: Family>(
             return Ok(());
         }
         // Refused before any flow state changes, so a dropped first fragment leaves nothing behind.
-        Fragment::First { id } if !table.fragment_room(&fragment_key(id), now) => return Err(Drop::FragmentTableFull),
+        Fragment::First { id } if !table.fragment_room(&fragment_key(id), now) => {
+            return Err(DropReason::FragmentTableFull);
+        }
         _ => {}
     }
     let translated = translate_unfragmented(table, p, &layout, (src, dst), now, t, stats, dir)?;
@@ -492,15 +494,15 @@ fn translate_unfragmented<A: Family>(
     t: &Timeouts,
     stats: &mut table::Stats,
     dir: Direction,
-) -> Result<A, Drop> {
+) -> Result<A, DropReason> {
     let proto = classify::<A>(p, layout)?;
     let l4 = layout.l4_offset;
     if proto == Proto::Icmp {
         match (wire::icmp_kind(A::VERSION, p[l4]), dir) {
             (IcmpKind::EchoRequest, Direction::Outbound) | (IcmpKind::EchoReply, Direction::Inbound) => {}
             (IcmpKind::Error, _) => return translate_icmp_error(table, p, layout, now, dir),
-            (_, Direction::Inbound) => return Err(Drop::Unsolicited),
-            (_, Direction::Outbound) => return Err(Drop::UnsupportedIcmp),
+            (_, Direction::Inbound) => return Err(DropReason::Unsolicited),
+            (_, Direction::Outbound) => return Err(DropReason::UnsupportedIcmp),
         }
     }
 
@@ -514,19 +516,19 @@ fn translate_unfragmented<A: Family>(
             let key = FlowKey { proto, int_addr: src, int_port: own_port, remote_addr: dst, remote_port };
             let flow = match table.find(&key) {
                 Some(f) => f,
-                None if tcp_flags & wire::TCP_RST != 0 => return Err(Drop::OrphanReset),
+                None if tcp_flags & wire::TCP_RST != 0 => return Err(DropReason::OrphanReset),
                 None => table.create(key, now, t, stats)?,
             };
             let ext_port = table.flow(flow).ext_port;
             (flow, table.addr, ext_port)
         }
         Direction::Inbound => {
-            let mapping = table.mapping_by_port(proto, own_port).ok_or(Drop::Unsolicited)?;
+            let mapping = table.mapping_by_port(proto, own_port).ok_or(DropReason::Unsolicited)?;
             let m = *table.mapping(mapping);
             let key = FlowKey { proto, int_addr: m.int_addr, int_port: m.int_port, remote_addr: src, remote_port };
-            let flow = table.find(&key).ok_or(Drop::Unsolicited)?;
+            let flow = table.find(&key).ok_or(DropReason::Unsolicited)?;
             if table.flow(flow).expires <= now {
-                return Err(Drop::Unsolicited);
+                return Err(DropReason::Unsolicited);
             }
             (flow, m.int_addr, m.int_port)
         }
@@ -592,25 +594,25 @@ fn translate_icmp_error<A: Family>(
     layout: &Layout,
     now: u32,
     dir: Direction,
-) -> Result<A, Drop> {
+) -> Result<A, DropReason> {
     let icmp = layout.l4_offset;
     let inner = icmp + wire::ICMP_HEADER_LEN;
     let quoted = wire::parse(&p[inner..], true)?;
     if wire::version(&p[inner..])? != A::VERSION || matches!(quoted.fragment, Fragment::Later { .. }) {
-        return Err(Drop::IcmpErrorWithoutSession);
+        return Err(DropReason::IcmpErrorWithoutSession);
     }
     let (proto, ports_needed) = match quoted.protocol {
         PROTO_TCP => (Proto::Tcp, 4),
         PROTO_UDP => (Proto::Udp, 4),
         x if x == A::ICMP => (Proto::Icmp, 8),
-        _ => return Err(Drop::IcmpErrorWithoutSession),
+        _ => return Err(DropReason::IcmpErrorWithoutSession),
     };
     let ql4 = inner + quoted.l4_offset;
     if ql4 + ports_needed > p.len() {
-        return Err(Drop::Malformed);
+        return Err(DropReason::Malformed);
     }
     if proto == Proto::Icmp && wire::icmp_kind(A::VERSION, p[ql4]) == IcmpKind::Error {
-        return Err(Drop::IcmpErrorWithoutSession); // never an error about an error
+        return Err(DropReason::IcmpErrorWithoutSession); // never an error about an error
     }
     let quoted_src = A::read(p, inner + A::SRC);
     let quoted_dst = A::read(p, inner + A::DST);
@@ -626,9 +628,9 @@ fn translate_icmp_error<A: Family>(
     let (new_addr, new_port, quoted_addr_at, outer_addr_at) = match dir {
         Direction::Inbound => {
             if quoted_src != table.addr {
-                return Err(Drop::IcmpErrorWithoutSession);
+                return Err(DropReason::IcmpErrorWithoutSession);
             }
-            let mapping = table.mapping_by_port(proto, quoted_own).ok_or(Drop::IcmpErrorWithoutSession)?;
+            let mapping = table.mapping_by_port(proto, quoted_own).ok_or(DropReason::IcmpErrorWithoutSession)?;
             let m = *table.mapping(mapping);
             let key = FlowKey {
                 proto,
@@ -637,9 +639,9 @@ fn translate_icmp_error<A: Family>(
                 remote_addr: quoted_dst,
                 remote_port: quoted_remote,
             };
-            let flow = table.find(&key).ok_or(Drop::IcmpErrorWithoutSession)?;
+            let flow = table.find(&key).ok_or(DropReason::IcmpErrorWithoutSession)?;
             if table.flow(flow).expires <= now {
-                return Err(Drop::IcmpErrorWithoutSession);
+                return Err(DropReason::IcmpErrorWithoutSession);
             }
             (m.int_addr, m.int_port, A::SRC, A::DST)
         }
@@ -647,7 +649,7 @@ fn translate_icmp_error<A: Family>(
             // An error goes back to whoever sent the packet it quotes; anything else is a forgery aimed at
             // someone else's flow.
             if A::read(p, A::DST) != quoted_src {
-                return Err(Drop::IcmpErrorWithoutSession);
+                return Err(DropReason::IcmpErrorWithoutSession);
             }
             let key = FlowKey {
                 proto,
@@ -656,9 +658,9 @@ fn translate_icmp_error<A: Family>(
                 remote_addr: quoted_src,
                 remote_port: quoted_remote,
             };
-            let flow = table.find(&key).ok_or(Drop::IcmpErrorWithoutSession)?;
+            let flow = table.find(&key).ok_or(DropReason::IcmpErrorWithoutSession)?;
             if table.flow(flow).expires <= now {
-                return Err(Drop::IcmpErrorWithoutSession);
+                return Err(DropReason::IcmpErrorWithoutSession);
             }
             let ext_port = table.flow(flow).ext_port;
             (table.addr, ext_port, A::DST, A::SRC)

@@ -11,7 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use hashbrown::HashTable;
 
 use super::addr::Family;
-use super::{Drop, Timeouts};
+use super::{DropReason, Timeouts};
 
 pub(super) const NONE: u32 = u32::MAX;
 
@@ -330,11 +330,11 @@ impl<A: Family> Table<A> {
 
     /// Creates a flow for `k`, reusing the internal endpoint's mapping or allocating one. `now` is the
     /// current tick; `expire_budget` bounds the reclaiming done when the table is full.
-    pub fn create(&mut self, k: FlowKey<A>, now: u32, t: &Timeouts, stats: &mut Stats) -> Result<u32, Drop> {
+    pub fn create(&mut self, k: FlowKey<A>, now: u32, t: &Timeouts, stats: &mut Stats) -> Result<u32, DropReason> {
         if self.live >= self.max_flows {
             self.expire(now, FULL_TABLE_EXPIRE_BUDGET, stats);
             if self.live >= self.max_flows {
-                return Err(Drop::TableFull);
+                return Err(DropReason::TableFull);
             }
         }
         let mapping = self.mapping_for(k.proto, k.int_addr, k.int_port)?;
@@ -363,7 +363,7 @@ impl<A: Family> Table<A> {
         Ok(i)
     }
 
-    fn mapping_for(&mut self, proto: Proto, addr: A, port: u16) -> Result<u32, Drop> {
+    fn mapping_for(&mut self, proto: Proto, addr: A, port: u16) -> Result<u32, DropReason> {
         let hash = self.mapping_hash(proto, addr, port);
         let items = &self.mappings;
         if let Some(&m) = self.mapping_index.find(hash, |&m| {
@@ -373,7 +373,7 @@ impl<A: Family> Table<A> {
             return Ok(m);
         }
         let pool = &mut self.pools[proto as usize];
-        let ext_port = pool.free.pop_front().ok_or(Drop::PoolExhausted)?;
+        let ext_port = pool.free.pop_front().ok_or(DropReason::PoolExhausted)?;
         let m = self.mappings.insert(Mapping { int_addr: addr, int_port: port, ext_port, proto, flows: 0 });
         pool.owner[usize::from(ext_port - pool.first)] = m;
         let (items, hasher) = (&self.mappings, &self.hasher);

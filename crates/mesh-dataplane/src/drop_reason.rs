@@ -1,0 +1,122 @@
+//! Why the data plane refused a packet or datagram: one list for the WireGuard node, the router and the SNAT
+//! engine, each with a stable name for logs and metrics and its own counter.
+
+use std::fmt;
+
+use mesh_packet::snat;
+
+/// Why a packet or datagram was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// A datagram that is no WireGuard message (wrong type or length).
+    Malformed,
+    /// A well-formed message for a session index or public key we do not know.
+    UnknownPeer,
+    /// A handshake message that failed authentication or was replayed.
+    HandshakeRejected,
+    /// A handshake refused because of load; a cookie reply was sent instead.
+    UnderLoad,
+    /// A data message that failed decryption, or a replayed or too-old counter.
+    DataRejected,
+    /// A data message for a session that no longer exists.
+    NoSession,
+    /// A decrypted packet whose source is outside the sending peer's allowed IPs.
+    SourceNotAllowed,
+    /// A packet that is not IPv4 or IPv6.
+    NotIp,
+    /// A packet from the TUN device for a destination no peer's allowed IPs cover.
+    NoRoute,
+    /// A packet for a peer with no known endpoint.
+    NoEndpoint,
+    /// From the mesh, for a destination that is neither this node nor a route it serves (or one no router
+    /// forwards: multicast, broadcast, loopback, link-local, unspecified).
+    NotRouted,
+    /// From the mesh, for a destination that leads back into the mesh (another peer, the SNAT address): a
+    /// router does not relay between peers.
+    Hairpin,
+    /// Refused by the SNAT engine (its own counters hold the detail).
+    Snat(snat::DropReason),
+}
+
+impl DropReason {
+    /// How many counters a full set of drop counts needs (every SNAT reason shares one).
+    pub const COUNT: usize = 13;
+
+    /// Each reason once (SNAT represented by one of its reasons, whose name is the SNAT engine's), for
+    /// listing counters.
+    pub const ALL: [DropReason; Self::COUNT] = [
+        DropReason::Malformed,
+        DropReason::UnknownPeer,
+        DropReason::HandshakeRejected,
+        DropReason::UnderLoad,
+        DropReason::DataRejected,
+        DropReason::NoSession,
+        DropReason::SourceNotAllowed,
+        DropReason::NotIp,
+        DropReason::NoRoute,
+        DropReason::NoEndpoint,
+        DropReason::NotRouted,
+        DropReason::Hairpin,
+        DropReason::Snat(snat::DropReason::Unsolicited),
+    ];
+
+    /// The slot of this reason's counter.
+    pub fn index(self) -> usize {
+        match self {
+            DropReason::Malformed => 0,
+            DropReason::UnknownPeer => 1,
+            DropReason::HandshakeRejected => 2,
+            DropReason::UnderLoad => 3,
+            DropReason::DataRejected => 4,
+            DropReason::NoSession => 5,
+            DropReason::SourceNotAllowed => 6,
+            DropReason::NotIp => 7,
+            DropReason::NoRoute => 8,
+            DropReason::NoEndpoint => 9,
+            DropReason::NotRouted => 10,
+            DropReason::Hairpin => 11,
+            DropReason::Snat(_) => 12,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::UnknownPeer => "unknown_peer",
+            DropReason::HandshakeRejected => "handshake_rejected",
+            DropReason::UnderLoad => "under_load",
+            DropReason::DataRejected => "data_rejected",
+            DropReason::NoSession => "no_session",
+            DropReason::SourceNotAllowed => "source_not_allowed",
+            DropReason::NotIp => "not_ip",
+            DropReason::NoRoute => "no_route",
+            DropReason::NoEndpoint => "no_endpoint",
+            DropReason::NotRouted => "not_routed",
+            DropReason::Hairpin => "hairpin",
+            DropReason::Snat(reason) => reason.name(),
+        }
+    }
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_its_own_slot_and_name() {
+        let mut slots: Vec<usize> = DropReason::ALL.iter().map(|r| r.index()).collect();
+        slots.dedup();
+        assert_eq!(slots, (0..DropReason::COUNT).collect::<Vec<_>>());
+        let mut names: Vec<&str> = DropReason::ALL.iter().map(|r| r.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), DropReason::COUNT);
+        assert_eq!(DropReason::Snat(snat::DropReason::Unsolicited).index(), DropReason::ALL[12].index());
+    }
+}
