@@ -1,6 +1,8 @@
-//! `meshd daemon` in static mode: a configuration file of peers, the sans-IO node, and the Linux shell
-//! around it. One task owns the node and waits on the TUN device, the UDP sockets, its timer, signals and
-//! the UAPI socket; nothing on that path blocks.
+//! `meshd daemon`: the Linux shell around the sans-IO [`Dataplane`]. One task owns the data plane and waits on
+//! the TUN device, the UDP sockets, its timer, signals and the local sockets; each wake-up reads, hands what
+//! it read to the data plane, and drains what the data plane wants sent, written or said. Every decision
+//! about a packet is the data plane's. Static mode takes its peers from a file; managed mode (`managed.rs`)
+//! from the coordination server.
 
 use std::collections::BTreeSet;
 use std::io;
@@ -10,14 +12,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
 use ipnet::IpNet;
-use mesh_dataplane::router::{Router, Served};
-use mesh_dataplane::{Node, PeerSpec, Received};
+use mesh_dataplane::router::Served;
+use mesh_dataplane::{Dataplane, DataplaneConfig, Event, PeerSpec, SnatSettings};
 use mesh_linux::RoutingPolicy;
 use mesh_linux::manager::{Cause, Report, RouteManager};
 use mesh_linux::netlink::{self, Netlink};
 use mesh_linux::sysctl;
 use mesh_linux::tun::AsyncDevice;
-use mesh_packet::snat::{Snat, SnatConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UdpSocket, UnixListener, UnixStream};
 use tokio::signal::unix::{SignalKind, signal};
@@ -132,36 +133,6 @@ const ROUTE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// How long after a netlink event the check runs, so a burst of events costs one pass.
 const ROUTE_EVENT_DELAY: Duration = Duration::from_millis(100);
 
-/// Logs drops at most once per reason every ten seconds, with how many there were since the last line, so a
-/// flood of garbage costs a counter increment, not a log write.
-struct DropLog {
-    reasons: std::collections::HashMap<&'static str, (Option<Instant>, u64)>,
-}
-
-const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
-
-impl DropLog {
-    fn new() -> Self {
-        Self { reasons: std::collections::HashMap::new() }
-    }
-
-    /// Records a drop; the data plane's drops come with the sender, the router's with the destination.
-    fn record(&mut self, reason: &'static str, peer: Option<SocketAddr>, now: Instant) {
-        let (last, pending) = self.reasons.entry(reason).or_insert((None, 0));
-        *pending += 1;
-        if last.is_none_or(|t| now.duration_since(t) >= DROP_LOG_INTERVAL) {
-            match peer {
-                Some(addr) => {
-                    tracing::warn!(reason = %reason, count = *pending, latest_from = %addr, "dropped packets")
-                }
-                None => tracing::info!(reason = %reason, count = *pending, "dropped packets"),
-            }
-            *last = Some(now);
-            *pending = 0;
-        }
-    }
-}
-
 type UapiRequest = (uapi::Request, oneshot::Sender<String>);
 
 /// The sockets the daemon answers on: the WireGuard UAPI always, the local API for a managed node.
@@ -170,15 +141,17 @@ struct Listeners {
     api: Option<UnixListener>,
 }
 
+/// Datagrams one `poll_transmit` may hand over at once (they go out one `send_to` each until GSO lands).
+const MAX_BATCH: usize = 64;
+
 struct Daemon {
     options: Options,
-    /// What this node forwards into, and the addresses its SNAT rewrites to.
-    served: Vec<Served>,
-    snat_addresses: Vec<IpAddr>,
+    /// Every decision about a packet; its configuration is the node's wanted state.
+    dataplane: Dataplane,
+    mtu: u16,
     /// The mesh addresses on the TUN device.
     addresses: Vec<IpNet>,
     managed: Option<Box<managed::Managed>>,
-    node: Node,
     private_key: [u8; 32],
     tun: AsyncDevice,
     tun_index: u32,
@@ -187,11 +160,11 @@ struct Daemon {
     listen_port: u16,
     netlink: Netlink,
     routes: RouteManager,
-    router: Router,
     plumbing: Vec<Plumbing>,
     saved_sysctls: Vec<sysctl::Saved>,
-    drops: DropLog,
     deferred_logged: Option<Instant>,
+    /// Where [`Dataplane::poll_transmit`] puts datagrams.
+    transmit_buf: Vec<u8>,
     uapi_path: PathBuf,
     state_path: PathBuf,
     /// Whether this run got past its ownership checks and may tear routes and rules down: a run refused
@@ -269,8 +242,17 @@ pub async fn run(options: Options) -> Result<(), Failure> {
     let Setup { private_key, specs, tun_name, mtu, port, addresses, served, snat_addresses, managed } = setup;
     let policy = options.policy;
 
-    let own = addresses.iter().map(IpNet::addr).collect();
-    let router = build_router(&served, &snat_addresses, own, mtu)?;
+    // Everything is checked before the host changes: a refusal here leaves nothing behind.
+    let wanted = DataplaneConfig {
+        mesh_addresses: addresses.iter().map(IpNet::addr).collect(),
+        local_addresses: Vec::new(),
+        peers: specs.clone(),
+        served,
+        snat: SnatSettings::with_addresses(&snat_addresses).map_err(|e| Failure::Config(e.to_string()))?,
+    };
+    let mut dataplane = Dataplane::new(private_key, seed(), mtu);
+    let applied = dataplane.configure(wanted, Instant::now()).map_err(|e| Failure::Config(e.to_string()))?;
+    check_forwarding(&dataplane.config().served).map_err(Failure::System)?;
 
     let netlink = Netlink::connect().map_err(|e| Failure::system("opening netlink", e))?;
     let tun = mesh_linux::tun::create(&tun_name, mtu).map_err(|e| Failure::System(e.to_string()))?;
@@ -291,18 +273,15 @@ pub async fn run(options: Options) -> Result<(), Failure> {
         }
     };
 
-    let mut node = Node::new(private_key, seed());
-    let (added, _, _) = node.set_peers(specs.clone());
     let mut daemon = Daemon {
         tun_index,
         uapi_path: options.uapi_dir.join(format!("{tun_name}.sock")),
         state_path: options.run_dir.join(format!("{tun_name}.json")),
         options,
-        served,
-        snat_addresses,
+        dataplane,
+        mtu,
         addresses: Vec::new(),
         managed,
-        node,
         private_key,
         tun,
         udp4,
@@ -310,12 +289,11 @@ pub async fn run(options: Options) -> Result<(), Failure> {
         listen_port,
         netlink,
         routes,
-        router,
         plumbing: Vec::new(),
         saved_sysctls: Vec::new(),
         installed: false,
-        drops: DropLog::new(),
         deferred_logged: None,
+        transmit_buf: Vec::new(),
     };
     let result = daemon.start(&addresses, &specs).await;
     let result = match result {
@@ -323,8 +301,8 @@ pub async fn run(options: Options) -> Result<(), Failure> {
             tracing::info!(
                 tun = %tun_name,
                 port = daemon.listen_port,
-                peers = added,
-                public_key = %config::base64_key(&daemon.node.public_key()),
+                peers = applied.peers_added,
+                public_key = %config::base64_key(&daemon.dataplane.public_key()),
                 "meshd is up"
             );
             daemon.event_loop(listeners, signals).await
@@ -333,14 +311,6 @@ pub async fn run(options: Options) -> Result<(), Failure> {
     };
     daemon.stop().await;
     result
-}
-
-/// Checks the routing options against each other and the system, then builds the router. Nothing has been
-/// changed yet, so a refusal here leaves nothing behind.
-fn build_router(served: &[Served], snat_addresses: &[IpAddr], own: Vec<IpAddr>, mtu: u16) -> Result<Router, Failure> {
-    crate::prefs::check_snat(served, snat_addresses).map_err(Failure::Config)?;
-    check_forwarding(served).map_err(Failure::System)?;
-    Ok(Router::new(own, served, snat_engine(snat_addresses)?, mtu))
 }
 
 /// Forwarding must be on for each family a router serves.
@@ -356,17 +326,6 @@ fn check_forwarding(served: &[Served]) -> Result<(), String> {
         );
     }
     Ok(())
-}
-
-fn snat_engine(snat_addresses: &[IpAddr]) -> Result<Option<Snat>, Failure> {
-    if snat_addresses.is_empty() {
-        return Ok(None);
-    }
-    let v4 = snat_addresses.iter().find_map(|a| if let IpAddr::V4(v) = a { Some(*v) } else { None });
-    let v6 = snat_addresses.iter().find_map(|a| if let IpAddr::V6(v) = a { Some(*v) } else { None });
-    let mut snat_config = SnatConfig::new(v4, v6);
-    snat_config.seed = seed();
-    Ok(Some(Snat::new(snat_config, Instant::now()).map_err(|e| Failure::Config(e.to_string()))?))
 }
 
 fn seed() -> u64 {
@@ -404,7 +363,7 @@ impl Daemon {
         // A router's own served routes stay local like its LAN: never routed back into the mesh.
         let advertised = match &self.managed {
             Some(m) => m.prefs.advertised_prefixes(),
-            None => self.served.iter().map(|s| s.prefix).collect(),
+            None => self.dataplane.config().served.iter().map(|s| s.prefix).collect(),
         };
         self.routes.set_advertised(advertised);
         // A run that crashed left its sysctls set and its state file behind: adopt the values it saved, so this
@@ -436,13 +395,12 @@ impl Daemon {
         Ok(())
     }
 
-    /// Makes each SNAT address appear on its LAN: replies to it are routed into the TUN device (a host route in
-    /// the mesh table), its LAN interface answers ARP for it (a proxy neighbour entry, with `proxy_delay=0` so
-    /// the first connection does not wait up to 0.8 s).
-    async fn plumb_snat(&mut self) -> Result<(), Failure> {
-        let mut pinned = Vec::new();
+    /// The LAN (index, name) each SNAT address answers on, checked against the host without changing it: an
+    /// address must be free (no interface has it) and inside a subnet the host is connected to.
+    async fn snat_lans(&self, addresses: &[IpAddr]) -> Result<Vec<(IpAddr, u32, String)>, Failure> {
         let local = self.netlink.local_addresses().await.map_err(|e| Failure::System(e.to_string()))?;
-        for &address in &self.snat_addresses.clone() {
+        let mut lans = Vec::new();
+        for &address in addresses {
             if local.contains(&address) {
                 return Err(Failure::Config(format!(
                     "--snat-address {address} is already an address of this host; SNAT needs a free address of the LAN \
@@ -460,6 +418,17 @@ impl Daemon {
                      LAN the routed traffic should appear from"
                 )));
             };
+            lans.push((address, lan_index, lan));
+        }
+        Ok(lans)
+    }
+
+    /// Makes each SNAT address appear on its LAN: replies to it are routed into the TUN device (a host route in
+    /// the mesh table), its LAN interface answers ARP for it (a proxy neighbour entry, with `proxy_delay=0` so
+    /// the first connection does not wait up to 0.8 s).
+    async fn plumb_snat(&mut self) -> Result<(), Failure> {
+        let mut pinned = Vec::new();
+        for (address, lan_index, lan) in self.snat_lans(&self.dataplane.config().snat.addresses()).await? {
             self.netlink.add_proxy_neighbour(lan_index, address).await.map_err(|e| Failure::System(e.to_string()))?;
             self.plumbing.push(Plumbing { address, lan_index, lan: lan.clone() });
             // IPv4 answers ARP for a proxy entry at once only with proxy_delay 0; IPv6 answers neighbour
@@ -491,7 +460,7 @@ impl Daemon {
         let state = serde_json::json!({
             "policy": {"table": p.table, "fwmark": p.fwmark, "rule_priority": p.marked_main},
             "accept_routes": accept,
-            "served": self.served.iter().map(|s| serde_json::json!({"prefix": s.prefix.to_string(), "snat": s.snat})).collect::<Vec<_>>(),
+            "served": self.dataplane.config().served.iter().map(|s| serde_json::json!({"prefix": s.prefix.to_string(), "snat": s.snat})).collect::<Vec<_>>(),
             "snat": self.plumbing.iter().map(|p| serde_json::json!({"address": p.address.to_string(), "lan": p.lan})).collect::<Vec<_>>(),
             // What to put back, so a run after a crash can still restore the values from before meshd.
             "sysctls": self.saved_sysctls.iter().map(|s| serde_json::json!({"key": s.key, "old": s.old})).collect::<Vec<_>>(),
@@ -531,12 +500,31 @@ impl Daemon {
         }
     }
 
-    /// Addresses come and go (DHCP, a hand-added alias); the router counts all of them as this node. Route
-    /// passes run on every address change, so they refresh this too.
+    /// Addresses come and go (DHCP, a hand-added alias); the data plane counts all of them as this node.
+    /// Route passes run on every address change, so they refresh this too.
     async fn refresh_own_addresses(&mut self) {
         match self.netlink.local_addresses().await {
-            Ok(addresses) => self.router.set_own(addresses),
+            Ok(addresses) if addresses != self.dataplane.config().local_addresses => {
+                let mut wanted = self.dataplane.config().clone();
+                wanted.local_addresses = addresses;
+                self.reconfigure(wanted);
+            }
+            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "reading the host's addresses"),
+        }
+    }
+
+    /// Applies a new wanted state to the data plane; a refusal keeps the running one whole and says why.
+    fn reconfigure(&mut self, wanted: DataplaneConfig) -> bool {
+        match self.dataplane.configure(wanted, Instant::now()) {
+            Ok(applied) => {
+                tracing::debug!(?applied, "data plane configured");
+                true
+            }
+            Err(e) => {
+                tracing::error!("configuration refused, keeping the running one: {e}");
+                false
+            }
         }
     }
 
@@ -606,20 +594,11 @@ impl Daemon {
         let mut udp6_buf = vec![0u8; 65_536];
         let mut out = vec![0u8; 65_536 + 64];
         loop {
-            let wake = self.node.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            let wake = self.dataplane.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
             tokio::select! {
                 read = self.tun.recv(&mut tun_buf) => {
                     let n = read.map_err(|e| Failure::system("reading the TUN device", e))?;
-                    let now = Instant::now();
-                    match self.router.to_mesh(&mut tun_buf[..n], now) {
-                        Ok(()) => {
-                            if let Err(reason) = self.node.handle_tun_packet(&tun_buf[..n], now) {
-                                self.drops.record(reason.name(), None, now);
-                            }
-                        }
-                        Err(reason) => self.drops.record(reason.name(), None, now),
-                    }
-                    self.flush().await;
+                    let _ = self.dataplane.handle_tun_packet(&mut tun_buf[..n], Instant::now());
                 }
                 received = self.udp4.recv_from(&mut udp4_buf) => {
                     if let Ok((n, from)) = received {
@@ -631,12 +610,7 @@ impl Daemon {
                         self.datagram(from, &udp6_buf[..n], &mut out).await;
                     }
                 }
-                _ = tokio::time::sleep_until(wake.into()) => {
-                    let now = Instant::now();
-                    self.node.handle_timeout(now);
-                    self.router.handle_timeout(now);
-                    self.flush().await;
-                }
+                _ = tokio::time::sleep_until(wake.into()) => self.dataplane.handle_timeout(Instant::now()),
                 Some((message, _)) = route_events.events.next() => {
                     tracing::trace!(?message, "netlink event");
                     if netlink::is_relevant(&message, self.routes.policy().table) {
@@ -655,8 +629,6 @@ impl Daemon {
                 Some((request, reply)) = uapi_rx.recv() => {
                     let _ = reply.send(self.uapi_reply(&request));
                 }
-                // Reading the file and resolving names happen off the loop, so a slow DNS server never
-                // stalls packets; the loop only applies the result.
                 Some(request) = api_rx.recv() => self.api_request(request).await,
                 Some((generation, event)) = recv_follow(&mut follow_rx) => self.follow_event(generation, event).await,
                 _ = hangup.recv() => {
@@ -664,6 +636,8 @@ impl Daemon {
                         tracing::info!("SIGHUP ignored: a managed node takes changes through meshd set");
                         continue;
                     };
+                    // Reading the file and resolving names happen off the loop, so a slow DNS server never
+                    // stalls packets; the loop only applies the result.
                     let (state_dir, done) = (self.options.state_dir.clone(), reload_tx.clone());
                     tokio::spawn(async move {
                         let _ = done.send(load_for_reload(&config, &state_dir).await).await;
@@ -673,47 +647,56 @@ impl Daemon {
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
             }
+            self.drain().await;
         }
         drop(api_task);
         Ok(())
     }
 
     async fn datagram(&mut self, from: SocketAddr, datagram: &[u8], out: &mut [u8]) {
-        let now = Instant::now();
-        match self.node.handle_datagram(from, datagram, now, out) {
-            Ok(Received::Packet(n)) if self.take_pong(&out[..n], now) => {}
-            Ok(Received::Packet(n)) => {
-                match self.router.from_mesh(&mut out[..n], now, |dst| self.node.route(dst).is_some()) {
-                    Ok(_) => {
-                        if let Err(e) = self.tun.send(&out[..n]).await {
-                            tracing::debug!(error = %e, "writing to the TUN device");
-                        }
-                    }
-                    Err(reason) => self.drops.record(reason.name(), Some(from), now),
-                }
-            }
-            Ok(Received::Control) => {}
-            Err(reason) => self.drops.record(reason.name(), Some(from), now),
+        if let Ok(Some(n)) = self.dataplane.handle_datagram(from, datagram, Instant::now(), out)
+            && let Err(e) = self.tun.send(&out[..n]).await
+        {
+            tracing::debug!(error = %e, "writing to the TUN device");
         }
+    }
+
+    /// Sends what the data plane queued and acts on what it reported.
+    async fn drain(&mut self) {
         self.flush().await;
+        while let Some(event) = self.dataplane.poll_event() {
+            match event {
+                Event::Dropped { reason, count, latest_from: Some(from) } => {
+                    tracing::warn!(reason = %reason, count, latest_from = %from, "dropped packets")
+                }
+                Event::Dropped { reason, count, latest_from: None } => {
+                    tracing::info!(reason = %reason, count, "dropped packets")
+                }
+                Event::Handshake(h) => tracing::debug!(
+                    peer = %config::base64_key(&h.public_key),
+                    endpoint = %h.endpoint,
+                    initiated_here = h.initiated_here,
+                    "handshake completed"
+                ),
+                Event::Pong { seq, rtt, .. } => self.pong(seq, rtt),
+            }
+        }
     }
 
     /// Sends every queued datagram. UDP may drop under pressure; nothing here waits for more than a send.
     async fn flush(&mut self) {
-        while let Some(transmit) = self.node.poll_transmit() {
-            let socket = if transmit.dst.is_ipv4() { Some(&self.udp4) } else { self.udp6.as_ref() };
-            if let Some(socket) = socket {
-                let sent = match socket.try_send_to(&transmit.payload, transmit.dst) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        socket.send_to(&transmit.payload, transmit.dst).await
-                    }
+        while let Some(transmit) = self.dataplane.poll_transmit(&mut self.transmit_buf, MAX_BATCH) {
+            let to = transmit.destination;
+            let Some(socket) = (if to.is_ipv4() { Some(&self.udp4) } else { self.udp6.as_ref() }) else { continue };
+            for datagram in self.transmit_buf[..transmit.size].chunks(transmit.segment_size) {
+                let sent = match socket.try_send_to(datagram, to) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket.send_to(datagram, to).await,
                     other => other,
                 };
                 if let Err(e) = sent {
-                    tracing::debug!(error = %e, to = %transmit.dst, "sending");
+                    tracing::debug!(error = %e, to = %to, "sending");
                 }
             }
-            self.node.recycle(transmit.payload);
         }
     }
 
@@ -730,16 +713,29 @@ impl Daemon {
         if key.is_some_and(|k| k != self.private_key) {
             tracing::warn!("the private key changed; restart meshd to use it");
         }
-        self.routes.set_accepted(allowed_prefixes(&specs));
-        let (added, removed, changed) = self.node.set_peers(specs);
+        let accepted = allowed_prefixes(&specs);
+        let mut wanted = self.dataplane.config().clone();
+        wanted.peers = specs;
+        match self.dataplane.configure(wanted, Instant::now()) {
+            Ok(applied) => tracing::info!(
+                added = applied.peers_added,
+                removed = applied.peers_removed,
+                changed = applied.peers_changed,
+                "configuration reloaded"
+            ),
+            Err(e) => {
+                tracing::error!("reload refused, keeping the running configuration: {e}");
+                return;
+            }
+        }
+        self.routes.set_accepted(accepted);
         self.reconcile_routes(Cause::Change).await;
-        tracing::info!(added, removed, changed, "configuration reloaded");
     }
 
     fn uapi_reply(&self, request: &uapi::Request) -> String {
         match request {
             uapi::Request::Get => {
-                let peers = self.node.peer_status();
+                let peers = self.dataplane.peer_status();
                 let device = uapi::Device {
                     private_key: &self.private_key,
                     listen_port: self.listen_port,

@@ -155,28 +155,13 @@ impl Prefs {
         {
             return Err(format!("--control-url {}: expected https://HOST[:PORT]", self.control_url));
         }
-        check_snat(&self.served(), &self.snat_address)
+        mesh_dataplane::check_snat(&self.served(), &self.snat_settings()?).map_err(|e| e.to_string())
     }
-}
 
-/// SNAT needs an address of each family it rewrites to, and at most one of each.
-pub fn check_snat(served: &[Served], snat_addresses: &[IpAddr]) -> Result<(), String> {
-    let (v4, v6) =
-        (snat_addresses.iter().filter(|a| a.is_ipv4()).count(), snat_addresses.iter().filter(|a| a.is_ipv6()).count());
-    if v4 > 1 || v6 > 1 {
-        return Err("give at most one --snat-address per address family".into());
+    /// What `--snat-address` asks of the data plane; refused if it names two addresses of one family.
+    pub fn snat_settings(&self) -> Result<mesh_dataplane::SnatSettings, String> {
+        mesh_dataplane::SnatSettings::with_addresses(&self.snat_address).map_err(|e| e.to_string())
     }
-    for s in served.iter().filter(|s| s.snat) {
-        let has_address = if s.prefix.addr().is_ipv4() { v4 == 1 } else { v6 == 1 };
-        if !has_address {
-            return Err(format!(
-                "SNAT is on for {} but no --snat-address of that family is set: give a free LAN address with \
-                 --snat-address, or keep sources with --snat-subnet-routes=false",
-                s.prefix
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// The node's registration: who the server says it is and the credential it presents.

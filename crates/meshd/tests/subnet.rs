@@ -50,6 +50,21 @@ fn s1_through_the_control_server_snat_download_and_approval() {
     assert_eq!(status["node"]["routes"][0]["approved"], true);
     assert_eq!(status["node"]["routes"][0]["primary"], true);
     assert!(client.cli(&lab, &["status"]).1.contains("routes 10.0.0.0/16"));
+
+    // A new SNAT address on no LAN of the router's is refused in one line before anything changes: the
+    // stored preferences, the old address's proxy entry and the translation all stay.
+    let prefs = lab.path("router-state").join("prefs.json");
+    let before = std::fs::read_to_string(&prefs).unwrap();
+    let (status, _, err) = router.cli(&lab, &["set", "--snat-address", "10.200.0.9"]);
+    assert_eq!(status, Some(2), "bad input: {err}");
+    assert!(err.lines().count() == 1 && err.contains("10.200.0.9 lies in no subnet"), "{err}");
+    assert_eq!(std::fs::read_to_string(&prefs).unwrap(), before, "the preferences are as they were");
+    assert!(stdout(&lab.ns(r).ip(&["neigh", "show", "proxy"])).contains("10.0.12.9"), "the old address still answers");
+    assert!(seen_source(&lab, c, "10.0.12.50", false).starts_with("10.0.12.9"), "and still translates");
+    // One the LAN does hold moves the translation there.
+    assert_eq!(router.cli(&lab, &["set", "--snat-address", "10.0.12.10"]).0, Some(0));
+    assert!(wait(3000, || seen_source(&lab, c, "10.0.12.50", false).starts_with("10.0.12.10")));
+    assert!(!stdout(&lab.ns(r).ip(&["neigh", "show", "proxy"])).contains("10.0.12.9 "), "the old entry is gone");
 }
 
 const CLUSTERS: &str = r#"{

@@ -12,7 +12,7 @@ use mesh_dataplane::router::Served;
 use mesh_proto::NetMap;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Daemon, Failure, Options, Setup, allowed_prefixes, snat_engine};
+use super::{Daemon, Failure, Options, Setup, allowed_prefixes};
 use crate::config::{self, PrivateKey};
 use crate::follow::{self, Event, Follow};
 use crate::keys;
@@ -29,10 +29,8 @@ pub(crate) struct Managed {
     events_tx: mpsc::Sender<(u64, Event)>,
     pub events_rx: Option<mpsc::Receiver<(u64, Event)>>,
     conn: watch::Sender<Conn>,
-    /// Echo requests sent by `meshd ping`, by sequence number.
+    /// Who waits for the reply to each `meshd ping`, by the data plane's sequence number.
     pings: HashMap<u16, (Instant, oneshot::Sender<Duration>)>,
-    ping_ident: u16,
-    ping_seq: u16,
     /// Held in memory for the follower that registers with it, never written to disk.
     auth_key: Option<String>,
     /// Why the server cannot be reached right now, while the node runs on the netmap it has (shown by
@@ -94,8 +92,6 @@ pub(super) async fn setup(options: &Options) -> Result<Setup, Failure> {
         events_rx: Some(events_rx),
         conn: watch::channel(Conn::Stopped).0,
         pings: HashMap::new(),
-        ping_ident: (super::seed() & 0xffff) as u16,
-        ping_seq: 0,
         auth_key: None,
         trouble: None,
         prefs: prefs.clone(),
@@ -140,7 +136,7 @@ impl Daemon {
     async fn start_following(&mut self) {
         let port = self.listen_port;
         let mesh: Vec<IpAddr> = self.addresses.iter().map(IpNet::addr).collect();
-        let snat = self.snat_addresses.clone();
+        let snat = self.dataplane.config().snat.addresses();
         let endpoints: Vec<SocketAddr> = match self.netlink.local_addresses().await {
             Ok(list) => list
                 .into_iter()
@@ -158,7 +154,7 @@ impl Daemon {
                 Vec::new()
             }
         };
-        let node_key = config::base64_key(&self.node.public_key());
+        let node_key = config::base64_key(&self.dataplane.public_key());
         let m = self.managed_mut();
         m.generation += 1;
         let follow = Follow {
@@ -219,19 +215,33 @@ impl Daemon {
         for skipped in &peers.skipped {
             tracing::warn!(peer = %skipped.name, node_id = skipped.node_id, "not configured: {}", skipped.reason);
         }
-        let served = served_now(&m.prefs, Some(&map));
         let advertised = m.prefs.advertised_prefixes();
+        let mut wanted = self.dataplane.config().clone();
+        wanted.served = served_now(&m.prefs, Some(&map));
+        wanted.mesh_addresses = mesh_addresses(&map).iter().map(IpNet::addr).collect();
+        let accepted = allowed_prefixes(&peers.specs);
+        wanted.peers = peers.specs;
+        let applied = match self.dataplane.configure(wanted, Instant::now()) {
+            Ok(applied) => applied,
+            Err(e) => {
+                tracing::error!(version = map.version, "netmap not applied: {e}");
+                return;
+            }
+        };
         if let Err(e) = self.set_addresses(mesh_addresses(&map)).await {
             tracing::error!("cannot put the mesh address on the TUN device: {e}");
         }
-        self.router.set_served(&served);
-        self.served = served;
-        self.routes.set_accepted(allowed_prefixes(&peers.specs));
+        self.routes.set_accepted(accepted);
         self.routes.set_advertised(advertised);
-        let (added, removed, changed) = self.node.set_peers(peers.specs);
         self.reconcile_routes(mesh_linux::manager::Cause::Change).await;
         self.write_state();
-        tracing::info!(version = map.version, added, removed, changed, "netmap applied");
+        tracing::info!(
+            version = map.version,
+            added = applied.peers_added,
+            removed = applied.peers_removed,
+            changed = applied.peers_changed,
+            "netmap applied"
+        );
         let m = self.managed_mut();
         if let Err(e) = m.store.save_netmap(&map) {
             tracing::warn!("cannot cache the netmap: {e}");
@@ -251,12 +261,12 @@ impl Daemon {
         m.follower = None;
         m.generation += 1;
         m.conn.send_replace(Conn::Stopped);
-        self.node.set_peers(Vec::new());
+        let mut wanted = self.dataplane.config().clone();
+        (wanted.peers, wanted.served, wanted.mesh_addresses) = (Vec::new(), Vec::new(), Vec::new());
+        self.reconfigure(wanted);
         if let Err(e) = self.set_addresses(Vec::new()).await {
             tracing::warn!("removing the mesh addresses: {e}");
         }
-        self.served.clear();
-        self.router.set_served(&[]);
         self.routes.set_accepted(Vec::new());
         self.reconcile_routes(mesh_linux::manager::Cause::Change).await;
         self.write_state();
@@ -321,13 +331,13 @@ impl Daemon {
             });
         }
         prefs.check()?;
-        let snat = self.new_snat_engine(&prefs)?;
+        let snat = self.checked_snat(&prefs).await?;
         self.store_prefs(prefs)?;
         if request.force_reauth {
             self.new_node_key().await?;
         }
-        if let Some(engine) = snat {
-            self.replumb(engine).await?;
+        if let Some(snat) = snat {
+            self.replumb(snat).await?;
         }
         let m = self.managed_mut();
         if reauth {
@@ -346,30 +356,40 @@ impl Daemon {
         let _ = std::fs::remove_file(&path);
         let key = keys::load(&PrivateKey::Generate, &self.options.state_dir)?;
         self.private_key = key;
-        self.node = mesh_dataplane::Node::new(key, super::seed());
+        // A new key is a new node: new sessions, new SNAT translations; the wanted state carries over.
+        let wanted = self.dataplane.config().clone();
+        self.dataplane = mesh_dataplane::Dataplane::new(key, super::seed(), self.mtu);
+        self.reconfigure(wanted);
         self.managed_mut().store.forget_identity();
-        tracing::info!(public_key = %config::base64_key(&self.node.public_key()), "new node key");
+        tracing::info!(public_key = %config::base64_key(&self.dataplane.public_key()), "new node key");
         Ok(())
     }
 
-    /// The SNAT engine new preferences need, built before they are stored so a refusal changes nothing;
-    /// `None` when the SNAT addresses stay as they are.
-    fn new_snat_engine(&self, prefs: &Prefs) -> Result<Option<Option<mesh_packet::snat::Snat>>, String> {
-        if prefs.snat_address == self.snat_addresses {
+    /// The SNAT settings new preferences ask for, when they differ from the running ones, checked against
+    /// the host before anything is stored: each address must be free and on a connected LAN. `None` when
+    /// they stay as they are.
+    async fn checked_snat(&self, prefs: &Prefs) -> Result<Option<mesh_dataplane::SnatSettings>, String> {
+        let snat = prefs.snat_settings()?;
+        if snat == self.dataplane.config().snat {
             return Ok(None);
         }
-        snat_engine(&prefs.snat_address).map(Some).map_err(failure_text)
+        self.snat_lans(&snat.addresses()).await.map_err(failure_text)?;
+        Ok(Some(snat))
     }
 
-    /// A changed `--snat-address`: the old address stops answering on its LAN and the new one starts.
-    async fn replumb(&mut self, engine: Option<mesh_packet::snat::Snat>) -> Result<(), String> {
+    /// A changed `--snat-address`: the old address stops answering on its LAN, the data plane translates to
+    /// the new one, and the new one starts answering.
+    async fn replumb(&mut self, snat: mesh_dataplane::SnatSettings) -> Result<(), String> {
         for p in std::mem::take(&mut self.plumbing) {
             if let Err(e) = self.netlink.del_proxy_neighbour(p.lan_index, p.address).await {
                 tracing::warn!(error = %e, "removing the old SNAT address");
             }
         }
-        self.snat_addresses = self.managed_mut().prefs.snat_address.clone();
-        self.router.set_snat(engine);
+        let m = self.managed.as_ref().expect("managed");
+        let mut wanted = self.dataplane.config().clone();
+        wanted.served = served_now(&m.prefs, m.netmap.as_ref());
+        wanted.snat = snat;
+        self.dataplane.configure(wanted, Instant::now()).map_err(|e| e.to_string())?;
         self.plumb_snat().await.map_err(failure_text)?;
         self.reconcile_routes(mesh_linux::manager::Cause::Change).await;
         self.write_state();
@@ -381,10 +401,10 @@ impl Daemon {
         let before = m.prefs.clone();
         let prefs = before.patched(&patch);
         prefs.check()?;
-        let snat = self.new_snat_engine(&prefs)?;
+        let snat = self.checked_snat(&prefs).await?;
         self.store_prefs(prefs.clone())?;
-        if let Some(engine) = snat {
-            self.replumb(engine).await?;
+        if let Some(snat) = snat {
+            self.replumb(snat).await?;
         }
         if !prefs.want_running {
             return Ok(());
@@ -454,7 +474,7 @@ impl Daemon {
     }
 
     pub(super) fn status(&self) -> Status {
-        let peers_now = self.node.peer_status();
+        let peers_now = self.dataplane.peer_status();
         let now_key = |key: &[u8; 32]| peers_now.iter().find(|p| &p.public_key == key);
         let m = self.managed.as_ref().expect("managed");
         let conn = m.conn.borrow().clone();
@@ -468,7 +488,7 @@ impl Daemon {
             name: map.node.name.clone(),
             ipv4: Some(map.node.ipv4),
             ipv6: Some(map.node.ipv6),
-            public_key: config::base64_key(&self.node.public_key()),
+            public_key: config::base64_key(&self.dataplane.public_key()),
             domain: map.domain.clone(),
             listen_port: self.listen_port,
             routes: map.routes.clone(),
@@ -513,40 +533,18 @@ impl Daemon {
             .ok_or_else(|| format!("no peer named or addressed {target} in the netmap (see meshd status)"))?;
         let (name, ip) = (peer.name.clone(), IpAddr::V4(peer.ipv4));
         let now = Instant::now();
-        m.pings.retain(|_, (sent, _)| now.duration_since(*sent) < Duration::from_secs(10));
-        m.ping_seq = m.ping_seq.wrapping_add(1);
-        let packet = mesh_packet::build::Builder::v4(map.node.ipv4.octets(), peer.ipv4.octets()).echo(
-            true,
-            m.ping_ident,
-            m.ping_seq,
-            b"meshd ping",
-        );
+        m.pings.retain(|_, (sent, _)| now.duration_since(*sent) < mesh_dataplane::PING_TIMEOUT);
+        let seq =
+            self.dataplane.send_ping(ip, now).map_err(|reason| format!("cannot send to {name}: {}", reason.name()))?;
         let (tx, rx) = oneshot::channel();
-        m.pings.insert(m.ping_seq, (now, tx));
-        self.node
-            .handle_tun_packet(&packet, now)
-            .map_err(|reason| format!("cannot send to {name}: {}", reason.name()))?;
+        self.managed_mut().pings.insert(seq, (now, tx));
         Ok((name, ip, rx))
     }
 
-    /// Whether a decrypted packet is the answer to one of our pings (then it is consumed here).
-    pub(super) fn take_pong(&mut self, packet: &[u8], now: Instant) -> bool {
-        let Some(m) = self.managed.as_mut() else { return false };
-        if m.pings.is_empty() || packet.len() < 28 || packet[0] >> 4 != 4 || packet[9] != 1 {
-            return false;
-        }
-        let header = usize::from(packet[0] & 0x0f) * 4;
-        let Some(icmp) = packet.get(header..header + 8) else { return false };
-        let ident = u16::from_be_bytes([icmp[4], icmp[5]]);
-        if icmp[0] != 0 || ident != m.ping_ident {
-            return false;
-        }
-        match m.pings.remove(&u16::from_be_bytes([icmp[6], icmp[7]])) {
-            Some((sent, reply)) => {
-                let _ = reply.send(now.duration_since(sent));
-                true
-            }
-            None => false,
+    /// The data plane's answer to one of our pings.
+    pub(super) fn pong(&mut self, seq: u16, rtt: Duration) {
+        if let Some((_, reply)) = self.managed.as_mut().and_then(|m| m.pings.remove(&seq)) {
+            let _ = reply.send(rtt);
         }
     }
 }
