@@ -45,15 +45,15 @@ async fn measure(dummy: &str, count: u32) -> Result<Vec<(String, f64)>> {
 
     let mut results = Vec::new();
     let start = Instant::now();
-    let report = manager.reconcile(Cause::Change).await?;
+    let report = manager.reconcile(Cause::Change, Instant::now()).await?;
     results.push(("install (empty table -> N routes)".to_string(), start.elapsed().as_secs_f64()));
     if report.added.len() != count as usize {
         bail!("installed {} routes, expected {count}", report.added.len());
     }
     let start = Instant::now();
-    let report = manager.reconcile(Cause::Repair).await?;
+    let report = manager.reconcile(Cause::Repair, Instant::now()).await?;
     results.push(("check (table already right)".to_string(), start.elapsed().as_secs_f64()));
-    if report.changed() {
+    if !report.added.is_empty() || !report.removed.is_empty() || !report.rules_added.is_empty() {
         bail!("a matching table was changed");
     }
     let flushed = std::process::Command::new("ip").args(["route", "flush", "table", "52"]).status()?;
@@ -61,7 +61,7 @@ async fn measure(dummy: &str, count: u32) -> Result<Vec<(String, f64)>> {
         bail!("ip route flush failed");
     }
     let start = Instant::now();
-    let report = manager.reconcile(Cause::Change).await?;
+    let report = manager.reconcile(Cause::Change, Instant::now()).await?;
     results.push(("restore after `ip route flush table 52`".to_string(), start.elapsed().as_secs_f64()));
     if report.added.len() != count as usize {
         bail!("restored {} routes, expected {count}", report.added.len());

@@ -39,6 +39,22 @@ impl Default for RoutingPolicy {
 }
 
 impl RoutingPolicy {
+    /// The policy for a table, a mark and the first rule priority (`--table`, `--fwmark`,
+    /// `--rule-priority`): the rules follow 20 apart, and the mask covers the mark byte by byte (0x80000 ->
+    /// 0xff0000, as Tailscale's).
+    pub fn new(table: u32, fwmark: u32, rule_priority: u32) -> Self {
+        let fwmask = (0..4).map(|i| 0xffu32 << (i * 8)).filter(|byte| fwmark & byte != 0).fold(0, |a, b| a | b);
+        Self {
+            table,
+            fwmark,
+            fwmask,
+            marked_main: rule_priority,
+            marked_default: rule_priority + 20,
+            marked_unreachable: rule_priority + 40,
+            lookup_table: rule_priority + 60,
+        }
+    }
+
     pub fn priorities(&self) -> [u32; 4] {
         [self.marked_main, self.marked_default, self.marked_unreachable, self.lookup_table]
     }

@@ -46,9 +46,30 @@ pub struct Report {
     pub deferred: bool,
 }
 
-impl Report {
-    pub fn changed(&self) -> bool {
-        !self.added.is_empty() || !self.removed.is_empty() || !self.rules_added.is_empty()
+/// How many repairs may run now: a burst, then one more every [`REPAIR_REFILL`]. Time is given, not read.
+#[derive(Debug, Clone, Copy)]
+struct RepairBudget {
+    left: u32,
+    refilled: Option<Instant>,
+}
+
+impl RepairBudget {
+    fn new() -> Self {
+        Self { left: REPAIR_BURST, refilled: None }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let since = *self.refilled.get_or_insert(now);
+        let refills = (now.saturating_duration_since(since).as_secs_f64() / REPAIR_REFILL.as_secs_f64()) as u32;
+        if refills > 0 {
+            self.left = (self.left + refills).min(REPAIR_BURST);
+            self.refilled = Some(now);
+        }
+        if self.left == 0 {
+            return false;
+        }
+        self.left -= 1;
+        true
     }
 }
 
@@ -61,8 +82,7 @@ pub struct RouteManager {
     accept: Accept,
     advertised: Vec<IpNet>,
     pinned: Vec<IpNet>,
-    budget: u32,
-    refilled: Instant,
+    budget: RepairBudget,
 }
 
 impl RouteManager {
@@ -75,8 +95,7 @@ impl RouteManager {
             accept: Accept::All,
             advertised: Vec::new(),
             pinned: Vec::new(),
-            budget: REPAIR_BURST,
-            refilled: Instant::now(),
+            budget: RepairBudget::new(),
         }
     }
 
@@ -135,10 +154,11 @@ impl RouteManager {
         Ok((routes, skipped))
     }
 
-    /// One pass: compare and apply the difference.
-    pub async fn reconcile(&mut self, cause: Cause) -> io::Result<Report> {
+    /// One pass: compare and apply the difference. `now` paces repairs.
+    pub async fn reconcile(&mut self, cause: Cause, now: Instant) -> io::Result<Report> {
         let (desired, skipped) = self.desired().await?;
-        let table = self.netlink.dump_table(self.policy.table).await?;
+        let listed = self.netlink.list_table(self.policy.table).await?;
+        let table: Vec<Entry> = listed.iter().map(|l| l.entry.clone()).collect();
         let plan = plan::plan(&desired, &table, self.tun_index);
         let mut report =
             Report { skipped, foreign: plan.foreign.clone(), conflicts: plan.conflicts.clone(), ..Report::default() };
@@ -146,15 +166,17 @@ impl RouteManager {
         // meshd answer every 100 ms.
         let rules = self.netlink.rule_status(&self.policy).await?;
         let rules_drifted = !rules.missing.is_empty() || !rules.stray.is_empty();
-        if cause == Cause::Repair && (!plan.is_empty() || rules_drifted) && !self.take_repair() {
+        if cause == Cause::Repair && (!plan.is_empty() || rules_drifted) && !self.budget.take(now) {
             report.deferred = true;
             return Ok(report);
         }
         // One route the kernel refuses (an IPv6 prefix on a host without IPv6, say) must not keep every other
         // route and the rules from being installed: apply all, then report the first failure.
         let mut first_error = None;
+        // Each stale route goes by the message the dump above returned for it: one table read per pass.
         for entry in &plan.remove {
-            if let Err(e) = self.netlink.remove_entry(entry, self.policy.table).await {
+            let Some(found) = listed.iter().find(|l| &l.entry == entry) else { continue };
+            if let Err(e) = self.netlink.remove_listed(found).await {
                 first_error.get_or_insert(e);
             }
         }
@@ -176,23 +198,29 @@ impl RouteManager {
         Ok(report)
     }
 
-    fn take_repair(&mut self) -> bool {
-        let refills = (self.refilled.elapsed().as_secs_f64() / REPAIR_REFILL.as_secs_f64()) as u32;
-        if refills > 0 {
-            self.budget = (self.budget + refills).min(REPAIR_BURST);
-            self.refilled = Instant::now();
-        }
-        if self.budget == 0 {
-            return false;
-        }
-        self.budget -= 1;
-        true
-    }
-
     /// Removes every route meshd installed in the table and its rules.
     pub async fn teardown(&mut self) -> io::Result<()> {
         let removed = self.netlink.remove_own_routes(self.policy.table).await;
         let rules = self.netlink.remove_rules(&self.policy).await;
         removed.and(rules)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repairs_come_in_a_burst_then_one_per_refill() {
+        let start = Instant::now();
+        let mut budget = RepairBudget::new();
+        assert!((0..REPAIR_BURST).all(|_| budget.take(start)), "a burst at once");
+        assert!(!budget.take(start), "then nothing");
+        assert!(!budget.take(start + REPAIR_REFILL / 2));
+        assert!(budget.take(start + REPAIR_REFILL), "one more after a refill period");
+        assert!(!budget.take(start + REPAIR_REFILL));
+        let later = start + REPAIR_REFILL * 100;
+        assert!((0..REPAIR_BURST).all(|_| budget.take(later)), "a long quiet refills the burst, no more");
+        assert!(!budget.take(later));
     }
 }

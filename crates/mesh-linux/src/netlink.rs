@@ -1,7 +1,5 @@
-//! Addresses, routes and policy rules over rtnetlink.
-//!
-//! This is the simple version the data plane needs: install on start, remove on stop, and clear leftovers
-//! of a previous run first. Reconciling against changes made by others comes with the route manager.
+//! Addresses, routes, neighbours and policy rules over rtnetlink: what the route manager and the daemon's
+//! host side ask of the kernel, one request each.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -31,6 +29,13 @@ pub struct Netlink {
     handle: Handle,
 }
 
+/// A route as a table dump found it: what the plan reads, and the kernel's message to delete it by.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub entry: Entry,
+    message: RouteMessage,
+}
+
 fn io_err(what: &str, e: rtnetlink::Error) -> io::Error {
     io::Error::other(format!("{what}: {e}"))
 }
@@ -55,6 +60,19 @@ impl Netlink {
         let (connection, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(connection);
         Ok(Self { handle })
+    }
+
+    /// Like [`Netlink::connect`], with `NETLINK_GET_STRICT_CHK` on where the kernel has it (4.20 and later):
+    /// a route dump for one table then carries that table only, not every route of the host. On an older
+    /// kernel the connection is a plain one, and dumps are filtered here instead.
+    pub fn connect_strict() -> io::Result<Self> {
+        match rtnetlink::new_connection_with_strict_check() {
+            Ok((connection, handle, _)) => {
+                tokio::spawn(connection);
+                Ok(Self { handle })
+            }
+            Err(_) => Self::connect(),
+        }
     }
 
     pub async fn link_index(&self, name: &str) -> io::Result<u32> {
@@ -132,14 +150,6 @@ impl Netlink {
             .map_err(|e| io_err(&format!("adding route {prefix} to table {table}"), e))
     }
 
-    pub async fn del_route(&self, index: u32, prefix: IpNet, table: u32) -> io::Result<()> {
-        match self.handle.route().del(Self::route_message(index, prefix, table)).execute().await {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(io_err(&format!("removing route {prefix} from table {table}"), e)),
-        }
-    }
-
     /// Removes every route in `table` that carries meshd's protocol number: what a killed run left behind.
     /// Returns how many were removed.
     pub async fn remove_own_routes(&self, table: u32) -> io::Result<usize> {
@@ -196,47 +206,35 @@ impl Netlink {
         }
     }
 
-    /// Removes a route found in the table, exactly as found.
-    /// Removes a route found in the table. The kernel's own message is deleted as dumped: a rebuilt one
-    /// misses any leftover whose scope, type, metric or gateway differ (a blackhole, a route via a gateway),
-    /// and would keep failing on every pass.
-    pub async fn remove_entry(&self, entry: &Entry, table: u32) -> io::Result<()> {
-        let request = if entry.prefix.addr().is_ipv6() {
-            RouteMessageBuilder::<Ipv6Addr>::new().table_id(table).build()
-        } else {
-            RouteMessageBuilder::<Ipv4Addr>::new().table_id(table).build()
-        };
-        let routes: Vec<RouteMessage> = match self.handle.route().get(request).execute().try_collect().await {
-            Ok(routes) => routes,
-            Err(e) if family_unsupported(&e) => return Ok(()),
-            Err(e) => return Err(io_err("listing routes", e)),
-        };
-        let found = routes.into_iter().find(|r| {
-            route_table(r) == table
-                && route_prefix(r) == Some(entry.prefix)
-                && (r.header.kind == RouteType::Throw) == entry.throw
-                && u8::from(r.header.protocol) == entry.protocol
-                && r.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None })
-                    == entry.oif
-        });
-        let Some(message) = found else { return Ok(()) };
-        match self.handle.route().del(message).execute().await {
+    /// Removes a route exactly as the kernel listed it: a rebuilt message misses any leftover whose scope,
+    /// type, metric or gateway differ (a blackhole, a route via a gateway), and would keep failing.
+    pub async fn remove_listed(&self, listed: &Listed) -> io::Result<()> {
+        match self.handle.route().del(listed.message.clone()).execute().await {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(io_err(&format!("removing route {} from table {table}", entry.prefix), e)),
+            Err(e) => Err(io_err(&format!("removing route {}", listed.entry.prefix), e)),
         }
     }
 
     /// Every route in `table`, both families.
     pub async fn dump_table(&self, table: u32) -> io::Result<Vec<Entry>> {
+        Ok(self.list_table(table).await?.into_iter().map(|l| l.entry).collect())
+    }
+
+    /// Every route in `table`, both families, each with the kernel's own message. The request names the
+    /// table, so a strict connection gets that table only; the filter here covers a plain one.
+    pub async fn list_table(&self, table: u32) -> io::Result<Vec<Listed>> {
         let names = self.link_names().await?;
-        let mut entries = Vec::new();
-        for v6 in [false, true] {
-            let request = if v6 {
-                RouteMessageBuilder::<Ipv6Addr>::new().table_id(table).build()
+        let mut listed = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut request = RouteMessage::default();
+            request.header.address_family = family;
+            // A dump request's protocol, type and scope are filters under strict checking: left unset here.
+            if table <= 255 {
+                request.header.table = table as u8;
             } else {
-                RouteMessageBuilder::<Ipv4Addr>::new().table_id(table).build()
-            };
+                request.attributes.push(RouteAttribute::Table(table));
+            }
             let routes: Vec<RouteMessage> = match self.handle.route().get(request).execute().try_collect().await {
                 Ok(routes) => routes,
                 Err(e) if family_unsupported(&e) => continue,
@@ -246,17 +244,17 @@ impl Netlink {
                 let Some(prefix) = route_prefix(&route) else { continue };
                 let oif =
                     route.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None });
-                let protocol = u8::from(route.header.protocol);
-                entries.push(Entry {
+                let entry = Entry {
                     prefix,
                     throw: route.header.kind == RouteType::Throw,
                     oif,
                     device: oif.and_then(|i| names.iter().find(|(j, _)| *j == i).map(|(_, n)| n.clone())),
-                    protocol,
-                });
+                    protocol: u8::from(route.header.protocol),
+                };
+                listed.push(Listed { entry, message: route });
             }
         }
-        Ok(entries)
+        Ok(listed)
     }
 
     async fn link_names(&self) -> io::Result<Vec<(u32, String)>> {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use ureq::tls::{PemItem, RootCerts, TlsConfig};
 
-use crate::VerbError as Failure;
+use crate::error::Error;
 
 #[derive(Debug, Clone)]
 pub struct Connection {
@@ -53,8 +53,8 @@ pub fn run(connection: Connection, verb: Verb) -> ExitCode {
     crate::finish(execute(&connection, verb))
 }
 
-fn agent(connection: &Connection) -> Result<ureq::Agent, Failure> {
-    https_agent(connection.ca_cert.as_deref(), None).map_err(Failure::Input)
+fn agent(connection: &Connection) -> Result<ureq::Agent, Error> {
+    https_agent(connection.ca_cert.as_deref(), None).map_err(Error::Input)
 }
 
 /// An HTTPS client that trusts `ca_cert` (PEM) when given, else the public web PKI; a status code is an
@@ -83,25 +83,25 @@ pub fn https_agent(
         .into())
 }
 
-fn token(connection: &Connection) -> Result<String, Failure> {
+fn token(connection: &Connection) -> Result<String, Error> {
     match connection.admin_token.strip_prefix("file:") {
         Some(path) => std::fs::read_to_string(path)
             .map(|t| t.trim().to_string())
-            .map_err(|e| Failure::Input(format!("{path}: cannot read the admin token: {e}"))),
+            .map_err(|e| Error::Input(format!("{path}: cannot read the admin token: {e}"))),
         None if connection.admin_token.is_empty() => {
-            Err(Failure::Input("an admin token is needed: --admin-token TOKEN|file:PATH or MESHD_ADMIN_TOKEN".into()))
+            Err(Error::Input("an admin token is needed: --admin-token TOKEN|file:PATH or MESHD_ADMIN_TOKEN".into()))
         }
         None => Ok(connection.admin_token.clone()),
     }
 }
 
 /// Sends one request and returns the body of a success, or the server's one-line error.
-fn call(connection: &Connection, method: &str, path: &str, body: Option<String>) -> Result<String, Failure> {
+fn call(connection: &Connection, method: &str, path: &str, body: Option<String>) -> Result<String, Error> {
     let agent = agent(connection)?;
     let url = format!("{}/api/v1/admin/{path}", connection.url.trim_end_matches('/'));
     let auth = format!("Bearer {}", token(connection)?);
     let unreachable =
-        |e: ureq::Error| Failure::Other(format!("cannot reach the coordination server at {}: {e}", connection.url));
+        |e: ureq::Error| Error::System(format!("cannot reach the coordination server at {}: {e}", connection.url));
     let mut response = match (method, body) {
         ("GET", _) => agent.get(&url).header("authorization", &auth).call().map_err(unreachable)?,
         ("DELETE", _) => agent.delete(&url).header("authorization", &auth).call().map_err(unreachable)?,
@@ -122,17 +122,17 @@ fn call(connection: &Connection, method: &str, path: &str, body: Option<String>)
         .ok()
         .and_then(|v| v["message"].as_str().map(str::to_string))
         .unwrap_or_else(|| format!("the server answered {status}"));
-    Err(Failure::Other(message))
+    Err(Error::System(message))
 }
 
-fn json(text: &str) -> Result<serde_json::Value, Failure> {
-    serde_json::from_str(text).map_err(|e| Failure::Other(format!("unexpected answer from the server: {e}")))
+fn json(text: &str) -> Result<serde_json::Value, Error> {
+    serde_json::from_str(text).map_err(|e| Error::System(format!("unexpected answer from the server: {e}")))
 }
 
-fn execute(c: &Connection, verb: Verb) -> Result<String, Failure> {
+fn execute(c: &Connection, verb: Verb) -> Result<String, Error> {
     match verb {
         Verb::KeyCreate { reusable, ephemeral, tags, expiry } => {
-            let expiry = expiry.map(|e| parse_duration(&e)).transpose().map_err(Failure::Input)?;
+            let expiry = expiry.map(|e| parse_duration(&e)).transpose().map_err(Error::Input)?;
             let body =
                 serde_json::json!({"reusable": reusable, "ephemeral": ephemeral, "tags": tags, "expiry": expiry});
             let created = json(&call(c, "POST", "authkeys", Some(body.to_string()))?)?;
@@ -209,16 +209,14 @@ fn execute(c: &Connection, verb: Verb) -> Result<String, Failure> {
         }
         Verb::PolicyGet => call(c, "GET", "policy", None),
         Verb::PolicySet(path) | Verb::PolicyCheck(path) if !path.exists() => {
-            Err(Failure::Input(format!("{}: no such file", path.display())))
+            Err(Error::Input(format!("{}: no such file", path.display())))
         }
         Verb::PolicySet(path) => {
-            let text =
-                std::fs::read_to_string(&path).map_err(|e| Failure::Input(format!("{}: {e}", path.display())))?;
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
             call(c, "PUT", "policy", Some(text)).map(|_| "policy set".into())
         }
         Verb::PolicyCheck(path) => {
-            let text =
-                std::fs::read_to_string(&path).map_err(|e| Failure::Input(format!("{}: {e}", path.display())))?;
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
             call(c, "POST", "policy/check", Some(text)).map(|_| "policy ok".into())
         }
     }

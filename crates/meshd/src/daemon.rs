@@ -10,13 +10,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use futures_util::StreamExt;
 use ipnet::IpNet;
 use mesh_dataplane::router::Served;
 use mesh_dataplane::{Dataplane, DataplaneConfig, Event, PeerSpec, SnatSettings};
 use mesh_linux::RoutingPolicy;
-use mesh_linux::manager::{Cause, Report, RouteManager};
-use mesh_linux::netlink::{self, Netlink};
+use mesh_linux::netlink::Netlink;
 use mesh_linux::sysctl;
 use mesh_linux::tun::AsyncDevice;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -25,9 +23,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{self, Endpoint, StaticConfig};
+use crate::error::Error;
 use crate::{keys, local_api, uapi};
 
+mod host;
 mod managed;
+
+use host::{Command, HostHandle, Lan, Routes};
 
 pub const DEFAULT_TUN: &str = "mesh0";
 pub const DEFAULT_PORT: u16 = 41641;
@@ -51,19 +53,6 @@ pub struct Options {
     pub snat_addresses: Vec<IpAddr>,
     /// Where the runtime state for `meshd doctor` goes.
     pub run_dir: PathBuf,
-}
-
-/// A failure that stops the daemon: bad input (exit status 2) or the system refusing something (1).
-#[derive(Debug)]
-pub enum Failure {
-    Config(String),
-    System(String),
-}
-
-impl Failure {
-    pub(crate) fn system(what: &str, e: impl std::fmt::Display) -> Self {
-        Failure::System(format!("{what}: {e}"))
-    }
 }
 
 /// Peers as the node wants them, with host names resolved.
@@ -97,20 +86,6 @@ fn allowed_prefixes(specs: &[PeerSpec]) -> Vec<IpNet> {
     set.into_iter().collect()
 }
 
-/// The sysctls a previous run on this TUN device saved and never put back (it crashed).
-fn previous_sysctls(state_path: &Path) -> Vec<sysctl::Saved> {
-    let Ok(text) = std::fs::read_to_string(state_path) else { return Vec::new() };
-    let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else { return Vec::new() };
-    json["sysctls"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|s| {
-            Some(sysctl::Saved { key: s["key"].as_str()?.to_string(), old: s["old"].as_str()?.to_string() })
-        })
-        .collect()
-}
-
 /// A configuration re-read for SIGHUP, ready to apply.
 struct Reloaded {
     specs: Vec<PeerSpec>,
@@ -127,11 +102,6 @@ async fn load_for_reload(path: &Path, state_dir: &Path) -> Result<Reloaded, Stri
     };
     Ok(Reloaded { specs, key })
 }
-
-/// How often the route manager checks the kernel even without an event.
-const ROUTE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
-/// How long after a netlink event the check runs, so a burst of events costs one pass.
-const ROUTE_EVENT_DELAY: Duration = Duration::from_millis(100);
 
 type UapiRequest = (uapi::Request, oneshot::Sender<String>);
 
@@ -158,26 +128,15 @@ struct Daemon {
     udp4: UdpSocket,
     udp6: Option<UdpSocket>,
     listen_port: u16,
+    /// For the few quick requests the loop makes itself (the TUN device's addresses, checking a SNAT
+    /// address); everything slow goes to the host side.
     netlink: Netlink,
-    routes: RouteManager,
-    plumbing: Vec<Plumbing>,
-    saved_sysctls: Vec<sysctl::Saved>,
-    deferred_logged: Option<Instant>,
+    host: HostHandle,
+    /// The host's addresses, from the host side whenever they change.
+    host_addresses: mpsc::UnboundedReceiver<Vec<IpAddr>>,
     /// Where [`Dataplane::poll_transmit`] puts datagrams.
     transmit_buf: Vec<u8>,
     uapi_path: PathBuf,
-    state_path: PathBuf,
-    /// Whether this run got past its ownership checks and may tear routes and rules down: a run refused
-    /// because another program owns them must leave them alone.
-    installed: bool,
-}
-
-/// What one SNAT address needs on the host: its LAN interface answers ARP for it.
-#[derive(Debug, Clone)]
-struct Plumbing {
-    address: IpAddr,
-    lan_index: u32,
-    lan: String,
 }
 
 /// The signals the daemon handles, installed before it changes anything: a SIGTERM or SIGHUP during start-up
@@ -189,11 +148,11 @@ struct Signals {
 }
 
 impl Signals {
-    fn install() -> Result<Self, Failure> {
+    fn install() -> Result<Self, Error> {
         Ok(Self {
-            hangup: signal(SignalKind::hangup()).map_err(|e| Failure::system("SIGHUP handler", e))?,
-            terminate: signal(SignalKind::terminate()).map_err(|e| Failure::system("SIGTERM handler", e))?,
-            interrupt: signal(SignalKind::interrupt()).map_err(|e| Failure::system("SIGINT handler", e))?,
+            hangup: signal(SignalKind::hangup()).map_err(|e| Error::system("SIGHUP handler", e))?,
+            terminate: signal(SignalKind::terminate()).map_err(|e| Error::system("SIGTERM handler", e))?,
+            interrupt: signal(SignalKind::interrupt()).map_err(|e| Error::system("SIGINT handler", e))?,
         })
     }
 }
@@ -211,10 +170,10 @@ struct Setup {
     managed: Option<Box<managed::Managed>>,
 }
 
-async fn static_setup(options: &Options, path: &Path) -> Result<Setup, Failure> {
-    let config = config::load(path).map_err(|e| Failure::Config(e.to_string()))?;
-    let private_key = keys::load(&config.interface.private_key, &options.state_dir).map_err(Failure::Config)?;
-    let specs = peer_specs(&config).await.map_err(|e| Failure::Config(format!("{}: {e}", path.display())))?;
+async fn static_setup(options: &Options, path: &Path) -> Result<Setup, Error> {
+    let config = config::load(path).map_err(|e| Error::Input(e.to_string()))?;
+    let private_key = keys::load(&config.interface.private_key, &options.state_dir).map_err(Error::Input)?;
+    let specs = peer_specs(&config).await.map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
     Ok(Setup {
         private_key,
         specs,
@@ -233,7 +192,7 @@ async fn static_setup(options: &Options, path: &Path) -> Result<Setup, Failure> 
 }
 
 /// Runs the daemon until SIGTERM or SIGINT, then removes what it added.
-pub async fn run(options: Options) -> Result<(), Failure> {
+pub async fn run(options: Options) -> Result<(), Error> {
     let signals = Signals::install()?;
     let setup = match &options.config {
         Some(path) => static_setup(&options, &path.clone()).await?,
@@ -248,23 +207,24 @@ pub async fn run(options: Options) -> Result<(), Failure> {
         local_addresses: Vec::new(),
         peers: specs.clone(),
         served,
-        snat: SnatSettings::with_addresses(&snat_addresses).map_err(|e| Failure::Config(e.to_string()))?,
+        snat: SnatSettings::with_addresses(&snat_addresses).map_err(|e| Error::Input(e.to_string()))?,
     };
     let mut dataplane = Dataplane::new(private_key, seed(), mtu);
-    let applied = dataplane.configure(wanted, Instant::now()).map_err(|e| Failure::Config(e.to_string()))?;
-    check_forwarding(&dataplane.config().served).map_err(Failure::System)?;
+    let applied = dataplane.configure(wanted, Instant::now()).map_err(|e| Error::Input(e.to_string()))?;
+    check_forwarding(&dataplane.config().served).map_err(Error::System)?;
 
-    let netlink = Netlink::connect().map_err(|e| Failure::system("opening netlink", e))?;
-    let tun = mesh_linux::tun::create(&tun_name, mtu).map_err(|e| Failure::System(e.to_string()))?;
-    let tun_index = netlink.link_index(&tun_name).await.map_err(|e| Failure::System(e.to_string()))?;
-    let mut routes = RouteManager::new(netlink.clone(), policy, tun_index);
-    // A managed node's netmap carries only the routes it accepts, so every allowed IP is routed.
-    routes.set_accept(if managed.is_some() { mesh_linux::plan::Accept::All } else { options.accept.clone() });
-    // Before anything is installed: sharing the table with another manager would make both wrong.
-    routes.check_table_free().await.map_err(Failure::System)?;
-    let udp4 =
-        mesh_linux::socket::bind_marked(false, port, policy.fwmark).map_err(|e| Failure::System(e.to_string()))?;
-    let listen_port = udp4.local_addr().map_err(|e| Failure::system("reading the UDP port", e))?.port();
+    let netlink = Netlink::connect().map_err(|e| Error::system("opening netlink", e))?;
+    let tun = mesh_linux::tun::create(&tun_name, mtu).map_err(|e| Error::System(e.to_string()))?;
+    let tun_index = netlink.link_index(&tun_name).await.map_err(|e| Error::System(e.to_string()))?;
+    let (host, host_addresses) = host::spawn(host::Setup {
+        policy,
+        // A managed node's netmap carries only the routes it accepts, so every allowed IP is routed.
+        accept: if managed.is_some() { mesh_linux::plan::Accept::All } else { options.accept.clone() },
+        tun_index,
+        state_path: options.run_dir.join(format!("{tun_name}.json")),
+    })?;
+    let udp4 = mesh_linux::socket::bind_marked(false, port, policy.fwmark).map_err(|e| Error::System(e.to_string()))?;
+    let listen_port = udp4.local_addr().map_err(|e| Error::system("reading the UDP port", e))?.port();
     let udp6 = match mesh_linux::socket::bind_marked(true, listen_port, policy.fwmark) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -276,7 +236,6 @@ pub async fn run(options: Options) -> Result<(), Failure> {
     let mut daemon = Daemon {
         tun_index,
         uapi_path: options.uapi_dir.join(format!("{tun_name}.sock")),
-        state_path: options.run_dir.join(format!("{tun_name}.json")),
         options,
         dataplane,
         mtu,
@@ -288,14 +247,11 @@ pub async fn run(options: Options) -> Result<(), Failure> {
         udp6,
         listen_port,
         netlink,
-        routes,
-        plumbing: Vec::new(),
-        saved_sysctls: Vec::new(),
-        installed: false,
-        deferred_logged: None,
+        host,
+        host_addresses,
         transmit_buf: Vec::new(),
     };
-    let result = daemon.start(&addresses, &specs).await;
+    let result = daemon.start(&addresses).await;
     let result = match result {
         Ok(listeners) => {
             tracing::info!(
@@ -334,51 +290,40 @@ fn seed() -> u64 {
 }
 
 impl Daemon {
-    /// Rules at meshd's priorities or with its mark are a previous meshd's leftovers only if that run left its
-    /// state file (a clean stop removes it, SIGKILL does not); otherwise another program owns them. Tailscale's
-    /// defaults are the same numbers, so shape alone cannot tell.
-    async fn check_rules_free(&self) -> Result<(), Failure> {
-        let rules = self.netlink.rule_status(self.routes.policy()).await.map_err(|e| Failure::System(e.to_string()))?;
-        if (rules.present > 0 || !rules.stray.is_empty()) && !self.state_path.exists() {
-            let p = self.routes.policy();
-            return Err(Failure::System(format!(
-                "policy rules at priorities {}-{} or with mark {:#x} already exist and meshd did not install them (is \
-                 Tailscale running?); choose others with --rule-priority N --fwmark M",
-                p.marked_main, p.lookup_table, p.fwmark
-            )));
-        }
-        Ok(())
-    }
-
-    async fn start(&mut self, addresses: &[IpNet], specs: &[PeerSpec]) -> Result<Listeners, Failure> {
+    async fn start(&mut self, addresses: &[IpNet]) -> Result<Listeners, Error> {
         // The local API goes first: a second daemon on the same socket is refused before it touches anything.
         let api = match &self.managed {
-            Some(_) => Some(local_api::listen(&self.options.socket).await.map_err(Failure::System)?),
+            Some(_) => Some(local_api::listen(&self.options.socket).await.map_err(Error::System)?),
             None => None,
         };
-        self.check_rules_free().await?;
-        self.installed = true;
-        self.set_addresses(addresses.to_vec()).await.map_err(Failure::System)?;
-        self.routes.set_accepted(allowed_prefixes(specs));
-        // A router's own served routes stay local like its LAN: never routed back into the mesh.
+        let lans = self.snat_lans(&self.dataplane.config().snat.addresses()).await?;
+        let started = self.host.ask(|reply| Command::Start {
+            routes: self.routes(),
+            lans,
+            served: self.dataplane.config().served.clone(),
+            reply,
+        });
+        started.await.map_err(|e| Error::system("the host side", e))??;
+        self.set_addresses(addresses.to_vec()).await.map_err(Error::System)?;
+        let uapi =
+            self.listen_uapi().map_err(|e| Error::system(&format!("listening on {}", self.uapi_path.display()), e))?;
+        Ok(Listeners { uapi, api })
+    }
+
+    /// What the mesh table should route: every peer's allowed IPs, except the node's own advertised routes,
+    /// which stay local like its LAN (never routed back into the mesh).
+    fn routes(&self) -> Routes {
         let advertised = match &self.managed {
             Some(m) => m.prefs.advertised_prefixes(),
             None => self.dataplane.config().served.iter().map(|s| s.prefix).collect(),
         };
-        self.routes.set_advertised(advertised);
-        // A run that crashed left its sysctls set and its state file behind: adopt the values it saved, so this
-        // run's stop puts back what was there before any meshd (this run would only see meshd's own value).
-        self.saved_sysctls = previous_sysctls(&self.state_path);
-        self.plumb_snat().await?;
-        self.refresh_own_addresses().await;
-        // Leftovers of a killed run (routes with meshd's protocol, duplicate rules) go in this same pass.
-        let report = self.routes.reconcile(Cause::Change).await.map_err(|e| Failure::System(e.to_string()))?;
-        self.log_routes(&report, Cause::Change);
-        self.write_state();
-        let uapi = self
-            .listen_uapi()
-            .map_err(|e| Failure::system(&format!("listening on {}", self.uapi_path.display()), e))?;
-        Ok(Listeners { uapi, api })
+        Routes { accepted: allowed_prefixes(&self.dataplane.config().peers), advertised }
+    }
+
+    /// Tells the host side what the routes and the served prefixes are now; it makes a pass on its own.
+    fn update_host(&self) {
+        self.host.send(Command::Routes(self.routes()));
+        self.host.send(Command::Served(self.dataplane.config().served.clone()));
     }
 
     /// Puts exactly `wanted` on the TUN device: new addresses added, ones no longer wanted removed.
@@ -397,121 +342,30 @@ impl Daemon {
 
     /// The LAN (index, name) each SNAT address answers on, checked against the host without changing it: an
     /// address must be free (no interface has it) and inside a subnet the host is connected to.
-    async fn snat_lans(&self, addresses: &[IpAddr]) -> Result<Vec<(IpAddr, u32, String)>, Failure> {
-        let local = self.netlink.local_addresses().await.map_err(|e| Failure::System(e.to_string()))?;
+    async fn snat_lans(&self, addresses: &[IpAddr]) -> Result<Vec<Lan>, Error> {
+        let local = self.netlink.local_addresses().await.map_err(|e| Error::System(e.to_string()))?;
         let mut lans = Vec::new();
         for &address in addresses {
             if local.contains(&address) {
-                return Err(Failure::Config(format!(
+                return Err(Error::Input(format!(
                     "--snat-address {address} is already an address of this host; SNAT needs a free address of the LAN \
                      (e.g. a secondary private IP not assigned to any interface)"
                 )));
             }
-            let Some((lan_index, lan)) = self
+            let Some((index, name)) = self
                 .netlink
                 .interface_with_subnet(address, self.tun_index)
                 .await
-                .map_err(|e| Failure::System(e.to_string()))?
+                .map_err(|e| Error::System(e.to_string()))?
             else {
-                return Err(Failure::Config(format!(
+                return Err(Error::Input(format!(
                     "--snat-address {address} lies in no subnet this host is connected to; give a free address of the \
                      LAN the routed traffic should appear from"
                 )));
             };
-            lans.push((address, lan_index, lan));
+            lans.push(Lan { address, index, name });
         }
         Ok(lans)
-    }
-
-    /// Makes each SNAT address appear on its LAN: replies to it are routed into the TUN device (a host route in
-    /// the mesh table), its LAN interface answers ARP for it (a proxy neighbour entry, with `proxy_delay=0` so
-    /// the first connection does not wait up to 0.8 s).
-    async fn plumb_snat(&mut self) -> Result<(), Failure> {
-        let mut pinned = Vec::new();
-        for (address, lan_index, lan) in self.snat_lans(&self.dataplane.config().snat.addresses()).await? {
-            self.netlink.add_proxy_neighbour(lan_index, address).await.map_err(|e| Failure::System(e.to_string()))?;
-            self.plumbing.push(Plumbing { address, lan_index, lan: lan.clone() });
-            // IPv4 answers ARP for a proxy entry at once only with proxy_delay 0; IPv6 answers neighbour
-            // solicitations for one only with proxy_ndp on.
-            let (key, value) = if address.is_ipv4() {
-                (sysctl::proxy_delay_key(&lan), "0")
-            } else {
-                (format!("net/ipv6/conf/{lan}/proxy_ndp"), "1")
-            };
-            if let Some(saved) = sysctl::set(&key, value).map_err(|e| Failure::System(e.to_string()))?
-                && !self.saved_sysctls.iter().any(|s| s.key == saved.key)
-            {
-                self.saved_sysctls.push(saved);
-            }
-            pinned.push(IpNet::from(address));
-            tracing::info!(snat_address = %address, lan = %lan, "SNAT address answers on the LAN");
-        }
-        self.routes.set_pinned(pinned);
-        Ok(())
-    }
-
-    /// What `meshd doctor` needs to know beyond the UAPI: served routes and the SNAT plumbing.
-    fn write_state(&self) {
-        let p = self.routes.policy();
-        let accept = match &self.options.accept {
-            mesh_linux::plan::Accept::All => serde_json::Value::Null,
-            mesh_linux::plan::Accept::Within(list) => list.iter().map(ToString::to_string).collect(),
-        };
-        let state = serde_json::json!({
-            "policy": {"table": p.table, "fwmark": p.fwmark, "rule_priority": p.marked_main},
-            "accept_routes": accept,
-            "served": self.dataplane.config().served.iter().map(|s| serde_json::json!({"prefix": s.prefix.to_string(), "snat": s.snat})).collect::<Vec<_>>(),
-            "snat": self.plumbing.iter().map(|p| serde_json::json!({"address": p.address.to_string(), "lan": p.lan})).collect::<Vec<_>>(),
-            // What to put back, so a run after a crash can still restore the values from before meshd.
-            "sysctls": self.saved_sysctls.iter().map(|s| serde_json::json!({"key": s.key, "old": s.old})).collect::<Vec<_>>(),
-        });
-        let result = std::fs::create_dir_all(&self.options.run_dir)
-            .and_then(|()| std::fs::write(&self.state_path, state.to_string()));
-        if let Err(e) = result {
-            tracing::warn!(error = %e, file = %self.state_path.display(), "cannot write the state doctor reads");
-        }
-    }
-
-    fn log_routes(&mut self, report: &Report, cause: Cause) {
-        let table = self.routes.policy().table;
-        for route in &report.conflicts {
-            tracing::warn!(route = %route, table, "not installed: another program's route holds this prefix");
-        }
-        for skipped in &report.skipped {
-            tracing::warn!(
-                accepted = %skipped.accepted, local = %skipped.local,
-                "not routing an accepted prefix into the mesh: it would take over a local network"
-            );
-        }
-        if cause == Cause::Repair {
-            for route in &report.added {
-                tracing::info!(route = %route, table, "restored a route something else removed");
-            }
-            for entry in &report.removed {
-                tracing::info!(route = %entry.prefix, table, "removed a stale or duplicate meshd route");
-            }
-            for (v6, priority) in &report.rules_added {
-                tracing::info!(priority, ipv6 = v6, "restored a policy rule something else removed");
-            }
-        }
-        if report.deferred && self.deferred_logged.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-            tracing::warn!(table, "routes or rules keep being changed by another program; meshd is backing off");
-            self.deferred_logged = Some(Instant::now());
-        }
-    }
-
-    /// Addresses come and go (DHCP, a hand-added alias); the data plane counts all of them as this node.
-    /// Route passes run on every address change, so they refresh this too.
-    async fn refresh_own_addresses(&mut self) {
-        match self.netlink.local_addresses().await {
-            Ok(addresses) if addresses != self.dataplane.config().local_addresses => {
-                let mut wanted = self.dataplane.config().clone();
-                wanted.local_addresses = addresses;
-                self.reconfigure(wanted);
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "reading the host's addresses"),
-        }
     }
 
     /// Applies a new wanted state to the data plane; a refusal keeps the running one whole and says why.
@@ -525,14 +379,6 @@ impl Daemon {
                 tracing::error!("configuration refused, keeping the running one: {e}");
                 false
             }
-        }
-    }
-
-    async fn reconcile_routes(&mut self, cause: Cause) {
-        self.refresh_own_addresses().await;
-        match self.routes.reconcile(cause).await {
-            Ok(report) => self.log_routes(&report, cause),
-            Err(e) => tracing::error!(error = %e, "checking routes"),
         }
     }
 
@@ -552,23 +398,7 @@ impl Daemon {
     }
 
     async fn stop(&mut self) {
-        if !self.installed {
-            return;
-        }
-        if let Err(e) = self.routes.teardown().await {
-            tracing::warn!(error = %e, "cleanup");
-        }
-        for p in std::mem::take(&mut self.plumbing) {
-            if let Err(e) = self.netlink.del_proxy_neighbour(p.lan_index, p.address).await {
-                tracing::warn!(error = %e, "cleanup");
-            }
-        }
-        for saved in std::mem::take(&mut self.saved_sysctls) {
-            if let Err(e) = sysctl::restore(&saved) {
-                tracing::warn!(error = %e, "cleanup");
-            }
-        }
-        let _ = std::fs::remove_file(&self.state_path);
+        self.host.stop().await;
         let _ = std::fs::remove_file(&self.uapi_path);
         if let Some(m) = &self.managed {
             let _ = std::fs::remove_file(&self.options.socket);
@@ -577,7 +407,7 @@ impl Daemon {
         tracing::info!("meshd stopped; routes, rules and the UAPI socket removed");
     }
 
-    async fn event_loop(&mut self, listeners: Listeners, signals: Signals) -> Result<(), Failure> {
+    async fn event_loop(&mut self, listeners: Listeners, signals: Signals) -> Result<(), Error> {
         let Signals { mut hangup, mut terminate, mut interrupt } = signals;
         let uapi_listener = listeners.uapi;
         let (api_tx, mut api_rx) = mpsc::channel::<local_api::Request>(16);
@@ -586,8 +416,6 @@ impl Daemon {
         self.resume().await;
         let (uapi_tx, mut uapi_rx) = mpsc::channel::<UapiRequest>(8);
         let (reload_tx, mut reload_rx) = mpsc::channel::<Result<Reloaded, String>>(1);
-        let mut route_events = Netlink::subscribe().map_err(|e| Failure::system("watching routes", e))?;
-        let mut next_route_check = Instant::now() + ROUTE_CHECK_INTERVAL;
 
         let mut tun_buf = vec![0u8; 65_536];
         let mut udp4_buf = vec![0u8; 65_536];
@@ -597,7 +425,7 @@ impl Daemon {
             let wake = self.dataplane.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
             tokio::select! {
                 read = self.tun.recv(&mut tun_buf) => {
-                    let n = read.map_err(|e| Failure::system("reading the TUN device", e))?;
+                    let n = read.map_err(|e| Error::system("reading the TUN device", e))?;
                     let _ = self.dataplane.handle_tun_packet(&mut tun_buf[..n], Instant::now());
                 }
                 received = self.udp4.recv_from(&mut udp4_buf) => {
@@ -611,15 +439,10 @@ impl Daemon {
                     }
                 }
                 _ = tokio::time::sleep_until(wake.into()) => self.dataplane.handle_timeout(Instant::now()),
-                Some((message, _)) = route_events.events.next() => {
-                    tracing::trace!(?message, "netlink event");
-                    if netlink::is_relevant(&message, self.routes.policy().table) {
-                        next_route_check = next_route_check.min(Instant::now() + ROUTE_EVENT_DELAY);
-                    }
-                }
-                _ = tokio::time::sleep_until(next_route_check.into()) => {
-                    self.reconcile_routes(Cause::Repair).await;
-                    next_route_check = Instant::now() + ROUTE_CHECK_INTERVAL;
+                Some(addresses) = self.host_addresses.recv() => {
+                    let mut wanted = self.dataplane.config().clone();
+                    wanted.local_addresses = addresses;
+                    self.reconfigure(wanted);
                 }
                 accepted = uapi_listener.accept() => {
                     if let Ok((stream, _)) = accepted {
@@ -713,7 +536,6 @@ impl Daemon {
         if key.is_some_and(|k| k != self.private_key) {
             tracing::warn!("the private key changed; restart meshd to use it");
         }
-        let accepted = allowed_prefixes(&specs);
         let mut wanted = self.dataplane.config().clone();
         wanted.peers = specs;
         match self.dataplane.configure(wanted, Instant::now()) {
@@ -728,8 +550,7 @@ impl Daemon {
                 return;
             }
         }
-        self.routes.set_accepted(accepted);
-        self.reconcile_routes(Cause::Change).await;
+        self.update_host();
     }
 
     fn uapi_reply(&self, request: &uapi::Request) -> String {
@@ -739,7 +560,7 @@ impl Daemon {
                 let device = uapi::Device {
                     private_key: &self.private_key,
                     listen_port: self.listen_port,
-                    fwmark: self.routes.policy().fwmark,
+                    fwmark: self.options.policy.fwmark,
                     peers: &peers,
                 };
                 uapi::get_reply(&device, SystemTime::now())

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
+use crate::run_state::RunState;
 use ipnet::IpNet;
 use mesh_linux::RoutingPolicy;
 use mesh_linux::netlink::Netlink;
@@ -56,40 +57,6 @@ impl Check {
     fn new(name: &'static str, status: Status, summary: impl Into<String>) -> Self {
         Self { name, status, summary: summary.into(), details: Vec::new(), fix: Vec::new() }
     }
-}
-
-/// What the daemon wrote for doctor: the routes it serves, its SNAT plumbing, and the numbers and filter it
-/// runs with (so doctor plans the same table whatever flags doctor itself was given).
-#[derive(Debug, Default)]
-struct RunState {
-    serving: bool,
-    snat: Vec<(IpAddr, String)>,
-    policy: Option<(u32, u32, u32)>,
-    accept: Option<plan::Accept>,
-}
-
-fn read_state(path: &Path) -> RunState {
-    let Ok(text) = std::fs::read_to_string(path) else { return RunState::default() };
-    let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else { return RunState::default() };
-    let snat = json["snat"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|s| Some((s["address"].as_str()?.parse().ok()?, s["lan"].as_str()?.to_string())))
-        .collect();
-    let p = &json["policy"];
-    let policy = match (p["table"].as_u64(), p["fwmark"].as_u64(), p["rule_priority"].as_u64()) {
-        (Some(t), Some(m), Some(r)) => Some((t as u32, m as u32, r as u32)),
-        _ => None,
-    };
-    let accept = match &json["accept_routes"] {
-        serde_json::Value::Array(list) => {
-            Some(plan::Accept::Within(list.iter().filter_map(|v| v.as_str()?.parse().ok()).collect()))
-        }
-        serde_json::Value::Null => Some(plan::Accept::All),
-        _ => None,
-    };
-    RunState { serving: json["served"].as_array().is_some_and(|a| !a.is_empty()), snat, policy, accept }
 }
 
 /// What the running daemon reports about itself.
@@ -174,25 +141,20 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
     let netlink = Netlink::connect()?;
     let socket = o.uapi_dir.join(format!("{}.sock", o.tun));
     let daemon = ask_daemon(&socket);
-    let state =
-        if daemon.is_some() { read_state(&o.run_dir.join(format!("{}.json", o.tun))) } else { RunState::default() };
+    let state = match &daemon {
+        Some(_) => RunState::read(&o.run_dir.join(format!("{}.json", o.tun))),
+        None => RunState::default(),
+    };
     // The running daemon's own numbers and filter win over doctor's flags.
     let mut o = o.clone();
-    if let Some((table, fwmark, rule_priority)) = state.policy {
-        let mask = (0..4).map(|i| 0xffu32 << (i * 8)).filter(|b| fwmark & b != 0).fold(0, |a, b| a | b);
-        o.policy = RoutingPolicy {
-            table,
-            fwmark,
-            fwmask: mask,
-            marked_main: rule_priority,
-            marked_default: rule_priority + 20,
-            marked_unreachable: rule_priority + 40,
-            lookup_table: rule_priority + 60,
+    if let Some(p) = state.policy {
+        o.policy = RoutingPolicy::new(p.table, p.fwmark, p.rule_priority);
+        o.accept = match &state.accept_routes {
+            None => plan::Accept::All,
+            Some(within) => plan::Accept::Within(within.clone()),
         };
     }
-    if let Some(accept) = state.accept.clone() {
-        o.accept = accept;
-    }
+    let snat: Vec<(IpAddr, String)> = state.snat.iter().map(|s| (s.address, s.lan.clone())).collect();
     let o = &o;
     let table = o.policy.table;
     let tun_index = netlink.link_index(&o.tun).await.ok();
@@ -267,7 +229,7 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
         None => Default::default(),
     };
     // The SNAT addresses' host routes are pinned into the table by the daemon.
-    desired.extend(state.snat.iter().map(|(a, _)| plan::Route::Mesh(IpNet::from(*a))));
+    desired.extend(snat.iter().map(|(a, _)| plan::Route::Mesh(IpNet::from(*a))));
     let p = plan::plan(&desired, &entries, tun_index.unwrap_or(0));
     let mut c = if p.add.is_empty() && p.remove.is_empty() {
         Check::new("table", Status::Ok, format!("table {table} holds exactly the {} routes meshd wants", desired.len()))
@@ -324,9 +286,9 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
         c
     });
 
-    out.push(forwarding_check(state.serving));
-    if !state.snat.is_empty() {
-        out.push(snat_check(&o.tun, &state.snat));
+    out.push(forwarding_check(!state.served.is_empty()));
+    if !snat.is_empty() {
+        out.push(snat_check(&o.tun, &snat));
     }
     out.push(rp_filter_check(&o.tun));
     out.push(firewall_check(&o.tun));

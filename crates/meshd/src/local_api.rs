@@ -2,6 +2,7 @@
 //! `status`, `ping`, `ip`, `down` and `logout` talk to. The server side only carries requests to the daemon's
 //! event loop and waits for its answer; the loop owns all state.
 
+use crate::error::Error;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -110,7 +111,8 @@ pub struct PeerView {
     pub routes: Vec<IpNet>,
 }
 
-pub type Reply<T> = oneshot::Sender<Result<T, String>>;
+/// The daemon's answer: bad input is the caller's to fix (400, exit status 2), anything else is not (500, 1).
+pub type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
 /// A request for the event loop.
 #[derive(Debug)]
@@ -134,7 +136,10 @@ async fn ask<T>(loop_tx: &mpsc::Sender<Request>, make: impl FnOnce(Reply<T>) -> 
     let (tx, rx) = oneshot::channel();
     let gone = || error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down");
     loop_tx.send(make(tx)).await.map_err(|_| gone())?;
-    rx.await.map_err(|_| gone())?.map_err(|e| error(StatusCode::BAD_REQUEST, e))
+    rx.await.map_err(|_| gone())?.map_err(|e| match e {
+        Error::Input(message) => error(StatusCode::BAD_REQUEST, message),
+        Error::System(message) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
+    })
 }
 
 async fn up(

@@ -1,17 +1,22 @@
-//! The meshd binary: one executable for the node daemon, its control verbs and, later, the coordination
-//! server. Each verb arrives with the issue that builds it.
+//! The meshd binary: one executable for the node daemon and its verbs, the coordination server and its
+//! administration verbs, and `doctor`.
+#![forbid(unsafe_code)]
 
 mod config;
 mod control_client;
 mod control_serve;
 mod daemon;
 mod doctor;
+mod error;
 mod follow;
 mod keys;
 mod local_api;
 mod node_cli;
 mod prefs;
+mod run_state;
 mod uapi;
+
+use error::Error;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -335,22 +340,8 @@ impl RoutingArgs {
     }
 
     fn policy(&self) -> mesh_linux::RoutingPolicy {
-        let p = self.rule_priority;
-        mesh_linux::RoutingPolicy {
-            table: self.table,
-            fwmark: self.fwmark,
-            fwmask: mask_for(self.fwmark),
-            marked_main: p,
-            marked_default: p + 20,
-            marked_unreachable: p + 40,
-            lookup_table: p + 60,
-        }
+        mesh_linux::RoutingPolicy::new(self.table, self.fwmark, self.rule_priority)
     }
-}
-
-/// The mask that covers the mark's bits byte by byte (0x80000 -> 0xff0000, as Tailscale's).
-fn mask_for(mark: u32) -> u32 {
-    (0..4).map(|i| 0xffu32 << (i * 8)).filter(|byte| mark & byte != 0).fold(0, |acc, byte| acc | byte)
 }
 
 fn parse_u32(text: &str) -> Result<u32, String> {
@@ -475,14 +466,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Why a CLI verb failed: bad input (exit status 2) or anything else (1). Either is printed as one line.
-pub(crate) enum VerbError {
-    Input(String),
-    Other(String),
-}
-
 /// Prints a verb's output (if any) or its one-line error, and gives the exit status.
-pub(crate) fn finish(result: Result<String, VerbError>) -> ExitCode {
+pub(crate) fn finish(result: Result<String, Error>) -> ExitCode {
     match result {
         Ok(output) => {
             if !output.is_empty() {
@@ -490,13 +475,9 @@ pub(crate) fn finish(result: Result<String, VerbError>) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(VerbError::Input(message)) => {
-            eprintln!("meshd: {message}");
-            ExitCode::from(2)
-        }
-        Err(VerbError::Other(message)) => {
-            eprintln!("meshd: {message}");
-            ExitCode::FAILURE
+        Err(e) => {
+            eprintln!("meshd: {e}");
+            e.exit_code()
         }
     }
 }
@@ -516,7 +497,7 @@ fn admin(connection: ConnectionArgs, verb: control_client::Verb) -> ExitCode {
 
 /// Runs a command on a single-threaded runtime and turns its failure into one line and an exit status:
 /// 2 for bad input, 1 for the system refusing.
-fn block_on(task: impl std::future::Future<Output = Result<(), daemon::Failure>>) -> ExitCode {
+fn block_on(task: impl std::future::Future<Output = Result<(), Error>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -526,13 +507,9 @@ fn block_on(task: impl std::future::Future<Output = Result<(), daemon::Failure>>
     };
     match runtime.block_on(task) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(daemon::Failure::Config(message)) => {
-            eprintln!("meshd: {message}");
-            ExitCode::from(2)
-        }
-        Err(daemon::Failure::System(message)) => {
-            eprintln!("meshd: {message}");
-            ExitCode::FAILURE
+        Err(e) => {
+            eprintln!("meshd: {e}");
+            e.exit_code()
         }
     }
 }
@@ -584,9 +561,11 @@ mod tests {
         assert_eq!(parse_u32("524288"), Ok(0x80000));
         assert!(parse_u32("0").is_err());
         assert!(parse_u32("0xzz").is_err());
-        assert_eq!(mask_for(0x80000), 0xff0000);
-        assert_eq!(mask_for(0x1), 0xff);
-        assert_eq!(mask_for(0x10100), 0xffff00);
+        let mask = |mark| mesh_linux::RoutingPolicy::new(52, mark, 5210).fwmask;
+        assert_eq!(mask(0x80000), 0xff0000);
+        assert_eq!(mask(0x1), 0xff);
+        assert_eq!(mask(0x10100), 0xffff00);
+        assert_eq!(mesh_linux::RoutingPolicy::new(52, 0x80000, 5210), mesh_linux::RoutingPolicy::default());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::VerbError as Failure;
+use crate::error::Error;
 use crate::local_api::{self, PingReply, Status, UpReply, UpRequest};
 use crate::prefs::{Accept, Advertised, PrefsPatch};
 
@@ -97,50 +97,50 @@ pub fn run(socket: PathBuf, verb: Verb) -> ExitCode {
 }
 
 /// One request; a refusal becomes its one line (bad input when the daemon says the request was wrong).
-async fn request(socket: &PathBuf, method: &str, path: &str, body: Option<String>) -> Result<String, Failure> {
-    let (status, text) = local_api::call(socket, method, path, body).await.map_err(Failure::Other)?;
+async fn request(socket: &PathBuf, method: &str, path: &str, body: Option<String>) -> Result<String, Error> {
+    let (status, text) = local_api::call(socket, method, path, body).await.map_err(Error::System)?;
     match status {
         200..=299 => Ok(text),
-        400 => Err(Failure::Input(local_api::error_text(status, &text))),
-        _ => Err(Failure::Other(local_api::error_text(status, &text))),
+        400 => Err(Error::Input(local_api::error_text(status, &text))),
+        _ => Err(Error::System(local_api::error_text(status, &text))),
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Failure> {
-    serde_json::from_str(text).map_err(|e| Failure::Other(format!("unexpected answer from the daemon: {e}")))
+fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Error> {
+    serde_json::from_str(text).map_err(|e| Error::System(format!("unexpected answer from the daemon: {e}")))
 }
 
-fn auth_key(given: Option<String>) -> Result<Option<String>, Failure> {
+fn auth_key(given: Option<String>) -> Result<Option<String>, Error> {
     match given {
         Some(k) if k.starts_with("file:") => {
             let path = &k["file:".len()..];
             std::fs::read_to_string(path)
                 .map(|t| Some(t.trim().to_string()))
-                .map_err(|e| Failure::Input(format!("--auth-key file:{path}: cannot read: {e}")))
+                .map_err(|e| Error::Input(format!("--auth-key file:{path}: cannot read: {e}")))
         }
         other => Ok(other.filter(|k| !k.is_empty())),
     }
 }
 
-async fn execute(socket: &PathBuf, verb: Verb) -> Result<String, Failure> {
+async fn execute(socket: &PathBuf, verb: Verb) -> Result<String, Error> {
     match verb {
         Verb::Up { prefs, auth_key: key, force_reauth, timeout } => {
-            let timeout = crate::control_client::parse_duration(&timeout)
-                .map_err(|e| Failure::Input(format!("--timeout {e}")))?;
+            let timeout =
+                crate::control_client::parse_duration(&timeout).map_err(|e| Error::Input(format!("--timeout {e}")))?;
             let up = UpRequest {
-                prefs: prefs.patch().map_err(Failure::Input)?,
+                prefs: prefs.patch().map_err(Error::Input)?,
                 auth_key: auth_key(key)?,
                 force_reauth,
                 timeout_ms: timeout.saturating_mul(1000),
             };
-            let body = serde_json::to_string(&up).map_err(|e| Failure::Other(e.to_string()))?;
+            let body = serde_json::to_string(&up).map_err(|e| Error::System(e.to_string()))?;
             let reply: UpReply = parse(&request(socket, "POST", "/v1/up", Some(body)).await?)?;
             eprintln!("meshd: connected as {} ({}, {})", reply.name, reply.ipv4, reply.ipv6);
             Ok(reply.ipv4.to_string())
         }
         Verb::Set(prefs) => {
-            let body = serde_json::to_string(&prefs.patch().map_err(Failure::Input)?)
-                .map_err(|e| Failure::Other(e.to_string()))?;
+            let body = serde_json::to_string(&prefs.patch().map_err(Error::Input)?)
+                .map_err(|e| Error::System(e.to_string()))?;
             request(socket, "POST", "/v1/set", Some(body)).await.map(|_| String::new())
         }
         Verb::Down => request(socket, "POST", "/v1/down", None).await.map(|_| String::new()),
@@ -156,7 +156,7 @@ async fn execute(socket: &PathBuf, verb: Verb) -> Result<String, Failure> {
             let status: Status = parse(&request(socket, "GET", "/v1/status", None).await?)?;
             let (v4, v6) = match &peer {
                 None => {
-                    let node = status.node.ok_or_else(|| Failure::Other("not connected; run meshd up".into()))?;
+                    let node = status.node.ok_or_else(|| Error::System("not connected; run meshd up".into()))?;
                     (node.ipv4, node.ipv6)
                 }
                 Some(name) => {
@@ -164,7 +164,7 @@ async fn execute(socket: &PathBuf, verb: Verb) -> Result<String, Failure> {
                         .peers
                         .iter()
                         .find(|p| &p.name == name || p.ipv4.is_some_and(|a| a.to_string() == *name))
-                        .ok_or_else(|| Failure::Other(format!("no peer named {name} (see meshd status)")))?;
+                        .ok_or_else(|| Error::System(format!("no peer named {name} (see meshd status)")))?;
                     (p.ipv4, p.ipv6)
                 }
             };

@@ -12,8 +12,10 @@ use mesh_dataplane::router::Served;
 use mesh_proto::NetMap;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Daemon, Failure, Options, Setup, allowed_prefixes};
+use super::host::{Command, Lan};
+use super::{Daemon, Options, Setup};
 use crate::config::{self, PrivateKey};
+use crate::error::Error;
 use crate::follow::{self, Event, Follow};
 use crate::keys;
 use crate::local_api::{Conn, PeerView, Request, SelfStatus, Status, UpReply, UpRequest};
@@ -48,27 +50,12 @@ fn mesh_addresses(map: &NetMap) -> Vec<IpNet> {
     vec![IpNet::from(IpAddr::V4(map.node.ipv4)), IpNet::from(IpAddr::V6(map.node.ipv6))]
 }
 
-/// A router forwards: `up --advertise-routes` is the consent design.md asks for before turning on
-/// forwarding, which then stays on (a router restarting must not cut its LAN off in between).
-fn enable_forwarding(served: &[Served]) {
-    for (v6, key) in [(false, "net.ipv4.ip_forward"), (true, "net.ipv6.conf.all.forwarding")] {
-        if served.iter().any(|s| s.prefix.addr().is_ipv6() == v6)
-            && mesh_linux::sysctl::read(key).is_ok_and(|v| v == "0")
-        {
-            match mesh_linux::sysctl::set(key, "1") {
-                Ok(_) => tracing::info!(sysctl = key, "turned forwarding on to serve advertised routes"),
-                Err(e) => tracing::warn!(sysctl = key, error = %e, "cannot turn forwarding on"),
-            }
-        }
-    }
-}
-
-pub(super) async fn setup(options: &Options) -> Result<Setup, Failure> {
+pub(super) async fn setup(options: &Options) -> Result<Setup, Error> {
     let store = Store { dir: options.state_dir.clone() };
-    let prefs = store.load_prefs().map_err(Failure::Config)?;
-    prefs.check().map_err(|e| Failure::Config(format!("{}: {e}", store.prefs_path().display())))?;
-    let identity = store.load_identity().map_err(Failure::Config)?;
-    let private_key = keys::load(&PrivateKey::Generate, &options.state_dir).map_err(Failure::Config)?;
+    let prefs = store.load_prefs().map_err(Error::Input)?;
+    prefs.check().map_err(|e| Error::Input(format!("{}: {e}", store.prefs_path().display())))?;
+    let identity = store.load_identity().map_err(Error::Input)?;
+    let private_key = keys::load(&PrivateKey::Generate, &options.state_dir).map_err(Error::Input)?;
     let netmap = if identity.is_some() && prefs.want_running { store.load_netmap() } else { None };
     let (specs, addresses) = match &netmap {
         Some(map) => {
@@ -79,7 +66,7 @@ pub(super) async fn setup(options: &Options) -> Result<Setup, Failure> {
     };
     let served = served_now(&prefs, netmap.as_ref());
     if prefs.want_running {
-        enable_forwarding(&prefs.served());
+        super::host::enable_forwarding(&prefs.served());
     }
     let (events_tx, events_rx) = mpsc::channel(16);
     let managed = Managed {
@@ -215,11 +202,9 @@ impl Daemon {
         for skipped in &peers.skipped {
             tracing::warn!(peer = %skipped.name, node_id = skipped.node_id, "not configured: {}", skipped.reason);
         }
-        let advertised = m.prefs.advertised_prefixes();
         let mut wanted = self.dataplane.config().clone();
         wanted.served = served_now(&m.prefs, Some(&map));
         wanted.mesh_addresses = mesh_addresses(&map).iter().map(IpNet::addr).collect();
-        let accepted = allowed_prefixes(&peers.specs);
         wanted.peers = peers.specs;
         let applied = match self.dataplane.configure(wanted, Instant::now()) {
             Ok(applied) => applied,
@@ -231,10 +216,7 @@ impl Daemon {
         if let Err(e) = self.set_addresses(mesh_addresses(&map)).await {
             tracing::error!("cannot put the mesh address on the TUN device: {e}");
         }
-        self.routes.set_accepted(accepted);
-        self.routes.set_advertised(advertised);
-        self.reconcile_routes(mesh_linux::manager::Cause::Change).await;
-        self.write_state();
+        self.update_host();
         tracing::info!(
             version = map.version,
             added = applied.peers_added,
@@ -242,10 +224,14 @@ impl Daemon {
             changed = applied.peers_changed,
             "netmap applied"
         );
+        // Written on the host side, in order, so a slow disk never holds packets.
+        let (store, cached) = (self.managed_mut().store.clone(), map.clone());
+        self.host.send(Command::Persist(Box::new(move || {
+            if let Err(e) = store.save_netmap(&cached) {
+                tracing::warn!("cannot cache the netmap: {e}");
+            }
+        })));
         let m = self.managed_mut();
-        if let Err(e) = m.store.save_netmap(&map) {
-            tracing::warn!("cannot cache the netmap: {e}");
-        }
         m.trouble = None;
         m.conn.send_replace(Conn::Running(UpReply {
             name: map.node.name.clone(),
@@ -267,30 +253,39 @@ impl Daemon {
         if let Err(e) = self.set_addresses(Vec::new()).await {
             tracing::warn!("removing the mesh addresses: {e}");
         }
-        self.routes.set_accepted(Vec::new());
-        self.reconcile_routes(mesh_linux::manager::Cause::Change).await;
-        self.write_state();
+        self.update_host();
     }
 
     /// Only a managed daemon serves the local API, so only it gets here.
     pub(super) async fn api_request(&mut self, request: Request) {
         match request {
-            Request::Up(up, reply) => {
-                let result = self.up(*up).await;
-                let _ = reply.send(result);
-            }
-            Request::Set(patch, reply) => {
-                let result = self.set(patch).await;
-                let _ = reply.send(result);
-            }
+            Request::Up(up, reply) => match self.up(*up).await {
+                Ok((conn, pending)) => answer_after(pending, reply, conn),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Request::Set(patch, reply) => match self.set(patch).await {
+                Ok(pending) => answer_after(pending, reply, ()),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             Request::Down(reply) => {
                 let result = self.down().await;
                 let _ = reply.send(result);
             }
-            Request::Logout(reply) => {
-                let result = self.logout().await;
-                let _ = reply.send(result);
-            }
+            Request::Logout(reply) => match self.logout().await {
+                // The server is told off the loop: it may take seconds to answer, or never.
+                Ok(tell) => {
+                    tokio::spawn(async move {
+                        let _ = reply.send(tell.await);
+                    });
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             Request::Status(reply) => {
                 let _ = reply.send(self.status());
             }
@@ -301,15 +296,15 @@ impl Daemon {
     }
 
     /// Stores preferences after checking them, before anything acts on them.
-    fn store_prefs(&mut self, prefs: Prefs) -> Result<(), String> {
-        prefs.check()?;
+    fn store_prefs(&mut self, prefs: Prefs) -> Result<(), Error> {
+        prefs.check().map_err(Error::Input)?;
         let m = self.managed_mut();
-        m.store.save_prefs(&prefs)?;
+        m.store.save_prefs(&prefs).map_err(Error::System)?;
         m.prefs = prefs;
         Ok(())
     }
 
-    async fn up(&mut self, request: UpRequest) -> Result<watch::Receiver<Conn>, String> {
+    async fn up(&mut self, request: UpRequest) -> Result<(watch::Receiver<Conn>, Option<Pending>), Error> {
         let m = self.managed.as_ref().expect("managed");
         let mut prefs = m.prefs.patched(&request.prefs);
         prefs.want_running = true;
@@ -319,42 +314,44 @@ impl Daemon {
         let reauth = request.force_reauth || refused || other_server || m.identity.is_none();
         if reauth && auth_key.is_none() {
             if request.force_reauth {
-                return Err("--force-reauth registers a new node key: give --auth-key KEY too".into());
+                return Err(Error::Input("--force-reauth registers a new node key: give --auth-key KEY too".into()));
             }
-            return Err(match (&m.identity, other_server) {
+            return Err(Error::Input(match (&m.identity, other_server) {
                 (Some(i), true) => format!(
                     "this node is registered with {}; give --auth-key KEY to join {}",
                     i.control_url, prefs.control_url
                 ),
                 _ if refused => "the coordination server refused this node; give a new --auth-key KEY".into(),
                 _ => "this node is not registered yet: give --auth-key KEY (or MESHD_AUTH_KEY)".into(),
-            });
+            }));
         }
-        prefs.check()?;
+        prefs.check().map_err(Error::Input)?;
         let snat = self.checked_snat(&prefs).await?;
         self.store_prefs(prefs)?;
         if request.force_reauth {
             self.new_node_key().await?;
         }
-        if let Some(snat) = snat {
-            self.replumb(snat).await?;
-        }
+        let pending = match snat {
+            Some((snat, lans)) => Some(self.replumb(snat, lans)?),
+            None => None,
+        };
         let m = self.managed_mut();
         if reauth {
             m.identity = None;
             m.conn.send_replace(Conn::Connecting(None));
         }
         m.auth_key = auth_key;
-        enable_forwarding(&m.prefs.served());
+        let served = m.prefs.served();
+        self.host.send(Command::Forwarding(served));
         self.start_following().await;
-        Ok(self.managed_mut().conn.subscribe())
+        Ok((self.managed_mut().conn.subscribe(), pending))
     }
 
     /// `up --force-reauth`: a new node key, and with it a new registration.
-    async fn new_node_key(&mut self) -> Result<(), String> {
+    async fn new_node_key(&mut self) -> Result<(), Error> {
         let path = self.options.state_dir.join("private.key");
         let _ = std::fs::remove_file(&path);
-        let key = keys::load(&PrivateKey::Generate, &self.options.state_dir)?;
+        let key = keys::load(&PrivateKey::Generate, &self.options.state_dir).map_err(Error::System)?;
         self.private_key = key;
         // A new key is a new node: new sessions, new SNAT translations; the wanted state carries over.
         let wanted = self.dataplane.config().clone();
@@ -368,48 +365,42 @@ impl Daemon {
     /// The SNAT settings new preferences ask for, when they differ from the running ones, checked against
     /// the host before anything is stored: each address must be free and on a connected LAN. `None` when
     /// they stay as they are.
-    async fn checked_snat(&self, prefs: &Prefs) -> Result<Option<mesh_dataplane::SnatSettings>, String> {
-        let snat = prefs.snat_settings()?;
+    async fn checked_snat(&self, prefs: &Prefs) -> Result<Option<(mesh_dataplane::SnatSettings, Vec<Lan>)>, Error> {
+        let snat = prefs.snat_settings().map_err(Error::Input)?;
         if snat == self.dataplane.config().snat {
             return Ok(None);
         }
-        self.snat_lans(&snat.addresses()).await.map_err(failure_text)?;
-        Ok(Some(snat))
+        let lans = self.snat_lans(&snat.addresses()).await?;
+        Ok(Some((snat, lans)))
     }
 
-    /// A changed `--snat-address`: the old address stops answering on its LAN, the data plane translates to
-    /// the new one, and the new one starts answering.
-    async fn replumb(&mut self, snat: mesh_dataplane::SnatSettings) -> Result<(), String> {
-        for p in std::mem::take(&mut self.plumbing) {
-            if let Err(e) = self.netlink.del_proxy_neighbour(p.lan_index, p.address).await {
-                tracing::warn!(error = %e, "removing the old SNAT address");
-            }
-        }
+    /// A changed `--snat-address`: the data plane translates to the new one, and the host side moves the
+    /// plumbing (the old address stops answering on its LAN, the new one starts). Returns the host side's
+    /// answer to wait for, off the loop.
+    fn replumb(&mut self, snat: mesh_dataplane::SnatSettings, lans: Vec<Lan>) -> Result<Pending, Error> {
         let m = self.managed.as_ref().expect("managed");
         let mut wanted = self.dataplane.config().clone();
         wanted.served = served_now(&m.prefs, m.netmap.as_ref());
         wanted.snat = snat;
-        self.dataplane.configure(wanted, Instant::now()).map_err(|e| e.to_string())?;
-        self.plumb_snat().await.map_err(failure_text)?;
-        self.reconcile_routes(mesh_linux::manager::Cause::Change).await;
-        self.write_state();
-        Ok(())
+        self.dataplane.configure(wanted, Instant::now()).map_err(|e| Error::Input(e.to_string()))?;
+        Ok(self.host.ask(|reply| Command::Snat { lans, reply }))
     }
 
-    async fn set(&mut self, patch: PrefsPatch) -> Result<(), String> {
+    async fn set(&mut self, patch: PrefsPatch) -> Result<Option<Pending>, Error> {
         let m = self.managed.as_ref().expect("managed");
         let before = m.prefs.clone();
         let prefs = before.patched(&patch);
-        prefs.check()?;
+        prefs.check().map_err(Error::Input)?;
         let snat = self.checked_snat(&prefs).await?;
         self.store_prefs(prefs.clone())?;
-        if let Some(snat) = snat {
-            self.replumb(snat).await?;
-        }
+        let pending = match snat {
+            Some((snat, lans)) => Some(self.replumb(snat, lans)?),
+            None => None,
+        };
         if !prefs.want_running {
-            return Ok(());
+            return Ok(pending);
         }
-        enable_forwarding(&prefs.served());
+        self.host.send(Command::Forwarding(prefs.served()));
         let server_side = prefs.control_url != before.control_url
             || prefs.ca_cert != before.ca_cert
             || prefs.advertise_routes.iter().map(|a| a.prefix).ne(before.advertise_routes.iter().map(|a| a.prefix))
@@ -421,10 +412,10 @@ impl Daemon {
         if let Some(map) = self.managed_mut().netmap.clone() {
             self.apply_netmap(map).await;
         }
-        Ok(())
+        Ok(pending)
     }
 
-    async fn down(&mut self) -> Result<(), String> {
+    async fn down(&mut self) -> Result<(), Error> {
         let mut prefs = self.managed_mut().prefs.clone();
         prefs.want_running = false;
         self.store_prefs(prefs)?;
@@ -433,11 +424,12 @@ impl Daemon {
         Ok(())
     }
 
-    /// Leaves the mesh for good: the server deletes the node, and this node forgets its identity.
-    async fn logout(&mut self) -> Result<(), String> {
+    /// Leaves the mesh for good: the server deletes the node, and this node forgets its identity. Returns
+    /// the call that tells the server, to run off the loop.
+    async fn logout(&mut self) -> Result<Telling, Error> {
         let m = self.managed_mut();
         let Some(identity) = m.identity.take() else {
-            return Err("this node is not registered".into());
+            return Err(Error::Input("this node is not registered".into()));
         };
         let ca_cert = m.prefs.ca_cert.clone();
         let mut prefs = m.prefs.clone();
@@ -449,28 +441,30 @@ impl Daemon {
         m.netmap = None;
         let url = format!("{}/api/v1/logout", identity.control_url);
         let auth = format!("Node {} {}", identity.node_id, identity.credential);
-        let told = tokio::task::spawn_blocking(move || {
-            let agent = crate::control_client::https_agent(ca_cert.as_deref(), Some(Duration::from_secs(10)))?;
-            let response = agent.post(&url).header("authorization", &auth).send("").map_err(|e| e.to_string())?;
-            match response.status().as_u16() {
-                204 | 401 => Ok(()),
-                other => Err(format!("it answered {other}")),
+        Ok(Box::pin(async move {
+            let told = tokio::task::spawn_blocking(move || {
+                let agent = crate::control_client::https_agent(ca_cert.as_deref(), Some(Duration::from_secs(10)))?;
+                let response = agent.post(&url).header("authorization", &auth).send("").map_err(|e| e.to_string())?;
+                match response.status().as_u16() {
+                    204 | 401 => Ok(()),
+                    other => Err(format!("it answered {other}")),
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+            match told {
+                Ok(()) => {
+                    tracing::info!("logged out");
+                    Ok(())
+                }
+                Err(e) => Err(Error::System(format!(
+                    "logged out here, but the coordination server at {} was not told ({e}); an admin can run meshd \
+                     control nodes delete {}",
+                    identity.control_url, identity.node_id
+                ))),
             }
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
-        match told {
-            Ok(()) => {
-                tracing::info!("logged out");
-                Ok(())
-            }
-            Err(e) => Err(format!(
-                "logged out here, but the coordination server at {} was not told ({e}); an admin can run meshd \
-                 control nodes delete {}",
-                identity.control_url, identity.node_id
-            )),
-        }
+        }))
     }
 
     pub(super) fn status(&self) -> Status {
@@ -521,21 +515,25 @@ impl Daemon {
     }
 
     /// Sends one ICMP echo request from this node's mesh address to a peer's, through the tunnel.
-    fn ping(&mut self, target: &str) -> Result<(String, IpAddr, oneshot::Receiver<Duration>), String> {
+    fn ping(&mut self, target: &str) -> Result<(String, IpAddr, oneshot::Receiver<Duration>), Error> {
         let m = self.managed_mut();
-        let Some(map) = &m.netmap else { return Err("not connected; run meshd up".into()) };
+        let Some(map) = &m.netmap else { return Err(Error::System("not connected; run meshd up".into())) };
         let domain_suffix = format!(".{}", map.domain);
         let wanted = target.strip_suffix(&domain_suffix).unwrap_or(target);
         let peer = map
             .peers
             .iter()
             .find(|p| p.name == wanted || p.ipv4.to_string() == target || p.ipv6.to_string() == target)
-            .ok_or_else(|| format!("no peer named or addressed {target} in the netmap (see meshd status)"))?;
+            .ok_or_else(|| {
+                Error::Input(format!("no peer named or addressed {target} in the netmap (see meshd status)"))
+            })?;
         let (name, ip) = (peer.name.clone(), IpAddr::V4(peer.ipv4));
         let now = Instant::now();
         m.pings.retain(|_, (sent, _)| now.duration_since(*sent) < mesh_dataplane::PING_TIMEOUT);
-        let seq =
-            self.dataplane.send_ping(ip, now).map_err(|reason| format!("cannot send to {name}: {}", reason.name()))?;
+        let seq = self
+            .dataplane
+            .send_ping(ip, now)
+            .map_err(|reason| Error::System(format!("cannot send to {name}: {}", reason.name())))?;
         let (tx, rx) = oneshot::channel();
         self.managed_mut().pings.insert(seq, (now, tx));
         Ok((name, ip, rx))
@@ -549,8 +547,24 @@ impl Daemon {
     }
 }
 
-fn failure_text(f: Failure) -> String {
-    match f {
-        Failure::Config(m) | Failure::System(m) => m,
-    }
+/// The host side's answer to a change it makes, for a local API reply to wait on.
+type Pending = oneshot::Receiver<Result<(), Error>>;
+
+/// The rest of a logout that waits for the coordination server.
+type Telling = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Error>> + Send>>;
+
+/// Answers `reply` with `value` once the host side has done its part (if it has one), without the loop
+/// waiting for it.
+fn answer_after<T: Send + 'static>(pending: Option<Pending>, reply: oneshot::Sender<Result<T, Error>>, value: T) {
+    let Some(pending) = pending else {
+        let _ = reply.send(Ok(value));
+        return;
+    };
+    tokio::spawn(async move {
+        let result = match pending.await {
+            Ok(done) => done.map(|()| value),
+            Err(_) => Err(Error::System("meshd is stopping".into())),
+        };
+        let _ = reply.send(result);
+    });
 }

@@ -1,0 +1,413 @@
+//! The daemon's host side, on a thread and netlink connection of its own: the routes and rules of the mesh
+//! table (a pass when the wanted routes change, on netlink events, and every few seconds), the SNAT
+//! plumbing (proxy neighbours, per-interface sysctls), forwarding sysctls, and the run-state file doctor
+//! reads. The packet loop sends it commands and never waits for it: a 10 000-route dump, a disk write or a
+//! slow kernel stalls routing work, not packets. It reports the host's addresses back when they change, so
+//! the data plane knows what counts as this host.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use ipnet::IpNet;
+use mesh_dataplane::router::Served;
+use mesh_linux::manager::{Cause, Report, RouteManager};
+use mesh_linux::netlink::{self, Netlink};
+use mesh_linux::{RoutingPolicy, plan, sysctl};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::Error;
+use crate::run_state::{self, RunState};
+
+/// How often the route manager checks the kernel even without an event.
+const ROUTE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// How long after a netlink event the check runs, so a burst of events costs one pass.
+const ROUTE_EVENT_DELAY: Duration = Duration::from_millis(100);
+
+/// A SNAT address and the LAN interface that answers for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Lan {
+    pub address: IpAddr,
+    pub index: u32,
+    pub name: String,
+}
+
+pub(super) enum Command {
+    /// Start-up: refuse a table or rules another program owns, adopt what a crashed run saved, plumb the
+    /// SNAT addresses, make the first pass, write the state.
+    Start { routes: Routes, lans: Vec<Lan>, served: Vec<Served>, reply: oneshot::Sender<Result<(), Error>> },
+    /// What is routed into the mesh changed: one pass.
+    Routes(Routes),
+    /// What the node serves changed (the state file says so).
+    Served(Vec<Served>),
+    /// The SNAT addresses changed: the old ones stop answering on their LANs, the new ones start.
+    Snat { lans: Vec<Lan>, reply: oneshot::Sender<Result<(), Error>> },
+    /// A router serves these: forwarding goes on for their families (and stays on).
+    Forwarding(Vec<Served>),
+    /// Disk work that must not hold packets, done in the order sent (the netmap cache).
+    Persist(Box<dyn FnOnce() + Send>),
+    /// Removes everything the daemon added.
+    Stop { reply: oneshot::Sender<()> },
+}
+
+/// The prefixes routed into the mesh and the node's own advertised ones (which stay local like a LAN).
+#[derive(Debug, Clone, Default)]
+pub(super) struct Routes {
+    pub accepted: Vec<IpNet>,
+    pub advertised: Vec<IpNet>,
+}
+
+/// What the host side needs to know from the start.
+pub(super) struct Setup {
+    pub policy: RoutingPolicy,
+    pub accept: plan::Accept,
+    pub tun_index: u32,
+    pub state_path: PathBuf,
+}
+
+/// The packet loop's end of the host side.
+pub(super) struct HostHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HostHandle {
+    /// Sends a command; the host side runs until [`HostHandle::stop`], so it is always there to take it.
+    pub fn send(&self, command: Command) {
+        let _ = self.commands.send(command);
+    }
+
+    /// Sends a command that answers, and the receiver of the answer.
+    pub fn ask<T>(&self, command: impl FnOnce(oneshot::Sender<T>) -> Command) -> oneshot::Receiver<T> {
+        let (tx, rx) = oneshot::channel();
+        self.send(command(tx));
+        rx
+    }
+
+    /// Removes what the daemon added, waits for that, and ends the thread.
+    pub async fn stop(&mut self) {
+        let _ = self.ask(|reply| Command::Stop { reply }).await;
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// Starts the host side on its own thread. The receiver gets the host's addresses whenever they change.
+pub(super) fn spawn(setup: Setup) -> Result<(HostHandle, mpsc::UnboundedReceiver<Vec<IpAddr>>), Error> {
+    let (commands, command_rx) = mpsc::unbounded_channel();
+    let (addresses_tx, addresses) = mpsc::unbounded_channel();
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("meshd-host".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(Error::system("starting the host thread", e)));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let host = Netlink::connect_strict()
+                    .and_then(|netlink| Ok((netlink, Netlink::subscribe()?)))
+                    .map_err(|e| Error::system("opening netlink", e));
+                match host {
+                    Ok((netlink, events)) => {
+                        let _ = ready_tx.send(Ok(()));
+                        Host::new(setup, netlink, addresses_tx).run(command_rx, events).await;
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            });
+        })
+        .map_err(|e| Error::system("starting the host thread", e))?;
+    ready.recv().map_err(|e| Error::system("starting the host thread", e))??;
+    Ok((HostHandle { commands, thread: Some(thread) }, addresses))
+}
+
+/// What one SNAT address needs on the host: its LAN interface answers ARP for it.
+#[derive(Debug, Clone)]
+struct Plumbing {
+    lan: Lan,
+}
+
+struct Host {
+    netlink: Netlink,
+    routes: RouteManager,
+    accept: plan::Accept,
+    state_path: PathBuf,
+    /// Whether this run got past its ownership checks and may tear routes and rules down: a run refused
+    /// because another program owns them must leave them alone.
+    installed: bool,
+    plumbing: Vec<Plumbing>,
+    saved_sysctls: Vec<sysctl::Saved>,
+    served: Vec<Served>,
+    deferred_logged: Option<Instant>,
+    addresses: Vec<IpAddr>,
+    addresses_tx: mpsc::UnboundedSender<Vec<IpAddr>>,
+}
+
+impl Host {
+    fn new(setup: Setup, netlink: Netlink, addresses_tx: mpsc::UnboundedSender<Vec<IpAddr>>) -> Self {
+        let mut routes = RouteManager::new(netlink.clone(), setup.policy, setup.tun_index);
+        routes.set_accept(setup.accept.clone());
+        Host {
+            netlink,
+            routes,
+            accept: setup.accept,
+            state_path: setup.state_path,
+            installed: false,
+            plumbing: Vec::new(),
+            saved_sysctls: Vec::new(),
+            served: Vec::new(),
+            deferred_logged: None,
+            addresses: Vec::new(),
+            addresses_tx,
+        }
+    }
+
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, mut events: netlink::Subscription) {
+        let mut next_check = Instant::now() + ROUTE_CHECK_INTERVAL;
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(Command::Stop { reply }) => {
+                        self.stop().await;
+                        let _ = reply.send(());
+                        return;
+                    }
+                    Some(command) => self.command(command).await,
+                    // The daemon went away without a stop (it panicked): still put the host back.
+                    None => {
+                        self.stop().await;
+                        return;
+                    }
+                },
+                Some((message, _)) = events.events.next() => {
+                    tracing::trace!(?message, "netlink event");
+                    if netlink::is_relevant(&message, self.routes.policy().table) {
+                        next_check = next_check.min(Instant::now() + ROUTE_EVENT_DELAY);
+                    }
+                }
+                _ = tokio::time::sleep_until(next_check.into()), if self.installed => {
+                    self.reconcile(Cause::Repair).await;
+                    next_check = Instant::now() + ROUTE_CHECK_INTERVAL;
+                }
+            }
+        }
+    }
+
+    async fn command(&mut self, command: Command) {
+        match command {
+            Command::Start { routes, lans, served, reply } => {
+                let _ = reply.send(self.start(routes, lans, served).await);
+            }
+            Command::Routes(routes) => {
+                self.set_routes(routes);
+                self.reconcile(Cause::Change).await;
+            }
+            Command::Served(served) => {
+                self.served = served;
+                self.write_state();
+            }
+            Command::Snat { lans, reply } => {
+                self.unplumb().await;
+                let result = self.plumb(lans).await;
+                self.reconcile(Cause::Change).await;
+                self.write_state();
+                let _ = reply.send(result);
+            }
+            Command::Forwarding(served) => enable_forwarding(&served),
+            Command::Persist(write) => write(),
+            Command::Stop { .. } => unreachable!("handled by the loop"),
+        }
+    }
+
+    fn set_routes(&mut self, routes: Routes) {
+        self.routes.set_accepted(routes.accepted);
+        self.routes.set_advertised(routes.advertised);
+    }
+
+    async fn start(&mut self, routes: Routes, lans: Vec<Lan>, served: Vec<Served>) -> Result<(), Error> {
+        // Before anything is installed: sharing the table or the rules with another manager would make both
+        // wrong.
+        self.routes.check_table_free().await.map_err(Error::System)?;
+        self.check_rules_free().await?;
+        self.installed = true;
+        self.set_routes(routes);
+        self.served = served;
+        // A run that crashed left its sysctls set and its state file behind: adopt the values it saved, so
+        // this run's stop puts back what was there before any meshd (this run would only see meshd's own).
+        self.saved_sysctls = RunState::read(&self.state_path).saved_sysctls();
+        self.plumb(lans).await?;
+        // Leftovers of a killed run (routes with meshd's protocol, duplicate rules) go in this same pass.
+        let report =
+            self.routes.reconcile(Cause::Change, Instant::now()).await.map_err(|e| Error::System(e.to_string()))?;
+        self.log_routes(&report, Cause::Change);
+        self.report_addresses().await;
+        self.write_state();
+        Ok(())
+    }
+
+    /// Rules at meshd's priorities or with its mark are a previous meshd's leftovers only if that run left its
+    /// state file (a clean stop removes it, SIGKILL does not); otherwise another program owns them. Tailscale's
+    /// defaults are the same numbers, so shape alone cannot tell.
+    async fn check_rules_free(&self) -> Result<(), Error> {
+        let p = self.routes.policy();
+        let rules = self.netlink.rule_status(p).await.map_err(|e| Error::System(e.to_string()))?;
+        if (rules.present > 0 || !rules.stray.is_empty()) && !self.state_path.exists() {
+            return Err(Error::System(format!(
+                "policy rules at priorities {}-{} or with mark {:#x} already exist and meshd did not install them (is \
+                 Tailscale running?); choose others with --rule-priority N --fwmark M",
+                p.marked_main, p.lookup_table, p.fwmark
+            )));
+        }
+        Ok(())
+    }
+
+    /// Makes each SNAT address appear on its LAN: replies to it are routed into the TUN device (a host route
+    /// in the mesh table), its LAN interface answers ARP for it (a proxy neighbour entry, with
+    /// `proxy_delay=0` so the first connection does not wait up to 0.8 s).
+    async fn plumb(&mut self, lans: Vec<Lan>) -> Result<(), Error> {
+        let mut pinned = Vec::new();
+        for lan in lans {
+            self.netlink.add_proxy_neighbour(lan.index, lan.address).await.map_err(|e| Error::System(e.to_string()))?;
+            // IPv4 answers ARP for a proxy entry at once only with proxy_delay 0; IPv6 answers neighbour
+            // solicitations for one only with proxy_ndp on.
+            let (key, value) = if lan.address.is_ipv4() {
+                (sysctl::proxy_delay_key(&lan.name), "0")
+            } else {
+                (format!("net/ipv6/conf/{}/proxy_ndp", lan.name), "1")
+            };
+            if let Some(saved) = sysctl::set(&key, value).map_err(|e| Error::System(e.to_string()))?
+                && !self.saved_sysctls.iter().any(|s| s.key == saved.key)
+            {
+                self.saved_sysctls.push(saved);
+            }
+            pinned.push(IpNet::from(lan.address));
+            tracing::info!(snat_address = %lan.address, lan = %lan.name, "SNAT address answers on the LAN");
+            self.plumbing.push(Plumbing { lan });
+        }
+        self.routes.set_pinned(pinned);
+        Ok(())
+    }
+
+    async fn unplumb(&mut self) {
+        for p in std::mem::take(&mut self.plumbing) {
+            if let Err(e) = self.netlink.del_proxy_neighbour(p.lan.index, p.lan.address).await {
+                tracing::warn!(error = %e, "removing the old SNAT address");
+            }
+        }
+        self.routes.set_pinned(Vec::new());
+    }
+
+    async fn reconcile(&mut self, cause: Cause) {
+        if !self.installed {
+            return;
+        }
+        match self.routes.reconcile(cause, Instant::now()).await {
+            Ok(report) => self.log_routes(&report, cause),
+            Err(e) => tracing::error!(error = %e, "checking routes"),
+        }
+        // Route passes run on every address change, so they are where the host's addresses are read too.
+        self.report_addresses().await;
+    }
+
+    async fn report_addresses(&mut self) {
+        match self.netlink.local_addresses().await {
+            Ok(addresses) if addresses != self.addresses => {
+                self.addresses = addresses.clone();
+                let _ = self.addresses_tx.send(addresses);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reading the host's addresses"),
+        }
+    }
+
+    /// What `meshd doctor` needs to know beyond the UAPI: served routes and the SNAT plumbing.
+    fn write_state(&self) {
+        let p = self.routes.policy();
+        let state = RunState {
+            policy: Some(run_state::Policy { table: p.table, fwmark: p.fwmark, rule_priority: p.marked_main }),
+            accept_routes: match &self.accept {
+                plan::Accept::All => None,
+                plan::Accept::Within(list) => Some(list.clone()),
+            },
+            served: RunState::served_routes(&self.served),
+            snat: self
+                .plumbing
+                .iter()
+                .map(|p| run_state::SnatPlumbing { address: p.lan.address, lan: p.lan.name.clone() })
+                .collect(),
+            sysctls: self
+                .saved_sysctls
+                .iter()
+                .map(|s| run_state::SavedSysctl { key: s.key.clone(), old: s.old.clone() })
+                .collect(),
+        };
+        if let Err(e) = state.write(&self.state_path) {
+            tracing::warn!(error = %e, file = %self.state_path.display(), "cannot write the state doctor reads");
+        }
+    }
+
+    fn log_routes(&mut self, report: &Report, cause: Cause) {
+        let table = self.routes.policy().table;
+        for route in &report.conflicts {
+            tracing::warn!(route = %route, table, "not installed: another program's route holds this prefix");
+        }
+        for skipped in &report.skipped {
+            tracing::warn!(
+                accepted = %skipped.accepted, local = %skipped.local,
+                "not routing an accepted prefix into the mesh: it would take over a local network"
+            );
+        }
+        if cause == Cause::Repair {
+            for route in &report.added {
+                tracing::info!(route = %route, table, "restored a route something else removed");
+            }
+            for entry in &report.removed {
+                tracing::info!(route = %entry.prefix, table, "removed a stale or duplicate meshd route");
+            }
+            for (v6, priority) in &report.rules_added {
+                tracing::info!(priority, ipv6 = v6, "restored a policy rule something else removed");
+            }
+        }
+        if report.deferred && self.deferred_logged.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+            tracing::warn!(table, "routes or rules keep being changed by another program; meshd is backing off");
+            self.deferred_logged = Some(Instant::now());
+        }
+    }
+
+    async fn stop(&mut self) {
+        if !self.installed {
+            return;
+        }
+        if let Err(e) = self.routes.teardown().await {
+            tracing::warn!(error = %e, "cleanup");
+        }
+        self.unplumb().await;
+        for saved in std::mem::take(&mut self.saved_sysctls) {
+            if let Err(e) = sysctl::restore(&saved) {
+                tracing::warn!(error = %e, "cleanup");
+            }
+        }
+        let _ = std::fs::remove_file(&self.state_path);
+    }
+}
+
+/// A router forwards: `up --advertise-routes` is the consent design.md asks for before turning on
+/// forwarding, which then stays on (a router restarting must not cut its LAN off in between).
+pub(super) fn enable_forwarding(served: &[Served]) {
+    for (v6, key) in [(false, "net.ipv4.ip_forward"), (true, "net.ipv6.conf.all.forwarding")] {
+        if served.iter().any(|s| s.prefix.addr().is_ipv6() == v6) && sysctl::read(key).is_ok_and(|v| v == "0") {
+            match sysctl::set(key, "1") {
+                Ok(_) => tracing::info!(sysctl = key, "turned forwarding on to serve advertised routes"),
+                Err(e) => tracing::warn!(sysctl = key, error = %e, "cannot turn forwarding on"),
+            }
+        }
+    }
+}
