@@ -7,6 +7,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, Result, bail};
 
 mod demo;
+mod gap;
 mod routes;
 mod runner;
 mod throughput;
@@ -37,6 +38,8 @@ commands:
   bench [snat]    criterion benchmarks of the SNAT hot path and memory per flow
   bench routes [--count N]
                   time the route manager installing, checking and restoring N routes (root)
+  bench gap [--count N] [--meshd PATH]
+                  a ping every 10 ms through the tunnel while the route manager handles N routes (root)
   bench throughput [--seconds N]
                   iperf3 through meshd and through wireguard-go in namespaces, same run (root)";
 
@@ -197,6 +200,18 @@ fn bench(which: Option<&str>, rest: &[String]) -> Result<bool> {
             };
             routes::run(count)
         }
+        Some("gap") => {
+            let (mut count, mut meshd) = (10_000, None);
+            let mut rest = rest.iter();
+            while let Some(flag) = rest.next() {
+                match (flag.as_str(), rest.next()) {
+                    ("--count", Some(n)) => count = n.parse().context("--count takes a number")?,
+                    ("--meshd", Some(path)) => meshd = Some(PathBuf::from(path)),
+                    _ => bail!("usage: cargo xtask bench gap [--count N] [--meshd PATH]"),
+                }
+            }
+            gap::run(count, meshd)
+        }
         Some("throughput") => {
             let seconds = match rest {
                 [flag, n] if flag == "--seconds" => n.parse().context("--seconds takes a number")?,
@@ -210,6 +225,6 @@ fn bench(which: Option<&str>, rest: &[String]) -> Result<bool> {
             let memory = cargo().args(["bench", "-p", "mesh-benches", "--bench", "flow_memory"]).status()?.success();
             Ok(criterion && memory)
         }
-        Some(other) => bail!("unknown benchmark {other:?}; known: snat, routes, throughput"),
+        Some(other) => bail!("unknown benchmark {other:?}; known: snat, routes, gap, throughput"),
     }
 }

@@ -11,23 +11,47 @@ use crate::{Key, PeerSpec};
 
 /// Which peers' subnet routes this node sends into the mesh (Tailscale's `--accept-routes`). Mesh
 /// addresses are always accepted; subnet routes only when asked for, so joining a mesh never reroutes a
-/// host's LAN by surprise.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// host's LAN by surprise. The one type for it: stored in a managed node's preferences, applied to netmaps,
+/// and (static mode, `meshd doctor`) to what goes into the mesh table.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum AcceptRoutes {
     #[default]
     None,
     All,
-    /// Only routes inside one of these prefixes (`--accept-routes=10.52.0.0/16,...`).
+    /// Only routes inside one of these prefixes (`--accept-routes=10.52.0.0/16,...`: the prefixes and their
+    /// more-specifics).
     Within(Vec<IpNet>),
 }
 
 impl AcceptRoutes {
-    fn accepts(&self, route: &IpNet) -> bool {
+    /// `true`, `false`, or a list of prefixes, as `--accept-routes[=..]` takes it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "" | "true" => Ok(Self::All),
+            "false" => Ok(Self::None),
+            list => list
+                .split(',')
+                .map(|p| p.trim().parse::<IpNet>().map(|n| n.trunc()))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Self::Within)
+                .map_err(|_| format!("--accept-routes={list}: expected true, false or prefixes like 10.52.0.0/16,..")),
+        }
+    }
+
+    /// Whether a peer's subnet route is taken.
+    pub fn accepts(&self, route: &IpNet) -> bool {
         match self {
             Self::None => false,
             Self::All => true,
             Self::Within(allowed) => allowed.iter().any(|a| a.contains(route)),
         }
+    }
+
+    /// Whether one of a peer's allowed IPs goes into the mesh table: a single address (a peer's own) always,
+    /// a subnet as [`AcceptRoutes::accepts`] says.
+    pub fn routes(&self, allowed_ip: &IpNet) -> bool {
+        allowed_ip.prefix_len() == allowed_ip.max_prefix_len() || self.accepts(allowed_ip)
     }
 }
 
@@ -177,5 +201,36 @@ mod tests {
     #[test]
     fn only_approved_routes_are_served() {
         assert_eq!(served_routes(&map(Vec::new())), ["10.1.0.0/16".parse::<IpNet>().unwrap()]);
+    }
+
+    #[test]
+    fn accepting_some_routes_takes_them_and_their_more_specifics_and_every_peer_address() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let accept = AcceptRoutes::Within(vec![net("10.52.0.0/16"), net("fd00:52::/48")]);
+        for taken in ["10.52.0.0/16", "10.52.7.0/24", "fd00:52:0:1::/64", "100.64.0.2/32", "fd7a::2/128"] {
+            assert!(accept.routes(&net(taken)), "{taken}");
+        }
+        for refused in ["10.0.0.0/8", "10.53.0.0/16", "0.0.0.0/0", "fd00::/16", "fd00:52:1::/64"] {
+            assert!(!accept.routes(&net(refused)), "{refused}");
+        }
+        assert!(AcceptRoutes::All.routes(&net("0.0.0.0/0")));
+        assert!(!AcceptRoutes::None.routes(&net("10.0.0.0/8")) && AcceptRoutes::None.routes(&net("100.64.0.2/32")));
+    }
+
+    #[test]
+    fn accept_routes_parse_as_the_flag_takes_them_and_store_as_before() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        assert_eq!(AcceptRoutes::parse("true"), Ok(AcceptRoutes::All));
+        assert_eq!(AcceptRoutes::parse(""), Ok(AcceptRoutes::All));
+        assert_eq!(AcceptRoutes::parse("false"), Ok(AcceptRoutes::None));
+        assert_eq!(
+            AcceptRoutes::parse("10.52.1.0/16, fd00::/48"),
+            Ok(AcceptRoutes::Within(vec![net("10.52.0.0/16"), net("fd00::/48")]))
+        );
+        assert!(AcceptRoutes::parse("10.52.0.0/33").unwrap_err().contains("--accept-routes"));
+        // The spelling preferences files already hold.
+        assert_eq!(serde_json::to_string(&AcceptRoutes::None).unwrap(), r#""none""#);
+        let within: AcceptRoutes = serde_json::from_str(r#"{"within":["10.52.0.0/16"]}"#).unwrap();
+        assert_eq!(within, AcceptRoutes::Within(vec![net("10.52.0.0/16")]));
     }
 }

@@ -1,5 +1,6 @@
 //! The Linux shell's I/O: the TUN device, UDP sockets that carry meshd's mark, and routes, rules and
-//! addresses over rtnetlink. Nothing here decides anything; `meshd` wires it to the sans-IO node.
+//! addresses over rtnetlink. What it decides is about the kernel's state only: the route plan (`plan`, pure)
+//! and the route manager's pacing of repairs; every decision about packets is the data plane's.
 #![forbid(unsafe_code)]
 
 pub mod manager;

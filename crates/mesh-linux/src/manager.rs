@@ -14,7 +14,7 @@ use ipnet::IpNet;
 
 use crate::RoutingPolicy;
 use crate::netlink::Netlink;
-use crate::plan::{self, Accept, Entry, Route, Skipped};
+use crate::plan::{self, Entry, Route, Skipped};
 
 /// Repairs allowed in a burst, and how fast the allowance comes back.
 const REPAIR_BURST: u32 = 10;
@@ -79,7 +79,6 @@ pub struct RouteManager {
     policy: RoutingPolicy,
     tun_index: u32,
     accepted: Vec<IpNet>,
-    accept: Accept,
     advertised: Vec<IpNet>,
     pinned: Vec<IpNet>,
     budget: RepairBudget,
@@ -92,7 +91,6 @@ impl RouteManager {
             policy,
             tun_index,
             accepted: Vec::new(),
-            accept: Accept::All,
             advertised: Vec::new(),
             pinned: Vec::new(),
             budget: RepairBudget::new(),
@@ -128,11 +126,6 @@ impl RouteManager {
         self.accepted = accepted;
     }
 
-    /// Limits which of the accepted prefixes are routed (`--accept-routes=CIDR,..`).
-    pub fn set_accept(&mut self, accept: Accept) {
-        self.accept = accept;
-    }
-
     /// Routes into the mesh device that no filter or LAN check removes: the SNAT address's host route, which
     /// lies inside the LAN on purpose (replies to it must come to meshd).
     pub fn set_pinned(&mut self, pinned: Vec<IpNet>) {
@@ -148,8 +141,7 @@ impl RouteManager {
     pub async fn desired(&self) -> io::Result<(std::collections::BTreeSet<Route>, Vec<Skipped>)> {
         let mut local = self.netlink.connected_prefixes(self.tun_index).await?;
         local.extend(self.advertised.iter().map(IpNet::trunc));
-        let (mut routes, skipped) =
-            plan::desired(self.accepted.iter().copied().filter(|p| self.accept.allows(p)), &local);
+        let (mut routes, skipped) = plan::desired(self.accepted.iter().copied(), &local);
         routes.extend(self.pinned.iter().map(|p| Route::Mesh(p.trunc())));
         Ok((routes, skipped))
     }

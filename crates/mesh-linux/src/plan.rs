@@ -135,26 +135,6 @@ pub fn plan(desired: &BTreeSet<Route>, table: &[Entry], tun_index: u32) -> Plan 
     plan
 }
 
-/// Which subnet routes a node takes: all, or only those inside the listed prefixes (`--accept-routes=CIDR,..`:
-/// the prefixes and their more-specifics). A single address (a peer's own mesh address) is always taken.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum Accept {
-    #[default]
-    All,
-    Within(Vec<IpNet>),
-}
-
-impl Accept {
-    pub fn allows(&self, prefix: &IpNet) -> bool {
-        match self {
-            Accept::All => true,
-            Accept::Within(list) => {
-                prefix.prefix_len() == prefix.max_prefix_len() || list.iter().any(|l| l.contains(prefix))
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,18 +200,6 @@ mod tests {
         let removed: Vec<String> = p.remove.iter().map(|e| e.prefix.to_string()).collect();
         assert_eq!(removed, ["100.64.0.2/32", "100.64.0.9/32", "100.64.0.3/32"]);
         assert_eq!(p.foreign.len(), 1, "another program's route is reported, not touched");
-    }
-
-    #[test]
-    fn accepting_some_routes_takes_them_and_their_more_specifics_and_every_peer_address() {
-        let accept = Accept::Within(vec![net("10.52.0.0/16"), net("fd00:52::/48")]);
-        for taken in ["10.52.0.0/16", "10.52.7.0/24", "fd00:52:0:1::/64", "100.64.0.2/32", "fd7a::2/128"] {
-            assert!(accept.allows(&net(taken)), "{taken}");
-        }
-        for refused in ["10.0.0.0/8", "10.53.0.0/16", "0.0.0.0/0", "fd00::/16", "fd00:52:1::/64"] {
-            assert!(!accept.allows(&net(refused)), "{refused}");
-        }
-        assert!(Accept::All.allows(&net("0.0.0.0/0")));
     }
 
     #[test]

@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
+use mesh_dataplane::netmap::AcceptRoutes;
 use mesh_dataplane::router::Served;
 use mesh_dataplane::{Dataplane, DataplaneConfig, Event, PeerSpec, SnatSettings};
 use mesh_linux::RoutingPolicy;
 use mesh_linux::netlink::Netlink;
-use mesh_linux::sysctl;
 use mesh_linux::tun::AsyncDevice;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UdpSocket, UnixListener, UnixStream};
@@ -46,7 +46,8 @@ pub struct Options {
     pub port: Option<u16>,
     pub uapi_dir: PathBuf,
     pub policy: RoutingPolicy,
-    pub accept: mesh_linux::plan::Accept,
+    /// Static mode: which of the peers' subnet routes go into the mesh table (`--accept-routes=CIDR,..`).
+    pub accept: AcceptRoutes,
     /// Routes this node forwards into (a subnet router's advertised routes), each with or without SNAT.
     /// Static mode only: a managed node serves its approved routes.
     pub served: Vec<Served>,
@@ -219,7 +220,7 @@ pub async fn run(options: Options) -> Result<(), Error> {
     let (host, host_addresses) = host::spawn(host::Setup {
         policy,
         // A managed node's netmap carries only the routes it accepts, so every allowed IP is routed.
-        accept: if managed.is_some() { mesh_linux::plan::Accept::All } else { options.accept.clone() },
+        accept: if managed.is_some() { AcceptRoutes::All } else { options.accept.clone() },
         tun_index,
         state_path: options.run_dir.join(format!("{tun_name}.json")),
     })?;
@@ -269,19 +270,12 @@ pub async fn run(options: Options) -> Result<(), Error> {
     result
 }
 
-/// Forwarding must be on for each family a router serves.
+/// Forwarding must be on for each family a router serves (static mode asks; `up` turns it on).
 fn check_forwarding(served: &[Served]) -> Result<(), String> {
-    if served.iter().any(|s| s.prefix.addr().is_ipv4()) && sysctl::read("net.ipv4.ip_forward").is_ok_and(|v| v == "0") {
-        return Err("serving routes needs IP forwarding, which is off: sysctl -w net.ipv4.ip_forward=1".into());
+    match host::forwarding_off(served).first() {
+        Some(key) => Err(format!("serving routes needs forwarding, which is off: sysctl -w {key}=1")),
+        None => Ok(()),
     }
-    if served.iter().any(|s| s.prefix.addr().is_ipv6())
-        && sysctl::read("net.ipv6.conf.all.forwarding").is_ok_and(|v| v == "0")
-    {
-        return Err(
-            "serving IPv6 routes needs IPv6 forwarding, which is off: sysctl -w net.ipv6.conf.all.forwarding=1".into(),
-        );
-    }
-    Ok(())
 }
 
 fn seed() -> u64 {
@@ -317,7 +311,11 @@ impl Daemon {
             Some(m) => m.prefs.advertised_prefixes(),
             None => self.dataplane.config().served.iter().map(|s| s.prefix).collect(),
         };
-        Routes { accepted: allowed_prefixes(&self.dataplane.config().peers), advertised }
+        // A managed node's netmap carries only the routes it accepts, so every allowed IP is routed.
+        let accept = if self.managed.is_some() { &AcceptRoutes::All } else { &self.options.accept };
+        let mut accepted = allowed_prefixes(&self.dataplane.config().peers);
+        accepted.retain(|p| accept.routes(p));
+        Routes { accepted, advertised }
     }
 
     /// Tells the host side what the routes and the served prefixes are now; it makes a pass on its own.

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::run_state::RunState;
 use ipnet::IpNet;
+use mesh_dataplane::netmap::AcceptRoutes;
 use mesh_linux::RoutingPolicy;
 use mesh_linux::netlink::Netlink;
 use mesh_linux::plan;
@@ -22,7 +23,7 @@ pub struct Options {
     pub tun: String,
     pub uapi_dir: PathBuf,
     pub policy: RoutingPolicy,
-    pub accept: plan::Accept,
+    pub accept: AcceptRoutes,
     pub json: bool,
     pub run_dir: PathBuf,
 }
@@ -150,8 +151,8 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
     if let Some(p) = state.policy {
         o.policy = RoutingPolicy::new(p.table, p.fwmark, p.rule_priority);
         o.accept = match &state.accept_routes {
-            None => plan::Accept::All,
-            Some(within) => plan::Accept::Within(within.clone()),
+            None => AcceptRoutes::All,
+            Some(within) => AcceptRoutes::Within(within.clone()),
         };
     }
     let snat: Vec<(IpAddr, String)> = state.snat.iter().map(|s| (s.address, s.lan.clone())).collect();
@@ -225,7 +226,7 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
         None => Vec::new(),
     };
     let (mut desired, skipped) = match &daemon {
-        Some(d) => plan::desired(d.allowed_ips.iter().copied().filter(|p| o.accept.allows(p)), &local),
+        Some(d) => plan::desired(d.allowed_ips.iter().copied().filter(|p| o.accept.routes(p)), &local),
         None => Default::default(),
     };
     // The SNAT addresses' host routes are pinned into the table by the daemon.
@@ -254,9 +255,10 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
     for entry in &p.remove {
         c.details.push(format!("stale: {}{}", if entry.throw { "throw " } else { "" }, entry.prefix));
         c.fix.push(format!(
-            "ip route del {}{} table {table} proto 88",
+            "ip route del {}{} table {table} proto {}",
             if entry.throw { "throw " } else { "" },
-            entry.prefix
+            entry.prefix,
+            mesh_linux::ROUTE_PROTOCOL
         ));
     }
     for s in &skipped {
@@ -298,8 +300,8 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
     Ok(out)
 }
 
-fn sysctl(path: &str) -> Option<String> {
-    std::fs::read_to_string(Path::new("/proc/sys").join(path)).ok().map(|s| s.trim().to_string())
+fn sysctl(key: &str) -> Option<String> {
+    mesh_linux::sysctl::read(key).ok()
 }
 
 /// The plumbing that makes a SNAT address answer on its LAN (design.md §3): the proxy neighbour entry and

@@ -330,12 +330,12 @@ pub(crate) fn parse_served(text: &str) -> Result<(ipnet::IpNet, Option<bool>), S
 }
 
 impl RoutingArgs {
-    fn accept(&self) -> mesh_linux::plan::Accept {
+    fn accept(&self) -> mesh_dataplane::netmap::AcceptRoutes {
         match &self.accept_routes {
             Some(list) if !list.is_empty() => {
-                mesh_linux::plan::Accept::Within(list.iter().map(|p| p.trunc()).collect())
+                mesh_dataplane::netmap::AcceptRoutes::Within(list.iter().map(|p| p.trunc()).collect())
             }
-            _ => mesh_linux::plan::Accept::All,
+            _ => mesh_dataplane::netmap::AcceptRoutes::All,
         }
     }
 

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use crate::error::Error;
 use crate::local_api::{self, PingReply, Status, UpReply, UpRequest};
-use crate::prefs::{Accept, Advertised, PrefsPatch};
+use mesh_dataplane::netmap::AcceptRoutes;
+
+use crate::prefs::{Advertised, PrefsPatch};
 
 /// The preference flags `up` and `set` share; a flag not given leaves that preference as it is.
 #[derive(Debug, Clone, clap::Args)]
@@ -21,7 +23,7 @@ pub struct PrefArgs {
     #[arg(long, env = "MESHD_HOSTNAME")]
     hostname: Option<String>,
     /// Subnets this node routes for the mesh; `CIDR:nosnat` keeps sources for that prefix. Empty clears.
-    #[arg(long, env = "MESHD_ROUTES", value_name = "CIDR[:nosnat],..")]
+    #[arg(long, env = "MESHD_ADVERTISE_ROUTES", value_name = "CIDR[:nosnat],..")]
     advertise_routes: Option<String>,
     /// Accept peers' subnet routes: all (no value or `true`), none (`false`), or only those inside the given
     /// prefixes.
@@ -66,7 +68,7 @@ impl PrefArgs {
             ca_cert: self.ca_cert.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
             hostname: self.hostname.clone(),
             advertise_routes,
-            accept_routes: self.accept_routes.as_deref().map(Accept::parse).transpose()?,
+            accept_routes: self.accept_routes.as_deref().map(AcceptRoutes::parse).transpose()?,
             snat_subnet_routes: self.snat_subnet_routes,
             snat_address,
             advertise_tags: self.advertise_tags.as_deref().map(|t| list(t).map(str::to_string).collect()),

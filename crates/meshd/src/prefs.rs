@@ -12,40 +12,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::keys::write_private;
 
-/// Which peers' subnet routes to accept, as stored and as the local API carries it.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Accept {
-    #[default]
-    None,
-    All,
-    Within(Vec<IpNet>),
-}
-
-impl Accept {
-    /// `true`, `false`, or a list of prefixes, as `--accept-routes[=..]` takes it.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        match text {
-            "" | "true" => Ok(Self::All),
-            "false" => Ok(Self::None),
-            list => list
-                .split(',')
-                .map(|p| p.trim().parse::<IpNet>().map(|n| n.trunc()))
-                .collect::<Result<Vec<_>, _>>()
-                .map(Self::Within)
-                .map_err(|_| format!("--accept-routes={list}: expected true, false or prefixes like 10.52.0.0/16,..")),
-        }
-    }
-
-    pub fn to_dataplane(&self) -> AcceptRoutes {
-        match self {
-            Self::None => AcceptRoutes::None,
-            Self::All => AcceptRoutes::All,
-            Self::Within(list) => AcceptRoutes::Within(list.clone()),
-        }
-    }
-}
-
 /// A route this node advertises, and whether forwarded traffic into it is SNAT'd when it is approved
 /// (`None`: follow `snat_subnet_routes`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,7 +29,7 @@ pub struct Prefs {
     pub ca_cert: Option<PathBuf>,
     pub hostname: Option<String>,
     pub advertise_routes: Vec<Advertised>,
-    pub accept_routes: Accept,
+    pub accept_routes: AcceptRoutes,
     pub snat_subnet_routes: bool,
     pub snat_address: Vec<IpAddr>,
     pub advertise_tags: Vec<String>,
@@ -77,7 +43,7 @@ impl Default for Prefs {
             ca_cert: None,
             hostname: None,
             advertise_routes: Vec::new(),
-            accept_routes: Accept::None,
+            accept_routes: AcceptRoutes::None,
             snat_subnet_routes: true,
             snat_address: Vec::new(),
             advertise_tags: Vec::new(),
@@ -94,7 +60,7 @@ pub struct PrefsPatch {
     pub ca_cert: Option<PathBuf>,
     pub hostname: Option<String>,
     pub advertise_routes: Option<Vec<Advertised>>,
-    pub accept_routes: Option<Accept>,
+    pub accept_routes: Option<AcceptRoutes>,
     pub snat_subnet_routes: Option<bool>,
     pub snat_address: Option<Vec<IpAddr>>,
     pub advertise_tags: Option<Vec<String>>,
@@ -278,24 +244,12 @@ mod tests {
             snat_address: vec!["10.0.12.9".parse().unwrap()],
             ..Prefs::default()
         };
-        let after = before.patched(&PrefsPatch { accept_routes: Some(Accept::All), ..PrefsPatch::default() });
-        assert_eq!(after.accept_routes, Accept::All);
-        assert_eq!(Prefs { accept_routes: Accept::All, ..before.clone() }, after, "nothing else moved");
+        let after = before.patched(&PrefsPatch { accept_routes: Some(AcceptRoutes::All), ..PrefsPatch::default() });
+        assert_eq!(after.accept_routes, AcceptRoutes::All);
+        assert_eq!(Prefs { accept_routes: AcceptRoutes::All, ..before.clone() }, after, "nothing else moved");
         let url =
             before.patched(&PrefsPatch { control_url: Some("https://c.example:8443/".into()), ..Default::default() });
         assert_eq!(url.control_url, "https://c.example:8443");
-    }
-
-    #[test]
-    fn accept_routes_takes_true_false_or_prefixes() {
-        assert_eq!(Accept::parse("true"), Ok(Accept::All));
-        assert_eq!(Accept::parse(""), Ok(Accept::All));
-        assert_eq!(Accept::parse("false"), Ok(Accept::None));
-        assert_eq!(
-            Accept::parse("10.52.1.0/16, fd00::/48"),
-            Ok(Accept::Within(vec![net("10.52.0.0/16"), net("fd00::/48")]))
-        );
-        assert!(Accept::parse("10.52.0.0/33").unwrap_err().contains("--accept-routes"));
     }
 
     #[test]

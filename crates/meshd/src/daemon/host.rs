@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use ipnet::IpNet;
+use mesh_dataplane::netmap::AcceptRoutes;
 use mesh_dataplane::router::Served;
 use mesh_linux::manager::{Cause, Report, RouteManager};
 use mesh_linux::netlink::{self, Netlink};
-use mesh_linux::{RoutingPolicy, plan, sysctl};
+use mesh_linux::{RoutingPolicy, sysctl};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
@@ -61,7 +62,8 @@ pub(super) struct Routes {
 /// What the host side needs to know from the start.
 pub(super) struct Setup {
     pub policy: RoutingPolicy,
-    pub accept: plan::Accept,
+    /// Which subnet routes the table takes, for the state file (the daemon filters what it sends).
+    pub accept: AcceptRoutes,
     pub tun_index: u32,
     pub state_path: PathBuf,
 }
@@ -138,7 +140,7 @@ struct Plumbing {
 struct Host {
     netlink: Netlink,
     routes: RouteManager,
-    accept: plan::Accept,
+    accept: AcceptRoutes,
     state_path: PathBuf,
     /// Whether this run got past its ownership checks and may tear routes and rules down: a run refused
     /// because another program owns them must leave them alone.
@@ -153,8 +155,7 @@ struct Host {
 
 impl Host {
     fn new(setup: Setup, netlink: Netlink, addresses_tx: mpsc::UnboundedSender<Vec<IpAddr>>) -> Self {
-        let mut routes = RouteManager::new(netlink.clone(), setup.policy, setup.tun_index);
-        routes.set_accept(setup.accept.clone());
+        let routes = RouteManager::new(netlink.clone(), setup.policy, setup.tun_index);
         Host {
             netlink,
             routes,
@@ -334,8 +335,9 @@ impl Host {
         let state = RunState {
             policy: Some(run_state::Policy { table: p.table, fwmark: p.fwmark, rule_priority: p.marked_main }),
             accept_routes: match &self.accept {
-                plan::Accept::All => None,
-                plan::Accept::Within(list) => Some(list.clone()),
+                AcceptRoutes::All => None,
+                AcceptRoutes::None => Some(Vec::new()),
+                AcceptRoutes::Within(list) => Some(list.clone()),
             },
             served: RunState::served_routes(&self.served),
             snat: self
@@ -402,12 +404,21 @@ impl Host {
 /// A router forwards: `up --advertise-routes` is the consent design.md asks for before turning on
 /// forwarding, which then stays on (a router restarting must not cut its LAN off in between).
 pub(super) fn enable_forwarding(served: &[Served]) {
-    for (v6, key) in [(false, "net.ipv4.ip_forward"), (true, "net.ipv6.conf.all.forwarding")] {
-        if served.iter().any(|s| s.prefix.addr().is_ipv6() == v6) && sysctl::read(key).is_ok_and(|v| v == "0") {
-            match sysctl::set(key, "1") {
-                Ok(_) => tracing::info!(sysctl = key, "turned forwarding on to serve advertised routes"),
-                Err(e) => tracing::warn!(sysctl = key, error = %e, "cannot turn forwarding on"),
-            }
+    for key in forwarding_off(served) {
+        match sysctl::set(key, "1") {
+            Ok(_) => tracing::info!(sysctl = key, "turned forwarding on to serve advertised routes"),
+            Err(e) => tracing::warn!(sysctl = key, error = %e, "cannot turn forwarding on"),
         }
     }
+}
+
+/// The forwarding sysctls serving `served` needs that are off: one per address family served.
+pub(super) fn forwarding_off(served: &[Served]) -> Vec<&'static str> {
+    [(false, "net.ipv4.ip_forward"), (true, "net.ipv6.conf.all.forwarding")]
+        .into_iter()
+        .filter(|(v6, key)| {
+            served.iter().any(|s| s.prefix.addr().is_ipv6() == *v6) && sysctl::read(key).is_ok_and(|v| v == "0")
+        })
+        .map(|(_, key)| key)
+        .collect()
 }

@@ -60,7 +60,7 @@ pub(super) async fn setup(options: &Options) -> Result<Setup, Error> {
     let (specs, addresses) = match &netmap {
         Some(map) => {
             tracing::info!(version = map.version, peers = map.peers.len(), "starting from the cached netmap");
-            (netmap::peers(map, &prefs.accept_routes.to_dataplane(), None).specs, mesh_addresses(map))
+            (netmap::peers(map, &prefs.accept_routes, None).specs, mesh_addresses(map))
         }
         None => (Vec::new(), Vec::new()),
     };
@@ -198,7 +198,7 @@ impl Daemon {
     /// the approved routes it serves. Unchanged peers keep their sessions.
     async fn apply_netmap(&mut self, map: NetMap) {
         let m = self.managed.as_ref().expect("managed");
-        let peers = netmap::peers(&map, &m.prefs.accept_routes.to_dataplane(), None);
+        let peers = netmap::peers(&map, &m.prefs.accept_routes, None);
         for skipped in &peers.skipped {
             tracing::warn!(peer = %skipped.name, node_id = skipped.node_id, "not configured: {}", skipped.reason);
         }

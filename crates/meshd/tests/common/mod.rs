@@ -102,7 +102,7 @@ pub fn tcp_transfer(lab: &mut Lab, from: usize, to: usize, to_addr: &str, size: 
 pub fn seen_source(lab: &Lab, from: usize, addr: &str, udp: bool) -> String {
     let target = if udp { format!("UDP:{addr}:5353") } else { format!("TCP:{addr}:5300") };
     // UDP needs a datagram to answer; TCP answers the connection.
-    let out = lab.ns(from).exec("sh", &["-c", &format!("echo hello | timeout 5 socat -T 2 - {target}")]);
+    let out = lab.ns(from).exec("sh", &["-c", &format!("echo hello | timeout 10 socat -T 4 - {target}")]);
     stdout(&out).trim().to_string()
 }
 
