@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 
 mod demo;
 mod gap;
+mod golden;
 mod routes;
 mod runner;
 mod throughput;
@@ -35,6 +36,7 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   ci              install missing system packages (as root), then fmt, clippy and every test
   demo            subnet routing with SNAT in network namespaces, shown step by step (root)
+  capture-golden  record the real packets mesh-packet's golden tests replay (root, needs tcpdump)
   bench [snat]    criterion benchmarks of the SNAT hot path and memory per flow
   bench routes [--count N]
                   time the route manager installing, checking and restoring N routes (root)
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("demo") => demo::run(),
+        Some("capture-golden") => golden::run(),
         Some("bench") => bench(args.get(1).map(String::as_str), &args[args.len().min(2)..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");

@@ -364,7 +364,7 @@ impl Dataplane {
         if self.pings.pending.is_empty() {
             return false;
         }
-        let Ok(layout) = wire::parse(packet, false) else { return false };
+        let Ok(layout) = wire::parse(packet) else { return false };
         let reply_type = match layout.version {
             IpVersion::V4 if layout.protocol == wire::PROTO_ICMP => 0,
             IpVersion::V6 if layout.protocol == wire::PROTO_ICMPV6 => 129,

@@ -92,7 +92,7 @@ struct Seen {
 
 fn read(packet: &[u8]) -> Seen {
     assert_checksums(packet);
-    let layout = wire::parse(packet, false).expect("a whole packet");
+    let layout = wire::parse(packet).expect("a whole packet");
     let l4 = &packet[layout.l4_offset..layout.packet_len];
     let (src, dst) = (wire::source(packet).unwrap(), wire::destination(packet).unwrap());
     let (IpAddr::V4(src), IpAddr::V4(dst)) = (src, dst) else { panic!("IPv4 only here") };

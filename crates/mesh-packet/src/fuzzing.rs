@@ -18,7 +18,7 @@ pub fn translate(data: &[u8]) {
     config.ports = 40000..=40063;
     let mut snat = Snat::new(config, start).expect("valid config");
     let mut buf = packet.to_vec();
-    let _ = crate::wire::parse(&buf, control & 1 == 0);
+    let _ = if control & 1 == 0 { crate::wire::parse(&buf) } else { crate::wire::parse_quoted(&buf) };
     let mut clamped = packet.to_vec();
     crate::mss::clamp(&mut clamped, u16::from(control) * 8);
     let now = start + Duration::from_secs(u64::from(control >> 4) * 60);

@@ -2,7 +2,7 @@
 //! so neither side sends segments that would need fragmenting (or would be dropped by path-MTU black holes).
 
 use crate::checksum::{Delta, adjust_at};
-use crate::wire::{self, Fragment, IpVersion, PROTO_TCP, TCP_SYN};
+use crate::wire::{self, Fragment, IpVersion, PROTO_TCP, TCP_SYN, TcpHeader, field};
 
 const OPTION_END: u8 = 0;
 const OPTION_NOP: u8 = 1;
@@ -21,20 +21,18 @@ pub fn max_mss(version: IpVersion, mtu: u16) -> u16 {
 /// Returns whether the packet changed. Anything that is not an unfragmented TCP SYN with an MSS option larger
 /// than the limit is left alone.
 pub fn clamp(packet: &mut [u8], mtu: u16) -> bool {
-    let Ok(layout) = wire::parse(packet, false) else { return false };
+    let Ok(layout) = wire::parse(packet) else { return false };
     if layout.protocol != PROTO_TCP || layout.fragment != Fragment::Whole || layout.l4_len() < wire::TCP_HEADER_LEN {
         return false;
     }
     let l4 = layout.l4_offset;
-    if packet[l4 + 13] & TCP_SYN == 0 {
+    let Ok(tcp) = TcpHeader::new_checked(&packet[l4..layout.packet_len]) else { return false };
+    if tcp.flags() & TCP_SYN == 0 {
         return false;
     }
-    let header_len = usize::from(packet[l4 + 12] >> 4) * 4;
-    if header_len < wire::TCP_HEADER_LEN || l4 + header_len > layout.packet_len {
-        return false;
-    }
+    let header_len = tcp.header_len();
     let limit = max_mss(layout.version, mtu);
-    let mut at = l4 + wire::TCP_HEADER_LEN;
+    let mut at = l4 + field::tcp::OPTIONS;
     let end = l4 + header_len;
     while at < end {
         match packet[at] {
@@ -62,7 +60,7 @@ pub fn clamp(packet: &mut [u8], mtu: u16) -> bool {
                     for (i, old) in span.step_by(2).zip(before) {
                         delta.word(old, word(packet, i, end));
                     }
-                    adjust_at(packet, l4 + 16, delta);
+                    adjust_at(packet, l4 + field::tcp::CHECKSUM.start, delta);
                     return true;
                 }
                 at += len;
@@ -110,7 +108,7 @@ mod tests {
     }
 
     fn tcp_checksum_ok(p: &[u8]) -> bool {
-        let layout = wire::parse(p, false).unwrap();
+        let layout = wire::parse(p).unwrap();
         let (src, dst) =
             if layout.version == IpVersion::V4 { (&p[12..16], &p[16..20]) } else { (&p[8..24], &p[24..40]) };
         let seg = &p[layout.l4_offset..layout.packet_len];

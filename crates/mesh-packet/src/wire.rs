@@ -23,6 +23,86 @@ pub const TCP_HEADER_LEN: usize = 20;
 pub const UDP_HEADER_LEN: usize = 8;
 pub const ICMP_HEADER_LEN: usize = 8;
 
+/// Where each header field is, by name: the one definition of the header layouts every reader and writer
+/// of packet bytes uses (smoltcp's `mod field` pattern). A range is a multi-byte field, big-endian; a
+/// `usize` is a single byte.
+pub mod field {
+    pub type Field = core::ops::Range<usize>;
+
+    pub mod ipv4 {
+        use super::Field;
+        /// Version (high nibble) and header length in 32-bit words (low nibble).
+        pub const VER_IHL: usize = 0;
+        pub const TOTAL_LEN: Field = 2..4;
+        pub const IDENT: Field = 4..6;
+        /// Flags (top three bits: reserved, DF, MF) and the fragment offset in 8-byte units.
+        pub const FLAGS_FRAG_OFFSET: Field = 6..8;
+        pub const TTL: usize = 8;
+        pub const PROTOCOL: usize = 9;
+        pub const CHECKSUM: Field = 10..12;
+        pub const SRC: Field = 12..16;
+        pub const DST: Field = 16..20;
+    }
+
+    pub mod ipv6 {
+        use super::Field;
+        pub const PAYLOAD_LEN: Field = 4..6;
+        pub const NEXT_HEADER: usize = 6;
+        pub const HOP_LIMIT: usize = 7;
+        pub const SRC: Field = 8..24;
+        pub const DST: Field = 24..40;
+    }
+
+    /// An IPv6 extension header (hop-by-hop, routing, destination options) and the fragment header.
+    pub mod ipv6_ext {
+        use super::Field;
+        pub const NEXT_HEADER: usize = 0;
+        /// Length in 8-byte units, not counting the first 8 (not in the fragment header).
+        pub const LEN: usize = 1;
+        /// Routing header: segments left.
+        pub const SEGMENTS_LEFT: usize = 3;
+        /// Fragment header: offset in 8-byte units (top 13 bits) and the more-fragments flag (bit 0).
+        pub const FRAG_OFFSET_MORE: Field = 2..4;
+        pub const FRAG_IDENT: Field = 4..8;
+    }
+
+    pub mod tcp {
+        use super::Field;
+        pub const SRC_PORT: Field = 0..2;
+        pub const DST_PORT: Field = 2..4;
+        pub const SEQ: Field = 4..8;
+        pub const ACK: Field = 8..12;
+        /// Data offset in 32-bit words (high nibble).
+        pub const DATA_OFFSET: usize = 12;
+        pub const FLAGS: usize = 13;
+        pub const WINDOW: Field = 14..16;
+        pub const CHECKSUM: Field = 16..18;
+        pub const URGENT: Field = 18..20;
+        /// Where options start.
+        pub const OPTIONS: usize = 20;
+    }
+
+    pub mod udp {
+        use super::Field;
+        pub const SRC_PORT: Field = 0..2;
+        pub const DST_PORT: Field = 2..4;
+        pub const LENGTH: Field = 4..6;
+        pub const CHECKSUM: Field = 6..8;
+    }
+
+    /// ICMPv4 and ICMPv6 share this layout.
+    pub mod icmp {
+        use super::Field;
+        pub const TYPE: usize = 0;
+        pub const CODE: usize = 1;
+        pub const CHECKSUM: Field = 2..4;
+        pub const ECHO_IDENT: Field = 4..6;
+        pub const ECHO_SEQ: Field = 6..8;
+        /// An error message's quoted packet.
+        pub const QUOTED: usize = 8;
+    }
+}
+
 /// More extension headers than this is not a packet anyone sends on purpose; refusing bounds the walk.
 const MAX_EXTENSION_HEADERS: usize = 8;
 
@@ -63,6 +143,14 @@ fn be32(b: &[u8], at: usize) -> u32 {
 #[inline]
 fn put16(b: &mut [u8], at: usize, value: u16) {
     b[at..at + 2].copy_from_slice(&value.to_be_bytes());
+}
+
+/// Whether a header is a whole packet's, or the one quoted inside an ICMP error, whose length fields may
+/// exceed the bytes present (the quote is truncated by definition).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Extent {
+    Whole,
+    Quoted,
 }
 
 /// Which part of a fragmented datagram a packet is.
@@ -108,9 +196,11 @@ impl Layout {
 #[inline]
 pub fn destination(packet: &[u8]) -> Option<core::net::IpAddr> {
     match packet.first()? >> 4 {
-        4 if packet.len() >= IPV4_HEADER_LEN => Some(Ipv4Addr::from(<[u8; 4]>::try_from(&packet[16..20]).ok()?).into()),
+        4 if packet.len() >= IPV4_HEADER_LEN => {
+            Some(Ipv4Addr::from(<[u8; 4]>::try_from(&packet[field::ipv4::DST]).ok()?).into())
+        }
         6 if packet.len() >= IPV6_HEADER_LEN => {
-            Some(Ipv6Addr::from(<[u8; 16]>::try_from(&packet[24..40]).ok()?).into())
+            Some(Ipv6Addr::from(<[u8; 16]>::try_from(&packet[field::ipv6::DST]).ok()?).into())
         }
         _ => None,
     }
@@ -120,8 +210,12 @@ pub fn destination(packet: &[u8]) -> Option<core::net::IpAddr> {
 #[inline]
 pub fn source(packet: &[u8]) -> Option<core::net::IpAddr> {
     match packet.first()? >> 4 {
-        4 if packet.len() >= IPV4_HEADER_LEN => Some(Ipv4Addr::from(<[u8; 4]>::try_from(&packet[12..16]).ok()?).into()),
-        6 if packet.len() >= IPV6_HEADER_LEN => Some(Ipv6Addr::from(<[u8; 16]>::try_from(&packet[8..24]).ok()?).into()),
+        4 if packet.len() >= IPV4_HEADER_LEN => {
+            Some(Ipv4Addr::from(<[u8; 4]>::try_from(&packet[field::ipv4::SRC]).ok()?).into())
+        }
+        6 if packet.len() >= IPV6_HEADER_LEN => {
+            Some(Ipv6Addr::from(<[u8; 16]>::try_from(&packet[field::ipv6::SRC]).ok()?).into())
+        }
         _ => None,
     }
 }
@@ -137,22 +231,30 @@ pub fn version(packet: &[u8]) -> Result<IpVersion, Error> {
 }
 
 /// Walks an IPv4 or IPv6 packet to its transport header.
-///
-/// With `embedded` set the packet is the one quoted inside an ICMP error: its length field may exceed the
-/// bytes present and only the IP header and the first bytes after it are required.
 #[inline]
-pub fn parse(packet: &[u8], embedded: bool) -> Result<Layout, Error> {
+pub fn parse(packet: &[u8]) -> Result<Layout, Error> {
+    parse_extent(packet, Extent::Whole)
+}
+
+/// Walks the packet quoted inside an ICMP error to its transport header: its length field may exceed the
+/// bytes present, and only the IP header and the first bytes after it are required.
+pub fn parse_quoted(packet: &[u8]) -> Result<Layout, Error> {
+    parse_extent(packet, Extent::Quoted)
+}
+
+#[inline]
+fn parse_extent(packet: &[u8], extent: Extent) -> Result<Layout, Error> {
     match version(packet)? {
-        IpVersion::V4 => parse_v4(packet, embedded),
-        IpVersion::V6 => parse_v6(packet, embedded),
+        IpVersion::V4 => parse_v4(packet, extent),
+        IpVersion::V6 => parse_v6(packet, extent),
     }
 }
 
 #[inline]
-pub(crate) fn parse_v4(p: &[u8], embedded: bool) -> Result<Layout, Error> {
-    let header = Ipv4Header::new_checked(p, embedded)?;
+pub(crate) fn parse_v4(p: &[u8], extent: Extent) -> Result<Layout, Error> {
+    let header = Ipv4Header::checked(p, extent)?;
     let header_len = header.header_len();
-    let flags_offset = be16(p, 6);
+    let flags_offset = be16(p, field::ipv4::FLAGS_FRAG_OFFSET.start);
     let offset = flags_offset & 0x1fff;
     let more = flags_offset & 0x2000 != 0;
     let id = u32::from(header.ident());
@@ -164,7 +266,7 @@ pub(crate) fn parse_v4(p: &[u8], embedded: bool) -> Result<Layout, Error> {
     if header_len > IPV4_HEADER_LEN {
         check_v4_options(&p[IPV4_HEADER_LEN..header_len])?;
     }
-    let packet_len = if embedded { p.len() } else { usize::from(header.total_len()) };
+    let packet_len = if extent == Extent::Quoted { p.len() } else { usize::from(header.total_len()) };
     Ok(Layout { version: IpVersion::V4, protocol: header.protocol(), l4_offset: header_len, packet_len, fragment })
 }
 
@@ -192,9 +294,10 @@ fn check_v4_options(mut options: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
-pub(crate) fn parse_v6(p: &[u8], embedded: bool) -> Result<Layout, Error> {
-    let header = Ipv6Header::new_checked(p, embedded)?;
-    let packet_len = if embedded { p.len() } else { IPV6_HEADER_LEN + usize::from(header.payload_len()) };
+pub(crate) fn parse_v6(p: &[u8], extent: Extent) -> Result<Layout, Error> {
+    let header = Ipv6Header::checked(p, extent)?;
+    let packet_len =
+        if extent == Extent::Quoted { p.len() } else { IPV6_HEADER_LEN + usize::from(header.payload_len()) };
     let mut next = header.next_header();
     let mut at = IPV6_HEADER_LEN;
     let mut fragment = Fragment::Whole;
@@ -202,20 +305,20 @@ pub(crate) fn parse_v6(p: &[u8], embedded: bool) -> Result<Layout, Error> {
         match next {
             PROTO_HOPOPTS | PROTO_ROUTING | PROTO_DSTOPTS => {
                 let ext = p.get(at..at + 8).ok_or(Error::Truncated)?;
-                if next == PROTO_ROUTING && ext[3] != 0 {
+                if next == PROTO_ROUTING && ext[field::ipv6_ext::SEGMENTS_LEFT] != 0 {
                     // Segments left: the destination field is not the final one, so a transport checksum
                     // over the pseudo-header cannot be adjusted from what we see.
                     return Err(Error::Unsupported);
                 }
-                next = ext[0];
-                at += (usize::from(ext[1]) + 1) * 8;
+                next = ext[field::ipv6_ext::NEXT_HEADER];
+                at += (usize::from(ext[field::ipv6_ext::LEN]) + 1) * 8;
             }
             PROTO_FRAGMENT => {
                 let ext = p.get(at..at + 8).ok_or(Error::Truncated)?;
-                let offset = be16(ext, 2) >> 3;
-                let more = ext[3] & 1 != 0;
-                let id = be32(ext, 4);
-                next = ext[0];
+                let offset_more = be16(ext, field::ipv6_ext::FRAG_OFFSET_MORE.start);
+                let (offset, more) = (offset_more >> 3, offset_more & 1 != 0);
+                let id = be32(ext, field::ipv6_ext::FRAG_IDENT.start);
+                next = ext[field::ipv6_ext::NEXT_HEADER];
                 at += 8;
                 if offset != 0 {
                     fragment = Fragment::Later { id };
@@ -247,60 +350,68 @@ pub struct Ipv4Header<T> {
 }
 
 impl<T: AsRef<[u8]>> Ipv4Header<T> {
-    /// Checks version, header length and (unless `embedded`) that the total length fits the buffer.
-    pub fn new_checked(buf: T, embedded: bool) -> Result<Self, Error> {
+    /// Checks version, header length and that the total length fits the buffer.
+    pub fn new_checked(buf: T) -> Result<Self, Error> {
+        Self::checked(buf, Extent::Whole)
+    }
+
+    /// Checks version and header length of the header quoted in an ICMP error, whose total length may
+    /// exceed what was quoted.
+    pub fn new_quoted(buf: T) -> Result<Self, Error> {
+        Self::checked(buf, Extent::Quoted)
+    }
+
+    fn checked(buf: T, extent: Extent) -> Result<Self, Error> {
         let b = buf.as_ref();
         if b.len() < IPV4_HEADER_LEN {
             return Err(Error::Truncated);
         }
-        if b[0] >> 4 != 4 {
+        if b[field::ipv4::VER_IHL] >> 4 != 4 {
             return Err(Error::Malformed);
         }
-        let header_len = usize::from(b[0] & 0x0f) * 4;
+        let header_len = usize::from(b[field::ipv4::VER_IHL] & 0x0f) * 4;
         if header_len < IPV4_HEADER_LEN {
             return Err(Error::Malformed);
         }
         if b.len() < header_len {
             return Err(Error::Truncated);
         }
-        let total = usize::from(be16(b, 2));
+        let total = usize::from(be16(b, field::ipv4::TOTAL_LEN.start));
         if total < header_len {
             return Err(Error::Malformed);
         }
-        if !embedded && total > b.len() {
+        if extent == Extent::Whole && total > b.len() {
             return Err(Error::Truncated);
         }
         Ok(Self { buf })
     }
 
     pub fn header_len(&self) -> usize {
-        usize::from(self.buf.as_ref()[0] & 0x0f) * 4
+        usize::from(self.buf.as_ref()[field::ipv4::VER_IHL] & 0x0f) * 4
     }
     pub fn total_len(&self) -> u16 {
-        be16(self.buf.as_ref(), 2)
+        be16(self.buf.as_ref(), field::ipv4::TOTAL_LEN.start)
     }
     pub fn ident(&self) -> u16 {
-        be16(self.buf.as_ref(), 4)
+        be16(self.buf.as_ref(), field::ipv4::IDENT.start)
     }
     pub fn dont_fragment(&self) -> bool {
-        self.buf.as_ref()[6] & 0x40 != 0
+        self.buf.as_ref()[field::ipv4::FLAGS_FRAG_OFFSET.start] & 0x40 != 0
     }
     pub fn ttl(&self) -> u8 {
-        self.buf.as_ref()[8]
+        self.buf.as_ref()[field::ipv4::TTL]
     }
     pub fn protocol(&self) -> u8 {
-        self.buf.as_ref()[9]
+        self.buf.as_ref()[field::ipv4::PROTOCOL]
     }
     pub fn checksum(&self) -> u16 {
-        be16(self.buf.as_ref(), 10)
+        be16(self.buf.as_ref(), field::ipv4::CHECKSUM.start)
     }
     pub fn src(&self) -> Ipv4Addr {
-        let b = self.buf.as_ref();
-        Ipv4Addr::new(b[12], b[13], b[14], b[15])
+        Ipv4Addr::from(<[u8; 4]>::try_from(&self.buf.as_ref()[field::ipv4::SRC]).expect("4 bytes"))
     }
     pub fn dst(&self) -> Ipv4Addr {
-        let b = self.buf.as_ref();
-        Ipv4Addr::new(b[16], b[17], b[18], b[19])
+        Ipv4Addr::from(<[u8; 4]>::try_from(&self.buf.as_ref()[field::ipv4::DST]).expect("4 bytes"))
     }
     /// Whether the header checksum is correct.
     pub fn verify_checksum(&self) -> bool {
@@ -313,9 +424,21 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Header<T> {
     pub fn fill_checksum(&mut self) {
         let len = self.header_len();
         let b = self.buf.as_mut();
-        put16(b, 10, 0);
+        put16(b, field::ipv4::CHECKSUM.start, 0);
         let c = crate::checksum::checksum(&b[..len]);
-        put16(b, 10, c);
+        put16(b, field::ipv4::CHECKSUM.start, c);
+    }
+    pub fn set_checksum(&mut self, value: u16) {
+        put16(self.buf.as_mut(), field::ipv4::CHECKSUM.start, value);
+    }
+    pub fn set_ttl(&mut self, value: u8) {
+        self.buf.as_mut()[field::ipv4::TTL] = value;
+    }
+    pub fn set_src(&mut self, addr: Ipv4Addr) {
+        self.buf.as_mut()[field::ipv4::SRC].copy_from_slice(&addr.octets());
+    }
+    pub fn set_dst(&mut self, addr: Ipv4Addr) {
+        self.buf.as_mut()[field::ipv4::DST].copy_from_slice(&addr.octets());
     }
 }
 
@@ -326,8 +449,18 @@ pub struct Ipv6Header<T> {
 }
 
 impl<T: AsRef<[u8]>> Ipv6Header<T> {
-    /// Checks version and (unless `embedded`) that the payload length fits the buffer.
-    pub fn new_checked(buf: T, embedded: bool) -> Result<Self, Error> {
+    /// Checks version and that the payload length fits the buffer.
+    pub fn new_checked(buf: T) -> Result<Self, Error> {
+        Self::checked(buf, Extent::Whole)
+    }
+
+    /// Checks the version of the header quoted in an ICMPv6 error, whose payload length may exceed what was
+    /// quoted.
+    pub fn new_quoted(buf: T) -> Result<Self, Error> {
+        Self::checked(buf, Extent::Quoted)
+    }
+
+    fn checked(buf: T, extent: Extent) -> Result<Self, Error> {
         let b = buf.as_ref();
         if b.len() < IPV6_HEADER_LEN {
             return Err(Error::Truncated);
@@ -335,25 +468,37 @@ impl<T: AsRef<[u8]>> Ipv6Header<T> {
         if b[0] >> 4 != 6 {
             return Err(Error::Malformed);
         }
-        if !embedded && IPV6_HEADER_LEN + usize::from(be16(b, 4)) > b.len() {
+        if extent == Extent::Whole && IPV6_HEADER_LEN + usize::from(be16(b, field::ipv6::PAYLOAD_LEN.start)) > b.len() {
             return Err(Error::Truncated);
         }
         Ok(Self { buf })
     }
     pub fn payload_len(&self) -> u16 {
-        be16(self.buf.as_ref(), 4)
+        be16(self.buf.as_ref(), field::ipv6::PAYLOAD_LEN.start)
     }
     pub fn next_header(&self) -> u8 {
-        self.buf.as_ref()[6]
+        self.buf.as_ref()[field::ipv6::NEXT_HEADER]
     }
     pub fn hop_limit(&self) -> u8 {
-        self.buf.as_ref()[7]
+        self.buf.as_ref()[field::ipv6::HOP_LIMIT]
     }
     pub fn src(&self) -> Ipv6Addr {
-        Ipv6Addr::from(<[u8; 16]>::try_from(&self.buf.as_ref()[8..24]).expect("16 bytes"))
+        Ipv6Addr::from(<[u8; 16]>::try_from(&self.buf.as_ref()[field::ipv6::SRC]).expect("16 bytes"))
     }
     pub fn dst(&self) -> Ipv6Addr {
-        Ipv6Addr::from(<[u8; 16]>::try_from(&self.buf.as_ref()[24..40]).expect("16 bytes"))
+        Ipv6Addr::from(<[u8; 16]>::try_from(&self.buf.as_ref()[field::ipv6::DST]).expect("16 bytes"))
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv6Header<T> {
+    pub fn set_hop_limit(&mut self, value: u8) {
+        self.buf.as_mut()[field::ipv6::HOP_LIMIT] = value;
+    }
+    pub fn set_src(&mut self, addr: Ipv6Addr) {
+        self.buf.as_mut()[field::ipv6::SRC].copy_from_slice(&addr.octets());
+    }
+    pub fn set_dst(&mut self, addr: Ipv6Addr) {
+        self.buf.as_mut()[field::ipv6::DST].copy_from_slice(&addr.octets());
     }
 }
 
@@ -374,7 +519,7 @@ impl<T: AsRef<[u8]>> TcpHeader<T> {
         if b.len() < TCP_HEADER_LEN {
             return Err(Error::Truncated);
         }
-        let data_offset = usize::from(b[12] >> 4) * 4;
+        let data_offset = usize::from(b[field::tcp::DATA_OFFSET] >> 4) * 4;
         if data_offset < TCP_HEADER_LEN {
             return Err(Error::Malformed);
         }
@@ -384,22 +529,43 @@ impl<T: AsRef<[u8]>> TcpHeader<T> {
         Ok(Self { buf })
     }
     pub fn src_port(&self) -> u16 {
-        be16(self.buf.as_ref(), 0)
+        be16(self.buf.as_ref(), field::tcp::SRC_PORT.start)
     }
     pub fn dst_port(&self) -> u16 {
-        be16(self.buf.as_ref(), 2)
+        be16(self.buf.as_ref(), field::tcp::DST_PORT.start)
     }
     pub fn seq(&self) -> u32 {
-        be32(self.buf.as_ref(), 4)
+        be32(self.buf.as_ref(), field::tcp::SEQ.start)
     }
     pub fn header_len(&self) -> usize {
-        usize::from(self.buf.as_ref()[12] >> 4) * 4
+        usize::from(self.buf.as_ref()[field::tcp::DATA_OFFSET] >> 4) * 4
     }
     pub fn flags(&self) -> u8 {
-        self.buf.as_ref()[13]
+        self.buf.as_ref()[field::tcp::FLAGS]
     }
     pub fn checksum(&self) -> u16 {
-        be16(self.buf.as_ref(), 16)
+        be16(self.buf.as_ref(), field::tcp::CHECKSUM.start)
+    }
+    /// The options, between the fixed header and the data.
+    pub fn options(&self) -> &[u8] {
+        &self.buf.as_ref()[field::tcp::OPTIONS..self.header_len()]
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpHeader<T> {
+    pub fn set_src_port(&mut self, port: u16) {
+        put16(self.buf.as_mut(), field::tcp::SRC_PORT.start, port);
+    }
+    pub fn set_dst_port(&mut self, port: u16) {
+        put16(self.buf.as_mut(), field::tcp::DST_PORT.start, port);
+    }
+    pub fn set_checksum(&mut self, value: u16) {
+        put16(self.buf.as_mut(), field::tcp::CHECKSUM.start, value);
+    }
+    /// The options, writable (MSS clamping rewrites one in place).
+    pub fn options_mut(&mut self) -> &mut [u8] {
+        let end = self.header_len();
+        &mut self.buf.as_mut()[field::tcp::OPTIONS..end]
     }
 }
 
@@ -415,7 +581,7 @@ impl<T: AsRef<[u8]>> UdpHeader<T> {
         if b.len() < UDP_HEADER_LEN {
             return Err(Error::Truncated);
         }
-        let len = usize::from(be16(b, 4));
+        let len = usize::from(be16(b, field::udp::LENGTH.start));
         if len < UDP_HEADER_LEN {
             return Err(Error::Malformed);
         }
@@ -425,19 +591,31 @@ impl<T: AsRef<[u8]>> UdpHeader<T> {
         Ok(Self { buf })
     }
     pub fn src_port(&self) -> u16 {
-        be16(self.buf.as_ref(), 0)
+        be16(self.buf.as_ref(), field::udp::SRC_PORT.start)
     }
     pub fn dst_port(&self) -> u16 {
-        be16(self.buf.as_ref(), 2)
+        be16(self.buf.as_ref(), field::udp::DST_PORT.start)
     }
     pub fn len(&self) -> u16 {
-        be16(self.buf.as_ref(), 4)
+        be16(self.buf.as_ref(), field::udp::LENGTH.start)
     }
     pub fn is_empty(&self) -> bool {
         self.len() as usize == UDP_HEADER_LEN
     }
     pub fn checksum(&self) -> u16 {
-        be16(self.buf.as_ref(), 6)
+        be16(self.buf.as_ref(), field::udp::CHECKSUM.start)
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpHeader<T> {
+    pub fn set_src_port(&mut self, port: u16) {
+        put16(self.buf.as_mut(), field::udp::SRC_PORT.start, port);
+    }
+    pub fn set_dst_port(&mut self, port: u16) {
+        put16(self.buf.as_mut(), field::udp::DST_PORT.start, port);
+    }
+    pub fn set_checksum(&mut self, value: u16) {
+        put16(self.buf.as_mut(), field::udp::CHECKSUM.start, value);
     }
 }
 
@@ -455,24 +633,33 @@ impl<T: AsRef<[u8]>> IcmpHeader<T> {
         Ok(Self { buf })
     }
     pub fn msg_type(&self) -> u8 {
-        self.buf.as_ref()[0]
+        self.buf.as_ref()[field::icmp::TYPE]
     }
     pub fn code(&self) -> u8 {
-        self.buf.as_ref()[1]
+        self.buf.as_ref()[field::icmp::CODE]
     }
     pub fn checksum(&self) -> u16 {
-        be16(self.buf.as_ref(), 2)
+        be16(self.buf.as_ref(), field::icmp::CHECKSUM.start)
     }
     /// The echo identifier (meaningful for echo request and reply).
     pub fn echo_ident(&self) -> u16 {
-        be16(self.buf.as_ref(), 4)
+        be16(self.buf.as_ref(), field::icmp::ECHO_IDENT.start)
     }
     pub fn echo_seq(&self) -> u16 {
-        be16(self.buf.as_ref(), 6)
+        be16(self.buf.as_ref(), field::icmp::ECHO_SEQ.start)
     }
     /// The quoted packet of an error message.
     pub fn error_payload(&self) -> &[u8] {
-        &self.buf.as_ref()[ICMP_HEADER_LEN..]
+        &self.buf.as_ref()[field::icmp::QUOTED..]
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> IcmpHeader<T> {
+    pub fn set_echo_ident(&mut self, ident: u16) {
+        put16(self.buf.as_mut(), field::icmp::ECHO_IDENT.start, ident);
+    }
+    pub fn set_checksum(&mut self, value: u16) {
+        put16(self.buf.as_mut(), field::icmp::CHECKSUM.start, value);
     }
 }
 
@@ -509,7 +696,7 @@ mod tests {
         pkt[0] = 0x46;
         let total = pkt.len() as u16;
         pkt[2..4].copy_from_slice(&total.to_be_bytes());
-        let layout = parse(&pkt, false).unwrap();
+        let layout = parse(&pkt).unwrap();
         assert_eq!(layout.l4_offset, 24);
         assert_eq!(layout.protocol, PROTO_UDP);
         assert_eq!(layout.fragment, Fragment::Whole);
@@ -529,7 +716,7 @@ mod tests {
             pkt[0] = 0x47;
             let total = pkt.len() as u16;
             pkt[2..4].copy_from_slice(&total.to_be_bytes());
-            assert_eq!(parse(&pkt, false).map(|l| l.l4_offset), expected, "{options:x?}");
+            assert_eq!(parse(&pkt).map(|l| l.l4_offset), expected, "{options:x?}");
         }
     }
 
@@ -538,22 +725,22 @@ mod tests {
         let mut pkt = Builder::v4([10, 0, 0, 1], [10, 0, 0, 2]).udp(1000, 53, b"hello");
         pkt[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
         pkt[6] = 0x20; // more fragments, offset 0
-        assert_eq!(parse(&pkt, false).unwrap().fragment, Fragment::First { id: 0x1234 });
+        assert_eq!(parse(&pkt).unwrap().fragment, Fragment::First { id: 0x1234 });
         pkt[6] = 0x00;
         pkt[7] = 0x10; // offset 16 * 8
-        assert_eq!(parse(&pkt, false).unwrap().fragment, Fragment::Later { id: 0x1234 });
+        assert_eq!(parse(&pkt).unwrap().fragment, Fragment::Later { id: 0x1234 });
     }
 
     #[test]
     fn refuses_bad_headers() {
-        assert_eq!(parse(&[], false), Err(Error::Truncated));
-        assert_eq!(parse(&[0x55; 40], false), Err(Error::Malformed));
+        assert_eq!(parse(&[]), Err(Error::Truncated));
+        assert_eq!(parse(&[0x55; 40]), Err(Error::Malformed));
         let mut pkt = Builder::v4([10, 0, 0, 1], [10, 0, 0, 2]).udp(1, 2, b"");
         pkt[0] = 0x44; // header length 16 bytes
-        assert_eq!(parse(&pkt, false), Err(Error::Malformed));
+        assert_eq!(parse(&pkt), Err(Error::Malformed));
         let pkt = Builder::v4([10, 0, 0, 1], [10, 0, 0, 2]).udp(1, 2, b"abc");
-        assert_eq!(parse(&pkt[..pkt.len() - 1], false), Err(Error::Truncated));
-        assert!(parse(&pkt[..24], true).is_ok(), "an ICMP quote may be truncated");
+        assert_eq!(parse(&pkt[..pkt.len() - 1]), Err(Error::Truncated));
+        assert!(parse_quoted(&pkt[..24]).is_ok(), "an ICMP quote may be truncated");
     }
 
     #[test]
@@ -568,7 +755,7 @@ mod tests {
         pkt[6] = PROTO_HOPOPTS;
         let payload = (pkt.len() - 40) as u16;
         pkt[4..6].copy_from_slice(&payload.to_be_bytes());
-        let layout = parse(&pkt, false).unwrap();
+        let layout = parse(&pkt).unwrap();
         assert_eq!(layout.l4_offset, 56);
         assert_eq!(layout.protocol, PROTO_UDP);
         assert_eq!(layout.fragment, Fragment::First { id: 7 });
@@ -582,6 +769,6 @@ mod tests {
         pkt[6] = PROTO_ROUTING;
         let payload = (pkt.len() - 40) as u16;
         pkt[4..6].copy_from_slice(&payload.to_be_bytes());
-        assert_eq!(parse(&pkt, false), Err(Error::Unsupported));
+        assert_eq!(parse(&pkt), Err(Error::Unsupported));
     }
 }

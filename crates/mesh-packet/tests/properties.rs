@@ -74,7 +74,7 @@ fn reply_transport(t: Transport) -> Transport {
 
 /// The transport fields of an IP packet without extension headers, as the builder would take them.
 fn read_transport(p: &[u8], original: Transport) -> Transport {
-    let l4 = wire::parse(p, false).unwrap().l4_offset;
+    let l4 = wire::parse(p).unwrap().l4_offset;
     let at = |o: usize| u16_at(p, l4 + o);
     match original {
         Transport::Tcp { seq, ack, flags, .. } => Transport::Tcp { src_port: at(0), dst_port: at(2), seq, ack, flags },
@@ -102,7 +102,7 @@ fn checksum_offset(protocol: u8) -> usize {
 
 /// Recomputes the transport checksum of `p` from scratch, as a sender would.
 fn full_transport_checksum(p: &[u8]) -> u16 {
-    let layout = wire::parse(p, false).unwrap();
+    let layout = wire::parse(p).unwrap();
     let (src, dst): (Vec<u8>, Vec<u8>) = match addrs(p) {
         (IpAddr::V4(s), IpAddr::V4(d)) => (s.octets().to_vec(), d.octets().to_vec()),
         (IpAddr::V6(s), IpAddr::V6(d)) => (s.octets().to_vec(), d.octets().to_vec()),
@@ -121,7 +121,7 @@ fn full_transport_checksum(p: &[u8]) -> u16 {
 }
 
 fn stored_transport_checksum(p: &[u8]) -> u16 {
-    let layout = wire::parse(p, false).unwrap();
+    let layout = wire::parse(p).unwrap();
     u16_at(p, layout.l4_offset + checksum_offset(layout.protocol))
 }
 
@@ -216,7 +216,7 @@ proptest! {
         let mut expected = original[..quote_len].to_vec();
         // A quote that ends halfway through the transport checksum keeps that half as it was: the carry
         // into it depends on the byte that was cut off.
-        let checksum_at = header + checksum_offset(wire::parse(&original, false).unwrap().protocol);
+        let checksum_at = header + checksum_offset(wire::parse(&original).unwrap().protocol);
         if quote_len == checksum_at + 1 {
             quoted.pop();
             expected.pop();
@@ -254,7 +254,7 @@ proptest! {
         let mut err = Builder::v4(SERVER.octets(), SNAT.octets()).icmp_error(3, 4, 0, &established[..established.len().min(60)]);
         let cut = keep.index(err.len() + 1);
         let _ = snat.inbound(&mut err[..cut], now);
-        let _ = wire::parse(&q, true);
+        let _ = wire::parse_quoted(&q);
     }
 }
 

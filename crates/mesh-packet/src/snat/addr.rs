@@ -5,7 +5,7 @@ use core::hash::{Hash, Hasher};
 use core::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::checksum::Delta;
-use crate::wire::{self, IpVersion, Layout, PROTO_ICMP, PROTO_ICMPV6};
+use crate::wire::{self, IpVersion, Layout, PROTO_ICMP, PROTO_ICMPV6, field};
 
 pub trait Family: Copy + Eq + Hash + Debug + 'static {
     const VERSION: IpVersion;
@@ -28,14 +28,14 @@ pub trait Family: Copy + Eq + Hash + Debug + 'static {
 impl Family for Ipv4Addr {
     const VERSION: IpVersion = IpVersion::V4;
     const LEN: usize = 4;
-    const SRC: usize = 12;
-    const DST: usize = 16;
+    const SRC: usize = field::ipv4::SRC.start;
+    const DST: usize = field::ipv4::DST.start;
     const ICMP: u8 = PROTO_ICMP;
     const HAS_HEADER_CHECKSUM: bool = true;
 
     #[inline]
     fn parse(packet: &[u8]) -> Result<Layout, wire::Error> {
-        wire::parse_v4(packet, false)
+        wire::parse_v4(packet, wire::Extent::Whole)
     }
 
     #[inline]
@@ -59,14 +59,14 @@ impl Family for Ipv4Addr {
 impl Family for Ipv6Addr {
     const VERSION: IpVersion = IpVersion::V6;
     const LEN: usize = 16;
-    const SRC: usize = 8;
-    const DST: usize = 24;
+    const SRC: usize = field::ipv6::SRC.start;
+    const DST: usize = field::ipv6::DST.start;
     const ICMP: u8 = PROTO_ICMPV6;
     const HAS_HEADER_CHECKSUM: bool = false;
 
     #[inline]
     fn parse(packet: &[u8]) -> Result<Layout, wire::Error> {
-        wire::parse_v6(packet, false)
+        wire::parse_v6(packet, wire::Extent::Whole)
     }
 
     #[inline]

@@ -21,7 +21,7 @@ use core::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
 use crate::checksum::{Delta, adjust_at, adjust_udp_at};
-use crate::wire::{self, Fragment, IcmpKind, IpVersion, Layout, PROTO_TCP, PROTO_UDP};
+use crate::wire::{self, Fragment, IcmpKind, IpVersion, Layout, PROTO_TCP, PROTO_UDP, field};
 pub use addr::Family;
 pub use table::Stats;
 use table::{FlowKey, FragmentKey, Proto, Table, tcp};
@@ -376,12 +376,18 @@ impl Snat {
 /// (source outbound, destination inbound) and the remote one. ICMP echo has one identifier for both sides.
 #[inline]
 fn port_offsets(proto: Proto, dir: Direction) -> (usize, Option<usize>) {
+    // TCP and UDP put their ports in the same places.
+    const SRC: usize = field::udp::SRC_PORT.start;
+    const DST: usize = field::udp::DST_PORT.start;
     match (proto, dir) {
-        (Proto::Icmp, _) => (4, None),
-        (_, Direction::Outbound) => (0, Some(2)),
-        (_, Direction::Inbound) => (2, Some(0)),
+        (Proto::Icmp, _) => (field::icmp::ECHO_IDENT.start, None),
+        (_, Direction::Outbound) => (SRC, Some(DST)),
+        (_, Direction::Inbound) => (DST, Some(SRC)),
     }
 }
+
+/// Where the IPv4 header checksum is (IPv6 has none).
+const IPV4_CHECKSUM: usize = field::ipv4::CHECKSUM.start;
 
 #[inline]
 fn read16(p: &[u8], at: usize) -> u16 {
@@ -398,9 +404,9 @@ fn write16(p: &mut [u8], at: usize, value: u16, delta: &mut Delta) {
 #[inline]
 fn l4_checksum<A: Family>(proto: Proto) -> (usize, bool) {
     match proto {
-        Proto::Tcp => (16, true),
-        Proto::Udp => (6, true),
-        Proto::Icmp => (2, !A::HAS_HEADER_CHECKSUM),
+        Proto::Tcp => (field::tcp::CHECKSUM.start, true),
+        Proto::Udp => (field::udp::CHECKSUM.start, true),
+        Proto::Icmp => (field::icmp::CHECKSUM.start, !A::HAS_HEADER_CHECKSUM),
     }
 }
 
@@ -430,7 +436,8 @@ fn classify<A: Family>(p: &[u8], layout: &Layout) -> Result<Proto, DropReason> {
     if layout.l4_len() < need {
         return Err(DropReason::Malformed);
     }
-    if proto == Proto::Tcp && usize::from(p[layout.l4_offset + 12] >> 4) * 4 < wire::TCP_HEADER_LEN {
+    if proto == Proto::Tcp && usize::from(p[layout.l4_offset + field::tcp::DATA_OFFSET] >> 4) * 4 < wire::TCP_HEADER_LEN
+    {
         return Err(DropReason::Malformed);
     }
     Ok(proto)
@@ -465,7 +472,7 @@ fn translate<A: Family>(
             let mut d = Delta::default();
             to.write(p, if dir == Direction::Outbound { A::SRC } else { A::DST }, &mut d);
             if A::HAS_HEADER_CHECKSUM {
-                adjust_at(p, 10, d);
+                adjust_at(p, IPV4_CHECKSUM, d);
             }
             return Ok(());
         }
@@ -498,7 +505,7 @@ fn translate_unfragmented<A: Family>(
     let proto = classify::<A>(p, layout)?;
     let l4 = layout.l4_offset;
     if proto == Proto::Icmp {
-        match (wire::icmp_kind(A::VERSION, p[l4]), dir) {
+        match (wire::icmp_kind(A::VERSION, p[l4 + field::icmp::TYPE]), dir) {
             (IcmpKind::EchoRequest, Direction::Outbound) | (IcmpKind::EchoReply, Direction::Inbound) => {}
             (IcmpKind::Error, _) => return translate_icmp_error(table, p, layout, now, dir),
             (_, Direction::Inbound) => return Err(DropReason::Unsolicited),
@@ -509,7 +516,7 @@ fn translate_unfragmented<A: Family>(
     let (own_port_at, remote_port_at) = port_offsets(proto, dir);
     let own_port = read16(p, l4 + own_port_at);
     let remote_port = remote_port_at.map_or(0, |at| read16(p, l4 + at));
-    let tcp_flags = if proto == Proto::Tcp { p[l4 + 13] } else { 0 };
+    let tcp_flags = if proto == Proto::Tcp { p[l4 + field::tcp::FLAGS] } else { 0 };
 
     let (flow, new_addr, new_port) = match dir {
         Direction::Outbound => {
@@ -542,7 +549,7 @@ fn translate_unfragmented<A: Family>(
     let mut addr_delta = Delta::default();
     new_addr.write(p, if dir == Direction::Outbound { A::SRC } else { A::DST }, &mut addr_delta);
     if A::HAS_HEADER_CHECKSUM {
-        adjust_at(p, 10, addr_delta);
+        adjust_at(p, IPV4_CHECKSUM, addr_delta);
     }
     let mut port_delta = Delta::default();
     write16(p, l4 + own_port_at, new_port, &mut port_delta);
@@ -596,8 +603,8 @@ fn translate_icmp_error<A: Family>(
     dir: Direction,
 ) -> Result<A, DropReason> {
     let icmp = layout.l4_offset;
-    let inner = icmp + wire::ICMP_HEADER_LEN;
-    let quoted = wire::parse(&p[inner..], true)?;
+    let inner = icmp + field::icmp::QUOTED;
+    let quoted = wire::parse_quoted(&p[inner..])?;
     if wire::version(&p[inner..])? != A::VERSION || matches!(quoted.fragment, Fragment::Later { .. }) {
         return Err(DropReason::IcmpErrorWithoutSession);
     }
@@ -611,7 +618,7 @@ fn translate_icmp_error<A: Family>(
     if ql4 + ports_needed > p.len() {
         return Err(DropReason::Malformed);
     }
-    if proto == Proto::Icmp && wire::icmp_kind(A::VERSION, p[ql4]) == IcmpKind::Error {
+    if proto == Proto::Icmp && wire::icmp_kind(A::VERSION, p[ql4 + field::icmp::TYPE]) == IcmpKind::Error {
         return Err(DropReason::IcmpErrorWithoutSession); // never an error about an error
     }
     let quoted_src = A::read(p, inner + A::SRC);
@@ -673,8 +680,8 @@ fn translate_icmp_error<A: Family>(
     new_addr.write(p, inner + quoted_addr_at, &mut quoted_addr);
     icmp_delta.merge(quoted_addr);
     if A::HAS_HEADER_CHECKSUM {
-        let old = read16(p, inner + 10);
-        write16(p, inner + 10, quoted_addr.apply(old), &mut icmp_delta);
+        let old = read16(p, inner + IPV4_CHECKSUM);
+        write16(p, inner + IPV4_CHECKSUM, quoted_addr.apply(old), &mut icmp_delta);
     }
     let mut quoted_port = Delta::default();
     write16(p, ql4 + quoted_own_at, new_port, &mut quoted_port);
@@ -698,11 +705,11 @@ fn translate_icmp_error<A: Family>(
     let mut outer = Delta::default();
     new_addr.write(p, outer_addr_at, &mut outer);
     if A::HAS_HEADER_CHECKSUM {
-        adjust_at(p, 10, outer);
+        adjust_at(p, IPV4_CHECKSUM, outer);
     } else {
         icmp_delta.merge(outer); // the ICMPv6 checksum covers the pseudo-header
     }
-    adjust_at(p, icmp + 2, icmp_delta);
+    adjust_at(p, icmp + field::icmp::CHECKSUM.start, icmp_delta);
     Ok(new_addr)
 }
 
