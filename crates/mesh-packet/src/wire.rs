@@ -351,16 +351,19 @@ pub struct Ipv4Header<T> {
 
 impl<T: AsRef<[u8]>> Ipv4Header<T> {
     /// Checks version, header length and that the total length fits the buffer.
+    #[inline]
     pub fn new_checked(buf: T) -> Result<Self, Error> {
         Self::checked(buf, Extent::Whole)
     }
 
     /// Checks version and header length of the header quoted in an ICMP error, whose total length may
     /// exceed what was quoted.
+    #[inline]
     pub fn new_quoted(buf: T) -> Result<Self, Error> {
         Self::checked(buf, Extent::Quoted)
     }
 
+    #[inline]
     fn checked(buf: T, extent: Extent) -> Result<Self, Error> {
         let b = buf.as_ref();
         if b.len() < IPV4_HEADER_LEN {
@@ -386,34 +389,44 @@ impl<T: AsRef<[u8]>> Ipv4Header<T> {
         Ok(Self { buf })
     }
 
+    #[inline]
     pub fn header_len(&self) -> usize {
         usize::from(self.buf.as_ref()[field::ipv4::VER_IHL] & 0x0f) * 4
     }
+    #[inline]
     pub fn total_len(&self) -> u16 {
         be16(self.buf.as_ref(), field::ipv4::TOTAL_LEN.start)
     }
+    #[inline]
     pub fn ident(&self) -> u16 {
         be16(self.buf.as_ref(), field::ipv4::IDENT.start)
     }
+    #[inline]
     pub fn dont_fragment(&self) -> bool {
         self.buf.as_ref()[field::ipv4::FLAGS_FRAG_OFFSET.start] & 0x40 != 0
     }
+    #[inline]
     pub fn ttl(&self) -> u8 {
         self.buf.as_ref()[field::ipv4::TTL]
     }
+    #[inline]
     pub fn protocol(&self) -> u8 {
         self.buf.as_ref()[field::ipv4::PROTOCOL]
     }
+    #[inline]
     pub fn checksum(&self) -> u16 {
         be16(self.buf.as_ref(), field::ipv4::CHECKSUM.start)
     }
+    #[inline]
     pub fn src(&self) -> Ipv4Addr {
         Ipv4Addr::from(<[u8; 4]>::try_from(&self.buf.as_ref()[field::ipv4::SRC]).expect("4 bytes"))
     }
+    #[inline]
     pub fn dst(&self) -> Ipv4Addr {
         Ipv4Addr::from(<[u8; 4]>::try_from(&self.buf.as_ref()[field::ipv4::DST]).expect("4 bytes"))
     }
     /// Whether the header checksum is correct.
+    #[inline]
     pub fn verify_checksum(&self) -> bool {
         crate::checksum::fold(crate::checksum::sum(&self.buf.as_ref()[..self.header_len()], 0)) == 0xffff
     }
@@ -421,6 +434,7 @@ impl<T: AsRef<[u8]>> Ipv4Header<T> {
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Header<T> {
     /// Recomputes the header checksum from scratch.
+    #[inline]
     pub fn fill_checksum(&mut self) {
         let len = self.header_len();
         let b = self.buf.as_mut();
@@ -428,15 +442,19 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Header<T> {
         let c = crate::checksum::checksum(&b[..len]);
         put16(b, field::ipv4::CHECKSUM.start, c);
     }
+    #[inline]
     pub fn set_checksum(&mut self, value: u16) {
         put16(self.buf.as_mut(), field::ipv4::CHECKSUM.start, value);
     }
+    #[inline]
     pub fn set_ttl(&mut self, value: u8) {
         self.buf.as_mut()[field::ipv4::TTL] = value;
     }
+    #[inline]
     pub fn set_src(&mut self, addr: Ipv4Addr) {
         self.buf.as_mut()[field::ipv4::SRC].copy_from_slice(&addr.octets());
     }
+    #[inline]
     pub fn set_dst(&mut self, addr: Ipv4Addr) {
         self.buf.as_mut()[field::ipv4::DST].copy_from_slice(&addr.octets());
     }
@@ -450,16 +468,19 @@ pub struct Ipv6Header<T> {
 
 impl<T: AsRef<[u8]>> Ipv6Header<T> {
     /// Checks version and that the payload length fits the buffer.
+    #[inline]
     pub fn new_checked(buf: T) -> Result<Self, Error> {
         Self::checked(buf, Extent::Whole)
     }
 
     /// Checks the version of the header quoted in an ICMPv6 error, whose payload length may exceed what was
     /// quoted.
+    #[inline]
     pub fn new_quoted(buf: T) -> Result<Self, Error> {
         Self::checked(buf, Extent::Quoted)
     }
 
+    #[inline]
     fn checked(buf: T, extent: Extent) -> Result<Self, Error> {
         let b = buf.as_ref();
         if b.len() < IPV6_HEADER_LEN {
@@ -473,30 +494,38 @@ impl<T: AsRef<[u8]>> Ipv6Header<T> {
         }
         Ok(Self { buf })
     }
+    #[inline]
     pub fn payload_len(&self) -> u16 {
         be16(self.buf.as_ref(), field::ipv6::PAYLOAD_LEN.start)
     }
+    #[inline]
     pub fn next_header(&self) -> u8 {
         self.buf.as_ref()[field::ipv6::NEXT_HEADER]
     }
+    #[inline]
     pub fn hop_limit(&self) -> u8 {
         self.buf.as_ref()[field::ipv6::HOP_LIMIT]
     }
+    #[inline]
     pub fn src(&self) -> Ipv6Addr {
         Ipv6Addr::from(<[u8; 16]>::try_from(&self.buf.as_ref()[field::ipv6::SRC]).expect("16 bytes"))
     }
+    #[inline]
     pub fn dst(&self) -> Ipv6Addr {
         Ipv6Addr::from(<[u8; 16]>::try_from(&self.buf.as_ref()[field::ipv6::DST]).expect("16 bytes"))
     }
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv6Header<T> {
+    #[inline]
     pub fn set_hop_limit(&mut self, value: u8) {
         self.buf.as_mut()[field::ipv6::HOP_LIMIT] = value;
     }
+    #[inline]
     pub fn set_src(&mut self, addr: Ipv6Addr) {
         self.buf.as_mut()[field::ipv6::SRC].copy_from_slice(&addr.octets());
     }
+    #[inline]
     pub fn set_dst(&mut self, addr: Ipv6Addr) {
         self.buf.as_mut()[field::ipv6::DST].copy_from_slice(&addr.octets());
     }
@@ -514,6 +543,7 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 impl<T: AsRef<[u8]>> TcpHeader<T> {
+    #[inline]
     pub fn new_checked(buf: T) -> Result<Self, Error> {
         let b = buf.as_ref();
         if b.len() < TCP_HEADER_LEN {
@@ -528,41 +558,52 @@ impl<T: AsRef<[u8]>> TcpHeader<T> {
         }
         Ok(Self { buf })
     }
+    #[inline]
     pub fn src_port(&self) -> u16 {
         be16(self.buf.as_ref(), field::tcp::SRC_PORT.start)
     }
+    #[inline]
     pub fn dst_port(&self) -> u16 {
         be16(self.buf.as_ref(), field::tcp::DST_PORT.start)
     }
+    #[inline]
     pub fn seq(&self) -> u32 {
         be32(self.buf.as_ref(), field::tcp::SEQ.start)
     }
+    #[inline]
     pub fn header_len(&self) -> usize {
         usize::from(self.buf.as_ref()[field::tcp::DATA_OFFSET] >> 4) * 4
     }
+    #[inline]
     pub fn flags(&self) -> u8 {
         self.buf.as_ref()[field::tcp::FLAGS]
     }
+    #[inline]
     pub fn checksum(&self) -> u16 {
         be16(self.buf.as_ref(), field::tcp::CHECKSUM.start)
     }
     /// The options, between the fixed header and the data.
+    #[inline]
     pub fn options(&self) -> &[u8] {
         &self.buf.as_ref()[field::tcp::OPTIONS..self.header_len()]
     }
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpHeader<T> {
+    #[inline]
     pub fn set_src_port(&mut self, port: u16) {
         put16(self.buf.as_mut(), field::tcp::SRC_PORT.start, port);
     }
+    #[inline]
     pub fn set_dst_port(&mut self, port: u16) {
         put16(self.buf.as_mut(), field::tcp::DST_PORT.start, port);
     }
+    #[inline]
     pub fn set_checksum(&mut self, value: u16) {
         put16(self.buf.as_mut(), field::tcp::CHECKSUM.start, value);
     }
     /// The options, writable (MSS clamping rewrites one in place).
+    #[inline]
     pub fn options_mut(&mut self) -> &mut [u8] {
         let end = self.header_len();
         &mut self.buf.as_mut()[field::tcp::OPTIONS..end]
@@ -576,6 +617,7 @@ pub struct UdpHeader<T> {
 }
 
 impl<T: AsRef<[u8]>> UdpHeader<T> {
+    #[inline]
     pub fn new_checked(buf: T) -> Result<Self, Error> {
         let b = buf.as_ref();
         if b.len() < UDP_HEADER_LEN {
@@ -590,30 +632,38 @@ impl<T: AsRef<[u8]>> UdpHeader<T> {
         }
         Ok(Self { buf })
     }
+    #[inline]
     pub fn src_port(&self) -> u16 {
         be16(self.buf.as_ref(), field::udp::SRC_PORT.start)
     }
+    #[inline]
     pub fn dst_port(&self) -> u16 {
         be16(self.buf.as_ref(), field::udp::DST_PORT.start)
     }
+    #[inline]
     pub fn len(&self) -> u16 {
         be16(self.buf.as_ref(), field::udp::LENGTH.start)
     }
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len() as usize == UDP_HEADER_LEN
     }
+    #[inline]
     pub fn checksum(&self) -> u16 {
         be16(self.buf.as_ref(), field::udp::CHECKSUM.start)
     }
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpHeader<T> {
+    #[inline]
     pub fn set_src_port(&mut self, port: u16) {
         put16(self.buf.as_mut(), field::udp::SRC_PORT.start, port);
     }
+    #[inline]
     pub fn set_dst_port(&mut self, port: u16) {
         put16(self.buf.as_mut(), field::udp::DST_PORT.start, port);
     }
+    #[inline]
     pub fn set_checksum(&mut self, value: u16) {
         put16(self.buf.as_mut(), field::udp::CHECKSUM.start, value);
     }
@@ -626,38 +676,47 @@ pub struct IcmpHeader<T> {
 }
 
 impl<T: AsRef<[u8]>> IcmpHeader<T> {
+    #[inline]
     pub fn new_checked(buf: T) -> Result<Self, Error> {
         if buf.as_ref().len() < ICMP_HEADER_LEN {
             return Err(Error::Truncated);
         }
         Ok(Self { buf })
     }
+    #[inline]
     pub fn msg_type(&self) -> u8 {
         self.buf.as_ref()[field::icmp::TYPE]
     }
+    #[inline]
     pub fn code(&self) -> u8 {
         self.buf.as_ref()[field::icmp::CODE]
     }
+    #[inline]
     pub fn checksum(&self) -> u16 {
         be16(self.buf.as_ref(), field::icmp::CHECKSUM.start)
     }
     /// The echo identifier (meaningful for echo request and reply).
+    #[inline]
     pub fn echo_ident(&self) -> u16 {
         be16(self.buf.as_ref(), field::icmp::ECHO_IDENT.start)
     }
+    #[inline]
     pub fn echo_seq(&self) -> u16 {
         be16(self.buf.as_ref(), field::icmp::ECHO_SEQ.start)
     }
     /// The quoted packet of an error message.
+    #[inline]
     pub fn error_payload(&self) -> &[u8] {
         &self.buf.as_ref()[field::icmp::QUOTED..]
     }
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> IcmpHeader<T> {
+    #[inline]
     pub fn set_echo_ident(&mut self, ident: u16) {
         put16(self.buf.as_mut(), field::icmp::ECHO_IDENT.start, ident);
     }
+    #[inline]
     pub fn set_checksum(&mut self, value: u16) {
         put16(self.buf.as_mut(), field::icmp::CHECKSUM.start, value);
     }
