@@ -150,28 +150,14 @@ impl Netlink {
             .map_err(|e| io_err(&format!("adding route {prefix} to table {table}"), e))
     }
 
-    /// Removes every route in `table` that carries meshd's protocol number: what a killed run left behind.
-    /// Returns how many were removed.
+    /// Removes every route in `table` that carries meshd's protocol number: at a clean stop, and what a
+    /// killed run left behind. Returns how many were removed.
     pub async fn remove_own_routes(&self, table: u32) -> io::Result<usize> {
         let mut removed = 0;
-        for version in [IpVersion::V4, IpVersion::V6] {
-            let request = match version {
-                IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
-                IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
-            };
-            let routes: Vec<RouteMessage> = match self.handle.route().get(request).execute().try_collect().await {
-                Ok(routes) => routes,
-                Err(e) if family_unsupported(&e) => continue,
-                Err(e) => return Err(io_err("listing routes", e)),
-            };
-            for route in routes {
-                if route_table(&route) == table && route.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL) {
-                    match self.handle.route().del(route).execute().await {
-                        Ok(()) => removed += 1,
-                        Err(e) if is_not_found(&e) => {}
-                        Err(e) => return Err(io_err("removing a leftover route", e)),
-                    }
-                }
+        for listed in self.list_table(table).await? {
+            if listed.entry.protocol == ROUTE_PROTOCOL {
+                self.remove_listed(&listed).await?;
+                removed += 1;
             }
         }
         Ok(removed)
@@ -240,7 +226,10 @@ impl Netlink {
                 Err(e) if family_unsupported(&e) => continue,
                 Err(e) => return Err(io_err("listing routes", e)),
             };
-            for route in routes.into_iter().filter(|r| route_table(r) == table) {
+            // A kernel without one family may answer its dump with every family's routes: keep only the
+            // family asked for, or a route would be listed twice and removed as its own duplicate.
+            let asked = |r: &RouteMessage| r.header.address_family == family && route_table(r) == table;
+            for route in routes.into_iter().filter(asked) {
                 let Some(prefix) = route_prefix(&route) else { continue };
                 let oif =
                     route.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None });

@@ -112,7 +112,7 @@ fn an_accepted_route_never_swallows_the_lan() {
     lab.ns(b).ip(&["addr", "add", "10.0.12.50/32", "dev", "lo"]);
     let (ka, kb) = (Keys::generate(), Keys::generate());
     let (tun_a, tun_b) = (lab.unique("ma"), lab.unique("mb"));
-    start_meshd(
+    let meshd_a = start_meshd(
         &mut lab,
         a,
         "meshd-a",
@@ -135,6 +135,11 @@ fn an_accepted_route_never_swallows_the_lan() {
     let via = |dst: &str| stdout(&lab.ns(a).ip(&["route", "get", dst]));
     assert!(via("10.0.12.50").contains(&format!("dev {tun_a}")), "{}", via("10.0.12.50"));
     assert!(!via("10.0.5.9").contains(&tun_a), "{}", via("10.0.5.9"));
+
+    // A clean stop removes the throw route too (routes through the TUN device would vanish with it anyway).
+    assert_eq!(lab.process(meshd_a).stop(Duration::from_secs(5)), Some(0));
+    let left = stdout(&lab.ns(a).exec("ip", &["route", "show", "table", "52"]));
+    assert!(left.is_empty(), "left in table 52 after SIGTERM: {left}");
 }
 
 #[test]
