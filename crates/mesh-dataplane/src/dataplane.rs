@@ -34,6 +34,10 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// a counter increment, not a log line.
 pub const DROP_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
+/// The most a batch of datagrams may carry: what one UDP segmentation-offload send takes (65 535 less the
+/// IPv6 and UDP headers), so a batch can always leave in one.
+const MAX_BATCH_BYTES: usize = 65_535 - 40 - 8;
+
 /// Events held for a shell that does not collect them; the oldest go first.
 const EVENT_BACKLOG: usize = 1024;
 
@@ -319,7 +323,7 @@ impl Dataplane {
         let mut count = 1;
         while count < max_datagrams {
             match self.node.peek_transmit() {
-                Some((dst, len)) if dst == destination && len <= segment_size => {
+                Some((dst, len)) if dst == destination && len <= segment_size && buf.len() + len <= MAX_BATCH_BYTES => {
                     let next = self.node.poll_transmit().expect("peeked");
                     buf.extend_from_slice(&next.payload);
                     self.node.recycle(next.payload);
@@ -664,5 +668,13 @@ mod tests {
         assert_eq!(t.datagrams(), 2, "one more full one and the shorter last");
         assert!(t.size < 2 * t.segment_size);
         assert!(pair.planes[CLIENT].poll_transmit(&mut buf, 64).is_none());
+
+        // Full-sized datagrams: a batch stops where one offloaded send would overflow.
+        for _ in 0..60 {
+            let mut p = Builder::v4([100, 64, 0, 2], [100, 64, 0, 1]).udp(1, 2, &[0; 1300]);
+            pair.planes[CLIENT].handle_tun_packet(&mut p, now).unwrap();
+        }
+        let t = pair.planes[CLIENT].poll_transmit(&mut buf, 64).unwrap();
+        assert!(t.size <= MAX_BATCH_BYTES && t.size + t.segment_size > MAX_BATCH_BYTES, "{t:?}");
     }
 }

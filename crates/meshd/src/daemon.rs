@@ -138,6 +138,8 @@ struct Daemon {
     /// Where [`Dataplane::poll_transmit`] puts datagrams.
     transmit_buf: Vec<u8>,
     uapi_path: PathBuf,
+    /// Whether this run bound the local API socket (and so may remove it).
+    api_bound: bool,
 }
 
 /// The signals the daemon handles, installed before it changes anything: a SIGTERM or SIGHUP during start-up
@@ -212,7 +214,10 @@ pub async fn run(options: Options) -> Result<(), Error> {
     };
     let mut dataplane = Dataplane::new(private_key, seed(), mtu);
     let applied = dataplane.configure(wanted, Instant::now()).map_err(|e| Error::Input(e.to_string()))?;
-    check_forwarding(&dataplane.config().served).map_err(Error::System)?;
+    // Static mode asks for forwarding; a managed router turns it on itself once its start is accepted.
+    if managed.is_none() {
+        check_forwarding(&dataplane.config().served).map_err(Error::System)?;
+    }
 
     let netlink = Netlink::connect().map_err(|e| Error::system("opening netlink", e))?;
     let tun = mesh_linux::tun::create(&tun_name, mtu).map_err(|e| Error::System(e.to_string()))?;
@@ -251,6 +256,7 @@ pub async fn run(options: Options) -> Result<(), Error> {
         host,
         host_addresses,
         transmit_buf: Vec::new(),
+        api_bound: false,
     };
     let result = daemon.start(&addresses).await;
     let result = match result {
@@ -290,6 +296,7 @@ impl Daemon {
             Some(_) => Some(local_api::listen(&self.options.socket).await.map_err(Error::System)?),
             None => None,
         };
+        self.api_bound = api.is_some();
         let lans = self.snat_lans(&self.dataplane.config().snat.addresses()).await?;
         let started = self.host.ask(|reply| Command::Start {
             routes: self.routes(),
@@ -298,6 +305,11 @@ impl Daemon {
             reply,
         });
         started.await.map_err(|e| Error::system("the host side", e))??;
+        // `up --advertise-routes` was the consent to forwarding; given only now, a start refused because
+        // another program owns the table leaves the host's sysctls alone.
+        if let Some(m) = self.managed.as_ref().filter(|m| m.prefs.want_running) {
+            self.host.send(Command::Forwarding(m.prefs.served()));
+        }
         self.set_addresses(addresses.to_vec()).await.map_err(Error::System)?;
         let uapi =
             self.listen_uapi().map_err(|e| Error::system(&format!("listening on {}", self.uapi_path.display()), e))?;
@@ -399,7 +411,10 @@ impl Daemon {
         self.host.stop().await;
         let _ = std::fs::remove_file(&self.uapi_path);
         if let Some(m) = &self.managed {
-            let _ = std::fs::remove_file(&self.options.socket);
+            // Only this run's own socket: a second daemon refused at `listen` leaves the first one's alone.
+            if self.api_bound {
+                let _ = std::fs::remove_file(&self.options.socket);
+            }
             tracing::info!(prefs = %m.store.prefs_path().display(), "preferences and identity kept for the next start");
         }
         tracing::info!("meshd stopped; routes, rules and the UAPI socket removed");

@@ -165,6 +165,35 @@ fn refused_keys_and_an_unreachable_server_are_one_clear_line() {
     let (status, _, err) = node.cli(&lab, &["set", "--advertise-routes", "10.5.0.0/16"]);
     assert_eq!(status, Some(2));
     assert!(err.contains("--snat-address") && err.contains("--snat-subnet-routes=false"), "{err}");
+
+    // A second daemon on the same local API socket is refused, and leaves the first one's socket alone.
+    let socket = lab.path("a.sock");
+    let (state, run) = (lab.path("second-state"), lab.path("second-run"));
+    let second = lab.ns(hosts[0]).exec(
+        "timeout",
+        &[
+            "10",
+            common::MESHD,
+            "daemon",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--tun",
+            &lab.unique("m2"),
+            "--port",
+            "41642",
+            "--run-dir",
+            run.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        second.status.code() == Some(1) && err.contains("another meshd daemon answers"),
+        "refused at the socket: {err}"
+    );
+    assert!(socket.exists(), "the first daemon's socket is still there");
+    assert_eq!(node.status(&lab)["state"], "running");
 }
 
 #[test]

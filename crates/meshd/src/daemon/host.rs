@@ -290,10 +290,11 @@ impl Host {
                 self.saved_sysctls.push(saved);
             }
             pinned.push(IpNet::from(lan.address));
+            // Pinned as each one is plumbed: if a later address fails, the ones done still get their route.
+            self.routes.set_pinned(pinned.clone());
             tracing::info!(snat_address = %lan.address, lan = %lan.name, "SNAT address answers on the LAN");
             self.plumbing.push(Plumbing { lan });
         }
-        self.routes.set_pinned(pinned);
         Ok(())
     }
 

@@ -65,9 +65,6 @@ pub(super) async fn setup(options: &Options) -> Result<Setup, Error> {
         None => (Vec::new(), Vec::new()),
     };
     let served = served_now(&prefs, netmap.as_ref());
-    if prefs.want_running {
-        super::host::enable_forwarding(&prefs.served());
-    }
     let (events_tx, events_rx) = mpsc::channel(16);
     let managed = Managed {
         store,
@@ -171,10 +168,15 @@ impl Daemon {
         match event {
             Event::Registered(identity, response) => {
                 tracing::info!(name = %response.name, ipv4 = %response.ipv4, ipv6 = %response.ipv6, "registered");
-                if let Err(e) = m.store.save_identity(&identity) {
-                    tracing::error!("cannot keep the node's identity: {e}");
-                }
+                let (store, saved) = (m.store.clone(), identity.clone());
                 m.identity = Some(identity);
+                // Through the host side's queue, in order with the netmap cache's writes (see `forget`).
+                self.host.send(Command::Persist(Box::new(move || {
+                    if let Err(e) = store.save_identity(&saved) {
+                        tracing::error!("cannot keep the node's identity: {e}");
+                    }
+                })));
+                let m = self.managed_mut();
                 // The key did its job; a later re-registration needs a new `up --auth-key`.
                 m.auth_key = None;
             }
@@ -357,7 +359,7 @@ impl Daemon {
         let wanted = self.dataplane.config().clone();
         self.dataplane = mesh_dataplane::Dataplane::new(key, super::seed(), self.mtu);
         self.reconfigure(wanted);
-        self.managed_mut().store.forget_identity();
+        self.forget_identity_files();
         tracing::info!(public_key = %config::base64_key(&self.dataplane.public_key()), "new node key");
         Ok(())
     }
@@ -424,21 +426,29 @@ impl Daemon {
         Ok(())
     }
 
+    /// Deletes the identity and the cached netmap through the host side's queue, after any netmap write
+    /// still queued there, which would otherwise bring the old netmap back.
+    fn forget_identity_files(&mut self) {
+        let store = self.managed_mut().store.clone();
+        self.host.send(Command::Persist(Box::new(move || store.forget_identity())));
+    }
+
     /// Leaves the mesh for good: the server deletes the node, and this node forgets its identity. Returns
     /// the call that tells the server, to run off the loop.
     async fn logout(&mut self) -> Result<Telling, Error> {
         let m = self.managed_mut();
-        let Some(identity) = m.identity.take() else {
+        if m.identity.is_none() {
             return Err(Error::Input("this node is not registered".into()));
-        };
+        }
         let ca_cert = m.prefs.ca_cert.clone();
         let mut prefs = m.prefs.clone();
         prefs.want_running = false;
+        // Stored first: if that fails, the node is still registered, here and on disk.
         self.store_prefs(prefs)?;
+        let identity = self.managed_mut().identity.take().expect("checked above");
         self.disconnect().await;
-        let m = self.managed_mut();
-        m.store.forget_identity();
-        m.netmap = None;
+        self.forget_identity_files();
+        self.managed_mut().netmap = None;
         let url = format!("{}/api/v1/logout", identity.control_url);
         let auth = format!("Node {} {}", identity.node_id, identity.credential);
         Ok(Box::pin(async move {
