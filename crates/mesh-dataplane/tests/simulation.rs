@@ -6,7 +6,7 @@
 //! the mock clock never reaches the daemon.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -14,40 +14,10 @@ use mesh_dataplane::{DropReason, Node, PeerSpec, Received};
 use mesh_packet::build::Builder;
 use mock_instant::MockClock;
 
+mod common;
+use common::{Rng, mesh_ip, private_key, underlay};
+
 const STEP: Duration = Duration::from_millis(5);
-
-fn mesh_ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(100, 64, 0, 1 + i as u8)
-}
-
-fn underlay(i: usize) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1 + i as u8)), 41641)
-}
-
-fn private_key(i: usize) -> [u8; 32] {
-    let mut k = [0u8; 32];
-    k[1] = 1 + i as u8; // not byte 0: X25519 clamping clears its low bits
-    k[31] = 0x42;
-    k
-}
-
-/// A deterministic random source (xorshift), so loss and reordering repeat exactly.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 struct InFlight {
     at: Duration,

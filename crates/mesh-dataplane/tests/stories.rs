@@ -11,7 +11,7 @@
 //! Built only with `--features mock-clock`; `cargo xtask ci` runs it in its own invocation.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -23,42 +23,18 @@ use mesh_packet::wire::{self, TCP_ACK, TCP_SYN};
 use mock_instant::MockClock;
 use smoltcp::wire::{Icmpv4Packet, IpAddress, Ipv4Packet, TcpPacket, UdpPacket};
 
-/// A deterministic random source (xorshift), so loss and reordering repeat exactly.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+mod common;
+use common::{Rng, mesh_ip, private_key, underlay};
 
 fn v4(text: &str) -> Ipv4Addr {
     text.parse().unwrap()
-}
-
-fn key(i: usize) -> [u8; 32] {
-    let mut k = [0u8; 32];
-    k[1] = 1 + i as u8; // not byte 0: X25519 clamping clears its low bits
-    k[31] = 0x42;
-    k
-}
-
-fn underlay(i: usize) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1 + i as u8)), 41641)
-}
-
-fn mesh_ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(100, 64, 0, 1 + i as u8)
 }
 
 fn peer(i: usize, routes: &[&str]) -> PeerSpec {
     let mut allowed_ips = vec![IpNet::from(IpAddr::V4(mesh_ip(i)))];
     allowed_ips.extend(routes.iter().map(|r| r.parse::<IpNet>().unwrap()));
     PeerSpec {
-        public_key: Node::public_key_of(key(i)),
+        public_key: Node::public_key_of(private_key(i)),
         preshared_key: None,
         endpoint: Some(underlay(i)),
         allowed_ips,
@@ -175,7 +151,7 @@ impl World {
 
     fn add(&mut self, config: DataplaneConfig, lan: Option<&str>) -> usize {
         let i = self.hosts.len();
-        let mut dataplane = Dataplane::new(key(i), 7 + i as u64, 1420);
+        let mut dataplane = Dataplane::new(private_key(i), 7 + i as u64, 1420);
         dataplane.configure(config, self.now()).expect("a valid configuration");
         let lan = lan.map(|p| Lan { prefix: p.parse().unwrap(), received: Vec::new() });
         self.hosts.push(Host { dataplane, lan, delivered: Vec::new() });
