@@ -25,7 +25,7 @@ use mesh_packet::wire::{self, IcmpHeader, IpVersion};
 
 use crate::router::{Router, Served};
 use crate::xorshift;
-use crate::{DropReason, Handshake, Key, Node, NodeCounters, PeerSpec, PeerStatus, Received};
+use crate::{DropReason, Handshake, Key, Node, PeerSpec, PeerStatus, Received};
 
 /// How long a `meshd ping` waits for its reply before it is forgotten.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
@@ -420,18 +420,9 @@ impl Dataplane {
         self.node.peer_status()
     }
 
-    pub fn node_counters(&self) -> &NodeCounters {
-        self.node.counters()
-    }
-
     /// The SNAT engine, when SNAT addresses are set.
     pub fn snat(&self) -> Option<&Snat> {
         self.router.snat()
-    }
-
-    /// Whether `addr` is routed to a peer.
-    pub fn routes_to_peer(&self, addr: IpAddr) -> bool {
-        self.node.route(addr).is_some()
     }
 }
 
