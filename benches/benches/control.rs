@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use mesh_control::policy::Policy;
 use mesh_control::{AuthKeyOptions, Control};
-use mesh_proto::{RegisterRequest, VERSION};
+use mesh_proto::{RegisterRequest, VERSION, proof};
 
 const NODES: u64 = 1_000;
 const NOW: u64 = 1_800_000_000;
@@ -18,6 +18,7 @@ fn mesh() -> (Control, Duration) {
     let control = Control::in_memory(policy, "mesh.example").expect("control");
     let options = AuthKeyOptions { reusable: true, tags: vec!["tag:router".into()], ..Default::default() };
     let (_, key) = control.create_auth_key(&options, NOW).expect("key");
+    let server = control.server_public_key().ok().and_then(|k| proof::decode_key(&k)).expect("server key");
     let start = Instant::now();
     for i in 0..NODES {
         let routes = if i % 10 == 0 {
@@ -25,14 +26,20 @@ fn mesh() -> (Control, Duration) {
         } else {
             vec![]
         };
-        let request = RegisterRequest {
+        let mut private = [0u8; 32];
+        private[..8].copy_from_slice(&(i + 1).to_le_bytes());
+        let mut request = RegisterRequest {
             version: VERSION,
             auth_key: key.clone(),
-            node_key: format!("node-key-{i}"),
+            node_key: proof::encode_key(&proof::public_key(&private)),
             hostname: format!("node-{i}"),
             advertise_routes: routes,
             tags: vec![],
+            timestamp_ms: NOW * 1000,
+            proof: String::new(),
         };
+        // Signing is the node's work, but the server's check (one X25519) is part of what registering costs.
+        proof::sign(&mut request, &private, &server);
         control.register(&request, NOW).expect("register");
     }
     (control, start.elapsed())

@@ -11,6 +11,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
 use crate::policy::Policy;
+use mesh_proto::proof;
 
 /// The schema, one statement list per version. Plain SQL both SQLite and PostgreSQL accept, so a PostgreSQL
 /// store can follow without a rewrite (INTEGER ids are assigned by the database in both).
@@ -52,7 +53,18 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE nodes ADD COLUMN endpoints TEXT NOT NULL DEFAULT '';
 ",
+    "
+    ALTER TABLE nodes ADD COLUMN registered_at_ms INTEGER NOT NULL DEFAULT 0;
+",
 ];
+
+/// Bounds on what one node may hand the server, so no registration can grow every netmap past what nodes
+/// read (`MAX_ENDPOINTS` is in mesh-proto, which nodes also obey).
+pub const MAX_ROUTES: usize = 256;
+pub const MAX_TAGS: usize = 64;
+const MAX_TAG_LEN: usize = 64;
+const MAX_HOSTNAME_LEN: usize = 255;
+const MAX_AUTH_KEY_LEN: usize = 128;
 
 /// The mesh's IPv4 range (RFC 6598 shared address space, as Tailscale uses).
 const MESH_V4: &str = "100.64.0.0/10";
@@ -68,8 +80,26 @@ impl ControlError {
         Self { code, message: message.into() }
     }
 
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::NotFound, message)
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, message)
+    }
+
+    /// A fault of the server's own: logged here with its detail, answered with none (the detail may name
+    /// tables, paths or values, and is no business of the caller's).
     fn storage(e: rusqlite::Error) -> Self {
-        Self::new(ErrorCode::BadRequest, format!("storage: {e}"))
+        tracing::error!(error = %e, "storage failed");
+        Self::new(ErrorCode::Internal, "the coordination server failed; it has logged why")
+    }
+}
+
+impl ControlError {
+    fn damaged(what: &str) -> Self {
+        tracing::error!("storage holds {what}");
+        Self::new(ErrorCode::Internal, "the coordination server failed; it has logged why")
     }
 }
 
@@ -160,6 +190,77 @@ fn split(text: &str) -> Vec<String> {
     text.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()
 }
 
+/// Tags as users write them in policies: `tag:` and lower-case letters, digits and dashes.
+fn check_tags(tags: &[String]) -> Result<(), ControlError> {
+    if tags.len() > MAX_TAGS {
+        return Err(ControlError::bad(format!("{} tags; at most {MAX_TAGS}", tags.len())));
+    }
+    for tag in tags {
+        let name = tag.strip_prefix("tag:").unwrap_or_default();
+        if name.is_empty()
+            || tag.len() > MAX_TAG_LEN
+            || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(ControlError::bad(format!(
+                "{} is not a tag: write tag:NAME with lower-case letters, digits and dashes, at most {MAX_TAG_LEN} \
+                 characters",
+                quoted(tag, 80)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Text from a client, quoted and cut short, safe to put into a message (control characters escaped).
+fn quoted(text: &str, max_chars: usize) -> String {
+    let short: String = text.chars().take(max_chars).collect();
+    format!("{short:?}")
+}
+
+/// What a registration may carry, checked before anything is looked up or stored.
+fn check_registration(request: &RegisterRequest) -> Result<(), ControlError> {
+    if request.auth_key.len() > MAX_AUTH_KEY_LEN {
+        return Err(ControlError::new(ErrorCode::UnknownAuthKey, "the auth key is not known to this server"));
+    }
+    if proof::decode_key(&request.node_key).is_none() {
+        return Err(ControlError::bad("the node key is not a 32-byte base64 WireGuard public key"));
+    }
+    if request.hostname.len() > MAX_HOSTNAME_LEN {
+        return Err(ControlError::bad(format!("the hostname is longer than {MAX_HOSTNAME_LEN} bytes")));
+    }
+    check_routes(&request.advertise_routes)?;
+    check_tags(&request.tags)
+}
+
+fn check_routes(routes: &[IpNet]) -> Result<(), ControlError> {
+    if routes.len() > MAX_ROUTES {
+        return Err(ControlError::bad(format!("{} routes advertised; at most {MAX_ROUTES}", routes.len())));
+    }
+    Ok(())
+}
+
+/// Addresses no peer should be sent to: link-local (which holds cloud metadata services at 169.254.169.254
+/// and fe80::/10), broadcast, documentation, the other clouds' metadata addresses, and this host itself.
+fn unreachable_endpoint(endpoint: &SocketAddr) -> bool {
+    use std::net::IpAddr;
+    const DOCUMENTATION: [&str; 5] =
+        ["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32", "3fff::/20"];
+    const METADATA: [&str; 2] = ["100.100.100.200/32", "fd00:ec2::254/128"];
+    let ip = endpoint.ip().to_canonical();
+    let in_any = |list: &[&str]| list.iter().any(|n| n.parse::<IpNet>().is_ok_and(|n| n.contains(&ip)));
+    let special = match ip {
+        IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    endpoint.port() == 0
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        || ip.is_loopback()
+        || special
+        || in_any(&DOCUMENTATION)
+        || in_any(&METADATA)
+}
+
 /// A hostname as a mesh name: lower case, letters, digits and dashes.
 fn sanitize(hostname: &str) -> String {
     let name: String = hostname
@@ -217,6 +318,11 @@ impl Control {
             control.set_meta("ula", &ula.to_string())?;
             control.set_meta("version", "1")?;
         }
+        if control.meta("server_private")?.is_none() {
+            let mut private = [0u8; 32];
+            getrandom::fill(&mut private).expect("the operating system provides randomness");
+            control.set_meta("server_private", &hex::encode(private))?;
+        }
         Ok(control)
     }
 
@@ -244,8 +350,21 @@ impl Control {
     }
 
     pub fn ula(&self) -> Result<Ipv6Net, ControlError> {
-        let text = self.meta("ula")?.ok_or_else(|| ControlError::new(ErrorCode::BadRequest, "no ULA prefix"))?;
-        text.parse().map_err(|_| ControlError::new(ErrorCode::BadRequest, "bad ULA prefix in storage"))
+        let text = self.meta("ula")?.ok_or_else(|| ControlError::damaged("no ULA prefix"))?;
+        text.parse().map_err(|_| ControlError::damaged("a malformed ULA prefix"))
+    }
+
+    fn server_private(&self) -> Result<[u8; 32], ControlError> {
+        let text = self.meta("server_private")?.unwrap_or_default();
+        hex::decode(text)
+            .ok()
+            .and_then(|k| k.try_into().ok())
+            .ok_or_else(|| ControlError::damaged("a malformed server key"))
+    }
+
+    /// The key registrations are signed for, base64 (published at `GET /api/v1/server-key`).
+    pub fn server_public_key(&self) -> Result<String, ControlError> {
+        Ok(proof::encode_key(&proof::public_key(&self.server_private()?)))
     }
 
     pub fn set_policy(&mut self, policy: Policy) -> Result<(), ControlError> {
@@ -260,17 +379,17 @@ impl Control {
 
     /// Creates an auth key; returns it and its secret text, which is shown once and stored only hashed.
     pub fn create_auth_key(&self, options: &AuthKeyOptions, now: u64) -> Result<(AuthKey, String), ControlError> {
-        for tag in &options.tags {
-            if !tag.starts_with("tag:") {
-                return Err(ControlError::new(
-                    ErrorCode::BadRequest,
-                    format!("{tag:?} is not a tag (tags start with \"tag:\")"),
-                ));
-            }
-        }
+        check_tags(&options.tags)?;
+        let expires_at = match options.expiry {
+            None => None,
+            Some(seconds) => Some(
+                now.checked_add(seconds)
+                    .filter(|e| i64::try_from(*e).is_ok())
+                    .ok_or_else(|| ControlError::bad(format!("an expiry of {seconds} seconds is too far away")))?,
+            ),
+        };
         let lookup = random_hex(6);
         let secret = random_hex(24);
-        let expires_at = options.expiry.map(|s| now + s);
         self.db.execute(
             "INSERT INTO auth_keys (lookup, hash, reusable, ephemeral, tags, expires_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![lookup, sha256_hex(&secret), options.reusable, options.ephemeral, join(&options.tags), expires_at.map(|e| e as i64), now as i64],
@@ -349,7 +468,24 @@ impl Control {
                 format!("this server speaks protocol {VERSION}, the node {}", request.version),
             ));
         }
+        check_registration(request)?;
         let key = self.check_auth_key(&request.auth_key, now)?;
+        if !key.reusable && key.uses > 0 {
+            // Also for a node the server knows: a spent key proves nothing about who holds it now.
+            return Err(ControlError::new(
+                ErrorCode::AuthKeyUsed,
+                "the auth key was for one node and is used; create a new one",
+            ));
+        }
+        proof::verify(request, &self.server_private()?)
+            .map_err(|e| ControlError::new(ErrorCode::BadProof, e.to_string()))?;
+        let now_ms = u128::from(now) * 1000;
+        if u128::from(request.timestamp_ms).abs_diff(now_ms) > u128::from(proof::MAX_CLOCK_SKEW_MS) {
+            return Err(ControlError::new(
+                ErrorCode::BadProof,
+                "the registration's clock is more than 5 minutes from the server's; set the node's clock",
+            ));
+        }
         for tag in &request.tags {
             if !self.policy.may_apply(&key.tags, tag) {
                 return Err(ControlError::new(ErrorCode::TagNotAllowed, format!("the auth key may not apply {tag}")));
@@ -361,29 +497,30 @@ impl Control {
 
         let tx = self.db.unchecked_transaction()?;
         let existing = self.node_by_key(&request.node_key)?;
+        let timestamp = i64::try_from(request.timestamp_ms).map_err(|_| ControlError::bad("timestamp out of range"))?;
         let node = match existing {
             Some(node) => {
-                tx.execute(
-                    "UPDATE nodes SET credential_hash = ?1, tags = ?2, expired = 0, last_seen = ?3 WHERE id = ?4",
-                    params![sha256_hex(&credential), join(&tags), now as i64, node.id as i64],
+                // Strictly newer than the last registration: a recorded request, even a fresh one, is spent.
+                let changed = tx.execute(
+                    "UPDATE nodes SET credential_hash = ?1, tags = ?2, expired = 0, last_seen = ?3, registered_at_ms = ?5
+                     WHERE id = ?4 AND registered_at_ms < ?5",
+                    params![sha256_hex(&credential), join(&tags), now as i64, node.id as i64, timestamp],
                 )?;
+                if changed == 0 {
+                    return Err(ControlError::new(ErrorCode::BadProof, "this registration was already used"));
+                }
                 node
             }
             None => {
-                if !key.reusable && key.uses > 0 {
-                    return Err(ControlError::new(
-                        ErrorCode::AuthKeyUsed,
-                        "the auth key was for one node and is used; create a new one",
-                    ));
-                }
                 let name = self.unique_name(&sanitize(&request.hostname))?;
                 let ipv4 = self.free_ipv4()?;
+                let id = self.next_node_id()?;
                 tx.execute(
-                    "INSERT INTO nodes (node_key, name, ipv4, ipv6, tags, credential_hash, ephemeral, last_seen, created_at)
-                     VALUES (?1, ?2, ?3, '::', ?4, ?5, ?6, ?7, ?7)",
-                    params![request.node_key, name, ipv4.to_string(), join(&tags), sha256_hex(&credential), key.ephemeral, now as i64],
+                    "INSERT INTO nodes (id, node_key, name, ipv4, ipv6, tags, credential_hash, ephemeral, last_seen, created_at,
+                                        registered_at_ms)
+                     VALUES (?9, ?1, ?2, ?3, '::', ?4, ?5, ?6, ?7, ?7, ?8)",
+                    params![request.node_key, name, ipv4.to_string(), join(&tags), sha256_hex(&credential), key.ephemeral, now as i64, timestamp, id as i64],
                 )?;
-                let id = tx.last_insert_rowid() as u64;
                 let ipv6 = self.ipv6_for(id)?;
                 tx.execute("UPDATE nodes SET ipv6 = ?1 WHERE id = ?2", params![ipv6.to_string(), id as i64])?;
                 tx.execute("UPDATE auth_keys SET uses = uses + 1 WHERE id = ?1", params![key.id as i64])?;
@@ -470,7 +607,7 @@ impl Control {
     /// Approves (or, with `approved = false`, rejects) a node's advertised route.
     pub fn set_route_approval(&self, node: u64, prefix: IpNet, approved: bool) -> Result<bool, ControlError> {
         let changed = self.db.execute(
-            "UPDATE routes SET approved = ?1 WHERE node_id = ?2 AND prefix = ?3",
+            "UPDATE routes SET approved = ?1 WHERE node_id = ?2 AND prefix = ?3 AND approved <> ?1",
             params![approved, node as i64, prefix.trunc().to_string()],
         )? == 1;
         if changed {
@@ -492,16 +629,33 @@ impl Control {
         unreachable!("some suffix is free")
     }
 
-    /// The lowest address of the mesh range no node has, so addresses stay small and stable.
+    /// The next free address after the last one handed out (from the bottom of the range once it is used
+    /// up), so addresses stay small and a deleted node's address does not go to the next node at once:
+    /// peers and firewalls may still hold it for the old node.
     fn free_ipv4(&self) -> Result<Ipv4Addr, ControlError> {
         let range: Ipv4Net = MESH_V4.parse().expect("a literal prefix");
         let mut statement = self.db.prepare("SELECT ipv4 FROM nodes")?;
         let used: std::collections::HashSet<Ipv4Addr> =
             statement.query_map([], |r| r.get::<_, String>(0))?.filter_map(|a| a.ok()?.parse().ok()).collect();
-        range
+        let last: Option<Ipv4Addr> = self.meta("last_ipv4")?.and_then(|a| a.parse().ok());
+        let chosen = range
             .hosts()
+            .skip_while(|a| last.is_some_and(|l| *a <= l))
+            .chain(range.hosts())
             .find(|a| !used.contains(a))
-            .ok_or_else(|| ControlError::new(ErrorCode::BadRequest, "the mesh's IPv4 range is full"))
+            .ok_or_else(|| ControlError::bad("the mesh's IPv4 range is full"))?;
+        self.set_meta("last_ipv4", &chosen.to_string())?;
+        Ok(chosen)
+    }
+
+    /// Node ids only grow: an id is never given to a second node, so an admin verb or a log line naming an
+    /// old id never means a new machine.
+    fn next_node_id(&self) -> Result<u64, ControlError> {
+        let highest: i64 = self.db.query_row("SELECT COALESCE(MAX(id), 0) FROM nodes", [], |r| r.get(0))?;
+        let last = self.meta("last_node_id")?.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let next = last.max(highest as u64) + 1;
+        self.set_meta("last_node_id", &next.to_string())?;
+        Ok(next)
     }
 
     fn ipv6_for(&self, id: u64) -> Result<Ipv6Addr, ControlError> {
@@ -587,11 +741,7 @@ impl Control {
                 format!("{} endpoints reported; at most {MAX_ENDPOINTS} are kept", update.endpoints.len()),
             ));
         }
-        if let Some(bad) = update
-            .endpoints
-            .iter()
-            .find(|e| e.port() == 0 || e.ip().is_unspecified() || e.ip().is_multicast() || e.ip().is_loopback())
-        {
+        if let Some(bad) = update.endpoints.iter().find(|e| unreachable_endpoint(e)) {
             return Err(ControlError::new(ErrorCode::BadRequest, format!("{bad} is not an address peers can reach")));
         }
         let mut endpoints: Vec<SocketAddr> = Vec::with_capacity(update.endpoints.len());
@@ -611,22 +761,49 @@ impl Control {
         Ok(changed)
     }
 
-    /// Replaces the routes a node advertises, applying autoApprovers to new ones.
-    pub fn set_advertised(&self, node: u64, update: &RoutesUpdate) -> Result<(), ControlError> {
+    /// Replaces the routes a node advertises, applying autoApprovers to new ones; whether anything changed
+    /// (a node repeating itself wakes nobody).
+    pub fn set_advertised(&self, node: u64, update: &RoutesUpdate) -> Result<bool, ControlError> {
         if update.version != VERSION {
             return Err(ControlError::new(
                 ErrorCode::VersionMismatch,
                 format!("this server speaks protocol {VERSION}, the node {}", update.version),
             ));
         }
+        check_routes(&update.advertise_routes)?;
         let record = self
             .node_by_id(node)?
             .ok_or_else(|| ControlError::new(ErrorCode::Unauthorized, "this node is no longer registered"))?;
         let tx = self.db.unchecked_transaction()?;
+        let before = self.routes_of(node)?;
         self.set_routes(node, &update.advertise_routes, &record.tags)?;
+        let changed = self.routes_of(node)? != before;
+        if changed {
+            self.bump()?;
+        }
         tx.commit()?;
-        self.bump()?;
-        Ok(())
+        Ok(changed)
+    }
+
+    /// The node an administrator names, by its name or its id. A text that is both one node's id and
+    /// another's name is ambiguous rather than silently one of them.
+    pub fn resolve_node(&self, text: &str) -> Result<u64, ControlError> {
+        let by_name = self.nodes_where("WHERE name = ?1", params![text])?.pop().map(|n| n.id);
+        let by_id = match text.parse::<u64>() {
+            Ok(id) => self.node_by_id(id)?.map(|n| n.id),
+            Err(_) => None,
+        };
+        match (by_name, by_id) {
+            (Some(a), Some(b)) if a != b => Err(ControlError::not_found(format!(
+                "{} is node {b}'s id and node {a}'s name; use the other node's name",
+                quoted(text, 64)
+            ))),
+            (Some(id), _) | (None, Some(id)) => Ok(id),
+            (None, None) => Err(ControlError::not_found(format!(
+                "no node is named {} (meshd control nodes list shows names and ids)",
+                quoted(text, 64)
+            ))),
+        }
     }
 
     pub fn delete_node(&self, node: u64) -> Result<bool, ControlError> {

@@ -2,7 +2,7 @@
 //! untrusted bytes as each body the server parses (a registration, an endpoints report, a policy file),
 //! driven through a live store so parsing and the decisions after it are both exercised.
 
-use mesh_proto::{EndpointsUpdate, RegisterRequest};
+use mesh_proto::{EndpointsUpdate, RegisterRequest, proof};
 
 use crate::policy::Policy;
 use crate::{AuthKeyOptions, Control};
@@ -16,6 +16,8 @@ pub struct Target {
     key: String,
     node: u64,
     registered: usize,
+    server_public: [u8; 32],
+    signed: u64,
 }
 
 impl std::fmt::Debug for Target {
@@ -38,21 +40,21 @@ impl Target {
         let control = Control::in_memory(policy, "mesh.example").expect("in-memory store");
         let options = AuthKeyOptions { reusable: true, tags: vec!["tag:router".into()], ..Default::default() };
         let (_, key) = control.create_auth_key(&options, NOW).expect("auth key");
-        let node = control
-            .register(
-                &RegisterRequest {
-                    version: mesh_proto::VERSION,
-                    auth_key: key.clone(),
-                    node_key: "fuzz-anchor".into(),
-                    hostname: "anchor".into(),
-                    advertise_routes: vec!["10.1.0.0/16".parse().expect("literal prefix")],
-                    tags: Vec::new(),
-                },
-                NOW,
-            )
-            .expect("anchor node")
-            .node_id;
-        Self { control, key, node, registered: 0 }
+        let server_public = control.server_public_key().ok().and_then(|k| proof::decode_key(&k)).expect("server key");
+        let anchor_private = [0x11; 32];
+        let mut anchor = RegisterRequest {
+            version: mesh_proto::VERSION,
+            auth_key: key.clone(),
+            node_key: proof::encode_key(&proof::public_key(&anchor_private)),
+            hostname: "anchor".into(),
+            advertise_routes: vec!["10.1.0.0/16".parse().expect("literal prefix")],
+            tags: Vec::new(),
+            timestamp_ms: NOW * 1000,
+            proof: String::new(),
+        };
+        proof::sign(&mut anchor, &anchor_private, &server_public);
+        let node = control.register(&anchor, NOW).expect("anchor node").node_id;
+        Self { control, key, node, registered: 0, server_public, signed: 0 }
     }
 
     pub fn feed(&mut self, data: &[u8]) {
@@ -63,9 +65,15 @@ impl Target {
             let _ = Policy::parse(text);
         }
         if let Ok(mut request) = serde_json::from_slice::<RegisterRequest>(data) {
-            // The fuzzer cannot guess a key; half the inputs use the real one to reach what follows.
+            // The fuzzer cannot guess an auth key or forge a proof; half the inputs use the real key and are
+            // signed by a node key of their own, to reach what follows.
             if data.len().is_multiple_of(2) {
                 request.auth_key = self.key.clone();
+                let private = [data.len() as u8 | 1; 32];
+                request.node_key = proof::encode_key(&proof::public_key(&private));
+                self.signed += 1;
+                request.timestamp_ms = NOW * 1000 + self.signed;
+                proof::sign(&mut request, &private, &self.server_public);
             }
             if let Ok(response) = self.control.register(&request, NOW) {
                 self.registered += 1;

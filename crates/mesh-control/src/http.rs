@@ -3,10 +3,11 @@
 //! code. The netmap is a long poll: a node asks with the version it has and gets the next one as soon as
 //! anything changes, or the same one after a while, so changes reach every node within a second.
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -18,6 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::control::{AdvertisedRoute, AuthKeyOptions, Control, ControlError};
+use crate::limits::WriteLimiter;
 use crate::policy::Policy;
 
 /// How long a netmap request waits for a change before answering with what it has.
@@ -26,12 +28,22 @@ const LONG_POLL: Duration = Duration::from_secs(25);
 /// A node that polled within this many seconds is online.
 const ONLINE_WINDOW: u64 = 60;
 
+/// A node needs one long poll; a few more cover a restart racing the old poll. More is a misbehaving or
+/// stolen credential holding server resources.
+const MAX_POLLS_PER_NODE: usize = 4;
+
+/// Request bodies nodes and most verbs send are small; a policy file may be bigger.
+const MAX_BODY: usize = 64 * 1024;
+const MAX_POLICY_BODY: usize = 1024 * 1024;
+
 pub struct AppState {
     control: Mutex<Control>,
     policy_text: Mutex<String>,
     admin_hash: String,
     version: watch::Sender<u64>,
     clock: fn() -> u64,
+    polls: Mutex<HashMap<u64, usize>>,
+    writes: Mutex<WriteLimiter<u64>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -50,11 +62,13 @@ impl AppState {
             admin_hash: hash(admin_token),
             version: watch::channel(version).0,
             clock,
+            polls: Mutex::new(HashMap::new()),
+            writes: Mutex::new(WriteLimiter::default()),
         })
     }
 
-    fn control(&self) -> std::sync::MutexGuard<'_, Control> {
-        self.control.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn control(&self) -> MutexGuard<'_, Control> {
+        lock(&self.control)
     }
 
     /// Removes ephemeral nodes offline for `offline_for` seconds, telling the others.
@@ -79,6 +93,59 @@ impl AppState {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs storage work on the blocking pool, so a slow query or fsync stalls no async thread and with it
+/// no long poll; `now` is the server clock when the work starts.
+async fn blocking<T: Send + 'static>(
+    state: &Arc<AppState>,
+    work: impl FnOnce(&mut Control, u64) -> Result<T, ControlError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let now = (state.clock)();
+        work(&mut state.control(), now)
+    })
+    .await
+    .map_err(|e| {
+        tracing::error!(error = %e, "storage work panicked");
+        ApiError::internal()
+    })?
+    .map_err(ApiError::from)
+}
+
+/// A node's long poll, counted while it waits.
+struct PollSlot {
+    state: Arc<AppState>,
+    node: u64,
+}
+
+impl PollSlot {
+    fn take(state: &Arc<AppState>, node: u64) -> Option<Self> {
+        let mut polls = lock(&state.polls);
+        let count = polls.entry(node).or_default();
+        if *count >= MAX_POLLS_PER_NODE {
+            return None;
+        }
+        *count += 1;
+        Some(Self { state: state.clone(), node })
+    }
+}
+
+impl Drop for PollSlot {
+    fn drop(&mut self) {
+        let mut polls = lock(&self.state.polls);
+        if let Some(count) = polls.get_mut(&self.node) {
+            *count -= 1;
+            if *count == 0 {
+                polls.remove(&self.node);
+            }
+        }
+    }
+}
+
 fn hash(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
@@ -91,6 +158,14 @@ impl ApiError {
     fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         Self(status, ErrorBody { code, message: message.into() })
     }
+
+    fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            "the coordination server failed; it has logged why",
+        )
+    }
 }
 
 impl From<ControlError> for ApiError {
@@ -102,9 +177,13 @@ impl From<ControlError> for ApiError {
             | ErrorCode::AuthKeyExpired
             | ErrorCode::AuthKeyUsed
             | ErrorCode::TagNotAllowed
-            | ErrorCode::NodeExpired => StatusCode::FORBIDDEN,
+            | ErrorCode::NodeExpired
+            | ErrorCode::BadProof => StatusCode::FORBIDDEN,
             ErrorCode::VersionMismatch => StatusCode::CONFLICT,
             ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self(status, ErrorBody { code: e.code, message: e.message })
     }
@@ -131,18 +210,32 @@ fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> 
 }
 
 /// `Authorization: Node <id> <credential>`.
-fn require_node(state: &AppState, headers: &HeaderMap) -> Result<u64, ApiError> {
+async fn require_node(state: &Arc<AppState>, headers: &HeaderMap) -> Result<u64, ApiError> {
     let unauthorized =
         || ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "a node credential is needed");
     let value = headers.get("authorization").and_then(|v| v.to_str().ok()).ok_or_else(unauthorized)?;
     let mut parts = value.strip_prefix("Node ").ok_or_else(unauthorized)?.split(' ');
     let id: u64 = parts.next().and_then(|i| i.parse().ok()).ok_or_else(unauthorized)?;
-    let credential = parts.next().ok_or_else(unauthorized)?;
-    Ok(state.control().authenticate(id, credential)?.id)
+    let credential = parts.next().ok_or_else(unauthorized)?.to_string();
+    blocking(state, move |c, _| c.authenticate(id, &credential).map(|n| n.id)).await
+}
+
+/// A node that writes more often than any honest node would is told to slow down (and wakes nobody).
+fn limit_writes(state: &AppState, node: u64) -> Result<(), ApiError> {
+    if lock(&state.writes).allow(node, Instant::now()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            "too many changes from this node; try again in a few seconds",
+        ))
+    }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .route("/api/v1/server-key", get(server_key))
         .route("/api/v1/register", post(register))
         .route("/api/v1/netmap", get(netmap))
         .route("/api/v1/endpoints", post(endpoints))
@@ -156,16 +249,22 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/admin/routes", get(list_routes))
         .route("/api/v1/admin/routes/approve", post(approve_route))
         .route("/api/v1/admin/routes/reject", post(reject_route))
-        .route("/api/v1/admin/policy", get(get_policy).put(set_policy))
-        .route("/api/v1/admin/policy/check", post(check_policy))
+        .route("/api/v1/admin/policy", get(get_policy).put(set_policy).layer(DefaultBodyLimit::max(MAX_POLICY_BODY)))
+        .route("/api/v1/admin/policy/check", post(check_policy).layer(DefaultBodyLimit::max(MAX_POLICY_BODY)))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+async fn server_key(State(state): State<Arc<AppState>>) -> ApiResult<mesh_proto::ServerKey> {
+    let public_key = blocking(&state, |c, _| c.server_public_key()).await?;
+    Ok(Json(mesh_proto::ServerKey { version: mesh_proto::VERSION, public_key }))
 }
 
 async fn register(
     State(state): State<Arc<AppState>>,
     Json(request): Json<RegisterRequest>,
 ) -> ApiResult<mesh_proto::RegisterResponse> {
-    let response = state.control().register(&request, (state.clock)())?;
+    let response = blocking(&state, move |c, now| c.register(&request, now)).await?;
     state.changed();
     Ok(Json(response))
 }
@@ -181,16 +280,22 @@ async fn netmap(
     headers: HeaderMap,
     Query(Since { since }): Query<Since>,
 ) -> ApiResult<mesh_proto::NetMap> {
-    let node = require_node(&state, &headers)?;
-    let now = (state.clock)();
-    state.control().touch(node, now)?;
+    let node = require_node(&state, &headers).await?;
+    let Some(_slot) = PollSlot::take(&state, node) else {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            format!("this node already has {MAX_POLLS_PER_NODE} netmap requests waiting"),
+        ));
+    };
+    blocking(&state, move |c, now| c.touch(node, now)).await?;
     let mut versions = state.version.subscribe();
     if *versions.borrow() <= since {
         // Wait for the next change, or answer with what there is when the poll times out.
         let _ = tokio::time::timeout(LONG_POLL, versions.wait_for(|v| *v > since)).await;
     }
-    let now = (state.clock)();
-    let map = state.control().netmap(node, |n| now.saturating_sub(n.last_seen) < ONLINE_WINDOW)?;
+    let map =
+        blocking(&state, move |c, now| c.netmap(node, |n| now.saturating_sub(n.last_seen) < ONLINE_WINDOW)).await?;
     Ok(Json(map))
 }
 
@@ -199,8 +304,9 @@ async fn endpoints(
     headers: HeaderMap,
     Json(update): Json<mesh_proto::EndpointsUpdate>,
 ) -> Result<StatusCode, ApiError> {
-    let node = require_node(&state, &headers)?;
-    if state.control().set_endpoints(node, &update)? {
+    let node = require_node(&state, &headers).await?;
+    limit_writes(&state, node)?;
+    if blocking(&state, move |c, _| c.set_endpoints(node, &update)).await? {
         state.changed();
     }
     Ok(StatusCode::NO_CONTENT)
@@ -211,17 +317,20 @@ async fn advertise(
     headers: HeaderMap,
     Json(update): Json<mesh_proto::RoutesUpdate>,
 ) -> Result<StatusCode, ApiError> {
-    let node = require_node(&state, &headers)?;
-    state.control().set_advertised(node, &update)?;
-    state.changed();
+    let node = require_node(&state, &headers).await?;
+    limit_writes(&state, node)?;
+    if blocking(&state, move |c, _| c.set_advertised(node, &update)).await? {
+        state.changed();
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// A node leaves the mesh for good (`meshd logout`); its peers drop it with the next netmap.
 async fn logout(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<StatusCode, ApiError> {
-    let node = require_node(&state, &headers)?;
-    state.control().delete_node(node)?;
-    state.changed();
+    let node = require_node(&state, &headers).await?;
+    if blocking(&state, move |c, _| c.delete_node(node)).await? {
+        state.changed();
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -251,7 +360,7 @@ async fn create_key(
     require_admin(&state, &headers)?;
     let options =
         AuthKeyOptions { reusable: body.reusable, ephemeral: body.ephemeral, tags: body.tags, expiry: body.expiry };
-    let (key, secret) = state.control().create_auth_key(&options, (state.clock)())?;
+    let (key, secret) = blocking(&state, move |c, now| c.create_auth_key(&options, now)).await?;
     Ok(Json(CreatedKey { id: key.id, key: secret }))
 }
 
@@ -268,7 +377,7 @@ struct KeyView {
 
 async fn list_keys(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Vec<KeyView>> {
     require_admin(&state, &headers)?;
-    let keys = state.control().list_auth_keys()?;
+    let keys = blocking(&state, |c, _| c.list_auth_keys()).await?;
     Ok(Json(
         keys.into_iter()
             .map(|k| KeyView {
@@ -294,7 +403,11 @@ async fn revoke_key(
     Path(id): Path<u64>,
 ) -> Result<StatusCode, ApiError> {
     require_admin(&state, &headers)?;
-    if state.control().revoke_auth_key(id)? { Ok(StatusCode::NO_CONTENT) } else { Err(not_found("auth key")) }
+    if blocking(&state, move |c, _| c.revoke_auth_key(id)).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(not_found("auth key"))
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -312,7 +425,7 @@ struct NodeView {
 async fn list_nodes(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Vec<NodeView>> {
     require_admin(&state, &headers)?;
     let now = (state.clock)();
-    let nodes = state.control().nodes()?;
+    let nodes = blocking(&state, |c, _| c.nodes()).await?;
     Ok(Json(
         nodes
             .into_iter()
@@ -330,36 +443,62 @@ async fn list_nodes(State(state): State<Arc<AppState>>, headers: HeaderMap) -> A
     ))
 }
 
+/// `nodes/{node}`: the node's name or id.
 async fn delete_node(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<u64>,
+    Path(node): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     require_admin(&state, &headers)?;
-    let deleted = state.control().delete_node(id)?;
+    blocking(&state, move |c, _| {
+        let id = c.resolve_node(&node)?;
+        c.delete_node(id)
+    })
+    .await?;
     state.changed();
-    if deleted { Ok(StatusCode::NO_CONTENT) } else { Err(not_found("node")) }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn expire_node(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<u64>,
+    Path(node): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     require_admin(&state, &headers)?;
-    let expired = state.control().expire_node(id)?;
+    blocking(&state, move |c, _| {
+        let id = c.resolve_node(&node)?;
+        c.expire_node(id)
+    })
+    .await?;
     state.changed();
-    if expired { Ok(StatusCode::NO_CONTENT) } else { Err(not_found("node")) }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn list_routes(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Vec<AdvertisedRoute>> {
     require_admin(&state, &headers)?;
-    Ok(Json(state.control().all_routes()?))
+    Ok(Json(blocking(&state, |c, _| c.all_routes()).await?))
+}
+
+/// A node by name or id: JSON numbers (what older clients send) and strings both.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum NodeRef {
+    Id(u64),
+    Text(String),
+}
+
+impl NodeRef {
+    fn text(self) -> String {
+        match self {
+            Self::Id(id) => id.to_string(),
+            Self::Text(text) => text,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
 struct RouteChoice {
-    node: u64,
+    node: NodeRef,
     prefix: IpNet,
 }
 
@@ -368,7 +507,7 @@ async fn approve_route(
     headers: HeaderMap,
     Json(r): Json<RouteChoice>,
 ) -> Result<StatusCode, ApiError> {
-    set_route(&state, &headers, r, true)
+    set_route(&state, &headers, r, true).await
 }
 
 async fn reject_route(
@@ -376,23 +515,34 @@ async fn reject_route(
     headers: HeaderMap,
     Json(r): Json<RouteChoice>,
 ) -> Result<StatusCode, ApiError> {
-    set_route(&state, &headers, r, false)
+    set_route(&state, &headers, r, false).await
 }
 
-fn set_route(state: &AppState, headers: &HeaderMap, r: RouteChoice, approved: bool) -> Result<StatusCode, ApiError> {
+async fn set_route(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    r: RouteChoice,
+    approved: bool,
+) -> Result<StatusCode, ApiError> {
     require_admin(state, headers)?;
-    let known = state.control().all_routes()?.iter().any(|a| a.node == r.node && a.prefix == r.prefix.trunc());
-    if !known {
-        return Err(not_found("advertised route (node, prefix)"));
+    let changed = blocking(state, move |c, _| {
+        let (name, prefix) = (r.node.text(), r.prefix.trunc());
+        let node = c.resolve_node(&name)?;
+        if !c.all_routes()?.iter().any(|a| a.node == node && a.prefix == prefix) {
+            return Err(ControlError::not_found(format!("{name} does not advertise {prefix}")));
+        }
+        c.set_route_approval(node, prefix, approved)
+    })
+    .await?;
+    if changed {
+        state.changed();
     }
-    state.control().set_route_approval(r.node, r.prefix, approved)?;
-    state.changed();
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn get_policy(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<String, ApiError> {
     require_admin(&state, &headers)?;
-    Ok(state.policy_text.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    Ok(lock(&state.policy_text).clone())
 }
 
 async fn set_policy(
@@ -403,8 +553,8 @@ async fn set_policy(
     require_admin(&state, &headers)?;
     let policy =
         Policy::parse(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.0))?;
-    state.control.lock().unwrap_or_else(|p| p.into_inner()).set_policy(policy)?;
-    *state.policy_text.lock().unwrap_or_else(|p| p.into_inner()) = body;
+    blocking(&state, move |c, _| c.set_policy(policy)).await?;
+    *lock(&state.policy_text) = body;
     state.changed();
     Ok(StatusCode::NO_CONTENT)
 }

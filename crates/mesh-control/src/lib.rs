@@ -5,6 +5,7 @@
 mod control;
 pub mod fuzzing;
 pub mod http;
+mod limits;
 pub mod policy;
 pub mod serve;
 

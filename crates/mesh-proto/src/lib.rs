@@ -8,6 +8,8 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+pub mod proof;
+
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
 
@@ -26,6 +28,20 @@ pub struct RegisterRequest {
     pub advertise_routes: Vec<IpNet>,
     #[serde(default)]
     pub tags: Vec<String>,
+    /// When the node made the request (Unix milliseconds): the server refuses one far from its own clock,
+    /// or not newer than the node's last registration, so a captured request cannot be replayed.
+    #[serde(default)]
+    pub timestamp_ms: u64,
+    /// `proof::sign` over everything above: the node holds the private key of `node_key`.
+    #[serde(default)]
+    pub proof: String,
+}
+
+/// The server's static X25519 public key, which registrations are signed for (`GET /api/v1/server-key`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerKey {
+    pub version: u32,
+    pub public_key: String,
 }
 
 /// The server's answer: the node's identity in the mesh and the credential it uses from now on.
@@ -115,8 +131,35 @@ pub enum ErrorCode {
     TagNotAllowed,
     NodeExpired,
     BadRequest,
+    /// What an admin verb names does not exist (or a name fits more than one node).
+    NotFound,
     Unauthorized,
     VersionMismatch,
+    /// The registration is not signed by the node key's private key, or is stale or replayed.
+    BadProof,
+    /// Too many writes from one node; it may try again later.
+    RateLimited,
+    /// The server failed on its own account (storage, say); a node retries.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The answers that mean "not you, not with this", after which a node stops and waits for its user;
+    /// everything else is a passing fault it retries.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Self::UnknownAuthKey
+                | Self::AuthKeyRevoked
+                | Self::AuthKeyExpired
+                | Self::AuthKeyUsed
+                | Self::TagNotAllowed
+                | Self::NodeExpired
+                | Self::Unauthorized
+                | Self::VersionMismatch
+                | Self::BadProof
+        )
+    }
 }
 
 #[cfg(test)]
@@ -132,6 +175,8 @@ mod tests {
             hostname: "router-a".into(),
             advertise_routes: vec!["10.0.0.0/16".parse().unwrap()],
             tags: vec!["tag:router".into()],
+            timestamp_ms: 1,
+            proof: String::new(),
         };
         let json = serde_json::to_string(&request).unwrap();
         assert_eq!(serde_json::from_str::<RegisterRequest>(&json).unwrap(), request);

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use ureq::tls::{PemItem, RootCerts, TlsConfig};
 
 use crate::error::Error;
+use crate::follow::escape_controls;
 
 #[derive(Debug, Clone)]
 pub struct Connection {
@@ -20,20 +21,44 @@ pub struct Connection {
 
 #[derive(Debug, Clone)]
 pub enum Verb {
-    KeyCreate { reusable: bool, ephemeral: bool, tags: Vec<String>, expiry: Option<String> },
+    KeyCreate {
+        reusable: bool,
+        ephemeral: bool,
+        tags: Vec<String>,
+        expiry: Option<String>,
+    },
     KeyList,
     KeyRevoke(u64),
     NodeList,
-    NodeDelete(u64),
-    NodeExpire(u64),
+    /// A node by name or id.
+    NodeDelete(String),
+    NodeExpire(String),
     RouteList,
-    RouteSet { node: u64, prefix: ipnet::IpNet, approve: bool },
+    RouteSet {
+        node: String,
+        prefix: ipnet::IpNet,
+        approve: bool,
+    },
     PolicyGet,
     PolicySet(PathBuf),
     PolicyCheck(PathBuf),
 }
 
 /// Seconds in `90d`, `12h`, `30m` or `45s`.
+/// A node name or id as one URL path segment: anything but the characters names are made of is
+/// percent-encoded, so a typo cannot reach another route of the API.
+fn path_segment(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 pub fn parse_duration(text: &str) -> Result<u64, String> {
     let (number, unit) = text.split_at(text.len().saturating_sub(1));
     let factor = match unit {
@@ -120,7 +145,7 @@ fn call(connection: &Connection, method: &str, path: &str, body: Option<String>)
     }
     let message = serde_json::from_str::<serde_json::Value>(&text)
         .ok()
-        .and_then(|v| v["message"].as_str().map(str::to_string))
+        .and_then(|v| v["message"].as_str().map(escape_controls))
         .unwrap_or_else(|| format!("the server answered {status}"));
     Err(Error::System(message))
 }
@@ -171,7 +196,7 @@ fn execute(c: &Connection, verb: Verb) -> Result<String, Error> {
                 out.push_str(&format!(
                     "\n{:<4} {:<24} {:<16} {:<8} {}",
                     n["id"],
-                    n["name"].as_str().unwrap_or(""),
+                    escape_controls(n["name"].as_str().unwrap_or("")),
                     n["ipv4"].as_str().unwrap_or(""),
                     if n["expired"].as_bool() == Some(true) { "expired".to_string() } else { n["online"].to_string() },
                     n["tags"]
@@ -182,10 +207,10 @@ fn execute(c: &Connection, verb: Verb) -> Result<String, Error> {
             }
             Ok(out)
         }
-        Verb::NodeDelete(id) => call(c, "DELETE", &format!("nodes/{id}"), None).map(|_| format!("node {id} deleted")),
-        Verb::NodeExpire(id) => {
-            call(c, "POST", &format!("nodes/{id}/expire"), None).map(|_| format!("node {id} expired"))
-        }
+        Verb::NodeDelete(node) => call(c, "DELETE", &format!("nodes/{}", path_segment(&node)), None)
+            .map(|_| format!("node {} deleted", escape_controls(&node))),
+        Verb::NodeExpire(node) => call(c, "POST", &format!("nodes/{}/expire", path_segment(&node)), None)
+            .map(|_| format!("node {} expired", escape_controls(&node))),
         Verb::RouteList => {
             let routes = json(&call(c, "GET", "routes", None)?)?;
             let mut out = format!("{:<4} {:<24} {:<20} {:<9} {}", "NODE", "NAME", "PREFIX", "APPROVED", "PRIMARY");
@@ -193,7 +218,7 @@ fn execute(c: &Connection, verb: Verb) -> Result<String, Error> {
                 out.push_str(&format!(
                     "\n{:<4} {:<24} {:<20} {:<9} {}",
                     r["node"],
-                    r["name"].as_str().unwrap_or(""),
+                    escape_controls(r["name"].as_str().unwrap_or("")),
                     r["prefix"].as_str().unwrap_or(""),
                     r["approved"],
                     r["primary"]
@@ -204,8 +229,9 @@ fn execute(c: &Connection, verb: Verb) -> Result<String, Error> {
         Verb::RouteSet { node, prefix, approve } => {
             let body = serde_json::json!({"node": node, "prefix": prefix.to_string()}).to_string();
             let path = if approve { "routes/approve" } else { "routes/reject" };
-            call(c, "POST", path, Some(body))
-                .map(|_| format!("{prefix} of node {node} {}", if approve { "approved" } else { "rejected" }))
+            call(c, "POST", path, Some(body)).map(|_| {
+                format!("{prefix} of {} {}", escape_controls(&node), if approve { "approved" } else { "rejected" })
+            })
         }
         Verb::PolicyGet => call(c, "GET", "policy", None),
         Verb::PolicySet(path) | Verb::PolicyCheck(path) if !path.exists() => {

@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use mesh_proto::{EndpointsUpdate, ErrorBody, NetMap, RegisterRequest, RegisterResponse, RoutesUpdate, VERSION};
+use mesh_proto::{
+    EndpointsUpdate, ErrorBody, NetMap, RegisterRequest, RegisterResponse, RoutesUpdate, ServerKey, VERSION, proof,
+};
 use tokio::sync::mpsc;
 
 use crate::control_client::https_agent;
@@ -25,6 +27,8 @@ pub struct Follow {
     pub auth_key: Option<String>,
     /// This node's public key, base64.
     pub node_key: String,
+    /// Its private key, to sign a registration with (proof of possession); never sent.
+    pub node_private: NodePrivate,
     pub hostname: String,
     pub advertise_routes: Vec<IpNet>,
     pub tags: Vec<String>,
@@ -32,6 +36,16 @@ pub struct Follow {
     pub endpoints: Vec<SocketAddr>,
     /// The netmap version the node has (0: none).
     pub since: u64,
+}
+
+/// A private key that a `{:?}` of what holds it does not print.
+#[derive(Clone)]
+pub struct NodePrivate(pub [u8; 32]);
+
+impl std::fmt::Debug for NodePrivate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodePrivate(..)")
+    }
 }
 
 #[derive(Debug)]
@@ -119,8 +133,11 @@ impl Follower<'_> {
                     if self.stopped() || !(self.send)(Event::Trouble(message)) {
                         return;
                     }
-                    self.pause(backoff);
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    let mut random = [0u8; 4];
+                    let _ = crate::keys::random_bytes(&mut random);
+                    let (next, wait) = next_backoff(backoff, u32::from_ne_bytes(random));
+                    self.pause(wait);
+                    backoff = next;
                 }
             }
         }
@@ -175,14 +192,24 @@ impl Follower<'_> {
                 "this node is not registered: run meshd up with --auth-key KEY (or MESHD_AUTH_KEY)".into(),
             ));
         };
-        let request = RegisterRequest {
+        let text = self.call(agent, "server-key", None, None)?;
+        let server = serde_json::from_str::<ServerKey>(&text)
+            .ok()
+            .and_then(|k| proof::decode_key(&k.public_key))
+            .ok_or_else(|| CallError::Unreachable("the coordination server sent an unreadable server key".into()))?;
+        let mut request = RegisterRequest {
             version: VERSION,
             auth_key,
             node_key: self.follow.node_key.clone(),
             hostname: self.follow.hostname.clone(),
             advertise_routes: self.follow.advertise_routes.clone(),
             tags: self.follow.tags.clone(),
+            timestamp_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            proof: String::new(),
         };
+        proof::sign(&mut request, &self.follow.node_private.0, &server);
         let text = self.call(agent, "register", None, Some(serde_json::to_string(&request).unwrap_or_default()))?;
         let response: RegisterResponse = serde_json::from_str(&text)
             .map_err(|e| CallError::Unreachable(format!("the coordination server sent an unreadable answer: {e}")))?;
@@ -242,11 +269,45 @@ impl Follower<'_> {
         if status.is_success() {
             return Ok(text);
         }
-        let message = serde_json::from_str::<ErrorBody>(&text)
-            .map(|e| e.message)
-            .unwrap_or_else(|_| format!("the coordination server at {} answered {status}", self.follow.control_url));
-        if status.is_server_error() { Err(CallError::Unreachable(message)) } else { Err(CallError::Refused(message)) }
+        // Only an answer that names this node or its key as refused stops the follower; a server fault, a
+        // rate limit or a proxy's error page is passing, and it tries again.
+        match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(e) if e.code.is_final() => Err(CallError::Refused(escape_controls(&e.message))),
+            Ok(e) => Err(CallError::Unreachable(format!(
+                "the coordination server at {} answered {status}: {}",
+                self.follow.control_url,
+                escape_controls(&e.message)
+            ))),
+            Err(_) => Err(CallError::Unreachable(format!(
+                "the coordination server at {} answered {status}",
+                self.follow.control_url
+            ))),
+        }
     }
+}
+
+/// Text from the server as it may be shown on a terminal: control characters escaped, so a hostile server
+/// cannot move the cursor, clear the screen or forge lines in `status` or a log.
+pub fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Doubles `backoff` up to `MAX_BACKOFF`, then spreads it by ±25% so a mesh of nodes that lost their
+/// server at once does not come back in lockstep.
+fn next_backoff(backoff: Duration, random: u32) -> (Duration, Duration) {
+    let next = (backoff * 2).min(MAX_BACKOFF);
+    let spread = next.as_millis() as u64 / 2;
+    let jitter = if spread == 0 { 0 } else { u64::from(random) % spread };
+    let wait = Duration::from_millis(next.as_millis() as u64 * 3 / 4 + jitter);
+    (next, wait)
 }
 
 /// The local address the kernel would use toward the server (a connected UDP socket sends nothing).
@@ -263,6 +324,21 @@ fn source_toward(control_url: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_from_the_server_are_escaped() {
+        assert_eq!(escape_controls("evil\u{1b}[2J\nline"), "evil\\u{1b}[2J\\nline");
+        assert_eq!(escape_controls("plain"), "plain");
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let (next, wait) = next_backoff(Duration::from_millis(500), 0);
+        assert_eq!((next, wait), (Duration::from_secs(1), Duration::from_millis(750)));
+        let (next, wait) = next_backoff(MAX_BACKOFF, u32::MAX);
+        assert_eq!(next, MAX_BACKOFF);
+        assert!(wait >= MAX_BACKOFF * 3 / 4 && wait < MAX_BACKOFF * 5 / 4, "{wait:?}");
+    }
 
     #[test]
     fn the_source_toward_a_loopback_server_is_loopback() {

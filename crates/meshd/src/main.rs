@@ -272,15 +272,27 @@ enum AuthkeyCommand {
 #[derive(Debug, Subcommand)]
 enum NodesCommand {
     List,
-    Delete { id: u64 },
-    Expire { id: u64 },
+    /// NODE: its name or its id.
+    Delete {
+        node: String,
+    },
+    Expire {
+        node: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum RoutesCommand {
     List,
-    Approve { node: u64, prefix: ipnet::IpNet },
-    Reject { node: u64, prefix: ipnet::IpNet },
+    /// NODE: its name or its id.
+    Approve {
+        node: String,
+        prefix: ipnet::IpNet,
+    },
+    Reject {
+        node: String,
+        prefix: ipnet::IpNet,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -412,8 +424,8 @@ fn main() -> ExitCode {
             use control_client::Verb;
             let verb = match command {
                 NodesCommand::List => Verb::NodeList,
-                NodesCommand::Delete { id } => Verb::NodeDelete(id),
-                NodesCommand::Expire { id } => Verb::NodeExpire(id),
+                NodesCommand::Delete { node } => Verb::NodeDelete(node),
+                NodesCommand::Expire { node } => Verb::NodeExpire(node),
             };
             admin(connection, verb)
         }

@@ -68,7 +68,9 @@ fn the_server_speaks_https_keeps_its_state_and_its_admin_token_is_private() {
     let (ok, text) = curl(&lab, ns, &[&format!("{base}/admin/nodes")]);
     assert!(!ok, "an unknown CA is refused: {text}");
 
-    let register = format!(r#"{{"version": 1, "auth_key": "{auth_key}", "node_key": "k1", "hostname": "router"}}"#);
+    let (ok, server_key) = curl(&lab, ns, &["--cacert", ca, &format!("{base}/server-key")]);
+    assert!(ok, "{server_key}");
+    let register = common::managed::signed_registration(&server_key, &auth_key, 1, "router", &[]);
     let (ok, registered) = curl(&lab, ns, &["--cacert", ca, "-d", &register, &format!("{base}/register")]);
     assert!(ok && registered.contains(r#""ipv4":"100.64.0.1""#), "{registered}");
     let credential = serde_json::from_str::<serde_json::Value>(&registered).unwrap()["credential"]
@@ -131,27 +133,30 @@ fn the_admin_verbs_manage_keys_nodes_routes_and_policy() {
     let (status, auth_key, _) = meshd(&["authkey", "create", "--reusable", "--tags", "tag:router", "--expiry", "90d"]);
     assert_eq!(status, Some(0));
     assert!(auth_key.starts_with("mkey-") && !auth_key.contains('\n'), "only the key: {auth_key}");
-    let register = |key: &str, node: &str| {
-        let body = format!(
-            r#"{{"version": 1, "auth_key": "{key}", "node_key": "{node}", "hostname": "{node}", "advertise_routes": ["10.0.0.0/16"]}}"#
-        );
+    let server_key = curl(&lab, ns, &["--cacert", &ca, "https://127.0.0.1:8443/api/v1/server-key"]).1;
+    let register = |key: &str, node: u8, name: &str| {
+        let body = common::managed::signed_registration(&server_key, key, node, name, &["10.0.0.0/16"]);
         curl(&lab, ns, &["--cacert", &ca, "-d", &body, "https://127.0.0.1:8443/api/v1/register"]).1
     };
-    assert!(register(&auth_key, "router-a").contains("100.64.0.1"));
+    assert!(register(&auth_key, 1, "router-a").contains("100.64.0.1"));
 
     let (_, routes, _) = meshd(&["routes", "list"]);
     assert!(routes.contains("10.0.0.0/16") && routes.contains("router-a") && routes.contains("false"), "{routes}");
-    assert_eq!(meshd(&["routes", "approve", "1", "10.0.0.0/16"]).0, Some(0));
+    // By name, as operators know their machines (an id works too).
+    assert_eq!(meshd(&["routes", "approve", "router-a", "10.0.0.0/16"]).0, Some(0));
     assert!(meshd(&["routes", "list"]).1.lines().nth(1).unwrap().contains("true"));
     assert!(meshd(&["nodes", "list"]).1.contains("tag:router"));
     let (status, _, err) = meshd(&["routes", "approve", "7", "10.0.0.0/16"]);
     assert_eq!(status, Some(1));
-    assert!(err.starts_with("meshd: no such advertised route"), "{err}");
+    assert!(err.starts_with("meshd: no node is named \"7\""), "{err}");
+    let (status, _, err) = meshd(&["routes", "approve", "router-a", "10.9.0.0/16"]);
+    assert_eq!(status, Some(1));
+    assert_eq!(err, "meshd: router-a does not advertise 10.9.0.0/16");
 
     let revoked = || column(&meshd(&["authkey", "list"]).1, "1", "REVOKED");
     assert_eq!(revoked(), "false");
     assert_eq!(meshd(&["authkey", "revoke", "1"]).0, Some(0));
-    assert!(register(&auth_key, "router-b").contains("auth_key_revoked"));
+    assert!(register(&auth_key, 2, "router-b").contains("auth_key_revoked"));
     assert_eq!(revoked(), "true", "listed as revoked");
 
     let bad = lab.write("bad-policy.hujson", r#"{"tagOwners": {"router": ["tag:x"]}}"#);

@@ -6,15 +6,34 @@ fn control(policy: &str) -> Control {
     Control::in_memory(Policy::parse(policy).unwrap(), "mesh.example").unwrap()
 }
 
+fn node_private(node: u8) -> [u8; 32] {
+    [node; 32]
+}
+
+/// What node `node` sends (its private key is `[node; 32]`); `signed` signs it for `c`.
 fn request(auth_key: &str, node: u8, hostname: &str) -> RegisterRequest {
     RegisterRequest {
         version: VERSION,
         auth_key: auth_key.into(),
-        node_key: format!("node-key-{node}"),
+        node_key: proof::encode_key(&proof::public_key(&node_private(node))),
         hostname: hostname.into(),
         advertise_routes: Vec::new(),
         tags: Vec::new(),
+        timestamp_ms: NOW * 1000,
+        proof: String::new(),
     }
+}
+
+/// `c.register`, the request signed by the node it names at `now` (as the node's clock says).
+fn join(c: &Control, request: &RegisterRequest, now: u64) -> Result<RegisterResponse, ControlError> {
+    let mut signed = request.clone();
+    let node = (0..=u8::MAX)
+        .find(|n| proof::encode_key(&proof::public_key(&node_private(*n))) == request.node_key)
+        .expect("a test node key");
+    let server = proof::decode_key(&c.server_public_key().unwrap()).unwrap();
+    signed.timestamp_ms = now * 1000;
+    proof::sign(&mut signed, &node_private(node), &server);
+    c.register(&signed, now)
 }
 
 fn net(s: &str) -> IpNet {
@@ -29,8 +48,7 @@ fn allowed(map: &NetMap, peer: u64) -> Vec<String> {
 fn three_nodes_join_with_one_reusable_key_and_see_each_other() {
     let c = control("{}");
     let (_, key) = c.create_auth_key(&AuthKeyOptions { reusable: true, ..Default::default() }, NOW).unwrap();
-    let regs: Vec<_> =
-        (1..=3).map(|i| c.register(&request(&key, i, &format!("Host {i}.local")), NOW).unwrap()).collect();
+    let regs: Vec<_> = (1..=3).map(|i| join(&c, &request(&key, i, &format!("Host {i}.local")), NOW).unwrap()).collect();
     let addresses: std::collections::HashSet<_> = regs.iter().map(|r| r.ipv4).collect();
     assert_eq!(addresses.len(), 3);
     assert_eq!(regs[0].ipv4, Ipv4Addr::new(100, 64, 0, 1), "addresses start at the bottom of the range");
@@ -51,38 +69,41 @@ fn three_nodes_join_with_one_reusable_key_and_see_each_other() {
 fn each_refused_key_has_its_own_error() {
     let c = control("{}");
     let (_, single) = c.create_auth_key(&AuthKeyOptions::default(), NOW).unwrap();
-    c.register(&request(&single, 1, "a"), NOW).unwrap();
-    assert_eq!(c.register(&request(&single, 2, "b"), NOW).unwrap_err().code, ErrorCode::AuthKeyUsed);
+    join(&c, &request(&single, 1, "a"), NOW).unwrap();
+    assert_eq!(join(&c, &request(&single, 2, "b"), NOW).unwrap_err().code, ErrorCode::AuthKeyUsed);
 
     let (revoked_key, revoked) =
         c.create_auth_key(&AuthKeyOptions { reusable: true, ..Default::default() }, NOW).unwrap();
     assert!(c.revoke_auth_key(revoked_key.id).unwrap());
-    assert_eq!(c.register(&request(&revoked, 3, "c"), NOW).unwrap_err().code, ErrorCode::AuthKeyRevoked);
+    assert_eq!(join(&c, &request(&revoked, 3, "c"), NOW).unwrap_err().code, ErrorCode::AuthKeyRevoked);
 
     let (_, short) =
         c.create_auth_key(&AuthKeyOptions { reusable: true, expiry: Some(60), ..Default::default() }, NOW).unwrap();
-    c.register(&request(&short, 4, "d"), NOW + 59).unwrap();
-    assert_eq!(c.register(&request(&short, 5, "e"), NOW + 60).unwrap_err().code, ErrorCode::AuthKeyExpired);
+    join(&c, &request(&short, 4, "d"), NOW + 59).unwrap();
+    assert_eq!(join(&c, &request(&short, 5, "e"), NOW + 60).unwrap_err().code, ErrorCode::AuthKeyExpired);
 
     for bogus in ["", "mkey-", "mkey-abc-def", "tskey-auth-xyz"] {
-        assert_eq!(c.register(&request(bogus, 6, "f"), NOW).unwrap_err().code, ErrorCode::UnknownAuthKey);
+        assert_eq!(join(&c, &request(bogus, 6, "f"), NOW).unwrap_err().code, ErrorCode::UnknownAuthKey);
     }
     // Change the last digit of the secret (to another digit, whatever it was).
     let last = if single.ends_with('0') { '1' } else { '0' };
     let tampered = format!("{}{last}", &single[..single.len() - 1]);
-    assert_eq!(c.register(&request(&tampered, 7, "g"), NOW).unwrap_err().code, ErrorCode::UnknownAuthKey);
+    assert_eq!(join(&c, &request(&tampered, 7, "g"), NOW).unwrap_err().code, ErrorCode::UnknownAuthKey);
     let mut old = request(&short, 8, "h");
     old.version = 99;
-    assert_eq!(c.register(&old, NOW).unwrap_err().code, ErrorCode::VersionMismatch);
+    assert_eq!(join(&c, &old, NOW).unwrap_err().code, ErrorCode::VersionMismatch);
 }
 
 #[test]
 fn a_known_node_key_re_registers_the_same_node_never_already_exists() {
     let c = control("{}");
     let (_, single) = c.create_auth_key(&AuthKeyOptions::default(), NOW).unwrap();
-    let first = c.register(&request(&single, 1, "router"), NOW).unwrap();
-    // The same node comes back (state lost, `up` interrupted), even with its single-use key.
-    let again = c.register(&request(&single, 1, "router"), NOW + 10).unwrap();
+    let first = join(&c, &request(&single, 1, "router"), NOW).unwrap();
+    // A spent single-use key proves nothing about who holds it now, not even for the node it made.
+    assert_eq!(join(&c, &request(&single, 1, "router"), NOW + 5).unwrap_err().code, ErrorCode::AuthKeyUsed);
+    // The same node comes back (state lost, `up` interrupted) with a key the server still accepts.
+    let (_, fresh) = c.create_auth_key(&AuthKeyOptions::default(), NOW).unwrap();
+    let again = join(&c, &request(&fresh, 1, "router"), NOW + 10).unwrap();
     assert_eq!(
         (again.node_id, again.ipv4, again.ipv6, again.name.clone()),
         (first.node_id, first.ipv4, first.ipv6, first.name.clone())
@@ -99,8 +120,8 @@ fn a_route_reaches_peers_only_once_approved() {
     let (_, key) = c.create_auth_key(&AuthKeyOptions { reusable: true, ..Default::default() }, NOW).unwrap();
     let mut router = request(&key, 1, "router");
     router.advertise_routes = vec![net("10.0.0.0/16")];
-    let r = c.register(&router, NOW).unwrap();
-    let client = c.register(&request(&key, 2, "client"), NOW).unwrap();
+    let r = join(&c, &router, NOW).unwrap();
+    let client = join(&c, &request(&key, 2, "client"), NOW).unwrap();
     assert_eq!(allowed(&c.netmap(client.node_id, |_| true).unwrap(), r.node_id).len(), 2, "not approved, not routed");
     let own = c.netmap(r.node_id, |_| true).unwrap();
     assert_eq!(own.routes, vec![RouteState { prefix: net("10.0.0.0/16"), approved: false, primary: false }]);
@@ -124,7 +145,7 @@ fn auto_approvers_approve_a_tagged_routers_route() {
     let mut router = request(&infra, 1, "router");
     router.tags = vec!["tag:router".into()];
     router.advertise_routes = vec![net("10.0.0.0/16"), net("192.168.0.0/24")];
-    let r = c.register(&router, NOW).unwrap();
+    let r = join(&c, &router, NOW).unwrap();
     let routes = c.netmap(r.node_id, |_| true).unwrap().routes;
     assert!(routes.contains(&RouteState { prefix: net("10.0.0.0/16"), approved: true, primary: true }));
     assert!(
@@ -135,7 +156,7 @@ fn auto_approvers_approve_a_tagged_routers_route() {
     let (_, plain) = c.create_auth_key(&AuthKeyOptions::default(), NOW).unwrap();
     let mut sneaky = request(&plain, 2, "sneaky");
     sneaky.tags = vec!["tag:router".into()];
-    assert_eq!(c.register(&sneaky, NOW).unwrap_err().code, ErrorCode::TagNotAllowed);
+    assert_eq!(join(&c, &sneaky, NOW).unwrap_err().code, ErrorCode::TagNotAllowed);
 }
 
 #[test]
@@ -148,8 +169,8 @@ fn two_routers_for_one_prefix_have_exactly_one_primary_chosen_stably() {
     a.advertise_routes = vec![net("10.42.0.0/16")];
     let mut b = request(&key, 2, "router-b");
     b.advertise_routes = vec![net("10.42.0.0/16")];
-    let (ra, rb) = (c.register(&a, NOW).unwrap(), c.register(&b, NOW).unwrap());
-    let client = c.register(&request(&key, 3, "client"), NOW).unwrap();
+    let (ra, rb) = (join(&c, &a, NOW).unwrap(), join(&c, &b, NOW).unwrap());
+    let client = join(&c, &request(&key, 3, "client"), NOW).unwrap();
     for _ in 0..3 {
         let map = c.netmap(client.node_id, |_| true).unwrap();
         let carrying: Vec<u64> =
@@ -167,9 +188,9 @@ fn expired_and_stale_ephemeral_nodes_leave_the_mesh() {
     let (_, eph) =
         c.create_auth_key(&AuthKeyOptions { reusable: true, ephemeral: true, ..Default::default() }, NOW).unwrap();
     let (_, key) = c.create_auth_key(&AuthKeyOptions { reusable: true, ..Default::default() }, NOW).unwrap();
-    let pod = c.register(&request(&eph, 1, "worker-pod"), NOW).unwrap();
-    let server = c.register(&request(&key, 2, "db"), NOW).unwrap();
-    let laptop = c.register(&request(&key, 3, "laptop"), NOW).unwrap();
+    let pod = join(&c, &request(&eph, 1, "worker-pod"), NOW).unwrap();
+    let server = join(&c, &request(&key, 2, "db"), NOW).unwrap();
+    let laptop = join(&c, &request(&key, 3, "laptop"), NOW).unwrap();
     c.touch(server.node_id, NOW + 500).unwrap();
     c.touch(laptop.node_id, NOW + 500).unwrap();
     assert_eq!(c.remove_stale_ephemeral(NOW + 100, 300).unwrap(), 0, "not offline long enough");
@@ -197,7 +218,7 @@ fn the_database_survives_a_restart() {
     let (first, ula) = {
         let c = Control::open(&path, Policy::default(), "mesh.example").unwrap();
         let (_, key) = c.create_auth_key(&AuthKeyOptions::default(), NOW).unwrap();
-        (c.register(&request(&key, 1, "a"), NOW).unwrap(), c.ula().unwrap())
+        (join(&c, &request(&key, 1, "a"), NOW).unwrap(), c.ula().unwrap())
     };
     let c = Control::open(&path, Policy::default(), "mesh.example").unwrap();
     assert_eq!(c.ula().unwrap(), ula, "the mesh keeps its IPv6 prefix");
@@ -218,15 +239,15 @@ fn endpoints(list: &[&str]) -> EndpointsUpdate {
 fn reported_endpoints_reach_peers_and_only_a_change_bumps_the_version() {
     let c = control("{}");
     let (_, key) = c.create_auth_key(&AuthKeyOptions { reusable: true, ..Default::default() }, NOW).unwrap();
-    let a = c.register(&request(&key, 1, "a"), NOW).unwrap();
-    let b = c.register(&request(&key, 2, "b"), NOW).unwrap();
+    let a = join(&c, &request(&key, 1, "a"), NOW).unwrap();
+    let b = join(&c, &request(&key, 2, "b"), NOW).unwrap();
     let before = c.version().unwrap();
-    let update = endpoints(&["192.0.2.7:41641", "[2001:db8::7]:41641", "192.0.2.7:41641"]);
+    let update = endpoints(&["198.18.0.7:41641", "[2001:470::7]:41641", "198.18.0.7:41641"]);
     assert!(c.set_endpoints(a.node_id, &update).unwrap());
     let after = c.version().unwrap();
     assert!(after > before);
     let seen = c.netmap(b.node_id, |_| true).unwrap().peers[0].endpoints.clone();
-    assert_eq!(seen, endpoints(&["192.0.2.7:41641", "[2001:db8::7]:41641"]).endpoints, "duplicates collapse");
+    assert_eq!(seen, endpoints(&["198.18.0.7:41641", "[2001:470::7]:41641"]).endpoints, "duplicates collapse");
     assert!(!c.set_endpoints(a.node_id, &update).unwrap(), "the same set again is no change");
     assert_eq!(c.version().unwrap(), after);
     assert!(c.set_endpoints(a.node_id, &endpoints(&[])).unwrap(), "a node may withdraw its endpoints");
@@ -237,12 +258,27 @@ fn reported_endpoints_reach_peers_and_only_a_change_bumps_the_version() {
 fn endpoints_peers_cannot_use_are_refused_whole() {
     let c = control("{}");
     let (_, key) = c.create_auth_key(&AuthKeyOptions::default(), NOW).unwrap();
-    let a = c.register(&request(&key, 1, "a"), NOW).unwrap();
-    for bad in ["0.0.0.0:41641", "192.0.2.7:0", "127.0.0.1:41641", "[::1]:41641", "224.0.0.1:41641"] {
-        let error = c.set_endpoints(a.node_id, &endpoints(&["192.0.2.7:41641", bad])).unwrap_err();
+    let a = join(&c, &request(&key, 1, "a"), NOW).unwrap();
+    for bad in [
+        "0.0.0.0:41641",
+        "198.18.0.7:0",
+        "127.0.0.1:41641",
+        "[::1]:41641",
+        "224.0.0.1:41641",
+        // Metadata services and other addresses a malicious node would point its peers at.
+        "169.254.169.254:80",
+        "[fe80::1]:41641",
+        "[fd00:ec2::254]:80",
+        "100.100.100.200:80",
+        "255.255.255.255:41641",
+        "192.0.2.1:41641",
+        "[2001:db8::1]:41641",
+        "[::ffff:169.254.169.254]:80",
+    ] {
+        let error = c.set_endpoints(a.node_id, &endpoints(&["198.18.0.7:41641", bad])).unwrap_err();
         assert_eq!(error.code, ErrorCode::BadRequest, "{bad}");
     }
-    let many: Vec<String> = (1..=MAX_ENDPOINTS as u16 + 1).map(|p| format!("192.0.2.7:{p}")).collect();
+    let many: Vec<String> = (1..=MAX_ENDPOINTS as u16 + 1).map(|p| format!("198.18.0.7:{p}")).collect();
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
     assert_eq!(c.set_endpoints(a.node_id, &endpoints(&many)).unwrap_err().code, ErrorCode::BadRequest);
     let old = EndpointsUpdate { version: VERSION + 1, endpoints: Vec::new() };
@@ -269,6 +305,118 @@ fn a_database_from_schema_1_upgrades_and_keeps_its_nodes() {
     assert_eq!(nodes.len(), 1);
     assert_eq!(nodes[0].name, "old-node");
     assert!(nodes[0].endpoints.is_empty());
-    assert!(c.set_endpoints(nodes[0].id, &endpoints(&["192.0.2.9:41641"])).unwrap());
+    assert!(c.set_endpoints(nodes[0].id, &endpoints(&["198.18.0.9:41641"])).unwrap());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn version_bump_amplification_a_repeated_routes_report_wakes_nobody() {
+    let c = control("{}");
+    let (_, key) = c.create_auth_key(&AuthKeyOptions::default(), NOW).unwrap();
+    let a = join(&c, &request(&key, 1, "a"), NOW).unwrap();
+    let update = RoutesUpdate { version: VERSION, advertise_routes: vec![net("10.0.0.0/16")] };
+    assert!(c.set_advertised(a.node_id, &update).unwrap());
+    let version = c.version().unwrap();
+    for _ in 0..5 {
+        assert!(!c.set_advertised(a.node_id, &update).unwrap());
+    }
+    assert_eq!(c.version().unwrap(), version, "the same routes again bump nothing");
+    assert!(!c.set_route_approval(a.node_id, net("10.0.0.0/16"), false).unwrap(), "rejecting a rejected route");
+    assert_eq!(c.version().unwrap(), version);
+}
+
+#[test]
+fn oversized_registrations_are_refused_before_anything_is_stored() {
+    let c = control("{}");
+    let (_, key) = c.create_auth_key(&AuthKeyOptions { reusable: true, ..Default::default() }, NOW).unwrap();
+    let mut routes = request(&key, 1, "a");
+    routes.advertise_routes =
+        (0..=256u32).map(|i| IpNet::from(Ipv4Net::new(Ipv4Addr::from(i << 8), 24).unwrap())).collect();
+    let mut tags = request(&key, 2, "b");
+    tags.tags = (0..65).map(|i| format!("tag:t{i}")).collect();
+    let mut bad_tag = request(&key, 3, "c");
+    bad_tag.tags = vec!["tag:Evil\u{1b}[2J".into()];
+    let mut long_name = request(&key, 4, "d");
+    long_name.hostname = "x".repeat(256);
+    let mut short_key = request(&key, 5, "e");
+    short_key.node_key = proof::encode_key(&[5; 32])[..20].to_string();
+    for (what, r) in
+        [("routes", routes), ("tags", tags), ("tag grammar", bad_tag), ("hostname", long_name), ("key", short_key)]
+    {
+        assert_eq!(join_unsigned(&c, &r).unwrap_err().code, ErrorCode::BadRequest, "{what}");
+    }
+    assert!(c.nodes().unwrap().is_empty());
+    // A hostname of any characters becomes a DNS label of at most 63.
+    let odd = join(&c, &request(&key, 6, &format!("{}\u{7}.EXAMPLE", "Ab_".repeat(40))), NOW).unwrap();
+    assert!(
+        odd.name.len() <= 63 && odd.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    );
+    let update = RoutesUpdate { version: VERSION, advertise_routes: vec![net("10.0.0.0/24"); 257] };
+    assert_eq!(c.set_advertised(odd.node_id, &update).unwrap_err().code, ErrorCode::BadRequest);
+}
+
+/// A registration that fails its bounds fails before the proof is even checked.
+fn join_unsigned(c: &Control, request: &RegisterRequest) -> Result<RegisterResponse, ControlError> {
+    c.register(request, NOW)
+}
+
+#[test]
+fn deleted_nodes_ids_and_addresses_are_not_reused_at_once() {
+    let c = control("{}");
+    let (_, key) = c.create_auth_key(&AuthKeyOptions { reusable: true, ..Default::default() }, NOW).unwrap();
+    let a = join(&c, &request(&key, 1, "a"), NOW).unwrap();
+    let b = join(&c, &request(&key, 2, "b"), NOW).unwrap();
+    assert!(c.delete_node(b.node_id).unwrap());
+    let new = join(&c, &request(&key, 3, "c"), NOW).unwrap();
+    assert!(new.node_id > b.node_id, "id {} after deleted {}", new.node_id, b.node_id);
+    assert_ne!(new.ipv4, b.ipv4);
+    assert_ne!(new.ipv6, b.ipv6);
+    assert_ne!(new.ipv4, a.ipv4);
+}
+
+#[test]
+fn admin_verbs_resolve_node_names_and_ids() {
+    let c = control("{}");
+    let (_, key) = c.create_auth_key(&AuthKeyOptions { reusable: true, ..Default::default() }, NOW).unwrap();
+    let router = join(&c, &request(&key, 1, "router-a"), NOW).unwrap();
+    let numeric = join(&c, &request(&key, 2, &router.node_id.to_string()), NOW).unwrap();
+    assert_eq!(c.resolve_node("router-a").unwrap(), router.node_id);
+    assert_eq!(c.resolve_node(&numeric.node_id.to_string()).unwrap(), numeric.node_id);
+    let unknown = c.resolve_node("nobody").unwrap_err();
+    assert_eq!(unknown.code, ErrorCode::NotFound);
+    assert!(unknown.message.contains("\"nobody\""), "{}", unknown.message);
+    // "1" is the router's id and the other node's name.
+    let ambiguous = c.resolve_node(&router.node_id.to_string()).unwrap_err();
+    assert!(ambiguous.message.contains("name"), "{}", ambiguous.message);
+}
+
+#[test]
+fn auth_key_expiry_arithmetic_cannot_overflow() {
+    let c = control("{}");
+    let error = c.create_auth_key(&AuthKeyOptions { expiry: Some(u64::MAX), ..Default::default() }, NOW).unwrap_err();
+    assert_eq!(error.code, ErrorCode::BadRequest);
+    let bad_tag = AuthKeyOptions { tags: vec!["tag:".into()], ..Default::default() };
+    assert_eq!(c.create_auth_key(&bad_tag, NOW).unwrap_err().code, ErrorCode::BadRequest);
+}
+
+#[test]
+fn a_stale_registration_is_refused_even_when_signed() {
+    let c = control("{}");
+    let (_, key) = c.create_auth_key(&AuthKeyOptions { reusable: true, ..Default::default() }, NOW).unwrap();
+    // Signed at NOW - 10 minutes, presented now.
+    let mut stale = request(&key, 1, "a");
+    let server = proof::decode_key(&c.server_public_key().unwrap()).unwrap();
+    stale.timestamp_ms = (NOW - 600) * 1000;
+    proof::sign(&mut stale, &node_private(1), &server);
+    assert_eq!(c.register(&stale, NOW).unwrap_err().code, ErrorCode::BadProof);
+    assert!(c.nodes().unwrap().is_empty());
+}
+
+#[test]
+fn storage_faults_are_internal_and_say_nothing_of_storage() {
+    let c = control("{}");
+    c.db.execute_batch("DROP TABLE routes").unwrap();
+    let error = c.all_routes().unwrap_err();
+    assert_eq!(error.code, ErrorCode::Internal);
+    assert!(!error.message.contains("routes") && !error.message.contains("table"), "{}", error.message);
 }

@@ -3,7 +3,7 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use mesh_proto::{NetMap, RegisterResponse, VERSION};
+use mesh_proto::{NetMap, RegisterResponse, VERSION, proof};
 use tower::ServiceExt;
 
 use super::*;
@@ -54,12 +54,27 @@ async fn new_key(app: &Router, body: &str) -> String {
     serde_json::from_str::<serde_json::Value>(&text).unwrap()["key"].as_str().unwrap().to_string()
 }
 
+/// A registration as node `node` (private key `[node; 32]`) sends it, signed with `signer`'s private key.
+async fn signed_request(app: &Router, key: &str, node: u8, signer: u8, routes: &[&str]) -> String {
+    let (_, text) = call(app, "GET", "/api/v1/server-key", None, "").await;
+    let server: mesh_proto::ServerKey = serde_json::from_str(&text).unwrap();
+    let mut request = RegisterRequest {
+        version: VERSION,
+        auth_key: key.into(),
+        node_key: proof::encode_key(&proof::public_key(&[node; 32])),
+        hostname: format!("node-{node}"),
+        advertise_routes: routes.iter().map(|r| r.parse().unwrap()).collect(),
+        tags: Vec::new(),
+        timestamp_ms: clock() * 1000 + u64::from(signer),
+        proof: String::new(),
+    };
+    proof::sign(&mut request, &[signer; 32], &proof::decode_key(&server.public_key).unwrap());
+    serde_json::to_string(&request).unwrap()
+}
+
 async fn register(app: &Router, key: &str, node: u8, routes: &[&str]) -> RegisterResponse {
-    let body = serde_json::json!({
-        "version": VERSION, "auth_key": key, "node_key": format!("key-{node}"), "hostname": format!("node-{node}"),
-        "advertise_routes": routes,
-    });
-    let (status, text) = call(app, "POST", "/api/v1/register", None, &body.to_string()).await;
+    let body = signed_request(app, key, node, node, routes).await;
+    let (status, text) = call(app, "POST", "/api/v1/register", None, &body).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     serde_json::from_str(&text).unwrap()
 }
@@ -83,7 +98,9 @@ async fn admin_endpoints_need_the_token_and_never_show_key_secrets() {
 #[tokio::test]
 async fn registration_errors_have_stable_codes() {
     let app = app();
-    let body = serde_json::json!({"version": VERSION, "auth_key": "mkey-nope-nope", "node_key": "k", "hostname": "h"});
+    let node_key = proof::encode_key(&proof::public_key(&[5; 32]));
+    let body =
+        serde_json::json!({"version": VERSION, "auth_key": "mkey-nope-nope", "node_key": node_key, "hostname": "h"});
     let (status, text) = call(&app, "POST", "/api/v1/register", None, &body.to_string()).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(serde_json::from_str::<ErrorBody>(&text).unwrap().code, ErrorCode::UnknownAuthKey);
@@ -176,7 +193,7 @@ async fn a_nodes_reported_endpoints_wake_a_peers_long_poll() {
             async move { call(&app, "GET", &format!("/api/v1/netmap?since={version}"), Some(&auth), "").await },
         )
     };
-    let body = format!(r#"{{"version": {VERSION}, "endpoints": ["192.0.2.7:41641"]}}"#);
+    let body = format!(r#"{{"version": {VERSION}, "endpoints": ["198.18.0.7:41641"]}}"#);
     assert_eq!(call(&app, "POST", "/api/v1/endpoints", None, &body).await.0, StatusCode::UNAUTHORIZED);
     polls_waiting(&state, 1).await;
     assert_eq!(call(&app, "POST", "/api/v1/endpoints", Some(&node_auth(&a)), &body).await.0, StatusCode::NO_CONTENT);
@@ -185,7 +202,7 @@ async fn a_nodes_reported_endpoints_wake_a_peers_long_poll() {
     assert_eq!(status, StatusCode::OK);
     let map: NetMap = serde_json::from_str(&text).unwrap();
     assert!(map.version > version);
-    assert_eq!(map.peers[0].endpoints, vec!["192.0.2.7:41641".parse().unwrap()]);
+    assert_eq!(map.peers[0].endpoints, vec!["198.18.0.7:41641".parse().unwrap()]);
     let loopback = format!(r#"{{"version": {VERSION}, "endpoints": ["127.0.0.1:41641"]}}"#);
     let (status, text) = call(&app, "POST", "/api/v1/endpoints", Some(&node_auth(&a)), &loopback).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
@@ -219,4 +236,46 @@ async fn a_node_changes_its_routes_and_logs_itself_out() {
     let map: NetMap = serde_json::from_str(&map).unwrap();
     assert!(map.peers.is_empty(), "the logged-out node left every netmap");
     assert_eq!(call(&app, "POST", "/api/v1/routes", Some(&auth), update).await.0, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn node_takeover_with_a_valid_auth_key_and_the_victims_public_key_is_refused() {
+    let (app, _) = app_and_state();
+    let key = new_key(&app, r#"{"reusable": true}"#).await;
+    let victim = register(&app, &key, 1, &["10.0.0.0/16"]).await;
+    // The attacker holds a valid reusable key and the victim's public key (every netmap lists it), and signs
+    // with its own private key: the server cannot be made to hand out the victim's credential.
+    let forged = signed_request(&app, &key, 1, 66, &["10.66.0.0/16"]).await;
+    let (status, text) = call(&app, "POST", "/api/v1/register", None, &forged).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{text}");
+    assert_eq!(serde_json::from_str::<ErrorBody>(&text).unwrap().code, ErrorCode::BadProof);
+    let mut unsigned: serde_json::Value = serde_json::from_str(&forged).unwrap();
+    unsigned["proof"] = "".into();
+    let (status, _) = call(&app, "POST", "/api/v1/register", None, &unsigned.to_string()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // A recorded registration of the victim's own, replayed, is spent.
+    let genuine = signed_request(&app, &key, 1, 1, &["10.0.0.0/16"]).await;
+    let (status, text) = call(&app, "POST", "/api/v1/register", None, &genuine).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{text}");
+
+    // The victim keeps working with its credential, its routes untouched.
+    let (status, text) = call(&app, "GET", "/api/v1/netmap?since=0", Some(&node_auth(&victim)), "").await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let map: NetMap = serde_json::from_str(&text).unwrap();
+    assert_eq!(map.routes.iter().map(|r| r.prefix.to_string()).collect::<Vec<_>>(), ["10.0.0.0/16"]);
+}
+
+#[tokio::test]
+async fn a_used_single_use_key_never_re_registers_a_node() {
+    let app = app();
+    let single = new_key(&app, "{}").await;
+    let first = register(&app, &single, 1, &[]).await;
+    let again = signed_request(&app, &single, 1, 1, &[]).await;
+    let (status, text) = call(&app, "POST", "/api/v1/register", None, &again).await;
+    assert_eq!(
+        (status, serde_json::from_str::<ErrorBody>(&text).unwrap().code),
+        (StatusCode::FORBIDDEN, ErrorCode::AuthKeyUsed)
+    );
+    let (status, _) = call(&app, "GET", "/api/v1/netmap?since=0", Some(&node_auth(&first)), "").await;
+    assert_eq!(status, StatusCode::OK, "the first credential still works");
 }

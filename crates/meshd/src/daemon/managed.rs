@@ -139,6 +139,7 @@ impl Daemon {
             }
         };
         let node_key = config::base64_key(&self.dataplane.public_key());
+        let private_key = self.private_key;
         let m = self.managed_mut();
         m.generation += 1;
         let follow = Follow {
@@ -147,6 +148,7 @@ impl Daemon {
             identity: m.identity.clone(),
             auth_key: m.auth_key.clone(),
             node_key,
+            node_private: follow::NodePrivate(private_key),
             hostname: host_name(&m.prefs),
             advertise_routes: m.prefs.advertised_prefixes(),
             tags: m.prefs.advertise_tags.clone(),

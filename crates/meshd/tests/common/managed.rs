@@ -8,6 +8,26 @@ use mesh_netns::{Lab, make_certificates, stdout, wait_until};
 
 use super::MESHD;
 
+/// A registration body as node `node` (private key `[node; 32]`) sends it, signed for the server whose
+/// `GET /api/v1/server-key` answer is `server_key_json` (the tests that speak the API without `meshd up`).
+pub fn signed_registration(server_key_json: &str, auth_key: &str, node: u8, hostname: &str, routes: &[&str]) -> String {
+    use mesh_proto::proof;
+    let server: mesh_proto::ServerKey = serde_json::from_str(server_key_json).expect("a server key");
+    let private = [node; 32];
+    let mut request = mesh_proto::RegisterRequest {
+        version: mesh_proto::VERSION,
+        auth_key: auth_key.into(),
+        node_key: proof::encode_key(&proof::public_key(&private)),
+        hostname: hostname.into(),
+        advertise_routes: routes.iter().map(|r| r.parse().expect("a prefix")).collect(),
+        tags: Vec::new(),
+        timestamp_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64,
+        proof: String::new(),
+    };
+    proof::sign(&mut request, &private, &proof::decode_key(&server.public_key).expect("base64 key"));
+    serde_json::to_string(&request).unwrap()
+}
+
 /// Waits until the `meshd control serve` process `p` listens, or fails the test with its log.
 pub fn wait_for_server(lab: &mut Lab, p: usize) {
     assert!(
