@@ -278,7 +278,11 @@ fn sanitize(hostname: &str) -> String {
 impl Control {
     /// Opens (creating and migrating as needed) the database at `path`.
     pub fn open(path: &Path, policy: Policy, domain: &str) -> Result<Self, ControlError> {
-        Self::with_connection(Connection::open(path)?, policy, domain)
+        let db = Connection::open(path)?;
+        // WAL: a write is one append and readers never wait for it. FULL: a credential handed out survives a
+        // power cut, or its node would be refused as unknown with nothing to fix it.
+        db.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;")?;
+        Self::with_connection(db, policy, domain)
     }
 
     pub fn in_memory(policy: Policy, domain: &str) -> Result<Self, ControlError> {

@@ -1,16 +1,19 @@
-//! Serving the API: HTTPS with rustls, or plain HTTP when the operator asks for it explicitly.
+//! Serving the API: HTTPS with rustls, or plain HTTP when the operator asks for it explicitly. Built to
+//! outlive floods: accept errors (a full descriptor table, say) are logged and survived, a connection cap
+//! stops accepting rather than failing, and every stage a client could stall has a deadline.
 
-use std::io;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 
@@ -34,21 +37,68 @@ pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> 
     Ok(Arc::new(config))
 }
 
-/// Accepts connections forever, each served on its own task; a failed TLS handshake ends only that
-/// connection.
-pub async fn serve(listener: TcpListener, app: Router, tls: Option<Arc<ServerConfig>>) -> io::Result<()> {
+/// How much the server gives any one client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections; past it the server stops accepting until one closes (the kernel's backlog holds
+    /// the rest), instead of running out of descriptors.
+    pub max_connections: usize,
+    /// From accept to a finished TLS handshake.
+    pub handshake: Duration,
+    /// For a request's headers to arrive, also on an idle keep-alive connection: a connection that sends
+    /// nothing is closed after this.
+    pub headers: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_connections: 16_384, handshake: Duration::from_secs(10), headers: Duration::from_secs(30) }
+    }
+}
+
+/// How long to wait after a failed accept before the next: long enough that a full descriptor table
+/// does not turn the loop into a busy spin, short enough that service resumes as soon as one frees.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
+
+/// Accepts connections until the future is dropped, each served on its own task.
+pub async fn serve(listener: TcpListener, app: Router, tls: Option<Arc<ServerConfig>>, limits: Limits) {
     let acceptor = tls.map(TlsAcceptor::from);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    // HTTP/1 only: the automatic builder otherwise first reads to tell HTTP/2 from HTTP/1, a read with no
+    // deadline, so a connection that never sends a byte would be held forever.
+    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.headers);
+    let builder = Arc::new(builder);
+    let mut failures: u64 = 0;
     loop {
-        let (tcp, peer) = listener.accept().await?;
-        let (app, acceptor) = (app.clone(), acceptor.clone());
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // EMFILE, ENFILE, ENOBUFS, ECONNABORTED: all pass. Logged at the first and then every
+                // thousandth, so a flood does not also flood the log.
+                failures += 1;
+                if failures % 1000 == 1 {
+                    tracing::warn!(error = %e, failures, "accepting a connection failed; still serving");
+                }
+                drop(slot);
+                tokio::time::sleep(ACCEPT_PAUSE).await;
+                continue;
+            }
+        };
+        let (app, acceptor, builder) = (app.clone(), acceptor.clone(), builder.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let service = TowerToHyperService::new(app);
-            let builder = Builder::new(TokioExecutor::new());
             let result = match acceptor {
-                Some(acceptor) => match acceptor.accept(tcp).await {
-                    Ok(stream) => builder.serve_connection(TokioIo::new(stream), service).await,
-                    Err(e) => {
+                Some(acceptor) => match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => builder.serve_connection(TokioIo::new(stream), service).await,
+                    Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
                         return;
                     }
                 },
@@ -58,5 +108,68 @@ pub async fn serve(listener: TcpListener, app: Router, tls: Option<Arc<ServerCon
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    async fn server(limits: Limits) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let app = Router::new().route("/", get(|| async { "ok" }));
+        tokio::spawn(serve(listener, app, None, limits));
+        address
+    }
+
+    async fn get_ok(address: std::net::SocketAddr) -> bool {
+        let Ok(Ok(mut tcp)) = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(address)).await else {
+            return false;
+        };
+        let _ = tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+        let mut answer = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(2), tcp.read_to_string(&mut answer)).await;
+        read.is_ok() && answer.starts_with("HTTP/1.1 200")
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_after_the_header_timeout() {
+        let limits = Limits { headers: Duration::from_millis(300), ..Limits::default() };
+        let address = server(limits).await;
+        let mut idle = TcpStream::connect(address).await.unwrap();
+        let start = Instant::now();
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "closed, not left open: {read:?}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(get_ok(address).await);
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_wait_and_are_served_once_one_closes() {
+        let limits = Limits { max_connections: 2, headers: Duration::from_millis(500), ..Limits::default() };
+        let address = server(limits).await;
+        let hogs = [TcpStream::connect(address).await.unwrap(), TcpStream::connect(address).await.unwrap()];
+        // Both slots are held; the third connects (the kernel's backlog) and is served once a hog is closed
+        // by the header timeout.
+        assert!(get_ok_within(address, Duration::from_secs(5)).await);
+        drop(hogs);
+    }
+
+    async fn get_ok_within(address: std::net::SocketAddr, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if get_ok(address).await {
+                return true;
+            }
+        }
+        false
     }
 }

@@ -3,13 +3,14 @@
 //! (mode 0600) for the `meshd control` verbs.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mesh_control::Control;
 use mesh_control::http::{AppState, router};
 use mesh_control::policy::Policy;
+use mesh_control::serve::Limits;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::error::Error;
@@ -46,11 +47,24 @@ fn database_path(db: Option<&str>, data_dir: &Path) -> Result<PathBuf, Error> {
     }
 }
 
-/// The admin token, made on the first start and kept 0600 in the data directory.
+/// The admin token, made on the first start and kept 0600 in the data directory. Only a missing file makes
+/// a new one: an unreadable or empty file refuses to start rather than silently replacing the token the
+/// operator's scripts hold (or, worse, accepting an empty one).
 fn admin_token(data_dir: &Path) -> Result<String, Error> {
     let path = data_dir.join("admin-token");
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        return Ok(text.trim().to_string());
+    match std::fs::read_to_string(&path) {
+        Ok(text) if text.trim().is_empty() => {
+            return Err(Error::Input(format!(
+                "{}: the admin token file is empty; delete it to have a new token made",
+                path.display()
+            )));
+        }
+        Ok(text) => {
+            check_private_file(&path)?;
+            return Ok(text.trim().to_string());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::system(&format!("reading {}", path.display()), e)),
     }
     let mut bytes = [0u8; 24];
     keys::random_bytes(&mut bytes).map_err(Error::System)?;
@@ -58,6 +72,63 @@ fn admin_token(data_dir: &Path) -> Result<String, Error> {
     keys::write_private(&path, format!("{token}\n").as_bytes()).map_err(Error::System)?;
     tracing::info!(file = %path.display(), "wrote the admin token (mode 0600)");
     Ok(token)
+}
+
+/// A secret file must be the server user's and readable by no one else; a wider one is refused, naming the
+/// fix, rather than served from.
+fn check_private_file(path: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| Error::system(&format!("reading {}", path.display()), e))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(Error::Input(format!(
+            "{} is readable or writable by others (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.mode() & 0o777
+        )));
+    }
+    if meta.uid() != rustix::process::geteuid().as_raw() {
+        return Err(Error::Input(format!(
+            "{} belongs to uid {}, not to the user the server runs as; chown it",
+            path.display(),
+            meta.uid()
+        )));
+    }
+    Ok(())
+}
+
+/// The data directory holds the database (with the server's private key) and the admin token: no one but
+/// the server's user may list or enter it, let alone replace files in it.
+fn check_data_dir(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).map_err(|e| Error::system(&format!("reading {}", dir.display()), e))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(Error::Input(format!(
+            "{}: the data directory is open to others (mode {:o}); chmod 700 it",
+            dir.display(),
+            meta.mode() & 0o777
+        )));
+    }
+    if meta.uid() != rustix::process::geteuid().as_raw() {
+        return Err(Error::Input(format!(
+            "{}: the data directory belongs to uid {}, not to the user the server runs as; chown it",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    Ok(())
+}
+
+/// Lifts the soft descriptor limit to the hard one: each connection and long poll holds a descriptor, and
+/// distributions start services at 1 024.
+fn raise_descriptor_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit { current: limit.maximum, maximum: limit.maximum };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::debug!(error = %e, "raising the descriptor limit");
+        }
+    }
 }
 
 pub async fn run(o: Options) -> Result<(), Error> {
@@ -85,10 +156,13 @@ pub async fn run(o: Options) -> Result<(), Error> {
     if !o.data_dir.exists() {
         std::fs::create_dir_all(&o.data_dir)
             .map_err(|e| Error::system(&format!("creating {}", o.data_dir.display()), e))?;
-        let _ = std::fs::set_permissions(&o.data_dir, std::fs::Permissions::from_mode(0o700));
+        std::fs::set_permissions(&o.data_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::system(&format!("narrowing {}", o.data_dir.display()), e))?;
     }
+    check_data_dir(&o.data_dir)?;
     let token = admin_token(&o.data_dir)?;
-    let control = Control::open(&db, policy, &o.domain).map_err(|e| Error::System(format!("{}: {e}", db.display())))?;
+    let control = open_database(&db, policy, &o.domain)?;
+    raise_descriptor_limit();
     let state = AppState::new(control, policy_text, &token, unix_now);
     let listener = tokio::net::TcpListener::bind(o.listen)
         .await
@@ -106,7 +180,9 @@ pub async fn run(o: Options) -> Result<(), Error> {
         let mut tick = tokio::time::interval(Duration::from_secs(30));
         loop {
             tick.tick().await;
-            match cleaner.remove_stale_ephemeral(timeout) {
+            let cleaner = cleaner.clone();
+            let removed = tokio::task::spawn_blocking(move || cleaner.remove_stale_ephemeral(timeout)).await;
+            match removed.unwrap_or(Ok(0)) {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(removed = n, "removed ephemeral nodes offline too long"),
                 Err(e) => tracing::warn!(error = %e, "removing ephemeral nodes"),
@@ -116,15 +192,78 @@ pub async fn run(o: Options) -> Result<(), Error> {
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| Error::system("SIGTERM handler", e))?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| Error::system("SIGINT handler", e))?;
     tokio::select! {
-        served = mesh_control::serve::serve(listener, router(state), tls) => served.map_err(|e| Error::system("serving", e)),
+        () = mesh_control::serve::serve(listener, router(state), tls, Limits::default()) => Ok(()),
         _ = terminate.recv() => Ok(()),
         _ = interrupt.recv() => Ok(()),
     }
 }
 
+/// Opens the database, creating it 0600: it holds the server's private key and every node's credential hash.
+fn open_database(path: &Path, policy: Policy, domain: &str) -> Result<Control, Error> {
+    if !path.exists() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| Error::system(&format!("creating {}", path.display()), e))?;
+    }
+    check_private_file(path)?;
+    let control = Control::open(path, policy, domain).map_err(|e| Error::System(format!("{}: {e}", path.display())))?;
+    // SQLite's side files (-wal, -shm, -journal) are made with the database's mode, so they are private too.
+    Ok(control)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("meshd-serve-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        dir
+    }
+
+    #[test]
+    fn an_empty_or_exposed_admin_token_refuses_to_start_and_only_a_missing_one_is_made() {
+        let dir = scratch("token");
+        let made = admin_token(&dir).unwrap();
+        assert_eq!(made.len(), 48);
+        assert_eq!(admin_token(&dir).unwrap(), made, "kept across starts");
+        let path = dir.join("admin-token");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(admin_token(&dir), Err(Error::Input(m)) if m.contains("chmod 600")));
+        std::fs::write(&path, "\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(admin_token(&dir), Err(Error::Input(m)) if m.contains("empty")));
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        assert!(matches!(admin_token(&dir), Err(Error::System(_))), "unreadable is not missing");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_data_directory_open_to_others_is_refused() {
+        let dir = scratch("datadir");
+        assert!(check_data_dir(&dir).is_ok());
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(matches!(check_data_dir(&dir), Err(Error::Input(m)) if m.contains("chmod 700")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_database_is_created_private() {
+        let dir = scratch("db");
+        let path = dir.join("control.db");
+        open_database(&path, Policy::default(), "mesh.internal").unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(open_database(&path, Policy::default(), "mesh.internal").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn database_urls() {

@@ -193,3 +193,34 @@ fn the_admin_verbs_manage_keys_nodes_routes_and_policy() {
     assert_eq!(away.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&away.stderr).contains("cannot reach the coordination server"));
 }
+
+/// Regression: an `accept()` error (here EMFILE, a descriptor table filled by idle connections) used to end
+/// `meshd control serve`. Now it is logged and survived, and the server answers once the flood is gone.
+#[test]
+fn a_flood_of_idle_connections_past_the_descriptor_limit_does_not_end_the_server() {
+    let mut lab = Lab::new("ctf");
+    let ns = lab.netns("cs");
+    let data = lab.path("control-data");
+    let args = [
+        "--nofile=64:64",
+        MESHD,
+        "control",
+        "serve",
+        "--listen",
+        "127.0.0.1:8443",
+        "--insecure-http",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let server = lab.spawn(ns, "control", "prlimit", &args, &[]);
+    common::managed::wait_for_server(&mut lab, server);
+    // 150 connections held open for 3 s by one shell (bash opens each with /dev/tcp): past 64 descriptors,
+    // within what the listen backlog queues while the server cannot accept.
+    let flood = "for i in $(seq 150); do exec {fd}<>/dev/tcp/127.0.0.1/8443 || exit 1; done; sleep 3";
+    let out = lab.ns(ns).exec("timeout", &["20", "bash", "-c", flood]);
+    assert!(out.status.success(), "the flood connected (the backlog takes what the server cannot): {out:?}");
+    assert!(lab.process(server).running(), "the server survived:\n{}", lab.process(server).log_text());
+    let (ok, text) = curl(&lab, ns, &["http://127.0.0.1:8443/api/v1/server-key"]);
+    assert!(ok && text.contains("public_key"), "it answers after the flood: {text}");
+    assert!(lab.process(server).log_text().contains("accepting a connection failed; still serving"));
+}
