@@ -66,6 +66,9 @@ const MAX_TAG_LEN: usize = 64;
 const MAX_HOSTNAME_LEN: usize = 255;
 const MAX_AUTH_KEY_LEN: usize = 128;
 
+/// How stale a node's stored last-seen time may get while it polls (see `touch`).
+pub const TOUCH_EVERY: u64 = 15;
+
 /// The mesh's IPv4 range (RFC 6598 shared address space, as Tailscale uses).
 const MESH_V4: &str = "100.64.0.0/10";
 
@@ -725,8 +728,14 @@ impl Control {
         Ok(node)
     }
 
+    /// Records that a node was seen. Coarse on purpose: a write (and its fsync) only when the stored time
+    /// is `TOUCH_EVERY` old, so a thousand nodes re-polling after every change do not cost a thousand
+    /// commits; the online window is much wider than that.
     pub fn touch(&self, node: u64, now: u64) -> Result<(), ControlError> {
-        self.db.execute("UPDATE nodes SET last_seen = ?1 WHERE id = ?2", params![now as i64, node as i64])?;
+        self.db.execute(
+            "UPDATE nodes SET last_seen = ?1 WHERE id = ?2 AND last_seen <= ?1 - ?3",
+            params![now as i64, node as i64, TOUCH_EVERY as i64],
+        )?;
         Ok(())
     }
 
@@ -858,6 +867,44 @@ impl Control {
         Ok(primary)
     }
 
+    /// Everything every netmap of this version is made of, read and serialized once: after a change every
+    /// node asks at once, and building each of a thousand netmaps from the database held the store for
+    /// seconds while registrations waited.
+    pub fn snapshot(&self, online: impl Fn(&NodeRecord) -> bool) -> Result<Snapshot, ControlError> {
+        let version = self.version()?;
+        let nodes = self.nodes()?;
+        let primaries = self.primaries()?;
+        let mut served: BTreeMap<u64, Vec<IpNet>> = BTreeMap::new();
+        for (prefix, id) in &primaries {
+            served.entry(*id).or_default().push(*prefix);
+        }
+        let mut advertised: BTreeMap<u64, Vec<(IpNet, bool)>> = BTreeMap::new();
+        let mut statement = self.db.prepare("SELECT node_id, prefix, approved FROM routes ORDER BY node_id, prefix")?;
+        let rows = statement.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?, r.get(2)?)))?;
+        for row in rows {
+            let (node, prefix, approved) = row?;
+            if let Ok(prefix) = prefix.parse() {
+                advertised.entry(node).or_default().push((prefix, approved));
+            }
+        }
+        let mut entries = BTreeMap::new();
+        for n in &nodes {
+            let peer = peer_view(n, &served, online(n));
+            let routes: Vec<RouteState> = advertised
+                .get(&n.id)
+                .into_iter()
+                .flatten()
+                .map(|(prefix, approved)| RouteState {
+                    prefix: *prefix,
+                    approved: *approved,
+                    primary: primaries.get(prefix) == Some(&n.id),
+                })
+                .collect();
+            entries.insert(n.id, SnapshotEntry { expired: n.expired, peer: to_json(&peer), routes: to_json(&routes) });
+        }
+        Ok(Snapshot { version, domain: serde_json::to_string(&self.domain).unwrap_or_default(), entries })
+    }
+
     /// The netmap of `node`, `online` deciding which nodes count as online.
     pub fn netmap(&self, node: u64, online: impl Fn(&NodeRecord) -> bool) -> Result<NetMap, ControlError> {
         let nodes = self.nodes()?;
@@ -873,22 +920,7 @@ impl Control {
         for (prefix, id) in &primaries {
             served.entry(*id).or_default().push(*prefix);
         }
-        let view = |n: &NodeRecord| {
-            let mut allowed_ips =
-                vec![IpNet::from(std::net::IpAddr::V4(n.ipv4)), IpNet::from(std::net::IpAddr::V6(n.ipv6))];
-            allowed_ips.extend(served.get(&n.id).into_iter().flatten().copied());
-            Peer {
-                node_id: n.id,
-                name: n.name.clone(),
-                node_key: n.node_key.clone(),
-                ipv4: n.ipv4,
-                ipv6: n.ipv6,
-                endpoints: n.endpoints.clone(),
-                allowed_ips,
-                online: online(n),
-                tags: n.tags.clone(),
-            }
-        };
+        let view = |n: &NodeRecord| peer_view(n, &served, online(n));
         let routes = self
             .routes_of(node)?
             .into_iter()
@@ -901,6 +933,80 @@ impl Control {
             routes,
             peers: nodes.iter().filter(|n| n.id != node && !n.expired).map(view).collect(),
         })
+    }
+}
+
+/// A node as its peers see it: its mesh addresses and the approved routes it is primary for.
+fn peer_view(n: &NodeRecord, served: &BTreeMap<u64, Vec<IpNet>>, online: bool) -> Peer {
+    let mut allowed_ips = vec![IpNet::from(std::net::IpAddr::V4(n.ipv4)), IpNet::from(std::net::IpAddr::V6(n.ipv6))];
+    allowed_ips.extend(served.get(&n.id).into_iter().flatten().copied());
+    Peer {
+        node_id: n.id,
+        name: n.name.clone(),
+        node_key: n.node_key.clone(),
+        ipv4: n.ipv4,
+        ipv6: n.ipv6,
+        endpoints: n.endpoints.clone(),
+        allowed_ips,
+        online,
+        tags: n.tags.clone(),
+    }
+}
+
+/// The parts of a netmap as serde writes them, so a spliced netmap reads as the whole one would.
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("netmap parts are plain data")
+}
+
+#[derive(Debug)]
+struct SnapshotEntry {
+    expired: bool,
+    /// The node as a peer, serialized.
+    peer: String,
+    /// Its advertised routes and what became of them, serialized.
+    routes: String,
+}
+
+/// Every node's part of the netmaps of one version, serialized once (see `Control::snapshot`).
+#[derive(Debug)]
+pub struct Snapshot {
+    version: u64,
+    domain: String,
+    entries: BTreeMap<u64, SnapshotEntry>,
+}
+
+impl Snapshot {
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// `node`'s netmap as JSON, the same document `Control::netmap` serializes to: its own entry, and
+    /// every other live node's as a peer.
+    pub fn netmap_json(&self, node: u64) -> Result<String, ControlError> {
+        let me = self.entries.get(&node).ok_or_else(|| ControlError::new(ErrorCode::Unauthorized, "unknown node"))?;
+        if me.expired {
+            return Err(ControlError::new(ErrorCode::NodeExpired, "this node has expired"));
+        }
+        let size: usize = self.entries.values().map(|e| e.peer.len() + 1).sum();
+        let mut out = String::with_capacity(size + me.routes.len() + 128);
+        out.push_str(&format!("{{\"version\":{},\"domain\":{},\"node\":", self.version, self.domain));
+        out.push_str(&me.peer);
+        out.push_str(",\"routes\":");
+        out.push_str(&me.routes);
+        out.push_str(",\"peers\":[");
+        let mut first = true;
+        for (id, entry) in &self.entries {
+            if *id == node || entry.expired {
+                continue;
+            }
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            out.push_str(&entry.peer);
+        }
+        out.push_str("]}");
+        Ok(out)
     }
 }
 

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::control::{AdvertisedRoute, AuthKeyOptions, Control, ControlError};
+use crate::control::{AdvertisedRoute, AuthKeyOptions, Control, ControlError, Snapshot};
 use crate::limits::WriteLimiter;
 use crate::policy::Policy;
 
@@ -44,6 +44,8 @@ pub struct AppState {
     clock: fn() -> u64,
     polls: Mutex<HashMap<u64, usize>>,
     writes: Mutex<WriteLimiter<u64>>,
+    /// The latest snapshot and the second it was made in (online flags age with the clock).
+    snapshot: tokio::sync::Mutex<Option<(u64, Arc<Snapshot>)>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -64,7 +66,25 @@ impl AppState {
             clock,
             polls: Mutex::new(HashMap::new()),
             writes: Mutex::new(WriteLimiter::default()),
+            snapshot: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// The snapshot every netmap of the current version is spliced from: made by the first poll that
+    /// needs it while the others wait for it, so a change costs one read of the store, not one per node.
+    async fn snapshot(self: &Arc<Self>) -> Result<Arc<Snapshot>, ApiError> {
+        let mut cached = self.snapshot.lock().await;
+        let (now, version) = ((self.clock)(), *self.version.borrow());
+        if let Some((at, snapshot)) = cached.as_ref()
+            && *at == now
+            && snapshot.version() >= version
+        {
+            return Ok(snapshot.clone());
+        }
+        let snapshot =
+            Arc::new(blocking(self, |c, now| c.snapshot(|n| now.saturating_sub(n.last_seen) < ONLINE_WINDOW)).await?);
+        *cached = Some((now, snapshot.clone()));
+        Ok(snapshot)
     }
 
     fn control(&self) -> MutexGuard<'_, Control> {
@@ -279,7 +299,7 @@ async fn netmap(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Query(Since { since }): Query<Since>,
-) -> ApiResult<mesh_proto::NetMap> {
+) -> Result<Response, ApiError> {
     let node = require_node(&state, &headers).await?;
     let Some(_slot) = PollSlot::take(&state, node) else {
         return Err(ApiError::new(
@@ -294,9 +314,8 @@ async fn netmap(
         // Wait for the next change, or answer with what there is when the poll times out.
         let _ = tokio::time::timeout(LONG_POLL, versions.wait_for(|v| *v > since)).await;
     }
-    let map =
-        blocking(&state, move |c, now| c.netmap(node, |n| now.saturating_sub(n.last_seen) < ONLINE_WINDOW)).await?;
-    Ok(Json(map))
+    let netmap = state.snapshot().await?.netmap_json(node)?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], netmap).into_response())
 }
 
 async fn endpoints(

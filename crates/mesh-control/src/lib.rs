@@ -9,4 +9,4 @@ mod limits;
 pub mod policy;
 pub mod serve;
 
-pub use control::{AdvertisedRoute, AuthKey, AuthKeyOptions, Control, ControlError, NodeRecord};
+pub use control::{AdvertisedRoute, AuthKey, AuthKeyOptions, Control, ControlError, NodeRecord, Snapshot};

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 use std::fs;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -210,6 +211,21 @@ impl Netns {
         // forwards only where its test says so.
         ns.exec_ok("sysctl", &["-qw", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0"]);
         ns
+    }
+
+    /// Moves the calling thread into this network namespace, so the sockets it (and every thread it
+    /// starts, such as an async runtime's workers) opens from now on are the namespace's. For load
+    /// generators that would cost too much as one process per connection; use it on a thread of its own.
+    pub fn enter_on_this_thread(&self) {
+        let path = format!("/run/netns/{}", self.name);
+        let fd = rustix::fs::open(
+            path.as_str(),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+        rustix::thread::move_into_link_name_space(fd.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))
+            .unwrap_or_else(|e| panic!("entering {}: {e}", self.name));
     }
 
     /// `program args` inside the namespace, with the lab's environment.

@@ -420,3 +420,25 @@ fn storage_faults_are_internal_and_say_nothing_of_storage() {
     assert_eq!(error.code, ErrorCode::Internal);
     assert!(!error.message.contains("routes") && !error.message.contains("table"), "{}", error.message);
 }
+
+#[test]
+fn a_netmap_spliced_from_the_snapshot_reads_as_the_one_built_for_the_node() {
+    let c = control(r#"{"autoApprovers": {"routes": {"10.0.0.0/8": ["tag:router"]}}}"#);
+    let options = AuthKeyOptions { reusable: true, tags: vec!["tag:router".into()], ..Default::default() };
+    let (_, key) = c.create_auth_key(&options, NOW).unwrap();
+    let mut router = request(&key, 1, "router");
+    router.advertise_routes = vec![net("10.1.0.0/16"), net("192.168.0.0/24")];
+    let r = join(&c, &router, NOW).unwrap();
+    let a = join(&c, &request(&key, 2, "a"), NOW).unwrap();
+    let b = join(&c, &request(&key, 3, "b"), NOW).unwrap();
+    c.set_endpoints(a.node_id, &endpoints(&["198.18.0.7:41641"])).unwrap();
+    c.expire_node(b.node_id).unwrap();
+    let online = |n: &NodeRecord| n.id != a.node_id;
+    let snapshot = c.snapshot(online).unwrap();
+    for id in [r.node_id, a.node_id] {
+        let spliced: NetMap = serde_json::from_str(&snapshot.netmap_json(id).unwrap()).unwrap();
+        assert_eq!(spliced, c.netmap(id, online).unwrap());
+    }
+    assert_eq!(snapshot.netmap_json(b.node_id).unwrap_err().code, ErrorCode::NodeExpired);
+    assert_eq!(snapshot.netmap_json(99).unwrap_err().code, ErrorCode::Unauthorized);
+}
