@@ -78,6 +78,7 @@ fn decode_key(text: &str) -> Option<Key> {
 /// already has is skipped and reported, never configured twice.
 pub fn peers(map: &NetMap, accept: &AcceptRoutes, persistent_keepalive: Option<u16>) -> Peers {
     let mut out = Peers::default();
+    let mesh_ula = mesh_ula_of(map);
     let mut seen: HashSet<Key> = decode_key(&map.node.node_key).into_iter().collect();
     let mesh_addresses =
         |p: &mesh_proto::Peer| [IpNet::from(std::net::IpAddr::V4(p.ipv4)), IpNet::from(std::net::IpAddr::V6(p.ipv6))];
@@ -87,13 +88,24 @@ pub fn peers(map: &NetMap, accept: &AcceptRoutes, persistent_keepalive: Option<u
             out.skipped.push(skip("its node key is not a base64 WireGuard key"));
             continue;
         };
+        if !MESH_V4.contains(&peer.ipv4) || !mesh_ula.is_some_and(|ula| ula.contains(&peer.ipv6)) {
+            // A server that hands out 169.254.169.254 or a LAN address as a peer's mesh address would route
+            // it into the mesh on every node, whatever --accept-routes says.
+            out.skipped
+                .push(skip("its mesh addresses are outside the mesh's ranges (100.64.0.0/10 and the mesh's ULA)"));
+            continue;
+        }
         if !seen.insert(key) {
             out.skipped.push(skip("its node key is this node's or an earlier peer's"));
             continue;
         }
         let own = mesh_addresses(peer);
         let mut allowed_ips: Vec<IpNet> = own.to_vec();
-        allowed_ips.extend(peer.allowed_ips.iter().filter(|p| !own.contains(p) && accept.accepts(p)).copied());
+        // A default route is an exit node, which takes an explicit opt-in this node has no way to give yet;
+        // as an ordinary subnet route it would carry all of the host's traffic into the mesh.
+        allowed_ips.extend(
+            peer.allowed_ips.iter().filter(|p| !own.contains(p) && p.prefix_len() != 0 && accept.accepts(p)).copied(),
+        );
         out.specs.push(PeerSpec {
             public_key: key,
             preshared_key: None,
@@ -103,6 +115,24 @@ pub fn peers(map: &NetMap, accept: &AcceptRoutes, persistent_keepalive: Option<u
         });
     }
     out
+}
+
+/// The mesh's IPv4 range (RFC 6598 shared address space).
+pub const MESH_V4: ipnet::Ipv4Net = match ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(100, 64, 0, 0), 10) {
+    Ok(net) => net,
+    Err(_) => panic!("a /10 is a valid prefix"),
+};
+
+/// The mesh's IPv6 range: the ULA /48 this node's own address is in, if that address is a ULA.
+fn mesh_ula_of(map: &NetMap) -> Option<ipnet::Ipv6Net> {
+    let ula: ipnet::Ipv6Net = "fc00::/7".parse().expect("a literal prefix");
+    ula.contains(&map.node.ipv6).then(|| ipnet::Ipv6Net::new(map.node.ipv6, 48).expect("a /48").trunc())
+}
+
+/// Whether this node's own addresses in `map` are mesh addresses; a netmap that would give this node a
+/// host or LAN address is refused whole.
+pub fn own_addresses_in_mesh(map: &NetMap) -> bool {
+    MESH_V4.contains(&map.node.ipv4) && mesh_ula_of(map).is_some()
 }
 
 /// The advertised routes this node may forward to: the approved ones. An unapproved route is never served,
@@ -173,6 +203,28 @@ mod tests {
         assert_eq!(all.specs[0].public_key, [2; 32]);
         assert_eq!(all.specs.len(), 2);
         assert!(all.skipped.is_empty());
+    }
+
+    #[test]
+    fn a_malicious_server_cannot_route_host_addresses_or_everything_into_the_mesh() {
+        let mut metadata = peer(2, key_text(2), &[]);
+        metadata.ipv4 = "169.254.169.254".parse().unwrap();
+        let mut lan_v6 = peer(3, key_text(3), &[]);
+        lan_v6.ipv6 = "2001:470::1".parse().unwrap();
+        let mut other_ula = peer(4, key_text(4), &[]);
+        other_ula.ipv6 = "fd00:bad::4".parse().unwrap();
+        let default_routes = peer(5, key_text(5), &["0.0.0.0/0", "::/0", "10.5.0.0/16"]);
+        let m = map(vec![metadata, lan_v6, other_ula, default_routes]);
+        let all = peers(&m, &AcceptRoutes::All, None);
+        assert_eq!(all.skipped.iter().map(|s| s.node_id).collect::<Vec<_>>(), [2, 3, 4], "refused and counted");
+        assert_eq!(allowed(&all, 0), ["100.64.0.5/32", "fd7a:1::5/128", "10.5.0.0/16"], "no default route");
+        assert!(own_addresses_in_mesh(&m));
+        let mut hijacked = m.clone();
+        hijacked.node.ipv4 = "192.168.1.1".parse().unwrap();
+        assert!(!own_addresses_in_mesh(&hijacked));
+        let mut no_ula = m;
+        no_ula.node.ipv6 = "2001:470::1".parse().unwrap();
+        assert!(!own_addresses_in_mesh(&no_ula));
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::error::Error;
+use crate::follow::escape_controls;
 use crate::local_api::{self, PingReply, Status, UpReply, UpRequest};
 use mesh_dataplane::netmap::AcceptRoutes;
 
@@ -137,7 +138,7 @@ async fn execute(socket: &PathBuf, verb: Verb) -> Result<String, Error> {
             };
             let body = serde_json::to_string(&up).map_err(|e| Error::System(e.to_string()))?;
             let reply: UpReply = parse(&request(socket, "POST", "/v1/up", Some(body)).await?)?;
-            eprintln!("meshd: connected as {} ({}, {})", reply.name, reply.ipv4, reply.ipv6);
+            eprintln!("meshd: connected as {} ({}, {})", escape_controls(&reply.name), reply.ipv4, reply.ipv6);
             Ok(reply.ipv4.to_string())
         }
         Verb::Set(prefs) => {
@@ -181,7 +182,7 @@ async fn execute(socket: &PathBuf, verb: Verb) -> Result<String, Error> {
             let reply: PingReply = parse(&request(socket, "POST", "/v1/ping", Some(body)).await?)?;
             Ok(format!(
                 "pong from {} ({}) through the tunnel in {:.2} ms",
-                reply.name,
+                escape_controls(&reply.name),
                 reply.ip,
                 reply.rtt_us as f64 / 1000.0
             ))
@@ -206,8 +207,8 @@ fn format_status(status: &Status) -> String {
                 "{:<16} {:<24} {}.{}  this node ({}), port {}\n",
                 node.ipv4.map_or_else(none, |a| a.to_string()),
                 node.ipv6.map_or_else(none, |a| a.to_string()),
-                node.name,
-                node.domain,
+                escape_controls(&node.name),
+                escape_controls(&node.domain),
                 status.state,
                 node.listen_port
             ));
@@ -223,7 +224,7 @@ fn format_status(status: &Status) -> String {
         None => out.push_str(&format!("this node: {}\n", status.state)),
     }
     if let Some(message) = &status.message {
-        out.push_str(&format!("  {message}\n"));
+        out.push_str(&format!("  {}\n", escape_controls(message)));
     }
     for p in &status.peers {
         let online = match p.online {
@@ -236,7 +237,7 @@ fn format_status(status: &Status) -> String {
             "{:<16} {:<24} {:<20} {:<8} {:<22} {}, rx {}, tx {}{}\n",
             p.ipv4.map_or_else(none, |a| a.to_string()),
             p.ipv6.map_or_else(none, |a| a.to_string()),
-            p.name,
+            escape_controls(&p.name),
             online,
             p.endpoint.map_or_else(none, |e| e.to_string()),
             handshake,

@@ -93,6 +93,12 @@ pub(super) async fn setup(options: &Options) -> Result<Setup, Error> {
     })
 }
 
+/// The identity to present to `control_url`: only one that server issued. A credential never goes to
+/// another URL, which `set --control-url` would otherwise hand the old server's credential to.
+fn identity_for(identity: Option<&Identity>, control_url: &str) -> Option<Identity> {
+    identity.filter(|i| i.control_url == control_url).cloned()
+}
+
 fn host_name(prefs: &Prefs) -> String {
     prefs.hostname.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
@@ -145,7 +151,7 @@ impl Daemon {
         let follow = Follow {
             control_url: m.prefs.control_url.clone(),
             ca_cert: m.prefs.ca_cert.clone(),
-            identity: m.identity.clone(),
+            identity: identity_for(m.identity.as_ref(), &m.prefs.control_url),
             auth_key: m.auth_key.clone(),
             node_key,
             node_private: follow::NodePrivate(private_key),
@@ -201,10 +207,22 @@ impl Daemon {
     /// Configures the node from a netmap: its mesh addresses, its peers and the routes it accepts from them,
     /// the approved routes it serves. Unchanged peers keep their sessions.
     async fn apply_netmap(&mut self, map: NetMap) {
+        if !netmap::own_addresses_in_mesh(&map) {
+            // Taking it would put a host or LAN address on the TUN device and route it into the mesh.
+            let message = format!(
+                "the coordination server gave this node {} and {}, outside the mesh's ranges; the netmap was \
+                 refused and the last good one stays",
+                map.node.ipv4, map.node.ipv6
+            );
+            tracing::error!("{message}");
+            self.managed_mut().trouble = Some(message);
+            return;
+        }
         let m = self.managed.as_ref().expect("managed");
         let peers = netmap::peers(&map, &m.prefs.accept_routes, None);
         for skipped in &peers.skipped {
-            tracing::warn!(peer = %skipped.name, node_id = skipped.node_id, "not configured: {}", skipped.reason);
+            let name = crate::follow::escape_controls(&skipped.name);
+            tracing::warn!(peer = %name, node_id = skipped.node_id, "not configured: {}", skipped.reason);
         }
         let mut wanted = self.dataplane.config().clone();
         wanted.served = served_now(&m.prefs, Some(&map));
@@ -579,4 +597,22 @@ fn answer_after<T: Send + 'static>(pending: Option<Pending>, reply: oneshot::Sen
         };
         let _ = reply.send(result);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_changed_control_url_never_gets_the_old_servers_credential() {
+        let identity = Identity {
+            control_url: "https://old.example".into(),
+            node_id: 3,
+            name: "router".into(),
+            credential: "secret".into(),
+        };
+        assert!(identity_for(Some(&identity), "https://evil.example").is_none());
+        assert_eq!(identity_for(Some(&identity), "https://old.example").map(|i| i.node_id), Some(3));
+        assert!(identity_for(None, "https://old.example").is_none());
+    }
 }
