@@ -56,6 +56,20 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE nodes ADD COLUMN registered_at_ms INTEGER NOT NULL DEFAULT 0;
 ",
+    // The policy is state: every version kept with who set it. A node's tags from its key are kept apart
+    // from those it asked for, so a narrower policy can take back only what it granted (tags a node had
+    // before this migration count as its key's); likewise approvals the policy made, not an admin.
+    "
+    CREATE TABLE policies (
+        version INTEGER PRIMARY KEY,
+        text TEXT NOT NULL,
+        set_by TEXT NOT NULL,
+        set_at INTEGER NOT NULL
+    );
+    ALTER TABLE nodes ADD COLUMN key_tags TEXT NOT NULL DEFAULT '';
+    UPDATE nodes SET key_tags = tags;
+    ALTER TABLE routes ADD COLUMN auto_approved INTEGER NOT NULL DEFAULT 0;
+",
 ];
 
 /// Bounds on what one node may hand the server, so no registration can grow every netmap past what nodes
@@ -165,6 +179,23 @@ pub struct NodeRecord {
     pub last_seen: u64,
     /// Where the node's WireGuard socket can be reached, as it last reported.
     pub endpoints: Vec<SocketAddr>,
+}
+
+/// A policy as stored: its text, version, and who set it when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPolicy {
+    pub version: u64,
+    pub text: String,
+    pub set_by: String,
+    pub set_at: u64,
+}
+
+/// What setting a policy took back (`node: tag`, `node: prefix`), for the log and the admin's answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PolicyChange {
+    pub version: u64,
+    pub tags_revoked: Vec<String>,
+    pub approvals_revoked: Vec<String>,
 }
 
 /// The coordination server's state.
@@ -280,12 +311,17 @@ fn sanitize(hostname: &str) -> String {
 
 impl Control {
     /// Opens (creating and migrating as needed) the database at `path`.
-    pub fn open(path: &Path, policy: Policy, domain: &str) -> Result<Self, ControlError> {
+    /// Opens the store with the policy it holds (an empty one if none was ever set).
+    pub fn open(path: &Path, domain: &str) -> Result<Self, ControlError> {
         let db = Connection::open(path)?;
         // WAL: a write is one append and readers never wait for it. FULL: a credential handed out survives a
         // power cut, or its node would be refused as unknown with nothing to fix it.
         db.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;")?;
-        Self::with_connection(db, policy, domain)
+        let mut control = Self::with_connection(db, Policy::default(), domain)?;
+        if let Some(stored) = control.stored_policy()? {
+            control.policy = Policy::parse(&stored.text).map_err(|_| ControlError::damaged("an unreadable policy"))?;
+        }
+        Ok(control)
     }
 
     pub fn in_memory(policy: Policy, domain: &str) -> Result<Self, ControlError> {
@@ -374,10 +410,81 @@ impl Control {
         Ok(proof::encode_key(&proof::public_key(&self.server_private()?)))
     }
 
-    pub fn set_policy(&mut self, policy: Policy) -> Result<(), ControlError> {
+    /// The policy in force as it was written, with its version and who set it; `None` before any was set.
+    pub fn stored_policy(&self) -> Result<Option<StoredPolicy>, ControlError> {
+        Ok(self
+            .db
+            .query_row("SELECT version, text, set_by, set_at FROM policies ORDER BY version DESC LIMIT 1", [], |r| {
+                Ok(StoredPolicy {
+                    version: r.get::<_, i64>(0)? as u64,
+                    text: r.get(1)?,
+                    set_by: r.get(2)?,
+                    set_at: r.get::<_, i64>(3)? as u64,
+                })
+            })
+            .optional()?)
+    }
+
+    /// Replaces the policy (refused whole if it does not parse) and stores it as a new version. What the
+    /// old policy granted and the new one does not is taken back at once: tags a node asked for that its
+    /// key may no longer apply, and route approvals the old autoApprovers made.
+    pub fn set_policy(&mut self, text: &str, set_by: &str, now: u64) -> Result<PolicyChange, ControlError> {
+        let policy = Policy::parse(text).map_err(|e| ControlError::bad(e.0))?;
+        let tx = self.db.unchecked_transaction()?;
+        let version: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) + 1 FROM policies", [], |r| r.get(0))?;
+        tx.execute(
+            "INSERT INTO policies (version, text, set_by, set_at) VALUES (?1, ?2, ?3, ?4)",
+            params![version, text, set_by, now as i64],
+        )?;
+        let mut change = PolicyChange { version: version as u64, ..PolicyChange::default() };
+        let mut tags_now: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        {
+            let mut statement = tx.prepare("SELECT id, name, tags, key_tags FROM nodes")?;
+            let rows = statement.query_map([], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+            })?;
+            for row in rows {
+                let (id, name, tags, key_tags) = row?;
+                let (tags, key_tags) = (split(&tags), split(&key_tags));
+                let kept: Vec<String> =
+                    tags.iter().filter(|t| key_tags.contains(t) || policy.may_apply(&key_tags, t)).cloned().collect();
+                for lost in tags.iter().filter(|t| !kept.contains(t)) {
+                    change.tags_revoked.push(format!("{name}: {lost}"));
+                }
+                tags_now.insert(id, kept);
+            }
+        }
+        for (id, tags) in &tags_now {
+            tx.execute("UPDATE nodes SET tags = ?1 WHERE id = ?2 AND tags <> ?1", params![join(tags), *id as i64])?;
+        }
+        {
+            let mut statement = tx.prepare(
+                "SELECT r.node_id, n.name, r.prefix FROM routes r JOIN nodes n ON n.id = r.node_id WHERE r.auto_approved",
+            )?;
+            let rows = statement
+                .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?;
+            let mut revoke = Vec::new();
+            for row in rows {
+                let (node, name, prefix) = row?;
+                let still = prefix.parse().is_ok_and(|p| {
+                    policy.auto_approves(&p, tags_now.get(&node).map(Vec::as_slice).unwrap_or_default())
+                });
+                if !still {
+                    revoke.push((node, prefix.clone()));
+                    change.approvals_revoked.push(format!("{name}: {prefix}"));
+                }
+            }
+            for (node, prefix) in revoke {
+                tx.execute(
+                    "UPDATE routes SET approved = 0, auto_approved = 0 WHERE node_id = ?1 AND prefix = ?2",
+                    params![node as i64, prefix],
+                )?;
+            }
+        }
+        tx.commit()?;
         self.policy = policy;
         self.bump()?;
-        Ok(())
+        Ok(change)
     }
 
     pub fn policy(&self) -> &Policy {
@@ -509,9 +616,10 @@ impl Control {
             Some(node) => {
                 // Strictly newer than the last registration: a recorded request, even a fresh one, is spent.
                 let changed = tx.execute(
-                    "UPDATE nodes SET credential_hash = ?1, tags = ?2, expired = 0, last_seen = ?3, registered_at_ms = ?5
+                    "UPDATE nodes SET credential_hash = ?1, tags = ?2, expired = 0, last_seen = ?3, registered_at_ms = ?5,
+                                      key_tags = ?6
                      WHERE id = ?4 AND registered_at_ms < ?5",
-                    params![sha256_hex(&credential), join(&tags), now as i64, node.id as i64, timestamp],
+                    params![sha256_hex(&credential), join(&tags), now as i64, node.id as i64, timestamp, join(&key.tags)],
                 )?;
                 if changed == 0 {
                     return Err(ControlError::new(ErrorCode::BadProof, "this registration was already used"));
@@ -524,9 +632,9 @@ impl Control {
                 let id = self.next_node_id()?;
                 tx.execute(
                     "INSERT INTO nodes (id, node_key, name, ipv4, ipv6, tags, credential_hash, ephemeral, last_seen, created_at,
-                                        registered_at_ms)
-                     VALUES (?9, ?1, ?2, ?3, '::', ?4, ?5, ?6, ?7, ?7, ?8)",
-                    params![request.node_key, name, ipv4.to_string(), join(&tags), sha256_hex(&credential), key.ephemeral, now as i64, timestamp, id as i64],
+                                        registered_at_ms, key_tags)
+                     VALUES (?9, ?1, ?2, ?3, '::', ?4, ?5, ?6, ?7, ?7, ?8, ?10)",
+                    params![request.node_key, name, ipv4.to_string(), join(&tags), sha256_hex(&credential), key.ephemeral, now as i64, timestamp, id as i64, join(&key.tags)],
                 )?;
                 let ipv6 = self.ipv6_for(id)?;
                 tx.execute("UPDATE nodes SET ipv6 = ?1 WHERE id = ?2", params![ipv6.to_string(), id as i64])?;
@@ -575,8 +683,12 @@ impl Control {
         for prefix in advertised.iter().map(IpNet::trunc) {
             let auto = self.policy.auto_approves(&prefix, tags);
             self.db.execute(
-                "INSERT INTO routes (node_id, prefix, approved) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (node_id, prefix) DO UPDATE SET approved = (routes.approved OR excluded.approved)",
+                "INSERT INTO routes (node_id, prefix, approved, auto_approved) VALUES (?1, ?2, ?3, ?3)
+                 ON CONFLICT (node_id, prefix) DO UPDATE SET
+                     approved = CASE WHEN routes.approved AND NOT routes.auto_approved THEN 1
+                                     ELSE excluded.approved END,
+                     auto_approved = CASE WHEN routes.approved AND NOT routes.auto_approved THEN 0
+                                          ELSE excluded.auto_approved END",
                 params![node as i64, prefix.to_string(), auto],
             )?;
         }
@@ -614,7 +726,7 @@ impl Control {
     /// Approves (or, with `approved = false`, rejects) a node's advertised route.
     pub fn set_route_approval(&self, node: u64, prefix: IpNet, approved: bool) -> Result<bool, ControlError> {
         let changed = self.db.execute(
-            "UPDATE routes SET approved = ?1 WHERE node_id = ?2 AND prefix = ?3 AND approved <> ?1",
+            "UPDATE routes SET approved = ?1, auto_approved = 0 WHERE node_id = ?2 AND prefix = ?3 AND approved <> ?1",
             params![approved, node as i64, prefix.trunc().to_string()],
         )? == 1;
         if changed {

@@ -38,7 +38,6 @@ const MAX_POLICY_BODY: usize = 1024 * 1024;
 
 pub struct AppState {
     control: Mutex<Control>,
-    policy_text: Mutex<String>,
     admin_hash: String,
     version: watch::Sender<u64>,
     clock: fn() -> u64,
@@ -56,11 +55,10 @@ impl std::fmt::Debug for AppState {
 
 impl AppState {
     /// `admin_token` is kept only as a hash; `clock` gives Unix seconds (tests pass their own).
-    pub fn new(control: Control, policy_text: String, admin_token: &str, clock: fn() -> u64) -> Arc<Self> {
+    pub fn new(control: Control, admin_token: &str, clock: fn() -> u64) -> Arc<Self> {
         let version = control.version().unwrap_or(1);
         Arc::new(Self {
             control: Mutex::new(control),
-            policy_text: Mutex::new(policy_text),
             admin_hash: hash(admin_token),
             version: watch::channel(version).0,
             clock,
@@ -561,21 +559,23 @@ async fn set_route(
 
 async fn get_policy(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<String, ApiError> {
     require_admin(&state, &headers)?;
-    Ok(lock(&state.policy_text).clone())
+    let stored = blocking(&state, |c, _| c.stored_policy()).await?;
+    Ok(stored.map_or_else(|| "{}".to_string(), |p| p.text))
 }
 
+/// Replaces the policy; answers with its version and what the change took back.
 async fn set_policy(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: String,
-) -> Result<StatusCode, ApiError> {
+) -> ApiResult<crate::PolicyChange> {
     require_admin(&state, &headers)?;
-    let policy =
-        Policy::parse(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.0))?;
-    blocking(&state, move |c, _| c.set_policy(policy)).await?;
-    *lock(&state.policy_text) = body;
+    let change = blocking(&state, move |c, now| c.set_policy(&body, "admin API", now)).await?;
+    for revoked in change.tags_revoked.iter().chain(&change.approvals_revoked) {
+        tracing::info!(version = change.version, "the new policy took back {revoked}");
+    }
     state.changed();
-    Ok(StatusCode::NO_CONTENT)
+    Ok(Json(change))
 }
 
 async fn check_policy(

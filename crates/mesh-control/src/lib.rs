@@ -9,4 +9,6 @@ mod limits;
 pub mod policy;
 pub mod serve;
 
-pub use control::{AdvertisedRoute, AuthKey, AuthKeyOptions, Control, ControlError, NodeRecord, Snapshot};
+pub use control::{
+    AdvertisedRoute, AuthKey, AuthKeyOptions, Control, ControlError, NodeRecord, PolicyChange, Snapshot, StoredPolicy,
+};

@@ -239,7 +239,15 @@ fn execute(c: &Connection, verb: Verb) -> Result<String, Error> {
         }
         Verb::PolicySet(path) => {
             let text = std::fs::read_to_string(&path).map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
-            call(c, "PUT", "policy", Some(text)).map(|_| "policy set".into())
+            let change = json(&call(c, "PUT", "policy", Some(text))?)?;
+            let mut out = format!("policy set (version {})", change["version"]);
+            for (key, what) in [("tags_revoked", "tag taken back"), ("approvals_revoked", "route approval taken back")]
+            {
+                for item in change[key].as_array().into_iter().flatten() {
+                    out.push_str(&format!("\n  {what}: {}", escape_controls(item.as_str().unwrap_or(""))));
+                }
+            }
+            Ok(out)
         }
         Verb::PolicyCheck(path) => {
             let text = std::fs::read_to_string(&path).map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;

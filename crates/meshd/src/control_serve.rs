@@ -145,14 +145,15 @@ pub async fn run(o: Options) -> Result<(), Error> {
         }
     };
     let db = database_path(o.db.as_deref(), &o.data_dir)?;
-    let policy_text = match &o.policy {
+    let policy_file = match &o.policy {
         Some(path) => {
-            std::fs::read_to_string(path).map_err(|e| Error::Input(format!("{}: cannot read: {e}", path.display())))?
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Error::Input(format!("{}: cannot read: {e}", path.display())))?;
+            Policy::parse(&text).map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+            Some((path, text))
         }
-        None => "{}".to_string(),
+        None => None,
     };
-    let policy = Policy::parse(&policy_text)
-        .map_err(|e| Error::Input(format!("{}: {e}", o.policy.as_deref().unwrap_or(Path::new("policy")).display())))?;
     if !o.data_dir.exists() {
         std::fs::create_dir_all(&o.data_dir)
             .map_err(|e| Error::system(&format!("creating {}", o.data_dir.display()), e))?;
@@ -161,9 +162,12 @@ pub async fn run(o: Options) -> Result<(), Error> {
     }
     check_data_dir(&o.data_dir)?;
     let token = admin_token(&o.data_dir)?;
-    let control = open_database(&db, policy, &o.domain)?;
+    let mut control = open_database(&db, &o.domain)?;
+    if let Some((path, text)) = policy_file {
+        apply_policy_file(&mut control, path, &text)?;
+    }
     raise_descriptor_limit();
-    let state = AppState::new(control, policy_text, &token, unix_now);
+    let state = AppState::new(control, &token, unix_now);
     let listener = tokio::net::TcpListener::bind(o.listen)
         .await
         .map_err(|e| Error::system(&format!("listening on {}", o.listen), e))?;
@@ -198,8 +202,25 @@ pub async fn run(o: Options) -> Result<(), Error> {
     }
 }
 
+/// `--policy FILE` replaces the stored policy when its text differs (a new version, set by the file);
+/// without the flag the stored one stays, so `policy set` survives a restart.
+fn apply_policy_file(control: &mut Control, path: &Path, text: &str) -> Result<(), Error> {
+    let stored = control.stored_policy().map_err(|e| Error::System(e.to_string()))?;
+    if stored.is_some_and(|p| p.text == text) {
+        return Ok(());
+    }
+    let change = control
+        .set_policy(text, &format!("file {}", path.display()), unix_now())
+        .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+    tracing::info!(version = change.version, file = %path.display(), "the policy file replaced the stored policy");
+    for revoked in change.tags_revoked.iter().chain(&change.approvals_revoked) {
+        tracing::info!(version = change.version, "the new policy took back {revoked}");
+    }
+    Ok(())
+}
+
 /// Opens the database, creating it 0600: it holds the server's private key and every node's credential hash.
-fn open_database(path: &Path, policy: Policy, domain: &str) -> Result<Control, Error> {
+fn open_database(path: &Path, domain: &str) -> Result<Control, Error> {
     if !path.exists() {
         std::fs::OpenOptions::new()
             .write(true)
@@ -209,7 +230,7 @@ fn open_database(path: &Path, policy: Policy, domain: &str) -> Result<Control, E
             .map_err(|e| Error::system(&format!("creating {}", path.display()), e))?;
     }
     check_private_file(path)?;
-    let control = Control::open(path, policy, domain).map_err(|e| Error::System(format!("{}: {e}", path.display())))?;
+    let control = Control::open(path, domain).map_err(|e| Error::System(format!("{}: {e}", path.display())))?;
     // SQLite's side files (-wal, -shm, -journal) are made with the database's mode, so they are private too.
     Ok(control)
 }
@@ -257,11 +278,11 @@ mod tests {
     fn the_database_is_created_private() {
         let dir = scratch("db");
         let path = dir.join("control.db");
-        open_database(&path, Policy::default(), "mesh.internal").unwrap();
+        open_database(&path, "mesh.internal").unwrap();
         use std::os::unix::fs::MetadataExt;
         assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(open_database(&path, Policy::default(), "mesh.internal").is_err());
+        assert!(open_database(&path, "mesh.internal").is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

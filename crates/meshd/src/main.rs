@@ -185,7 +185,8 @@ enum ControlCommand {
         /// sqlite://PATH (default: <data-dir>/control.db).
         #[arg(long, env = "MESHD_CONTROL_DB")]
         db: Option<String>,
-        /// Policy file (HuJSON, in the shape of Tailscale's).
+        /// Policy file (HuJSON, in the shape of Tailscale's). Replaces the stored policy when it differs;
+        /// without it the stored one (from the last `policy set`) stays.
         #[arg(long, env = "MESHD_CONTROL_POLICY")]
         policy: Option<PathBuf>,
         /// The mesh's DNS domain.

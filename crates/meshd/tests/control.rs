@@ -87,12 +87,23 @@ fn the_server_speaks_https_keeps_its_state_and_its_admin_token_is_private() {
         assert!(value.len() >= 16 && !log.contains(value.as_str()), "the {what} is in the log");
     }
 
-    // A restart keeps the token, the database and the node.
+    // A policy set through the API is state, not a flag.
+    let policy = "{ // set over the API\n \"tagOwners\": { \"tag:router\": [\"tag:infra\"] } }";
+    let (ok, set) = curl(
+        &lab,
+        ns,
+        &["--cacert", ca, "-H", &bearer, "-X", "PUT", "--data-binary", policy, &format!("{base}/admin/policy")],
+    );
+    assert!(ok && set.contains(r#""version":1"#), "{set}");
+
+    // A restart keeps the token, the database, the node and the policy.
     lab.process(server).stop(Duration::from_secs(5));
     serve(&mut lab, ns, "control-again", &tls);
     assert_eq!(std::fs::read_to_string(&token_file).unwrap().trim(), token);
     let (ok, nodes) = curl(&lab, ns, &["--cacert", ca, "-H", &bearer, &format!("{base}/admin/nodes")]);
     assert!(ok && nodes.contains(r#""name":"router""#), "{nodes}");
+    let (ok, kept) = curl(&lab, ns, &["--cacert", ca, "-H", &bearer, &format!("{base}/admin/policy")]);
+    assert!(ok && kept.contains("set over the API"), "the policy survived the restart: {kept}");
 }
 
 #[test]

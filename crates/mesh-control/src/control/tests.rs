@@ -216,11 +216,11 @@ fn fresh_database(test: &str) -> (std::path::PathBuf, std::path::PathBuf) {
 fn the_database_survives_a_restart() {
     let (dir, path) = fresh_database("restart");
     let (first, ula) = {
-        let c = Control::open(&path, Policy::default(), "mesh.example").unwrap();
+        let c = Control::open(&path, "mesh.example").unwrap();
         let (_, key) = c.create_auth_key(&AuthKeyOptions::default(), NOW).unwrap();
         (join(&c, &request(&key, 1, "a"), NOW).unwrap(), c.ula().unwrap())
     };
-    let c = Control::open(&path, Policy::default(), "mesh.example").unwrap();
+    let c = Control::open(&path, "mesh.example").unwrap();
     assert_eq!(c.ula().unwrap(), ula, "the mesh keeps its IPv6 prefix");
     assert_eq!(c.authenticate(first.node_id, &first.credential).unwrap().ipv4, first.ipv4);
     let stored = std::fs::read(&path).unwrap();
@@ -300,7 +300,7 @@ fn a_database_from_schema_1_upgrades_and_keeps_its_nodes() {
         )
         .unwrap();
     }
-    let c = Control::open(&path, Policy::default(), "mesh.example").unwrap();
+    let c = Control::open(&path, "mesh.example").unwrap();
     let nodes = c.nodes().unwrap();
     assert_eq!(nodes.len(), 1);
     assert_eq!(nodes[0].name, "old-node");
@@ -441,4 +441,50 @@ fn a_netmap_spliced_from_the_snapshot_reads_as_the_one_built_for_the_node() {
     }
     assert_eq!(snapshot.netmap_json(b.node_id).unwrap_err().code, ErrorCode::NodeExpired);
     assert_eq!(snapshot.netmap_json(99).unwrap_err().code, ErrorCode::Unauthorized);
+}
+
+#[test]
+fn narrowing_the_policy_takes_back_the_auto_approvals_and_tags_it_granted() {
+    let wide = r#"{"tagOwners": {"tag:router": ["tag:infra"]},
+                   "autoApprovers": {"routes": {"10.0.0.0/8": ["tag:router"]}}}"#;
+    let mut c = control("{}");
+    c.set_policy(wide, "test", NOW).unwrap();
+    let infra = AuthKeyOptions { reusable: true, tags: vec!["tag:infra".into()], ..Default::default() };
+    let (_, key) = c.create_auth_key(&infra, NOW).unwrap();
+    let mut router = request(&key, 1, "router");
+    router.tags = vec!["tag:router".into()];
+    router.advertise_routes = vec![net("10.1.0.0/16"), net("192.168.5.0/24")];
+    let r = join(&c, &router, NOW).unwrap();
+    assert!(c.set_route_approval(r.node_id, net("192.168.5.0/24"), true).unwrap(), "an admin's approval");
+    let approved = |c: &Control| {
+        c.all_routes().unwrap().iter().filter(|a| a.approved).map(|a| a.prefix.to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(approved(&c), ["10.1.0.0/16", "192.168.5.0/24"]);
+
+    let version = c.version().unwrap();
+    let change = c.set_policy("{}", "test", NOW + 1).unwrap();
+    assert_eq!(change.version, 2);
+    assert_eq!(change.tags_revoked, ["router: tag:router"]);
+    assert_eq!(change.approvals_revoked, ["router: 10.1.0.0/16"]);
+    assert_eq!(approved(&c), ["192.168.5.0/24"], "the admin's approval stays");
+    assert_eq!(c.nodes().unwrap()[0].tags, ["tag:infra"], "the key's own tag stays");
+    assert!(c.version().unwrap() > version, "nodes hear of it");
+    let stored = c.stored_policy().unwrap().unwrap();
+    assert_eq!((stored.version, stored.text.as_str(), stored.set_by.as_str()), (2, "{}", "test"));
+    assert_eq!(c.set_policy("{ not json", "test", NOW).unwrap_err().code, ErrorCode::BadRequest);
+    assert_eq!(c.stored_policy().unwrap().unwrap().version, 2, "a refused policy is not stored");
+}
+
+#[test]
+fn a_policy_set_survives_a_restart() {
+    let dir = std::env::temp_dir().join(format!("meshd-policy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("control.db");
+    let policy = r#"{"autoApprovers": {"routes": {"10.0.0.0/8": ["tag:router"]}}}"#;
+    Control::open(&path, "mesh.example").unwrap().set_policy(policy, "admin API", NOW).unwrap();
+    let c = Control::open(&path, "mesh.example").unwrap();
+    assert!(c.policy().auto_approves(&net("10.1.0.0/16"), &["tag:router".into()]));
+    assert_eq!(c.stored_policy().unwrap().unwrap().set_by, "admin API");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

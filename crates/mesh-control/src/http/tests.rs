@@ -20,7 +20,7 @@ fn app() -> Router {
 
 fn app_and_state() -> (Router, Arc<AppState>) {
     let control = Control::in_memory(Policy::default(), "mesh.example").unwrap();
-    let state = AppState::new(control, "{}".into(), TOKEN, clock);
+    let state = AppState::new(control, TOKEN, clock);
     (router(state.clone()), state)
 }
 
@@ -174,7 +174,9 @@ async fn policies_are_checked_before_they_are_set() {
         "{}",
         "a refused policy changes nothing"
     );
-    assert_eq!(call(&app, "PUT", "/api/v1/admin/policy", admin(), good).await.0, StatusCode::NO_CONTENT);
+    let (status, set) = call(&app, "PUT", "/api/v1/admin/policy", admin(), good).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(set.contains(r#""version":1"#), "{set}");
     assert_eq!(call(&app, "GET", "/api/v1/admin/policy", admin(), "").await.1, good);
 }
 
