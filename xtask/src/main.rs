@@ -122,6 +122,15 @@ fn ci() -> Result<bool> {
         .success();
     tally.check("fuzz targets build", ok);
 
+    section("cargo deny (licences, duplicate versions, sources; deny.toml)");
+    let ok = install_cargo_deny()?
+        && cargo()
+            .args(["deny", "--locked", "check", "licenses", "bans", "sources"])
+            .status()
+            .context("running cargo deny")?
+            .success();
+    tally.check("cargo deny", ok);
+
     section("cargo test (unit, integration, end-to-end)");
     tally.add(runner::run_tests(cargo(), &["--workspace"])?);
 
@@ -139,6 +148,26 @@ fn ci() -> Result<bool> {
     }
     println!("{}", tally.summary());
     Ok(tally.failed == 0)
+}
+
+/// The cargo-deny CI uses, pinned so a new release cannot change what passes.
+const CARGO_DENY_VERSION: &str = "0.20.2";
+
+/// Installs cargo-deny from crates.io when it is missing or another version (a few minutes, once).
+fn install_cargo_deny() -> Result<bool> {
+    let present = Command::new("cargo")
+        .args(["deny", "--version"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_DENY_VERSION));
+    if present {
+        return Ok(true);
+    }
+    println!("installing cargo-deny {CARGO_DENY_VERSION}");
+    Ok(cargo()
+        .args(["install", "--locked", "cargo-deny", "--version", CARGO_DENY_VERSION])
+        .status()
+        .context("running cargo install cargo-deny")?
+        .success())
 }
 
 fn section(title: &str) {
