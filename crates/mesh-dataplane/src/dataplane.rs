@@ -591,12 +591,19 @@ mod tests {
         assert_eq!(at_router.len(), 1);
         let request = &at_router[0];
         let ident = u16::from_be_bytes([request[24], request[25]]);
+        // A forged reply (right ident and sequence, from another address the router's peer may send from)
+        // is not the pong: it goes to the TUN like any other packet.
+        let mut forged = Builder::v4([10, 0, 12, 50], [100, 64, 0, 2]).echo(false, ident, seq, b"meshd ping");
+        pair.planes[ROUTER].handle_tun_packet(&mut forged, now).unwrap();
+        pair.exchange();
+        let mut events: Vec<Event> = std::iter::from_fn(|| pair.planes[CLIENT].poll_event()).collect();
+        assert!(events.iter().all(|e| !matches!(e, Event::Pong { .. })), "a reply from another address is no pong");
         let mut reply = Builder::v4([100, 64, 0, 1], [100, 64, 0, 2]).echo(false, ident, seq, b"meshd ping");
         pair.now = now + Duration::from_millis(7);
         pair.planes[ROUTER].handle_tun_packet(&mut reply, pair.now).unwrap();
         let [_, at_client] = pair.exchange();
         assert!(at_client.is_empty(), "the pong is the dataplane's, not the kernel's");
-        let events: Vec<Event> = std::iter::from_fn(|| pair.planes[CLIENT].poll_event()).collect();
+        events.extend(std::iter::from_fn(|| pair.planes[CLIENT].poll_event()));
         assert!(
             events.contains(&Event::Pong { to: mesh_ip(ROUTER), seq, rtt: Duration::from_millis(7) }),
             "{events:?}"

@@ -34,13 +34,16 @@ pub enum DropReason {
     /// From the mesh, for a destination that leads back into the mesh (another peer, the SNAT address): a
     /// router does not relay between peers.
     Hairpin,
+    /// From the mesh, a packet no router forwards on any path: source-routed (IPv4 LSRR/SSRR options, an
+    /// IPv6 routing header with segments left) or for a served IPv4 prefix's directed-broadcast address.
+    Unforwardable,
     /// Refused by the SNAT engine (its own counters hold the detail).
     Snat(snat::DropReason),
 }
 
 impl DropReason {
     /// How many counters a full set of drop counts needs (every SNAT reason shares one).
-    pub const COUNT: usize = 13;
+    pub const COUNT: usize = 14;
 
     /// Each reason once (SNAT represented by one of its reasons, whose name is the SNAT engine's), for
     /// listing counters.
@@ -57,6 +60,7 @@ impl DropReason {
         DropReason::NoEndpoint,
         DropReason::NotRouted,
         DropReason::Hairpin,
+        DropReason::Unforwardable,
         DropReason::Snat(snat::DropReason::Unsolicited),
     ];
 
@@ -75,7 +79,8 @@ impl DropReason {
             DropReason::NoEndpoint => 9,
             DropReason::NotRouted => 10,
             DropReason::Hairpin => 11,
-            DropReason::Snat(_) => 12,
+            DropReason::Unforwardable => 12,
+            DropReason::Snat(_) => 13,
         }
     }
 
@@ -93,6 +98,7 @@ impl DropReason {
             DropReason::NoEndpoint => "no_endpoint",
             DropReason::NotRouted => "not_routed",
             DropReason::Hairpin => "hairpin",
+            DropReason::Unforwardable => "unforwardable",
             DropReason::Snat(reason) => reason.name(),
         }
     }
@@ -117,6 +123,6 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), DropReason::COUNT);
-        assert_eq!(DropReason::Snat(snat::DropReason::Unsolicited).index(), DropReason::ALL[12].index());
+        assert_eq!(DropReason::Snat(snat::DropReason::Unsolicited).index(), DropReason::ALL[13].index());
     }
 }

@@ -12,7 +12,7 @@ use std::time::Instant;
 use ipnet::IpNet;
 use mesh_packet::mss;
 use mesh_packet::snat::{self, Snat};
-use mesh_packet::wire::destination;
+use mesh_packet::wire::{self, destination};
 
 use crate::DropReason;
 use crate::routes::PrefixTable;
@@ -37,6 +37,8 @@ pub enum FromMesh {
 pub struct Router {
     own: Vec<IpAddr>,
     served: PrefixTable<bool>,
+    /// The broadcast addresses of the served IPv4 prefixes (/30 and wider): never forwarded into.
+    broadcasts: Vec<IpAddr>,
     snat: Option<Snat>,
     mtu: u16,
 }
@@ -45,7 +47,7 @@ impl Router {
     /// `own`: the node's mesh addresses; `served`: the routes it forwards into; `snat`: the engine, needed if
     /// any served route SNATs; `mtu`: the tunnel MTU for MSS clamping.
     pub fn new(own: Vec<IpAddr>, served: &[Served], snat: Option<Snat>, mtu: u16) -> Self {
-        let mut router = Self { own, served: PrefixTable::default(), snat, mtu };
+        let mut router = Self { own, served: PrefixTable::default(), broadcasts: Vec::new(), snat, mtu };
         router.set_served(served);
         router
     }
@@ -64,6 +66,13 @@ impl Router {
             table.insert(s.prefix, s.snat);
         }
         self.served = table;
+        self.broadcasts = served
+            .iter()
+            .filter_map(|s| match s.prefix {
+                IpNet::V4(v4) if v4.prefix_len() <= 30 => Some(IpAddr::V4(v4.broadcast())),
+                _ => None,
+            })
+            .collect();
     }
 
     /// Replaces the SNAT engine (a changed `--snat-address`); existing translations are dropped with it.
@@ -96,6 +105,12 @@ impl Router {
         let Some(snat_on) = self.served.lookup(dst) else {
             return Err(DropReason::NotRouted);
         };
+        // A directed broadcast would reach every host of a LAN with one packet; a routing header would steer
+        // a packet past the router. The SNAT engine refuses source routing when it parses; the path that
+        // keeps sources parses only here.
+        if self.broadcasts.contains(&dst) || (!snat_on && wire::parse(packet) == Err(wire::Error::Unsupported)) {
+            return Err(DropReason::Unforwardable);
+        }
         mss::clamp(packet, self.mtu);
         if snat_on {
             let engine = self.snat.as_mut().ok_or(DropReason::Snat(snat::DropReason::NoAddressForFamily))?;
@@ -156,6 +171,43 @@ mod tests {
             Served { prefix: "10.42.0.0/16".parse().unwrap(), snat: false },
         ];
         Router::new(vec!["100.64.0.1".parse().unwrap()], &served, Some(snat), 1420)
+    }
+
+    /// `packet` (IPv4, no options) with an 8-byte loose-source-route option added to its header.
+    fn with_source_route(packet: &[u8]) -> Vec<u8> {
+        let mut out = packet[..20].to_vec();
+        out.extend_from_slice(&[0x83, 7, 4, 10, 0, 0, 9, 0]);
+        out.extend_from_slice(&packet[20..]);
+        out[0] = 0x47;
+        let total = out.len() as u16;
+        out[2..4].copy_from_slice(&total.to_be_bytes());
+        out[10..12].copy_from_slice(&[0, 0]);
+        let sum: u32 = out[..28].chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+        let folded = (sum & 0xffff) + (sum >> 16);
+        out[10..12].copy_from_slice(&(!((folded & 0xffff) + (folded >> 16)) as u16).to_be_bytes());
+        out
+    }
+
+    #[test]
+    fn source_routed_and_directed_broadcast_packets_are_refused_on_both_paths() {
+        let mut r = router();
+        let now = Instant::now();
+        let none = |_: IpAddr| false;
+        for dst in [[10, 42, 255, 255], [10, 0, 255, 255]] {
+            let mut broadcast = Builder::v4([100, 64, 0, 2], dst).udp(5000, 9, b"x");
+            assert_eq!(r.from_mesh(&mut broadcast, now, none), Err(DropReason::Unforwardable), "{dst:?}");
+        }
+        for dst in [[10, 42, 1, 5], [10, 0, 12, 50]] {
+            let plain = Builder::v4([100, 64, 0, 2], dst).udp(5000, 53, b"q");
+            let mut routed = with_source_route(&plain);
+            let refused = r.from_mesh(&mut routed, now, none);
+            assert!(
+                matches!(refused, Err(DropReason::Unforwardable) | Err(DropReason::Snat(_))),
+                "{dst:?}: {refused:?}"
+            );
+        }
+        let mut ordinary = Builder::v4([100, 64, 0, 2], [10, 42, 1, 5]).udp(5000, 53, b"q");
+        assert_eq!(r.from_mesh(&mut ordinary, now, none), Ok(FromMesh::Forwarded));
     }
 
     #[test]

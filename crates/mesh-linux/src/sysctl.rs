@@ -23,6 +23,30 @@ pub fn proxy_delay_key(interface: &str) -> String {
     format!("net/ipv4/neigh/{interface}/proxy_delay")
 }
 
+/// `net.ipv6.conf.<interface>.proxy_ndp`, spelled so a dotted interface name survives.
+pub fn proxy_ndp_key(interface: &str) -> String {
+    format!("net/ipv6/conf/{interface}/proxy_ndp")
+}
+
+/// Whether a saved sysctl read back from the run-state file is one meshd itself could have saved: one of
+/// the two per-interface keys above with a real interface name, and a plain number to put back. Anything
+/// else (a key with `..`, `kernel/core_pattern`, a value that is a command) is not written under
+/// /proc/sys, whoever edited the file.
+pub fn is_restorable(key: &str, value: &str) -> bool {
+    let interface = key
+        .strip_prefix("net/ipv4/neigh/")
+        .and_then(|rest| rest.strip_suffix("/proxy_delay"))
+        .or_else(|| key.strip_prefix("net/ipv6/conf/").and_then(|rest| rest.strip_suffix("/proxy_ndp")));
+    let interface_ok = interface.is_some_and(|name| {
+        // The kernel's rules for interface names: 1 to 15 bytes, no '/', no whitespace, not "." or "..".
+        (1..=15).contains(&name.len())
+            && name != "."
+            && name != ".."
+            && name.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+    });
+    interface_ok && (1..=10).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// A sysctl changed by meshd, with the value to put back.
 #[derive(Debug, Clone)]
 pub struct Saved {
@@ -47,6 +71,23 @@ pub fn restore(saved: &Saved) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_keys_meshd_saves_are_restored_from_the_run_state_file() {
+        assert!(is_restorable(&proxy_delay_key("eth0.100"), "80"));
+        assert!(is_restorable(&proxy_ndp_key("lan0"), "0"));
+        for (key, value) in [
+            ("kernel/core_pattern", "1"),
+            ("net/ipv4/neigh/../../../kernel/core_pattern/proxy_delay", "1"),
+            ("net/ipv4/neigh/../proxy_delay", "1"),
+            ("net/ipv4/neigh/averyveryverylongname/proxy_delay", "1"),
+            ("net/ipv4/neigh/eth0/proxy_delay", "|/tmp/x"),
+            ("net/ipv4/neigh/eth0/proxy_delay", ""),
+            ("net.ipv4.ip_forward", "0"),
+        ] {
+            assert!(!is_restorable(key, value), "{key}={value}");
+        }
+    }
 
     #[test]
     fn keys_with_dotted_interface_names_keep_their_dots() {

@@ -66,8 +66,19 @@ impl RunState {
         served.iter().map(|s| ServedRoute { prefix: s.prefix, snat: s.snat }).collect()
     }
 
+    /// The sysctls to put back; any the daemon could not have saved itself are left out and logged.
     pub fn saved_sysctls(&self) -> Vec<sysctl::Saved> {
-        self.sysctls.iter().map(|s| sysctl::Saved { key: s.key.clone(), old: s.old.clone() }).collect()
+        self.sysctls
+            .iter()
+            .filter(|s| {
+                let ok = sysctl::is_restorable(&s.key, &s.old);
+                if !ok {
+                    tracing::warn!(key = ?s.key, "the run-state file names a sysctl meshd never sets; not restoring it");
+                }
+                ok
+            })
+            .map(|s| sysctl::Saved { key: s.key.clone(), old: s.old.clone() })
+            .collect()
     }
 }
 
@@ -88,6 +99,9 @@ mod tests {
         };
         state.write(&path).unwrap();
         assert_eq!(RunState::read(&path), state);
+        let mut tampered = state.clone();
+        tampered.sysctls.push(SavedSysctl { key: "kernel/core_pattern".into(), old: "|/tmp/evil".into() });
+        assert_eq!(tampered.saved_sysctls().len(), 1, "only the key meshd saved is restored");
         std::fs::write(&path, "{not json").unwrap();
         assert_eq!(RunState::read(&path), RunState::default());
         assert_eq!(RunState::read(&dir.join("missing.json")), RunState::default());

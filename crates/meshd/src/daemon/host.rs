@@ -282,7 +282,7 @@ impl Host {
             let (key, value) = if lan.address.is_ipv4() {
                 (sysctl::proxy_delay_key(&lan.name), "0")
             } else {
-                (format!("net/ipv6/conf/{}/proxy_ndp", lan.name), "1")
+                (sysctl::proxy_ndp_key(&lan.name), "1")
             };
             if let Some(saved) = sysctl::set(&key, value).map_err(|e| Error::System(e.to_string()))?
                 && !self.saved_sysctls.iter().any(|s| s.key == saved.key)
