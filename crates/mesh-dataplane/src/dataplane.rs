@@ -287,6 +287,14 @@ impl Dataplane {
         if self.take_pong(&out[..n], now) {
             return Ok(None);
         }
+        // An ICMP error speaks for the flow it quotes: only the peer that flow belongs to may send one, or a
+        // peer could reset or shrink (fake "fragmentation needed") another peer's connections.
+        if let Some(quoted) = icmp_error_quoted_destination(&out[..n]) {
+            let sender = wire::source(&out[..n]).and_then(|s| self.node.route(s));
+            if self.node.route(quoted) != sender {
+                return Err(DropReason::SourceNotAllowed);
+            }
+        }
         let node = &self.node;
         self.router.from_mesh(&mut out[..n], now, |dst| node.route(dst).is_some())?;
         Ok(Some(n))
@@ -424,6 +432,31 @@ impl Dataplane {
     pub fn snat(&self) -> Option<&Snat> {
         self.router.snat()
     }
+}
+
+/// The destination of the packet an ICMP or ICMPv6 error quotes, if `packet` is such an error.
+fn icmp_error_quoted_destination(packet: &[u8]) -> Option<IpAddr> {
+    // Every decrypted packet comes through here: TCP and UDP leave after one byte is looked at, and only
+    // ICMP (or IPv6 with extension headers in front) is parsed.
+    let maybe_icmp = match packet.first()? >> 4 {
+        4 => *packet.get(9)? == wire::PROTO_ICMP,
+        6 => matches!(*packet.get(6)?, 0 | 43 | 44 | 51 | 60 | 58),
+        _ => false,
+    };
+    if !maybe_icmp {
+        return None;
+    }
+    let layout = wire::parse(packet).ok()?;
+    let is_error = match layout.version {
+        IpVersion::V4 => layout.protocol == wire::PROTO_ICMP && matches!(packet.get(layout.l4_offset)?, 3 | 11 | 12),
+        IpVersion::V6 => layout.protocol == wire::PROTO_ICMPV6 && matches!(packet.get(layout.l4_offset)?, 1..=4),
+    };
+    if !is_error {
+        return None;
+    }
+    let quoted = packet.get(layout.l4_offset + 8..layout.packet_len)?;
+    wire::parse_quoted(quoted).ok()?;
+    wire::destination(quoted)
 }
 
 #[cfg(test)]
@@ -579,6 +612,26 @@ mod tests {
             matches!(event, Some(Event::Dropped { count: 3, latest_from: Some(from), .. }) if from == underlay(CLIENT)),
             "{event:?}"
         );
+    }
+
+    #[test]
+    fn a_peers_icmp_error_for_another_peers_flow_is_refused() {
+        let mut pair = Pair::new();
+        let now = pair.now;
+        // "Fragmentation needed, MTU 68" for the packet LAN host 10.0.12.50 sent to another peer's address
+        // (100.64.0.3): the client is not that peer, so it may not speak for the flow.
+        let quoted = Builder::v4([10, 0, 12, 50], [100, 64, 0, 3]).tcp(443, 40000, TCP_SYN, b"");
+        let mut forged = Builder::v4([100, 64, 0, 2], [10, 0, 12, 50]).icmp_error(3, 4, 68, &quoted[..28]);
+        pair.planes[CLIENT].handle_tun_packet(&mut forged, now).unwrap();
+        let [at_router, _] = pair.exchange();
+        assert!(at_router.is_empty(), "{at_router:?}");
+        assert_eq!(pair.planes[ROUTER].dropped(DropReason::SourceNotAllowed), 1);
+        // An error about the client's own flow passes this check (and is then the SNAT engine's to judge).
+        let own = Builder::v4([10, 0, 12, 50], [100, 64, 0, 2]).tcp(443, 40000, TCP_SYN, b"");
+        let mut genuine = Builder::v4([100, 64, 0, 2], [10, 0, 12, 50]).icmp_error(3, 4, 1280, &own[..28]);
+        pair.planes[CLIENT].handle_tun_packet(&mut genuine, now).unwrap();
+        pair.exchange();
+        assert_eq!(pair.planes[ROUTER].dropped(DropReason::SourceNotAllowed), 1);
     }
 
     #[test]

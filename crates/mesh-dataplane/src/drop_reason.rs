@@ -20,7 +20,8 @@ pub enum DropReason {
     DataRejected,
     /// A data message for a session that no longer exists.
     NoSession,
-    /// A decrypted packet whose source is outside the sending peer's allowed IPs.
+    /// A decrypted packet whose source is outside the sending peer's allowed IPs, or an ICMP error quoting
+    /// a flow of another peer's.
     SourceNotAllowed,
     /// A packet that is not IPv4 or IPv6.
     NotIp,
