@@ -50,11 +50,13 @@ pub struct SnatSettings {
     pub ports: RangeInclusive<u16>,
     /// Flows per address family before new ones are refused.
     pub max_flows: u32,
+    /// One source (peer) may hold at most 1/`source_share` of the flows, ports and fragment slots.
+    pub source_share: u32,
 }
 
 impl Default for SnatSettings {
     fn default() -> Self {
-        Self { ipv4: None, ipv6: None, ports: 1024..=65535, max_flows: 1 << 20 }
+        Self { ipv4: None, ipv6: None, ports: 1024..=65535, max_flows: 1 << 20, source_share: 8 }
     }
 }
 
@@ -226,6 +228,7 @@ impl Dataplane {
             let mut snat_config = SnatConfig::new(config.snat.ipv4, config.snat.ipv6);
             snat_config.ports = config.snat.ports.clone();
             snat_config.max_flows = config.snat.max_flows;
+            snat_config.source_share = config.snat.source_share;
             snat_config.seed = xorshift(&mut self.rng);
             Some(Snat::new(snat_config, now).map_err(ConfigError::Snat)?)
         } else {

@@ -471,3 +471,48 @@ fn repeated_first_fragments_use_one_entry() {
     // Once the first two have timed out there is room again.
     snat.outbound(&mut fragment_v4(&third, 128).remove(0), now + secs(6)).unwrap();
 }
+
+/// Regression (security review M3): one peer took every external port, every flow slot or every fragment
+/// slot of a router, and new flows from every other peer were refused.
+#[test]
+fn one_source_cannot_exhaust_the_ports_flows_or_fragment_slots_of_every_other() {
+    let now = Instant::now();
+    let greedy = Ipv4Addr::new(100, 64, 0, 66);
+    let mut config = SnatConfig::new(Some(SNAT), None);
+    config.ports = 1024..=1087; // 64 ports: a share of 4 is 16 per source
+    config.max_flows = 64;
+    config.max_fragments = 8;
+    config.source_share = 4;
+    let mut snat = Snat::new(config, now).unwrap();
+
+    // Ports: UDP from many source ports, one mapping each.
+    let refused = (0..64u16)
+        .filter(|i| {
+            let mut p = Builder::v4(greedy.octets(), SERVER.octets()).udp(20000 + i, 53, b"q");
+            snat.outbound(&mut p, now) == Err(DropReason::SourceOverQuota)
+        })
+        .count();
+    assert_eq!(refused, 48, "16 mappings and no more");
+    let mut fair = Builder::v4(CLIENT.octets(), SERVER.octets()).udp(5353, 53, b"q");
+    assert_eq!(snat.outbound(&mut fair, now), Ok(()), "another peer still gets a port");
+
+    // Flows: one TCP port to many remote ports shares one mapping but not the flow share.
+    let refused = (0..32u16)
+        .filter(|i| {
+            let mut p = Builder::v4([100, 64, 0, 67], SERVER.octets()).tcp(40000, 1000 + i, TCP_SYN, b"");
+            snat.outbound(&mut p, now) == Err(DropReason::SourceOverQuota)
+        })
+        .count();
+    assert_eq!(refused, 16, "16 flows and no more");
+
+    // Fragment slots: first fragments of distinct datagrams.
+    let refused = (0..6u16)
+        .filter(|i| {
+            let datagram = Builder::v4([100, 64, 0, 68], SERVER.octets()).ident(100 + i).udp(7000, 53, &[0; 2000]);
+            let mut first = fragment_v4(&datagram, 1280).remove(0);
+            snat.outbound(&mut first, now) == Err(DropReason::SourceOverQuota)
+        })
+        .count();
+    assert_eq!(refused, 4, "2 datagrams in flight and no more");
+    assert_eq!(snat.counters().dropped(DropReason::SourceOverQuota), 48 + 16 + 4, "refusals are counted");
+}

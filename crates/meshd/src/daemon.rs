@@ -52,6 +52,8 @@ pub struct Options {
     /// Static mode only: a managed node serves its approved routes.
     pub served: Vec<Served>,
     pub snat_addresses: Vec<IpAddr>,
+    /// `--snat-source-share`: each peer's share of the SNAT engine.
+    pub snat_source_share: u32,
     /// Where the runtime state for `meshd doctor` goes.
     pub run_dir: PathBuf,
 }
@@ -210,7 +212,10 @@ pub async fn run(options: Options) -> Result<(), Error> {
         local_addresses: Vec::new(),
         peers: specs.clone(),
         served,
-        snat: SnatSettings::with_addresses(&snat_addresses).map_err(|e| Error::Input(e.to_string()))?,
+        snat: SnatSettings {
+            source_share: options.snat_source_share,
+            ..SnatSettings::with_addresses(&snat_addresses).map_err(|e| Error::Input(e.to_string()))?
+        },
     };
     let mut dataplane = Dataplane::new(private_key, seed(), mtu);
     let applied = dataplane.configure(wanted, Instant::now()).map_err(|e| Error::Input(e.to_string()))?;

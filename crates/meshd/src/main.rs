@@ -317,6 +317,11 @@ struct RouterArgs {
     /// IPv4 and one IPv6 at most.
     #[arg(long, env = "MESHD_SNAT_ADDRESS", value_name = "IP,..", value_delimiter = ',')]
     snat_address: Vec<std::net::IpAddr>,
+    /// One peer may hold at most 1/N of the SNAT engine's flows, external ports and fragment slots, so
+    /// no peer can take them from every other (1: no per-peer limit).
+    #[arg(long, env = "MESHD_SNAT_SOURCE_SHARE", value_name = "N", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    snat_source_share: u32,
 }
 
 impl RouterArgs {
@@ -406,6 +411,7 @@ fn main() -> ExitCode {
                 accept: routing.accept(),
                 served: router.served(),
                 snat_addresses: router.snat_address.clone(),
+                snat_source_share: router.snat_source_share,
                 run_dir,
             };
             block_on(daemon::run(options))

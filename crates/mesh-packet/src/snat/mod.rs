@@ -57,6 +57,10 @@ pub struct SnatConfig {
     pub max_flows: u32,
     /// Datagrams per address family whose later fragments are awaited at once.
     pub max_fragments: u32,
+    /// One source address may hold at most 1/`source_share` of the flows, of each protocol's external
+    /// ports and of the fragment slots (1: no per-source limit). Each mesh peer sends from its own
+    /// addresses, so this is a per-peer quota for ordinary nodes.
+    pub source_share: u32,
     pub timeouts: Timeouts,
     /// Seeds the order in which external ports are handed out. [`SnatConfig::new`] draws it from the
     /// operating system's randomness; tests set it to make runs repeatable.
@@ -71,6 +75,7 @@ impl SnatConfig {
             ports: 1024..=65535,
             max_flows: 1 << 20,
             max_fragments: 4096,
+            source_share: 8,
             timeouts: Timeouts::default(),
             seed: random_seed(),
         }
@@ -137,10 +142,13 @@ pub enum DropReason {
     IcmpErrorWithoutSession,
     /// An outbound TCP reset for which no flow exists: nothing to reset, and not worth a mapping.
     OrphanReset,
+    /// The packet's source already holds its share of the flows, external ports or fragment slots
+    /// ([`SnatConfig::source_share`]), so one client cannot take them from every other.
+    SourceOverQuota,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::Malformed,
         DropReason::UnsupportedPacket,
         DropReason::UnsupportedProtocol,
@@ -154,6 +162,7 @@ impl DropReason {
         DropReason::FragmentTableFull,
         DropReason::IcmpErrorWithoutSession,
         DropReason::OrphanReset,
+        DropReason::SourceOverQuota,
     ];
 
     /// A stable name for metrics and logs.
@@ -172,6 +181,7 @@ impl DropReason {
             DropReason::FragmentTableFull => "fragment_table_full",
             DropReason::IcmpErrorWithoutSession => "icmp_error_without_session",
             DropReason::OrphanReset => "orphan_reset",
+            DropReason::SourceOverQuota => "source_over_quota",
         }
     }
 }
@@ -250,13 +260,17 @@ impl Snat {
         if timeouts.iter().any(|&s| s == 0 || s > MAX_TIMEOUT) {
             return Err(ConfigError::TimeoutOutOfRange);
         }
-        let fragments = config.max_fragments as usize;
+        let limits = table::Limits {
+            max_flows: config.max_flows,
+            max_fragments: config.max_fragments as usize,
+            source_share: config.source_share.max(1),
+        };
         Ok(Self {
             epoch: now,
             clock: Cell::new(SecondCache { start: now, end: now + Duration::from_secs(1), tick: 0 }),
             timeouts: t,
-            v4: config.ipv4.map(|a| Table::new(a, first, last, config.max_flows, fragments, config.seed)),
-            v6: config.ipv6.map(|a| Table::new(a, first, last, config.max_flows, fragments, config.seed ^ 0x6)),
+            v4: config.ipv4.map(|a| Table::new(a, first, last, limits, config.seed)),
+            v6: config.ipv6.map(|a| Table::new(a, first, last, limits, config.seed ^ 0x6)),
             counters: Counters::default(),
             stats: Stats::default(),
         })
@@ -477,9 +491,7 @@ fn translate<A: Family>(
             return Ok(());
         }
         // Refused before any flow state changes, so a dropped first fragment leaves nothing behind.
-        Fragment::First { id } if !table.fragment_room(&fragment_key(id), now) => {
-            return Err(DropReason::FragmentTableFull);
-        }
+        Fragment::First { id } => table.fragment_room(&fragment_key(id), now)?,
         _ => {}
     }
     let translated = translate_unfragmented(table, p, &layout, (src, dst), now, t, stats, dir)?;

@@ -230,6 +230,9 @@ struct Fragments<A> {
     map: HashMap<FragmentKey<A>, (A, u32), foldhash::fast::RandomState>,
     order: VecDeque<(FragmentKey<A>, u32)>,
     capacity: usize,
+    /// Datagrams in `map` per source address, and how many one source may have.
+    per_source: HashMap<A, usize, foldhash::fast::RandomState>,
+    source_capacity: usize,
 }
 
 impl<A: Family> Fragments<A> {
@@ -241,9 +244,35 @@ impl<A: Family> Fragments<A> {
             self.order.pop_front();
             if self.map.get(&key).is_some_and(|&(_, e)| e == expires) {
                 self.map.remove(&key);
+                release(&mut self.per_source, key.src);
             }
         }
     }
+}
+
+/// Takes one from `source`'s count, forgetting the source at zero.
+fn release<A: Family>(counts: &mut HashMap<A, usize, foldhash::fast::RandomState>, source: A) {
+    if let Some(n) = counts.get_mut(&source) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&source);
+        }
+    }
+}
+
+/// What one table may hold, in all and per source address.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    pub max_flows: u32,
+    pub max_fragments: usize,
+    pub source_share: u32,
+}
+
+/// What one source address holds.
+#[derive(Debug, Default, Clone, Copy)]
+struct SourceUse {
+    flows: u32,
+    mappings: [u32; 3],
 }
 
 #[derive(Debug)]
@@ -259,11 +288,16 @@ pub(super) struct Table<A> {
     hasher: foldhash::fast::RandomState,
     live: u32,
     max_flows: u32,
+    per_source: HashMap<A, SourceUse, foldhash::fast::RandomState>,
+    source_flows: u32,
+    source_mappings: u32,
 }
 
 impl<A: Family> Table<A> {
-    pub fn new(addr: A, first_port: u16, last_port: u16, max_flows: u32, max_fragments: usize, seed: u64) -> Self {
+    pub fn new(addr: A, first_port: u16, last_port: u16, limits: Limits, seed: u64) -> Self {
         let mut rng = fastrand::Rng::with_seed(seed);
+        let Limits { max_flows, max_fragments, source_share } = limits;
+        let ports = u32::from(last_port - first_port) + 1;
         Self {
             addr,
             flows: Slab::new(),
@@ -272,10 +306,19 @@ impl<A: Family> Table<A> {
             mapping_index: HashTable::new(),
             pools: core::array::from_fn(|_| PortPool::new(first_port, last_port, &mut rng)),
             wheel: Wheel { slots: (0..WHEEL_SLOTS).map(|_| Vec::new()).collect(), done: 0 },
-            fragments: Fragments { map: HashMap::default(), order: VecDeque::new(), capacity: max_fragments },
+            fragments: Fragments {
+                map: HashMap::default(),
+                order: VecDeque::new(),
+                capacity: max_fragments,
+                per_source: HashMap::default(),
+                source_capacity: (max_fragments / source_share as usize).max(1),
+            },
             hasher: foldhash::fast::RandomState::default(),
             live: 0,
             max_flows,
+            per_source: HashMap::default(),
+            source_flows: (max_flows / source_share).max(1),
+            source_mappings: (ports / source_share).max(1),
         }
     }
 
@@ -337,8 +380,12 @@ impl<A: Family> Table<A> {
                 return Err(DropReason::TableFull);
             }
         }
+        if self.per_source.get(&k.int_addr).is_some_and(|u| u.flows >= self.source_flows) {
+            return Err(DropReason::SourceOverQuota);
+        }
         let mapping = self.mapping_for(k.proto, k.int_addr, k.int_port)?;
         self.mappings[mapping].flows += 1;
+        self.per_source.entry(k.int_addr).or_default().flows += 1;
         let mut flow = Flow {
             int_addr: k.int_addr,
             remote_addr: k.remote_addr,
@@ -372,8 +419,12 @@ impl<A: Family> Table<A> {
         }) {
             return Ok(m);
         }
+        if self.per_source.get(&addr).is_some_and(|u| u.mappings[proto as usize] >= self.source_mappings) {
+            return Err(DropReason::SourceOverQuota);
+        }
         let pool = &mut self.pools[proto as usize];
         let ext_port = pool.free.pop_front().ok_or(DropReason::PoolExhausted)?;
+        self.per_source.entry(addr).or_default().mappings[proto as usize] += 1;
         let m = self.mappings.insert(Mapping { int_addr: addr, int_port: port, ext_port, proto, flows: 0 });
         pool.owner[usize::from(ext_port - pool.first)] = m;
         let (items, hasher) = (&self.mappings, &self.hasher);
@@ -411,7 +462,17 @@ impl<A: Family> Table<A> {
         let m = flow.mapping;
         let mapping = &mut self.mappings[m];
         mapping.flows -= 1;
-        if mapping.flows == 0 {
+        let freed = mapping.flows == 0;
+        if let Some(used) = self.per_source.get_mut(&flow.int_addr) {
+            used.flows -= 1;
+            if freed {
+                used.mappings[flow.proto as usize] -= 1;
+            }
+            if used.flows == 0 {
+                self.per_source.remove(&flow.int_addr);
+            }
+        }
+        if freed {
             let mapping = *mapping;
             let hash = self.mapping_hash(mapping.proto, mapping.int_addr, mapping.int_port);
             if let Ok(entry) = self.mapping_index.find_entry(hash, |&j| j == m) {
@@ -461,10 +522,19 @@ impl<A: Family> Table<A> {
     }
 
     /// Whether a fragmented datagram with `key` can be remembered (checked before any state changes).
-    pub fn fragment_room(&mut self, key: &FragmentKey<A>, now: u32) -> bool {
+    pub fn fragment_room(&mut self, key: &FragmentKey<A>, now: u32) -> Result<(), DropReason> {
         let f = &mut self.fragments;
         f.expire(now);
-        f.map.len() < f.capacity || f.map.contains_key(key)
+        if f.map.contains_key(key) {
+            return Ok(());
+        }
+        if f.map.len() >= f.capacity {
+            return Err(DropReason::FragmentTableFull);
+        }
+        if f.per_source.get(&key.src).is_some_and(|&n| n >= f.source_capacity) {
+            return Err(DropReason::SourceOverQuota);
+        }
+        Ok(())
     }
 
     /// Remembers where a datagram's later fragments go. A repeated first fragment keeps the lifetime of the
@@ -477,6 +547,7 @@ impl<A: Family> Table<A> {
         }
         let expires = expiry(now, t.fragment);
         f.map.insert(key, (translated, expires));
+        *f.per_source.entry(key.src).or_default() += 1;
         f.order.push_back((key, expires));
     }
 
@@ -527,7 +598,13 @@ mod tests {
     use super::*;
 
     fn table() -> Table<Ipv4Addr> {
-        Table::new(Ipv4Addr::new(192, 0, 2, 1), 1024, 65535, 1 << 20, 16, 7)
+        Table::new(
+            Ipv4Addr::new(192, 0, 2, 1),
+            1024,
+            65535,
+            Limits { max_flows: 1 << 20, max_fragments: 16, source_share: 1 },
+            7,
+        )
     }
 
     fn key(port: u16) -> FlowKey<Ipv4Addr> {
@@ -626,7 +703,13 @@ mod long_timeouts {
     #[test]
     fn timeouts_longer_than_the_wheel_never_stall_expiry() {
         let timeouts = Timeouts { udp: 3 * WHEEL_SLOTS + 17, ..Timeouts::default() };
-        let mut t: Table<Ipv4Addr> = Table::new(Ipv4Addr::new(192, 0, 2, 1), 1024, 65535, 1 << 20, 16, 7);
+        let mut t: Table<Ipv4Addr> = Table::new(
+            Ipv4Addr::new(192, 0, 2, 1),
+            1024,
+            65535,
+            Limits { max_flows: 1 << 20, max_fragments: 16, source_share: 1 },
+            7,
+        );
         let mut stats = Stats::default();
         for port in 0..5000 {
             let k = FlowKey {

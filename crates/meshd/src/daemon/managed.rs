@@ -388,7 +388,10 @@ impl Daemon {
     /// the host before anything is stored: each address must be free and on a connected LAN. `None` when
     /// they stay as they are.
     async fn checked_snat(&self, prefs: &Prefs) -> Result<Option<(mesh_dataplane::SnatSettings, Vec<Lan>)>, Error> {
-        let snat = prefs.snat_settings().map_err(Error::Input)?;
+        let snat = mesh_dataplane::SnatSettings {
+            source_share: self.options.snat_source_share,
+            ..prefs.snat_settings().map_err(Error::Input)?
+        };
         if snat == self.dataplane.config().snat {
             return Ok(None);
         }
