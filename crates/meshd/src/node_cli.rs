@@ -20,6 +20,11 @@ pub struct PrefArgs {
     /// A CA certificate (PEM) to trust for the server, when it is not in the public web PKI.
     #[arg(long, env = "MESHD_CA_CERT")]
     ca_cert: Option<PathBuf>,
+    /// Allow an http:// control URL (credentials cross the network unencrypted; the server needs
+    /// --insecure-http too).
+    #[arg(long, env = "MESHD_INSECURE_HTTP", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    insecure_http: Option<bool>,
     /// The name to register with (default: the host name).
     #[arg(long, env = "MESHD_HOSTNAME")]
     hostname: Option<String>,
@@ -67,6 +72,7 @@ impl PrefArgs {
         Ok(PrefsPatch {
             control_url: self.control_url.clone(),
             ca_cert: self.ca_cert.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+            insecure_http: self.insecure_http,
             hostname: self.hostname.clone(),
             advertise_routes,
             accept_routes: self.accept_routes.as_deref().map(AcceptRoutes::parse).transpose()?,

@@ -27,6 +27,9 @@ pub struct Prefs {
     pub want_running: bool,
     pub control_url: String,
     pub ca_cert: Option<PathBuf>,
+    /// An `http://` control URL is allowed only with this: the credential and auth key cross the
+    /// network in the clear, so the node's operator must say so as well as the server's.
+    pub insecure_http: bool,
     pub hostname: Option<String>,
     pub advertise_routes: Vec<Advertised>,
     pub accept_routes: AcceptRoutes,
@@ -41,6 +44,7 @@ impl Default for Prefs {
             want_running: false,
             control_url: String::new(),
             ca_cert: None,
+            insecure_http: false,
             hostname: None,
             advertise_routes: Vec::new(),
             accept_routes: AcceptRoutes::None,
@@ -58,6 +62,7 @@ impl Default for Prefs {
 pub struct PrefsPatch {
     pub control_url: Option<String>,
     pub ca_cert: Option<PathBuf>,
+    pub insecure_http: Option<bool>,
     pub hostname: Option<String>,
     pub advertise_routes: Option<Vec<Advertised>>,
     pub accept_routes: Option<AcceptRoutes>,
@@ -75,6 +80,9 @@ impl Prefs {
         }
         if let Some(v) = &patch.ca_cert {
             p.ca_cert = Some(v.clone());
+        }
+        if let Some(v) = patch.insecure_http {
+            p.insecure_http = v;
         }
         if let Some(v) = &patch.hostname {
             p.hostname = Some(v.clone());
@@ -120,6 +128,13 @@ impl Prefs {
             && !self.control_url.starts_with("http://")
         {
             return Err(format!("--control-url {}: expected https://HOST[:PORT]", self.control_url));
+        }
+        if self.control_url.starts_with("http://") && !self.insecure_http {
+            return Err(format!(
+                "--control-url {}: plain HTTP sends the auth key and this node's credential unencrypted; use \
+                 https://, or add --insecure-http on a network you trust",
+                self.control_url
+            ));
         }
         mesh_dataplane::check_snat(&self.served(), &self.snat_settings()?).map_err(|e| e.to_string())
     }
@@ -233,6 +248,16 @@ mod tests {
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_plain_http_control_url_needs_insecure_http_on_the_node_too() {
+        let plain = Prefs { want_running: true, control_url: "http://c.example:8080".into(), ..Prefs::default() };
+        assert!(plain.check().unwrap_err().contains("--insecure-http"));
+        let allowed = plain.patched(&PrefsPatch { insecure_http: Some(true), ..PrefsPatch::default() });
+        assert_eq!(allowed.check(), Ok(()));
+        let https = Prefs { control_url: "https://c.example".into(), ..plain };
+        assert_eq!(https.check(), Ok(()));
     }
 
     #[test]
