@@ -437,6 +437,7 @@ struct NodeView {
     ephemeral: bool,
     expired: bool,
     online: bool,
+    endpoints: Vec<std::net::SocketAddr>,
 }
 
 async fn list_nodes(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Vec<NodeView>> {
@@ -455,6 +456,7 @@ async fn list_nodes(State(state): State<Arc<AppState>>, headers: HeaderMap) -> A
                 tags: n.tags,
                 ephemeral: n.ephemeral,
                 expired: n.expired,
+                endpoints: n.endpoints,
             })
             .collect(),
     ))

@@ -191,18 +191,23 @@ fn execute(c: &Connection, verb: Verb) -> Result<String, Error> {
         }
         Verb::NodeList => {
             let nodes = json(&call(c, "GET", "nodes", None)?)?;
-            let mut out = format!("{:<4} {:<24} {:<16} {:<8} {}", "ID", "NAME", "IPV4", "ONLINE", "TAGS");
+            let mut out =
+                format!("{:<4} {:<24} {:<16} {:<8} {:<24} {}", "ID", "NAME", "IPV4", "ONLINE", "TAGS", "ENDPOINTS");
+            let joined = |v: &serde_json::Value| {
+                v.as_array()
+                    .map(|t| t.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","))
+                    .unwrap_or_default()
+            };
             for n in nodes.as_array().into_iter().flatten() {
+                let tags = joined(&n["tags"]);
                 out.push_str(&format!(
-                    "\n{:<4} {:<24} {:<16} {:<8} {}",
+                    "\n{:<4} {:<24} {:<16} {:<8} {:<24} {}",
                     n["id"],
                     escape_controls(n["name"].as_str().unwrap_or("")),
                     n["ipv4"].as_str().unwrap_or(""),
                     if n["expired"].as_bool() == Some(true) { "expired".to_string() } else { n["online"].to_string() },
-                    n["tags"]
-                        .as_array()
-                        .map(|t| t.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","))
-                        .unwrap_or_default()
+                    if tags.is_empty() { "-".to_string() } else { tags },
+                    joined(&n["endpoints"]),
                 ));
             }
             Ok(out)

@@ -459,8 +459,9 @@ impl Daemon {
                 _ = tokio::time::sleep_until(wake.into()) => self.dataplane.handle_timeout(Instant::now()),
                 Some(addresses) = self.host_addresses.recv() => {
                     let mut wanted = self.dataplane.config().clone();
-                    wanted.local_addresses = addresses;
+                    wanted.local_addresses = addresses.clone();
                     self.reconfigure(wanted);
+                    self.host_addresses_changed(&addresses).await;
                 }
                 accepted = uapi_listener.accept() => {
                     if let Ok((stream, _)) = accepted {

@@ -113,6 +113,17 @@ fn three_nodes_join_ping_each_other_and_routes_wait_for_approval() {
     assert_eq!(d.status(&lab)["node"]["routes"][0]["approved"], true);
     assert!(wait(2000, || nodes[0].table52(&lab).contains("10.77.1.0/24 dev")), "{}", nodes[0].table52(&lab));
 
+    // A new address on c's host reaches the server as an endpoint without anyone running up again
+    // (a DHCP renewal or roaming does this).
+    let lan_c = mesh_netns::stdout(&lab.ns(hosts[2]).ip(&["-o", "-4", "addr", "show"]));
+    let interface = lan_c.lines().find(|l| l.contains("10.99.0.4/")).and_then(|l| l.split_whitespace().nth(1)).unwrap();
+    lab.ns(hosts[2]).ip(&["addr", "add", "10.99.0.104/24", "dev", interface]);
+    assert!(
+        wait(5000, || control.admin(&lab, &["nodes", "list"]).1.lines().any(|l| l.contains("10.99.0.104:41641"))),
+        "{}",
+        control.admin(&lab, &["nodes", "list"]).1
+    );
+
     // down keeps the identity: the next up needs no key and gets the same address.
     assert_eq!(nodes[2].cli(&lab, &["down"]).0, Some(0));
     assert_eq!(nodes[2].status(&lab)["state"], "stopped");

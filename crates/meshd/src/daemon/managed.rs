@@ -38,6 +38,8 @@ pub(crate) struct Managed {
     /// Why the server cannot be reached right now, while the node runs on the netmap it has (shown by
     /// `status`; cleared by the next netmap).
     trouble: Option<String>,
+    /// The endpoints the running follower reports, to notice when the host's addresses change them.
+    endpoints: Vec<SocketAddr>,
 }
 
 /// The routes this node forwards into: those it advertises that the server approved.
@@ -78,6 +80,7 @@ pub(super) async fn setup(options: &Options) -> Result<Setup, Error> {
         pings: HashMap::new(),
         auth_key: None,
         trouble: None,
+        endpoints: Vec::new(),
         prefs: prefs.clone(),
     };
     Ok(Setup {
@@ -91,6 +94,25 @@ pub(super) async fn setup(options: &Options) -> Result<Setup, Error> {
         snat_addresses: prefs.snat_address.clone(),
         managed: Some(Box::new(managed)),
     })
+}
+
+fn endpoint_candidates(addresses: &[IpAddr], mesh: &[IpAddr], snat: &[IpAddr], port: u16) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = addresses
+        .iter()
+        .copied()
+        .filter(|a| {
+            !(a.is_loopback() || a.is_unspecified() || a.is_multicast() || mesh.contains(a) || snat.contains(a))
+        })
+        .filter(|a| match a {
+            IpAddr::V4(v) => !v.is_link_local(),
+            IpAddr::V6(v) => !v.is_unicast_link_local(),
+        })
+        .map(|a| SocketAddr::new(a, port))
+        .collect();
+    // The host lists its addresses in no stable order; sorted, an unchanged set compares equal.
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The identity to present to `control_url`: only one that server issued. A credential never goes to
@@ -123,22 +145,31 @@ impl Daemon {
     }
 
     /// Starts a follower for the current preferences and identity; the one before it (if any) stops.
-    async fn start_following(&mut self) {
-        let port = self.listen_port;
+    /// The endpoints to report for the host's `addresses`: every one peers could reach this node's
+    /// WireGuard port at, so not the mesh's own addresses, the SNAT addresses, loopback or link-local.
+    fn endpoint_candidates(&self, addresses: &[IpAddr]) -> Vec<SocketAddr> {
         let mesh: Vec<IpAddr> = self.addresses.iter().map(IpNet::addr).collect();
-        let snat = self.dataplane.config().snat.addresses();
+        endpoint_candidates(addresses, &mesh, &self.dataplane.config().snat.addresses(), self.listen_port)
+    }
+
+    /// The host's addresses changed (the host thread reports them after each address event): a following
+    /// node whose endpoints change with them reports the new ones at once, so peers do not keep sending
+    /// handshakes to an address this host no longer has (DHCP renewals, roaming).
+    pub(super) async fn host_addresses_changed(&mut self, addresses: &[IpAddr]) {
+        let Some(m) = self.managed.as_ref() else { return };
+        if m.follower.is_none() {
+            return;
+        }
+        let endpoints = self.endpoint_candidates(addresses);
+        if endpoints != self.managed_mut().endpoints {
+            tracing::info!(endpoints = ?endpoints, "the host's addresses changed; reporting new endpoints");
+            self.start_following().await;
+        }
+    }
+
+    async fn start_following(&mut self) {
         let endpoints: Vec<SocketAddr> = match self.netlink.local_addresses().await {
-            Ok(list) => list
-                .into_iter()
-                .filter(|a| {
-                    !(a.is_loopback() || a.is_unspecified() || a.is_multicast() || mesh.contains(a) || snat.contains(a))
-                })
-                .filter(|a| match a {
-                    IpAddr::V4(v) => !v.is_link_local(),
-                    IpAddr::V6(v) => !v.is_unicast_link_local(),
-                })
-                .map(|a| SocketAddr::new(a, port))
-                .collect(),
+            Ok(list) => self.endpoint_candidates(&list),
             Err(e) => {
                 tracing::warn!(error = %e, "reading the host's addresses for endpoints");
                 Vec::new()
@@ -158,9 +189,10 @@ impl Daemon {
             hostname: host_name(&m.prefs),
             advertise_routes: m.prefs.advertised_prefixes(),
             tags: m.prefs.advertise_tags.clone(),
-            endpoints,
+            endpoints: endpoints.clone(),
             since: 0,
         };
+        m.endpoints = endpoints;
         m.trouble = None;
         m.follower = Some(follow::start(follow, m.generation, m.events_tx.clone()));
         if !matches!(*m.conn.borrow(), Conn::Running(_)) {
@@ -605,6 +637,26 @@ fn answer_after<T: Send + 'static>(pending: Option<Pending>, reply: oneshot::Sen
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoints_are_the_hosts_reachable_addresses_in_a_stable_order() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let addresses = [
+            ip("192.168.1.7"),
+            ip("127.0.0.1"),
+            ip("100.64.0.3"),
+            ip("169.254.3.3"),
+            ip("fe80::1"),
+            ip("10.0.12.9"),
+            ip("2001:470::7"),
+        ];
+        let got = endpoint_candidates(&addresses, &[ip("100.64.0.3")], &[ip("10.0.12.9")], 41641);
+        let want: Vec<SocketAddr> = vec!["192.168.1.7:41641".parse().unwrap(), "[2001:470::7]:41641".parse().unwrap()];
+        assert_eq!(got, want);
+        let mut reversed = addresses;
+        reversed.reverse();
+        assert_eq!(endpoint_candidates(&reversed, &[ip("100.64.0.3")], &[ip("10.0.12.9")], 41641), want);
+    }
 
     #[test]
     fn a_changed_control_url_never_gets_the_old_servers_credential() {
