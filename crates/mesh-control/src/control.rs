@@ -70,6 +70,9 @@ const MIGRATIONS: &[&str] = &[
     UPDATE nodes SET key_tags = tags;
     ALTER TABLE routes ADD COLUMN auto_approved INTEGER NOT NULL DEFAULT 0;
 ",
+    "
+    ALTER TABLE nodes ADD COLUMN key_expiry INTEGER;
+",
 ];
 
 /// Bounds on what one node may hand the server, so no registration can grow every netmap past what nodes
@@ -179,6 +182,8 @@ pub struct NodeRecord {
     pub last_seen: u64,
     /// Where the node's WireGuard socket can be reached, as it last reported.
     pub endpoints: Vec<SocketAddr>,
+    /// When its key stops being trusted (Unix seconds), if the server gives keys a lifetime.
+    pub key_expiry: Option<u64>,
 }
 
 /// A policy as stored: its text, version, and who set it when.
@@ -204,6 +209,8 @@ pub struct Control {
     db: Connection,
     policy: Policy,
     domain: String,
+    /// How long a registration's key is trusted (seconds); none: until an admin expires the node.
+    key_lifetime: Option<u64>,
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -339,7 +346,7 @@ impl Control {
             tx.execute("INSERT INTO schema_version (version) VALUES (?1)", params![i as i64 + 1])?;
             tx.commit()?;
         }
-        let control = Self { db, policy, domain: domain.to_string() };
+        let control = Self { db, policy, domain: domain.to_string(), key_lifetime: None };
         if control.meta("ula")?.is_none() {
             // A random ULA /48 (RFC 4193) per mesh, chosen once.
             let mut global = [0u8; 5];
@@ -487,6 +494,11 @@ impl Control {
         Ok(change)
     }
 
+    /// Gives every key registered from now on `seconds` of trust (re-registering renews it).
+    pub fn set_key_lifetime(&mut self, seconds: Option<u64>) {
+        self.key_lifetime = seconds;
+    }
+
     pub fn policy(&self) -> &Policy {
         &self.policy
     }
@@ -612,14 +624,15 @@ impl Control {
         let tx = self.db.unchecked_transaction()?;
         let existing = self.node_by_key(&request.node_key)?;
         let timestamp = i64::try_from(request.timestamp_ms).map_err(|_| ControlError::bad("timestamp out of range"))?;
+        let key_expiry = self.key_lifetime.and_then(|l| now.checked_add(l)).map(|e| e.min(i64::MAX as u64) as i64);
         let node = match existing {
             Some(node) => {
                 // Strictly newer than the last registration: a recorded request, even a fresh one, is spent.
                 let changed = tx.execute(
                     "UPDATE nodes SET credential_hash = ?1, tags = ?2, expired = 0, last_seen = ?3, registered_at_ms = ?5,
-                                      key_tags = ?6
+                                      key_tags = ?6, key_expiry = ?7
                      WHERE id = ?4 AND registered_at_ms < ?5",
-                    params![sha256_hex(&credential), join(&tags), now as i64, node.id as i64, timestamp, join(&key.tags)],
+                    params![sha256_hex(&credential), join(&tags), now as i64, node.id as i64, timestamp, join(&key.tags), key_expiry],
                 )?;
                 if changed == 0 {
                     return Err(ControlError::new(ErrorCode::BadProof, "this registration was already used"));
@@ -632,9 +645,9 @@ impl Control {
                 let id = self.next_node_id()?;
                 tx.execute(
                     "INSERT INTO nodes (id, node_key, name, ipv4, ipv6, tags, credential_hash, ephemeral, last_seen, created_at,
-                                        registered_at_ms, key_tags)
-                     VALUES (?9, ?1, ?2, ?3, '::', ?4, ?5, ?6, ?7, ?7, ?8, ?10)",
-                    params![request.node_key, name, ipv4.to_string(), join(&tags), sha256_hex(&credential), key.ephemeral, now as i64, timestamp, id as i64, join(&key.tags)],
+                                        registered_at_ms, key_tags, key_expiry)
+                     VALUES (?9, ?1, ?2, ?3, '::', ?4, ?5, ?6, ?7, ?7, ?8, ?10, ?11)",
+                    params![request.node_key, name, ipv4.to_string(), join(&tags), sha256_hex(&credential), key.ephemeral, now as i64, timestamp, id as i64, join(&key.tags), key_expiry],
                 )?;
                 let ipv6 = self.ipv6_for(id)?;
                 tx.execute("UPDATE nodes SET ipv6 = ?1 WHERE id = ?2", params![ipv6.to_string(), id as i64])?;
@@ -650,6 +663,7 @@ impl Control {
                     expired: false,
                     last_seen: now,
                     endpoints: Vec::new(),
+                    key_expiry: key_expiry.map(|e| e as u64),
                 }
             }
         };
@@ -798,7 +812,8 @@ impl Control {
     /// reading the whole table, which registration and every authenticated request would otherwise do.
     fn nodes_where(&self, filter: &str, values: &[&dyn rusqlite::ToSql]) -> Result<Vec<NodeRecord>, ControlError> {
         let mut statement = self.db.prepare_cached(&format!(
-            "SELECT id, node_key, name, ipv4, ipv6, tags, ephemeral, expired, last_seen, endpoints FROM nodes {filter} \
+            "SELECT id, node_key, name, ipv4, ipv6, tags, ephemeral, expired, last_seen, endpoints, key_expiry \
+             FROM nodes {filter} \
              ORDER BY id"
         ))?;
         let rows = statement.query_map(values, |r| {
@@ -813,13 +828,14 @@ impl Control {
                 expired: r.get(7)?,
                 last_seen: r.get::<_, i64>(8)? as u64,
                 endpoints: split(&r.get::<_, String>(9)?).iter().filter_map(|e| e.parse().ok()).collect(),
+                key_expiry: r.get::<_, Option<i64>>(10)?.map(|e| e as u64),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// The node a credential belongs to, if it is live.
-    pub fn authenticate(&self, node_id: u64, credential: &str) -> Result<NodeRecord, ControlError> {
+    pub fn authenticate(&self, node_id: u64, credential: &str, now: u64) -> Result<NodeRecord, ControlError> {
         let hash: Option<String> = self
             .db
             .query_row("SELECT credential_hash FROM nodes WHERE id = ?1", params![node_id as i64], |r| r.get(0))
@@ -831,7 +847,7 @@ impl Control {
             ));
         }
         let node = self.node_by_id(node_id)?.expect("the row just read");
-        if node.expired {
+        if node.expired || node.key_expiry.is_some_and(|e| e <= now) {
             return Err(ControlError::new(
                 ErrorCode::NodeExpired,
                 "this node has expired; re-authenticate with meshd up --force-reauth",
@@ -1062,6 +1078,7 @@ fn peer_view(n: &NodeRecord, served: &BTreeMap<u64, Vec<IpNet>>, online: bool) -
         allowed_ips,
         online,
         tags: n.tags.clone(),
+        key_expiry: n.key_expiry,
     }
 }
 

@@ -235,7 +235,7 @@ async fn require_node(state: &Arc<AppState>, headers: &HeaderMap) -> Result<u64,
     let mut parts = value.strip_prefix("Node ").ok_or_else(unauthorized)?.split(' ');
     let id: u64 = parts.next().and_then(|i| i.parse().ok()).ok_or_else(unauthorized)?;
     let credential = parts.next().ok_or_else(unauthorized)?.to_string();
-    blocking(state, move |c, _| c.authenticate(id, &credential).map(|n| n.id)).await
+    blocking(state, move |c, now| c.authenticate(id, &credential, now).map(|n| n.id)).await
 }
 
 /// A node that writes more often than any honest node would is told to slow down (and wakes nobody).

@@ -76,7 +76,9 @@ fn decode_key(text: &str) -> Option<Key> {
 /// The peers to configure: each with its mesh addresses and the accepted routes it is primary for, and the
 /// first endpoint it reported. A peer with a malformed key, this node's own key, or a key an earlier peer
 /// already has is skipped and reported, never configured twice.
-pub fn peers(map: &NetMap, accept: &AcceptRoutes, persistent_keepalive: Option<u16>) -> Peers {
+/// `now_unix` (seconds) decides which peers' keys have expired: those are skipped, whatever the server
+/// said last, so a node that cannot reach its server still stops trusting them on time.
+pub fn peers(map: &NetMap, accept: &AcceptRoutes, persistent_keepalive: Option<u16>, now_unix: u64) -> Peers {
     let mut out = Peers::default();
     let mesh_ula = mesh_ula_of(map);
     let mut seen: HashSet<Key> = decode_key(&map.node.node_key).into_iter().collect();
@@ -88,6 +90,10 @@ pub fn peers(map: &NetMap, accept: &AcceptRoutes, persistent_keepalive: Option<u
             out.skipped.push(skip("its node key is not a base64 WireGuard key"));
             continue;
         };
+        if peer.key_expiry.is_some_and(|e| e <= now_unix) {
+            out.skipped.push(skip("its key has expired"));
+            continue;
+        }
         if !MESH_V4.contains(&peer.ipv4) || !mesh_ula.is_some_and(|ula| ula.contains(&peer.ipv6)) {
             // A server that hands out 169.254.169.254 or a LAN address as a peer's mesh address would route
             // it into the mesh on every node, whatever --accept-routes says.
@@ -115,6 +121,12 @@ pub fn peers(map: &NetMap, accept: &AcceptRoutes, persistent_keepalive: Option<u
         });
     }
     out
+}
+
+/// The earliest key expiry among the peers still trusted at `now_unix`: when the peers must be
+/// reconfigured next even if no netmap comes.
+pub fn next_key_expiry(map: &NetMap, now_unix: u64) -> Option<u64> {
+    map.peers.iter().filter_map(|p| p.key_expiry).filter(|e| *e > now_unix).min()
 }
 
 /// The mesh's IPv4 range (RFC 6598 shared address space).
@@ -147,6 +159,8 @@ mod tests {
 
     use super::*;
 
+    const NOW: u64 = 1_800_000_000;
+
     fn key_text(byte: u8) -> String {
         base64::engine::general_purpose::STANDARD.encode([byte; 32])
     }
@@ -169,6 +183,7 @@ mod tests {
             allowed_ips,
             online: true,
             tags: Vec::new(),
+            key_expiry: None,
         }
     }
 
@@ -192,12 +207,12 @@ mod tests {
     #[test]
     fn subnet_routes_are_accepted_only_when_asked_for() {
         let m = map(vec![peer(2, key_text(2), &["10.2.0.0/16", "192.168.7.0/24"]), peer(3, key_text(3), &[])]);
-        let none = peers(&m, &AcceptRoutes::None, None);
+        let none = peers(&m, &AcceptRoutes::None, None, NOW);
         assert_eq!(allowed(&none, 0), ["100.64.0.2/32", "fd7a:1::2/128"], "mesh addresses only");
-        let all = peers(&m, &AcceptRoutes::All, Some(25));
+        let all = peers(&m, &AcceptRoutes::All, Some(25), NOW);
         assert_eq!(allowed(&all, 0), ["100.64.0.2/32", "fd7a:1::2/128", "10.2.0.0/16", "192.168.7.0/24"]);
         assert_eq!(all.specs[0].persistent_keepalive, Some(25));
-        let within = peers(&m, &AcceptRoutes::Within(vec!["10.0.0.0/8".parse().unwrap()]), None);
+        let within = peers(&m, &AcceptRoutes::Within(vec!["10.0.0.0/8".parse().unwrap()]), None, NOW);
         assert_eq!(allowed(&within, 0), ["100.64.0.2/32", "fd7a:1::2/128", "10.2.0.0/16"]);
         assert_eq!(all.specs[0].endpoint, Some("192.0.2.2:41641".parse().unwrap()), "the first reported endpoint");
         assert_eq!(all.specs[0].public_key, [2; 32]);
@@ -215,7 +230,7 @@ mod tests {
         other_ula.ipv6 = "fd00:bad::4".parse().unwrap();
         let default_routes = peer(5, key_text(5), &["0.0.0.0/0", "::/0", "10.5.0.0/16"]);
         let m = map(vec![metadata, lan_v6, other_ula, default_routes]);
-        let all = peers(&m, &AcceptRoutes::All, None);
+        let all = peers(&m, &AcceptRoutes::All, None, NOW);
         assert_eq!(all.skipped.iter().map(|s| s.node_id).collect::<Vec<_>>(), [2, 3, 4], "refused and counted");
         assert_eq!(allowed(&all, 0), ["100.64.0.5/32", "fd7a:1::5/128", "10.5.0.0/16"], "no default route");
         assert!(own_addresses_in_mesh(&m));
@@ -228,6 +243,20 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_whose_key_expired_is_dropped_by_the_node_itself() {
+        let mut expiring = peer(2, key_text(2), &[]);
+        expiring.key_expiry = Some(NOW + 60);
+        let lasting = peer(3, key_text(3), &[]);
+        let m = map(vec![expiring, lasting]);
+        assert_eq!(peers(&m, &AcceptRoutes::None, None, NOW).specs.len(), 2);
+        assert_eq!(next_key_expiry(&m, NOW), Some(NOW + 60));
+        let later = peers(&m, &AcceptRoutes::None, None, NOW + 60);
+        assert_eq!(later.specs.iter().map(|s| s.public_key[0]).collect::<Vec<_>>(), [3]);
+        assert_eq!(later.skipped[0].reason, "its key has expired");
+        assert_eq!(next_key_expiry(&m, NOW + 60), None);
+    }
+
+    #[test]
     fn bad_own_and_repeated_keys_skip_that_peer_only() {
         let m = map(vec![
             peer(2, "not base64!".into(), &[]),
@@ -236,7 +265,7 @@ mod tests {
             peer(5, key_text(5), &[]),
             peer(6, key_text(5), &[]),
         ]);
-        let out = peers(&m, &AcceptRoutes::All, None);
+        let out = peers(&m, &AcceptRoutes::All, None, NOW);
         assert_eq!(out.specs.len(), 1);
         assert_eq!(out.specs[0].public_key, [5; 32]);
         let skipped: Vec<u64> = out.skipped.iter().map(|s| s.node_id).collect();
@@ -247,7 +276,7 @@ mod tests {
     fn a_peer_without_endpoints_waits_for_its_handshake() {
         let mut quiet = peer(2, key_text(2), &[]);
         quiet.endpoints.clear();
-        assert_eq!(peers(&map(vec![quiet]), &AcceptRoutes::None, None).specs[0].endpoint, None);
+        assert_eq!(peers(&map(vec![quiet]), &AcceptRoutes::None, None, NOW).specs[0].endpoint, None);
     }
 
     #[test]

@@ -92,6 +92,10 @@ pub struct Peer {
     pub allowed_ips: Vec<IpNet>,
     pub online: bool,
     pub tags: Vec<String>,
+    /// When the peer's key stops being trusted (Unix seconds; none: never). A node drops the peer then
+    /// by itself, even while it cannot reach the server.
+    #[serde(default)]
+    pub key_expiry: Option<u64>,
 }
 
 /// Routes a node advertises, and what became of them.

@@ -68,10 +68,8 @@ pub fn parse_duration(text: &str) -> Result<u64, String> {
         "s" => 1,
         _ => return Err(format!("{text:?}: expected a number and d, h, m or s, like 90d")),
     };
-    number
-        .parse::<u64>()
-        .map(|n| n * factor)
-        .map_err(|_| format!("{text:?}: expected a number and d, h, m or s, like 90d"))
+    let n = number.parse::<u64>().map_err(|_| format!("{text:?}: expected a number and d, h, m or s, like 90d"))?;
+    n.checked_mul(factor).ok_or_else(|| format!("{text:?}: too long"))
 }
 
 pub fn run(connection: Connection, verb: Verb) -> ExitCode {
@@ -273,5 +271,6 @@ mod tests {
         assert!(parse_duration("90").is_err());
         assert!(parse_duration("d").is_err());
         assert!(parse_duration("1.5h").is_err());
+        assert!(parse_duration("99999999999999999d").is_err(), "overflow is an error, not a panic");
     }
 }

@@ -27,6 +27,8 @@ pub struct Options {
     pub tls_key: Option<PathBuf>,
     pub insecure_http: bool,
     pub ephemeral_timeout: u64,
+    /// Seconds a registration's key is trusted; none: until an administrator expires the node.
+    pub key_expiry: Option<u64>,
 }
 
 fn unix_now() -> u64 {
@@ -163,6 +165,7 @@ pub async fn run(o: Options) -> Result<(), Error> {
     check_data_dir(&o.data_dir)?;
     let token = admin_token(&o.data_dir)?;
     let mut control = open_database(&db, &o.domain)?;
+    control.set_key_lifetime(o.key_expiry);
     if let Some((path, text)) = policy_file {
         apply_policy_file(&mut control, path, &text)?;
     }

@@ -441,6 +441,7 @@ impl Daemon {
         let mut out = vec![0u8; 65_536 + 64];
         loop {
             let wake = self.dataplane.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            let key_expiry = self.key_expiry_deadline();
             tokio::select! {
                 read = self.tun.recv(&mut tun_buf) => {
                     let n = read.map_err(|e| Error::system("reading the TUN device", e))?;
@@ -457,6 +458,7 @@ impl Daemon {
                     }
                 }
                 _ = tokio::time::sleep_until(wake.into()) => self.dataplane.handle_timeout(Instant::now()),
+                () = sleep_until_some(key_expiry) => self.key_expired().await,
                 Some(addresses) = self.host_addresses.recv() => {
                     let mut wanted = self.dataplane.config().clone();
                     wanted.local_addresses = addresses.clone();
@@ -603,6 +605,14 @@ async fn recv_follow(
 ) -> Option<(u64, crate::follow::Event)> {
     match events {
         Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `deadline`, or forever when there is none.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }

@@ -109,6 +109,9 @@ pub struct PeerView {
     pub tx_bytes: u64,
     /// Subnet routes reached through this peer (accepted and approved, with the peer as primary).
     pub routes: Vec<IpNet>,
+    /// When the peer's key expires (Unix seconds), if the server gives keys a lifetime.
+    #[serde(default)]
+    pub key_expiry: Option<u64>,
 }
 
 /// The daemon's answer: bad input is the caller's to fix (400, exit status 2), anything else is not (500, 1).

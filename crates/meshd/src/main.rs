@@ -204,6 +204,10 @@ enum ControlCommand {
         /// Seconds an ephemeral node may be offline before it is removed.
         #[arg(long, env = "MESHD_CONTROL_EPHEMERAL_TIMEOUT", default_value_t = 600)]
         ephemeral_timeout: u64,
+        /// How long a node's key is trusted after it registers (e.g. 180d); peers drop it then by
+        /// themselves, and it must re-register. Default: until an administrator expires it.
+        #[arg(long, env = "MESHD_CONTROL_KEY_EXPIRY", value_name = "DUR", value_parser = control_client::parse_duration)]
+        key_expiry: Option<u64>,
     },
     /// Auth keys: create, list, revoke.
     Authkey {
@@ -466,6 +470,7 @@ fn main() -> ExitCode {
                     tls_key,
                     insecure_http,
                     ephemeral_timeout,
+                    key_expiry,
                 },
         } => {
             init_logging();
@@ -479,6 +484,7 @@ fn main() -> ExitCode {
                 tls_key,
                 insecure_http,
                 ephemeral_timeout,
+                key_expiry,
             };
             block_on(control_serve::run(options))
         }

@@ -264,3 +264,33 @@ fn a_killed_node_keeps_its_identity_and_the_mesh_outlives_the_server() {
     assert_eq!(status, Some(2), "a new registration needs a key: {err}");
     assert!(err.contains("--auth-key"), "{err}");
 }
+
+#[test]
+fn a_peer_whose_key_expired_is_dropped_even_while_the_server_is_down() {
+    let mut lab = Lab::new("mgx");
+    let hub = lab.netns("cs");
+    let hosts = [lab.netns("n0"), lab.netns("n1")];
+    lab.switch(hub, "10.99.0.1/24", &[(hosts[0], "10.99.0.2/24"), (hosts[1], "10.99.0.3/24")]);
+    let mut control = Control::start_with(&mut lab, hub, "10.99.0.1", None, &["--key-expiry", "15s"]);
+    let key = control.authkey(&lab, &["--reusable"]);
+    let a = Node::start(&mut lab, hosts[0], "a");
+    let b = Node::start(&mut lab, hosts[1], "b");
+    a.up(&lab, &control, &key, &[]);
+    let ip_b = b.up(&lab, &control, &key, &[]);
+    assert!(wait(5000, || lab.ns(hosts[0]).ping(&ip_b)), "a reaches b while b's key is good");
+    let expiry = a.status(&lab)["peers"][0]["key_expiry"].as_u64();
+    assert!(expiry.is_some(), "the netmap carries the expiry: {}", a.status(&lab));
+
+    // The server goes away; nobody can tell a that b expired, and a drops b on time by itself.
+    control.stop(&mut lab);
+    assert!(wait(25_000, || a.status(&lab)["peers"].as_array().is_some_and(Vec::is_empty)), "{}", a.status(&lab));
+    // Status leaves it out at the expiry second; the data plane follows within that second.
+    assert!(
+        wait(3000, || !a.table52(&lab).contains(&ip_b)),
+        "{}\n{}",
+        a.table52(&lab),
+        lab.process(a.process).log_text()
+    );
+    assert!(!lab.ns(hosts[0]).ping(&ip_b), "no traffic to an expired peer");
+    control.restart(&mut lab);
+}

@@ -109,8 +109,8 @@ fn a_known_node_key_re_registers_the_same_node_never_already_exists() {
         (first.node_id, first.ipv4, first.ipv6, first.name.clone())
     );
     assert_ne!(again.credential, first.credential, "a fresh credential");
-    assert_eq!(c.authenticate(first.node_id, &first.credential).unwrap_err().code, ErrorCode::Unauthorized);
-    assert_eq!(c.authenticate(again.node_id, &again.credential).unwrap().id, first.node_id);
+    assert_eq!(c.authenticate(first.node_id, &first.credential, NOW).unwrap_err().code, ErrorCode::Unauthorized);
+    assert_eq!(c.authenticate(again.node_id, &again.credential, NOW).unwrap().id, first.node_id);
     assert_eq!(c.nodes().unwrap().len(), 1, "no duplicate");
 }
 
@@ -199,7 +199,7 @@ fn expired_and_stale_ephemeral_nodes_leave_the_mesh() {
 
     c.expire_node(laptop.node_id).unwrap();
     assert_eq!(c.netmap(laptop.node_id, |_| true).unwrap_err().code, ErrorCode::NodeExpired);
-    assert_eq!(c.authenticate(laptop.node_id, &laptop.credential).unwrap_err().code, ErrorCode::NodeExpired);
+    assert_eq!(c.authenticate(laptop.node_id, &laptop.credential, NOW).unwrap_err().code, ErrorCode::NodeExpired);
     assert!(c.netmap(server.node_id, |_| true).unwrap().peers.is_empty(), "peers drop the expired node");
 }
 
@@ -222,7 +222,7 @@ fn the_database_survives_a_restart() {
     };
     let c = Control::open(&path, "mesh.example").unwrap();
     assert_eq!(c.ula().unwrap(), ula, "the mesh keeps its IPv6 prefix");
-    assert_eq!(c.authenticate(first.node_id, &first.credential).unwrap().ipv4, first.ipv4);
+    assert_eq!(c.authenticate(first.node_id, &first.credential, NOW).unwrap().ipv4, first.ipv4);
     let stored = std::fs::read(&path).unwrap();
     assert!(
         !stored.windows(first.credential.len()).any(|w| w == first.credential.as_bytes()),
@@ -487,4 +487,20 @@ fn a_policy_set_survives_a_restart() {
     assert!(c.policy().auto_approves(&net("10.1.0.0/16"), &["tag:router".into()]));
     assert_eq!(c.stored_policy().unwrap().unwrap().set_by, "admin API");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_key_lifetime_reaches_peers_and_ends_the_nodes_credential() {
+    let mut c = control("{}");
+    c.set_key_lifetime(Some(3600));
+    let (_, key) = c.create_auth_key(&AuthKeyOptions { reusable: true, ..Default::default() }, NOW).unwrap();
+    let a = join(&c, &request(&key, 1, "a"), NOW).unwrap();
+    let b = join(&c, &request(&key, 2, "b"), NOW + 10).unwrap();
+    let map = c.netmap(a.node_id, |_| true).unwrap();
+    assert_eq!(map.peers[0].key_expiry, Some(NOW + 10 + 3600), "peers learn when to stop trusting b");
+    assert!(c.authenticate(b.node_id, &b.credential, NOW + 3609).is_ok());
+    assert_eq!(c.authenticate(b.node_id, &b.credential, NOW + 3610).unwrap_err().code, ErrorCode::NodeExpired);
+    // Registering again renews it.
+    let renewed = join(&c, &request(&key, 2, "b"), NOW + 4000).unwrap();
+    assert!(c.authenticate(renewed.node_id, &renewed.credential, NOW + 4000).is_ok());
 }

@@ -40,6 +40,8 @@ pub(crate) struct Managed {
     trouble: Option<String>,
     /// The endpoints the running follower reports, to notice when the host's addresses change them.
     endpoints: Vec<SocketAddr>,
+    /// When the next configured peer's key expires (Unix seconds), set each time a netmap is applied.
+    next_key_expiry: Option<u64>,
 }
 
 /// The routes this node forwards into: those it advertises that the server approved.
@@ -62,7 +64,7 @@ pub(super) async fn setup(options: &Options) -> Result<Setup, Error> {
     let (specs, addresses) = match &netmap {
         Some(map) => {
             tracing::info!(version = map.version, peers = map.peers.len(), "starting from the cached netmap");
-            (netmap::peers(map, &prefs.accept_routes, None).specs, mesh_addresses(map))
+            (netmap::peers(map, &prefs.accept_routes, None, unix_now()).specs, mesh_addresses(map))
         }
         None => (Vec::new(), Vec::new()),
     };
@@ -81,6 +83,7 @@ pub(super) async fn setup(options: &Options) -> Result<Setup, Error> {
         auth_key: None,
         trouble: None,
         endpoints: Vec::new(),
+        next_key_expiry: None,
         prefs: prefs.clone(),
     };
     Ok(Setup {
@@ -94,6 +97,10 @@ pub(super) async fn setup(options: &Options) -> Result<Setup, Error> {
         snat_addresses: prefs.snat_address.clone(),
         managed: Some(Box::new(managed)),
     })
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn endpoint_candidates(addresses: &[IpAddr], mesh: &[IpAddr], snat: &[IpAddr], port: u16) -> Vec<SocketAddr> {
@@ -150,6 +157,21 @@ impl Daemon {
     fn endpoint_candidates(&self, addresses: &[IpAddr]) -> Vec<SocketAddr> {
         let mesh: Vec<IpAddr> = self.addresses.iter().map(IpNet::addr).collect();
         endpoint_candidates(addresses, &mesh, &self.dataplane.config().snat.addresses(), self.listen_port)
+    }
+
+    /// When the next peer's key expires (on the wall clock, turned into the loop's clock), if any does.
+    pub(super) fn key_expiry_deadline(&self) -> Option<tokio::time::Instant> {
+        let at = self.managed.as_ref()?.next_key_expiry?;
+        Some(tokio::time::Instant::now() + Duration::from_secs(at.saturating_sub(unix_now())))
+    }
+
+    /// A peer's key expired: the netmap at hand is applied again, which leaves that peer out, whether or
+    /// not the server can be reached to say so.
+    pub(super) async fn key_expired(&mut self) {
+        if let Some(map) = self.managed.as_ref().and_then(|m| m.netmap.clone()) {
+            tracing::info!("a peer's key expired; dropping it");
+            self.apply_netmap(map).await;
+        }
     }
 
     /// The host's addresses changed (the host thread reports them after each address event): a following
@@ -250,8 +272,11 @@ impl Daemon {
             self.managed_mut().trouble = Some(message);
             return;
         }
+        let now = unix_now();
+        // Kept before the peers are configured, so an expiry passing meanwhile still has its timer.
+        self.managed_mut().next_key_expiry = netmap::next_key_expiry(&map, now);
         let m = self.managed.as_ref().expect("managed");
-        let peers = netmap::peers(&map, &m.prefs.accept_routes, None);
+        let peers = netmap::peers(&map, &m.prefs.accept_routes, None, now);
         for skipped in &peers.skipped {
             let name = crate::follow::escape_controls(&skipped.name);
             tracing::warn!(peer = %name, node_id = skipped.node_id, "not configured: {}", skipped.reason);
@@ -556,7 +581,9 @@ impl Daemon {
         if let Some(map) = &m.netmap
             && matches!(conn, Conn::Running(_))
         {
-            for peer in &map.peers {
+            let now = unix_now();
+            // A peer whose key expired is not configured any more; it is not listed either.
+            for peer in map.peers.iter().filter(|p| p.key_expiry.is_none_or(|e| e > now)) {
                 let key = config::decode_key(&peer.node_key).ok();
                 let live = key.as_ref().and_then(now_key);
                 let own = [IpNet::from(IpAddr::V4(peer.ipv4)), IpNet::from(IpAddr::V6(peer.ipv6))];
@@ -573,6 +600,7 @@ impl Daemon {
                     routes: live
                         .map(|p| p.allowed_ips.iter().filter(|r| !own.contains(r)).copied().collect())
                         .unwrap_or_default(),
+                    key_expiry: peer.key_expiry,
                 });
             }
         }

@@ -48,6 +48,8 @@ pub struct Control {
     pub ca: String,
     pub token: String,
     listen: String,
+    /// More `control serve` flags, given on every start.
+    extra: Vec<String>,
 }
 
 /// The output of one meshd command: exit status, stdout and stderr, trimmed.
@@ -60,6 +62,11 @@ fn outcome(out: &std::process::Output) -> Outcome {
 impl Control {
     /// Starts the server in `ns` on `ip:8443` with HTTPS and, if given, a policy file.
     pub fn start(lab: &mut Lab, ns: usize, ip: &str, policy: Option<&str>) -> Self {
+        Self::start_with(lab, ns, ip, policy, &[])
+    }
+
+    /// `start`, with more `control serve` flags.
+    pub fn start_with(lab: &mut Lab, ns: usize, ip: &str, policy: Option<&str>, extra: &[&str]) -> Self {
         make_certificates(lab, ip);
         let mut control = Control {
             ns,
@@ -68,6 +75,7 @@ impl Control {
             ca: lab.path("ca.pem").to_str().unwrap().to_string(),
             token: format!("file:{}", lab.path("control-data").join("admin-token").display()),
             listen: format!("{ip}:8443"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         let policy = policy.map(|p| lab.write("policy.hujson", p));
         control.process = control.spawn(lab, policy, "control");
@@ -83,6 +91,7 @@ impl Control {
         if let Some(p) = &policy_text {
             args.extend(["--policy", p.as_str()]);
         }
+        args.extend(self.extra.iter().map(String::as_str));
         let p = lab.spawn(self.ns, name, MESHD, &args, &[]);
         wait_for_server(lab, p);
         p
