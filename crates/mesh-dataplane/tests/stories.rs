@@ -418,7 +418,8 @@ impl SnatModel {
 #[test]
 fn the_snat_table_over_an_hour_matches_a_reference_model() {
     // Four external ports, so the pool runs out; UDP mappings idle out after 300 s (RFC 4787's 5 minutes).
-    let settings = SnatSettings { ports: 20_000..=20_003, ..snat_to("10.0.12.9") };
+    // The reference model knows the pool, not per-source shares (their own test is in mesh-packet).
+    let settings = SnatSettings { ports: 20_000..=20_003, source_share: 1, ..snat_to("10.0.12.9") };
     let mut world = s1_world(10, settings);
     let idle = Duration::from_secs(u64::from(snat::Timeouts::default().udp));
     let mut model = SnatModel { pool: 4, idle, mappings: HashMap::new() };

@@ -334,6 +334,7 @@ fn full_pool_refuses_new_mappings_and_keeps_old_ones() {
     let now = Instant::now();
     let mut config = SnatConfig::new(Some(SNAT), None);
     config.ports = 40000..=40001;
+    config.source_share = 1; // the table's own limit, not one source's share
     let mut snat = Snat::new(config, now).unwrap();
     let a = open_tcp(&mut snat, CLIENT, 1000, now);
     let b = open_tcp(&mut snat, CLIENT, 1001, now);
@@ -360,6 +361,7 @@ fn full_table_refuses_new_flows_and_recovers_after_expiry() {
     let t0 = Instant::now();
     let mut config = SnatConfig::new(Some(SNAT), None);
     config.max_flows = 2;
+    config.source_share = 1; // the table's own limit, not one source's share
     let mut snat = Snat::new(config, t0).unwrap();
     open_tcp(&mut snat, CLIENT, 1000, t0);
     open_tcp(&mut snat, CLIENT, 1001, t0);
@@ -454,6 +456,7 @@ fn repeated_first_fragments_use_one_entry() {
     let now = Instant::now();
     let mut config = SnatConfig::new(Some(SNAT), None);
     config.max_fragments = 2;
+    config.source_share = 1; // the table's own limit, not one source's share
     let mut snat = Snat::new(config, now).unwrap();
     let datagram = Builder::v4(CLIENT.octets(), SERVER.octets()).ident(1).udp(9000, 9001, &[3u8; 300]);
     let first = fragment_v4(&datagram, 128).remove(0);

@@ -232,7 +232,7 @@ struct Fragments<A> {
     capacity: usize,
     /// Datagrams in `map` per source address, and how many one source may have.
     per_source: HashMap<A, usize, foldhash::fast::RandomState>,
-    source_capacity: usize,
+    source_capacity: u64,
 }
 
 impl<A: Family> Fragments<A> {
@@ -258,6 +258,11 @@ fn release<A: Family>(counts: &mut HashMap<A, usize, foldhash::fast::RandomState
             counts.remove(&source);
         }
     }
+}
+
+/// 1/`share` of `total` (at least one); no limit of its own for a share of 1.
+fn share_of(total: u64, share: u32) -> u64 {
+    if share <= 1 { u64::MAX } else { (total / u64::from(share)).max(1) }
 }
 
 /// What one table may hold, in all and per source address.
@@ -289,8 +294,8 @@ pub(super) struct Table<A> {
     live: u32,
     max_flows: u32,
     per_source: HashMap<A, SourceUse, foldhash::fast::RandomState>,
-    source_flows: u32,
-    source_mappings: u32,
+    source_flows: u64,
+    source_mappings: u64,
 }
 
 impl<A: Family> Table<A> {
@@ -311,14 +316,14 @@ impl<A: Family> Table<A> {
                 order: VecDeque::new(),
                 capacity: max_fragments,
                 per_source: HashMap::default(),
-                source_capacity: (max_fragments / source_share as usize).max(1),
+                source_capacity: share_of(max_fragments as u64, source_share),
             },
             hasher: foldhash::fast::RandomState::default(),
             live: 0,
             max_flows,
             per_source: HashMap::default(),
-            source_flows: (max_flows / source_share).max(1),
-            source_mappings: (ports / source_share).max(1),
+            source_flows: share_of(u64::from(max_flows), source_share),
+            source_mappings: share_of(u64::from(ports), source_share),
         }
     }
 
@@ -380,7 +385,7 @@ impl<A: Family> Table<A> {
                 return Err(DropReason::TableFull);
             }
         }
-        if self.per_source.get(&k.int_addr).is_some_and(|u| u.flows >= self.source_flows) {
+        if self.per_source.get(&k.int_addr).is_some_and(|u| u64::from(u.flows) >= self.source_flows) {
             return Err(DropReason::SourceOverQuota);
         }
         let mapping = self.mapping_for(k.proto, k.int_addr, k.int_port)?;
@@ -419,7 +424,7 @@ impl<A: Family> Table<A> {
         }) {
             return Ok(m);
         }
-        if self.per_source.get(&addr).is_some_and(|u| u.mappings[proto as usize] >= self.source_mappings) {
+        if self.per_source.get(&addr).is_some_and(|u| u64::from(u.mappings[proto as usize]) >= self.source_mappings) {
             return Err(DropReason::SourceOverQuota);
         }
         let pool = &mut self.pools[proto as usize];
@@ -531,7 +536,7 @@ impl<A: Family> Table<A> {
         if f.map.len() >= f.capacity {
             return Err(DropReason::FragmentTableFull);
         }
-        if f.per_source.get(&key.src).is_some_and(|&n| n >= f.source_capacity) {
+        if f.per_source.get(&key.src).is_some_and(|&n| n as u64 >= f.source_capacity) {
             return Err(DropReason::SourceOverQuota);
         }
         Ok(())
