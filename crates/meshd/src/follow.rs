@@ -1,13 +1,16 @@
 //! A managed node following its coordination server: register when it has no identity, report where it
-//! can be reached and what it advertises, then long-poll the netmap. It runs on a thread of its own with a
-//! blocking HTTPS client, so a slow or dead server never stalls packets; it only sends events to the
-//! daemon's loop, which applies them. Dropping the handle stops it after the request in flight.
+//! can be reached and what it advertises, then long-poll the netmap.
+//!
+//! Two halves. [`Machine`] decides, without I/O: which call to make next, what an answer means (an event
+//! for the daemon, a wait before the next call, or a stop), so every step of register → endpoints →
+//! routes → poll and every kind of failure is a unit test. [`start`] drives it as one task on the
+//! daemon's runtime with an async HTTPS client; dropping the [`Handle`] ends the task and the request in
+//! flight at once. It only sends events to the daemon's loop, which applies them, so a slow or dead
+//! server never stalls packets.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ipnet::IpNet;
 use mesh_proto::{
@@ -15,7 +18,7 @@ use mesh_proto::{
 };
 use tokio::sync::mpsc;
 
-use crate::control_client::https_agent;
+use crate::control_http::Client;
 use crate::prefs::Identity;
 
 /// Everything the follower needs, fixed when it starts; a change of preferences starts a new one.
@@ -52,238 +55,339 @@ impl std::fmt::Debug for NodePrivate {
 pub enum Event {
     Registered(Identity, RegisterResponse),
     NetMap(Box<NetMap>),
-    /// The server could not be reached or failed; the follower keeps trying.
+    /// The server could not be reached or failed; the follower keeps trying. The message says since when.
     Trouble(String),
     /// The server refused this node (a bad auth key, an expired or deleted node); the follower stopped.
     Refused(String),
 }
 
+/// Stops the follower when dropped: its task and the request in flight end at once.
+#[derive(Debug)]
 pub struct Handle {
-    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.task.abort();
     }
 }
 
 /// How long a netmap request may take: the server's long poll (25 s) and a margin.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(40);
+const POLL_TIMEOUT: Duration = Duration::from_secs(40);
+/// Any other request.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(8);
 
-pub fn start(follow: Follow, generation: u64, events: mpsc::Sender<(u64, Event)>) -> Handle {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let spawned = std::thread::Builder::new().name("meshd-follow".into()).spawn(move || {
-        let send = |event| events.blocking_send((generation, event)).is_ok();
-        Follower { follow, stop: flag, send: &send }.run();
-    });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start following the coordination server");
+/// One request to the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    ServerKey,
+    Register(String),
+    Endpoints(String),
+    Routes(String),
+    NetMap { since: u64 },
+}
+
+impl Call {
+    pub fn path(&self) -> String {
+        match self {
+            Call::ServerKey => "server-key".into(),
+            Call::Register(_) => "register".into(),
+            Call::Endpoints(_) => "endpoints".into(),
+            Call::Routes(_) => "routes".into(),
+            Call::NetMap { since } => format!("netmap?since={since}"),
+        }
     }
-    Handle { stop }
+
+    pub fn body(&self) -> Option<&str> {
+        match self {
+            Call::Register(b) | Call::Endpoints(b) | Call::Routes(b) => Some(b),
+            Call::ServerKey | Call::NetMap { .. } => None,
+        }
+    }
+
+    fn needs_credential(&self) -> bool {
+        !matches!(self, Call::ServerKey | Call::Register(_))
+    }
+
+    pub fn timeout(&self) -> Duration {
+        if matches!(self, Call::NetMap { .. }) { POLL_TIMEOUT } else { CALL_TIMEOUT }
+    }
 }
 
-enum CallError {
-    Unreachable(String),
-    Refused(String),
+/// What to do after an answer.
+#[derive(Debug, Default)]
+pub struct Step {
+    pub events: Vec<Event>,
+    /// How long to wait before the next call.
+    pub wait: Duration,
+    /// The follower is done (refused); no more calls.
+    pub stop: bool,
 }
 
-struct Follower<'a> {
+/// The follower's decisions, without I/O; time and randomness are parameters.
+#[derive(Debug)]
+pub struct Machine {
     follow: Follow,
-    stop: Arc<AtomicBool>,
-    send: &'a dyn Fn(Event) -> bool,
+    server_key: Option<[u8; 32]>,
+    endpoints_sent: bool,
+    routes_checked: bool,
+    /// The server holds other routes than the node advertises: report them before polling again.
+    routes_due: bool,
+    backoff: Duration,
+    /// When the server stopped answering (Unix seconds), until it answers again.
+    unreachable_since: Option<u64>,
 }
 
-impl Follower<'_> {
-    fn stopped(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
-    }
-
-    /// Sleeps in short slices so a stop is noticed quickly.
-    fn pause(&self, how_long: Duration) {
-        let until = Instant::now() + how_long;
-        while !self.stopped() && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(100));
+impl Machine {
+    pub fn new(follow: Follow) -> Self {
+        Self {
+            follow,
+            server_key: None,
+            endpoints_sent: false,
+            routes_checked: false,
+            routes_due: false,
+            backoff: FIRST_BACKOFF,
+            unreachable_since: None,
         }
     }
 
-    fn run(mut self) {
-        let agent = match https_agent(self.follow.ca_cert.as_deref(), Some(REQUEST_TIMEOUT)) {
-            Ok(a) => a,
-            Err(e) => {
-                (self.send)(Event::Refused(e));
-                return;
-            }
-        };
-        let mut backoff = Duration::from_millis(500);
-        let (mut endpoints_sent, mut routes_checked) = (false, false);
-        while !self.stopped() {
-            let step = self.step(&agent, &mut endpoints_sent, &mut routes_checked);
-            match step {
-                Ok(()) => backoff = Duration::from_millis(500),
-                Err(CallError::Refused(message)) => {
-                    if !self.stopped() {
-                        (self.send)(Event::Refused(message));
-                    }
-                    return;
-                }
-                Err(CallError::Unreachable(message)) => {
-                    if self.stopped() || !(self.send)(Event::Trouble(message)) {
-                        return;
-                    }
-                    let mut random = [0u8; 4];
-                    let _ = crate::keys::random_bytes(&mut random);
-                    let (next, wait) = next_backoff(backoff, u32::from_ne_bytes(random));
-                    self.pause(wait);
-                    backoff = next;
-                }
-            }
-        }
+    /// Why the follower cannot even start, if it cannot.
+    pub fn cannot_start(&self) -> Option<String> {
+        (self.follow.identity.is_none() && self.follow.auth_key.is_none())
+            .then(|| "this node is not registered: run meshd up with --auth-key KEY (or MESHD_AUTH_KEY)".into())
     }
 
-    fn step(
-        &mut self,
-        agent: &ureq::Agent,
-        endpoints_sent: &mut bool,
-        routes_checked: &mut bool,
-    ) -> Result<(), CallError> {
-        let Some(identity) = self.follow.identity.clone() else {
-            let identity = self.register(agent)?;
-            self.follow.identity = Some(identity);
-            return Ok(());
-        };
-        let auth = format!("Node {} {}", identity.node_id, identity.credential);
-        if !*endpoints_sent {
-            let update = EndpointsUpdate { version: VERSION, endpoints: self.ordered_endpoints() };
-            self.call(agent, "endpoints", Some(&auth), Some(serde_json::to_string(&update).unwrap_or_default()))?;
-            *endpoints_sent = true;
-        }
-        let path = format!("netmap?since={}", self.follow.since);
-        let text = self.call(agent, &path, Some(&auth), None)?;
-        let map: NetMap = serde_json::from_str(&text)
-            .map_err(|e| CallError::Unreachable(format!("the coordination server sent an unreadable netmap: {e}")))?;
-        if !*routes_checked {
-            // What the server holds may predate a `set --advertise-routes` made while it was unreachable.
-            let mut held: Vec<IpNet> = map.routes.iter().map(|r| r.prefix).collect();
-            let mut wanted = self.follow.advertise_routes.clone();
-            held.sort();
-            wanted.sort();
-            wanted.dedup();
-            if held != wanted {
-                let update = RoutesUpdate { version: VERSION, advertise_routes: wanted };
-                self.call(agent, "routes", Some(&auth), Some(serde_json::to_string(&update).unwrap_or_default()))?;
-            }
-            *routes_checked = true;
-        }
-        if map.version != self.follow.since && !self.stopped() {
-            self.follow.since = map.version;
-            if !(self.send)(Event::NetMap(Box::new(map))) {
-                self.stop.store(true, Ordering::Relaxed);
-            }
-        }
-        Ok(())
+    /// `Authorization` for `call`, if it needs the node's credential.
+    pub fn authorization(&self, call: &Call) -> Option<String> {
+        let identity = self.follow.identity.as_ref().filter(|_| call.needs_credential())?;
+        Some(format!("Node {} {}", identity.node_id, identity.credential))
     }
 
-    fn register(&self, agent: &ureq::Agent) -> Result<Identity, CallError> {
-        let Some(auth_key) = self.follow.auth_key.clone() else {
-            return Err(CallError::Refused(
-                "this node is not registered: run meshd up with --auth-key KEY (or MESHD_AUTH_KEY)".into(),
-            ));
-        };
-        let text = self.call(agent, "server-key", None, None)?;
-        let server = serde_json::from_str::<ServerKey>(&text)
-            .ok()
-            .and_then(|k| proof::decode_key(&k.public_key))
-            .ok_or_else(|| CallError::Unreachable("the coordination server sent an unreadable server key".into()))?;
+    /// The next request; `now_ms` (Unix milliseconds) dates a registration.
+    pub fn next_call(&self, now_ms: u64) -> Call {
+        if self.follow.identity.is_none() {
+            return match self.server_key {
+                None => Call::ServerKey,
+                Some(server) => Call::Register(self.registration(&server, now_ms)),
+            };
+        }
+        if !self.endpoints_sent {
+            let update = EndpointsUpdate { version: VERSION, endpoints: self.follow.endpoints.clone() };
+            return Call::Endpoints(serde_json::to_string(&update).unwrap_or_default());
+        }
+        if self.routes_due {
+            let update = RoutesUpdate { version: VERSION, advertise_routes: self.wanted_routes() };
+            return Call::Routes(serde_json::to_string(&update).unwrap_or_default());
+        }
+        Call::NetMap { since: self.follow.since }
+    }
+
+    fn registration(&self, server: &[u8; 32], now_ms: u64) -> String {
         let mut request = RegisterRequest {
             version: VERSION,
-            auth_key,
+            auth_key: self.follow.auth_key.clone().unwrap_or_default(),
             node_key: self.follow.node_key.clone(),
             hostname: self.follow.hostname.clone(),
             advertise_routes: self.follow.advertise_routes.clone(),
             tags: self.follow.tags.clone(),
-            timestamp_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            timestamp_ms: now_ms,
             proof: String::new(),
         };
-        proof::sign(&mut request, &self.follow.node_private.0, &server);
-        let text = self.call(agent, "register", None, Some(serde_json::to_string(&request).unwrap_or_default()))?;
-        let response: RegisterResponse = serde_json::from_str(&text)
-            .map_err(|e| CallError::Unreachable(format!("the coordination server sent an unreadable answer: {e}")))?;
-        let identity = Identity {
-            control_url: self.follow.control_url.clone(),
-            node_id: response.node_id,
-            name: response.name.clone(),
-            credential: response.credential.clone(),
-        };
-        (self.send)(Event::Registered(identity.clone(), response));
-        Ok(identity)
+        proof::sign(&mut request, &self.follow.node_private.0, server);
+        serde_json::to_string(&request).unwrap_or_default()
     }
 
-    /// The endpoints, the address this host reaches the server from first: it is the one most likely
-    /// reachable by peers too (a router's LAN address rarely is).
-    fn ordered_endpoints(&self) -> Vec<SocketAddr> {
-        let mut endpoints = self.follow.endpoints.clone();
-        if let Some(source) = source_toward(&self.follow.control_url)
-            && let Some(i) = endpoints.iter().position(|e| e.ip() == source)
-        {
-            let first = endpoints.remove(i);
-            endpoints.insert(0, first);
-        }
-        endpoints.truncate(mesh_proto::MAX_ENDPOINTS);
-        endpoints
+    fn wanted_routes(&self) -> Vec<IpNet> {
+        let mut wanted = self.follow.advertise_routes.clone();
+        wanted.sort();
+        wanted.dedup();
+        wanted
     }
 
-    fn call(
-        &self,
-        agent: &ureq::Agent,
-        path: &str,
-        auth: Option<&str>,
-        body: Option<String>,
-    ) -> Result<String, CallError> {
-        let url = format!("{}/api/v1/{path}", self.follow.control_url);
-        let unreachable = |e: ureq::Error| {
-            CallError::Unreachable(format!("cannot reach the coordination server at {}: {e}", self.follow.control_url))
+    /// What the answer to `call` means: `answer` is the status code and body, or why there was none;
+    /// `now` is Unix seconds, `random` spreads the backoff.
+    pub fn handle(&mut self, call: &Call, answer: Result<(u16, String), String>, now: u64, random: u32) -> Step {
+        let (status, text) = match answer {
+            Ok(answer) => answer,
+            Err(failure) => return self.passing(failure, now, random),
         };
-        let mut response = match body {
-            None => {
-                let mut request = agent.get(&url);
-                if let Some(a) = auth {
-                    request = request.header("authorization", a);
+        if !(200..300).contains(&status) {
+            // Only an answer that names this node or its key as refused stops the follower; a server fault,
+            // a rate limit or a proxy's error page is passing.
+            return match serde_json::from_str::<ErrorBody>(&text) {
+                Ok(e) if e.code.is_final() => {
+                    Step { events: vec![Event::Refused(escape_controls(&e.message))], stop: true, ..Step::default() }
                 }
-                request.call().map_err(unreachable)?
-            }
-            Some(body) => {
-                let mut request = agent.post(&url).header("content-type", "application/json");
-                if let Some(a) = auth {
-                    request = request.header("authorization", a);
-                }
-                request.send(body).map_err(unreachable)?
-            }
-        };
-        let status = response.status();
-        let text = response.body_mut().read_to_string().unwrap_or_default();
-        if status.is_success() {
-            return Ok(text);
+                Ok(e) => self.passing(
+                    format!(
+                        "the coordination server at {} answered {status}: {}",
+                        self.follow.control_url,
+                        escape_controls(&e.message)
+                    ),
+                    now,
+                    random,
+                ),
+                Err(_) => self.passing(
+                    format!("the coordination server at {} answered {status}", self.follow.control_url),
+                    now,
+                    random,
+                ),
+            };
         }
-        // Only an answer that names this node or its key as refused stops the follower; a server fault, a
-        // rate limit or a proxy's error page is passing, and it tries again.
-        match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(e) if e.code.is_final() => Err(CallError::Refused(escape_controls(&e.message))),
-            Ok(e) => Err(CallError::Unreachable(format!(
-                "the coordination server at {} answered {status}: {}",
-                self.follow.control_url,
-                escape_controls(&e.message)
-            ))),
-            Err(_) => Err(CallError::Unreachable(format!(
-                "the coordination server at {} answered {status}",
-                self.follow.control_url
-            ))),
+        let mut step = Step::default();
+        match call {
+            Call::ServerKey => match serde_json::from_str::<ServerKey>(&text)
+                .ok()
+                .and_then(|k| proof::decode_key(&k.public_key))
+            {
+                Some(key) => self.server_key = Some(key),
+                None => {
+                    return self.passing("the coordination server sent an unreadable server key".into(), now, random);
+                }
+            },
+            Call::Register(_) => match serde_json::from_str::<RegisterResponse>(&text) {
+                Ok(response) => {
+                    let identity = Identity {
+                        control_url: self.follow.control_url.clone(),
+                        node_id: response.node_id,
+                        name: response.name.clone(),
+                        credential: response.credential.clone(),
+                    };
+                    self.follow.identity = Some(identity.clone());
+                    step.events.push(Event::Registered(identity, response));
+                }
+                Err(e) => {
+                    return self.passing(
+                        format!("the coordination server sent an unreadable answer: {e}"),
+                        now,
+                        random,
+                    );
+                }
+            },
+            Call::Endpoints(_) => self.endpoints_sent = true,
+            Call::Routes(_) => {
+                self.routes_due = false;
+                self.routes_checked = true;
+            }
+            Call::NetMap { .. } => {
+                let map: NetMap = match serde_json::from_str(&text) {
+                    Ok(map) => map,
+                    Err(e) => {
+                        let message = format!("the coordination server sent an unreadable netmap: {e}");
+                        return self.passing(message, now, random);
+                    }
+                };
+                if !self.routes_checked {
+                    // What the server holds may predate a `set --advertise-routes` made while it was away.
+                    let mut held: Vec<IpNet> = map.routes.iter().map(|r| r.prefix).collect();
+                    held.sort();
+                    self.routes_due = held != self.wanted_routes();
+                    self.routes_checked = !self.routes_due;
+                }
+                if map.version != self.follow.since {
+                    self.follow.since = map.version;
+                    step.events.push(Event::NetMap(Box::new(map)));
+                }
+            }
+        }
+        self.backoff = FIRST_BACKOFF;
+        self.unreachable_since = None;
+        step
+    }
+
+    /// A fault that passes: reported (with since when), retried after a jittered, growing wait.
+    fn passing(&mut self, message: String, now: u64, random: u32) -> Step {
+        let since = *self.unreachable_since.get_or_insert(now);
+        let (next, wait) = next_backoff(self.backoff, random);
+        self.backoff = next;
+        Step {
+            events: vec![Event::Trouble(format!("{message} (control unreachable since {})", utc(since)))],
+            wait,
+            stop: false,
         }
     }
+}
+
+/// Starts following on the current runtime; the returned handle stops it.
+pub fn start(follow: Follow, generation: u64, events: mpsc::Sender<(u64, Event)>) -> Handle {
+    Handle { task: tokio::spawn(run(follow, generation, events)) }
+}
+
+async fn run(mut follow: Follow, generation: u64, events: mpsc::Sender<(u64, Event)>) {
+    let client = match Client::new(&follow.control_url, follow.ca_cert.as_deref()) {
+        Ok(client) => client,
+        Err(e) => {
+            let _ = events.send((generation, Event::Refused(e))).await;
+            return;
+        }
+    };
+    // Finding the address toward the server resolves its name: off the runtime's thread.
+    let url = follow.control_url.clone();
+    let toward = tokio::task::spawn_blocking(move || source_toward(&url)).await.ok().flatten();
+    follow.endpoints = ordered_endpoints(follow.endpoints, toward);
+    let mut machine = Machine::new(follow);
+    if let Some(reason) = machine.cannot_start() {
+        let _ = events.send((generation, Event::Refused(reason))).await;
+        return;
+    }
+    loop {
+        let call = machine.next_call(unix_ms());
+        let auth = machine.authorization(&call);
+        let answer = client.call(&call.path(), auth.as_deref(), call.body(), call.timeout()).await;
+        let step = machine.handle(&call, answer, unix_ms() / 1000, random_u32());
+        for event in step.events {
+            if events.send((generation, event)).await.is_err() {
+                return;
+            }
+        }
+        if step.stop {
+            return;
+        }
+        if !step.wait.is_zero() {
+            tokio::time::sleep(step.wait).await;
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn random_u32() -> u32 {
+    let mut random = [0u8; 4];
+    let _ = crate::keys::random_bytes(&mut random);
+    u32::from_ne_bytes(random)
+}
+
+/// `seconds` since the Unix epoch as `YYYY-MM-DD HH:MM:SS UTC` (civil-from-days, proleptic Gregorian).
+fn utc(seconds: u64) -> String {
+    let (days, rest) = (seconds / 86_400, seconds % 86_400);
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rest / 3600, rest / 60 % 60, rest % 60)
+}
+
+/// The endpoints, the address this host reaches the server from first: it is the one most likely
+/// reachable by peers too (a router's LAN address rarely is).
+fn ordered_endpoints(mut endpoints: Vec<SocketAddr>, toward_server: Option<IpAddr>) -> Vec<SocketAddr> {
+    if let Some(source) = toward_server
+        && let Some(i) = endpoints.iter().position(|e| e.ip() == source)
+    {
+        let first = endpoints.remove(i);
+        endpoints.insert(0, first);
+    }
+    endpoints.truncate(mesh_proto::MAX_ENDPOINTS);
+    endpoints
 }
 
 /// Text from the server as it may be shown on a terminal: control characters escaped, so a hostile server
@@ -312,7 +416,7 @@ fn next_backoff(backoff: Duration, random: u32) -> (Duration, Duration) {
 
 /// The local address the kernel would use toward the server (a connected UDP socket sends nothing).
 fn source_toward(control_url: &str) -> Option<IpAddr> {
-    let uri: ureq::http::Uri = control_url.parse().ok()?;
+    let uri: hyper::Uri = control_url.parse().ok()?;
     let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("http") { 80 } else { 443 });
     let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
     let server = std::net::ToSocketAddrs::to_socket_addrs(&(host, port)).ok()?.next()?;
@@ -322,27 +426,4 @@ fn source_toward(control_url: &str) -> Option<IpAddr> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn control_characters_from_the_server_are_escaped() {
-        assert_eq!(escape_controls("evil\u{1b}[2J\nline"), "evil\\u{1b}[2J\\nline");
-        assert_eq!(escape_controls("plain"), "plain");
-    }
-
-    #[test]
-    fn backoff_grows_to_its_cap_with_jitter() {
-        let (next, wait) = next_backoff(Duration::from_millis(500), 0);
-        assert_eq!((next, wait), (Duration::from_secs(1), Duration::from_millis(750)));
-        let (next, wait) = next_backoff(MAX_BACKOFF, u32::MAX);
-        assert_eq!(next, MAX_BACKOFF);
-        assert!(wait >= MAX_BACKOFF * 3 / 4 && wait < MAX_BACKOFF * 5 / 4, "{wait:?}");
-    }
-
-    #[test]
-    fn the_source_toward_a_loopback_server_is_loopback() {
-        assert_eq!(source_toward("https://127.0.0.1:8443"), Some("127.0.0.1".parse().unwrap()));
-        assert_eq!(source_toward("not a url"), None);
-    }
-}
+mod tests;

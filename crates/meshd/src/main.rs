@@ -4,6 +4,7 @@
 
 mod config;
 mod control_client;
+mod control_http;
 mod control_serve;
 mod daemon;
 mod doctor;
