@@ -97,6 +97,12 @@ impl RouteManager {
         }
     }
 
+    /// The TUN device was recreated under a new index: the next pass routes into it (the kernel removed
+    /// the old device's routes with it).
+    pub fn set_tun_index(&mut self, tun_index: u32) {
+        self.tun_index = tun_index;
+    }
+
     pub fn policy(&self) -> &RoutingPolicy {
         &self.policy
     }

@@ -117,6 +117,10 @@ struct Listeners {
 /// Datagrams one `poll_transmit` may hand over at once (they go out one `send_to` each until GSO lands).
 const MAX_BATCH: usize = 64;
 
+/// How many times a failed TUN device is recreated (with backoff from 100 ms to 5 s) before the daemon
+/// stops with the reason.
+const TUN_RECOVERY_ATTEMPTS: u32 = 8;
+
 struct Daemon {
     options: Options,
     /// Every decision about a packet; its configuration is the node's wanted state.
@@ -128,6 +132,9 @@ struct Daemon {
     private_key: [u8; 32],
     tun: AsyncDevice,
     tun_index: u32,
+    tun_name: String,
+    /// What failed and was brought back while the daemon ran (shown by status).
+    recoveries: Vec<String>,
     udp4: UdpSocket,
     udp6: Option<UdpSocket>,
     listen_port: u16,
@@ -246,6 +253,8 @@ pub async fn run(options: Options) -> Result<(), Error> {
 
     let mut daemon = Daemon {
         tun_index,
+        tun_name: tun_name.clone(),
+        recoveries: Vec::new(),
         uapi_path: options.uapi_dir.join(format!("{tun_name}.sock")),
         options,
         dataplane,
@@ -443,10 +452,12 @@ impl Daemon {
             let wake = self.dataplane.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
             let key_expiry = self.key_expiry_deadline();
             tokio::select! {
-                read = self.tun.recv(&mut tun_buf) => {
-                    let n = read.map_err(|e| Error::system("reading the TUN device", e))?;
-                    let _ = self.dataplane.handle_tun_packet(&mut tun_buf[..n], Instant::now());
-                }
+                read = self.tun.recv(&mut tun_buf) => match read {
+                    Ok(n) => {
+                        let _ = self.dataplane.handle_tun_packet(&mut tun_buf[..n], Instant::now());
+                    }
+                    Err(e) => self.recover_tun(e).await?,
+                },
                 received = self.udp4.recv_from(&mut udp4_buf) => {
                     if let Ok((n, from)) = received {
                         self.datagram(from, &udp4_buf[..n], &mut out).await;
@@ -495,6 +506,46 @@ impl Daemon {
         }
         drop(api_task);
         Ok(())
+    }
+
+    /// The TUN device failed (someone deleted it, say): recreated under its name with its addresses, and
+    /// the host side routes into the new one. Retried with backoff a few times before the daemon gives up,
+    /// so a device that cannot come back ends the daemon with the reason instead of a busy loop.
+    async fn recover_tun(&mut self, error: io::Error) -> Result<(), Error> {
+        let name = self.tun_name.clone();
+        tracing::error!(tun = %name, error = %error, "the TUN device failed; recreating it");
+        let mut wait = Duration::from_millis(100);
+        for attempt in 1..=TUN_RECOVERY_ATTEMPTS {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(5));
+            let created = mesh_linux::tun::create(&name, self.mtu);
+            let device = match created {
+                Ok(device) => device,
+                Err(e) => {
+                    tracing::warn!(tun = %name, attempt, error = %e, "recreating the TUN device");
+                    continue;
+                }
+            };
+            let index = match self.netlink.link_index(&name).await {
+                Ok(index) => index,
+                Err(e) => {
+                    tracing::warn!(tun = %name, attempt, error = %e, "finding the recreated TUN device");
+                    continue;
+                }
+            };
+            self.tun = device;
+            self.tun_index = index;
+            let addresses = std::mem::take(&mut self.addresses);
+            if let Err(e) = self.set_addresses(addresses).await {
+                tracing::warn!(tun = %name, error = %e, "putting the mesh addresses back on the TUN device");
+            }
+            self.host.send(Command::Tun(index));
+            self.update_host();
+            self.recoveries.push(format!("the TUN device {name} was recreated after: {error}"));
+            tracing::info!(tun = %name, index, "the TUN device is back");
+            return Ok(());
+        }
+        Err(Error::system(&format!("recreating the TUN device {name} ({TUN_RECOVERY_ATTEMPTS} attempts)"), error))
     }
 
     async fn datagram(&mut self, from: SocketAddr, datagram: &[u8], out: &mut [u8]) {

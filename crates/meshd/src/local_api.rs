@@ -82,6 +82,9 @@ pub struct Status {
     pub message: Option<String>,
     pub node: Option<SelfStatus>,
     pub peers: Vec<PeerView>,
+    /// What failed while the daemon ran and was brought back (a deleted TUN device recreated, say).
+    #[serde(default)]
+    pub recovered: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -232,6 +232,9 @@ fn format_status(status: &Status) -> String {
     if let Some(message) = &status.message {
         out.push_str(&format!("  {}\n", escape_controls(message)));
     }
+    for recovered in &status.recovered {
+        out.push_str(&format!("  recovered: {recovered}\n"));
+    }
     for p in &status.peers {
         let online = match p.online {
             Some(true) => "online",

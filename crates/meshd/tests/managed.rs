@@ -294,3 +294,27 @@ fn a_peer_whose_key_expired_is_dropped_even_while_the_server_is_down() {
     assert!(!lab.ns(hosts[0]).ping(&ip_b), "no traffic to an expired peer");
     control.restart(&mut lab);
 }
+
+/// Regression: a deleted TUN device used to end the daemon ("reading the TUN device" failed once and the
+/// loop returned). Now it is recreated with its addresses and routes, traffic resumes, and status says so.
+#[test]
+fn a_deleted_tun_device_is_recreated_and_traffic_resumes() {
+    let (mut lab, control, hosts) = mesh("mgt", 2);
+    let key = control.authkey(&lab, &["--reusable"]);
+    let a = Node::start(&mut lab, hosts[0], "a");
+    let b = Node::start(&mut lab, hosts[1], "b");
+    a.up(&lab, &control, &key, &[]);
+    let ip_b = b.up(&lab, &control, &key, &[]);
+    assert!(wait(5000, || lab.ns(hosts[0]).ping(&ip_b)), "a reaches b");
+
+    lab.ns(hosts[0]).ip(&["link", "del", &a.tun]);
+    assert!(
+        wait(10_000, || lab.ns(hosts[0]).ping(&ip_b)),
+        "traffic resumes over the recreated device:\n{}",
+        lab.process(a.process).log_text()
+    );
+    assert!(lab.process(a.process).running(), "the daemon lives on");
+    assert!(a.table52(&lab).contains(&format!("{ip_b} dev {}", a.tun)), "{}", a.table52(&lab));
+    let recovered = a.status(&lab)["recovered"].clone();
+    assert!(recovered[0].as_str().is_some_and(|r| r.contains("recreated")), "{recovered}");
+}

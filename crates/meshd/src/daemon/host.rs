@@ -48,6 +48,8 @@ pub(super) enum Command {
     Forwarding(Vec<Served>),
     /// Disk work that must not hold packets, done in the order sent (the netmap cache).
     Persist(Box<dyn FnOnce() + Send>),
+    /// The TUN device was recreated with this index: route into it from now on, at once.
+    Tun(u32),
     /// Removes everything the daemon added.
     Stop { reply: oneshot::Sender<()> },
 }
@@ -224,6 +226,10 @@ impl Host {
             }
             Command::Forwarding(served) => enable_forwarding(&served),
             Command::Persist(write) => write(),
+            Command::Tun(index) => {
+                self.routes.set_tun_index(index);
+                self.reconcile(Cause::Change).await;
+            }
             Command::Stop { .. } => unreachable!("handled by the loop"),
         }
     }

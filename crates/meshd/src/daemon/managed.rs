@@ -604,7 +604,7 @@ impl Daemon {
                 });
             }
         }
-        Status { state: conn.name().into(), message, node, peers }
+        Status { state: conn.name().into(), message, node, peers, recovered: self.recoveries.clone() }
     }
 
     /// Sends one ICMP echo request from this node's mesh address to a peer's, through the tunnel.
