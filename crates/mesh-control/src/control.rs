@@ -730,7 +730,7 @@ impl Control {
         let mut out = Vec::new();
         for node in &nodes {
             for (prefix, approved) in self.routes_of(node.id)? {
-                let primary = primaries.get(&prefix) == Some(&node.id);
+                let primary = primaries.serves(&prefix, node.id);
                 out.push(AdvertisedRoute { node: node.id, name: node.name.clone(), prefix, approved, primary });
             }
         }
@@ -975,24 +975,28 @@ impl Control {
         Ok(removed)
     }
 
-    /// For each approved prefix, the one node peers route it to: the lowest node id among the live nodes that
-    /// advertise it approved, so the choice is stable until that node goes.
-    /// Which node serves each approved prefix: the oldest live node approved for it. One query for
-    /// the whole mesh, because every netmap needs it and a per-node query made fan-out O(N²).
-    fn primaries(&self) -> Result<BTreeMap<IpNet, u64>, ControlError> {
+    /// Which node serves each approved prefix: the oldest live node approved for it, so the choice is
+    /// stable until that node goes; except exit routes (`0.0.0.0/0`, `::/0`), which every approved exit
+    /// node serves, since each client picks its own (`--exit-node`). One query for the whole mesh,
+    /// because every netmap needs it and a per-node query made fan-out O(N²).
+    fn primaries(&self) -> Result<Primaries, ControlError> {
         let mut statement = self.db.prepare(
             "SELECT r.prefix, r.node_id FROM routes r JOIN nodes n ON n.id = r.node_id \
              WHERE r.approved AND NOT n.expired ORDER BY r.node_id",
         )?;
         let rows = statement.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
-        let mut primary = BTreeMap::new();
+        let mut primaries = Primaries::default();
         for row in rows {
             let (prefix, node) = row?;
-            if let Ok(prefix) = prefix.parse() {
-                primary.entry(prefix).or_insert(node);
+            if let Ok(prefix) = prefix.parse::<IpNet>() {
+                if prefix.prefix_len() == 0 {
+                    primaries.exits.insert((prefix, node));
+                } else {
+                    primaries.single.entry(prefix).or_insert(node);
+                }
             }
         }
-        Ok(primary)
+        Ok(primaries)
     }
 
     /// Everything every netmap of this version is made of, read and serialized once: after a change every
@@ -1002,10 +1006,7 @@ impl Control {
         let version = self.version()?;
         let nodes = self.nodes()?;
         let primaries = self.primaries()?;
-        let mut served: BTreeMap<u64, Vec<IpNet>> = BTreeMap::new();
-        for (prefix, id) in &primaries {
-            served.entry(*id).or_default().push(*prefix);
-        }
+        let served = primaries.served_by();
         let mut advertised: BTreeMap<u64, Vec<(IpNet, bool)>> = BTreeMap::new();
         let mut statement = self.db.prepare("SELECT node_id, prefix, approved FROM routes ORDER BY node_id, prefix")?;
         let rows = statement.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?, r.get(2)?)))?;
@@ -1025,7 +1026,7 @@ impl Control {
                 .map(|(prefix, approved)| RouteState {
                     prefix: *prefix,
                     approved: *approved,
-                    primary: primaries.get(prefix) == Some(&n.id),
+                    primary: primaries.serves(prefix, n.id),
                 })
                 .collect();
             entries.insert(n.id, SnapshotEntry { expired: n.expired, peer: to_json(&peer), routes: to_json(&routes) });
@@ -1044,15 +1045,12 @@ impl Control {
             return Err(ControlError::new(ErrorCode::NodeExpired, "this node has expired"));
         }
         let primaries = self.primaries()?;
-        let mut served: BTreeMap<u64, Vec<IpNet>> = BTreeMap::new();
-        for (prefix, id) in &primaries {
-            served.entry(*id).or_default().push(*prefix);
-        }
+        let served = primaries.served_by();
         let view = |n: &NodeRecord| peer_view(n, &served, online(n));
         let routes = self
             .routes_of(node)?
             .into_iter()
-            .map(|(prefix, approved)| RouteState { prefix, approved, primary: primaries.get(&prefix) == Some(&node) })
+            .map(|(prefix, approved)| RouteState { prefix, approved, primary: primaries.serves(&prefix, node) })
             .collect();
         Ok(NetMap {
             version: self.version()?,
@@ -1061,6 +1059,28 @@ impl Control {
             routes,
             peers: nodes.iter().filter(|n| n.id != node && !n.expired).map(view).collect(),
         })
+    }
+}
+
+/// Who serves which approved prefix (see `Control::primaries`).
+#[derive(Debug, Default)]
+struct Primaries {
+    single: BTreeMap<IpNet, u64>,
+    exits: std::collections::BTreeSet<(IpNet, u64)>,
+}
+
+impl Primaries {
+    fn serves(&self, prefix: &IpNet, node: u64) -> bool {
+        self.single.get(prefix) == Some(&node) || self.exits.contains(&(*prefix, node))
+    }
+
+    /// Each node's served prefixes, for its peers' allowed IPs.
+    fn served_by(&self) -> BTreeMap<u64, Vec<IpNet>> {
+        let mut served: BTreeMap<u64, Vec<IpNet>> = BTreeMap::new();
+        for (prefix, id) in self.single.iter().map(|(p, id)| (*p, *id)).chain(self.exits.iter().copied()) {
+            served.entry(id).or_default().push(prefix);
+        }
+        served
     }
 }
 

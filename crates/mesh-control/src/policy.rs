@@ -23,10 +23,14 @@ pub struct Policy {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct AutoApprovers {
     /// Prefix → tags whose nodes get routes inside that prefix approved without an administrator.
     #[serde(default)]
     pub routes: BTreeMap<IpNet, Vec<String>>,
+    /// Tags whose nodes are approved as exit nodes (their `0.0.0.0/0` and `::/0`) without an administrator.
+    #[serde(default)]
+    pub exit_node: Vec<String>,
 }
 
 /// A policy that does not parse, with where.
@@ -61,8 +65,12 @@ impl Policy {
             || self.tag_owners.get(tag).is_some_and(|owners| owners.iter().any(|o| key_tags.contains(o)))
     }
 
-    /// Whether a node with `tags` gets `prefix` approved by itself.
+    /// Whether a node with `tags` gets `prefix` approved by itself. A default route makes an exit node,
+    /// which only `autoApprovers.exitNode` approves (as in Tailscale), never a `routes` entry.
     pub fn auto_approves(&self, prefix: &IpNet, tags: &[String]) -> bool {
+        if prefix.prefix_len() == 0 {
+            return self.auto_approvers.exit_node.iter().any(|a| tags.contains(a));
+        }
         self.auto_approvers
             .routes
             .iter()

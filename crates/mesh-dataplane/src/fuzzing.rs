@@ -60,7 +60,7 @@ pub fn netmap(map: &mesh_proto::NetMap) {
     use crate::netmap::{AcceptRoutes, peers, served_routes};
     let within = AcceptRoutes::Within(vec!["10.0.0.0/8".parse().expect("literal prefix")]);
     for accept in [AcceptRoutes::None, AcceptRoutes::All, within] {
-        let out = peers(map, &accept, Some(25), 1_800_000_000);
+        let out = peers(map, &accept, None, Some(25), 1_800_000_000);
         let mut keys: Vec<_> = out.specs.iter().map(|s| s.public_key).collect();
         keys.sort_unstable();
         keys.dedup();

@@ -78,7 +78,16 @@ fn decode_key(text: &str) -> Option<Key> {
 /// already has is skipped and reported, never configured twice.
 /// `now_unix` (seconds) decides which peers' keys have expired: those are skipped, whatever the server
 /// said last, so a node that cannot reach its server still stops trusting them on time.
-pub fn peers(map: &NetMap, accept: &AcceptRoutes, persistent_keepalive: Option<u16>, now_unix: u64) -> Peers {
+///
+/// A default route is taken only from `exit_node` (a peer's name or mesh address), the node's explicit
+/// choice; from any other peer it is never accepted, whatever `accept` says.
+pub fn peers(
+    map: &NetMap,
+    accept: &AcceptRoutes,
+    exit_node: Option<&str>,
+    persistent_keepalive: Option<u16>,
+    now_unix: u64,
+) -> Peers {
     let mut out = Peers::default();
     let mesh_ula = mesh_ula_of(map);
     let mut seen: HashSet<Key> = decode_key(&map.node.node_key).into_iter().collect();
@@ -107,10 +116,14 @@ pub fn peers(map: &NetMap, accept: &AcceptRoutes, persistent_keepalive: Option<u
         }
         let own = mesh_addresses(peer);
         let mut allowed_ips: Vec<IpNet> = own.to_vec();
-        // A default route is an exit node, which takes an explicit opt-in this node has no way to give yet;
-        // as an ordinary subnet route it would carry all of the host's traffic into the mesh.
+        // A default route carries all of the host's traffic into the mesh: only from the exit node this
+        // node chose, never as an ordinary subnet route.
+        let chosen_exit = exit_node.is_some_and(|e| is_peer(peer, e));
         allowed_ips.extend(
-            peer.allowed_ips.iter().filter(|p| !own.contains(p) && p.prefix_len() != 0 && accept.accepts(p)).copied(),
+            peer.allowed_ips
+                .iter()
+                .filter(|p| !own.contains(p) && if p.prefix_len() == 0 { chosen_exit } else { accept.accepts(p) })
+                .copied(),
         );
         out.specs.push(PeerSpec {
             public_key: key,
@@ -121,6 +134,11 @@ pub fn peers(map: &NetMap, accept: &AcceptRoutes, persistent_keepalive: Option<u
         });
     }
     out
+}
+
+/// Whether `text` names `peer`: its name or one of its mesh addresses.
+pub fn is_peer(peer: &mesh_proto::Peer, text: &str) -> bool {
+    peer.name == text || peer.ipv4.to_string() == text || peer.ipv6.to_string() == text
 }
 
 /// The earliest key expiry among the peers still trusted at `now_unix`: when the peers must be
@@ -207,12 +225,12 @@ mod tests {
     #[test]
     fn subnet_routes_are_accepted_only_when_asked_for() {
         let m = map(vec![peer(2, key_text(2), &["10.2.0.0/16", "192.168.7.0/24"]), peer(3, key_text(3), &[])]);
-        let none = peers(&m, &AcceptRoutes::None, None, NOW);
+        let none = peers(&m, &AcceptRoutes::None, None, None, NOW);
         assert_eq!(allowed(&none, 0), ["100.64.0.2/32", "fd7a:1::2/128"], "mesh addresses only");
-        let all = peers(&m, &AcceptRoutes::All, Some(25), NOW);
+        let all = peers(&m, &AcceptRoutes::All, None, Some(25), NOW);
         assert_eq!(allowed(&all, 0), ["100.64.0.2/32", "fd7a:1::2/128", "10.2.0.0/16", "192.168.7.0/24"]);
         assert_eq!(all.specs[0].persistent_keepalive, Some(25));
-        let within = peers(&m, &AcceptRoutes::Within(vec!["10.0.0.0/8".parse().unwrap()]), None, NOW);
+        let within = peers(&m, &AcceptRoutes::Within(vec!["10.0.0.0/8".parse().unwrap()]), None, None, NOW);
         assert_eq!(allowed(&within, 0), ["100.64.0.2/32", "fd7a:1::2/128", "10.2.0.0/16"]);
         assert_eq!(all.specs[0].endpoint, Some("192.0.2.2:41641".parse().unwrap()), "the first reported endpoint");
         assert_eq!(all.specs[0].public_key, [2; 32]);
@@ -230,9 +248,15 @@ mod tests {
         other_ula.ipv6 = "fd00:bad::4".parse().unwrap();
         let default_routes = peer(5, key_text(5), &["0.0.0.0/0", "::/0", "10.5.0.0/16"]);
         let m = map(vec![metadata, lan_v6, other_ula, default_routes]);
-        let all = peers(&m, &AcceptRoutes::All, None, NOW);
+        let all = peers(&m, &AcceptRoutes::All, None, None, NOW);
         assert_eq!(all.skipped.iter().map(|s| s.node_id).collect::<Vec<_>>(), [2, 3, 4], "refused and counted");
         assert_eq!(allowed(&all, 0), ["100.64.0.5/32", "fd7a:1::5/128", "10.5.0.0/16"], "no default route");
+        // Only the exit node the node chose brings them, by name or by mesh address.
+        for chosen in ["node-5", "100.64.0.5", "fd7a:1::5"] {
+            let exit = peers(&m, &AcceptRoutes::None, Some(chosen), None, NOW);
+            assert_eq!(allowed(&exit, 0), ["100.64.0.5/32", "fd7a:1::5/128", "0.0.0.0/0", "::/0"], "{chosen}");
+        }
+        assert_eq!(allowed(&peers(&m, &AcceptRoutes::All, Some("node-9"), None, NOW), 0).len(), 3);
         assert!(own_addresses_in_mesh(&m));
         let mut hijacked = m.clone();
         hijacked.node.ipv4 = "192.168.1.1".parse().unwrap();
@@ -248,9 +272,9 @@ mod tests {
         expiring.key_expiry = Some(NOW + 60);
         let lasting = peer(3, key_text(3), &[]);
         let m = map(vec![expiring, lasting]);
-        assert_eq!(peers(&m, &AcceptRoutes::None, None, NOW).specs.len(), 2);
+        assert_eq!(peers(&m, &AcceptRoutes::None, None, None, NOW).specs.len(), 2);
         assert_eq!(next_key_expiry(&m, NOW), Some(NOW + 60));
-        let later = peers(&m, &AcceptRoutes::None, None, NOW + 60);
+        let later = peers(&m, &AcceptRoutes::None, None, None, NOW + 60);
         assert_eq!(later.specs.iter().map(|s| s.public_key[0]).collect::<Vec<_>>(), [3]);
         assert_eq!(later.skipped[0].reason, "its key has expired");
         assert_eq!(next_key_expiry(&m, NOW + 60), None);
@@ -265,7 +289,7 @@ mod tests {
             peer(5, key_text(5), &[]),
             peer(6, key_text(5), &[]),
         ]);
-        let out = peers(&m, &AcceptRoutes::All, None, NOW);
+        let out = peers(&m, &AcceptRoutes::All, None, None, NOW);
         assert_eq!(out.specs.len(), 1);
         assert_eq!(out.specs[0].public_key, [5; 32]);
         let skipped: Vec<u64> = out.skipped.iter().map(|s| s.node_id).collect();
@@ -276,7 +300,7 @@ mod tests {
     fn a_peer_without_endpoints_waits_for_its_handshake() {
         let mut quiet = peer(2, key_text(2), &[]);
         quiet.endpoints.clear();
-        assert_eq!(peers(&map(vec![quiet]), &AcceptRoutes::None, None, NOW).specs[0].endpoint, None);
+        assert_eq!(peers(&map(vec![quiet]), &AcceptRoutes::None, None, None, NOW).specs[0].endpoint, None);
     }
 
     #[test]

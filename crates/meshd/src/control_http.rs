@@ -26,6 +26,9 @@ pub struct Client {
     host: String,
     port: u16,
     tls: Option<TlsConnector>,
+    /// Set on the connection (SO_MARK) so the routing rules send it by the main table, never into the
+    /// mesh: through an exit node, the server would be out of reach whenever the tunnel is.
+    fwmark: Option<u32>,
 }
 
 impl std::fmt::Debug for Client {
@@ -40,7 +43,7 @@ pub type Failure = String;
 impl Client {
     /// A client for `control_url` (`https://HOST[:PORT]`, or `http://` when the preferences allow it),
     /// trusting `ca_cert` (PEM) when given, else the public web PKI.
-    pub fn new(control_url: &str, ca_cert: Option<&Path>) -> Result<Self, String> {
+    pub fn new(control_url: &str, ca_cert: Option<&Path>, fwmark: Option<u32>) -> Result<Self, String> {
         let uri: hyper::Uri = control_url.parse().map_err(|e| format!("--control-url {control_url}: {e}"))?;
         let https = match uri.scheme_str() {
             Some("https") => true,
@@ -51,7 +54,7 @@ impl Client {
         let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let tls = if https { Some(connector(ca_cert)?) } else { None };
-        Ok(Self { base: control_url.trim_end_matches('/').to_string(), host, port, tls })
+        Ok(Self { base: control_url.trim_end_matches('/').to_string(), host, port, tls, fwmark })
     }
 
     /// One request on a connection of its own; the status code and body of the answer, or why there
@@ -72,8 +75,7 @@ impl Client {
     async fn exchange(&self, path: &str, auth: Option<&str>, body: Option<&str>) -> Result<(u16, String), Failure> {
         let unreachable =
             |e: &dyn std::fmt::Display| format!("cannot reach the coordination server at {}: {e}", self.base);
-        let connect = tokio::net::TcpStream::connect((self.host.as_str(), self.port));
-        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => return Err(unreachable(&e)),
             Err(_) => return Err(unreachable(&"connecting timed out")),
@@ -88,6 +90,22 @@ impl Client {
             None => send(tcp, request).await.map_err(|e| unreachable(&e))?,
         };
         Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
+    async fn connect(&self) -> std::io::Result<tokio::net::TcpStream> {
+        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the name has no address");
+        for address in tokio::net::lookup_host((self.host.as_str(), self.port)).await? {
+            let socket =
+                if address.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            if let Some(mark) = self.fwmark {
+                socket2::SockRef::from(&socket).set_mark(mark)?;
+            }
+            match socket.connect(address).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     fn request(

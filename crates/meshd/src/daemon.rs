@@ -333,10 +333,13 @@ impl Daemon {
     /// What the mesh table should route: every peer's allowed IPs, except the node's own advertised routes,
     /// which stay local like its LAN (never routed back into the mesh).
     fn routes(&self) -> Routes {
-        let advertised = match &self.managed {
+        let mut advertised = match &self.managed {
             Some(m) => m.prefs.advertised_prefixes(),
             None => self.dataplane.config().served.iter().map(|s| s.prefix).collect(),
         };
+        // An exit node's default routes are not a LAN of its own: counted as local, they would keep every
+        // peer's address out of the table.
+        advertised.retain(|p| p.prefix_len() != 0);
         // A managed node's netmap carries only the routes it accepts, so every allowed IP is routed.
         let accept = if self.managed.is_some() { &AcceptRoutes::All } else { &self.options.accept };
         let mut accepted = allowed_prefixes(&self.dataplane.config().peers);

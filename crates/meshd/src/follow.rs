@@ -39,6 +39,8 @@ pub struct Follow {
     pub endpoints: Vec<SocketAddr>,
     /// The netmap version the node has (0: none).
     pub since: u64,
+    /// Marks the connections to the server so they bypass the mesh (see `control_http`).
+    pub fwmark: Option<u32>,
 }
 
 /// A private key that a `{:?}` of what holds it does not print.
@@ -317,7 +319,7 @@ pub fn start(follow: Follow, generation: u64, events: mpsc::Sender<(u64, Event)>
 }
 
 async fn run(mut follow: Follow, generation: u64, events: mpsc::Sender<(u64, Event)>) {
-    let client = match Client::new(&follow.control_url, follow.ca_cert.as_deref()) {
+    let client = match Client::new(&follow.control_url, follow.ca_cert.as_deref(), follow.fwmark) {
         Ok(client) => client,
         Err(e) => {
             let _ = events.send((generation, Event::Refused(e))).await;

@@ -44,6 +44,14 @@ pub struct PrefArgs {
     /// Tags to request for this node, e.g. tag:router (the auth key must allow them).
     #[arg(long, env = "MESHD_ADVERTISE_TAGS", value_name = "tag:a,..")]
     advertise_tags: Option<String>,
+    /// Offer this node as an exit node (advertises 0.0.0.0/0 and ::/0; an administrator or
+    /// autoApprovers.exitNode approves them).
+    #[arg(long, env = "MESHD_ADVERTISE_EXIT_NODE", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    advertise_exit_node: Option<bool>,
+    /// Send all traffic through this exit node (a peer's name or mesh IP); empty clears it.
+    #[arg(long, env = "MESHD_EXIT_NODE", value_name = "PEER")]
+    exit_node: Option<String>,
 }
 
 fn list(text: &str) -> impl Iterator<Item = &str> {
@@ -79,6 +87,8 @@ impl PrefArgs {
             snat_subnet_routes: self.snat_subnet_routes,
             snat_address,
             advertise_tags: self.advertise_tags.as_deref().map(|t| list(t).map(str::to_string).collect()),
+            advertise_exit_node: self.advertise_exit_node,
+            exit_node: self.exit_node.as_ref().map(|e| e.trim().to_string()),
         })
     }
 }

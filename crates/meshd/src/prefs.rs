@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::keys::write_private;
 
+/// What an exit node advertises.
+const EXIT_ROUTES: [&str; 2] = ["0.0.0.0/0", "::/0"];
+
 /// A route this node advertises, and whether forwarded traffic into it is SNAT'd when it is approved
 /// (`None`: follow `snat_subnet_routes`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +39,11 @@ pub struct Prefs {
     pub snat_subnet_routes: bool,
     pub snat_address: Vec<IpAddr>,
     pub advertise_tags: Vec<String>,
+    /// Offer this node as an exit node: it advertises `0.0.0.0/0` and `::/0` (approved like any route,
+    /// or by `autoApprovers.exitNode`) and forwards what peers send there.
+    pub advertise_exit_node: bool,
+    /// Send all traffic through this peer (its name or mesh address), if it is an approved exit node.
+    pub exit_node: Option<String>,
 }
 
 impl Default for Prefs {
@@ -51,6 +59,8 @@ impl Default for Prefs {
             snat_subnet_routes: true,
             snat_address: Vec::new(),
             advertise_tags: Vec::new(),
+            advertise_exit_node: false,
+            exit_node: None,
         }
     }
 }
@@ -69,6 +79,9 @@ pub struct PrefsPatch {
     pub snat_subnet_routes: Option<bool>,
     pub snat_address: Option<Vec<IpAddr>>,
     pub advertise_tags: Option<Vec<String>>,
+    pub advertise_exit_node: Option<bool>,
+    /// An empty name clears the choice.
+    pub exit_node: Option<String>,
 }
 
 impl Prefs {
@@ -102,24 +115,56 @@ impl Prefs {
         if let Some(v) = &patch.advertise_tags {
             p.advertise_tags = v.clone();
         }
+        if let Some(v) = patch.advertise_exit_node {
+            p.advertise_exit_node = v;
+        }
+        if let Some(v) = &patch.exit_node {
+            p.exit_node = Some(v.clone()).filter(|name| !name.is_empty());
+        }
         p
     }
 
-    /// Every advertised route with its SNAT choice settled.
+    /// Every advertised route with its SNAT choice settled, the exit routes last.
     pub fn served(&self) -> Vec<Served> {
-        self.advertise_routes
+        let mut served: Vec<Served> = self
+            .advertise_routes
             .iter()
             .map(|a| Served { prefix: a.prefix, snat: a.snat.unwrap_or(self.snat_subnet_routes) })
-            .collect()
+            .collect();
+        if self.advertise_exit_node {
+            // With SNAT, a family is offered only when it has an address to translate to.
+            let snat = self.snat_subnet_routes;
+            let offered =
+                |prefix: &IpNet| !snat || self.snat_address.iter().any(|a| a.is_ipv4() == prefix.addr().is_ipv4());
+            served.extend(
+                EXIT_ROUTES
+                    .iter()
+                    .map(|p| p.parse::<IpNet>().expect("literal"))
+                    .filter(offered)
+                    .map(|prefix| Served { prefix, snat }),
+            );
+        }
+        served
     }
 
     pub fn advertised_prefixes(&self) -> Vec<IpNet> {
-        self.advertise_routes.iter().map(|a| a.prefix).collect()
+        self.served().iter().map(|s| s.prefix).collect()
     }
 
     /// Whether the preferences hang together; one line saying what to change if not. Checked before they are
     /// stored, so a refused `up` or `set` changes nothing.
     pub fn check(&self) -> Result<(), String> {
+        if self.advertise_exit_node && !self.served().iter().any(|s| s.prefix.prefix_len() == 0) {
+            return Err("--advertise-exit-node translates what it forwards to --snat-address: give a free LAN \
+                        address, or keep sources with --snat-subnet-routes=false (then the host must masquerade)"
+                .into());
+        }
+        if let Some(default) = self.advertise_routes.iter().find(|a| a.prefix.prefix_len() == 0) {
+            return Err(format!(
+                "--advertise-routes {}: a default route makes an exit node; use --advertise-exit-node",
+                default.prefix
+            ));
+        }
         if self.want_running && self.control_url.is_empty() {
             return Err("no coordination server: give --control-url URL (or MESHD_CONTROL_URL)".into());
         }

@@ -318,3 +318,41 @@ fn a_deleted_tun_device_is_recreated_and_traffic_resumes() {
     let recovered = a.status(&lab)["recovered"].clone();
     assert!(recovered[0].as_str().is_some_and(|r| r.contains("recreated")), "{recovered}");
 }
+
+/// An exit node is an opt-in on both sides: the exit advertises it (and an administrator approves it), and
+/// only a client that chose that exit sends its traffic there; accepting routes is not choosing an exit.
+#[test]
+fn an_exit_node_carries_only_the_traffic_of_clients_that_chose_it() {
+    let (mut lab, control, hosts) = mesh("mge", 3);
+    let internet = lab.netns("inet");
+    lab.link(hosts[0], "198.18.5.1/24", internet, "198.18.5.50/24");
+    let key = control.authkey(&lab, &["--reusable"]);
+    let nodes: Vec<Node> = ["x", "c", "d"].iter().zip(&hosts).map(|(n, h)| Node::start(&mut lab, *h, n)).collect();
+    let (x, c, d) = (&nodes[0], &nodes[1], &nodes[2]);
+
+    let refused = ["up", "--control-url", &control.url, "--ca-cert", &control.ca, "--auth-key", &key];
+    let (status, _, err) = x.cli(&lab, &[&refused[..], &["--advertise-routes", "0.0.0.0/0"]].concat());
+    assert_eq!(status, Some(2), "{err}");
+    assert!(err.contains("--advertise-exit-node"), "{err}");
+    let ip_x = x.up(&lab, &control, &key, &["--advertise-exit-node", "--snat-address", "198.18.5.9"]);
+    c.up(&lab, &control, &key, &["--exit-node", "x"]);
+    d.up(&lab, &control, &key, &["--accept-routes"]);
+    assert!(wait(5000, || lab.ns(hosts[1]).ping(&ip_x)), "c reaches x over the mesh");
+    assert!(!lab.ns(hosts[1]).ping("198.18.5.50"), "not before an administrator approves the exit");
+
+    // An IPv4 SNAT address only: x offers the IPv4 default route alone.
+    let (status, _, err) = control.admin(&lab, &["routes", "approve", "x", "::/0"]);
+    assert_eq!(status, Some(1), "{err}");
+    let (status, _, err) = control.admin(&lab, &["routes", "approve", "x", "0.0.0.0/0"]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(wait(5000, || c.table52(&lab).contains("default dev")), "{}", c.table52(&lab));
+    assert!(wait(5000, || lab.ns(hosts[1]).ping("198.18.5.50")), "c's traffic leaves through x");
+    assert!(c.table52(&lab).contains("throw 10.99.0.0/24"), "the LAN stays on the LAN: {}", c.table52(&lab));
+    assert!(!d.table52(&lab).contains("default"), "accepting routes is not choosing an exit: {}", d.table52(&lab));
+    assert!(!lab.ns(hosts[2]).ping("198.18.5.50"));
+
+    // Clearing the choice takes the default route away again.
+    assert_eq!(c.cli(&lab, &["set", "--exit-node="]).0, Some(0));
+    assert!(wait(3000, || !c.table52(&lab).contains("default")), "{}", c.table52(&lab));
+    assert!(lab.ns(hosts[1]).ping(&ip_x), "c is still in the mesh");
+}

@@ -504,3 +504,34 @@ fn a_key_lifetime_reaches_peers_and_ends_the_nodes_credential() {
     let renewed = join(&c, &request(&key, 2, "b"), NOW + 4000).unwrap();
     assert!(c.authenticate(renewed.node_id, &renewed.credential, NOW + 4000).is_ok());
 }
+
+#[test]
+fn every_approved_exit_node_serves_the_default_route_and_only_exit_node_approvers_approve_it() {
+    let mut c = control("{}");
+    c.set_policy(
+        r#"{"autoApprovers": {"exitNode": ["tag:exit"], "routes": {"0.0.0.0/0": ["tag:router"]}}}"#,
+        "test",
+        NOW,
+    )
+    .unwrap();
+    let key = |tags: &[&str]| {
+        let options =
+            AuthKeyOptions { reusable: true, tags: tags.iter().map(|t| t.to_string()).collect(), ..Default::default() };
+        c.create_auth_key(&options, NOW).unwrap().1
+    };
+    let (exit_key, router_key, plain_key) = (key(&["tag:exit"]), key(&["tag:router"]), key(&[]));
+    let default_route = |key: &str, node: u8, name: &str| {
+        let mut r = request(key, node, name);
+        r.advertise_routes = vec![net("0.0.0.0/0")];
+        r
+    };
+    let a = join(&c, &default_route(&exit_key, 1, "exit-a"), NOW).unwrap();
+    let b = join(&c, &default_route(&exit_key, 2, "exit-b"), NOW).unwrap();
+    let r = join(&c, &default_route(&router_key, 3, "router"), NOW).unwrap();
+    let client = join(&c, &request(&plain_key, 4, "client"), NOW).unwrap();
+    let map = c.netmap(client.node_id, |_| true).unwrap();
+    for exit in [a.node_id, b.node_id] {
+        assert!(allowed(&map, exit).contains(&"0.0.0.0/0".to_string()), "both exits, not one primary");
+    }
+    assert!(!allowed(&map, r.node_id).contains(&"0.0.0.0/0".to_string()), "a routes approver is no exit approver");
+}

@@ -64,7 +64,10 @@ pub(super) async fn setup(options: &Options) -> Result<Setup, Error> {
     let (specs, addresses) = match &netmap {
         Some(map) => {
             tracing::info!(version = map.version, peers = map.peers.len(), "starting from the cached netmap");
-            (netmap::peers(map, &prefs.accept_routes, None, unix_now()).specs, mesh_addresses(map))
+            (
+                netmap::peers(map, &prefs.accept_routes, prefs.exit_node.as_deref(), None, unix_now()).specs,
+                mesh_addresses(map),
+            )
         }
         None => (Vec::new(), Vec::new()),
     };
@@ -199,6 +202,7 @@ impl Daemon {
         };
         let node_key = config::base64_key(&self.dataplane.public_key());
         let private_key = self.private_key;
+        let fwmark = self.options.policy.fwmark;
         let m = self.managed_mut();
         m.generation += 1;
         let follow = Follow {
@@ -213,6 +217,7 @@ impl Daemon {
             tags: m.prefs.advertise_tags.clone(),
             endpoints: endpoints.clone(),
             since: 0,
+            fwmark: Some(fwmark),
         };
         m.endpoints = endpoints;
         m.trouble = None;
@@ -276,7 +281,7 @@ impl Daemon {
         // Kept before the peers are configured, so an expiry passing meanwhile still has its timer.
         self.managed_mut().next_key_expiry = netmap::next_key_expiry(&map, now);
         let m = self.managed.as_ref().expect("managed");
-        let peers = netmap::peers(&map, &m.prefs.accept_routes, None, now);
+        let peers = netmap::peers(&map, &m.prefs.accept_routes, m.prefs.exit_node.as_deref(), None, now);
         for skipped in &peers.skipped {
             let name = crate::follow::escape_controls(&skipped.name);
             tracing::warn!(peer = %name, node_id = skipped.node_id, "not configured: {}", skipped.reason);
@@ -485,7 +490,7 @@ impl Daemon {
         self.host.send(Command::Forwarding(prefs.served()));
         let server_side = prefs.control_url != before.control_url
             || prefs.ca_cert != before.ca_cert
-            || prefs.advertise_routes.iter().map(|a| a.prefix).ne(before.advertise_routes.iter().map(|a| a.prefix))
+            || prefs.advertised_prefixes() != before.advertised_prefixes()
             || prefs.advertise_tags != before.advertise_tags;
         if server_side && self.managed_mut().identity.is_some() {
             self.start_following().await;

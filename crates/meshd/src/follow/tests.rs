@@ -23,6 +23,7 @@ fn follow(identity: bool) -> Follow {
         tags: Vec::new(),
         endpoints: vec!["192.168.1.7:41641".parse().unwrap()],
         since: 0,
+        fwmark: None,
     }
 }
 
