@@ -740,7 +740,8 @@ impl Control {
     /// Approves (or, with `approved = false`, rejects) a node's advertised route.
     pub fn set_route_approval(&self, node: u64, prefix: IpNet, approved: bool) -> Result<bool, ControlError> {
         let changed = self.db.execute(
-            "UPDATE routes SET approved = ?1, auto_approved = 0 WHERE node_id = ?2 AND prefix = ?3 AND approved <> ?1",
+            "UPDATE routes SET approved = ?1, auto_approved = 0
+             WHERE node_id = ?2 AND prefix = ?3 AND (approved <> ?1 OR auto_approved <> 0)",
             params![approved, node as i64, prefix.trunc().to_string()],
         )? == 1;
         if changed {

@@ -48,11 +48,19 @@ pub struct Limits {
     /// For a request's headers to arrive, also on an idle keep-alive connection: a connection that sends
     /// nothing is closed after this.
     pub headers: Duration,
+    /// For a whole connection: a body that never arrives or an answer never read cannot hold a slot
+    /// longer. Far above a long poll (25 s); clients open a connection per request.
+    pub lifetime: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_connections: 16_384, handshake: Duration::from_secs(10), headers: Duration::from_secs(30) }
+        Self {
+            max_connections: 16_384,
+            handshake: Duration::from_secs(10),
+            headers: Duration::from_secs(30),
+            lifetime: Duration::from_secs(120),
+        }
     }
 }
 
@@ -90,9 +98,13 @@ pub async fn serve(listener: TcpListener, app: Router, tls: Option<Arc<ServerCon
         tokio::spawn(async move {
             let _slot = slot;
             let service = TowerToHyperService::new(app);
+            let deadline = tokio::time::Instant::now() + limits.lifetime;
             let result = match acceptor {
                 Some(acceptor) => match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => builder.serve_connection(TokioIo::new(stream), service).await,
+                    Ok(Ok(stream)) => {
+                        let served = builder.serve_connection(TokioIo::new(stream), service);
+                        tokio::time::timeout_at(deadline, served).await.unwrap_or(Ok(()))
+                    }
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");
                         return;
@@ -102,7 +114,10 @@ pub async fn serve(listener: TcpListener, app: Router, tls: Option<Arc<ServerCon
                         return;
                     }
                 },
-                None => builder.serve_connection(TokioIo::new(tcp), service).await,
+                None => {
+                    let served = builder.serve_connection(TokioIo::new(tcp), service);
+                    tokio::time::timeout_at(deadline, served).await.unwrap_or(Ok(()))
+                }
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended");
@@ -120,6 +135,23 @@ mod tests {
     use tokio::net::TcpStream;
 
     use super::*;
+
+    /// Runs `test` on a thread moved into a network namespace of its own, so its sockets touch nothing of
+    /// the host's; the namespace goes when the test ends, pass or fail.
+    fn in_namespace<F: std::future::Future<Output = ()>>(name: &str, test: impl FnOnce() -> F + Send) {
+        let mut lab = mesh_netns::Lab::new(name);
+        let ns = lab.netns("s");
+        let netns = lab.ns(ns);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                netns.enter_on_this_thread();
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(test());
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        });
+    }
 
     async fn server(limits: Limits) -> std::net::SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -139,28 +171,50 @@ mod tests {
         read.is_ok() && answer.starts_with("HTTP/1.1 200")
     }
 
-    #[tokio::test]
-    async fn an_idle_connection_is_closed_after_the_header_timeout() {
-        let limits = Limits { headers: Duration::from_millis(300), ..Limits::default() };
-        let address = server(limits).await;
-        let mut idle = TcpStream::connect(address).await.unwrap();
-        let start = Instant::now();
-        let mut buf = [0u8; 64];
-        let read = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf)).await;
-        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "closed, not left open: {read:?}");
-        assert!(start.elapsed() < Duration::from_secs(5));
-        assert!(get_ok(address).await);
+    #[test]
+    fn an_idle_connection_is_closed_after_the_header_timeout() {
+        in_namespace("srv", || async {
+            let limits = Limits { headers: Duration::from_millis(300), ..Limits::default() };
+            let address = server(limits).await;
+            let mut idle = TcpStream::connect(address).await.unwrap();
+            let start = Instant::now();
+            let mut buf = [0u8; 64];
+            let read = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf)).await;
+            assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "closed, not left open: {read:?}");
+            assert!(start.elapsed() < Duration::from_secs(5));
+            assert!(get_ok(address).await);
+        });
     }
 
-    #[tokio::test]
-    async fn connections_past_the_cap_wait_and_are_served_once_one_closes() {
-        let limits = Limits { max_connections: 2, headers: Duration::from_millis(500), ..Limits::default() };
-        let address = server(limits).await;
-        let hogs = [TcpStream::connect(address).await.unwrap(), TcpStream::connect(address).await.unwrap()];
-        // Both slots are held; the third connects (the kernel's backlog) and is served once a hog is closed
-        // by the header timeout.
-        assert!(get_ok_within(address, Duration::from_secs(5)).await);
-        drop(hogs);
+    #[test]
+    fn a_body_that_never_arrives_holds_its_connection_no_longer_than_the_lifetime() {
+        in_namespace("srv", || async {
+            let limits = Limits { lifetime: Duration::from_millis(400), ..Limits::default() };
+            let address = server(limits).await;
+            let mut slow = TcpStream::connect(address).await.unwrap();
+            slow.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 65536\r\n\r\n").await.unwrap();
+            let mut buf = [0u8; 256];
+            let start = Instant::now();
+            let read = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf)).await;
+            assert!(matches!(read, Ok(Ok(_)) | Ok(Err(_))), "closed within its lifetime, not held: {read:?}");
+            assert!(start.elapsed() < Duration::from_secs(3));
+        });
+    }
+
+    #[test]
+    fn connections_past_the_cap_wait_and_are_served_once_one_closes() {
+        in_namespace("srv", || async {
+            let limits = Limits { max_connections: 2, headers: Duration::from_millis(500), ..Limits::default() };
+            let address = server(limits).await;
+            let hogs = [TcpStream::connect(address).await.unwrap(), TcpStream::connect(address).await.unwrap()];
+            // Both slots are held; the third connects (the kernel's backlog) and is served only once a hog is
+            // closed by the header timeout, not before.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let start = Instant::now();
+            assert!(get_ok_within(address, Duration::from_secs(5)).await);
+            assert!(start.elapsed() >= Duration::from_millis(300), "served at once: the cap did nothing");
+            drop(hogs);
+        });
     }
 
     async fn get_ok_within(address: std::net::SocketAddr, within: Duration) -> bool {

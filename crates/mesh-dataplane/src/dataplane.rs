@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use mesh_packet::build::Builder;
 use mesh_packet::snat::{self, Snat, SnatConfig};
-use mesh_packet::wire::{self, IcmpHeader, IpVersion};
+use mesh_packet::wire::{self, Fragment, IcmpHeader, IpVersion};
 
 use crate::router::{Router, Served};
 use crate::xorshift;
@@ -292,11 +292,15 @@ impl Dataplane {
         }
         // An ICMP error speaks for the flow it quotes: only the peer that flow belongs to may send one, or a
         // peer could reset or shrink (fake "fragmentation needed") another peer's connections.
-        if let Some(quoted) = icmp_error_quoted_destination(&out[..n]) {
-            let sender = wire::source(&out[..n]).and_then(|s| self.node.route(s));
-            if self.node.route(quoted) != sender {
-                return Err(DropReason::SourceNotAllowed);
+        match quoted_flow(&out[..n]) {
+            QuotedFlow::NotAnError => {}
+            QuotedFlow::To(quoted) => {
+                let sender = wire::source(&out[..n]).and_then(|s| self.node.route(s));
+                if self.node.route(quoted) != sender {
+                    return Err(DropReason::SourceNotAllowed);
+                }
             }
+            QuotedFlow::Unreadable => return Err(DropReason::SourceNotAllowed),
         }
         let node = &self.node;
         self.router.from_mesh(&mut out[..n], now, |dst| node.route(dst).is_some())?;
@@ -437,29 +441,51 @@ impl Dataplane {
     }
 }
 
-/// The destination of the packet an ICMP or ICMPv6 error quotes, if `packet` is such an error.
-fn icmp_error_quoted_destination(packet: &[u8]) -> Option<IpAddr> {
+/// What an ICMP or ICMPv6 error speaks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QuotedFlow {
+    /// Not an ICMP error (or a later fragment, which carries no ICMP header and means nothing alone).
+    NotAnError,
+    /// An error about a packet sent to this address.
+    To(IpAddr),
+    /// An error whose quote cannot be read, or that comes in fragments (errors are small enough never to
+    /// need them): refused, since the kernel behind would still act on what it can read.
+    Unreadable,
+}
+
+fn quoted_flow(packet: &[u8]) -> QuotedFlow {
     // Every decrypted packet comes through here: TCP and UDP leave after one byte is looked at, and only
     // ICMP (or IPv6 with extension headers in front) is parsed.
-    let maybe_icmp = match packet.first()? >> 4 {
-        4 => *packet.get(9)? == wire::PROTO_ICMP,
-        6 => matches!(*packet.get(6)?, 0 | 43 | 44 | 51 | 60 | 58),
+    let maybe_icmp = match packet.first().map(|b| b >> 4) {
+        Some(4) => packet.get(9) == Some(&wire::PROTO_ICMP),
+        Some(6) => matches!(packet.get(6), Some(0 | 43 | 44 | 51 | 60 | 58)),
         _ => false,
     };
     if !maybe_icmp {
-        return None;
+        return QuotedFlow::NotAnError;
     }
-    let layout = wire::parse(packet).ok()?;
+    // Anything that does not parse is the router's and the node's to refuse on their own grounds.
+    let Ok(layout) = wire::parse(packet) else { return QuotedFlow::NotAnError };
+    if matches!(layout.fragment, Fragment::Later { .. }) {
+        return QuotedFlow::NotAnError;
+    }
     let is_error = match layout.version {
-        IpVersion::V4 => layout.protocol == wire::PROTO_ICMP && matches!(packet.get(layout.l4_offset)?, 3 | 11 | 12),
-        IpVersion::V6 => layout.protocol == wire::PROTO_ICMPV6 && matches!(packet.get(layout.l4_offset)?, 1..=4),
+        IpVersion::V4 => {
+            layout.protocol == wire::PROTO_ICMP && matches!(packet.get(layout.l4_offset), Some(3 | 11 | 12))
+        }
+        IpVersion::V6 => layout.protocol == wire::PROTO_ICMPV6 && matches!(packet.get(layout.l4_offset), Some(1..=4)),
     };
     if !is_error {
-        return None;
+        return QuotedFlow::NotAnError;
     }
-    let quoted = packet.get(layout.l4_offset + 8..layout.packet_len)?;
-    wire::parse_quoted(quoted).ok()?;
-    wire::destination(quoted)
+    if matches!(layout.fragment, Fragment::First { .. }) {
+        return QuotedFlow::Unreadable;
+    }
+    let Some(quoted) = packet.get(layout.l4_offset + 8..layout.packet_len) else { return QuotedFlow::Unreadable };
+    if wire::parse_quoted(quoted).is_err() {
+        return QuotedFlow::Unreadable;
+    }
+    wire::destination(quoted).map_or(QuotedFlow::Unreadable, QuotedFlow::To)
 }
 
 #[cfg(test)]
@@ -629,12 +655,21 @@ mod tests {
         let [at_router, _] = pair.exchange();
         assert!(at_router.is_empty(), "{at_router:?}");
         assert_eq!(pair.planes[ROUTER].dropped(DropReason::SourceNotAllowed), 1);
+        // A quote the check cannot read (an unknown IPv4 option in the quoted header) is refused too: the
+        // kernel behind would still act on it.
+        let mut odd = quoted[..28].to_vec();
+        odd.splice(20..20, [0x99, 4, 0, 0]);
+        odd[0] = 0x46;
+        let mut unreadable = Builder::v4([100, 64, 0, 2], [10, 0, 12, 50]).icmp_error(3, 3, 0, &odd);
+        pair.planes[CLIENT].handle_tun_packet(&mut unreadable, now).unwrap();
+        pair.exchange();
+        assert_eq!(pair.planes[ROUTER].dropped(DropReason::SourceNotAllowed), 2);
         // An error about the client's own flow passes this check (and is then the SNAT engine's to judge).
         let own = Builder::v4([10, 0, 12, 50], [100, 64, 0, 2]).tcp(443, 40000, TCP_SYN, b"");
         let mut genuine = Builder::v4([100, 64, 0, 2], [10, 0, 12, 50]).icmp_error(3, 4, 1280, &own[..28]);
         pair.planes[CLIENT].handle_tun_packet(&mut genuine, now).unwrap();
         pair.exchange();
-        assert_eq!(pair.planes[ROUTER].dropped(DropReason::SourceNotAllowed), 1);
+        assert_eq!(pair.planes[ROUTER].dropped(DropReason::SourceNotAllowed), 2);
     }
 
     #[test]

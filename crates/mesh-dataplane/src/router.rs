@@ -108,7 +108,7 @@ impl Router {
         // A directed broadcast would reach every host of a LAN with one packet; a routing header would steer
         // a packet past the router. The SNAT engine refuses source routing when it parses; the path that
         // keeps sources parses only here.
-        if self.broadcasts.contains(&dst) || (!snat_on && wire::parse(packet) == Err(wire::Error::Unsupported)) {
+        if self.broadcasts.contains(&dst) || (!snat_on && may_route_itself(packet) && wire::parse(packet).is_err()) {
             return Err(DropReason::Unforwardable);
         }
         mss::clamp(packet, self.mtu);
@@ -141,6 +141,16 @@ impl Router {
         if let Some(engine) = self.snat.as_mut() {
             engine.handle_timeout(now);
         }
+    }
+}
+
+/// Whether a packet carries IPv4 options or IPv6 extension headers, the places source routing hides: only
+/// those are parsed on the keep-source path, plain packets pass on one byte's look.
+fn may_route_itself(packet: &[u8]) -> bool {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => packet[0] & 0x0f != 5,
+        Some(6) => !matches!(packet.get(6), Some(6 | 17 | 58)),
+        _ => true,
     }
 }
 

@@ -17,7 +17,7 @@ pub const VERSION: u32 = 1;
 pub type NodeKey = String;
 
 /// A node asks to join the mesh with an auth key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
     pub version: u32,
@@ -37,6 +37,19 @@ pub struct RegisterRequest {
     pub proof: String,
 }
 
+impl std::fmt::Debug for RegisterRequest {
+    // The auth key is a secret: a `{:?}` of the request must not print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterRequest")
+            .field("node_key", &self.node_key)
+            .field("hostname", &self.hostname)
+            .field("advertise_routes", &self.advertise_routes)
+            .field("tags", &self.tags)
+            .field("timestamp_ms", &self.timestamp_ms)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The server's static X25519 public key, which registrations are signed for (`GET /api/v1/server-key`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerKey {
@@ -45,7 +58,7 @@ pub struct ServerKey {
 }
 
 /// The server's answer: the node's identity in the mesh and the credential it uses from now on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterResponse {
     pub version: u32,
     pub node_id: u64,
@@ -56,6 +69,18 @@ pub struct RegisterResponse {
     /// Presented with every later request; the server keeps only its hash.
     pub credential: String,
     pub domain: String,
+}
+
+impl std::fmt::Debug for RegisterResponse {
+    // The credential is a secret: a `{:?}` of the answer must not print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterResponse")
+            .field("node_id", &self.node_id)
+            .field("name", &self.name)
+            .field("ipv4", &self.ipv4)
+            .field("ipv6", &self.ipv6)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The most endpoints a node may report; more is a misbehaving node, not a bigger host.
@@ -186,6 +211,7 @@ mod tests {
         assert_eq!(serde_json::from_str::<RegisterRequest>(&json).unwrap(), request);
         let extra = json.replacen('{', r#"{"surprise":1,"#, 1);
         assert!(serde_json::from_str::<RegisterRequest>(&extra).is_err());
+        assert!(!format!("{request:?}").contains("mkey-abc"), "no auth key in Debug output");
         let code = serde_json::to_string(&ErrorCode::AuthKeyExpired).unwrap();
         assert_eq!(code, r#""auth_key_expired""#);
     }

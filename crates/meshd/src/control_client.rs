@@ -60,7 +60,9 @@ fn path_segment(text: &str) -> String {
 }
 
 pub fn parse_duration(text: &str) -> Result<u64, String> {
-    let (number, unit) = text.split_at(text.len().saturating_sub(1));
+    // Split before the last character, not the last byte: a non-ASCII unit is an error, not a panic.
+    let at = text.char_indices().last().map_or(0, |(i, _)| i);
+    let (number, unit) = text.split_at(at);
     let factor = match unit {
         "d" => 86_400,
         "h" => 3_600,
@@ -272,5 +274,6 @@ mod tests {
         assert!(parse_duration("d").is_err());
         assert!(parse_duration("1.5h").is_err());
         assert!(parse_duration("99999999999999999d").is_err(), "overflow is an error, not a panic");
+        assert!(parse_duration("9é").is_err() && parse_duration("").is_err(), "no panic on odd text");
     }
 }

@@ -22,7 +22,7 @@ use crate::control_http::Client;
 use crate::prefs::Identity;
 
 /// Everything the follower needs, fixed when it starts; a change of preferences starts a new one.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Follow {
     pub control_url: String,
     pub ca_cert: Option<PathBuf>,
@@ -41,6 +41,19 @@ pub struct Follow {
     pub since: u64,
     /// Marks the connections to the server so they bypass the mesh (see `control_http`).
     pub fwmark: Option<u32>,
+}
+
+impl std::fmt::Debug for Follow {
+    // The auth key is a secret (the identity's credential and the private key redact themselves).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Follow")
+            .field("control_url", &self.control_url)
+            .field("identity", &self.identity)
+            .field("node_key", &self.node_key)
+            .field("hostname", &self.hostname)
+            .field("since", &self.since)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A private key that a `{:?}` of what holds it does not print.

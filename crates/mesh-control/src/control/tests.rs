@@ -453,20 +453,22 @@ fn narrowing_the_policy_takes_back_the_auto_approvals_and_tags_it_granted() {
     let (_, key) = c.create_auth_key(&infra, NOW).unwrap();
     let mut router = request(&key, 1, "router");
     router.tags = vec!["tag:router".into()];
-    router.advertise_routes = vec![net("10.1.0.0/16"), net("192.168.5.0/24")];
+    router.advertise_routes = vec![net("10.1.0.0/16"), net("10.2.0.0/16"), net("192.168.5.0/24")];
     let r = join(&c, &router, NOW).unwrap();
+    // An administrator also approves one the policy approved: that approval is theirs from now on.
+    assert!(c.set_route_approval(r.node_id, net("10.2.0.0/16"), true).unwrap());
     assert!(c.set_route_approval(r.node_id, net("192.168.5.0/24"), true).unwrap(), "an admin's approval");
     let approved = |c: &Control| {
         c.all_routes().unwrap().iter().filter(|a| a.approved).map(|a| a.prefix.to_string()).collect::<Vec<_>>()
     };
-    assert_eq!(approved(&c), ["10.1.0.0/16", "192.168.5.0/24"]);
+    assert_eq!(approved(&c), ["10.1.0.0/16", "10.2.0.0/16", "192.168.5.0/24"]);
 
     let version = c.version().unwrap();
     let change = c.set_policy("{}", "test", NOW + 1).unwrap();
     assert_eq!(change.version, 2);
     assert_eq!(change.tags_revoked, ["router: tag:router"]);
     assert_eq!(change.approvals_revoked, ["router: 10.1.0.0/16"]);
-    assert_eq!(approved(&c), ["192.168.5.0/24"], "the admin's approval stays");
+    assert_eq!(approved(&c), ["10.2.0.0/16", "192.168.5.0/24"], "the admin's approvals stay");
     assert_eq!(c.nodes().unwrap()[0].tags, ["tag:infra"], "the key's own tag stays");
     assert!(c.version().unwrap() > version, "nodes hear of it");
     let stored = c.stored_policy().unwrap().unwrap();

@@ -244,7 +244,9 @@ impl<A: Family> Fragments<A> {
             self.order.pop_front();
             if self.map.get(&key).is_some_and(|&(_, e)| e == expires) {
                 self.map.remove(&key);
-                release(&mut self.per_source, key.src);
+                if !key.inbound {
+                    release(&mut self.per_source, key.src);
+                }
             }
         }
     }
@@ -536,7 +538,8 @@ impl<A: Family> Table<A> {
         if f.map.len() >= f.capacity {
             return Err(DropReason::FragmentTableFull);
         }
-        if f.per_source.get(&key.src).is_some_and(|&n| n as u64 >= f.source_capacity) {
+        // Charged to the mesh client that sends them; replies (inbound) belong to flows it already holds.
+        if !key.inbound && f.per_source.get(&key.src).is_some_and(|&n| n as u64 >= f.source_capacity) {
             return Err(DropReason::SourceOverQuota);
         }
         Ok(())
@@ -552,7 +555,9 @@ impl<A: Family> Table<A> {
         }
         let expires = expiry(now, t.fragment);
         f.map.insert(key, (translated, expires));
-        *f.per_source.entry(key.src).or_default() += 1;
+        if !key.inbound {
+            *f.per_source.entry(key.src).or_default() += 1;
+        }
         f.order.push_back((key, expires));
     }
 
