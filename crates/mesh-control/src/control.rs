@@ -412,6 +412,25 @@ impl Control {
             .ok_or_else(|| ControlError::damaged("a malformed server key"))
     }
 
+    /// A route wider than /8 (IPv4) or /16 (IPv6) must be a default route, which makes an exit node: two
+    /// halves of the address space are a default route no exit-node opt-in would see. Routes over the
+    /// mesh's own range are stored (seed 003's connectors advertise 100.64.0.0/10 for their clusters), but
+    /// nodes never route mesh addresses by them.
+    fn check_route_ranges(&self, routes: &[IpNet]) -> Result<(), ControlError> {
+        for route in routes {
+            let wide = match route {
+                IpNet::V4(_) => route.prefix_len() < 8,
+                IpNet::V6(_) => route.prefix_len() < 16,
+            };
+            if wide && route.prefix_len() != 0 {
+                return Err(ControlError::bad(format!(
+                    "{route} is nearly a default route; advertise an exit node (--advertise-exit-node) instead"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The key registrations are signed for, base64 (published at `GET /api/v1/server-key`).
     pub fn server_public_key(&self) -> Result<String, ControlError> {
         Ok(proof::encode_key(&proof::public_key(&self.server_private()?)))
@@ -595,6 +614,7 @@ impl Control {
             ));
         }
         check_registration(request)?;
+        self.check_route_ranges(&request.advertise_routes)?;
         let key = self.check_auth_key(&request.auth_key, now)?;
         if !key.reusable && key.uses > 0 {
             // Also for a node the server knows: a spent key proves nothing about who holds it now.
@@ -913,6 +933,7 @@ impl Control {
             ));
         }
         check_routes(&update.advertise_routes)?;
+        self.check_route_ranges(&update.advertise_routes)?;
         let record = self
             .node_by_id(node)?
             .ok_or_else(|| ControlError::new(ErrorCode::Unauthorized, "this node is no longer registered"))?;

@@ -93,7 +93,7 @@ impl AppState {
     pub fn remove_stale_ephemeral(&self, offline_for: u64) -> Result<usize, ControlError> {
         let removed = self.control().remove_stale_ephemeral((self.clock)(), offline_for)?;
         if removed > 0 {
-            self.changed();
+            self.changed_blocking();
         }
         Ok(removed)
     }
@@ -104,10 +104,18 @@ impl AppState {
         self.version.receiver_count()
     }
 
-    /// Tells waiting long polls that something changed.
-    fn changed(&self) {
+    /// Tells waiting long polls that something changed; from blocking work, which may wait for the store.
+    fn changed_blocking(&self) {
         let version = self.control().version().unwrap_or(0);
         self.version.send_replace(version);
+    }
+
+    /// Tells waiting long polls that something changed. The version is read on the blocking pool: the
+    /// store's lock may be held by a snapshot or an fsync, and an async thread must not wait for it.
+    async fn changed(self: &Arc<Self>) {
+        if let Ok(version) = blocking(self, |c, _| c.version()).await {
+            self.version.send_replace(version);
+        }
     }
 }
 
@@ -283,7 +291,7 @@ async fn register(
     Json(request): Json<RegisterRequest>,
 ) -> ApiResult<mesh_proto::RegisterResponse> {
     let response = blocking(&state, move |c, now| c.register(&request, now)).await?;
-    state.changed();
+    state.changed().await;
     Ok(Json(response))
 }
 
@@ -324,7 +332,7 @@ async fn endpoints(
     let node = require_node(&state, &headers).await?;
     limit_writes(&state, node)?;
     if blocking(&state, move |c, _| c.set_endpoints(node, &update)).await? {
-        state.changed();
+        state.changed().await;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -337,7 +345,7 @@ async fn advertise(
     let node = require_node(&state, &headers).await?;
     limit_writes(&state, node)?;
     if blocking(&state, move |c, _| c.set_advertised(node, &update)).await? {
-        state.changed();
+        state.changed().await;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -346,7 +354,7 @@ async fn advertise(
 async fn logout(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<StatusCode, ApiError> {
     let node = require_node(&state, &headers).await?;
     if blocking(&state, move |c, _| c.delete_node(node)).await? {
-        state.changed();
+        state.changed().await;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -474,7 +482,7 @@ async fn delete_node(
         c.delete_node(id)
     })
     .await?;
-    state.changed();
+    state.changed().await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -489,7 +497,7 @@ async fn expire_node(
         c.expire_node(id)
     })
     .await?;
-    state.changed();
+    state.changed().await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -554,7 +562,7 @@ async fn set_route(
     })
     .await?;
     if changed {
-        state.changed();
+        state.changed().await;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -576,7 +584,7 @@ async fn set_policy(
     for revoked in change.tags_revoked.iter().chain(&change.approvals_revoked) {
         tracing::info!(version = change.version, "the new policy took back {revoked}");
     }
-    state.changed();
+    state.changed().await;
     Ok(Json(change))
 }
 

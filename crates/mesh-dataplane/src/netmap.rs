@@ -119,10 +119,23 @@ pub fn peers(
         // A default route carries all of the host's traffic into the mesh: only from the exit node this
         // node chose, never as an ordinary subnet route.
         let chosen_exit = exit_node.is_some_and(|e| is_peer(peer, e));
+        let in_mesh = |p: &IpNet| match p {
+            IpNet::V4(v4) => v4.contains(&MESH_V4) || MESH_V4.contains(v4),
+            IpNet::V6(v6) => mesh_ula.is_some_and(|ula| v6.contains(&ula) || ula.contains(v6)),
+        };
         allowed_ips.extend(
             peer.allowed_ips
                 .iter()
-                .filter(|p| !own.contains(p) && if p.prefix_len() == 0 { chosen_exit } else { accept.accepts(p) })
+                .filter(|p| !own.contains(p))
+                // A subnet route over the mesh's own ranges would take other peers' addresses (an exit's
+                // default route does not: every peer's own address is more specific).
+                .filter(|p| {
+                    if is_default_like(p) {
+                        chosen_exit && p.prefix_len() == 0
+                    } else {
+                        !in_mesh(p) && accept.accepts(p)
+                    }
+                })
                 .copied(),
         );
         out.specs.push(PeerSpec {
@@ -134,6 +147,15 @@ pub fn peers(
         });
     }
     out
+}
+
+/// A route so wide it carries most of the host's traffic (`0.0.0.0/1` and `128.0.0.0/1` together are a
+/// default route): only an exit node's `/0` is taken, and only from the chosen exit.
+pub fn is_default_like(prefix: &IpNet) -> bool {
+    match prefix {
+        IpNet::V4(_) => prefix.prefix_len() < 8,
+        IpNet::V6(_) => prefix.prefix_len() < 16,
+    }
 }
 
 /// Whether `text` names `peer`: its name or one of its mesh addresses.
@@ -246,7 +268,20 @@ mod tests {
         lan_v6.ipv6 = "2001:470::1".parse().unwrap();
         let mut other_ula = peer(4, key_text(4), &[]);
         other_ula.ipv6 = "fd00:bad::4".parse().unwrap();
-        let default_routes = peer(5, key_text(5), &["0.0.0.0/0", "::/0", "10.5.0.0/16"]);
+        let default_routes = peer(
+            5,
+            key_text(5),
+            &[
+                "0.0.0.0/0",
+                "::/0",
+                "10.5.0.0/16",
+                "0.0.0.0/1",
+                "128.0.0.0/1",
+                "100.64.0.0/10",
+                "100.64.0.1/32",
+                "fd7a:1::/48",
+            ],
+        );
         let m = map(vec![metadata, lan_v6, other_ula, default_routes]);
         let all = peers(&m, &AcceptRoutes::All, None, None, NOW);
         assert_eq!(all.skipped.iter().map(|s| s.node_id).collect::<Vec<_>>(), [2, 3, 4], "refused and counted");

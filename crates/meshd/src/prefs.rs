@@ -159,9 +159,11 @@ impl Prefs {
                         address, or keep sources with --snat-subnet-routes=false (then the host must masquerade)"
                 .into());
         }
-        if let Some(default) = self.advertise_routes.iter().find(|a| a.prefix.prefix_len() == 0) {
+        if let Some(default) = self.advertise_routes.iter().find(|a| mesh_dataplane::netmap::is_default_like(&a.prefix))
+        {
             return Err(format!(
-                "--advertise-routes {}: a default route makes an exit node; use --advertise-exit-node",
+                "--advertise-routes {}: a default route (or one nearly as wide) makes an exit node; use \
+                 --advertise-exit-node",
                 default.prefix
             ));
         }

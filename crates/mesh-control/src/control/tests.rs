@@ -537,3 +537,18 @@ fn every_approved_exit_node_serves_the_default_route_and_only_exit_node_approver
     }
     assert!(!allowed(&map, r.node_id).contains(&"0.0.0.0/0".to_string()), "a routes approver is no exit approver");
 }
+
+#[test]
+fn nearly_default_routes_are_refused() {
+    let c = control("{}");
+    let (_, key) = c.create_auth_key(&AuthKeyOptions { reusable: true, ..Default::default() }, NOW).unwrap();
+    for bad in ["0.0.0.0/1", "128.0.0.0/1", "64.0.0.0/2", "fc00::/7", "::/1"] {
+        let mut r = request(&key, 1, "r");
+        r.advertise_routes = vec![net(bad)];
+        assert_eq!(join(&c, &r, NOW).unwrap_err().code, ErrorCode::BadRequest, "{bad}");
+    }
+    let mut fine = request(&key, 1, "r");
+    // A connector's route over the mesh range (seed 003) is stored; nodes do not route mesh addresses by it.
+    fine.advertise_routes = vec![net("10.0.0.0/8"), net("0.0.0.0/0"), net("::/0"), net("100.64.0.0/10")];
+    join(&c, &fine, NOW).unwrap();
+}

@@ -182,7 +182,9 @@ impl Daemon {
     /// handshakes to an address this host no longer has (DHCP renewals, roaming).
     pub(super) async fn host_addresses_changed(&mut self, addresses: &[IpAddr]) {
         let Some(m) = self.managed.as_ref() else { return };
-        if m.follower.is_none() {
+        // Not while registering: restarting then could lose the server's answer, and with a single-use
+        // key the retry would be refused as a spent key. The endpoints go with the first report anyway.
+        if m.follower.is_none() || m.identity.is_none() {
             return;
         }
         let endpoints = self.endpoint_candidates(addresses);
