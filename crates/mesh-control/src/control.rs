@@ -655,7 +655,11 @@ impl Control {
                     params![sha256_hex(&credential), join(&tags), now as i64, node.id as i64, timestamp, join(&key.tags), key_expiry],
                 )?;
                 if changed == 0 {
-                    return Err(ControlError::new(ErrorCode::BadProof, "this registration was already used"));
+                    return Err(ControlError::new(
+                        ErrorCode::BadProof,
+                        "this registration is not newer than the node's last one: a replay, or the node's clock \
+                         went back; check the clock and run meshd up again",
+                    ));
                 }
                 node
             }

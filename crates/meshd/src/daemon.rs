@@ -451,9 +451,19 @@ impl Daemon {
         let mut udp4_buf = vec![0u8; 65_536];
         let mut udp6_buf = vec![0u8; 65_536];
         let mut out = vec![0u8; 65_536 + 64];
+        // One timer for peer-key expiry, reset only when the next expiry changes (not made anew per packet).
+        let key_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(key_timer);
+        let mut key_timer_for: Option<u64> = None;
         loop {
             let wake = self.dataplane.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-            let key_expiry = self.key_expiry_deadline();
+            let next_expiry = self.next_key_expiry();
+            if next_expiry != key_timer_for {
+                if let Some(at) = next_expiry {
+                    key_timer.as_mut().reset(Self::deadline_of(at));
+                }
+                key_timer_for = next_expiry;
+            }
             tokio::select! {
                 read = self.tun.recv(&mut tun_buf) => match read {
                     Ok(n) => {
@@ -472,7 +482,10 @@ impl Daemon {
                     }
                 }
                 _ = tokio::time::sleep_until(wake.into()) => self.dataplane.handle_timeout(Instant::now()),
-                () = sleep_until_some(key_expiry) => self.key_expired().await,
+                () = &mut key_timer, if key_timer_for.is_some() => {
+                    key_timer_for = None;
+                    self.key_expired().await;
+                }
                 Some(addresses) = self.host_addresses.recv() => {
                     let mut wanted = self.dataplane.config().clone();
                     wanted.local_addresses = addresses.clone();
@@ -659,14 +672,6 @@ async fn recv_follow(
 ) -> Option<(u64, crate::follow::Event)> {
     match events {
         Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Sleeps until `deadline`, or forever when there is none.
-async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }

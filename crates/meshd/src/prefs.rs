@@ -176,6 +176,15 @@ impl Prefs {
         {
             return Err(format!("--control-url {}: expected https://HOST[:PORT]", self.control_url));
         }
+        if self
+            .control_url
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.split('/').next().unwrap_or("").contains('@'))
+        {
+            return Err("--control-url: no user or password in the URL (it would show in every message); the node \
+                        authenticates with its key"
+                .into());
+        }
         if self.control_url.starts_with("http://") && !self.insecure_http {
             return Err(format!(
                 "--control-url {}: plain HTTP sends the auth key and this node's credential unencrypted; use \
@@ -303,6 +312,8 @@ mod tests {
         assert!(plain.check().unwrap_err().contains("--insecure-http"));
         let allowed = plain.patched(&PrefsPatch { insecure_http: Some(true), ..PrefsPatch::default() });
         assert_eq!(allowed.check(), Ok(()));
+        let with_password = Prefs { control_url: "https://user:secret@c.example".into(), ..plain.clone() };
+        assert!(with_password.check().unwrap_err().contains("no user or password"));
         let https = Prefs { control_url: "https://c.example".into(), ..plain };
         assert_eq!(https.check(), Ok(()));
     }

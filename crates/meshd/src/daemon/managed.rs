@@ -162,10 +162,14 @@ impl Daemon {
         endpoint_candidates(addresses, &mesh, &self.dataplane.config().snat.addresses(), self.listen_port)
     }
 
-    /// When the next peer's key expires (on the wall clock, turned into the loop's clock), if any does.
-    pub(super) fn key_expiry_deadline(&self) -> Option<tokio::time::Instant> {
-        let at = self.managed.as_ref()?.next_key_expiry?;
-        Some(tokio::time::Instant::now() + Duration::from_secs(at.saturating_sub(unix_now())))
+    /// When the next peer's key expires (Unix seconds), if any does.
+    pub(super) fn next_key_expiry(&self) -> Option<u64> {
+        self.managed.as_ref()?.next_key_expiry
+    }
+
+    /// `at` (Unix seconds) on the loop's clock.
+    pub(super) fn deadline_of(at: u64) -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(at.saturating_sub(unix_now()))
     }
 
     /// A peer's key expired: the netmap at hand is applied again, which leaves that peer out, whether or
