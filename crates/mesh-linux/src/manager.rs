@@ -103,6 +103,11 @@ impl RouteManager {
         self.tun_index = tun_index;
     }
 
+    /// A new connection, after the old one died.
+    pub fn set_netlink(&mut self, netlink: Netlink) {
+        self.netlink = netlink;
+    }
+
     pub fn policy(&self) -> &RoutingPolicy {
         &self.policy
     }

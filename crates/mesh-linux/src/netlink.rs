@@ -3,6 +3,8 @@
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::TryStreamExt;
 use ipnet::IpNet;
@@ -27,6 +29,20 @@ const TABLE_DEFAULT: u32 = 253;
 #[derive(Debug, Clone)]
 pub struct Netlink {
     handle: Handle,
+    /// Cleared when the connection's driver ends: every request fails from then on, and the owner
+    /// connects again (see `is_alive`).
+    alive: Arc<AtomicBool>,
+}
+
+/// Runs a netlink connection's driver on the current runtime; the flag says whether it still runs.
+fn drive<F: std::future::Future<Output = ()> + Send + 'static>(connection: F) -> Arc<AtomicBool> {
+    let alive = Arc::new(AtomicBool::new(true));
+    let flag = alive.clone();
+    tokio::spawn(async move {
+        connection.await;
+        flag.store(false, Ordering::Relaxed);
+    });
+    alive
 }
 
 /// A route as a table dump found it: what the plan reads, and the kernel's message to delete it by.
@@ -58,8 +74,12 @@ impl Netlink {
     /// Opens a netlink connection; its driver runs on the current tokio runtime.
     pub fn connect() -> io::Result<Self> {
         let (connection, handle, _) = rtnetlink::new_connection()?;
-        tokio::spawn(connection);
-        Ok(Self { handle })
+        Ok(Self { handle, alive: drive(connection) })
+    }
+
+    /// Whether the connection still works; once it does not, nothing on it will again.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
     }
 
     /// Like [`Netlink::connect`], with `NETLINK_GET_STRICT_CHK` on where the kernel has it (4.20 and later):
@@ -67,10 +87,7 @@ impl Netlink {
     /// kernel the connection is a plain one, and dumps are filtered here instead.
     pub fn connect_strict() -> io::Result<Self> {
         match rtnetlink::new_connection_with_strict_check() {
-            Ok((connection, handle, _)) => {
-                tokio::spawn(connection);
-                Ok(Self { handle })
-            }
+            Ok((connection, handle, _)) => Ok(Self { handle, alive: drive(connection) }),
             Err(_) => Self::connect(),
         }
     }
@@ -575,9 +592,11 @@ pub struct Subscription {
     _handle: Handle,
 }
 
+/// One route, rule or address change, and where it came from.
+pub type Event = (NetlinkMessage<RouteNetlinkMessage>, rtnetlink::sys::SocketAddr);
+
 /// The receiving end of [`Netlink::subscribe`].
-pub type Events =
-    futures_channel::mpsc::UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, rtnetlink::sys::SocketAddr)>;
+pub type Events = futures_channel::mpsc::UnboundedReceiver<Event>;
 
 fn route_table(route: &RouteMessage) -> u32 {
     route
@@ -600,4 +619,24 @@ fn is_ours(rule: &RuleMessage, policy: &RoutingPolicy) -> bool {
         }
     }
     priority.is_some_and(|p| policy.priorities().contains(&p)) && (table == policy.table || mark == Some(policy.fwmark))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connection_whose_driver_ended_says_so() {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let alive = drive(async move {
+            let _ = stopped.await;
+        });
+        tokio::task::yield_now().await;
+        assert!(alive.load(Ordering::Relaxed), "running");
+        stop.send(()).unwrap();
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!alive.load(Ordering::Relaxed), "the owner sees it ended and connects again");
+    }
 }

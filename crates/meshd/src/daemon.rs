@@ -143,7 +143,7 @@ struct Daemon {
     netlink: Netlink,
     host: HostHandle,
     /// The host's addresses, from the host side whenever they change.
-    host_addresses: mpsc::UnboundedReceiver<Vec<IpAddr>>,
+    host_addresses: mpsc::UnboundedReceiver<host::HostEvent>,
     /// Where [`Dataplane::poll_transmit`] puts datagrams.
     transmit_buf: Vec<u8>,
     uapi_path: PathBuf,
@@ -486,12 +486,15 @@ impl Daemon {
                     key_timer_for = None;
                     self.key_expired().await;
                 }
-                Some(addresses) = self.host_addresses.recv() => {
-                    let mut wanted = self.dataplane.config().clone();
-                    wanted.local_addresses = addresses.clone();
-                    self.reconfigure(wanted);
-                    self.host_addresses_changed(&addresses).await;
-                }
+                Some(event) = self.host_addresses.recv() => match event {
+                    host::HostEvent::Addresses(addresses) => {
+                        let mut wanted = self.dataplane.config().clone();
+                        wanted.local_addresses = addresses.clone();
+                        self.reconfigure(wanted);
+                        self.host_addresses_changed(&addresses).await;
+                    }
+                    host::HostEvent::Recovered(what) => self.recoveries.push(what),
+                },
                 accepted = uapi_listener.accept() => {
                     if let Ok((stream, _)) = accepted {
                         tokio::spawn(serve_uapi(stream, uapi_tx.clone()));

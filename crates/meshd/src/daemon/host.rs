@@ -99,7 +99,16 @@ impl HostHandle {
 }
 
 /// Starts the host side on its own thread. The receiver gets the host's addresses whenever they change.
-pub(super) fn spawn(setup: Setup) -> Result<(HostHandle, mpsc::UnboundedReceiver<Vec<IpAddr>>), Error> {
+/// What the host side tells the daemon's loop.
+#[derive(Debug)]
+pub(super) enum HostEvent {
+    /// The host's addresses, after they changed.
+    Addresses(Vec<IpAddr>),
+    /// Something failed and was brought back (for status).
+    Recovered(String),
+}
+
+pub(super) fn spawn(setup: Setup) -> Result<(HostHandle, mpsc::UnboundedReceiver<HostEvent>), Error> {
     let (commands, command_rx) = mpsc::unbounded_channel();
     let (addresses_tx, addresses) = mpsc::unbounded_channel();
     let (ready_tx, ready) = std::sync::mpsc::channel();
@@ -133,6 +142,14 @@ pub(super) fn spawn(setup: Setup) -> Result<(HostHandle, mpsc::UnboundedReceiver
     Ok((HostHandle { commands, thread: Some(thread) }, addresses))
 }
 
+/// The next route or address event; none ever while there is no subscription.
+async fn next_event(events: &mut Option<netlink::Subscription>) -> Option<netlink::Event> {
+    match events {
+        Some(subscription) => subscription.events.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// What one SNAT address needs on the host: its LAN interface answers ARP for it.
 #[derive(Debug, Clone)]
 struct Plumbing {
@@ -152,11 +169,11 @@ struct Host {
     served: Vec<Served>,
     deferred_logged: Option<Instant>,
     addresses: Vec<IpAddr>,
-    addresses_tx: mpsc::UnboundedSender<Vec<IpAddr>>,
+    addresses_tx: mpsc::UnboundedSender<HostEvent>,
 }
 
 impl Host {
-    fn new(setup: Setup, netlink: Netlink, addresses_tx: mpsc::UnboundedSender<Vec<IpAddr>>) -> Self {
+    fn new(setup: Setup, netlink: Netlink, addresses_tx: mpsc::UnboundedSender<HostEvent>) -> Self {
         let routes = RouteManager::new(netlink.clone(), setup.policy, setup.tun_index);
         Host {
             netlink,
@@ -173,8 +190,9 @@ impl Host {
         }
     }
 
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, mut events: netlink::Subscription) {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, events: netlink::Subscription) {
         let mut next_check = Instant::now() + ROUTE_CHECK_INTERVAL;
+        let mut events = Some(events);
         loop {
             tokio::select! {
                 command = commands.recv() => match command {
@@ -190,13 +208,22 @@ impl Host {
                         return;
                     }
                 },
-                Some((message, _)) = events.events.next() => {
-                    tracing::trace!(?message, "netlink event");
-                    if netlink::is_relevant(&message, self.routes.policy().table) {
-                        next_check = next_check.min(Instant::now() + ROUTE_EVENT_DELAY);
+                event = next_event(&mut events) => match event {
+                    Some((message, _)) => {
+                        tracing::trace!(?message, "netlink event");
+                        if netlink::is_relevant(&message, self.routes.policy().table) {
+                            next_check = next_check.min(Instant::now() + ROUTE_EVENT_DELAY);
+                        }
                     }
-                }
+                    None => {
+                        // Without events, repairs wait for the periodic pass; the next pass subscribes again.
+                        tracing::error!("the route and address events stopped; subscribing again");
+                        events = None;
+                        next_check = next_check.min(Instant::now());
+                    }
+                },
                 _ = tokio::time::sleep_until(next_check.into()), if self.installed => {
+                    self.supervise(&mut events);
                     self.reconcile(Cause::Repair).await;
                     next_check = Instant::now() + ROUTE_CHECK_INTERVAL;
                 }
@@ -313,6 +340,35 @@ impl Host {
         self.routes.set_pinned(Vec::new());
     }
 
+    /// Brings back a dead netlink connection or event subscription (each pass tries again until one
+    /// works), and tells the daemon.
+    fn supervise(&mut self, events: &mut Option<netlink::Subscription>) {
+        if !self.netlink.is_alive() {
+            match Netlink::connect_strict() {
+                Ok(netlink) => {
+                    self.netlink = netlink.clone();
+                    self.routes.set_netlink(netlink);
+                    self.recovered("the netlink connection ended; connected again");
+                }
+                Err(e) => tracing::error!(error = %e, "the netlink connection ended; connecting again failed"),
+            }
+        }
+        if events.is_none() {
+            match Netlink::subscribe() {
+                Ok(subscription) => {
+                    *events = Some(subscription);
+                    self.recovered("the route and address events stopped; subscribed again");
+                }
+                Err(e) => tracing::error!(error = %e, "subscribing to route and address events again failed"),
+            }
+        }
+    }
+
+    fn recovered(&self, what: &str) {
+        tracing::warn!("{what}");
+        let _ = self.addresses_tx.send(HostEvent::Recovered(what.to_string()));
+    }
+
     async fn reconcile(&mut self, cause: Cause) {
         if !self.installed {
             return;
@@ -329,7 +385,7 @@ impl Host {
         match self.netlink.local_addresses().await {
             Ok(addresses) if addresses != self.addresses => {
                 self.addresses = addresses.clone();
-                let _ = self.addresses_tx.send(addresses);
+                let _ = self.addresses_tx.send(HostEvent::Addresses(addresses));
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "reading the host's addresses"),
