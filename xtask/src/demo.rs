@@ -83,8 +83,11 @@ pub fn run() -> Result<bool> {
     step("The route waits for approval; until then the client has no route to VPC A");
     show_out("meshd control routes list", &admin(&lab, &["routes", "list"]));
     println!("    client reaches 10.0.12.50: {}", lab.ns(client).ping("10.0.12.50"));
-    step("The administrator approves it (meshd control routes approve 1 10.0.0.0/16)");
-    show_out("meshd control routes approve 1 10.0.0.0/16", &admin(&lab, &["routes", "approve", "1", "10.0.0.0/16"]));
+    step("The administrator approves it by the router's name (meshd control routes approve router 10.0.0.0/16)");
+    show_out(
+        "meshd control routes approve router 10.0.0.0/16",
+        &admin(&lab, &["routes", "approve", "router", "10.0.0.0/16"]),
+    );
     if !wait_until(Duration::from_secs(15), Duration::from_millis(200), || lab.ns(client).ping("10.0.12.50")) {
         bail!("the client never reached 10.0.12.50 through the mesh");
     }
