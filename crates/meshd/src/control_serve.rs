@@ -79,41 +79,31 @@ fn admin_token(data_dir: &Path) -> Result<String, Error> {
 /// A secret file must be the server user's and readable by no one else; a wider one is refused, naming the
 /// fix, rather than served from.
 fn check_private_file(path: &Path) -> Result<(), Error> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).map_err(|e| Error::system(&format!("reading {}", path.display()), e))?;
-    if meta.mode() & 0o077 != 0 {
-        return Err(Error::Input(format!(
-            "{} is readable or writable by others (mode {:o}); chmod 600 it",
-            path.display(),
-            meta.mode() & 0o777
-        )));
-    }
-    if meta.uid() != rustix::process::geteuid().as_raw() {
-        return Err(Error::Input(format!(
-            "{} belongs to uid {}, not to the user the server runs as; chown it",
-            path.display(),
-            meta.uid()
-        )));
-    }
-    Ok(())
+    check_private(path, "", "600")
 }
 
 /// The data directory holds the database (with the server's private key) and the admin token: no one but
 /// the server's user may list or enter it, let alone replace files in it.
 fn check_data_dir(dir: &Path) -> Result<(), Error> {
+    check_private(dir, ": the data directory", "700")
+}
+
+/// `path` belongs to the user the server runs as and is closed to group and others; `what` names it in the
+/// message, `mode` is the chmod that fixes it.
+fn check_private(path: &Path, what: &str, mode: &str) -> Result<(), Error> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(dir).map_err(|e| Error::system(&format!("reading {}", dir.display()), e))?;
+    let meta = std::fs::metadata(path).map_err(|e| Error::system(&format!("reading {}", path.display()), e))?;
     if meta.mode() & 0o077 != 0 {
         return Err(Error::Input(format!(
-            "{}: the data directory is open to others (mode {:o}); chmod 700 it",
-            dir.display(),
+            "{}{what} is open to others (mode {:o}); chmod {mode} it",
+            path.display(),
             meta.mode() & 0o777
         )));
     }
     if meta.uid() != rustix::process::geteuid().as_raw() {
         return Err(Error::Input(format!(
-            "{}: the data directory belongs to uid {}, not to the user the server runs as; chown it",
-            dir.display(),
+            "{}{what} belongs to uid {}, not to the user the server runs as; chown it",
+            path.display(),
             meta.uid()
         )));
     }
