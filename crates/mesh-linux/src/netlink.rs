@@ -36,10 +36,23 @@ pub struct Netlink {
 
 /// Runs a netlink connection's driver on the current runtime; the flag says whether it still runs.
 fn drive<F: std::future::Future<Output = ()> + Send + 'static>(connection: F) -> Arc<AtomicBool> {
+    drive_for(connection, None)
+}
+
+/// `drive`, ending the driver (and so the connection) after `lifetime` when one is given: fault injection.
+fn drive_for<F: std::future::Future<Output = ()> + Send + 'static>(
+    connection: F,
+    lifetime: Option<std::time::Duration>,
+) -> Arc<AtomicBool> {
     let alive = Arc::new(AtomicBool::new(true));
     let flag = alive.clone();
     tokio::spawn(async move {
-        connection.await;
+        match lifetime {
+            Some(lifetime) => {
+                let _ = tokio::time::timeout(lifetime, connection).await;
+            }
+            None => connection.await,
+        }
         flag.store(false, Ordering::Relaxed);
     });
     alive
@@ -86,9 +99,18 @@ impl Netlink {
     /// a route dump for one table then carries that table only, not every route of the host. On an older
     /// kernel the connection is a plain one, and dumps are filtered here instead.
     pub fn connect_strict() -> io::Result<Self> {
+        Self::connect_strict_for(None)
+    }
+
+    /// [`Netlink::connect_strict`] whose connection dies after `lifetime`: fault injection, so tests can show
+    /// that its owner notices and connects again.
+    pub fn connect_strict_for(lifetime: Option<std::time::Duration>) -> io::Result<Self> {
         match rtnetlink::new_connection_with_strict_check() {
-            Ok((connection, handle, _)) => Ok(Self { handle, alive: drive(connection) }),
-            Err(_) => Self::connect(),
+            Ok((connection, handle, _)) => Ok(Self { handle, alive: drive_for(connection, lifetime) }),
+            Err(_) => {
+                let (connection, handle, _) = rtnetlink::new_connection()?;
+                Ok(Self { handle, alive: drive_for(connection, lifetime) })
+            }
         }
     }
 

@@ -356,3 +356,25 @@ fn an_exit_node_carries_only_the_traffic_of_clients_that_chose_it() {
     assert!(wait(3000, || !c.table52(&lab).contains("default")), "{}", c.table52(&lab));
     assert!(lab.ns(hosts[1]).ping(&ip_x), "c is still in the mesh");
 }
+
+/// A dead netlink connection used to fail every route request until restart. With the fault injected (the
+/// first connection's driver ends after 1.5 s), the host thread connects again, status says so, and table
+/// 52 is repaired over the new connection.
+#[test]
+fn a_dead_netlink_connection_is_replaced_and_routes_are_still_repaired() {
+    let (mut lab, control, hosts) = mesh("mgn", 2);
+    let key = control.authkey(&lab, &["--reusable"]);
+    let a = Node::start_with_env(&mut lab, hosts[0], "a", &[("MESHD_FAULT_NETLINK_AFTER_MS", "1500")]);
+    let b = Node::start(&mut lab, hosts[1], "b");
+    a.up(&lab, &control, &key, &[]);
+    let ip_b = b.up(&lab, &control, &key, &[]);
+    assert!(
+        wait(15_000, || a.status(&lab)["recovered"].to_string().contains("netlink connection ended; connected again")),
+        "{}\n{}",
+        a.status(&lab),
+        lab.process(a.process).log_text()
+    );
+    lab.ns(hosts[0]).ip(&["route", "del", &ip_b, "table", "52"]);
+    assert!(wait(8000, || a.table52(&lab).contains(&format!("{ip_b} dev"))), "{}", a.table52(&lab));
+    assert!(wait(5000, || lab.ns(hosts[0]).ping(&ip_b)), "traffic again");
+}

@@ -133,13 +133,20 @@ pub struct Node {
     pub tun: String,
     pub process: usize,
     socket: String,
+    env: Vec<(String, String)>,
 }
 
 impl Node {
     pub fn start(lab: &mut Lab, ns: usize, name: &str) -> Self {
+        Self::start_with_env(lab, ns, name, &[])
+    }
+
+    /// `start`, with more environment for the daemon (fault injection).
+    pub fn start_with_env(lab: &mut Lab, ns: usize, name: &str, env: &[(&str, &str)]) -> Self {
         let tun = lab.unique(&format!("m{name}"));
         let socket = lab.path(&format!("{name}.sock")).to_str().unwrap().to_string();
-        let mut node = Node { ns, name: name.to_string(), tun, process: 0, socket };
+        let mut node = Node { ns, name: name.to_string(), tun, process: 0, socket, env: Vec::new() };
+        node.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         node.process = node.spawn(lab, name);
         node
     }
@@ -162,8 +169,9 @@ impl Node {
             "--run-dir",
             &run,
         ];
-        let p =
-            lab.spawn(self.ns, log_name, MESHD, &args, &[("MESHD_LOG", "debug,ureq=info,ureq_proto=info,rustls=info")]);
+        let mut env = vec![("MESHD_LOG", "debug,ureq=info,ureq_proto=info,rustls=info")];
+        env.extend(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let p = lab.spawn(self.ns, log_name, MESHD, &args, &env);
         let socket = PathBuf::from(&self.socket);
         assert!(
             wait_until(Duration::from_secs(10), Duration::from_millis(50), || socket.exists()
