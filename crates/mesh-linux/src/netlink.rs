@@ -437,10 +437,16 @@ impl Netlink {
 
     /// A netlink socket subscribed to route, rule and address changes (what `ip monitor` shows).
     pub fn subscribe() -> io::Result<Subscription> {
+        Self::subscribe_for(None)
+    }
+
+    /// [`Netlink::subscribe`] whose events stop after `lifetime`: fault injection, so tests can show that
+    /// its owner subscribes again.
+    pub fn subscribe_for(lifetime: Option<std::time::Duration>) -> io::Result<Subscription> {
         use rtnetlink::MulticastGroup as G;
         let groups = [G::Ipv4Route, G::Ipv6Route, G::Ipv4Rule, G::Ipv6Rule, G::Ipv4Ifaddr, G::Ipv6Ifaddr];
         let (connection, handle, messages) = rtnetlink::new_multicast_connection(&groups)?;
-        tokio::spawn(connection);
+        drive_for(connection, lifetime);
         Ok(Subscription { events: messages, _handle: handle })
     }
 

@@ -44,6 +44,28 @@ fn generate(path: &Path) -> Result<Key, String> {
     Ok(key)
 }
 
+/// A managed node's state directory holds its private key and its credential: it must belong to the user
+/// meshd runs as, and no one else may write to it (replace a file in it). Refused otherwise, naming the fix.
+pub fn check_state_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if meta.uid() != rustix::process::geteuid().as_raw() {
+        return Err(format!(
+            "{}: the state directory belongs to uid {}, not to the user meshd runs as; chown it",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{}: others may write to the state directory (mode {:o}); chmod 700 it",
+            dir.display(),
+            meta.mode() & 0o777
+        ));
+    }
+    Ok(())
+}
+
 /// Fills `buf` from the operating system's randomness.
 pub fn random_bytes(buf: &mut [u8]) -> Result<(), String> {
     fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(buf)).map_err(|e| format!("reading /dev/urandom: {e}"))
@@ -88,6 +110,11 @@ mod tests {
         fs::write(dir.join("bad.key"), "not a key").unwrap();
         let err = load(&PrivateKey::File(dir.join("bad.key")), &dir).unwrap_err();
         assert!(err.contains("bad.key"), "{err}");
+        assert_eq!(check_state_dir(&dir), Ok(()), "a directory meshd made is 0700 and its own");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(check_state_dir(&dir).unwrap_err().contains("chmod 700"));
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(check_state_dir(&dir), Ok(()), "readable is fine: the files in it are 0600");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -378,3 +378,24 @@ fn a_dead_netlink_connection_is_replaced_and_routes_are_still_repaired() {
     assert!(wait(8000, || a.table52(&lab).contains(&format!("{ip_b} dev"))), "{}", a.table52(&lab));
     assert!(wait(5000, || lab.ns(hosts[0]).ping(&ip_b)), "traffic again");
 }
+
+/// Ended route and address events used to disable event-driven repair for good (every repair waited for
+/// the 5 s pass). With the fault injected, the host thread subscribes again, status says so, and a deleted
+/// route comes back within the event-driven delay, not the periodic pass.
+#[test]
+fn ended_route_events_are_resubscribed_and_repairs_stay_fast() {
+    let (mut lab, control, hosts) = mesh("mgv", 2);
+    let key = control.authkey(&lab, &["--reusable"]);
+    let a = Node::start_with_env(&mut lab, hosts[0], "a", &[("MESHD_FAULT_EVENTS_AFTER_MS", "1500")]);
+    let b = Node::start(&mut lab, hosts[1], "b");
+    a.up(&lab, &control, &key, &[]);
+    let ip_b = b.up(&lab, &control, &key, &[]);
+    assert!(
+        wait(15_000, || a.status(&lab)["recovered"].to_string().contains("events stopped; subscribed again")),
+        "{}\n{}",
+        a.status(&lab),
+        lab.process(a.process).log_text()
+    );
+    lab.ns(hosts[0]).ip(&["route", "del", &ip_b, "table", "52"]);
+    assert!(wait(2500, || a.table52(&lab).contains(&format!("{ip_b} dev"))), "{}", a.table52(&lab));
+}

@@ -123,13 +123,12 @@ pub(super) fn spawn(setup: Setup) -> Result<(HostHandle, mpsc::UnboundedReceiver
                 }
             };
             runtime.block_on(async move {
-                // Fault injection for the tests of supervision: the first connection dies after this long.
-                let lifetime = std::env::var("MESHD_FAULT_NETLINK_AFTER_MS")
-                    .ok()
-                    .and_then(|ms| ms.parse().ok())
-                    .map(Duration::from_millis);
-                let host = Netlink::connect_strict_for(lifetime)
-                    .and_then(|netlink| Ok((netlink, Netlink::subscribe()?)))
+                // Fault injection for the tests of supervision: the first connection, or the first event
+                // subscription, dies after this long.
+                let fault =
+                    |name: &str| std::env::var(name).ok().and_then(|ms| ms.parse().ok()).map(Duration::from_millis);
+                let host = Netlink::connect_strict_for(fault("MESHD_FAULT_NETLINK_AFTER_MS"))
+                    .and_then(|netlink| Ok((netlink, Netlink::subscribe_for(fault("MESHD_FAULT_EVENTS_AFTER_MS"))?)))
                     .map_err(|e| Error::system("opening netlink", e));
                 match host {
                     Ok((netlink, events)) => {

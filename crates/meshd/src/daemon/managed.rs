@@ -60,6 +60,7 @@ pub(super) async fn setup(options: &Options) -> Result<Setup, Error> {
     prefs.check().map_err(|e| Error::Input(format!("{}: {e}", store.prefs_path().display())))?;
     let identity = store.load_identity().map_err(Error::Input)?;
     let private_key = keys::load(&PrivateKey::Generate, &options.state_dir).map_err(Error::Input)?;
+    keys::check_state_dir(&options.state_dir).map_err(Error::Input)?;
     let netmap = if identity.is_some() && prefs.want_running { store.load_netmap() } else { None };
     let (specs, addresses) = match &netmap {
         Some(map) => {
