@@ -295,15 +295,16 @@ impl Dataplane {
         match quoted_flow(&out[..n]) {
             QuotedFlow::NotAnError => {}
             QuotedFlow::To(quoted) => {
-                let sender = wire::source(&out[..n]).and_then(|s| self.node.route(s));
-                if self.node.route(quoted) != sender {
+                if self.node.route(quoted) != self.node.last_sender() {
                     return Err(DropReason::SourceNotAllowed);
                 }
             }
             QuotedFlow::Unreadable => return Err(DropReason::SourceNotAllowed),
         }
         let node = &self.node;
-        self.router.from_mesh(&mut out[..n], now, |dst| node.route(dst).is_some())?;
+        // The node accepted the packet only from the peer that routes its source: that peer sent it.
+        let sender = node.last_sender().map(|p| u64::from(p.number()));
+        self.router.from_mesh(&mut out[..n], now, sender, |dst| node.route(dst).is_some())?;
         Ok(Some(n))
     }
 
@@ -641,6 +642,28 @@ mod tests {
             matches!(event, Some(Event::Dropped { count: 3, latest_from: Some(from), .. }) if from == underlay(CLIENT)),
             "{event:?}"
         );
+    }
+
+    #[test]
+    fn a_peer_with_many_source_addresses_still_gets_one_share_of_the_snat_pool() {
+        let mut pair = Pair::new();
+        let now = pair.now;
+        // The client is a subnet router itself: it may send from all of 192.168.50.0/24.
+        let mut config = router_config();
+        config.peers = vec![peer(CLIENT, &["192.168.50.0/24"])];
+        config.snat.ports = 20_000..=20_007;
+        config.snat.source_share = 4;
+        pair.planes[ROUTER].configure(config, now).unwrap();
+        let mut client = client_config();
+        client.mesh_addresses.push("192.168.50.1".parse().unwrap());
+        pair.planes[CLIENT].configure(client, now).unwrap();
+        for host in 1..=6u8 {
+            let mut udp = Builder::v4([192, 168, 50, host], [10, 0, 12, 50]).udp(5000, 53, b"q");
+            pair.planes[CLIENT].handle_tun_packet(&mut udp, now).unwrap();
+        }
+        let [at_router, _] = pair.exchange();
+        assert_eq!(at_router.len(), 2, "8 ports, a share of 4: two mappings for this peer, however many sources");
+        assert_eq!(pair.planes[ROUTER].dropped(DropReason::Snat(snat::DropReason::SourceOverQuota)), 4);
     }
 
     #[test]

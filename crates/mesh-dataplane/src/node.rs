@@ -65,6 +65,13 @@ fn short_key(key: &Key) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerId(u32);
 
+impl PeerId {
+    /// The peer's slot number, stable while it is configured (quotas are kept by it).
+    pub fn number(self) -> u32 {
+        self.0
+    }
+}
+
 /// A datagram to send.
 #[derive(Debug)]
 pub struct Transmit {
@@ -158,6 +165,8 @@ pub struct Node {
     by_key: HashMap<Key, PeerId>,
     by_index: HashMap<u32, PeerId>,
     routes: PrefixTable<PeerId>,
+    /// The peer the last decrypted packet came from (what `Received::Packet` was accepted from).
+    last_sender: Option<PeerId>,
     limiter: Arc<RateLimiter>,
     rng: u64,
     transmits: VecDeque<Transmit>,
@@ -209,6 +218,7 @@ impl Node {
             by_key: HashMap::new(),
             by_index: HashMap::new(),
             routes: PrefixTable::default(),
+            last_sender: None,
             limiter,
             rng: seed | 1,
             transmits: VecDeque::new(),
@@ -218,6 +228,12 @@ impl Node {
             scratch: vec![0; 65535 + OVERHEAD],
             handshakes: VecDeque::new(),
         }
+    }
+
+    /// The peer the packet of the last `Received::Packet` came from: the one whose allowed IPs hold its
+    /// source, known from the check that accepted it without a second lookup.
+    pub fn last_sender(&self) -> Option<PeerId> {
+        self.last_sender
     }
 
     pub fn public_key(&self) -> Key {
@@ -564,6 +580,7 @@ impl Node {
         peer.rx_packets += 1;
         peer.rx_bytes += len as u64;
         self.counters.packets_to_tun += 1;
+        self.last_sender = Some(id);
         Ok(Received::Packet(len))
     }
 

@@ -90,6 +90,7 @@ impl Router {
         &mut self,
         packet: &mut [u8],
         now: Instant,
+        sender: Option<u64>,
         into_mesh: impl Fn(IpAddr) -> bool,
     ) -> Result<FromMesh, DropReason> {
         let dst = destination(packet).ok_or(DropReason::NotIp)?;
@@ -114,7 +115,12 @@ impl Router {
         mss::clamp(packet, self.mtu);
         if snat_on {
             let engine = self.snat.as_mut().ok_or(DropReason::Snat(snat::DropReason::NoAddressForFamily))?;
-            engine.outbound(packet, now).map_err(DropReason::Snat)?;
+            // Charged to the sending peer, whatever source addresses its allowed IPs let it use.
+            match sender {
+                Some(peer) => engine.outbound_from(packet, now, peer),
+                None => engine.outbound(packet, now),
+            }
+            .map_err(DropReason::Snat)?;
         }
         Ok(FromMesh::Forwarded)
     }
@@ -205,19 +211,19 @@ mod tests {
         let none = |_: IpAddr| false;
         for dst in [[10, 42, 255, 255], [10, 0, 255, 255]] {
             let mut broadcast = Builder::v4([100, 64, 0, 2], dst).udp(5000, 9, b"x");
-            assert_eq!(r.from_mesh(&mut broadcast, now, none), Err(DropReason::Unforwardable), "{dst:?}");
+            assert_eq!(r.from_mesh(&mut broadcast, now, None, none), Err(DropReason::Unforwardable), "{dst:?}");
         }
         for dst in [[10, 42, 1, 5], [10, 0, 12, 50]] {
             let plain = Builder::v4([100, 64, 0, 2], dst).udp(5000, 53, b"q");
             let mut routed = with_source_route(&plain);
-            let refused = r.from_mesh(&mut routed, now, none);
+            let refused = r.from_mesh(&mut routed, now, None, none);
             assert!(
                 matches!(refused, Err(DropReason::Unforwardable) | Err(DropReason::Snat(_))),
                 "{dst:?}: {refused:?}"
             );
         }
         let mut ordinary = Builder::v4([100, 64, 0, 2], [10, 42, 1, 5]).udp(5000, 53, b"q");
-        assert_eq!(r.from_mesh(&mut ordinary, now, none), Ok(FromMesh::Forwarded));
+        assert_eq!(r.from_mesh(&mut ordinary, now, None, none), Ok(FromMesh::Forwarded));
     }
 
     #[test]
@@ -226,29 +232,29 @@ mod tests {
         let now = Instant::now();
         let none = |_: IpAddr| false;
         let mut local = Builder::v4([100, 64, 0, 2], [100, 64, 0, 1]).echo(true, 1, 1, b"");
-        assert_eq!(r.from_mesh(&mut local, now, none), Ok(FromMesh::Local));
+        assert_eq!(r.from_mesh(&mut local, now, None, none), Ok(FromMesh::Local));
 
         let mut to_vpc = Builder::v4([100, 64, 0, 2], [10, 0, 12, 50]).tcp(40000, 443, TCP_SYN, b"");
-        assert_eq!(r.from_mesh(&mut to_vpc, now, none), Ok(FromMesh::Forwarded));
+        assert_eq!(r.from_mesh(&mut to_vpc, now, None, none), Ok(FromMesh::Forwarded));
         assert_eq!(&to_vpc[12..16], &[10, 0, 12, 9], "SNAT'd");
         let ext = u16::from_be_bytes([to_vpc[20], to_vpc[21]]);
 
         let mut to_pods = Builder::v4([100, 64, 0, 2], [10, 42, 1, 5]).udp(5000, 53, b"q");
-        assert_eq!(r.from_mesh(&mut to_pods, now, none), Ok(FromMesh::Forwarded));
+        assert_eq!(r.from_mesh(&mut to_pods, now, None, none), Ok(FromMesh::Forwarded));
         assert_eq!(&to_pods[12..16], &[100, 64, 0, 2], "source preserved");
 
         let mut elsewhere = Builder::v4([100, 64, 0, 2], [8, 8, 8, 8]).udp(5000, 53, b"q");
-        assert_eq!(r.from_mesh(&mut elsewhere, now, none), Err(DropReason::NotRouted));
+        assert_eq!(r.from_mesh(&mut elsewhere, now, None, none), Err(DropReason::NotRouted));
 
         // No relaying between peers: a served destination another peer owns, or the SNAT address itself.
         let peer_owns_10_0_7 = |a: IpAddr| matches!(a, IpAddr::V4(v) if v.octets()[..3] == [10, 0, 7]);
         let mut to_peer = Builder::v4([100, 64, 0, 2], [10, 0, 7, 1]).udp(1, 2, b"");
-        assert_eq!(r.from_mesh(&mut to_peer, now, peer_owns_10_0_7), Err(DropReason::Hairpin));
+        assert_eq!(r.from_mesh(&mut to_peer, now, None, peer_owns_10_0_7), Err(DropReason::Hairpin));
         let mut to_snat = Builder::v4([100, 64, 0, 2], [10, 0, 12, 9]).udp(1, 2, b"");
-        assert_eq!(r.from_mesh(&mut to_snat, now, none), Err(DropReason::Hairpin));
+        assert_eq!(r.from_mesh(&mut to_snat, now, None, none), Err(DropReason::Hairpin));
         for special in [[224, 0, 0, 1], [255, 255, 255, 255], [127, 0, 0, 1], [169, 254, 1, 1]] {
             let mut p = Builder::v4([100, 64, 0, 2], special).udp(1, 2, b"");
-            assert_eq!(r.from_mesh(&mut p, now, none), Err(DropReason::NotRouted), "{special:?}");
+            assert_eq!(r.from_mesh(&mut p, now, None, none), Err(DropReason::NotRouted), "{special:?}");
         }
 
         let mut reply = Builder::v4([10, 0, 12, 50], [10, 0, 12, 9]).tcp(443, ext, TCP_SYN | 0x10, b"");
@@ -265,10 +271,10 @@ mod tests {
         let none = |_: IpAddr| false;
         r.set_served(&[Served { prefix: "10.42.0.0/16".parse().unwrap(), snat: false }]);
         let mut to_vpc = Builder::v4([100, 64, 0, 2], [10, 0, 12, 50]).udp(5000, 53, b"q");
-        assert_eq!(r.from_mesh(&mut to_vpc, now, none), Err(DropReason::NotRouted), "no longer served");
+        assert_eq!(r.from_mesh(&mut to_vpc, now, None, none), Err(DropReason::NotRouted), "no longer served");
         let mut to_pods = Builder::v4([100, 64, 0, 2], [10, 42, 1, 5]).udp(5000, 53, b"q");
-        assert_eq!(r.from_mesh(&mut to_pods, now, none), Ok(FromMesh::Forwarded));
+        assert_eq!(r.from_mesh(&mut to_pods, now, None, none), Ok(FromMesh::Forwarded));
         r.set_served(&[]);
-        assert_eq!(r.from_mesh(&mut to_pods, now, none), Err(DropReason::NotRouted));
+        assert_eq!(r.from_mesh(&mut to_pods, now, None, none), Err(DropReason::NotRouted));
     }
 }

@@ -519,3 +519,20 @@ fn one_source_cannot_exhaust_the_ports_flows_or_fragment_slots_of_every_other() 
     assert_eq!(refused, 4, "2 datagrams in flight and no more");
     assert_eq!(snat.counters().dropped(DropReason::SourceOverQuota), 48 + 16 + 4, "refusals are counted");
 }
+
+/// A peer named as the owner is held to one share across every source address it sends from.
+#[test]
+fn one_owner_gets_one_share_whatever_addresses_it_uses() {
+    let now = Instant::now();
+    let mut config = SnatConfig::new(Some(SNAT), None);
+    config.ports = 1024..=1087;
+    config.source_share = 4;
+    let mut snat = Snat::new(config, now).unwrap();
+    let sent = |snat: &mut Snat, host: u8, owner: u64| {
+        let mut p = Builder::v4([192, 168, 50, host], SERVER.octets()).udp(5000, 53, b"q");
+        snat.outbound_from(&mut p, now, owner)
+    };
+    let refused = (1..=40u8).filter(|h| sent(&mut snat, *h, 7) == Err(DropReason::SourceOverQuota)).count();
+    assert_eq!(refused, 24, "16 mappings for owner 7 across 40 addresses");
+    assert_eq!(sent(&mut snat, 41, 8), Ok(()), "another owner has its own share");
+}

@@ -82,6 +82,20 @@ impl SnatConfig {
     }
 }
 
+/// The owner a packet is charged to when no peer is named: its source address, in a range of numbers
+/// peers (below 2^32) never use. IPv6 addresses are folded to 62 bits, so a rare few may share a share.
+pub fn owner_of_address(address: IpAddr) -> u64 {
+    const BY_ADDRESS: u64 = 1 << 63;
+    const V6: u64 = 1 << 62;
+    match address {
+        IpAddr::V4(v4) => BY_ADDRESS | u64::from(u32::from(v4)),
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            BY_ADDRESS | V6 | ((bits as u64 ^ (bits >> 64) as u64) & (V6 - 1))
+        }
+    }
+}
+
 /// A seed from the standard library's per-process hash keys, which it draws from the operating system:
 /// enough to make external ports unpredictable off-path without another dependency.
 fn random_seed() -> u64 {
@@ -307,28 +321,35 @@ impl Snat {
     /// Translates a packet from the mesh toward the LAN in place. On `Err` the packet must be dropped; it may
     /// have been partly rewritten.
     pub fn outbound(&mut self, packet: &mut [u8], now: Instant) -> Result<(), DropReason> {
-        let result = self.translate(packet, now, Direction::Outbound);
+        let owner = wire::source(packet).map_or(0, owner_of_address);
+        self.outbound_from(packet, now, owner)
+    }
+
+    /// [`Snat::outbound`] for a packet sent by `owner` (a mesh peer's number, below 2^32): the per-source
+    /// shares ([`SnatConfig::source_share`]) are then the owner's, whatever source addresses it uses.
+    pub fn outbound_from(&mut self, packet: &mut [u8], now: Instant, owner: u64) -> Result<(), DropReason> {
+        let result = self.translate(packet, now, Direction::Outbound, owner);
         self.count(result, Direction::Outbound)
     }
 
     /// Translates a packet from the LAN addressed to the SNAT address back toward the mesh, in place.
     pub fn inbound(&mut self, packet: &mut [u8], now: Instant) -> Result<(), DropReason> {
-        let result = self.translate(packet, now, Direction::Inbound);
+        let result = self.translate(packet, now, Direction::Inbound, 0);
         self.count(result, Direction::Inbound)
     }
 
     #[inline]
-    fn translate(&mut self, packet: &mut [u8], now: Instant, dir: Direction) -> Result<(), DropReason> {
+    fn translate(&mut self, packet: &mut [u8], now: Instant, dir: Direction, owner: u64) -> Result<(), DropReason> {
         let tick = self.tick(now);
         let t = &self.timeouts;
         match wire::version(packet)? {
             IpVersion::V4 => {
                 let table = self.v4.as_mut().ok_or(DropReason::NoAddressForFamily)?;
-                translate(table, packet, tick, t, &mut self.stats, dir)
+                translate(table, packet, tick, t, &mut self.stats, dir, owner)
             }
             IpVersion::V6 => {
                 let table = self.v6.as_mut().ok_or(DropReason::NoAddressForFamily)?;
-                translate(table, packet, tick, t, &mut self.stats, dir)
+                translate(table, packet, tick, t, &mut self.stats, dir, owner)
             }
         }
     }
@@ -457,6 +478,7 @@ fn classify<A: Family>(p: &[u8], layout: &Layout) -> Result<Proto, DropReason> {
     Ok(proto)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn translate<A: Family>(
     table: &mut Table<A>,
     p: &mut [u8],
@@ -464,6 +486,7 @@ fn translate<A: Family>(
     t: &Timeouts,
     stats: &mut table::Stats,
     dir: Direction,
+    owner: u64,
 ) -> Result<(), DropReason> {
     let layout = A::parse(p)?;
     let p = &mut p[..layout.packet_len];
@@ -491,12 +514,12 @@ fn translate<A: Family>(
             return Ok(());
         }
         // Refused before any flow state changes, so a dropped first fragment leaves nothing behind.
-        Fragment::First { id } => table.fragment_room(&fragment_key(id), now)?,
+        Fragment::First { id } => table.fragment_room(&fragment_key(id), owner, now)?,
         _ => {}
     }
-    let translated = translate_unfragmented(table, p, &layout, (src, dst), now, t, stats, dir)?;
+    let translated = translate_unfragmented(table, p, &layout, (src, dst), now, t, stats, (dir, owner))?;
     if let Fragment::First { id } = layout.fragment {
-        table.remember_fragment(fragment_key(id), translated, now, t);
+        table.remember_fragment(fragment_key(id), translated, owner, now, t);
     }
     Ok(())
 }
@@ -512,7 +535,7 @@ fn translate_unfragmented<A: Family>(
     now: u32,
     t: &Timeouts,
     stats: &mut table::Stats,
-    dir: Direction,
+    (dir, owner): (Direction, u64),
 ) -> Result<A, DropReason> {
     let proto = classify::<A>(p, layout)?;
     let l4 = layout.l4_offset;
@@ -536,7 +559,7 @@ fn translate_unfragmented<A: Family>(
             let flow = match table.find(&key) {
                 Some(f) => f,
                 None if tcp_flags & wire::TCP_RST != 0 => return Err(DropReason::OrphanReset),
-                None => table.create(key, now, t, stats)?,
+                None => table.create(key, owner, now, t, stats)?,
             };
             let ext_port = table.flow(flow).ext_port;
             (flow, table.addr, ext_port)

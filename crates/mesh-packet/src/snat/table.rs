@@ -227,11 +227,12 @@ pub(super) struct FragmentKey<A> {
 /// follow it. Every entry lives for the same time, so insertion order is expiry order.
 #[derive(Debug)]
 struct Fragments<A> {
-    map: HashMap<FragmentKey<A>, (A, u32), foldhash::fast::RandomState>,
+    /// Where each datagram's later fragments go, until when, and whom it is charged to.
+    map: HashMap<FragmentKey<A>, (A, u32, u64), foldhash::fast::RandomState>,
     order: VecDeque<(FragmentKey<A>, u32)>,
     capacity: usize,
-    /// Datagrams in `map` per source address, and how many one source may have.
-    per_source: HashMap<A, usize, foldhash::fast::RandomState>,
+    /// Outbound datagrams in `map` per owner, and how many one owner may have.
+    per_owner: HashMap<u64, usize, foldhash::fast::RandomState>,
     source_capacity: u64,
 }
 
@@ -242,22 +243,22 @@ impl<A: Family> Fragments<A> {
                 break;
             }
             self.order.pop_front();
-            if self.map.get(&key).is_some_and(|&(_, e)| e == expires) {
-                self.map.remove(&key);
-                if !key.inbound {
-                    release(&mut self.per_source, key.src);
-                }
+            if self.map.get(&key).is_some_and(|&(_, e, _)| e == expires)
+                && let Some((_, _, owner)) = self.map.remove(&key)
+                && !key.inbound
+            {
+                release(&mut self.per_owner, owner);
             }
         }
     }
 }
 
-/// Takes one from `source`'s count, forgetting the source at zero.
-fn release<A: Family>(counts: &mut HashMap<A, usize, foldhash::fast::RandomState>, source: A) {
-    if let Some(n) = counts.get_mut(&source) {
+/// Takes one from `owner`'s count, forgetting the owner at zero.
+fn release(counts: &mut HashMap<u64, usize, foldhash::fast::RandomState>, owner: u64) {
+    if let Some(n) = counts.get_mut(&owner) {
         *n -= 1;
         if *n == 0 {
-            counts.remove(&source);
+            counts.remove(&owner);
         }
     }
 }
@@ -275,11 +276,19 @@ pub(super) struct Limits {
     pub source_share: u32,
 }
 
-/// What one source address holds.
+/// What one owner (a mesh peer, or a source address when no peer is named) holds.
 #[derive(Debug, Default, Clone, Copy)]
 struct SourceUse {
     flows: u32,
     mappings: [u32; 3],
+}
+
+/// Which owner a source address's flows are charged to, and how many it has: flows do not carry their
+/// owner (that would cost every flow 4 bytes), so removal finds it here.
+#[derive(Debug, Clone, Copy)]
+struct SourceOwner {
+    owner: u64,
+    flows: u32,
 }
 
 #[derive(Debug)]
@@ -295,7 +304,8 @@ pub(super) struct Table<A> {
     hasher: foldhash::fast::RandomState,
     live: u32,
     max_flows: u32,
-    per_source: HashMap<A, SourceUse, foldhash::fast::RandomState>,
+    per_owner: HashMap<u64, SourceUse, foldhash::fast::RandomState>,
+    owners: HashMap<A, SourceOwner, foldhash::fast::RandomState>,
     source_flows: u64,
     source_mappings: u64,
 }
@@ -317,13 +327,14 @@ impl<A: Family> Table<A> {
                 map: HashMap::default(),
                 order: VecDeque::new(),
                 capacity: max_fragments,
-                per_source: HashMap::default(),
+                per_owner: HashMap::default(),
                 source_capacity: share_of(max_fragments as u64, source_share),
             },
             hasher: foldhash::fast::RandomState::default(),
             live: 0,
             max_flows,
-            per_source: HashMap::default(),
+            per_owner: HashMap::default(),
+            owners: HashMap::default(),
             source_flows: share_of(u64::from(max_flows), source_share),
             source_mappings: share_of(u64::from(ports), source_share),
         }
@@ -380,19 +391,29 @@ impl<A: Family> Table<A> {
 
     /// Creates a flow for `k`, reusing the internal endpoint's mapping or allocating one. `now` is the
     /// current tick; `expire_budget` bounds the reclaiming done when the table is full.
-    pub fn create(&mut self, k: FlowKey<A>, now: u32, t: &Timeouts, stats: &mut Stats) -> Result<u32, DropReason> {
+    pub fn create(
+        &mut self,
+        k: FlowKey<A>,
+        owner: u64,
+        now: u32,
+        t: &Timeouts,
+        stats: &mut Stats,
+    ) -> Result<u32, DropReason> {
         if self.live >= self.max_flows {
             self.expire(now, FULL_TABLE_EXPIRE_BUDGET, stats);
             if self.live >= self.max_flows {
                 return Err(DropReason::TableFull);
             }
         }
-        if self.per_source.get(&k.int_addr).is_some_and(|u| u64::from(u.flows) >= self.source_flows) {
+        // An address stays charged to the owner that opened its first live flow.
+        let owner = self.owners.get(&k.int_addr).map_or(owner, |o| o.owner);
+        if self.per_owner.get(&owner).is_some_and(|u| u64::from(u.flows) >= self.source_flows) {
             return Err(DropReason::SourceOverQuota);
         }
-        let mapping = self.mapping_for(k.proto, k.int_addr, k.int_port)?;
+        let mapping = self.mapping_for(k.proto, k.int_addr, k.int_port, owner)?;
         self.mappings[mapping].flows += 1;
-        self.per_source.entry(k.int_addr).or_default().flows += 1;
+        self.per_owner.entry(owner).or_default().flows += 1;
+        self.owners.entry(k.int_addr).or_insert(SourceOwner { owner, flows: 0 }).flows += 1;
         let mut flow = Flow {
             int_addr: k.int_addr,
             remote_addr: k.remote_addr,
@@ -417,7 +438,7 @@ impl<A: Family> Table<A> {
         Ok(i)
     }
 
-    fn mapping_for(&mut self, proto: Proto, addr: A, port: u16) -> Result<u32, DropReason> {
+    fn mapping_for(&mut self, proto: Proto, addr: A, port: u16, owner: u64) -> Result<u32, DropReason> {
         let hash = self.mapping_hash(proto, addr, port);
         let items = &self.mappings;
         if let Some(&m) = self.mapping_index.find(hash, |&m| {
@@ -426,12 +447,12 @@ impl<A: Family> Table<A> {
         }) {
             return Ok(m);
         }
-        if self.per_source.get(&addr).is_some_and(|u| u64::from(u.mappings[proto as usize]) >= self.source_mappings) {
+        if self.per_owner.get(&owner).is_some_and(|u| u64::from(u.mappings[proto as usize]) >= self.source_mappings) {
             return Err(DropReason::SourceOverQuota);
         }
         let pool = &mut self.pools[proto as usize];
         let ext_port = pool.free.pop_front().ok_or(DropReason::PoolExhausted)?;
-        self.per_source.entry(addr).or_default().mappings[proto as usize] += 1;
+        self.per_owner.entry(owner).or_default().mappings[proto as usize] += 1;
         let m = self.mappings.insert(Mapping { int_addr: addr, int_port: port, ext_port, proto, flows: 0 });
         pool.owner[usize::from(ext_port - pool.first)] = m;
         let (items, hasher) = (&self.mappings, &self.hasher);
@@ -470,13 +491,20 @@ impl<A: Family> Table<A> {
         let mapping = &mut self.mappings[m];
         mapping.flows -= 1;
         let freed = mapping.flows == 0;
-        if let Some(used) = self.per_source.get_mut(&flow.int_addr) {
-            used.flows -= 1;
-            if freed {
-                used.mappings[flow.proto as usize] -= 1;
+        if let Some(source) = self.owners.get_mut(&flow.int_addr) {
+            let owner = source.owner;
+            source.flows -= 1;
+            if source.flows == 0 {
+                self.owners.remove(&flow.int_addr);
             }
-            if used.flows == 0 {
-                self.per_source.remove(&flow.int_addr);
+            if let Some(used) = self.per_owner.get_mut(&owner) {
+                used.flows -= 1;
+                if freed {
+                    used.mappings[flow.proto as usize] -= 1;
+                }
+                if used.flows == 0 {
+                    self.per_owner.remove(&owner);
+                }
             }
         }
         if freed {
@@ -529,7 +557,7 @@ impl<A: Family> Table<A> {
     }
 
     /// Whether a fragmented datagram with `key` can be remembered (checked before any state changes).
-    pub fn fragment_room(&mut self, key: &FragmentKey<A>, now: u32) -> Result<(), DropReason> {
+    pub fn fragment_room(&mut self, key: &FragmentKey<A>, owner: u64, now: u32) -> Result<(), DropReason> {
         let f = &mut self.fragments;
         f.expire(now);
         if f.map.contains_key(key) {
@@ -539,7 +567,7 @@ impl<A: Family> Table<A> {
             return Err(DropReason::FragmentTableFull);
         }
         // Charged to the mesh client that sends them; replies (inbound) belong to flows it already holds.
-        if !key.inbound && f.per_source.get(&key.src).is_some_and(|&n| n as u64 >= f.source_capacity) {
+        if !key.inbound && f.per_owner.get(&owner).is_some_and(|&n| n as u64 >= f.source_capacity) {
             return Err(DropReason::SourceOverQuota);
         }
         Ok(())
@@ -547,22 +575,22 @@ impl<A: Family> Table<A> {
 
     /// Remembers where a datagram's later fragments go. A repeated first fragment keeps the lifetime of the
     /// first, so the expiry queue holds one entry per datagram.
-    pub fn remember_fragment(&mut self, key: FragmentKey<A>, translated: A, now: u32, t: &Timeouts) {
+    pub fn remember_fragment(&mut self, key: FragmentKey<A>, translated: A, owner: u64, now: u32, t: &Timeouts) {
         let f = &mut self.fragments;
         if let Some(entry) = f.map.get_mut(&key) {
             entry.0 = translated;
             return;
         }
         let expires = expiry(now, t.fragment);
-        f.map.insert(key, (translated, expires));
+        f.map.insert(key, (translated, expires, owner));
         if !key.inbound {
-            *f.per_source.entry(key.src).or_default() += 1;
+            *f.per_owner.entry(owner).or_default() += 1;
         }
         f.order.push_back((key, expires));
     }
 
     pub fn fragment(&self, key: &FragmentKey<A>, now: u32) -> Option<A> {
-        self.fragments.map.get(key).filter(|&&(_, expires)| expires > now).map(|&(a, _)| a)
+        self.fragments.map.get(key).filter(|&&(_, expires, _)| expires > now).map(|&(a, _, _)| a)
     }
 }
 
@@ -635,7 +663,7 @@ mod tests {
     fn a_small_budget_still_catches_up() {
         let (mut t, timeouts, mut stats) = (table(), Timeouts::default(), Stats::default());
         for port in 0..100 {
-            t.create(key(port), 0, &timeouts, &mut stats).unwrap();
+            t.create(key(port), 1, 0, &timeouts, &mut stats).unwrap();
         }
         let mut calls = 0;
         while !t.expire(1000, 7, &mut stats) {
@@ -651,7 +679,7 @@ mod tests {
     #[test]
     fn refreshing_never_grows_the_wheel() {
         let (mut t, timeouts, mut stats) = (table(), Timeouts::default(), Stats::default());
-        let flow = t.create(key(1), 0, &timeouts, &mut stats).unwrap();
+        let flow = t.create(key(1), 1, 0, &timeouts, &mut stats).unwrap();
         for now in 1..20_000 {
             t.refresh(flow, now, &timeouts);
             t.expire(now, usize::MAX, &mut stats);
@@ -666,7 +694,7 @@ mod tests {
     fn a_shortened_timeout_is_honoured_and_its_old_entry_discarded() {
         let (mut t, timeouts, mut stats) = (table(), Timeouts::default(), Stats::default());
         let k = FlowKey { proto: Proto::Tcp, ..key(1) };
-        let flow = t.create(k, 0, &timeouts, &mut stats).unwrap();
+        let flow = t.create(k, 1, 0, &timeouts, &mut stats).unwrap();
         t.flow_mut(flow).tcp = tcp::SYN_OUT | tcp::REPLIED;
         t.refresh(flow, 10, &timeouts);
         t.expire(3000, usize::MAX, &mut stats);
@@ -687,7 +715,7 @@ mod tests {
         let (mut t, timeouts, mut stats) = (table(), Timeouts::default(), Stats::default());
         for round in 0..5u32 {
             for port in 0..1000 {
-                t.create(key(port), round * 1000, &timeouts, &mut stats).unwrap();
+                t.create(key(port), 1, round * 1000, &timeouts, &mut stats).unwrap();
             }
             t.expire(round * 1000 + 999, usize::MAX, &mut stats);
             assert_eq!(t.live_flows(), 0);
@@ -729,7 +757,7 @@ mod long_timeouts {
                 remote_addr: Ipv4Addr::new(10, 0, 0, 1),
                 remote_port: 53,
             };
-            t.create(k, 0, &timeouts, &mut stats).unwrap();
+            t.create(k, 1, 0, &timeouts, &mut stats).unwrap();
         }
         let mut now = 0;
         let mut calls = 0;
