@@ -73,7 +73,16 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE nodes ADD COLUMN key_expiry INTEGER;
 ",
+    // A deleted node's last registration time outlives it for a while, so a recorded registration of
+    // it cannot bring it back within the clock window.
+    "
+    CREATE TABLE retired_keys (node_key TEXT PRIMARY KEY, registered_at_ms INTEGER NOT NULL);
+",
 ];
+
+/// How long a deleted node's registration time is kept: past the clock window (5 minutes either way), a
+/// recorded registration is refused as stale anyway.
+const RETIRED_FOR_MS: i64 = 10 * 60 * 1000;
 
 /// Bounds on what one node may hand the server, so no registration can grow every netmap past what nodes
 /// read (`MAX_ENDPOINTS` is in mesh-proto, which nodes also obey).
@@ -664,6 +673,24 @@ impl Control {
                 node
             }
             None => {
+                tx.execute(
+                    "DELETE FROM retired_keys WHERE registered_at_ms < ?1",
+                    params![now_ms as i64 - RETIRED_FOR_MS],
+                )?;
+                let retired: Option<i64> = tx
+                    .query_row(
+                        "SELECT registered_at_ms FROM retired_keys WHERE node_key = ?1",
+                        params![request.node_key],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if retired.is_some_and(|last| timestamp <= last) {
+                    return Err(ControlError::new(
+                        ErrorCode::BadProof,
+                        "this registration is not newer than the deleted node's last one: a replay, or the node's \
+                         clock went back; check the clock and run meshd up again",
+                    ));
+                }
                 let name = self.unique_name(&sanitize(&request.hostname))?;
                 let ipv4 = self.free_ipv4()?;
                 let id = self.next_node_id()?;
@@ -974,11 +1001,26 @@ impl Control {
     }
 
     pub fn delete_node(&self, node: u64) -> Result<bool, ControlError> {
-        let deleted = self.db.execute("DELETE FROM nodes WHERE id = ?1", params![node as i64])? == 1;
+        let tx = self.db.unchecked_transaction()?;
+        self.retire("WHERE id = ?1", params![node as i64])?;
+        let deleted = tx.execute("DELETE FROM nodes WHERE id = ?1", params![node as i64])? == 1;
+        tx.commit()?;
         if deleted {
             self.bump()?;
         }
         Ok(deleted)
+    }
+
+    /// Keeps the registration times of the nodes `filter` selects, which are about to be deleted.
+    fn retire(&self, filter: &str, values: &[&dyn rusqlite::ToSql]) -> Result<(), ControlError> {
+        self.db.execute(
+            &format!(
+                "INSERT INTO retired_keys (node_key, registered_at_ms) SELECT node_key, registered_at_ms FROM nodes {filter} \
+                 ON CONFLICT (node_key) DO UPDATE SET registered_at_ms = excluded.registered_at_ms"
+            ),
+            values,
+        )?;
+        Ok(())
     }
 
     pub fn expire_node(&self, node: u64) -> Result<bool, ControlError> {
@@ -991,10 +1033,11 @@ impl Control {
 
     /// Removes ephemeral nodes not seen for `offline_for` seconds; returns how many.
     pub fn remove_stale_ephemeral(&self, now: u64, offline_for: u64) -> Result<usize, ControlError> {
-        let removed = self.db.execute(
-            "DELETE FROM nodes WHERE ephemeral = 1 AND last_seen < ?1",
-            params![now.saturating_sub(offline_for) as i64],
-        )?;
+        let cutoff = now.saturating_sub(offline_for) as i64;
+        let tx = self.db.unchecked_transaction()?;
+        self.retire("WHERE ephemeral = 1 AND last_seen < ?1", params![cutoff])?;
+        let removed = tx.execute("DELETE FROM nodes WHERE ephemeral = 1 AND last_seen < ?1", params![cutoff])?;
+        tx.commit()?;
         if removed > 0 {
             self.bump()?;
         }

@@ -552,3 +552,20 @@ fn nearly_default_routes_are_refused() {
     fine.advertise_routes = vec![net("10.0.0.0/8"), net("0.0.0.0/0"), net("::/0"), net("100.64.0.0/10")];
     join(&c, &fine, NOW).unwrap();
 }
+
+#[test]
+fn a_recorded_registration_cannot_bring_a_deleted_node_back() {
+    let c = control("{}");
+    let (_, key) = c.create_auth_key(&AuthKeyOptions { reusable: true, ..Default::default() }, NOW).unwrap();
+    let server = proof::decode_key(&c.server_public_key().unwrap()).unwrap();
+    let mut recorded = request(&key, 1, "victim");
+    recorded.timestamp_ms = NOW * 1000;
+    proof::sign(&mut recorded, &node_private(1), &server);
+    let victim = c.register(&recorded, NOW).unwrap();
+    assert!(c.delete_node(victim.node_id).unwrap());
+    // Replayed a minute later, inside the clock window: refused.
+    assert_eq!(c.register(&recorded, NOW + 60).unwrap_err().code, ErrorCode::BadProof);
+    assert!(c.nodes().unwrap().is_empty());
+    // The node itself, registering anew, is welcome.
+    join(&c, &request(&key, 1, "victim"), NOW + 61).unwrap();
+}
