@@ -78,6 +78,13 @@ const MIGRATIONS: &[&str] = &[
     "
     CREATE TABLE retired_keys (node_key TEXT PRIMARY KEY, registered_at_ms INTEGER NOT NULL);
 ",
+    // Owners: a node belongs to the user its auth key was made for, unless it is tagged (then its tags
+    // own it, as in Headscale and Tailscale).
+    "
+    CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, created_at INTEGER NOT NULL);
+    ALTER TABLE auth_keys ADD COLUMN user_id INTEGER;
+    ALTER TABLE nodes ADD COLUMN user_id INTEGER;
+",
 ];
 
 /// How long a deleted node's registration time is kept: past the clock window (5 minutes either way), a
@@ -153,6 +160,16 @@ pub struct AuthKeyOptions {
     pub tags: Vec<String>,
     /// Seconds from creation; `None` never expires.
     pub expiry: Option<u64>,
+    /// The user whose untagged nodes this key makes (an existing user's name).
+    pub user: Option<String>,
+}
+
+/// A user, who owns the untagged nodes registered with their auth keys.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct User {
+    pub id: u64,
+    pub name: String,
+    pub nodes: u64,
 }
 
 /// An auth key as listed (never with its secret, which only its creator sees once).
@@ -166,6 +183,7 @@ pub struct AuthKey {
     pub expires_at: Option<u64>,
     pub revoked: bool,
     pub uses: u64,
+    pub user: Option<String>,
 }
 
 /// A route a node advertises, as administrators list it.
@@ -193,6 +211,8 @@ pub struct NodeRecord {
     pub endpoints: Vec<SocketAddr>,
     /// When its key stops being trusted (Unix seconds), if the server gives keys a lifetime.
     pub key_expiry: Option<u64>,
+    /// The user who owns it; none for a tagged node (its tags own it).
+    pub user: Option<String>,
 }
 
 /// A policy as stored: its text, version, and who set it when.
@@ -257,6 +277,23 @@ fn check_tags(tags: &[String]) -> Result<(), ControlError> {
                 quoted(tag, 80)
             )));
         }
+    }
+    Ok(())
+}
+
+/// A user name as Headscale and Tailscale take them (a login or an e-mail address): at most 64 characters,
+/// no spaces or control characters, and nothing a policy would read as a selector (`tag:`, `group:`...).
+fn check_user_name(name: &str) -> Result<(), ControlError> {
+    let selector = ["tag:", "group:", "autogroup:"].iter().any(|p| name.starts_with(p)) || name == "*";
+    if name.is_empty()
+        || name.chars().count() > 64
+        || name.chars().any(|c| c.is_whitespace() || c.is_control())
+        || selector
+    {
+        return Err(ControlError::bad(format!(
+            "{} is not a user name: a login or an e-mail address, at most 64 characters, no spaces, not a selector",
+            quoted(name, 80)
+        )));
     }
     Ok(())
 }
@@ -534,6 +571,10 @@ impl Control {
     /// Creates an auth key; returns it and its secret text, which is shown once and stored only hashed.
     pub fn create_auth_key(&self, options: &AuthKeyOptions, now: u64) -> Result<(AuthKey, String), ControlError> {
         check_tags(&options.tags)?;
+        let user_id = match &options.user {
+            Some(name) => Some(self.user_id(name)?),
+            None => None,
+        };
         let expires_at = match options.expiry {
             None => None,
             Some(seconds) => Some(
@@ -545,8 +586,18 @@ impl Control {
         let lookup = random_hex(6);
         let secret = random_hex(24);
         self.db.execute(
-            "INSERT INTO auth_keys (lookup, hash, reusable, ephemeral, tags, expires_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![lookup, sha256_hex(&secret), options.reusable, options.ephemeral, join(&options.tags), expires_at.map(|e| e as i64), now as i64],
+            "INSERT INTO auth_keys (lookup, hash, reusable, ephemeral, tags, expires_at, created_at, user_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                lookup,
+                sha256_hex(&secret),
+                options.reusable,
+                options.ephemeral,
+                join(&options.tags),
+                expires_at.map(|e| e as i64),
+                now as i64,
+                user_id.map(|u| u as i64)
+            ],
         )?;
         let id = self.db.last_insert_rowid() as u64;
         let key = AuthKey {
@@ -558,13 +609,16 @@ impl Control {
             expires_at,
             revoked: false,
             uses: 0,
+            user: options.user.clone(),
         };
         Ok((key, format!("mkey-{lookup}-{secret}")))
     }
 
     pub fn list_auth_keys(&self) -> Result<Vec<AuthKey>, ControlError> {
         let mut statement = self.db.prepare(
-            "SELECT id, lookup, reusable, ephemeral, tags, expires_at, revoked, uses FROM auth_keys ORDER BY id",
+            "SELECT id, lookup, reusable, ephemeral, tags, expires_at, revoked, uses,
+                    (SELECT name FROM users WHERE users.id = auth_keys.user_id)
+             FROM auth_keys ORDER BY id",
         )?;
         let rows = statement.query_map([], |r| {
             Ok(AuthKey {
@@ -576,9 +630,62 @@ impl Control {
                 expires_at: r.get::<_, Option<i64>>(5)?.map(|e| e as u64),
                 revoked: r.get(6)?,
                 uses: r.get::<_, i64>(7)? as u64,
+                user: r.get(8)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Adds a user: a login or an e-mail address, as Headscale and Tailscale name them.
+    pub fn create_user(&self, name: &str, now: u64) -> Result<User, ControlError> {
+        check_user_name(name)?;
+        let exists: bool =
+            self.db.query_row("SELECT EXISTS (SELECT 1 FROM users WHERE name = ?1)", params![name], |r| r.get(0))?;
+        if exists {
+            return Err(ControlError::bad(format!("there is already a user {}", quoted(name, 80))));
+        }
+        self.db.execute("INSERT INTO users (name, created_at) VALUES (?1, ?2)", params![name, now as i64])?;
+        Ok(User { id: self.db.last_insert_rowid() as u64, name: name.to_string(), nodes: 0 })
+    }
+
+    pub fn list_users(&self) -> Result<Vec<User>, ControlError> {
+        let mut statement = self.db.prepare(
+            "SELECT id, name, (SELECT COUNT(*) FROM nodes WHERE nodes.user_id = users.id) FROM users ORDER BY name",
+        )?;
+        let rows = statement.query_map([], |r| {
+            Ok(User { id: r.get::<_, i64>(0)? as u64, name: r.get(1)?, nodes: r.get::<_, i64>(2)? as u64 })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Removes a user who owns nothing any more: no nodes, no auth key still usable.
+    pub fn delete_user(&self, name: &str) -> Result<(), ControlError> {
+        let id = self.user_id(name)?;
+        let (nodes, keys): (i64, i64) = self.db.query_row(
+            "SELECT (SELECT COUNT(*) FROM nodes WHERE user_id = ?1),
+                    (SELECT COUNT(*) FROM auth_keys WHERE user_id = ?1 AND NOT revoked)",
+            params![id as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        if nodes > 0 || keys > 0 {
+            return Err(ControlError::bad(format!(
+                "{} owns {nodes} node(s) and {keys} usable auth key(s): delete the nodes and revoke the keys first",
+                quoted(name, 80)
+            )));
+        }
+        self.db.execute("DELETE FROM users WHERE id = ?1", params![id as i64])?;
+        Ok(())
+    }
+
+    fn user_id(&self, name: &str) -> Result<u64, ControlError> {
+        let id: Option<i64> =
+            self.db.query_row("SELECT id FROM users WHERE name = ?1", params![name], |r| r.get(0)).optional()?;
+        id.map(|i| i as u64).ok_or_else(|| {
+            ControlError::not_found(format!(
+                "no user is named {} (meshd control users create NAME makes one)",
+                quoted(name, 80)
+            ))
+        })
     }
 
     pub fn revoke_auth_key(&self, id: u64) -> Result<bool, ControlError> {
@@ -648,6 +755,11 @@ impl Control {
         }
         let mut tags = key.tags.clone();
         tags.extend(request.tags.iter().filter(|t| !key.tags.contains(t)).cloned());
+        // A tagged node is owned by its tags; an untagged one by its key's user.
+        let owner = match &key.user {
+            Some(user) if tags.is_empty() => Some(self.user_id(user)? as i64),
+            _ => None,
+        };
         let credential = random_hex(24);
 
         let tx = self.db.unchecked_transaction()?;
@@ -659,9 +771,9 @@ impl Control {
                 // Strictly newer than the last registration: a recorded request, even a fresh one, is spent.
                 let changed = tx.execute(
                     "UPDATE nodes SET credential_hash = ?1, tags = ?2, expired = 0, last_seen = ?3, registered_at_ms = ?5,
-                                      key_tags = ?6, key_expiry = ?7
+                                      key_tags = ?6, key_expiry = ?7, user_id = ?8
                      WHERE id = ?4 AND registered_at_ms < ?5",
-                    params![sha256_hex(&credential), join(&tags), now as i64, node.id as i64, timestamp, join(&key.tags), key_expiry],
+                    params![sha256_hex(&credential), join(&tags), now as i64, node.id as i64, timestamp, join(&key.tags), key_expiry, owner],
                 )?;
                 if changed == 0 {
                     return Err(ControlError::new(
@@ -696,9 +808,9 @@ impl Control {
                 let id = self.next_node_id()?;
                 tx.execute(
                     "INSERT INTO nodes (id, node_key, name, ipv4, ipv6, tags, credential_hash, ephemeral, last_seen, created_at,
-                                        registered_at_ms, key_tags, key_expiry)
-                     VALUES (?9, ?1, ?2, ?3, '::', ?4, ?5, ?6, ?7, ?7, ?8, ?10, ?11)",
-                    params![request.node_key, name, ipv4.to_string(), join(&tags), sha256_hex(&credential), key.ephemeral, now as i64, timestamp, id as i64, join(&key.tags), key_expiry],
+                                        registered_at_ms, key_tags, key_expiry, user_id)
+                     VALUES (?9, ?1, ?2, ?3, '::', ?4, ?5, ?6, ?7, ?7, ?8, ?10, ?11, ?12)",
+                    params![request.node_key, name, ipv4.to_string(), join(&tags), sha256_hex(&credential), key.ephemeral, now as i64, timestamp, id as i64, join(&key.tags), key_expiry, owner],
                 )?;
                 let ipv6 = self.ipv6_for(id)?;
                 tx.execute("UPDATE nodes SET ipv6 = ?1 WHERE id = ?2", params![ipv6.to_string(), id as i64])?;
@@ -715,6 +827,7 @@ impl Control {
                     last_seen: now,
                     endpoints: Vec::new(),
                     key_expiry: key_expiry.map(|e| e as u64),
+                    user: key.user.clone().filter(|_| tags.is_empty()),
                 }
             }
         };
@@ -864,7 +977,8 @@ impl Control {
     /// reading the whole table, which registration and every authenticated request would otherwise do.
     fn nodes_where(&self, filter: &str, values: &[&dyn rusqlite::ToSql]) -> Result<Vec<NodeRecord>, ControlError> {
         let mut statement = self.db.prepare_cached(&format!(
-            "SELECT id, node_key, name, ipv4, ipv6, tags, ephemeral, expired, last_seen, endpoints, key_expiry \
+            "SELECT id, node_key, name, ipv4, ipv6, tags, ephemeral, expired, last_seen, endpoints, key_expiry, \
+                    (SELECT name FROM users WHERE users.id = nodes.user_id) \
              FROM nodes {filter} \
              ORDER BY id"
         ))?;
@@ -881,6 +995,7 @@ impl Control {
                 last_seen: r.get::<_, i64>(8)? as u64,
                 endpoints: split(&r.get::<_, String>(9)?).iter().filter_map(|e| e.parse().ok()).collect(),
                 key_expiry: r.get::<_, Option<i64>>(10)?.map(|e| e as u64),
+                user: r.get(11)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -269,6 +269,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/logout", post(logout))
         .route("/api/v1/admin/authkeys", post(create_key).get(list_keys))
         .route("/api/v1/admin/authkeys/{id}", delete(revoke_key))
+        .route("/api/v1/admin/users", get(list_users).post(create_user))
+        .route("/api/v1/admin/users/{name}", delete(delete_user))
         .route("/api/v1/admin/nodes", get(list_nodes))
         .route("/api/v1/admin/nodes/{id}", delete(delete_node))
         .route("/api/v1/admin/nodes/{id}/expire", post(expire_node))
@@ -369,6 +371,9 @@ struct CreateKey {
     tags: Vec<String>,
     /// Seconds until it expires; none never expires.
     expiry: Option<u64>,
+    /// The user whose untagged nodes it makes.
+    #[serde(default)]
+    user: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -383,8 +388,13 @@ async fn create_key(
     Json(body): Json<CreateKey>,
 ) -> ApiResult<CreatedKey> {
     require_admin(&state, &headers)?;
-    let options =
-        AuthKeyOptions { reusable: body.reusable, ephemeral: body.ephemeral, tags: body.tags, expiry: body.expiry };
+    let options = AuthKeyOptions {
+        reusable: body.reusable,
+        ephemeral: body.ephemeral,
+        tags: body.tags,
+        expiry: body.expiry,
+        user: body.user,
+    };
     let (key, secret) = blocking(&state, move |c, now| c.create_auth_key(&options, now)).await?;
     Ok(Json(CreatedKey { id: key.id, key: secret }))
 }
@@ -398,6 +408,7 @@ struct KeyView {
     expires_at: Option<u64>,
     revoked: bool,
     uses: u64,
+    user: Option<String>,
 }
 
 async fn list_keys(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Vec<KeyView>> {
@@ -413,9 +424,39 @@ async fn list_keys(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Ap
                 expires_at: k.expires_at,
                 revoked: k.revoked,
                 uses: k.uses,
+                user: k.user,
             })
             .collect(),
     ))
+}
+
+#[derive(Debug, Deserialize)]
+struct NewUser {
+    name: String,
+}
+
+async fn create_user(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Json(body): Json<NewUser>,
+) -> ApiResult<crate::User> {
+    require_admin(&state, &headers)?;
+    Ok(Json(blocking(&state, move |c, now| c.create_user(&body.name, now)).await?))
+}
+
+async fn list_users(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Vec<crate::User>> {
+    require_admin(&state, &headers)?;
+    Ok(Json(blocking(&state, |c, _| c.list_users()).await?))
+}
+
+async fn delete_user(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    require_admin(&state, &headers)?;
+    blocking(&state, move |c, _| c.delete_user(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 fn not_found(what: &str) -> ApiError {
@@ -446,6 +487,7 @@ struct NodeView {
     expired: bool,
     online: bool,
     endpoints: Vec<std::net::SocketAddr>,
+    user: Option<String>,
 }
 
 async fn list_nodes(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Vec<NodeView>> {
@@ -465,6 +507,7 @@ async fn list_nodes(State(state): State<Arc<AppState>>, headers: HeaderMap) -> A
                 ephemeral: n.ephemeral,
                 expired: n.expired,
                 endpoints: n.endpoints,
+                user: n.user,
             })
             .collect(),
     ))

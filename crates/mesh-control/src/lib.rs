@@ -11,4 +11,5 @@ pub mod serve;
 
 pub use control::{
     AdvertisedRoute, AuthKey, AuthKeyOptions, Control, ControlError, NodeRecord, PolicyChange, Snapshot, StoredPolicy,
+    User,
 };

@@ -26,9 +26,13 @@ pub enum Verb {
         ephemeral: bool,
         tags: Vec<String>,
         expiry: Option<String>,
+        user: Option<String>,
     },
     KeyList,
     KeyRevoke(u64),
+    UserList,
+    UserCreate(String),
+    UserDelete(String),
     NodeList,
     /// A node by name or id.
     NodeDelete(String),
@@ -156,18 +160,38 @@ fn json(text: &str) -> Result<serde_json::Value, Error> {
 
 fn execute(c: &Connection, verb: Verb) -> Result<String, Error> {
     match verb {
-        Verb::KeyCreate { reusable, ephemeral, tags, expiry } => {
+        Verb::KeyCreate { reusable, ephemeral, tags, expiry, user } => {
             let expiry = expiry.map(|e| parse_duration(&e)).transpose().map_err(Error::Input)?;
-            let body =
-                serde_json::json!({"reusable": reusable, "ephemeral": ephemeral, "tags": tags, "expiry": expiry});
+            let body = serde_json::json!({
+                "reusable": reusable, "ephemeral": ephemeral, "tags": tags, "expiry": expiry, "user": user
+            });
             let created = json(&call(c, "POST", "authkeys", Some(body.to_string()))?)?;
             Ok(created["key"].as_str().unwrap_or_default().to_string())
         }
+        Verb::UserList => {
+            let users = json(&call(c, "GET", "users", None)?)?;
+            let mut out = format!("{:<4} {:<40} {}", "ID", "NAME", "NODES");
+            for u in users.as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "\n{:<4} {:<40} {}",
+                    u["id"],
+                    escape_controls(u["name"].as_str().unwrap_or("")),
+                    u["nodes"]
+                ));
+            }
+            Ok(out)
+        }
+        Verb::UserCreate(name) => {
+            let body = serde_json::json!({"name": name}).to_string();
+            call(c, "POST", "users", Some(body)).map(|_| format!("user {} created", escape_controls(&name)))
+        }
+        Verb::UserDelete(name) => call(c, "DELETE", &format!("users/{}", path_segment(&name)), None)
+            .map(|_| format!("user {} deleted", escape_controls(&name))),
         Verb::KeyList => {
             let keys = json(&call(c, "GET", "authkeys", None)?)?;
             let mut out = format!(
                 "{:<4} {:<9} {:<10} {:<8} {:>5} {:<12} {}",
-                "ID", "REUSABLE", "EPHEMERAL", "REVOKED", "USES", "EXPIRES", "TAGS"
+                "ID", "REUSABLE", "EPHEMERAL", "REVOKED", "USES", "EXPIRES", "OWNER"
             );
             for k in keys.as_array().into_iter().flatten() {
                 out.push_str(&format!(
@@ -181,6 +205,8 @@ fn execute(c: &Connection, verb: Verb) -> Result<String, Error> {
                     k["tags"]
                         .as_array()
                         .map(|t| t.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","))
+                        .filter(|t| !t.is_empty())
+                        .or_else(|| k["user"].as_str().map(escape_controls))
                         .unwrap_or_default()
                 ));
             }
@@ -192,7 +218,7 @@ fn execute(c: &Connection, verb: Verb) -> Result<String, Error> {
         Verb::NodeList => {
             let nodes = json(&call(c, "GET", "nodes", None)?)?;
             let mut out =
-                format!("{:<4} {:<24} {:<16} {:<8} {:<24} {}", "ID", "NAME", "IPV4", "ONLINE", "TAGS", "ENDPOINTS");
+                format!("{:<4} {:<24} {:<16} {:<8} {:<24} {}", "ID", "NAME", "IPV4", "ONLINE", "OWNER", "ENDPOINTS");
             let joined = |v: &serde_json::Value| {
                 v.as_array()
                     .map(|t| t.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","))
@@ -206,7 +232,12 @@ fn execute(c: &Connection, verb: Verb) -> Result<String, Error> {
                     escape_controls(n["name"].as_str().unwrap_or("")),
                     n["ipv4"].as_str().unwrap_or(""),
                     if n["expired"].as_bool() == Some(true) { "expired".to_string() } else { n["online"].to_string() },
-                    if tags.is_empty() { "-".to_string() } else { tags },
+                    // A tagged node is owned by its tags, an untagged one by its user.
+                    match (tags.is_empty(), n["user"].as_str()) {
+                        (false, _) => tags,
+                        (true, Some(user)) => escape_controls(user),
+                        (true, None) => "-".to_string(),
+                    },
                     joined(&n["endpoints"]),
                 ));
             }

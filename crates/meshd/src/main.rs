@@ -217,6 +217,13 @@ enum ControlCommand {
         #[command(flatten)]
         connection: ConnectionArgs,
     },
+    /// Users, who own their untagged nodes: list, create, delete.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+        #[command(flatten)]
+        connection: ConnectionArgs,
+    },
     /// Nodes: list, delete, expire.
     Nodes {
         #[command(subcommand)]
@@ -268,10 +275,26 @@ enum AuthkeyCommand {
         /// Expiry such as 90d, 12h (default: never).
         #[arg(long)]
         expiry: Option<String>,
+        /// The user whose untagged nodes the key makes (see `users create`).
+        #[arg(long)]
+        user: Option<String>,
     },
     List,
     Revoke {
         id: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UsersCommand {
+    List,
+    /// NAME: a login or an e-mail address.
+    Create {
+        name: String,
+    },
+    /// Only a user who owns no nodes and no usable keys.
+    Delete {
+        name: String,
     },
 }
 
@@ -424,11 +447,20 @@ fn main() -> ExitCode {
         Command::Control { command: ControlCommand::Authkey { command, connection } } => {
             use control_client::Verb;
             let verb = match command {
-                AuthkeyCommand::Create { reusable, ephemeral, tags, expiry } => {
-                    Verb::KeyCreate { reusable, ephemeral, tags, expiry }
+                AuthkeyCommand::Create { reusable, ephemeral, tags, expiry, user } => {
+                    Verb::KeyCreate { reusable, ephemeral, tags, expiry, user }
                 }
                 AuthkeyCommand::List => Verb::KeyList,
                 AuthkeyCommand::Revoke { id } => Verb::KeyRevoke(id),
+            };
+            admin(connection, verb)
+        }
+        Command::Control { command: ControlCommand::Users { command, connection } } => {
+            use control_client::Verb;
+            let verb = match command {
+                UsersCommand::List => Verb::UserList,
+                UsersCommand::Create { name } => Verb::UserCreate(name),
+                UsersCommand::Delete { name } => Verb::UserDelete(name),
             };
             admin(connection, verb)
         }

@@ -170,6 +170,21 @@ fn the_admin_verbs_manage_keys_nodes_routes_and_policy() {
     assert!(register(&auth_key, 2, "router-b").contains("auth_key_revoked"));
     assert_eq!(revoked(), "true", "listed as revoked");
 
+    // Users own their untagged nodes.
+    assert_eq!(meshd(&["users", "create", "alice@example.com"]).0, Some(0));
+    let (status, alice_key, err) = meshd(&["authkey", "create", "--user", "alice@example.com"]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(register(&alice_key, 3, "laptop").contains("100.64.0.2"));
+    let nodes = meshd(&["nodes", "list"]).1;
+    assert_eq!(column(&nodes, "2", "OWNER"), "alice@example.com", "{nodes}");
+    assert!(meshd(&["users", "list"]).1.lines().any(|l| l.contains("alice@example.com") && l.ends_with('1')));
+    let (status, _, err) = meshd(&["users", "delete", "alice@example.com"]);
+    assert_eq!(status, Some(1));
+    assert!(err.contains("owns 1 node(s)"), "{err}");
+    let (status, _, err) = meshd(&["authkey", "create", "--user", "bob"]);
+    assert_eq!(status, Some(1));
+    assert!(err.contains("no user is named \"bob\""), "{err}");
+
     let bad = lab.write("bad-policy.hujson", r#"{"tagOwners": {"router": ["tag:x"]}}"#);
     let (status, _, err) = meshd(&["policy", "check", bad.to_str().unwrap()]);
     assert_eq!(status, Some(1));

@@ -569,3 +569,43 @@ fn a_recorded_registration_cannot_bring_a_deleted_node_back() {
     // The node itself, registering anew, is welcome.
     join(&c, &request(&key, 1, "victim"), NOW + 61).unwrap();
 }
+
+#[test]
+fn untagged_nodes_belong_to_their_keys_user_and_tagged_ones_to_their_tags() {
+    let c = control("{}");
+    c.create_user("alice@example.com", NOW).unwrap();
+    assert_eq!(c.create_user("alice@example.com", NOW).unwrap_err().code, ErrorCode::BadRequest, "no twin");
+    for bad in ["", "tag:router", "group:admins", "two words", "*"] {
+        assert_eq!(c.create_user(bad, NOW).unwrap_err().code, ErrorCode::BadRequest, "{bad:?}");
+    }
+    let nobody = AuthKeyOptions { user: Some("bob".into()), ..Default::default() };
+    assert_eq!(c.create_auth_key(&nobody, NOW).unwrap_err().code, ErrorCode::NotFound);
+
+    let alices = AuthKeyOptions { reusable: true, user: Some("alice@example.com".into()), ..Default::default() };
+    let (listed, key) = c.create_auth_key(&alices, NOW).unwrap();
+    assert_eq!(listed.user.as_deref(), Some("alice@example.com"));
+    let laptop = join(&c, &request(&key, 1, "laptop"), NOW).unwrap();
+    let tagged = AuthKeyOptions {
+        tags: vec!["tag:server".into()],
+        user: Some("alice@example.com".into()),
+        ..Default::default()
+    };
+    let (_, server_key) = c.create_auth_key(&tagged, NOW).unwrap();
+    let server = join(&c, &request(&server_key, 2, "server"), NOW).unwrap();
+    let nodes = c.nodes().unwrap();
+    let owner = |id: u64| nodes.iter().find(|n| n.id == id).unwrap().user.clone();
+    assert_eq!(owner(laptop.node_id).as_deref(), Some("alice@example.com"));
+    assert_eq!(owner(server.node_id), None, "tags own a tagged node");
+    assert_eq!(c.list_users().unwrap()[0].nodes, 1);
+
+    // Alice owns a node and usable keys: she stays until they are gone.
+    let refused = c.delete_user("alice@example.com").unwrap_err();
+    assert!(refused.message.contains("1 node(s)"), "{}", refused.message);
+    assert!(c.delete_node(laptop.node_id).unwrap());
+    for k in c.list_auth_keys().unwrap() {
+        c.revoke_auth_key(k.id).unwrap();
+    }
+    c.delete_user("alice@example.com").unwrap();
+    assert!(c.list_users().unwrap().is_empty());
+    assert_eq!(c.delete_user("alice@example.com").unwrap_err().code, ErrorCode::NotFound);
+}
