@@ -34,12 +34,8 @@ pub struct Netlink {
     alive: Arc<AtomicBool>,
 }
 
-/// Runs a netlink connection's driver on the current runtime; the flag says whether it still runs.
-fn drive<F: std::future::Future<Output = ()> + Send + 'static>(connection: F) -> Arc<AtomicBool> {
-    drive_for(connection, None)
-}
-
-/// `drive`, ending the driver (and so the connection) after `lifetime` when one is given: fault injection.
+/// Runs a netlink connection's driver on the current runtime; the flag says whether it still runs. With a
+/// `lifetime` the driver (and so the connection) ends after it: fault injection.
 fn drive_for<F: std::future::Future<Output = ()> + Send + 'static>(
     connection: F,
     lifetime: Option<std::time::Duration>,
@@ -86,8 +82,12 @@ fn is_not_found(e: &rtnetlink::Error) -> bool {
 impl Netlink {
     /// Opens a netlink connection; its driver runs on the current tokio runtime.
     pub fn connect() -> io::Result<Self> {
+        Self::connect_plain(None)
+    }
+
+    fn connect_plain(lifetime: Option<std::time::Duration>) -> io::Result<Self> {
         let (connection, handle, _) = rtnetlink::new_connection()?;
-        Ok(Self { handle, alive: drive(connection) })
+        Ok(Self { handle, alive: drive_for(connection, lifetime) })
     }
 
     /// Whether the connection still works; once it does not, nothing on it will again.
@@ -107,10 +107,7 @@ impl Netlink {
     pub fn connect_strict_for(lifetime: Option<std::time::Duration>) -> io::Result<Self> {
         match rtnetlink::new_connection_with_strict_check() {
             Ok((connection, handle, _)) => Ok(Self { handle, alive: drive_for(connection, lifetime) }),
-            Err(_) => {
-                let (connection, handle, _) = rtnetlink::new_connection()?;
-                Ok(Self { handle, alive: drive_for(connection, lifetime) })
-            }
+            Err(_) => Self::connect_plain(lifetime),
         }
     }
 
@@ -656,9 +653,12 @@ mod tests {
     #[tokio::test]
     async fn a_connection_whose_driver_ended_says_so() {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let alive = drive(async move {
-            let _ = stopped.await;
-        });
+        let alive = drive_for(
+            async move {
+                let _ = stopped.await;
+            },
+            None,
+        );
         tokio::task::yield_now().await;
         assert!(alive.load(Ordering::Relaxed), "running");
         stop.send(()).unwrap();

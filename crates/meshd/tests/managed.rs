@@ -357,23 +357,31 @@ fn an_exit_node_carries_only_the_traffic_of_clients_that_chose_it() {
     assert!(lab.ns(hosts[1]).ping(&ip_x), "c is still in the mesh");
 }
 
+/// Two nodes, `a` started with the fault `fault` injected; returns once a says in status it `recovered` from
+/// it, with b's mesh address.
+fn recovered_from(name: &str, fault: &str, recovered: &str) -> (Lab, Vec<usize>, Node, String) {
+    let (mut lab, control, hosts) = mesh(name, 2);
+    let key = control.authkey(&lab, &["--reusable"]);
+    let a = Node::start_with_env(&mut lab, hosts[0], "a", &[(fault, "1500")]);
+    let b = Node::start(&mut lab, hosts[1], "b");
+    a.up(&lab, &control, &key, &[]);
+    let ip_b = b.up(&lab, &control, &key, &[]);
+    assert!(
+        wait(15_000, || a.status(&lab)["recovered"].to_string().contains(recovered)),
+        "{}\n{}",
+        a.status(&lab),
+        lab.process(a.process).log_text()
+    );
+    (lab, hosts, a, ip_b)
+}
+
 /// A dead netlink connection used to fail every route request until restart. With the fault injected (the
 /// first connection's driver ends after 1.5 s), the host thread connects again, status says so, and table
 /// 52 is repaired over the new connection.
 #[test]
 fn a_dead_netlink_connection_is_replaced_and_routes_are_still_repaired() {
-    let (mut lab, control, hosts) = mesh("mgn", 2);
-    let key = control.authkey(&lab, &["--reusable"]);
-    let a = Node::start_with_env(&mut lab, hosts[0], "a", &[("MESHD_FAULT_NETLINK_AFTER_MS", "1500")]);
-    let b = Node::start(&mut lab, hosts[1], "b");
-    a.up(&lab, &control, &key, &[]);
-    let ip_b = b.up(&lab, &control, &key, &[]);
-    assert!(
-        wait(15_000, || a.status(&lab)["recovered"].to_string().contains("netlink connection ended; connected again")),
-        "{}\n{}",
-        a.status(&lab),
-        lab.process(a.process).log_text()
-    );
+    let (lab, hosts, a, ip_b) =
+        recovered_from("mgn", "MESHD_FAULT_NETLINK_AFTER_MS", "netlink connection ended; connected again");
     lab.ns(hosts[0]).ip(&["route", "del", &ip_b, "table", "52"]);
     assert!(wait(8000, || a.table52(&lab).contains(&format!("{ip_b} dev"))), "{}", a.table52(&lab));
     assert!(wait(5000, || lab.ns(hosts[0]).ping(&ip_b)), "traffic again");
@@ -384,18 +392,8 @@ fn a_dead_netlink_connection_is_replaced_and_routes_are_still_repaired() {
 /// route comes back within the event-driven delay, not the periodic pass.
 #[test]
 fn ended_route_events_are_resubscribed_and_repairs_stay_fast() {
-    let (mut lab, control, hosts) = mesh("mgv", 2);
-    let key = control.authkey(&lab, &["--reusable"]);
-    let a = Node::start_with_env(&mut lab, hosts[0], "a", &[("MESHD_FAULT_EVENTS_AFTER_MS", "1500")]);
-    let b = Node::start(&mut lab, hosts[1], "b");
-    a.up(&lab, &control, &key, &[]);
-    let ip_b = b.up(&lab, &control, &key, &[]);
-    assert!(
-        wait(15_000, || a.status(&lab)["recovered"].to_string().contains("events stopped; subscribed again")),
-        "{}\n{}",
-        a.status(&lab),
-        lab.process(a.process).log_text()
-    );
+    let (lab, hosts, a, ip_b) =
+        recovered_from("mgv", "MESHD_FAULT_EVENTS_AFTER_MS", "events stopped; subscribed again");
     lab.ns(hosts[0]).ip(&["route", "del", &ip_b, "table", "52"]);
     assert!(wait(2500, || a.table52(&lab).contains(&format!("{ip_b} dev"))), "{}", a.table52(&lab));
 }
