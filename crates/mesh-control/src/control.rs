@@ -4,13 +4,13 @@ use std::path::Path;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use mesh_proto::{
-    EndpointsUpdate, ErrorCode, MAX_ENDPOINTS, NetMap, Peer, RegisterRequest, RegisterResponse, RouteState,
+    EndpointsUpdate, ErrorCode, FilterRule, MAX_ENDPOINTS, NetMap, Peer, RegisterRequest, RegisterResponse, RouteState,
     RoutesUpdate, VERSION,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
-use crate::policy::Policy;
+use crate::policy::{Compiled, Policy, PolicyNode};
 use mesh_proto::proof;
 
 /// The schema, one statement list per version. Plain SQL both SQLite and PostgreSQL accept, so a PostgreSQL
@@ -497,11 +497,27 @@ impl Control {
             .optional()?)
     }
 
-    /// Replaces the policy (refused whole if it does not parse) and stores it as a new version. What the
+    /// Reads a policy and runs its `tests` against the nodes as they are; refused whole, with every failing
+    /// assertion, if either fails.
+    pub fn check_policy(&self, text: &str) -> Result<Policy, ControlError> {
+        let policy = Policy::parse(text).map_err(|e| ControlError::bad(e.0))?;
+        if policy.tests.is_empty() {
+            return Ok(policy);
+        }
+        let nodes = self.nodes()?;
+        let primaries = self.primaries()?;
+        policy.check_tests(&self.policy_nodes(&nodes, &primaries)).map_err(|failures| {
+            let lines: Vec<String> = failures.iter().map(ToString::to_string).collect();
+            ControlError::bad(lines.join("\n"))
+        })?;
+        Ok(policy)
+    }
+
+    /// Replaces the policy (refused whole if it does not parse or its tests fail) and stores it as a new version. What the
     /// old policy granted and the new one does not is taken back at once: tags a node asked for that its
     /// key may no longer apply, and route approvals the old autoApprovers made.
     pub fn set_policy(&mut self, text: &str, set_by: &str, now: u64) -> Result<PolicyChange, ControlError> {
-        let policy = Policy::parse(text).map_err(|e| ControlError::bad(e.0))?;
+        let policy = self.check_policy(text)?;
         let tx = self.db.unchecked_transaction()?;
         let version: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) + 1 FROM policies", [], |r| r.get(0))?;
         tx.execute(
@@ -1173,6 +1189,7 @@ impl Control {
         for row in rows {
             let (prefix, node) = row?;
             if let Ok(prefix) = prefix.parse::<IpNet>() {
+                primaries.approved.entry(node).or_default().push(prefix);
                 if prefix.prefix_len() == 0 {
                     primaries.exits.insert((prefix, node));
                 } else {
@@ -1200,9 +1217,11 @@ impl Control {
                 advertised.entry(node).or_default().push((prefix, approved));
             }
         }
+        let policy = self.policy_view(&nodes, &primaries)?;
         let mut entries = BTreeMap::new();
         for n in &nodes {
             let peer = peer_view(n, &served, online(n));
+            let filter = policy.filter(n.id).map(|f| to_json(&f));
             let routes: Vec<RouteState> = advertised
                 .get(&n.id)
                 .into_iter()
@@ -1213,9 +1232,13 @@ impl Control {
                     primary: primaries.serves(prefix, n.id),
                 })
                 .collect();
-            entries.insert(n.id, SnapshotEntry { expired: n.expired, peer: to_json(&peer), routes: to_json(&routes) });
+            let routed = (peer.allowed_ips.len() > 2).then(|| peer.clone());
+            entries.insert(
+                n.id,
+                SnapshotEntry { expired: n.expired, peer: to_json(&peer), routed, routes: to_json(&routes), filter },
+            );
         }
-        Ok(Snapshot { version, domain: serde_json::to_string(&self.domain).unwrap_or_default(), entries })
+        Ok(Snapshot { version, domain: serde_json::to_string(&self.domain).unwrap_or_default(), entries, policy })
     }
 
     /// The netmap of `node`, `online` deciding which nodes count as online.
@@ -1231,6 +1254,7 @@ impl Control {
         let primaries = self.primaries()?;
         let served = primaries.served_by();
         let view = |n: &NodeRecord| peer_view(n, &served, online(n));
+        let policy = self.policy_view(&nodes, &primaries)?;
         let routes = self
             .routes_of(node)?
             .into_iter()
@@ -1241,8 +1265,66 @@ impl Control {
             domain: self.domain.clone(),
             node: view(me),
             routes,
-            peers: nodes.iter().filter(|n| n.id != node && !n.expired).map(view).collect(),
+            peers: nodes
+                .iter()
+                .filter(|n| n.id != node && !n.expired && policy.sees(node, n.id))
+                .map(|n| policy.as_seen_by(node, view(n)))
+                .collect(),
+            filter: policy.filter(node),
         })
+    }
+
+    /// The policy compiled for the live nodes.
+    fn policy_view(&self, nodes: &[NodeRecord], primaries: &Primaries) -> Result<PolicyView, ControlError> {
+        let live = self.policy_nodes(nodes, primaries);
+        let mesh = [MESH_V4.parse().expect("literal"), IpNet::V6(self.ula()?)];
+        let compiled = crate::policy::compile(&self.policy, &live, &mesh);
+        let index = live.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
+        Ok(PolicyView { index, nodes: live, compiled })
+    }
+
+    /// The live nodes as the policy sees them.
+    fn policy_nodes(&self, nodes: &[NodeRecord], primaries: &Primaries) -> Vec<PolicyNode> {
+        nodes
+            .iter()
+            .filter(|n| !n.expired)
+            .map(|n| PolicyNode {
+                id: n.id,
+                name: n.name.clone(),
+                user: n.user.clone(),
+                tags: n.tags.clone(),
+                addresses: vec![std::net::IpAddr::V4(n.ipv4), std::net::IpAddr::V6(n.ipv6)],
+                approved_routes: primaries.approved.get(&n.id).cloned().unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
+/// The policy compiled for one version of the mesh: who sees whom, and each node's filter.
+#[derive(Debug)]
+struct PolicyView {
+    index: BTreeMap<u64, usize>,
+    nodes: Vec<PolicyNode>,
+    compiled: Compiled,
+}
+
+impl PolicyView {
+    fn sees(&self, viewer: u64, peer: u64) -> bool {
+        let (Some(v), Some(p)) = (self.index.get(&viewer), self.index.get(&peer)) else { return false };
+        self.compiled.filters[*v].is_none() || self.compiled.peers[*v].binary_search(p).is_ok()
+    }
+
+    fn filter(&self, node: u64) -> Option<Vec<FilterRule>> {
+        self.index.get(&node).and_then(|i| self.compiled.filters[*i].clone())
+    }
+
+    /// `peer` with only the routes `viewer` may use in its allowed IPs (see `Compiled::may_use`).
+    fn as_seen_by(&self, viewer: u64, mut peer: Peer) -> Peer {
+        if let (Some(v), Some(p)) = (self.index.get(&viewer), self.index.get(&peer.node_id)) {
+            let own = [IpNet::from(std::net::IpAddr::V4(peer.ipv4)), IpNet::from(std::net::IpAddr::V6(peer.ipv6))];
+            peer.allowed_ips.retain(|net| own.contains(net) || self.compiled.may_use(&self.nodes, *v, *p, net));
+        }
+        peer
     }
 }
 
@@ -1251,6 +1333,8 @@ impl Control {
 struct Primaries {
     single: BTreeMap<IpNet, u64>,
     exits: std::collections::BTreeSet<(IpNet, u64)>,
+    /// Every approved prefix of each live node, primary or not (the policy's routers).
+    approved: BTreeMap<u64, Vec<IpNet>>,
 }
 
 impl Primaries {
@@ -1296,6 +1380,10 @@ struct SnapshotEntry {
     expired: bool,
     /// The node as a peer, serialized.
     peer: String,
+    /// The node as a peer, when it serves routes: some viewers may not be given them all.
+    routed: Option<Peer>,
+    /// Its packet filter, serialized; none when the policy allows everything.
+    filter: Option<String>,
     /// Its advertised routes and what became of them, serialized.
     routes: String,
 }
@@ -1306,6 +1394,7 @@ pub struct Snapshot {
     version: u64,
     domain: String,
     entries: BTreeMap<u64, SnapshotEntry>,
+    policy: PolicyView,
 }
 
 impl Snapshot {
@@ -1329,16 +1418,24 @@ impl Snapshot {
         out.push_str(",\"peers\":[");
         let mut first = true;
         for (id, entry) in &self.entries {
-            if *id == node || entry.expired {
+            if *id == node || entry.expired || !self.policy.sees(node, *id) {
                 continue;
             }
             if !first {
                 out.push(',');
             }
             first = false;
-            out.push_str(&entry.peer);
+            match &entry.routed {
+                Some(peer) => out.push_str(&to_json(&self.policy.as_seen_by(node, peer.clone()))),
+                None => out.push_str(&entry.peer),
+            }
         }
-        out.push_str("]}");
+        out.push(']');
+        if let Some(filter) = &me.filter {
+            out.push_str(",\"filter\":");
+            out.push_str(filter);
+        }
+        out.push('}');
         Ok(out)
     }
 }

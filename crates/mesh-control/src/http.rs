@@ -20,7 +20,6 @@ use tokio::sync::watch;
 
 use crate::control::{AdvertisedRoute, AuthKeyOptions, Control, ControlError, Snapshot};
 use crate::limits::WriteLimiter;
-use crate::policy::Policy;
 
 /// How long a netmap request waits for a change before answering with what it has.
 const LONG_POLL: Duration = Duration::from_secs(25);
@@ -637,7 +636,7 @@ async fn check_policy(
     body: String,
 ) -> Result<StatusCode, ApiError> {
     require_admin(&state, &headers)?;
-    Policy::parse(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.0))?;
+    blocking(&state, move |c, _| c.check_policy(&body).map(|_| ())).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

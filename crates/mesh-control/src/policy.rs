@@ -1,39 +1,116 @@
-//! The policy file: HuJSON (JSON with comments and trailing commas) in the shape of Tailscale's. This issue
-//! reads `tagOwners` and `autoApprovers.routes`; `groups` and `acls` are kept for the ACL work and checked
-//! only for shape.
+//! The policy file: HuJSON (JSON with comments and trailing commas) in the shape of Tailscale's. It says
+//! who may apply which tags (`tagOwners`), which routes are approved by themselves (`autoApprovers`), and
+//! who may reach what (`acls`, `grants`), with the `groups` and `hosts` those name and `tests` that must
+//! hold. A policy is parsed and checked whole: anything wrong refuses all of it, with the line and column.
+//!
+//! `compile` turns a policy and the nodes into each node's packet filter and the peers it may see;
+//! `check` runs the policy's own `tests`; `record` reads and writes Tailscale's captured behaviour so the
+//! compiler can be compared with it.
 
 use std::collections::BTreeMap;
 
 use ipnet::IpNet;
-use serde::Deserialize;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+mod check;
+pub mod compile;
+mod parse;
+pub mod record;
+
+pub use check::TestFailure;
+pub use compile::{Compiled, PolicyNode, compile};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
     /// Which owners may apply each tag: other tags (a key carrying `tag:ci` may apply `tag:worker` if
-    /// `tag:ci` owns it) or, later, users and groups.
-    #[serde(default)]
+    /// `tag:ci` owns it), users or groups.
     pub tag_owners: BTreeMap<String, Vec<String>>,
-    #[serde(default)]
     pub auto_approvers: AutoApprovers,
-    #[serde(default)]
     pub groups: BTreeMap<String, Vec<String>>,
-    #[serde(default)]
-    pub acls: Vec<serde_json::Value>,
+    pub hosts: BTreeMap<String, IpNet>,
+    /// Every `acls` entry and `grants` entry, in file order. `None` when the file has neither section:
+    /// then everything is allowed, as in Tailscale. An empty list allows nothing.
+    pub rules: Option<Vec<Rule>>,
+    pub tests: Vec<PolicyTest>,
+    /// Sections Tailscale knows that meshd reads past without applying (`ssh`, `nodeAttrs`, ...), so a
+    /// user's file loads and `policy check` can say what was not applied.
+    pub ignored: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AutoApprovers {
-    /// Prefix → tags whose nodes get routes inside that prefix approved without an administrator.
-    #[serde(default)]
+    /// Prefix → owners whose nodes get routes inside that prefix approved without an administrator.
     pub routes: BTreeMap<IpNet, Vec<String>>,
-    /// Tags whose nodes are approved as exit nodes (their `0.0.0.0/0` and `::/0`) without an administrator.
-    #[serde(default)]
+    /// Owners whose nodes are approved as exit nodes (their `0.0.0.0/0` and `::/0`) without an
+    /// administrator.
     pub exit_node: Vec<String>,
 }
 
-/// A policy that does not parse, with where.
+/// Who or what a rule names, resolved against the policy's own sections when parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Alias {
+    /// `*`: every node, and as a source also every approved subnet route.
+    Any,
+    User(String),
+    Group(String),
+    Tag(String),
+    /// A `hosts` entry, by name, with what it stands for.
+    Host(String, IpNet),
+    Prefix(IpNet),
+    /// `autogroup:member`: every node owned by a user rather than by tags.
+    Member,
+    /// `autogroup:tagged`: every tagged node.
+    Tagged,
+    /// `autogroup:self` (destination only): the destination's user's own untagged nodes.
+    SelfDevices,
+    /// `autogroup:internet` (destination only): public addresses, through approved exit nodes.
+    Internet,
+    /// `autogroup:danger-all` (source only): any address at all, in the mesh or not.
+    DangerAll,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub const ALL: PortRange = PortRange { first: 0, last: 65535 };
+
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+/// One allowing rule: an `acls` entry, or one protocol group of a `grants` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// Where it is written (1-based), for `explain` and error messages.
+    pub line: usize,
+    pub src: Vec<Alias>,
+    pub dst: Vec<Dst>,
+    /// IP protocol numbers; empty: TCP, UDP, ICMP and ICMPv6.
+    pub protos: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dst {
+    pub alias: Alias,
+    pub ports: Vec<PortRange>,
+}
+
+/// One entry of `tests`: traffic from `src` to each `accept` must be allowed, to each `deny` must not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyTest {
+    pub line: usize,
+    pub src: String,
+    /// A protocol number, when the test names one.
+    pub proto: Option<u8>,
+    pub accept: Vec<String>,
+    pub deny: Vec<String>,
+}
+
+/// A policy that is refused, with where and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyError(pub String);
 
@@ -46,17 +123,10 @@ impl std::fmt::Display for PolicyError {
 impl std::error::Error for PolicyError {}
 
 impl Policy {
+    /// Reads and checks a whole policy file. It does not run the file's `tests`, which need the nodes
+    /// (see `check_tests`): a server restarting with a stored policy must not lock itself out.
     pub fn parse(text: &str) -> Result<Self, PolicyError> {
-        let policy: Policy = json5::from_str(text).map_err(|e| PolicyError(format!("policy: {e}")))?;
-        for (tag, owners) in &policy.tag_owners {
-            if !tag.starts_with("tag:") {
-                return Err(PolicyError(format!("policy: tagOwners: {tag:?} is not a tag (tags start with \"tag:\")")));
-            }
-            if owners.is_empty() {
-                return Err(PolicyError(format!("policy: tagOwners: {tag} has no owners")));
-            }
-        }
-        Ok(policy)
+        parse::parse(text)
     }
 
     /// Whether a node whose auth key carries `key_tags` may have `tag`.
@@ -68,53 +138,30 @@ impl Policy {
     /// Whether a node with `tags` gets `prefix` approved by itself. A default route makes an exit node,
     /// which only `autoApprovers.exitNode` approves (as in Tailscale), never a `routes` entry.
     pub fn auto_approves(&self, prefix: &IpNet, tags: &[String]) -> bool {
+        self.auto_approves_for(prefix, tags, None)
+    }
+
+    /// `auto_approves` for a node that may also be owned by `user` (approvers may name users and groups).
+    pub fn auto_approves_for(&self, prefix: &IpNet, tags: &[String], user: Option<&str>) -> bool {
+        let approves = |a: &String| {
+            tags.contains(a)
+                || user
+                    .is_some_and(|u| a == u || self.groups.get(a).is_some_and(|members| members.iter().any(|m| m == u)))
+        };
         if prefix.prefix_len() == 0 {
-            return self.auto_approvers.exit_node.iter().any(|a| tags.contains(a));
+            return self.auto_approvers.exit_node.iter().any(approves);
         }
         self.auto_approvers
             .routes
             .iter()
-            .any(|(allowed, approvers)| allowed.contains(prefix) && approvers.iter().any(|a| tags.contains(a)))
+            .any(|(allowed, approvers)| allowed.contains(prefix) && approvers.iter().any(approves))
+    }
+
+    /// Runs the policy's `tests` against `nodes`; every failing assertion is returned.
+    pub fn check_tests(&self, nodes: &[PolicyNode]) -> Result<(), Vec<TestFailure>> {
+        check::run(self, nodes)
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const POLICY: &str = r#"{
-        // Who may tag what.
-        "tagOwners": {
-            "tag:router": ["tag:infra"],
-            "tag:worker": ["tag:ci"],
-        },
-        "autoApprovers": {
-            "routes": {
-                "10.0.0.0/16": ["tag:router"],
-                "100.64.0.0/10": ["tag:worker"],
-            },
-        },
-        "acls": [{"action": "accept", "src": ["tag:worker"], "dst": ["tag:db:5432"]}],
-    }"#;
-
-    #[test]
-    fn reads_a_hujson_policy_in_tailscales_shape() {
-        let p = Policy::parse(POLICY).unwrap();
-        assert!(p.may_apply(&["tag:infra".into()], "tag:router"), "owned by a tag the key carries");
-        assert!(p.may_apply(&["tag:router".into()], "tag:router"), "the key's own tag");
-        assert!(!p.may_apply(&["tag:ci".into()], "tag:router"));
-        let routers = ["tag:router".to_string()];
-        assert!(p.auto_approves(&"10.0.12.0/24".parse().unwrap(), &routers));
-        assert!(!p.auto_approves(&"10.1.0.0/16".parse().unwrap(), &routers));
-        assert!(!p.auto_approves(&"10.0.12.0/24".parse().unwrap(), &["tag:worker".into()]));
-    }
-
-    #[test]
-    fn refuses_bad_policies_with_a_reason() {
-        assert!(Policy::parse("{ tagOwners: { \"router\": [\"tag:a\"] } }").unwrap_err().0.contains("is not a tag"));
-        assert!(Policy::parse("{ \"tagOwners\": { \"tag:a\": [] } }").unwrap_err().0.contains("no owners"));
-        assert!(Policy::parse("{ \"autoApprovers\": { \"routes\": { \"10.0.0.0/99\": [] } } }").is_err());
-        assert!(Policy::parse("{ \"tagOwners\": ").is_err());
-        assert_eq!(Policy::parse("{}").unwrap(), Policy::default());
-    }
-}
+mod tests;

@@ -237,6 +237,7 @@ mod tests {
                 RouteState { prefix: "10.9.0.0/16".parse().unwrap(), approved: false, primary: false },
             ],
             peers,
+            filter: None,
         }
     }
 

@@ -132,6 +132,30 @@ pub struct RouteState {
     pub primary: bool,
 }
 
+/// One rule of a node's packet filter: traffic from the mesh to this node (or to a subnet it routes) is let
+/// in when its source is in `src`, its destination and port in one of `dst`, and its protocol in
+/// `protos`. Rules only allow; what no rule allows is dropped, except replies to flows the node opened.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FilterRule {
+    pub src: Vec<IpNet>,
+    pub dst: Vec<DstPorts>,
+    /// IP protocol numbers; empty means TCP, UDP, ICMP and ICMPv6, as in Tailscale.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub protos: Vec<u8>,
+}
+
+/// Destinations and a port range of a rule. No `net` means any address this node accepts traffic for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DstPorts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<IpNet>,
+    pub first: u16,
+    pub last: u16,
+}
+
+/// The protocols a rule with no `protos` allows.
+pub const DEFAULT_PROTOS: [u8; 4] = [6, 17, 1, 58];
+
 /// Everything a node needs to configure itself: itself, its peers, the mesh's domain. `version` grows with
 /// every change, so a node long-polling with the version it has gets the next one and nothing stale.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +165,10 @@ pub struct NetMap {
     pub node: Peer,
     pub routes: Vec<RouteState>,
     pub peers: Vec<Peer>,
+    /// The node's packet filter. `None`: the policy has no rules, everything is allowed (as in Tailscale,
+    /// a policy with neither `acls` nor `grants`); an empty list allows nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<Vec<FilterRule>>,
 }
 
 /// An error the server returns, with a stable code a node can act on and a sentence for the user.

@@ -327,8 +327,20 @@ enum RoutesCommand {
 #[derive(Debug, Subcommand)]
 enum PolicyCommand {
     Get,
-    Set { file: PathBuf },
-    Check { file: PathBuf },
+    /// Replace the policy; refused whole if it does not parse or its tests fail.
+    Set {
+        file: PathBuf,
+    },
+    /// Check a policy (and run its tests against the nodes) without setting it.
+    Check {
+        file: PathBuf,
+    },
+    /// Compile one of Tailscale's captured records (shared/conformance) without a server: prints each
+    /// node's rules and peers in the record's shapes, or one line and exit status 2 if the policy is refused.
+    Compile {
+        #[arg(long, value_name = "FILE")]
+        record: PathBuf,
+    },
 }
 
 /// What a subnet router serves and how.
@@ -482,12 +494,16 @@ fn main() -> ExitCode {
             };
             admin(connection, verb)
         }
+        Command::Control { command: ControlCommand::Policy { command: PolicyCommand::Compile { record }, .. } } => {
+            finish(compile_record(&record))
+        }
         Command::Control { command: ControlCommand::Policy { command, connection } } => {
             use control_client::Verb;
             let verb = match command {
                 PolicyCommand::Get => Verb::PolicyGet,
                 PolicyCommand::Set { file } => Verb::PolicySet(file),
                 PolicyCommand::Check { file } => Verb::PolicyCheck(file),
+                PolicyCommand::Compile { .. } => unreachable!("answered without a server above"),
             };
             admin(connection, verb)
         }
@@ -521,6 +537,17 @@ fn main() -> ExitCode {
             };
             block_on(control_serve::run(options))
         }
+    }
+}
+
+/// `meshd control policy compile --record FILE`.
+fn compile_record(path: &std::path::Path) -> Result<String, Error> {
+    use mesh_control::policy::record::{RecordError, compile_record};
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+    match compile_record(&text) {
+        Ok(answer) => Ok(serde_json::to_string_pretty(&answer).expect("JSON values serialize")),
+        Err(RecordError::Unreadable(e)) => Err(Error::Input(format!("{}: not a capture record: {e}", path.display()))),
+        Err(RecordError::Refused(e)) => Err(Error::Input(e.replace('\n', "; "))),
     }
 }
 

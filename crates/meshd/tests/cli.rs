@@ -72,3 +72,39 @@ fn snat_without_an_address_names_both_ways_out() {
     assert_eq!(status, Some(2), "{err}");
     assert!(err.contains("10.0.0.0/16:sometimes") && err.contains("not a prefix"), "{err}");
 }
+
+/// `policy compile --record` answers a capture record in the record's own shapes, without a server; a
+/// refused policy is one line and status 2.
+#[test]
+fn policy_compile_answers_a_capture_record_in_its_own_shapes() {
+    let dir = std::env::temp_dir().join(format!("meshd-record-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let record = |acls: &str| {
+        format!(
+            r#"{{"id": "t", "policy": {{"tagOwners": {{"tag:worker": [], "tag:db": []}}, "acls": {acls}}},
+               "topology": {{"users": [], "nodes": {{
+                 "worker": {{"tags": ["tag:worker"], "ipv4": "100.64.0.1", "ipv6": "fd7a:115c:a1e0::1", "routable_ips": [], "approved_routes": []}},
+                 "db": {{"tags": ["tag:db"], "ipv4": "100.64.0.2", "ipv6": "fd7a:115c:a1e0::2", "routable_ips": [], "approved_routes": []}}}}}}}}"#
+        )
+    };
+    let good = dir.join("good.json");
+    std::fs::write(&good, record(r#"[{"action": "accept", "src": ["tag:worker"], "dst": ["tag:db:5432"]}]"#)).unwrap();
+    let out = meshd().args(["control", "policy", "compile", "--record"]).arg(&good).output().expect("run meshd");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let rules = &answer["nodes"]["db"]["rules"];
+    assert_eq!(rules[0]["SrcIPs"], serde_json::json!(["100.64.0.1", "fd7a:115c:a1e0::1"]));
+    assert_eq!(
+        rules[0]["DstPorts"][0],
+        serde_json::json!({"IP": "100.64.0.2", "Ports": {"First": 5432, "Last": 5432}})
+    );
+    assert_eq!(answer["nodes"]["worker"]["rules"], serde_json::json!([]));
+    assert_eq!(answer["nodes"]["worker"]["peers"][0]["name"], "db");
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, record(r#"[{"action": "deny", "src": ["*"], "dst": ["*:*"]}]"#)).unwrap();
+    let out = meshd().args(["control", "policy", "compile", "--record"]).arg(&bad).output().expect("run meshd");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("action=\"deny\" is not supported") && err.lines().count() == 1, "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

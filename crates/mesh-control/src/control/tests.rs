@@ -609,3 +609,46 @@ fn untagged_nodes_belong_to_their_keys_user_and_tagged_ones_to_their_tags() {
     assert!(c.list_users().unwrap().is_empty());
     assert_eq!(c.delete_user("alice@example.com").unwrap_err().code, ErrorCode::NotFound);
 }
+
+/// Seed 003's policy: workers reach the database on 5432 and nothing else; nobody else reaches anything.
+#[test]
+fn netmaps_carry_each_nodes_filter_and_only_the_peers_the_policy_lets_it_see() {
+    let mut c = control("{}");
+    let policy = r#"{
+        "tagOwners": {"tag:worker": [], "tag:db": [], "tag:other": []},
+        "acls": [{"action": "accept", "src": ["tag:worker"], "dst": ["tag:db:5432"]}],
+        "tests": [{"src": "tag:worker", "accept": ["tag:db:5432"], "deny": ["tag:db:22"]}],
+    }"#;
+    c.set_policy(policy, "test", NOW).unwrap();
+    let key = |tag: &str| {
+        let options = AuthKeyOptions { reusable: true, tags: vec![tag.into()], ..Default::default() };
+        c.create_auth_key(&options, NOW).unwrap().1
+    };
+    let worker = join(&c, &request(&key("tag:worker"), 1, "worker"), NOW).unwrap();
+    let db = join(&c, &request(&key("tag:db"), 2, "db"), NOW).unwrap();
+    let other = join(&c, &request(&key("tag:other"), 3, "other"), NOW).unwrap();
+    let online = |_: &NodeRecord| true;
+    let peers = |id| -> Vec<String> { c.netmap(id, online).unwrap().peers.into_iter().map(|p| p.name).collect() };
+    assert_eq!(peers(worker.node_id), vec!["db"]);
+    assert_eq!(peers(db.node_id), vec!["worker"], "the db sees who may reach it");
+    assert!(peers(other.node_id).is_empty());
+    let db_map = c.netmap(db.node_id, online).unwrap();
+    let filter = db_map.filter.clone().unwrap();
+    assert_eq!(filter.len(), 1);
+    assert_eq!(
+        filter[0].src,
+        vec![IpNet::from(std::net::IpAddr::V4(worker.ipv4)), IpNet::from(std::net::IpAddr::V6(worker.ipv6))]
+    );
+    assert!(filter[0].dst.iter().all(|d| d.first == 5432 && d.last == 5432));
+    assert_eq!(c.netmap(worker.node_id, online).unwrap().filter, Some(vec![]), "nothing may reach the worker");
+    let snapshot = c.snapshot(online).unwrap();
+    for id in [worker.node_id, db.node_id, other.node_id] {
+        let spliced: NetMap = serde_json::from_str(&snapshot.netmap_json(id).unwrap()).unwrap();
+        assert_eq!(spliced, c.netmap(id, online).unwrap());
+    }
+    // A policy whose tests fail is refused whole, naming the assertion; the old one stays.
+    let wrong = policy.replace("\"deny\": [\"tag:db:22\"]", "\"deny\": [\"tag:db:5432\"]");
+    let refusal = c.set_policy(&wrong, "test", NOW).unwrap_err();
+    assert!(refusal.message.contains("test failed: tag:worker → tag:db:5432: expected deny"), "{}", refusal.message);
+    assert_eq!(c.stored_policy().unwrap().unwrap().text, policy);
+}

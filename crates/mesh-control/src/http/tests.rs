@@ -7,6 +7,7 @@ use mesh_proto::{NetMap, RegisterResponse, VERSION, proof};
 use tower::ServiceExt;
 
 use super::*;
+use crate::policy::Policy;
 
 const TOKEN: &str = "admin-secret";
 

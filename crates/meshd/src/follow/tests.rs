@@ -52,6 +52,7 @@ fn netmap(version: u64, routes: &[&str]) -> (u16, String) {
             .map(|r| RouteState { prefix: r.parse().unwrap(), approved: true, primary: true })
             .collect(),
         peers: vec![peer(4)],
+        filter: None,
     };
     (200, serde_json::to_string(&map).unwrap())
 }

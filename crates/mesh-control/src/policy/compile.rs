@@ -1,0 +1,420 @@
+//! Policy + nodes → each node's packet filter and the peers it may see, with the semantics Tailscale shows
+//! (research/policy-dns-ha.md §1.4–1.5, checked against its captured behaviour in tests/conformance.rs):
+//! - a node receives a rule when one of the rule's destinations is one of its addresses, overlaps one of its
+//!   approved subnet routes, or is `*`; approved exit nodes receive `autogroup:internet`;
+//! - `*` as a source is every mesh address and every approved subnet route (exit routes excluded);
+//! - two nodes see each other when either may reach the other, a router counting as its subnets;
+//! - `autogroup:self` is compiled once per user, not once per node.
+//!
+//! Node sets are bitsets so the peer sets of ten thousand nodes are rows of words, not pair scans.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use mesh_proto::{DstPorts, FilterRule};
+
+use super::{Alias, Policy, PortRange};
+
+/// A node as the policy sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyNode {
+    pub id: u64,
+    pub name: String,
+    /// The owning user's login. A tagged node belongs to its tags, not to the user who made it.
+    pub user: Option<String>,
+    pub tags: Vec<String>,
+    pub addresses: Vec<IpAddr>,
+    /// Approved routes, exit routes (`0.0.0.0/0`, `::/0`) included.
+    pub approved_routes: Vec<IpNet>,
+}
+
+impl PolicyNode {
+    fn owner(&self) -> Option<&str> {
+        if self.tags.is_empty() { self.user.as_deref() } else { None }
+    }
+
+    fn subnet_routes(&self) -> impl Iterator<Item = &IpNet> {
+        self.approved_routes.iter().filter(|r| r.prefix_len() != 0)
+    }
+
+    pub fn is_exit_node(&self) -> bool {
+        self.approved_routes.iter().any(|r| r.prefix_len() == 0)
+    }
+
+    fn host_nets(&self) -> impl Iterator<Item = IpNet> + '_ {
+        self.addresses.iter().map(|a| IpNet::from(*a))
+    }
+}
+
+/// What `compile` decided, node by node in the order the nodes were given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compiled {
+    /// Each node's filter; `None` for every node when the policy has no rules (everything allowed).
+    pub filters: Vec<Option<Vec<FilterRule>>>,
+    /// The policy line each filter rule comes from, parallel to `filters`.
+    pub lines: Vec<Vec<usize>>,
+    /// The indexes of the nodes each node may see.
+    pub peers: Vec<Vec<usize>>,
+}
+
+impl Compiled {
+    /// Whether `viewer`'s netmap gives `router` the `route`: when the viewer may send into the route
+    /// through the router, or the route (as a source) may reach the viewer. Tailscale leaves other routes
+    /// out of a peer's allowed IPs.
+    pub fn may_use(&self, nodes: &[PolicyNode], viewer: usize, router: usize, route: &IpNet) -> bool {
+        let (Some(at_router), Some(at_viewer)) = (&self.filters[router], &self.filters[viewer]) else {
+            return true;
+        };
+        let from = &nodes[viewer];
+        let exit = route.prefix_len() == 0;
+        let into_route = |d: &DstPorts| match d.net {
+            None => true,
+            // Only destinations beyond the router's own addresses and subnets go out through an exit.
+            Some(net) if exit => {
+                !nodes[router].addresses.iter().any(|a| net.contains(a))
+                    && !nodes[router].subnet_routes().any(|r| r.contains(&net))
+            }
+            Some(net) => overlaps(&net, route),
+        };
+        let forward = at_router.iter().any(|rule| {
+            rule.src
+                .iter()
+                .any(|s| from.addresses.iter().any(|a| s.contains(a)) || from.subnet_routes().any(|r| overlaps(r, s)))
+                && rule.dst.iter().any(into_route)
+        });
+        let back = || {
+            at_viewer
+                .iter()
+                .any(|rule| rule.src.iter().any(|s| if exit { s.contains(route) } else { overlaps(s, route) }))
+        };
+        forward || back()
+    }
+}
+
+/// A set of node indexes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(n: usize) -> Self {
+        Bits(vec![0; n.div_ceil(64)])
+    }
+
+    fn full(n: usize) -> Self {
+        let mut b = Bits::new(n);
+        for i in 0..n {
+            b.insert(i);
+        }
+        b
+    }
+
+    fn insert(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+
+    fn union(&mut self, other: &Bits) {
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            *a |= b;
+        }
+    }
+
+    fn intersect(&self, other: &Bits) -> Bits {
+        Bits(self.0.iter().zip(&other.0).map(|(a, b)| a & b).collect())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.iter().all(|w| *w == 0)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().enumerate().flat_map(|(w, bits)| {
+            let mut bits = *bits;
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let i = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                Some(w * 64 + i)
+            })
+        })
+    }
+}
+
+/// Who the nodes are, indexed once per compile.
+struct Directory<'a> {
+    nodes: &'a [PolicyNode],
+    by_user: BTreeMap<&'a str, Bits>,
+    by_tag: BTreeMap<&'a str, Bits>,
+    members: Bits,
+    tagged: Bits,
+    exits: Bits,
+    /// Every approved subnet route (exit routes not included), for `*` as a source.
+    subnet_routes: Vec<IpNet>,
+}
+
+impl<'a> Directory<'a> {
+    fn new(nodes: &'a [PolicyNode]) -> Self {
+        let n = nodes.len();
+        let mut d = Directory {
+            nodes,
+            by_user: BTreeMap::new(),
+            by_tag: BTreeMap::new(),
+            members: Bits::new(n),
+            tagged: Bits::new(n),
+            exits: Bits::new(n),
+            subnet_routes: Vec::new(),
+        };
+        for (i, node) in nodes.iter().enumerate() {
+            if let Some(user) = node.owner() {
+                d.by_user.entry(user).or_insert_with(|| Bits::new(n)).insert(i);
+                d.members.insert(i);
+            }
+            for tag in &node.tags {
+                d.by_tag.entry(tag).or_insert_with(|| Bits::new(n)).insert(i);
+            }
+            if !node.tags.is_empty() {
+                d.tagged.insert(i);
+            }
+            if node.is_exit_node() {
+                d.exits.insert(i);
+            }
+            d.subnet_routes.extend(node.subnet_routes().copied());
+        }
+        d.subnet_routes.sort();
+        d.subnet_routes.dedup();
+        d
+    }
+
+    /// A user's nodes; `*@domain` is every user of that domain.
+    fn user(&self, user: &str) -> Bits {
+        if let Some(domain) = user.strip_prefix("*@") {
+            let mut b = Bits::new(self.nodes.len());
+            for (_, nodes) in self.by_user.iter().filter(|(u, _)| u.rsplit_once('@').is_some_and(|(_, d)| d == domain))
+            {
+                b.union(nodes);
+            }
+            return b;
+        }
+        self.by_user.get(user).cloned().unwrap_or_else(|| Bits::new(self.nodes.len()))
+    }
+
+    /// The nodes an alias names as people or machines (not as address ranges).
+    fn named(&self, alias: &Alias, policy: &Policy) -> Option<Bits> {
+        let n = self.nodes.len();
+        Some(match alias {
+            Alias::User(u) => self.user(u),
+            Alias::Group(g) => {
+                let mut b = Bits::new(n);
+                for member in policy.groups.get(g).into_iter().flatten() {
+                    b.union(&self.user(member));
+                }
+                b
+            }
+            Alias::Tag(t) => self.by_tag.get(t.as_str()).cloned().unwrap_or_else(|| Bits::new(n)),
+            Alias::Member => self.members.clone(),
+            Alias::Tagged => self.tagged.clone(),
+            _ => return None,
+        })
+    }
+
+    /// Nodes with an address inside `net` or an approved subnet route overlapping it.
+    fn touching(&self, net: &IpNet) -> Bits {
+        let mut b = Bits::new(self.nodes.len());
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.subnet_routes().any(|r| overlaps(r, net)) || node.addresses.iter().any(|a| net.contains(a)) {
+                b.insert(i);
+            }
+        }
+        b
+    }
+
+    /// A source alias as the addresses a packet may come from, and the nodes that count as it.
+    fn source(&self, alias: &Alias, policy: &Policy, mesh: &[IpNet]) -> (Vec<IpNet>, Bits) {
+        let n = self.nodes.len();
+        if let Some(nodes) = self.named(alias, policy) {
+            let nets = nodes.iter().flat_map(|i| self.nodes[i].host_nets()).collect();
+            return (nets, nodes);
+        }
+        match alias {
+            Alias::Any => {
+                let mut nets = mesh.to_vec();
+                nets.extend(self.subnet_routes.iter().copied());
+                (nets, Bits::full(n))
+            }
+            Alias::DangerAll => {
+                (vec!["0.0.0.0/0".parse().expect("literal"), "::/0".parse().expect("literal")], Bits::full(n))
+            }
+            Alias::Host(_, net) | Alias::Prefix(net) => (vec![*net], self.touching(net)),
+            _ => (Vec::new(), Bits::new(n)),
+        }
+    }
+}
+
+pub(super) fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// `autogroup:internet`: every public address, as Tailscale draws it.
+pub fn internet() -> Vec<IpNet> {
+    let private: Vec<IpNet> = ["10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16"]
+        .iter()
+        .map(|p| p.parse().expect("literal"))
+        .collect();
+    let mut nets = Vec::new();
+    cover("0.0.0.0/0".parse().expect("literal"), &private, &mut nets);
+    nets.push("2000::/3".parse().expect("literal"));
+    nets
+}
+
+/// The prefixes covering `net` minus `holes`.
+fn cover(net: IpNet, holes: &[IpNet], out: &mut Vec<IpNet>) {
+    if holes.iter().any(|h| h.contains(&net)) {
+        return;
+    }
+    if !holes.iter().any(|h| overlaps(h, &net)) {
+        out.push(net);
+        return;
+    }
+    if let Ok(halves) = net.subnets(net.prefix_len() + 1) {
+        for half in halves {
+            cover(half, holes, out);
+        }
+    }
+}
+
+/// A rule as delivered to one node, before it is written out.
+struct Delivered {
+    line: usize,
+    src: Vec<IpNet>,
+    dst: Vec<DstPorts>,
+    protos: Vec<u8>,
+}
+
+fn dst_entries(nets: impl IntoIterator<Item = Option<IpNet>>, ports: &[PortRange]) -> Vec<DstPorts> {
+    let nets: Vec<Option<IpNet>> = nets.into_iter().collect();
+    nets.iter()
+        .flat_map(|net| ports.iter().map(move |p| DstPorts { net: *net, first: p.first, last: p.last }))
+        .collect()
+}
+
+/// Compiles `policy` for `nodes`; `mesh` is the mesh's own ranges (what `*` means as a source).
+pub fn compile(policy: &Policy, nodes: &[PolicyNode], mesh: &[IpNet]) -> Compiled {
+    let n = nodes.len();
+    let Some(rules) = &policy.rules else {
+        return Compiled {
+            filters: vec![None; n],
+            lines: vec![Vec::new(); n],
+            peers: (0..n).map(|i| (0..n).filter(|j| *j != i).collect()).collect(),
+        };
+    };
+    let dir = Directory::new(nodes);
+    let internet = internet();
+    let mut delivered: Vec<BTreeMap<(usize, Option<usize>), Delivered>> = (0..n).map(|_| BTreeMap::new()).collect();
+    let mut sees: Vec<Bits> = (0..n).map(|_| Bits::new(n)).collect();
+    let mut see = |from: &Bits, to: &Bits| {
+        for s in from.iter() {
+            sees[s].union(to);
+        }
+        for t in to.iter() {
+            sees[t].union(from);
+        }
+    };
+    for (index, rule) in rules.iter().enumerate() {
+        let mut src_nets = Vec::new();
+        let mut src_nodes = Bits::new(n);
+        for alias in &rule.src {
+            let (nets, nodes) = dir.source(alias, policy, mesh);
+            src_nets.extend(nets);
+            src_nodes.union(&nodes);
+        }
+        src_nets.sort();
+        src_nets.dedup();
+        let deliver = |delivered: &mut Vec<BTreeMap<(usize, Option<usize>), Delivered>>,
+                       target: usize,
+                       key: Option<usize>,
+                       src: &[IpNet],
+                       dst: Vec<DstPorts>| {
+            delivered[target]
+                .entry((index, key))
+                .or_insert_with(|| Delivered {
+                    line: rule.line,
+                    src: src.to_vec(),
+                    dst: Vec::new(),
+                    protos: rule.protos.clone(),
+                })
+                .dst
+                .extend(dst);
+        };
+        for dst in &rule.dst {
+            match &dst.alias {
+                Alias::SelfDevices => {
+                    // Per user: the sources that are this user's own untagged nodes, to those same nodes.
+                    for (index_of_user, (_, own)) in dir.by_user.iter().enumerate() {
+                        let from = src_nodes.intersect(own);
+                        if from.is_empty() {
+                            continue;
+                        }
+                        let src: Vec<IpNet> = from.iter().flat_map(|i| nodes[i].host_nets()).collect();
+                        for t in own.iter() {
+                            let entries = dst_entries(nodes[t].host_nets().map(Some), &dst.ports);
+                            deliver(&mut delivered, t, Some(index_of_user), &src, entries);
+                        }
+                        see(&from, own);
+                    }
+                }
+                Alias::Any => {
+                    for t in 0..n {
+                        deliver(&mut delivered, t, None, &src_nets, dst_entries([None], &dst.ports));
+                    }
+                    see(&src_nodes, &Bits::full(n));
+                }
+                Alias::Internet => {
+                    for t in dir.exits.iter() {
+                        deliver(
+                            &mut delivered,
+                            t,
+                            None,
+                            &src_nets,
+                            dst_entries(internet.iter().copied().map(Some), &dst.ports),
+                        );
+                    }
+                    see(&src_nodes, &dir.exits);
+                }
+                Alias::Host(_, net) | Alias::Prefix(net) => {
+                    let targets = dir.touching(net);
+                    for t in targets.iter() {
+                        deliver(&mut delivered, t, None, &src_nets, dst_entries([Some(*net)], &dst.ports));
+                    }
+                    see(&src_nodes, &targets);
+                }
+                named => {
+                    let targets = dir.named(named, policy).unwrap_or_else(|| Bits::new(n));
+                    for t in targets.iter() {
+                        let entries = dst_entries(nodes[t].host_nets().map(Some), &dst.ports);
+                        deliver(&mut delivered, t, None, &src_nets, entries);
+                    }
+                    see(&src_nodes, &targets);
+                }
+            }
+        }
+    }
+    let mut filters = Vec::with_capacity(n);
+    let mut lines = Vec::with_capacity(n);
+    for rules in delivered {
+        let mut filter = Vec::with_capacity(rules.len());
+        let mut at = Vec::with_capacity(rules.len());
+        for (_, d) in rules {
+            if d.src.is_empty() || d.dst.is_empty() {
+                continue;
+            }
+            at.push(d.line);
+            filter.push(FilterRule { src: d.src, dst: d.dst, protos: d.protos });
+        }
+        filters.push(Some(filter));
+        lines.push(at);
+    }
+    let peers = sees.iter().enumerate().map(|(i, row)| row.iter().filter(|j| *j != i).collect()).collect();
+    Compiled { filters, lines, peers }
+}

@@ -1,0 +1,94 @@
+use super::*;
+
+const POLICY: &str = r#"{
+    // Who may tag what.
+    "tagOwners": {
+        "tag:router": ["tag:infra"],
+        "tag:worker": ["tag:ci"],
+        "tag:db": [],
+        "tag:infra": [],
+        "tag:ci": [],
+    },
+    "autoApprovers": {
+        "routes": {
+            "10.0.0.0/16": ["tag:router"],
+            "100.64.0.0/10": ["tag:worker"],
+        },
+    },
+    "acls": [{"action": "accept", "src": ["tag:worker"], "dst": ["tag:db:5432"]}],
+}"#;
+
+#[test]
+fn reads_a_hujson_policy_in_tailscales_shape() {
+    let p = Policy::parse(POLICY).unwrap();
+    assert!(p.may_apply(&["tag:infra".into()], "tag:router"), "owned by a tag the key carries");
+    assert!(p.may_apply(&["tag:router".into()], "tag:router"), "the key's own tag");
+    assert!(!p.may_apply(&["tag:ci".into()], "tag:router"));
+    let routers = ["tag:router".to_string()];
+    assert!(p.auto_approves(&"10.0.12.0/24".parse().unwrap(), &routers));
+    assert!(!p.auto_approves(&"10.1.0.0/16".parse().unwrap(), &routers));
+    assert!(!p.auto_approves(&"10.0.12.0/24".parse().unwrap(), &["tag:worker".into()]));
+    let rules = p.rules.as_ref().unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0].line, 16);
+    assert_eq!(rules[0].dst[0].alias, Alias::Tag("tag:db".into()));
+    assert_eq!(rules[0].dst[0].ports, vec![PortRange { first: 5432, last: 5432 }]);
+}
+
+/// The message of a refused policy.
+fn refusal(text: &str) -> String {
+    Policy::parse(text).unwrap_err().0
+}
+
+#[test]
+fn refuses_bad_policies_naming_line_column_and_what_to_change() {
+    assert!(refusal("{ tagOwners: { \"router\": [\"tag:a\"] } }").contains("1:3:"), "JSON5 keys are not HuJSON");
+    assert_eq!(
+        refusal("{\n  \"tagOwners\": { \"router\": [] } }"),
+        "policy:2:18: tagOwners: \"router\" is not a tag (tags start with \"tag:\")"
+    );
+    assert!(refusal("{ \"autoApprovers\": { \"routes\": { \"10.0.0.0/99\": [] } } }").contains("not a CIDR prefix"));
+    assert!(refusal("{ \"tagOwners\": ").starts_with("policy:1:"));
+    assert_eq!(
+        refusal("{\n \"acls\": [\n  {\"action\": \"accept\", \"src\": [\"tag:nope\"], \"dst\": [\"*:*\"]}]}"),
+        "policy:3:32: src=\"tag:nope\": tag not found: \"tag:nope\" (give it an owner in tagOwners)"
+    );
+    assert!(
+        refusal(r#"{"acls": [{"action": "deny", "src": ["*"], "dst": ["*:*"]}]}"#)
+            .contains("action=\"deny\" is not supported")
+    );
+    assert!(
+        refusal(r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:ssh"]}]}"#)
+            .contains("invalid first integer")
+    );
+    assert!(
+        refusal(r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:22"], "proto": "icmp"}]}"#)
+            .contains("only tcp, udp and sctp")
+    );
+    assert!(
+        refusal(r#"{"acls": [{"action": "accept", "src": ["autogroup:self"], "dst": ["*:*"]}]}"#).contains("src side")
+    );
+    assert!(refusal(r#"{"tagOwners": {"tag:a": []}, "acls": [{"action": "accept", "src": ["tag:a"], "dst": ["autogroup:self:*"]}]}"#).contains("autogroup:self can only be used"));
+    assert!(
+        refusal(r#"{"grants": [{"src": ["*"], "dst": ["*"], "app": {"example.com/cap/x": [{}]}}]}"#)
+            .contains("\"app\"")
+    );
+    assert!(
+        refusal(r#"{"grants": [{"src": ["*"], "dst": ["0.0.0.0/0"], "ip": ["*"]}]}"#).contains("autogroup:internet")
+    );
+    assert!(
+        refusal(r#"{"grants": [{"src": ["*"], "dst": ["*"], "ip": ["tcp:0"]}]}"#).contains("first port must be >0")
+    );
+    assert!(refusal(r#"{"groups": {"group:a": ["group:b"]}}"#).contains("cannot contain groups"));
+    assert!(refusal(r#"{"aclz": []}"#).contains("unknown section \"aclz\""));
+    assert!(refusal(r#"{"hosts": {"h": "10.0.0.1"}, "hosts": {}}"#).contains("given twice"));
+    assert!(refusal("").contains("empty"));
+}
+
+#[test]
+fn no_rules_allows_everything_and_an_empty_list_allows_nothing() {
+    assert_eq!(Policy::parse("{}").unwrap().rules, None);
+    assert_eq!(Policy::parse("{\"acls\": []}").unwrap().rules, Some(vec![]));
+    let p = Policy::parse("{\"ssh\": [], // Tailscale SSH\n}").unwrap();
+    assert_eq!(p.ignored, vec!["ssh".to_string()]);
+}
