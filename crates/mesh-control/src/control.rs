@@ -1274,6 +1274,51 @@ impl Control {
         })
     }
 
+    /// Which rule lets `src` (a node's name or id, or an address) reach `dst` (the same, or an address behind a
+    /// subnet router) on `port` with `proto`, as one sentence naming the policy line; or why not.
+    pub fn explain(&self, src: &str, dst: &str, port: u16, proto: u8) -> Result<String, ControlError> {
+        let nodes = self.nodes()?;
+        let primaries = self.primaries()?;
+        let view = self.policy_view(&nodes, &primaries)?;
+        let address = |text: &str| -> Result<std::net::IpAddr, ControlError> {
+            if let Ok(a) = text.parse() {
+                return Ok(a);
+            }
+            let id = self.resolve_node(text)?;
+            let n = nodes.iter().find(|n| n.id == id).expect("resolved");
+            Ok(std::net::IpAddr::V4(n.ipv4))
+        };
+        let (from, to) = (address(src)?, address(dst)?);
+        let what = format!("{src} -> {dst}:{port}/{}", proto_name(proto));
+        // Where the packet is judged: the node with that address, or the routers whose approved routes hold it.
+        let judges: Vec<usize> = match view.nodes.iter().position(|n| n.addresses.contains(&to)) {
+            Some(i) => vec![i],
+            None => (0..view.nodes.len())
+                .filter(|i| view.nodes[*i].approved_routes.iter().any(|r| r.prefix_len() != 0 && r.contains(&to)))
+                .collect(),
+        };
+        if judges.is_empty() {
+            return Ok(format!("{what}: no node has {to} and no approved route holds it, so nothing carries it"));
+        }
+        let port_for = matches!(proto, 6 | 17 | 132).then_some(port);
+        for i in judges {
+            let name = &view.nodes[i].name;
+            let Some(filter) = &view.compiled.filters[i] else {
+                return Ok(format!(
+                    "{what}: allowed: the policy has no acls or grants, so everything is ({name} judges)"
+                ));
+            };
+            for (rule, line) in filter.iter().zip(&view.compiled.lines[i]) {
+                // The data plane's own matching, so this says what the filter will do.
+                let one = [mesh_packet::filter::Rule::from(rule)];
+                if mesh_packet::filter::allows(&one, from, to, proto, port_for) {
+                    return Ok(format!("{what}: allowed by the rule at policy line {line} ({name} judges)"));
+                }
+            }
+        }
+        Ok(format!("{what}: denied by default: no rule allows it"))
+    }
+
     /// The policy compiled for the live nodes.
     fn policy_view(&self, nodes: &[NodeRecord], primaries: &Primaries) -> Result<PolicyView, ControlError> {
         let live = self.policy_nodes(nodes, primaries);
@@ -1297,6 +1342,16 @@ impl Control {
                 approved_routes: primaries.approved.get(&n.id).cloned().unwrap_or_default(),
             })
             .collect()
+    }
+}
+
+fn proto_name(proto: u8) -> String {
+    match proto {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        1 => "icmp".into(),
+        58 => "ipv6-icmp".into(),
+        n => n.to_string(),
     }
 }
 

@@ -278,6 +278,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/admin/routes/reject", post(reject_route))
         .route("/api/v1/admin/policy", get(get_policy).put(set_policy).layer(DefaultBodyLimit::max(MAX_POLICY_BODY)))
         .route("/api/v1/admin/policy/check", post(check_policy).layer(DefaultBodyLimit::max(MAX_POLICY_BODY)))
+        .route("/api/v1/admin/policy/explain", get(explain_policy))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
@@ -628,6 +629,30 @@ async fn set_policy(
     }
     state.changed().await;
     Ok(Json(change))
+}
+
+#[derive(Debug, Deserialize)]
+struct ExplainQuery {
+    src: String,
+    dst: String,
+    port: u16,
+    #[serde(default)]
+    proto: Option<String>,
+}
+
+/// Which rule allows a flow, or that none does.
+async fn explain_policy(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<ExplainQuery>,
+) -> Result<String, ApiError> {
+    require_admin(&state, &headers)?;
+    let proto = match q.proto.as_deref() {
+        None | Some("") => 6,
+        Some(p) => crate::policy::parse_proto(p)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e))?,
+    };
+    blocking(&state, move |c, _| c.explain(&q.src, &q.dst, q.port, proto)).await
 }
 
 async fn check_policy(

@@ -18,6 +18,7 @@ pub mod record;
 
 pub use check::TestFailure;
 pub use compile::{Compiled, PolicyNode, compile};
+pub use parse::parse_proto;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {

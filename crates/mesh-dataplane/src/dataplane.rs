@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use mesh_packet::build::Builder;
+use mesh_packet::filter::{self, Filter};
 use mesh_packet::snat::{self, Snat, SnatConfig};
 use mesh_packet::wire::{self, Fragment, IcmpHeader, IpVersion};
 
@@ -37,6 +38,9 @@ pub const DROP_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// The most a batch of datagrams may carry: what one UDP segmentation-offload send takes (65 535 less the
 /// IPv6 and UDP headers), so a batch can always leave in one.
 const MAX_BATCH_BYTES: usize = 65_535 - 40 - 8;
+
+/// Flows the ACL filter tracks at most (about 70 bytes each).
+pub const MAX_TRACKED_FLOWS: usize = 1 << 20;
 
 /// Events held for a shell that does not collect them; the oldest go first.
 const EVENT_BACKLOG: usize = 1024;
@@ -96,6 +100,8 @@ pub struct DataplaneConfig {
     /// The routes this node forwards into, each with or without SNAT.
     pub served: Vec<Served>,
     pub snat: SnatSettings,
+    /// The ACL rules for what arrives from the mesh; `None`: everything is allowed.
+    pub filter: Option<Vec<mesh_proto::FilterRule>>,
 }
 
 /// Why a configuration was refused. Nothing of it was applied.
@@ -186,6 +192,9 @@ struct Pings {
 pub struct Dataplane {
     node: Node,
     router: Router,
+    filter: Filter,
+    /// Flows peers opened that a new policy cut.
+    revoked: u64,
     config: DataplaneConfig,
     rng: u64,
     pings: Pings,
@@ -209,6 +218,8 @@ impl Dataplane {
         Self {
             node: Node::new(private_key, xorshift(&mut rng)),
             router: Router::new(Vec::new(), &[], None, mtu),
+            filter: Filter::new(MAX_TRACKED_FLOWS),
+            revoked: 0,
             config: DataplaneConfig::default(),
             rng,
             pings: Pings { ident, seq: 0, pending: VecDeque::new() },
@@ -241,6 +252,16 @@ impl Dataplane {
         self.router.set_own(config.mesh_addresses.iter().chain(&config.local_addresses).copied().collect());
         let (peers_added, peers_removed, peers_changed) = self.node.set_peers(config.peers.clone());
         self.node.arm_timer(now);
+        if config.filter != self.config.filter {
+            let rules = config.filter.as_ref().map(|rules| rules.iter().map(filter::Rule::from).collect());
+            for cut in self.filter.set_rules(rules) {
+                self.revoked += 1;
+                if let Some(notice) = cut.notice {
+                    // Told through the tunnel, like any packet of this node's; a peer gone meanwhile is fine.
+                    let _ = self.node.handle_tun_packet(&notice, now);
+                }
+            }
+        }
         self.config = config;
         Ok(Applied { peers_added, peers_removed, peers_changed, snat_replaced })
     }
@@ -253,7 +274,10 @@ impl Dataplane {
     /// A packet read from the TUN device (rewritten in place: SNAT replies, MSS); its datagram, if any, is
     /// queued for [`Dataplane::poll_transmit`].
     pub fn handle_tun_packet(&mut self, packet: &mut [u8], now: Instant) -> Result<(), DropReason> {
-        let result = self.router.to_mesh(packet, now).and_then(|()| self.node.handle_tun_packet(packet, now));
+        let result = self.router.to_mesh(packet, now).and_then(|()| {
+            self.filter.outbound(packet, now);
+            self.node.handle_tun_packet(packet, now)
+        });
         if let Err(reason) = result {
             self.note_drop(reason, None, now);
         }
@@ -301,6 +325,7 @@ impl Dataplane {
             }
             QuotedFlow::Unreadable => return Err(DropReason::SourceNotAllowed),
         }
+        self.filter.inbound(&out[..n], now)?;
         let node = &self.node;
         // The node accepted the packet only from the peer that routes its source: that peer sent it.
         let sender = node.last_sender().map(|p| u64::from(p.number()));
@@ -317,6 +342,9 @@ impl Dataplane {
         if self.router.poll_timeout().is_some_and(|t| t <= now) {
             self.router.handle_timeout(now);
         }
+        if self.filter.poll_timeout().is_some_and(|t| t <= now) {
+            self.filter.handle_timeout(now);
+        }
         while self.pings.pending.front().is_some_and(|(_, _, sent)| now.duration_since(*sent) >= PING_TIMEOUT) {
             self.pings.pending.pop_front();
         }
@@ -325,7 +353,10 @@ impl Dataplane {
     /// When [`Dataplane::handle_timeout`] should next run.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let ping = self.pings.pending.front().map(|(_, _, sent)| *sent + PING_TIMEOUT);
-        [self.node.poll_timeout(), self.router.poll_timeout(), ping].into_iter().flatten().min()
+        [self.node.poll_timeout(), self.router.poll_timeout(), self.filter.poll_timeout(), ping]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Moves the next datagrams to send into `buf` (cleared first): up to `max_datagrams` of equal size to one
@@ -373,6 +404,7 @@ impl Dataplane {
             _ => unreachable!("same family"),
         }
         .echo(true, ident, seq, b"meshd ping");
+        self.filter.outbound(&packet, now);
         self.node.handle_tun_packet(&packet, now)?;
         self.pings.pending.retain(|(s, _, _)| *s != seq);
         self.pings.pending.push_back((seq, to, now));
@@ -437,6 +469,16 @@ impl Dataplane {
     }
 
     /// The SNAT engine, when SNAT addresses are set.
+    /// The ACL filter: its rules, flows and recent refusals.
+    pub fn filter(&self) -> &Filter {
+        &self.filter
+    }
+
+    /// Flows peers opened that a policy change cut.
+    pub fn revoked_flows(&self) -> u64 {
+        self.revoked
+    }
+
     pub fn snat(&self) -> Option<&Snat> {
         self.router.snat()
     }
@@ -532,6 +574,7 @@ mod tests {
             peers: vec![peer(CLIENT, &[])],
             served: vec![Served { prefix: "10.0.0.0/16".parse().unwrap(), snat: true }],
             snat: SnatSettings::with_addresses(&["10.0.12.9".parse().unwrap()]).unwrap(),
+            filter: None,
         }
     }
 
@@ -788,5 +831,37 @@ mod tests {
         }
         let t = pair.planes[CLIENT].poll_transmit(&mut buf, 64).unwrap();
         assert!(t.size <= MAX_BATCH_BYTES && t.size + t.segment_size > MAX_BATCH_BYTES, "{t:?}");
+    }
+
+    /// The router enforces the policy for the subnet behind it, and a policy change that takes the access
+    /// away resets the client's open connection through the tunnel.
+    #[test]
+    fn the_router_enforces_the_policy_for_its_subnet_and_resets_revoked_flows() {
+        let mut pair = Pair::new();
+        let now = pair.now;
+        let https_only = vec![mesh_proto::FilterRule {
+            src: vec!["100.64.0.2/32".parse().unwrap()],
+            dst: vec![mesh_proto::DstPorts { net: Some("10.0.0.0/16".parse().unwrap()), first: 443, last: 443 }],
+            protos: vec![],
+        }];
+        pair.planes[ROUTER].configure(DataplaneConfig { filter: Some(https_only), ..router_config() }, now).unwrap();
+        let mut syn = Builder::v4([100, 64, 0, 2], [10, 0, 12, 50]).tcp(40000, 443, TCP_SYN, b"");
+        pair.planes[CLIENT].handle_tun_packet(&mut syn, now).unwrap();
+        let mut ssh = Builder::v4([100, 64, 0, 2], [10, 0, 12, 50]).tcp(40001, 22, TCP_SYN, b"");
+        pair.planes[CLIENT].handle_tun_packet(&mut ssh, now).unwrap();
+        let [at_router, _] = pair.exchange();
+        assert_eq!(at_router.len(), 1, "443 forwarded, 22 refused");
+        assert_eq!(pair.planes[ROUTER].dropped(DropReason::AclDenied), 1);
+        assert_eq!(pair.planes[ROUTER].filter().flows(), 1);
+        // The policy no longer allows it: the client gets a RST for its connection at once.
+        pair.planes[ROUTER].configure(DataplaneConfig { filter: Some(vec![]), ..router_config() }, now).unwrap();
+        assert_eq!(pair.planes[ROUTER].revoked_flows(), 1);
+        let [_, at_client] = pair.exchange();
+        assert_eq!(at_client.len(), 1, "{at_client:?}");
+        let rst = &at_client[0];
+        let layout = wire::parse(rst).unwrap();
+        let tcp = &rst[layout.l4_offset..];
+        assert_eq!(wire::source(rst), Some(IpAddr::from([10, 0, 12, 50])));
+        assert_eq!((u16::from_be_bytes([tcp[2], tcp[3]]), tcp[13] & 0x04), (40000, 0x04));
     }
 }

@@ -40,11 +40,31 @@ pub enum DropReason {
     Unforwardable,
     /// Refused by the SNAT engine (its own counters hold the detail).
     Snat(snat::DropReason),
+    /// From the mesh, a packet that would open a flow the ACL policy does not allow.
+    AclDenied,
+    /// From the mesh, a packet of no tracked flow that cannot open one (TCP other than a SYN, an echo reply
+    /// or ICMP error for nothing this side sent), while the policy has rules.
+    AclNoFlow,
+    /// From the mesh, a flow the policy allows but the full connection tracker could not hold.
+    AclTableFull,
+    /// From the mesh, a packet the ACL filter cannot read, while the policy has rules.
+    AclUnreadable,
+}
+
+impl From<mesh_packet::filter::Drop> for DropReason {
+    fn from(d: mesh_packet::filter::Drop) -> Self {
+        match d {
+            mesh_packet::filter::Drop::Denied => DropReason::AclDenied,
+            mesh_packet::filter::Drop::NoFlow => DropReason::AclNoFlow,
+            mesh_packet::filter::Drop::TableFull => DropReason::AclTableFull,
+            mesh_packet::filter::Drop::Unreadable => DropReason::AclUnreadable,
+        }
+    }
 }
 
 impl DropReason {
     /// How many counters a full set of drop counts needs (every SNAT reason shares one).
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 18;
 
     /// Each reason once (SNAT represented by one of its reasons, whose name is the SNAT engine's), for
     /// listing counters.
@@ -63,6 +83,10 @@ impl DropReason {
         DropReason::Hairpin,
         DropReason::Unforwardable,
         DropReason::Snat(snat::DropReason::Unsolicited),
+        DropReason::AclDenied,
+        DropReason::AclNoFlow,
+        DropReason::AclTableFull,
+        DropReason::AclUnreadable,
     ];
 
     /// The slot of this reason's counter.
@@ -82,6 +106,10 @@ impl DropReason {
             DropReason::Hairpin => 11,
             DropReason::Unforwardable => 12,
             DropReason::Snat(_) => 13,
+            DropReason::AclDenied => 14,
+            DropReason::AclNoFlow => 15,
+            DropReason::AclTableFull => 16,
+            DropReason::AclUnreadable => 17,
         }
     }
 
@@ -101,6 +129,10 @@ impl DropReason {
             DropReason::Hairpin => "hairpin",
             DropReason::Unforwardable => "unforwardable",
             DropReason::Snat(reason) => reason.name(),
+            DropReason::AclDenied => "acl_denied",
+            DropReason::AclNoFlow => "acl_no_flow",
+            DropReason::AclTableFull => "acl_table_full",
+            DropReason::AclUnreadable => "acl_unreadable",
         }
     }
 }

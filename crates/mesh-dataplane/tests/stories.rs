@@ -267,6 +267,7 @@ fn s1_world(loss_percent: u64, snat: SnatSettings) -> World {
             peers: vec![peer(CLIENT, &[])],
             served: vec![Served { prefix: "10.0.0.0/16".parse().unwrap(), snat: true }],
             snat,
+            filter: None,
         },
         Some("10.0.12.0/24"),
     );
@@ -336,6 +337,7 @@ fn s2_two_clusters_reach_each_other_with_sources_preserved() {
             peers: vec![peer(R2, &["10.52.0.0/16"])],
             served: vec![Served { prefix: "10.42.0.0/16".parse().unwrap(), snat: false }],
             snat: SnatSettings::default(),
+            filter: None,
         },
         Some("10.42.0.0/16"),
     );
@@ -346,6 +348,7 @@ fn s2_two_clusters_reach_each_other_with_sources_preserved() {
             peers: vec![peer(R1, &["10.42.0.0/16"])],
             served: vec![Served { prefix: "10.52.0.0/16".parse().unwrap(), snat: false }],
             snat: SnatSettings::default(),
+            filter: None,
         },
         Some("10.52.0.0/16"),
     );

@@ -7,6 +7,7 @@
 
 pub mod build;
 pub mod checksum;
+pub mod filter;
 pub mod mss;
 pub mod snat;
 pub mod wire;

@@ -154,7 +154,22 @@ pub struct DstPorts {
 }
 
 /// The protocols a rule with no `protos` allows.
-pub const DEFAULT_PROTOS: [u8; 4] = [6, 17, 1, 58];
+pub const DEFAULT_PROTOS: [u8; 4] = mesh_packet::filter::DEFAULT_PROTOS;
+
+/// A netmap rule as the data plane's filter (and `policy explain`) holds it.
+impl From<&FilterRule> for mesh_packet::filter::Rule {
+    fn from(rule: &FilterRule) -> Self {
+        mesh_packet::filter::Rule {
+            src: rule.src.clone(),
+            dst: rule
+                .dst
+                .iter()
+                .map(|d| mesh_packet::filter::DstRange { net: d.net, first: d.first, last: d.last })
+                .collect(),
+            protos: rule.protos.clone(),
+        }
+    }
+}
 
 /// Everything a node needs to configure itself: itself, its peers, the mesh's domain. `version` grows with
 /// every change, so a node long-polling with the version it has gets the next one and nothing stale.

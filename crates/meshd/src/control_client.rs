@@ -46,6 +46,11 @@ pub enum Verb {
     PolicyGet,
     PolicySet(PathBuf),
     PolicyCheck(PathBuf),
+    /// SRC, DST:PORT[/PROTO].
+    PolicyExplain {
+        src: String,
+        dst: String,
+    },
 }
 
 /// Seconds in `90d`, `12h`, `30m` or `45s`.
@@ -125,6 +130,17 @@ fn token(connection: &Connection) -> Result<String, Error> {
 }
 
 /// Sends one request and returns the body of a success, or the server's one-line error.
+/// Percent-encodes a query value.
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 fn call(connection: &Connection, method: &str, path: &str, body: Option<String>) -> Result<String, Error> {
     let agent = agent(connection)?;
     let url = format!("{}/api/v1/admin/{path}", connection.url.trim_end_matches('/'));
@@ -284,6 +300,18 @@ fn execute(c: &Connection, verb: Verb) -> Result<String, Error> {
                 }
             }
             Ok(out)
+        }
+        Verb::PolicyExplain { src, dst } => {
+            let (target, proto) = dst.split_once('/').unwrap_or((dst.as_str(), "tcp"));
+            let (host, port) = target
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h.trim_start_matches('[').trim_end_matches(']'), p.parse::<u16>().ok()?)))
+                .ok_or_else(|| {
+                    Error::Input(format!("{dst:?}: write DST:PORT or DST:PORT/PROTO (db:5432, 10.0.0.5:443/tcp)"))
+                })?;
+            let query =
+                format!("policy/explain?src={}&dst={}&port={port}&proto={}", encode(&src), encode(host), encode(proto));
+            call(c, "GET", &query, None).map(|text| escape_controls(&text))
         }
         Verb::PolicyCheck(path) => {
             let text = std::fs::read_to_string(&path).map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;

@@ -179,6 +179,8 @@ struct Setup {
     addresses: Vec<IpNet>,
     served: Vec<Served>,
     snat_addresses: Vec<IpAddr>,
+    /// The cached netmap's ACL rules, enforced from the first packet (`None`: everything allowed).
+    filter: Option<Vec<mesh_proto::FilterRule>>,
     managed: Option<Box<managed::Managed>>,
 }
 
@@ -199,6 +201,7 @@ async fn static_setup(options: &Options, path: &Path) -> Result<Setup, Error> {
         addresses: config.interface.addresses.clone(),
         served: options.served.clone(),
         snat_addresses: options.snat_addresses.clone(),
+        filter: None,
         managed: None,
     })
 }
@@ -210,7 +213,7 @@ pub async fn run(options: Options) -> Result<(), Error> {
         Some(path) => static_setup(&options, &path.clone()).await?,
         None => managed::setup(&options).await?,
     };
-    let Setup { private_key, specs, tun_name, mtu, port, addresses, served, snat_addresses, managed } = setup;
+    let Setup { private_key, specs, tun_name, mtu, port, addresses, served, snat_addresses, filter, managed } = setup;
     let policy = options.policy;
 
     // Everything is checked before the host changes: a refusal here leaves nothing behind.
@@ -223,6 +226,7 @@ pub async fn run(options: Options) -> Result<(), Error> {
             source_share: options.snat_source_share,
             ..SnatSettings::with_addresses(&snat_addresses).map_err(|e| Error::Input(e.to_string()))?
         },
+        filter,
     };
     let mut dataplane = Dataplane::new(private_key, seed(), mtu);
     let applied = dataplane.configure(wanted, Instant::now()).map_err(|e| Error::Input(e.to_string()))?;
@@ -396,6 +400,40 @@ impl Daemon {
     }
 
     /// Applies a new wanted state to the data plane; a refusal keeps the running one whole and says why.
+    /// The ACL filter's state for `meshd status`.
+    fn acl_status(&self) -> crate::local_api::AclStatus {
+        use mesh_dataplane::DropReason;
+        let filter = self.dataplane.filter();
+        let now = Instant::now();
+        let dropped =
+            [DropReason::AclDenied, DropReason::AclNoFlow, DropReason::AclTableFull, DropReason::AclUnreadable]
+                .into_iter()
+                .map(|r| (r.name().to_string(), self.dataplane.dropped(r)))
+                .filter(|(_, n)| *n > 0)
+                .collect();
+        let recent_denied = filter
+            .recent_denied()
+            .map(|d| {
+                let k = d.key;
+                format!(
+                    "proto {} {} -> {} {}, {} s ago",
+                    k.proto,
+                    std::net::SocketAddr::new(k.remote, k.remote_port),
+                    std::net::SocketAddr::new(k.local, k.local_port),
+                    DropReason::from(d.reason).name(),
+                    now.saturating_duration_since(d.at).as_secs()
+                )
+            })
+            .collect();
+        crate::local_api::AclStatus {
+            rules: filter.rules().map(<[_]>::len),
+            flows: filter.flows(),
+            dropped,
+            revoked: self.dataplane.revoked_flows(),
+            recent_denied,
+        }
+    }
+
     fn reconfigure(&mut self, wanted: DataplaneConfig) -> bool {
         match self.dataplane.configure(wanted, Instant::now()) {
             Ok(applied) => {

@@ -20,6 +20,8 @@ use mesh_linux::plan;
 
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// The daemon's local API socket (a managed node's status: the ACL filter).
+    pub socket: PathBuf,
     pub tun: String,
     pub uapi_dir: PathBuf,
     pub policy: RoutingPolicy,
@@ -136,6 +138,32 @@ fn to_json(checks: &[Check]) -> String {
         })
         .collect();
     serde_json::json!({ "checks": list, "ok": !checks.iter().any(|c| c.status == Status::Fail) }).to_string()
+}
+
+/// The ACL filter of a managed node: its rules, what it dropped, the latest flows it refused. None when no
+/// managed daemon answers on the local API.
+async fn acl_check(socket: &Path) -> Option<Check> {
+    let (status, text) = crate::local_api::call(&socket.to_path_buf(), "GET", "status", None).await.ok()?;
+    if status != 200 {
+        return None;
+    }
+    let acl = serde_json::from_str::<crate::local_api::Status>(&text).ok()?.acl?;
+    let dropped: u64 = acl.dropped.iter().map(|(_, n)| n).sum();
+    let summary = match acl.rules {
+        None => "the policy has no rules: every peer reaches every port here".to_string(),
+        Some(n) => format!("{n} rule(s), {} flow(s) tracked, {dropped} packet(s) dropped", acl.flows),
+    };
+    let mut c = Check::new("acl", Status::Ok, summary);
+    for (reason, n) in &acl.dropped {
+        c.details.push(format!("{reason}: {n}"));
+    }
+    for denied in &acl.recent_denied {
+        c.details.push(format!("denied: {denied}"));
+    }
+    if !acl.recent_denied.is_empty() {
+        c.fix.push("meshd control policy explain SRC DST:PORT   # which rule would allow a flow".into());
+    }
+    Some(c)
 }
 
 async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
@@ -296,6 +324,9 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
     out.push(firewall_check(&o.tun));
     if let Some(d) = &daemon {
         out.push(mtu_check(&o.tun, &d.endpoints, o.policy.fwmark));
+    }
+    if let Some(check) = acl_check(&o.socket).await {
+        out.push(check);
     }
     Ok(out)
 }

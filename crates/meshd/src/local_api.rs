@@ -85,6 +85,23 @@ pub struct Status {
     /// What failed while the daemon ran and was brought back (a deleted TUN device recreated, say).
     #[serde(default)]
     pub recovered: Vec<String>,
+    /// The ACL filter, when the node runs.
+    #[serde(default)]
+    pub acl: Option<AclStatus>,
+}
+
+/// What the ACL filter holds and has refused.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AclStatus {
+    /// How many rules the policy gives this node; none: the policy allows everything.
+    pub rules: Option<usize>,
+    pub flows: usize,
+    /// Packets from the mesh the filter dropped, by reason.
+    pub dropped: Vec<(String, u64)>,
+    /// Flows peers opened that a policy change cut.
+    pub revoked: u64,
+    /// The latest refused flows, oldest first: "proto SRC:PORT -> DST:PORT reason, N s ago".
+    pub recent_denied: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

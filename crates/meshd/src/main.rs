@@ -78,6 +78,8 @@ enum Command {
         run_dir: PathBuf,
         #[command(flatten)]
         routing: RoutingArgs,
+        #[command(flatten)]
+        daemon: SocketArgs,
     },
     /// Join the mesh (or apply new preferences): register with --auth-key, follow the netmap. Prints the
     /// node's mesh IPv4 once connected.
@@ -335,6 +337,11 @@ enum PolicyCommand {
     Check {
         file: PathBuf,
     },
+    /// Which rule lets SRC reach DST:PORT[/PROTO] (nodes by name or address), or "denied by default".
+    Explain {
+        src: String,
+        dst: String,
+    },
     /// Compile one of Tailscale's captured records (shared/conformance) without a server: prints each
     /// node's rules and peers in the record's shapes, or one line and exit status 2 if the policy is refused.
     Compile {
@@ -421,7 +428,8 @@ fn main() -> ExitCode {
             println!("{}", version_text(json));
             ExitCode::SUCCESS
         }
-        Command::Doctor { tun, uapi_dir, json, routing, run_dir } => doctor::run(doctor::Options {
+        Command::Doctor { tun, uapi_dir, json, routing, run_dir, daemon } => doctor::run(doctor::Options {
+            socket: daemon.socket,
             tun,
             uapi_dir,
             policy: routing.policy(),
@@ -503,6 +511,7 @@ fn main() -> ExitCode {
                 PolicyCommand::Get => Verb::PolicyGet,
                 PolicyCommand::Set { file } => Verb::PolicySet(file),
                 PolicyCommand::Check { file } => Verb::PolicyCheck(file),
+                PolicyCommand::Explain { src, dst } => Verb::PolicyExplain { src, dst },
                 PolicyCommand::Compile { .. } => unreachable!("answered without a server above"),
             };
             admin(connection, verb)

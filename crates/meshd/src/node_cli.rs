@@ -245,6 +245,19 @@ fn format_status(status: &Status) -> String {
     for recovered in &status.recovered {
         out.push_str(&format!("  recovered: {recovered}\n"));
     }
+    if let Some(acl) = &status.acl {
+        let rules = acl.rules.map_or("the policy allows everything".into(), |n| format!("{n} ACL rule(s)"));
+        let dropped: u64 = acl.dropped.iter().map(|(_, n)| n).sum();
+        let mut line = format!("  filter: {rules}, {} flow(s) tracked, {dropped} packet(s) dropped", acl.flows);
+        for (reason, n) in &acl.dropped {
+            line.push_str(&format!(" ({reason} {n})"));
+        }
+        if acl.revoked > 0 {
+            line.push_str(&format!(", {} flow(s) cut by a policy change", acl.revoked));
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
     for p in &status.peers {
         let online = match p.online {
             Some(true) => "online",

@@ -646,6 +646,11 @@ fn netmaps_carry_each_nodes_filter_and_only_the_peers_the_policy_lets_it_see() {
         let spliced: NetMap = serde_json::from_str(&snapshot.netmap_json(id).unwrap()).unwrap();
         assert_eq!(spliced, c.netmap(id, online).unwrap());
     }
+    let explained = c.explain("worker", "db", 5432, 6).unwrap();
+    assert_eq!(explained, "worker -> db:5432/tcp: allowed by the rule at policy line 3 (db judges)");
+    assert!(c.explain("worker", "db", 22, 6).unwrap().ends_with("denied by default: no rule allows it"));
+    assert!(c.explain("db", "worker", 5432, 6).unwrap().contains("denied by default"));
+    assert!(c.explain("worker", "10.9.9.9", 443, 6).unwrap().contains("nothing carries it"));
     // A policy whose tests fail is refused whole, naming the assertion; the old one stays.
     let wrong = policy.replace("\"deny\": [\"tag:db:22\"]", "\"deny\": [\"tag:db:5432\"]");
     let refusal = c.set_policy(&wrong, "test", NOW).unwrap_err();

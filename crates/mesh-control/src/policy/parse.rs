@@ -562,7 +562,7 @@ fn parse_port_range(text: &str) -> Result<PortRange, String> {
     Ok(PortRange { first, last })
 }
 
-pub(super) fn parse_proto(text: &str) -> Result<u8, String> {
+pub fn parse_proto(text: &str) -> Result<u8, String> {
     let lower = text.to_ascii_lowercase();
     if let Some((_, n)) = PROTOCOLS.iter().find(|(name, _)| *name == lower) {
         return Ok(*n);

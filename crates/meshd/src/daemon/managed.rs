@@ -99,6 +99,7 @@ pub(super) async fn setup(options: &Options) -> Result<Setup, Error> {
         addresses,
         served,
         snat_addresses: prefs.snat_address.clone(),
+        filter: managed.netmap.as_ref().and_then(|m| m.filter.clone()),
         managed: Some(Box::new(managed)),
     })
 }
@@ -297,6 +298,7 @@ impl Daemon {
         wanted.served = served_now(&m.prefs, Some(&map));
         wanted.mesh_addresses = mesh_addresses(&map).iter().map(IpNet::addr).collect();
         wanted.peers = peers.specs;
+        wanted.filter = map.filter.clone();
         let applied = match self.dataplane.configure(wanted, Instant::now()) {
             Ok(applied) => applied,
             Err(e) => {
@@ -616,7 +618,8 @@ impl Daemon {
                 });
             }
         }
-        Status { state: conn.name().into(), message, node, peers, recovered: self.recoveries.clone() }
+        let acl = matches!(conn, Conn::Running(_)).then(|| self.acl_status());
+        Status { state: conn.name().into(), message, node, peers, recovered: self.recoveries.clone(), acl }
     }
 
     /// Sends one ICMP echo request from this node's mesh address to a peer's, through the tunnel.

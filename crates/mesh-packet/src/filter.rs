@@ -1,0 +1,481 @@
+//! The ACL filter: the rules a node enforces on what arrives from the mesh, and a connection tracker that
+//! remembers who opened each flow. A packet from the mesh passes if it belongs to a tracked flow, or opens
+//! a flow a rule allows; replies to what this node (or the LAN behind it) opened always pass, and nothing
+//! else does. Unlike Tailscale's filter (every non-SYN TCP packet accepted, UDP state capped at 512
+//! flows, ICMP errors accepted unmatched), every packet is judged by its flow:
+//! - TCP by state: only a SYN opens; established flows live 2 h 4 min idle, opening and closing ones 4 min
+//!   (RFC 5382);
+//! - UDP, ICMP echo and other protocols by a 2-minute idle timeout;
+//! - an ICMP error passes only if it quotes a tracked flow;
+//! - a later fragment passes (the first one, which carries the ports, was judged).
+//!
+//! A new rule set re-judges the flows peers opened; those it no longer allows are cut, and each is
+//! answered (a TCP RST in the opener's window, an ICMP administratively-prohibited for the rest) so the
+//! opener fails at once instead of timing out.
+//!
+//! Time is a parameter; the table is bounded and counts what it refuses.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
+use ipnet::IpNet;
+
+use crate::build::{Builder, Transport};
+use crate::wire::{self, Fragment, IpVersion, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+
+const PROTO_SCTP: u8 = 132;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// RFC 5382: an established TCP flow is kept at least 2 h 4 min idle; opening and closing ones 4 min.
+pub const TCP_ESTABLISHED_IDLE: Duration = Duration::from_secs(2 * 3600 + 4 * 60);
+pub const TCP_TRANSITORY_IDLE: Duration = Duration::from_secs(4 * 60);
+/// UDP, ICMP and everything else.
+pub const OTHER_IDLE: Duration = Duration::from_secs(120);
+/// The most recent denied flows kept for `meshd doctor`.
+pub const RECENT_DENIED: usize = 32;
+
+/// The protocols a rule with no protocol list allows.
+pub const DEFAULT_PROTOS: [u8; 4] = [PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6];
+
+/// Destinations and ports of a rule; no `net`: any address this node accepts traffic for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DstRange {
+    pub net: Option<IpNet>,
+    pub first: u16,
+    pub last: u16,
+}
+
+/// One allowing rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub src: Vec<IpNet>,
+    pub dst: Vec<DstRange>,
+    /// Empty: [`DEFAULT_PROTOS`].
+    pub protos: Vec<u8>,
+}
+
+impl Rule {
+    fn allows_proto(&self, proto: u8) -> bool {
+        if self.protos.is_empty() { DEFAULT_PROTOS.contains(&proto) } else { self.protos.contains(&proto) }
+    }
+}
+
+/// Whether `rules` let `src` open a flow to `dst`. `port` is the destination port for protocols with
+/// ports; ICMP needs any port of the destination open (as in Tailscale); other protocols need a rule that
+/// names them and opens every port.
+pub fn allows(rules: &[Rule], src: IpAddr, dst: IpAddr, proto: u8, port: Option<u16>) -> bool {
+    rules.iter().any(|rule| {
+        rule.allows_proto(proto)
+            && rule.src.iter().any(|net| net.contains(&src))
+            && rule.dst.iter().any(|d| {
+                d.net.is_none_or(|net| net.contains(&dst))
+                    && match (proto, port) {
+                        (_, Some(p)) => (d.first..=d.last).contains(&p),
+                        (PROTO_ICMP | PROTO_ICMPV6, None) => true,
+                        (_, None) => d.first == 0 && d.last == u16::MAX,
+                    }
+            })
+    })
+}
+
+/// Why the filter refused a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drop {
+    /// It would open a flow no rule allows.
+    Denied,
+    /// It belongs to no tracked flow and cannot open one: TCP other than a SYN, an echo reply or an ICMP
+    /// error for nothing this side sent.
+    NoFlow,
+    /// The flow table is full; the flow was not opened.
+    TableFull,
+    /// Not a packet the filter can read.
+    Unreadable,
+}
+
+/// Who opened a flow, from this node's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opener {
+    /// This node, or the LAN behind it (replies come from the mesh).
+    Local,
+    /// The peer at the remote address.
+    Remote,
+}
+
+/// A flow as seen from this node: the remote (mesh) end and the local end (this node or its LAN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub proto: u8,
+    pub remote: IpAddr,
+    pub remote_port: u16,
+    pub local: IpAddr,
+    pub local_port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TcpState {
+    Opening,
+    Established,
+    Closing,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Flow {
+    opener: Opener,
+    tcp: TcpState,
+    /// Seconds since the filter's epoch when the flow is forgotten.
+    expires: u32,
+    /// The remote end's latest acknowledgement: where this side's next TCP segment must start, so a reset
+    /// sent in its name lands in the remote's window.
+    remote_ack: u32,
+}
+
+/// A flow a new rule set no longer allows, with what to send its opener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    pub key: FlowKey,
+    /// A TCP RST or an ICMP administratively-prohibited to the remote opener; none for ICMP flows.
+    pub notice: Option<Vec<u8>>,
+}
+
+/// A refused flow, for `meshd doctor`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Denied {
+    pub at: Instant,
+    pub key: FlowKey,
+    pub reason: Drop,
+}
+
+/// What a packet says about its flow.
+#[derive(Debug, Clone, Copy)]
+enum Seen {
+    /// A packet of a flow: its key from the sender's side (`remote` = source when inbound), TCP flags and
+    /// acknowledgement.
+    Flow { proto: u8, src: IpAddr, src_port: u16, dst: IpAddr, dst_port: u16, flags: u8, ack: u32, opens: bool },
+    /// An ICMP error quoting a packet from `quoted_src` to `quoted_dst`.
+    Error { proto: u8, quoted_src: IpAddr, src_port: u16, quoted_dst: IpAddr, dst_port: u16 },
+    /// A later fragment: the first one was judged.
+    LaterFragment,
+}
+
+fn read(packet: &[u8]) -> Option<Seen> {
+    let layout = wire::parse(packet).ok()?;
+    if matches!(layout.fragment, Fragment::Later { .. }) {
+        return Some(Seen::LaterFragment);
+    }
+    let (src, dst) = (wire::source(packet)?, wire::destination(packet)?);
+    let l4 = packet.get(layout.l4_offset..layout.packet_len)?;
+    let be16 = |at: usize| l4.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    match layout.protocol {
+        PROTO_TCP => {
+            let flags = *l4.get(13)?;
+            let ack = u32::from_be_bytes(l4.get(8..12)?.try_into().ok()?);
+            let opens = flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
+            Some(Seen::Flow { proto: PROTO_TCP, src, src_port: be16(0)?, dst, dst_port: be16(2)?, flags, ack, opens })
+        }
+        PROTO_UDP | PROTO_SCTP => {
+            let (src_port, dst_port) = (be16(0)?, be16(2)?);
+            Some(Seen::Flow { proto: layout.protocol, src, src_port, dst, dst_port, flags: 0, ack: 0, opens: true })
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let msg_type = *l4.first()?;
+            let v4 = layout.version == IpVersion::V4;
+            let (request, reply) = if v4 { (8, 0) } else { (128, 129) };
+            let is_error = if v4 { matches!(msg_type, 3 | 4 | 5 | 11 | 12) } else { (1..=4).contains(&msg_type) };
+            if msg_type == request || msg_type == reply {
+                let ident = be16(4)?;
+                let proto = layout.protocol;
+                Some(Seen::Flow {
+                    proto,
+                    src,
+                    src_port: ident,
+                    dst,
+                    dst_port: ident,
+                    flags: 0,
+                    ack: 0,
+                    opens: msg_type == request,
+                })
+            } else if is_error {
+                let quoted = l4.get(wire::ICMP_HEADER_LEN..)?;
+                let q = wire::parse_quoted(quoted).ok()?;
+                let (qs, qd) = (wire::source(quoted)?, wire::destination(quoted)?);
+                let ql4 = quoted.get(q.l4_offset..)?;
+                let qbe16 = |at: usize| ql4.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+                let (sp, dp) = match q.protocol {
+                    PROTO_TCP | PROTO_UDP | PROTO_SCTP => (qbe16(0)?, qbe16(2)?),
+                    PROTO_ICMP | PROTO_ICMPV6 => {
+                        let ident = qbe16(4)?;
+                        (ident, ident)
+                    }
+                    _ => (0, 0),
+                };
+                Some(Seen::Error { proto: q.protocol, quoted_src: qs, src_port: sp, quoted_dst: qd, dst_port: dp })
+            } else {
+                // Neighbour discovery, router advertisements and the like are not flows; they open nothing.
+                Some(Seen::Flow {
+                    proto: layout.protocol,
+                    src,
+                    src_port: 0,
+                    dst,
+                    dst_port: 0,
+                    flags: 0,
+                    ack: 0,
+                    opens: false,
+                })
+            }
+        }
+        other => Some(Seen::Flow { proto: other, src, src_port: 0, dst, dst_port: 0, flags: 0, ack: 0, opens: true }),
+    }
+}
+
+/// The filter of one node: its rules (none: everything allowed) and its flows.
+#[derive(Debug)]
+pub struct Filter {
+    rules: Option<Vec<Rule>>,
+    flows: HashMap<FlowKey, Flow, foldhash::fast::FixedState>,
+    /// What flow expiry times count from: the first packet's time.
+    epoch: Option<Instant>,
+    max_flows: usize,
+    next_sweep: u32,
+    denied: VecDeque<Denied>,
+    /// Flows not opened because the table was full.
+    pub refused_full: u64,
+}
+
+impl Filter {
+    /// A filter that allows everything until rules are set, tracking at most `max_flows` flows.
+    pub fn new(max_flows: usize) -> Self {
+        Self {
+            rules: None,
+            flows: HashMap::with_hasher(foldhash::fast::FixedState::with_seed(0x6d65_7368)),
+            epoch: None,
+            max_flows,
+            next_sweep: 0,
+            denied: VecDeque::new(),
+            refused_full: 0,
+        }
+    }
+
+    fn secs(&mut self, now: Instant) -> u32 {
+        let epoch = *self.epoch.get_or_insert(now);
+        now.saturating_duration_since(epoch).as_secs().min(u64::from(u32::MAX)) as u32
+    }
+
+    pub fn rules(&self) -> Option<&[Rule]> {
+        self.rules.as_deref()
+    }
+
+    pub fn flows(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// The most recent refused flows, oldest first.
+    pub fn recent_denied(&self) -> impl Iterator<Item = &Denied> {
+        self.denied.iter()
+    }
+
+    /// Replaces the rules. Flows peers opened that the new rules do not allow are forgotten and returned,
+    /// each with the notice for its opener.
+    pub fn set_rules(&mut self, rules: Option<Vec<Rule>>) -> Vec<Revoked> {
+        self.rules = rules;
+        let Some(rules) = &self.rules else { return Vec::new() };
+        let mut revoked = Vec::new();
+        self.flows.retain(|key, flow| {
+            if flow.opener == Opener::Local {
+                return true;
+            }
+            let port = match key.proto {
+                PROTO_TCP | PROTO_UDP | PROTO_SCTP => Some(key.local_port),
+                _ => None,
+            };
+            if allows(rules, key.remote, key.local, key.proto, port) {
+                return true;
+            }
+            revoked.push(Revoked { key: *key, notice: notice(key, flow) });
+            false
+        });
+        revoked
+    }
+
+    /// Judges a packet that arrived from the mesh (decrypted, its source checked against the sender).
+    pub fn inbound(&mut self, packet: &[u8], now: Instant) -> Result<(), Drop> {
+        let open = self.rules.is_none();
+        let seen = match read(packet) {
+            Some(s) => s,
+            None if open => return Ok(()),
+            None => return Err(Drop::Unreadable),
+        };
+        let secs = self.secs(now);
+        match seen {
+            Seen::LaterFragment => Ok(()),
+            Seen::Error { proto, quoted_src, src_port, quoted_dst, dst_port } => {
+                // It quotes what this side sent: the quoted source is local, the destination remote.
+                let key = FlowKey {
+                    proto,
+                    remote: quoted_dst,
+                    remote_port: dst_port,
+                    local: quoted_src,
+                    local_port: src_port,
+                };
+                match self.flows.get(&key) {
+                    Some(flow) if flow.expires > secs => Ok(()),
+                    _ if open => Ok(()),
+                    _ => Err(self.deny(key, Drop::NoFlow, now)),
+                }
+            }
+            Seen::Flow { proto, src, src_port, dst, dst_port, flags, ack, opens } => {
+                let key = FlowKey { proto, remote: src, remote_port: src_port, local: dst, local_port: dst_port };
+                if let Some(flow) = self.flows.get_mut(&key)
+                    && flow.expires > secs
+                {
+                    flow.remote_ack = if flags & TCP_ACK != 0 { ack } else { flow.remote_ack };
+                    advance(flow, proto, flags, secs);
+                    return Ok(());
+                }
+                let is_reply = proto != PROTO_TCP && !opens;
+                if !open && (is_reply || (proto == PROTO_TCP && !opens)) {
+                    return Err(self.deny(key, Drop::NoFlow, now));
+                }
+                if let Some(rules) = &self.rules {
+                    let port = matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP).then_some(dst_port);
+                    if !allows(rules, src, dst, proto, port) {
+                        return Err(self.deny(key, Drop::Denied, now));
+                    }
+                }
+                if is_reply {
+                    return Ok(());
+                }
+                let tcp = if proto == PROTO_TCP && !opens { TcpState::Established } else { TcpState::Opening };
+                let remote_ack = if flags & TCP_ACK != 0 { ack } else { 0 };
+                let mut flow = Flow { opener: Opener::Remote, tcp, expires: 0, remote_ack };
+                advance(&mut flow, proto, flags, secs);
+                if !self.insert(key, flow, secs) && !open {
+                    return Err(self.deny(key, Drop::TableFull, now));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Records a packet this node sends into the mesh (after SNAT replies are translated back): it opens a
+    /// flow, or keeps one alive.
+    pub fn outbound(&mut self, packet: &[u8], now: Instant) {
+        let Some(Seen::Flow { proto, src, src_port, dst, dst_port, flags, opens, .. }) = read(packet) else { return };
+        let secs = self.secs(now);
+        let key = FlowKey { proto, remote: dst, remote_port: dst_port, local: src, local_port: src_port };
+        if let Some(flow) = self.flows.get_mut(&key)
+            && flow.expires > secs
+        {
+            advance(flow, proto, flags, secs);
+            return;
+        }
+        if !opens && proto != PROTO_TCP {
+            return;
+        }
+        let tcp = if proto == PROTO_TCP && !opens { TcpState::Established } else { TcpState::Opening };
+        let mut flow = Flow { opener: Opener::Local, tcp, expires: 0, remote_ack: 0 };
+        advance(&mut flow, proto, flags, secs);
+        self.insert(key, flow, secs);
+    }
+
+    fn insert(&mut self, key: FlowKey, flow: Flow, secs: u32) -> bool {
+        if self.flows.len() >= self.max_flows {
+            self.sweep(secs);
+            if self.flows.len() >= self.max_flows {
+                self.refused_full += 1;
+                return false;
+            }
+        }
+        self.flows.insert(key, flow);
+        true
+    }
+
+    fn sweep(&mut self, secs: u32) {
+        self.flows.retain(|_, f| f.expires > secs);
+        self.next_sweep = secs.saturating_add(SWEEP_EVERY);
+    }
+
+    fn deny(&mut self, key: FlowKey, reason: Drop, now: Instant) -> Drop {
+        if self.denied.len() == RECENT_DENIED {
+            self.denied.pop_front();
+        }
+        self.denied.push_back(Denied { at: now, key, reason });
+        reason
+    }
+
+    /// When expired flows are next swept.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let epoch = self.epoch.filter(|_| !self.flows.is_empty())?;
+        Some(epoch + Duration::from_secs(u64::from(self.next_sweep)))
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let secs = self.secs(now);
+        if secs >= self.next_sweep {
+            self.sweep(secs);
+        }
+    }
+}
+
+/// Expired flows are swept this often (seconds); a lookup never trusts an expired one meanwhile.
+const SWEEP_EVERY: u32 = 10;
+
+/// Moves a flow's TCP state along with the flags of a packet in either direction, and sets its expiry.
+fn advance(flow: &mut Flow, proto: u8, flags: u8, secs: u32) {
+    let idle = if proto == PROTO_TCP {
+        if flags & (TCP_FIN | TCP_RST) != 0 {
+            flow.tcp = TcpState::Closing;
+        } else if flow.tcp == TcpState::Opening && flags & TCP_ACK != 0 {
+            flow.tcp = TcpState::Established;
+        }
+        if flow.tcp == TcpState::Established { TCP_ESTABLISHED_IDLE } else { TCP_TRANSITORY_IDLE }
+    } else {
+        OTHER_IDLE
+    };
+    flow.expires = secs.saturating_add(idle.as_secs() as u32);
+}
+
+/// What to tell the remote opener of a revoked flow: a RST in its window for TCP, an ICMP
+/// administratively-prohibited (quoting its packet's headers) for UDP and the rest; nothing for ICMP.
+fn notice(key: &FlowKey, flow: &Flow) -> Option<Vec<u8>> {
+    let builder = match (key.local, key.remote) {
+        (IpAddr::V4(l), IpAddr::V4(r)) => Builder::v4(l.octets(), r.octets()),
+        (IpAddr::V6(l), IpAddr::V6(r)) => Builder::v6(l.octets(), r.octets()),
+        _ => return None,
+    };
+    match key.proto {
+        PROTO_TCP => Some(builder.transport(
+            Transport::Tcp {
+                src_port: key.local_port,
+                dst_port: key.remote_port,
+                seq: flow.remote_ack,
+                ack: 0,
+                flags: TCP_RST,
+            },
+            &[],
+        )),
+        PROTO_ICMP | PROTO_ICMPV6 => None,
+        proto => {
+            // The quoted packet: the opener's own, remote → local, headers only.
+            let quoted_builder = match (key.remote, key.local) {
+                (IpAddr::V4(r), IpAddr::V4(l)) => Builder::v4(r.octets(), l.octets()),
+                (IpAddr::V6(r), IpAddr::V6(l)) => Builder::v6(r.octets(), l.octets()),
+                _ => return None,
+            };
+            let quoted = if proto == PROTO_UDP {
+                quoted_builder.udp(key.remote_port, key.local_port, &[])
+            } else {
+                quoted_builder.ip(proto, &[0; 8])
+            };
+            let (msg_type, code) = if key.local.is_ipv4() { (3, 13) } else { (1, 1) };
+            Some(builder.icmp_error(msg_type, code, 0, &quoted))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
