@@ -157,6 +157,9 @@ pub enum Event {
     /// `count` packets were dropped for `reason` since the last report of it (at most one report per reason
     /// every [`DROP_REPORT_INTERVAL`]); `latest_from` is the sender of the latest, for datagrams.
     Dropped { reason: DropReason, count: u64, latest_from: Option<SocketAddr> },
+    /// A packet for this host's own stack (a reset for a connection the policy cut): write it to the TUN
+    /// device.
+    Deliver(Vec<u8>),
 }
 
 /// Datagrams to send, in the caller's buffer: `size` bytes, one datagram every `segment_size` bytes (the last
@@ -250,20 +253,37 @@ impl Dataplane {
         }
         self.router.set_served(&config.served);
         self.router.set_own(config.mesh_addresses.iter().chain(&config.local_addresses).copied().collect());
-        let (peers_added, peers_removed, peers_changed) = self.node.set_peers(config.peers.clone());
-        self.node.arm_timer(now);
+        // Before the peers change: a peer the new policy hides is still there to be told its flows ended.
         if config.filter != self.config.filter {
             let rules = config.filter.as_ref().map(|rules| rules.iter().map(filter::Rule::from).collect());
-            for cut in self.filter.set_rules(rules) {
-                self.revoked += 1;
-                if let Some(notice) = cut.notice {
-                    // Told through the tunnel, like any packet of this node's; a peer gone meanwhile is fine.
-                    let _ = self.node.handle_tun_packet(&notice, now);
-                }
-            }
+            let cut = self.filter.set_rules(rules);
+            self.revoked += cut.len() as u64;
+            self.tell(cut, &config, now);
         }
+        let (peers_added, peers_removed, peers_changed) = self.node.set_peers(config.peers.clone());
+        self.node.arm_timer(now);
+        // A peer that left takes its flows along; the local ends learn at once rather than time out.
+        let node = &self.node;
+        let gone = self.filter.forget_unrouted(|remote| node.route(remote).is_some());
+        self.tell(gone, &config, now);
         self.config = config;
         Ok(Applied { peers_added, peers_removed, peers_changed, snat_replaced })
+    }
+
+    /// Sends each cut flow's notices: to the remote end through the tunnel (a peer gone meanwhile is fine),
+    /// and to the local end when it is this host (a LAN host behind SNAT knows only the SNAT address, so a
+    /// reset in the mesh client's name would not reach its socket).
+    fn tell(&mut self, cut: Vec<filter::Revoked>, config: &DataplaneConfig, now: Instant) {
+        for c in cut {
+            if let Some(notice) = c.notice {
+                let _ = self.node.handle_tun_packet(&notice, now);
+            }
+            if let Some(reset) = c.local_reset
+                && config.mesh_addresses.contains(&c.key.local)
+            {
+                self.push_event(Event::Deliver(reset));
+            }
+        }
     }
 
     /// What the node is configured as.

@@ -130,16 +130,34 @@ struct Flow {
     /// Seconds since the filter's epoch when the flow is forgotten.
     expires: u32,
     /// The remote end's latest acknowledgement: where this side's next TCP segment must start, so a reset
-    /// sent in its name lands in the remote's window.
+    /// sent in this side's name lands in the remote's window.
     remote_ack: u32,
+    /// This side's latest acknowledgement, for a reset in the remote's name delivered to this host.
+    local_ack: u32,
 }
 
-/// A flow a new rule set no longer allows, with what to send its opener.
+/// A flow that was cut, with what tells each end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Revoked {
     pub key: FlowKey,
-    /// A TCP RST or an ICMP administratively-prohibited to the remote opener; none for ICMP flows.
+    pub opener: Opener,
+    /// For the remote end, through the tunnel: a TCP RST in its window or an ICMP administratively
+    /// prohibited; none for ICMP flows.
     pub notice: Option<Vec<u8>>,
+    /// For the local end (when it is this host): a TCP RST in the remote's name, so the local socket fails
+    /// at once too.
+    pub local_reset: Option<Vec<u8>>,
+}
+
+impl Revoked {
+    fn of(key: &FlowKey, flow: &Flow, remote_reachable: bool) -> Self {
+        Revoked {
+            key: *key,
+            opener: flow.opener,
+            notice: if remote_reachable { notice(key, flow) } else { None },
+            local_reset: local_reset(key, flow),
+        }
+    }
 }
 
 /// A refused flow, for `meshd doctor`.
@@ -295,10 +313,24 @@ impl Filter {
             if allows(rules, key.remote, key.local, key.proto, port) {
                 return true;
             }
-            revoked.push(Revoked { key: *key, notice: notice(key, flow) });
+            revoked.push(Revoked::of(key, flow, true));
             false
         });
         revoked
+    }
+
+    /// Forgets the flows whose remote end no peer routes any more (the peer left the netmap): each is
+    /// returned with a reset for the local end, since nothing can reach the remote one.
+    pub fn forget_unrouted(&mut self, routed: impl Fn(IpAddr) -> bool) -> Vec<Revoked> {
+        let mut cut = Vec::new();
+        self.flows.retain(|key, flow| {
+            if routed(key.remote) {
+                return true;
+            }
+            cut.push(Revoked::of(key, flow, false));
+            false
+        });
+        cut
     }
 
     /// Judges a packet that arrived from the mesh (decrypted, its source checked against the sender).
@@ -351,7 +383,7 @@ impl Filter {
                 }
                 let tcp = if proto == PROTO_TCP && !opens { TcpState::Established } else { TcpState::Opening };
                 let remote_ack = if flags & TCP_ACK != 0 { ack } else { 0 };
-                let mut flow = Flow { opener: Opener::Remote, tcp, expires: 0, remote_ack };
+                let mut flow = Flow { opener: Opener::Remote, tcp, expires: 0, remote_ack, local_ack: 0 };
                 advance(&mut flow, proto, flags, secs);
                 if !self.insert(key, flow, secs) && !open {
                     return Err(self.deny(key, Drop::TableFull, now));
@@ -364,12 +396,15 @@ impl Filter {
     /// Records a packet this node sends into the mesh (after SNAT replies are translated back): it opens a
     /// flow, or keeps one alive.
     pub fn outbound(&mut self, packet: &[u8], now: Instant) {
-        let Some(Seen::Flow { proto, src, src_port, dst, dst_port, flags, opens, .. }) = read(packet) else { return };
+        let Some(Seen::Flow { proto, src, src_port, dst, dst_port, flags, ack, opens }) = read(packet) else { return };
         let secs = self.secs(now);
         let key = FlowKey { proto, remote: dst, remote_port: dst_port, local: src, local_port: src_port };
         if let Some(flow) = self.flows.get_mut(&key)
             && flow.expires > secs
         {
+            if flags & TCP_ACK != 0 {
+                flow.local_ack = ack;
+            }
             advance(flow, proto, flags, secs);
             return;
         }
@@ -377,7 +412,8 @@ impl Filter {
             return;
         }
         let tcp = if proto == PROTO_TCP && !opens { TcpState::Established } else { TcpState::Opening };
-        let mut flow = Flow { opener: Opener::Local, tcp, expires: 0, remote_ack: 0 };
+        let local_ack = if flags & TCP_ACK != 0 { ack } else { 0 };
+        let mut flow = Flow { opener: Opener::Local, tcp, expires: 0, remote_ack: 0, local_ack };
         advance(&mut flow, proto, flags, secs);
         self.insert(key, flow, secs);
     }
@@ -437,6 +473,27 @@ fn advance(flow: &mut Flow, proto: u8, flags: u8, secs: u32) {
         OTHER_IDLE
     };
     flow.expires = secs.saturating_add(idle.as_secs() as u32);
+}
+
+/// A RST from the remote end to the local one, in the local end's window; TCP only, and only once this side
+/// acknowledged something (before that the local end has no window to hit).
+fn local_reset(key: &FlowKey, flow: &Flow) -> Option<Vec<u8>> {
+    if key.proto != PROTO_TCP || flow.local_ack == 0 {
+        return None;
+    }
+    let builder = match (key.remote, key.local) {
+        (IpAddr::V4(r), IpAddr::V4(l)) => Builder::v4(r.octets(), l.octets()),
+        (IpAddr::V6(r), IpAddr::V6(l)) => Builder::v6(r.octets(), l.octets()),
+        _ => return None,
+    };
+    let rst = Transport::Tcp {
+        src_port: key.remote_port,
+        dst_port: key.local_port,
+        seq: flow.local_ack,
+        ack: 0,
+        flags: TCP_RST,
+    };
+    Some(builder.transport(rst, &[]))
 }
 
 /// What to tell the remote opener of a revoked flow: a RST in its window for TCP, an ICMP

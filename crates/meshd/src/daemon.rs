@@ -631,6 +631,11 @@ impl Daemon {
                     "handshake completed"
                 ),
                 Event::Pong { seq, rtt, .. } => self.pong(seq, rtt),
+                Event::Deliver(packet) => {
+                    if let Err(e) = self.tun.send(&packet).await {
+                        tracing::debug!(error = %e, "writing to the TUN device");
+                    }
+                }
             }
         }
     }

@@ -17,14 +17,7 @@ const POLICY: &str = r#"{
 
 /// A switch with the server and `n` node namespaces at 10.99.0.2.. .
 fn mesh(name: &str, n: usize) -> (Lab, Control, Vec<usize>) {
-    let mut lab = Lab::new(name);
-    let hub = lab.netns("cs");
-    let hosts: Vec<usize> = (0..n).map(|i| lab.netns(&format!("n{i}"))).collect();
-    let addrs: Vec<String> = (0..n).map(|i| format!("10.99.0.{}/24", i + 2)).collect();
-    let members: Vec<(usize, &str)> = hosts.iter().zip(&addrs).map(|(h, a)| (*h, a.as_str())).collect();
-    lab.switch(hub, "10.99.0.1/24", &members);
-    let control = Control::start(&mut lab, hub, "10.99.0.1", Some(POLICY));
-    (lab, control, hosts)
+    common::managed::switched_mesh(name, n, Some(POLICY))
 }
 
 fn wait(limit_ms: u64, check: impl FnMut() -> bool) -> bool {

@@ -155,3 +155,22 @@ fn a_tracked_flow_costs_at_most_128_bytes() {
     let per_flow = (std::mem::size_of::<(FlowKey, Flow)>() + 1) * 8 / 7;
     assert!(per_flow <= 128, "{per_flow} bytes per flow");
 }
+
+#[test]
+fn a_peer_that_leaves_takes_its_flows_and_the_local_end_is_reset() {
+    let now = Instant::now();
+    let mut worker = filter_with(Some(vec![]));
+    worker.outbound(&tcp(WORKER, DB, 40000, 5432, TCP_SYN, 1, 0), now);
+    worker.inbound(&tcp(DB, WORKER, 5432, 40000, TCP_SYN | TCP_ACK, 500, 2), now).unwrap();
+    worker.outbound(&tcp(WORKER, DB, 40000, 5432, TCP_ACK, 2, 501), now);
+    assert!(worker.forget_unrouted(|_| true).is_empty());
+    let cut = worker.forget_unrouted(|remote| remote != IpAddr::from(DB));
+    assert_eq!(cut.len(), 1);
+    assert_eq!((cut[0].opener, cut[0].notice.is_none()), (Opener::Local, true), "nobody to tell at the far end");
+    let reset = cut[0].local_reset.as_ref().unwrap();
+    let layout = wire::parse(reset).unwrap();
+    let l4 = &reset[layout.l4_offset..];
+    assert_eq!((wire::source(reset), wire::destination(reset)), (Some(IpAddr::from(DB)), Some(IpAddr::from(WORKER))));
+    assert_eq!(u32::from_be_bytes(l4[4..8].try_into().unwrap()), 501, "in the worker's own window");
+    assert_eq!(worker.flows(), 0);
+}

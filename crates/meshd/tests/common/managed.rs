@@ -40,6 +40,18 @@ pub fn wait_for_server(lab: &mut Lab, p: usize) {
     );
 }
 
+/// A switch with the server (at 10.99.0.1, started with `policy`) and `n` node namespaces at 10.99.0.2.. .
+pub fn switched_mesh(name: &str, n: usize, policy: Option<&str>) -> (Lab, Control, Vec<usize>) {
+    let mut lab = Lab::new(name);
+    let hub = lab.netns("cs");
+    let hosts: Vec<usize> = (0..n).map(|i| lab.netns(&format!("n{i}"))).collect();
+    let addrs: Vec<String> = (0..n).map(|i| format!("10.99.0.{}/24", i + 2)).collect();
+    let members: Vec<(usize, &str)> = hosts.iter().zip(&addrs).map(|(h, a)| (*h, a.as_str())).collect();
+    lab.switch(hub, "10.99.0.1/24", &members);
+    let control = Control::start(&mut lab, hub, "10.99.0.1", policy);
+    (lab, control, hosts)
+}
+
 /// A running coordination server and how to reach it.
 pub struct Control {
     pub ns: usize,
