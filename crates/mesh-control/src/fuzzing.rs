@@ -103,3 +103,43 @@ impl Target {
         }
     }
 }
+
+/// The body of the `policy` fuzz target: arbitrary text as a policy file; what parses is compiled for a
+/// small mesh (a user's node, a tagged node, a subnet router, an exit node) and its tests are run. Nothing
+/// may panic; no node may see itself or get a rule it could never receive.
+pub fn policy(data: &[u8]) {
+    use crate::policy::{PolicyNode, compile};
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(policy) = Policy::parse(text) else { return };
+    let node = |id: u64, user: Option<&str>, tags: &[&str], v4: [u8; 4], routes: &[&str]| PolicyNode {
+        id,
+        name: format!("n{id}"),
+        user: user.map(str::to_string),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        addresses: vec![
+            std::net::IpAddr::from(v4),
+            std::net::IpAddr::from([0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, id as u16]),
+        ],
+        approved_routes: routes.iter().map(|r| r.parse().expect("literal route")).collect(),
+    };
+    let nodes = [
+        node(1, Some("alice@example.com"), &[], [100, 64, 0, 1], &[]),
+        node(2, None, &["tag:server"], [100, 64, 0, 2], &[]),
+        node(3, None, &["tag:router"], [100, 64, 0, 3], &["10.0.0.0/16"]),
+        node(4, None, &["tag:exit"], [100, 64, 0, 4], &["0.0.0.0/0", "::/0"]),
+    ];
+    let _ = policy.check_tests(&nodes);
+    let mesh = ["100.64.0.0/10".parse().expect("literal"), "fd7a:115c:a1e0::/48".parse().expect("literal")];
+    let compiled = compile(&policy, &nodes, &mesh);
+    for (i, peers) in compiled.peers.iter().enumerate() {
+        assert!(!peers.contains(&i), "a node sees itself");
+        for &j in peers {
+            assert!(compiled.peers[j].contains(&i), "visibility is symmetric");
+        }
+        for (k, _) in nodes.iter().enumerate() {
+            for route in &nodes[k].approved_routes {
+                let _ = compiled.may_use(&nodes, i, k, route);
+            }
+        }
+    }
+}

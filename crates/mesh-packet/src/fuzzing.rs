@@ -30,3 +30,47 @@ pub fn translate(data: &[u8]) {
     snat.handle_timeout(now + Duration::from_secs(10_000));
     let _ = snat.poll_timeout();
 }
+
+/// The body of the `filter` fuzz target: arbitrary packets through a filter with rules, in both directions
+/// and over time, with the rules replaced midway. Nothing may panic, and the tracker stays within its bound.
+/// The first byte chooses the direction and a time step; the rest is the packet.
+pub fn filter(data: &[u8]) {
+    use crate::filter::{DstRange, Filter, Rule};
+    const MAX_FLOWS: usize = 16;
+    let Some((&control, packet)) = data.split_first() else {
+        return;
+    };
+    let start = Instant::now();
+    let net = |s: &str| s.parse().expect("literal prefix");
+    let rules = vec![
+        Rule {
+            src: vec![net("0.0.0.0/0"), net("::/0")],
+            dst: vec![DstRange { net: None, first: 1, last: 1024 }],
+            protos: vec![],
+        },
+        Rule {
+            src: vec![net("100.64.0.0/10")],
+            dst: vec![DstRange { net: Some(net("10.0.0.0/8")), first: 0, last: 65535 }],
+            protos: vec![47, 6],
+        },
+    ];
+    let mut filter = Filter::new(MAX_FLOWS);
+    filter.set_rules(Some(rules.clone()));
+    // The packet, then variations of it, so a tracked flow meets its own replies and later segments.
+    for (step, bytes) in packet.chunks(packet.len().div_ceil(4).max(1)).enumerate() {
+        let now = start + Duration::from_secs(u64::from(control >> 2) * step as u64 * 7);
+        let _ = filter.inbound(packet, now);
+        filter.outbound(packet, now);
+        let _ = filter.inbound(bytes, now);
+        assert!(filter.flows() <= MAX_FLOWS, "the tracker grew past its bound");
+        if control & 1 == 1 {
+            for cut in filter.set_rules(Some(rules[..1].to_vec())) {
+                for notice in cut.notice.iter().chain(&cut.local_reset) {
+                    crate::wire::parse(notice).expect("a notice the filter builds parses");
+                }
+            }
+        }
+        let _ = filter.forget_unrouted(|a| a.is_ipv4() == (control & 2 == 0));
+        filter.handle_timeout(now);
+    }
+}
