@@ -279,7 +279,7 @@ impl Dataplane {
                 let _ = self.node.handle_tun_packet(&notice, now);
             }
             if let Some(reset) = c.local_reset
-                && config.mesh_addresses.contains(&c.key.local)
+                && config.mesh_addresses.contains(&c.key.local())
             {
                 self.push_event(Event::Deliver(reset));
             }
@@ -860,7 +860,7 @@ mod tests {
         let mut pair = Pair::new();
         let now = pair.now;
         let https_only = vec![mesh_proto::FilterRule {
-            src: vec!["100.64.0.2/32".parse().unwrap()],
+            src: vec!["100.64.0.2/32".parse().unwrap()].into(),
             dst: vec![mesh_proto::DstPorts { net: Some("10.0.0.0/16".parse().unwrap()), first: 443, last: 443 }],
             protos: vec![],
         }];

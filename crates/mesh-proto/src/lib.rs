@@ -137,7 +137,9 @@ pub struct RouteState {
 /// `protos`. Rules only allow; what no rule allows is dropped, except replies to flows the node opened.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FilterRule {
-    pub src: Vec<IpNet>,
+    /// Shared: one rule reaches many nodes with the same sources, and a large mesh's policy would otherwise
+    /// copy its source lists once per receiving node.
+    pub src: std::sync::Arc<[IpNet]>,
     pub dst: Vec<DstPorts>,
     /// IP protocol numbers; empty means TCP, UDP, ICMP and ICMPv6, as in Tailscale.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -160,7 +162,7 @@ pub const DEFAULT_PROTOS: [u8; 4] = mesh_packet::filter::DEFAULT_PROTOS;
 impl From<&FilterRule> for mesh_packet::filter::Rule {
     fn from(rule: &FilterRule) -> Self {
         mesh_packet::filter::Rule {
-            src: rule.src.clone(),
+            src: rule.src.to_vec(),
             dst: rule
                 .dst
                 .iter()

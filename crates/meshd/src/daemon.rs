@@ -418,8 +418,8 @@ impl Daemon {
                 format!(
                     "proto {} {} -> {} {}, {} s ago",
                     k.proto,
-                    std::net::SocketAddr::new(k.remote, k.remote_port),
-                    std::net::SocketAddr::new(k.local, k.local_port),
+                    std::net::SocketAddr::new(k.remote(), k.remote_port),
+                    std::net::SocketAddr::new(k.local(), k.local_port),
                     DropReason::from(d.reason).name(),
                     now.saturating_duration_since(d.at).as_secs()
                 )

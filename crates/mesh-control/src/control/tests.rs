@@ -636,7 +636,7 @@ fn netmaps_carry_each_nodes_filter_and_only_the_peers_the_policy_lets_it_see() {
     let filter = db_map.filter.clone().unwrap();
     assert_eq!(filter.len(), 1);
     assert_eq!(
-        filter[0].src,
+        filter[0].src.to_vec(),
         vec![IpNet::from(std::net::IpAddr::V4(worker.ipv4)), IpNet::from(std::net::IpAddr::V6(worker.ipv6))]
     );
     assert!(filter[0].dst.iter().all(|d| d.first == 5432 && d.last == 5432));

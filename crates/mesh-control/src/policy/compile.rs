@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use mesh_proto::{DstPorts, FilterRule};
@@ -286,8 +287,10 @@ fn cover(net: IpNet, holes: &[IpNet], out: &mut Vec<IpNet>) {
 
 /// A rule as delivered to one node, before it is written out.
 struct Delivered {
+    /// Which rule, and for `autogroup:self` which user: deliveries of one are merged.
+    from: (usize, Option<usize>),
     line: usize,
-    src: Vec<IpNet>,
+    src: Arc<[IpNet]>,
     dst: Vec<DstPorts>,
     protos: Vec<u8>,
 }
@@ -311,7 +314,9 @@ pub fn compile(policy: &Policy, nodes: &[PolicyNode], mesh: &[IpNet]) -> Compile
     };
     let dir = Directory::new(nodes);
     let internet = internet();
-    let mut delivered: Vec<BTreeMap<(usize, Option<usize>), Delivered>> = (0..n).map(|_| BTreeMap::new()).collect();
+    // Rules arrive in order, so a node's deliveries of one rule are next to each other: merging into the
+    // last one is enough, without a map per node.
+    let mut delivered: Vec<Vec<Delivered>> = (0..n).map(|_| Vec::new()).collect();
     let mut sees: Vec<Bits> = (0..n).map(|_| Bits::new(n)).collect();
     let mut see = |from: &Bits, to: &Bits| {
         for s in from.iter() {
@@ -331,21 +336,23 @@ pub fn compile(policy: &Policy, nodes: &[PolicyNode], mesh: &[IpNet]) -> Compile
         }
         src_nets.sort();
         src_nets.dedup();
-        let deliver = |delivered: &mut Vec<BTreeMap<(usize, Option<usize>), Delivered>>,
+        let src_nets: Arc<[IpNet]> = src_nets.into();
+        let deliver = |delivered: &mut Vec<Vec<Delivered>>,
                        target: usize,
                        key: Option<usize>,
-                       src: &[IpNet],
+                       src: &Arc<[IpNet]>,
                        dst: Vec<DstPorts>| {
-            delivered[target]
-                .entry((index, key))
-                .or_insert_with(|| Delivered {
+            let list = &mut delivered[target];
+            match list.last_mut() {
+                Some(last) if last.from == (index, key) => last.dst.extend(dst),
+                _ => list.push(Delivered {
+                    from: (index, key),
                     line: rule.line,
-                    src: src.to_vec(),
-                    dst: Vec::new(),
+                    src: src.clone(),
+                    dst,
                     protos: rule.protos.clone(),
-                })
-                .dst
-                .extend(dst);
+                }),
+            }
         };
         for dst in &rule.dst {
             match &dst.alias {
@@ -356,7 +363,7 @@ pub fn compile(policy: &Policy, nodes: &[PolicyNode], mesh: &[IpNet]) -> Compile
                         if from.is_empty() {
                             continue;
                         }
-                        let src: Vec<IpNet> = from.iter().flat_map(|i| nodes[i].host_nets()).collect();
+                        let src: Arc<[IpNet]> = from.iter().flat_map(|i| nodes[i].host_nets()).collect();
                         for t in own.iter() {
                             let entries = dst_entries(nodes[t].host_nets().map(Some), &dst.ports);
                             deliver(&mut delivered, t, Some(index_of_user), &src, entries);
@@ -405,7 +412,7 @@ pub fn compile(policy: &Policy, nodes: &[PolicyNode], mesh: &[IpNet]) -> Compile
     for rules in delivered {
         let mut filter = Vec::with_capacity(rules.len());
         let mut at = Vec::with_capacity(rules.len());
-        for (_, d) in rules {
+        for d in rules {
             if d.src.is_empty() || d.dst.is_empty() {
                 continue;
             }
