@@ -70,6 +70,35 @@ fn measure(flows: u32, v6: bool) -> (f64, f64) {
     ((full - empty) as f64 / f64::from(flows), fixed)
 }
 
+/// Heap bytes per flow the ACL filter tracks: `flows` TCP flows opened by peers, counted by the allocator.
+fn measure_filter(flows: u32, v6: bool) -> f64 {
+    let now = Instant::now();
+    let rules = vec![mesh_packet::filter::Rule {
+        src: vec!["0.0.0.0/0".parse().expect("literal"), "::/0".parse().expect("literal")],
+        dst: vec![mesh_packet::filter::DstRange { net: None, first: 0, last: 65535 }],
+        protos: Vec::new(),
+    }];
+    let mut filter = mesh_packet::filter::Filter::new(flows as usize + 1);
+    filter.set_rules(Some(rules));
+    let before = LIVE.load(Ordering::Relaxed);
+    for i in 0..flows {
+        let port = 1024 + (i % 60_000) as u16;
+        let host = i / 60_000;
+        let packet = if v6 {
+            let mut c = [0xfd, 0x7a, 0x11, 0x5c, 0xa1, 0xe0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            c[12..16].copy_from_slice(&host.to_be_bytes());
+            Builder::v6(c, [0xfd, 0x7a, 0x11, 0x5c, 0xa1, 0xe0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1])
+                .tcp(port, 443, TCP_SYN, b"")
+        } else {
+            Builder::v4((0x6440_0000 + host).to_be_bytes(), [100, 64, 0, 1]).tcp(port, 443, TCP_SYN, b"")
+        };
+        filter.inbound(&packet, now).expect("allowed");
+    }
+    let full = LIVE.load(Ordering::Relaxed);
+    assert_eq!(filter.flows(), flows as usize);
+    (full - before) as f64 / f64::from(flows)
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument from criterion-style invocations is ignored.
     println!("SNAT memory per flow (target <= 128 bytes), heap bytes counted by allocator");
@@ -79,6 +108,15 @@ fn main() {
             let (per_flow, fixed) = measure(flows, v6);
             let family = if v6 { "IPv6" } else { "IPv4" };
             println!("{family:<6} {flows:>10} {per_flow:>16.1} {:>20.0} K", fixed / 1024.0);
+        }
+    }
+    println!();
+    println!("ACL filter memory per tracked flow (target <= 128 bytes), heap bytes counted by allocator");
+    println!("{:<6} {:>10} {:>16}", "family", "flows", "bytes/flow");
+    for v6 in [false, true] {
+        for flows in [10_000u32, 100_000, 1_000_000] {
+            let family = if v6 { "IPv6" } else { "IPv4" };
+            println!("{family:<6} {flows:>10} {:>16.1}", measure_filter(flows, v6));
         }
     }
 }
