@@ -63,7 +63,13 @@ fn policy(rules: usize) -> Policy {
                 }
                 _ => (Alias::Member, Alias::SelfDevices),
             };
-            Rule { line: i + 1, src: vec![src], dst: vec![Dst { alias: dst, ports: vec![port] }], protos: Vec::new() }
+            Rule {
+                line: i + 1,
+                src: vec![src],
+                dst: vec![Dst { alias: dst, ports: vec![port] }],
+                protos: Vec::new(),
+                via: Vec::new(),
+            }
         })
         .collect();
     policy.rules = Some(list);

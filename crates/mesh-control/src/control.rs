@@ -1232,7 +1232,9 @@ impl Control {
                     primary: primaries.serves(prefix, n.id),
                 })
                 .collect();
-            let routed = (peer.allowed_ips.len() > 2).then(|| peer.clone());
+            // Any router's view may differ per viewer (routes it may not use, `via` grants), not only a
+            // primary's.
+            let routed = primaries.approved.contains_key(&n.id).then(|| peer.clone());
             entries.insert(
                 n.id,
                 SnapshotEntry { expired: n.expired, peer: to_json(&peer), routed, routes: to_json(&routes), filter },

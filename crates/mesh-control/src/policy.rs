@@ -92,6 +92,9 @@ pub struct Rule {
     pub dst: Vec<Dst>,
     /// IP protocol numbers; empty: TCP, UDP, ICMP and ICMPv6.
     pub protos: Vec<u8>,
+    /// A grant's `via`: the subnet destinations are reached only through routers with one of these tags,
+    /// for these sources, whichever router is primary for everyone else.
+    pub via: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

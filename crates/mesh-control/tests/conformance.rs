@@ -16,7 +16,7 @@ use mesh_control::policy::record::{RecordError, compile_record};
 use serde_json::Value;
 
 /// How many records matched when this was last raised; raise it when more do.
-const MATCHING_AT_LEAST: usize = 393;
+const MATCHING_AT_LEAST: usize = 418;
 
 fn captures() -> Vec<Value> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -258,6 +258,6 @@ fn the_compiler_answers_as_tailscale_does() {
     assert!(unexpected.is_empty(), "{} records differ from Tailscale:\n{}", unexpected.len(), unexpected.join("\n"));
     assert!(now_passing.is_empty(), "listed as divergent but now match; remove them from the list: {now_passing:?}");
     assert!(stale.is_empty(), "listed but not in the captures: {stale:?}");
-    // A ratchet: the goal is 95 %; grants' `app` and `via` (69 records) are what stands between.
+    // A ratchet: the goal is 95 %; grants' `app` (44 records) is what stands between.
     assert!(passed >= MATCHING_AT_LEAST, "only {passed} of {} records match (was {MATCHING_AT_LEAST})", records.len());
 }

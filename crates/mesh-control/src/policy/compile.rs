@@ -57,6 +57,8 @@ pub struct Compiled {
     pub lines: Vec<Vec<usize>>,
     /// The indexes of the nodes each node may see.
     pub peers: Vec<Vec<usize>>,
+    /// Per node, the subnet routes a `via` grant makes it reach through one router in particular.
+    pub steering: Vec<BTreeMap<IpNet, usize>>,
 }
 
 impl Compiled {
@@ -90,6 +92,24 @@ impl Compiled {
                 .any(|rule| rule.src.iter().any(|s| if exit { s.contains(route) } else { overlaps(s, route) }))
         };
         forward || back()
+    }
+
+    /// The routes `viewer`'s netmap gives `router`: of those the router serves for everyone (`served`), the
+    /// ones the viewer may use and no `via` grant sends elsewhere for it, and the ones a `via` grant sends
+    /// through this router.
+    pub fn routes_through(&self, nodes: &[PolicyNode], viewer: usize, router: usize, served: &[IpNet]) -> Vec<IpNet> {
+        let steering = &self.steering[viewer];
+        let mut routes: Vec<IpNet> = served
+            .iter()
+            .filter(|r| steering.get(r).is_none_or(|k| *k == router) && self.may_use(nodes, viewer, router, r))
+            .copied()
+            .collect();
+        for (route, _) in steering.iter().filter(|(_, k)| **k == router) {
+            if !routes.contains(route) {
+                routes.push(*route);
+            }
+        }
+        routes
     }
 }
 
@@ -310,6 +330,7 @@ pub fn compile(policy: &Policy, nodes: &[PolicyNode], mesh: &[IpNet]) -> Compile
             filters: vec![None; n],
             lines: vec![Vec::new(); n],
             peers: (0..n).map(|i| (0..n).filter(|j| *j != i).collect()).collect(),
+            steering: vec![BTreeMap::new(); n],
         };
     };
     let dir = Directory::new(nodes);
@@ -318,6 +339,7 @@ pub fn compile(policy: &Policy, nodes: &[PolicyNode], mesh: &[IpNet]) -> Compile
     // last one is enough, without a map per node.
     let mut delivered: Vec<Vec<Delivered>> = (0..n).map(|_| Vec::new()).collect();
     let mut sees: Vec<Bits> = (0..n).map(|_| Bits::new(n)).collect();
+    let mut steering: Vec<BTreeMap<IpNet, usize>> = vec![BTreeMap::new(); n];
     let mut see = |from: &Bits, to: &Bits| {
         for s in from.iter() {
             sees[s].union(to);
@@ -390,7 +412,25 @@ pub fn compile(policy: &Policy, nodes: &[PolicyNode], mesh: &[IpNet]) -> Compile
                     see(&src_nodes, &dir.exits);
                 }
                 Alias::Host(_, net) | Alias::Prefix(net) => {
-                    let targets = dir.touching(net);
+                    let mut targets = dir.touching(net);
+                    if !rule.via.is_empty() {
+                        // Only the named routers carry it, and for these sources they carry it whichever
+                        // router is primary for everyone else.
+                        let mut via = Bits::new(n);
+                        for tag in &rule.via {
+                            if let Some(tagged) = dir.by_tag.get(tag.as_str()) {
+                                via.union(tagged);
+                            }
+                        }
+                        targets = targets.intersect(&via);
+                        for t in targets.iter() {
+                            for route in nodes[t].subnet_routes().filter(|r| overlaps(r, net)) {
+                                for s in src_nodes.iter().filter(|s| *s != t) {
+                                    steering[s].entry(*route).or_insert(t);
+                                }
+                            }
+                        }
+                    }
                     for t in targets.iter() {
                         deliver(&mut delivered, t, None, &src_nets, dst_entries([Some(*net)], &dst.ports));
                     }
@@ -423,5 +463,5 @@ pub fn compile(policy: &Policy, nodes: &[PolicyNode], mesh: &[IpNet]) -> Compile
         lines.push(at);
     }
     let peers = sees.iter().enumerate().map(|(i, row)| row.iter().filter(|j| *j != i).collect()).collect();
-    Compiled { filters, lines, peers }
+    Compiled { filters, lines, peers, steering }
 }

@@ -330,7 +330,7 @@ impl<'t> Reader<'t> {
                 dsts.push(Dst { alias, ports });
             }
             self.check_self(here, &src, &dsts, true)?;
-            rules.push(Rule { line: self.line(here), src, dst: dsts, protos });
+            rules.push(Rule { line: self.line(here), src, dst: dsts, protos, via: Vec::new() });
         }
         Ok(rules)
     }
@@ -339,7 +339,7 @@ impl<'t> Reader<'t> {
         let mut rules = Vec::new();
         for entry in &self.array(value, "grants")?.elements {
             let object = self.object(entry, "a grants entry")?;
-            let (mut src, mut dst, mut ip) = (None, None, None);
+            let (mut src, mut dst, mut ip, mut via) = (None, None, None, Vec::new());
             for (at, name, value) in self.properties(object, "a grants entry")? {
                 match name.as_str() {
                     "src" => src = Some(self.strings(value, "src")?),
@@ -352,10 +352,17 @@ impl<'t> Reader<'t> {
                         ));
                     }
                     "via" => {
-                        return Err(self.error(
-                            at,
-                            "grants: \"via\" is not supported by meshd yet; name the subnet in \"dst\" and its routers receive the rule",
-                        ));
+                        for (at, tag) in self.strings(value, "via")? {
+                            if !tag.starts_with("tag:") {
+                                return Err(self.error(at, format!("via={tag:?}: via can only be a tag")));
+                            }
+                            if !policy.tag_owners.contains_key(&tag) {
+                                return Err(
+                                    self.error(at, format!("tag {tag:?} not found (give it an owner in tagOwners)"))
+                                );
+                            }
+                            via.push(tag);
+                        }
                     }
                     other => {
                         return Err(
@@ -394,7 +401,7 @@ impl<'t> Reader<'t> {
             for (protos, ports) in by_proto {
                 let dsts: Vec<Dst> = aliases.iter().map(|a| Dst { alias: a.clone(), ports: ports.clone() }).collect();
                 self.check_self(here, &src, &dsts, false)?;
-                rules.push(Rule { line, src: src.clone(), dst: dsts, protos });
+                rules.push(Rule { line, src: src.clone(), dst: dsts, protos, via: via.clone() });
             }
         }
         Ok(rules)

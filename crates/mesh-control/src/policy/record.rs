@@ -117,15 +117,17 @@ pub fn compile_record(text: &str) -> Result<Value, RecordError> {
             .iter()
             .map(|&j| {
                 let peer = &nodes[j];
-                let usable = |route: &IpNet| compiled.may_use(&nodes, i, j, route);
-                let primary_routes: Vec<IpNet> = primary
+                let served: Vec<IpNet> = primary
                     .iter()
-                    .filter(|(prefix, owner)| **owner == j && usable(prefix))
+                    .filter(|(_, owner)| **owner == j)
                     .map(|(prefix, _)| *prefix)
+                    .chain(peer.approved_routes.iter().filter(|r| r.prefix_len() == 0).copied())
                     .collect();
+                let routes = compiled.routes_through(&nodes, i, j, &served);
+                let primary_routes: Vec<IpNet> = routes.iter().filter(|r| r.prefix_len() != 0).copied().collect();
                 let mut allowed: Vec<IpNet> = peer.addresses.iter().map(|a| IpNet::from(*a)).collect();
                 allowed.extend(&primary_routes);
-                allowed.extend(peer.approved_routes.iter().filter(|r| r.prefix_len() == 0 && usable(r)));
+                allowed.extend(routes.iter().filter(|r| r.prefix_len() == 0));
                 json!({
                     "name": peer.name,
                     "allowed_ips": allowed.iter().map(ToString::to_string).collect::<Vec<_>>(),

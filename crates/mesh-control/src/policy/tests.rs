@@ -92,3 +92,47 @@ fn no_rules_allows_everything_and_an_empty_list_allows_nothing() {
     let p = Policy::parse("{\"ssh\": [], // Tailscale SSH\n}").unwrap();
     assert_eq!(p.ignored, vec!["ssh".to_string()]);
 }
+
+#[test]
+fn a_via_grant_sends_its_sources_through_the_named_routers() {
+    use std::net::IpAddr;
+    let p = Policy::parse(
+        r#"{
+        "tagOwners": {"tag:a": [], "tag:b": [], "tag:ra": [], "tag:rb": []},
+        "grants": [
+            {"src": ["tag:a"], "dst": ["10.44.0.0/16"], "ip": ["*"], "via": ["tag:ra"]},
+            {"src": ["tag:b"], "dst": ["10.44.0.0/16"], "ip": ["tcp:443"], "via": ["tag:rb"]},
+        ],
+    }"#,
+    )
+    .unwrap();
+    let route: ipnet::IpNet = "10.44.0.0/16".parse().unwrap();
+    let node = |id: u8, tag: &str, routes: Vec<ipnet::IpNet>| PolicyNode {
+        id: u64::from(id),
+        name: tag.to_string(),
+        user: None,
+        tags: vec![tag.to_string()],
+        addresses: vec![IpAddr::from([100, 64, 0, id])],
+        approved_routes: routes,
+    };
+    let nodes = [
+        node(1, "tag:a", vec![]),
+        node(2, "tag:b", vec![]),
+        node(3, "tag:ra", vec![route]),
+        node(4, "tag:rb", vec![route]),
+    ];
+    let compiled = compile(&p, &nodes, &["100.64.0.0/10".parse().unwrap()]);
+    // Router ra is primary for everyone (first); b is sent through rb all the same.
+    assert_eq!(compiled.routes_through(&nodes, 0, 2, &[route]), vec![route]);
+    assert!(compiled.routes_through(&nodes, 0, 3, &[]).is_empty());
+    assert!(compiled.routes_through(&nodes, 1, 2, &[route]).is_empty(), "b is not sent through ra");
+    assert_eq!(compiled.routes_through(&nodes, 1, 3, &[]), vec![route]);
+    assert_eq!(compiled.peers[1], vec![3], "b sees only its router");
+    // Each router gets only its own grant's rule.
+    let ports = |i: usize| compiled.filters[i].as_ref().unwrap().iter().map(|r| r.dst[0].last).collect::<Vec<_>>();
+    assert_eq!((ports(2), ports(3)), (vec![65535], vec![443]));
+    assert!(
+        refusal(r#"{"grants": [{"src": ["*"], "dst": ["10.0.0.0/8"], "ip": ["*"], "via": ["group:x"]}]}"#)
+            .contains("via can only be a tag")
+    );
+}
