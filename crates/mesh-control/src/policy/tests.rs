@@ -136,3 +136,15 @@ fn a_via_grant_sends_its_sources_through_the_named_routers() {
             .contains("via can only be a tag")
     );
 }
+
+/// The policies docs/policy.md shows are ones meshd accepts.
+#[test]
+fn the_documented_policies_parse() {
+    let doc = include_str!("../../../../docs/policy.md");
+    let blocks: Vec<&str> = doc.split("```jsonc").skip(1).map(|b| b.split("```").next().unwrap()).collect();
+    assert!(blocks.len() >= 3);
+    for block in blocks {
+        let policy = Policy::parse(block).unwrap_or_else(|e| panic!("{e}\n{block}"));
+        assert!(policy.rules.is_some());
+    }
+}
