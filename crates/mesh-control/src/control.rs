@@ -1,6 +1,7 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
+use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use mesh_proto::{
@@ -240,6 +241,9 @@ pub struct Control {
     domain: String,
     /// How long a registration's key is trusted (seconds); none: until an admin expires the node.
     key_lifetime: Option<u64>,
+    /// The last compiled policy. Most new versions change nothing it depends on (an endpoint report, a
+    /// node coming online), so they reuse it instead of compiling the whole mesh again.
+    compiled: std::cell::RefCell<Option<Arc<PolicyView>>>,
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -392,7 +396,7 @@ impl Control {
             tx.execute("INSERT INTO schema_version (version) VALUES (?1)", params![i as i64 + 1])?;
             tx.commit()?;
         }
-        let control = Self { db, policy, domain: domain.to_string(), key_lifetime: None };
+        let control = Self { db, policy, domain: domain.to_string(), key_lifetime: None, compiled: Default::default() };
         if control.meta("ula")?.is_none() {
             // A random ULA /48 (RFC 4193) per mesh, chosen once.
             let mut global = [0u8; 5];
@@ -1322,12 +1326,20 @@ impl Control {
     }
 
     /// The policy compiled for the live nodes.
-    fn policy_view(&self, nodes: &[NodeRecord], primaries: &Primaries) -> Result<PolicyView, ControlError> {
+    fn policy_view(&self, nodes: &[NodeRecord], primaries: &Primaries) -> Result<Arc<PolicyView>, ControlError> {
         let live = self.policy_nodes(nodes, primaries);
+        if let Some(view) = self.compiled.borrow().as_ref()
+            && view.policy == self.policy
+            && view.nodes == live
+        {
+            return Ok(view.clone());
+        }
         let mesh = [MESH_V4.parse().expect("literal"), IpNet::V6(self.ula()?)];
         let compiled = crate::policy::compile(&self.policy, &live, &mesh);
         let index = live.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
-        Ok(PolicyView { index, nodes: live, compiled })
+        let view = Arc::new(PolicyView { policy: self.policy.clone(), index, nodes: live, compiled });
+        *self.compiled.borrow_mut() = Some(view.clone());
+        Ok(view)
     }
 
     /// The live nodes as the policy sees them.
@@ -1360,6 +1372,8 @@ fn proto_name(proto: u8) -> String {
 /// The policy compiled for one version of the mesh: who sees whom, and each node's filter.
 #[derive(Debug)]
 struct PolicyView {
+    /// What it was compiled from, to know when it still holds.
+    policy: Policy,
     index: BTreeMap<u64, usize>,
     nodes: Vec<PolicyNode>,
     compiled: Compiled,
@@ -1451,7 +1465,7 @@ pub struct Snapshot {
     version: u64,
     domain: String,
     entries: BTreeMap<u64, SnapshotEntry>,
-    policy: PolicyView,
+    policy: Arc<PolicyView>,
 }
 
 impl Snapshot {

@@ -657,3 +657,27 @@ fn netmaps_carry_each_nodes_filter_and_only_the_peers_the_policy_lets_it_see() {
     assert!(refusal.message.contains("test failed: tag:worker → tag:db:5432: expected deny"), "{}", refusal.message);
     assert_eq!(c.stored_policy().unwrap().unwrap().text, policy);
 }
+
+/// A version that changes nothing the policy depends on (an endpoint report) reuses the compiled policy; a
+/// new node or a new policy compiles again.
+#[test]
+fn the_compiled_policy_is_reused_until_its_inputs_change() {
+    let mut c =
+        control(r#"{"tagOwners": {"tag:a": []}, "acls": [{"action": "accept", "src": ["tag:a"], "dst": ["*:22"]}]}"#);
+    let options = AuthKeyOptions { reusable: true, tags: vec!["tag:a".into()], ..Default::default() };
+    let (_, key) = c.create_auth_key(&options, NOW).unwrap();
+    let a = join(&c, &request(&key, 1, "a"), NOW).unwrap();
+    // Each compiled view is held, so a new one cannot reuse an old one's address.
+    let compiled = |c: &Control| {
+        c.snapshot(|_| true).unwrap();
+        c.compiled.borrow().clone().unwrap()
+    };
+    let first = compiled(&c);
+    c.set_endpoints(a.node_id, &endpoints(&["198.18.0.7:41641"])).unwrap();
+    assert!(Arc::ptr_eq(&compiled(&c), &first), "an endpoint report compiles nothing");
+    join(&c, &request(&key, 2, "b"), NOW).unwrap();
+    let second = compiled(&c);
+    assert!(!Arc::ptr_eq(&second, &first), "a new node does");
+    c.set_policy(r#"{"tagOwners": {"tag:a": []}, "acls": []}"#, "test", NOW).unwrap();
+    assert!(!Arc::ptr_eq(&compiled(&c), &second), "and so does a new policy");
+}
