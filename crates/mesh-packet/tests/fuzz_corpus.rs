@@ -1,26 +1,23 @@
-//! Replays the committed fuzz corpus through the fuzz target's body, so every CI run exercises it even
+//! Replays the committed fuzz corpora through the fuzz targets' bodies, so every CI run exercises them even
 //! though fuzzing itself runs only by hand.
 
-#[test]
-fn committed_corpus_replays_without_panic() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus/translate");
+/// Feeds every file of `fuzz/corpus/<target>` to `body`; the seeds must be committed (at least `seeds`).
+fn replay(target: &str, seeds: usize, body: impl Fn(&[u8])) {
+    let dir = format!("{}/../../fuzz/corpus/{target}", env!("CARGO_MANIFEST_DIR"));
     let entries: Vec<_> =
-        std::fs::read_dir(dir).expect("fuzz corpus directory").collect::<Result<_, _>>().expect("readable");
-    assert!(entries.len() >= 12, "the seed corpus is committed ({} files)", entries.len());
+        std::fs::read_dir(&dir).expect("fuzz corpus directory").collect::<Result<_, _>>().expect("readable");
+    assert!(entries.len() >= seeds, "the {target} seed corpus is committed ({} files)", entries.len());
     for entry in entries {
-        let data = std::fs::read(entry.path()).expect("readable seed");
-        mesh_packet::fuzzing::translate(&data);
+        body(&std::fs::read(entry.path()).expect("readable seed"));
     }
 }
 
 #[test]
+fn committed_corpus_replays_without_panic() {
+    replay("translate", 12, mesh_packet::fuzzing::translate);
+}
+
+#[test]
 fn committed_filter_corpus_replays_without_panic() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus/filter");
-    let entries: Vec<_> =
-        std::fs::read_dir(dir).expect("fuzz corpus directory").collect::<Result<_, _>>().expect("readable");
-    assert!(entries.len() >= 8, "the seed corpus is committed ({} files)", entries.len());
-    for entry in entries {
-        let data = std::fs::read(entry.path()).expect("readable seed");
-        mesh_packet::fuzzing::filter(&data);
-    }
+    replay("filter", 8, mesh_packet::fuzzing::filter);
 }
