@@ -119,7 +119,7 @@ pub fn run() -> Result<bool> {
     step("On the router: its status, the SNAT address answering on the LAN, and meshd doctor");
     show(&lab, router, meshd, &["status", "--socket", &sockets[0]]);
     show(&lab, router, "ip", &["neigh", "show", "proxy"]);
-    show(&lab, router, meshd, &["doctor", "--tun", &tun_r, "--run-dir", &run_dir]);
+    show(&lab, router, meshd, &["doctor", "--tun", &tun_r, "--run-dir", &run_dir, "--socket", &sockets[0]]);
 
     step("Removing the namespaces, links and daemons");
     drop(lab);

@@ -143,7 +143,7 @@ fn to_json(checks: &[Check]) -> String {
 /// The ACL filter of a managed node: its rules, what it dropped, the latest flows it refused. None when no
 /// managed daemon answers on the local API.
 async fn acl_check(socket: &Path) -> Option<Check> {
-    let (status, text) = crate::local_api::call(&socket.to_path_buf(), "GET", "status", None).await.ok()?;
+    let (status, text) = crate::local_api::call(&socket.to_path_buf(), "GET", "/v1/status", None).await.ok()?;
     if status != 200 {
         return None;
     }

@@ -81,6 +81,12 @@ fn seed_003_workers_reach_the_database_and_cache_ports_only_and_a_policy_edit_re
     assert!(status["acl"]["dropped"].as_array().unwrap().iter().any(|d| d[0] == "acl_denied"), "{status}");
     let (_, text, _) = db.cli(&lab, &["status"]);
     assert!(text.contains("filter: 1 ACL rule(s)") && text.contains("acl_denied"), "{text}");
+    let (_, doctor, _) = db.cli(&lab, &["doctor", "--tun", &db.tun]);
+    let denied = format!("denied: proto 6 {ip_worker}:");
+    assert!(
+        doctor.contains("acl ") && doctor.contains(&denied) && doctor.contains(&format!("{ip_db}:22 acl_denied")),
+        "{doctor}"
+    );
 
     let (code, why, err) = control.admin(&lab, &["policy", "explain", "worker", "db:5432"]);
     assert_eq!(code, Some(0), "{err}");
