@@ -1389,11 +1389,14 @@ impl PolicyView {
         self.index.get(&node).and_then(|i| self.compiled.filters[*i].clone())
     }
 
-    /// `peer` with only the routes `viewer` may use in its allowed IPs (see `Compiled::may_use`).
+    /// `peer` as `viewer` sees it: only the routes it may use, and those a `via` grant sends through this
+    /// peer for it (see `Compiled::routes_through`).
     fn as_seen_by(&self, viewer: u64, mut peer: Peer) -> Peer {
         if let (Some(v), Some(p)) = (self.index.get(&viewer), self.index.get(&peer.node_id)) {
             let own = [IpNet::from(std::net::IpAddr::V4(peer.ipv4)), IpNet::from(std::net::IpAddr::V6(peer.ipv6))];
-            peer.allowed_ips.retain(|net| own.contains(net) || self.compiled.may_use(&self.nodes, *v, *p, net));
+            let served: Vec<IpNet> = peer.allowed_ips.iter().filter(|n| !own.contains(n)).copied().collect();
+            peer.allowed_ips = own.to_vec();
+            peer.allowed_ips.extend(self.compiled.routes_through(&self.nodes, *v, *p, &served));
         }
         peer
     }

@@ -167,20 +167,59 @@ impl FlowKey {
 enum TcpState {
     Opening,
     Established,
+    /// A RST was seen, or a FIN from each end.
     Closing,
 }
 
+// `Flow::marks` bits.
+const FIN_LOCAL: u8 = 1;
+const FIN_REMOTE: u8 = 2;
+const LOCAL_NEXT_KNOWN: u8 = 4;
+const REMOTE_NEXT_KNOWN: u8 = 8;
+/// Cut by a policy change: kept for a while so neither end's retransmissions revive it.
+const REVOKED: u8 = 16;
+
+/// 16 bytes: with the 40-byte key a table entry stays under 128 bytes even when the table is at its emptiest
+/// after doubling.
 #[derive(Debug, Clone, Copy)]
 struct Flow {
     opener: Opener,
     tcp: TcpState,
+    marks: u8,
     /// Seconds since the filter's epoch when the flow is forgotten.
     expires: u32,
-    /// The remote end's latest acknowledgement: where this side's next TCP segment must start, so a reset
-    /// sent in this side's name lands in the remote's window.
-    remote_ack: u32,
-    /// This side's latest acknowledgement, for a reset in the remote's name delivered to this host.
-    local_ack: u32,
+    /// TCP: the sequence number the remote end expects next from this side (the end of what this side sent,
+    /// or failing that the remote's latest acknowledgement), so a reset in this side's name is exactly in
+    /// the remote's window (RFC 5961 answers any other with a challenge ACK).
+    local_next: u32,
+    /// TCP: the sequence number this side expects next from the remote end, for a reset in its name.
+    remote_next: u32,
+}
+
+impl Flow {
+    fn new(opener: Opener, tcp: TcpState) -> Self {
+        Flow { opener, tcp, marks: 0, expires: 0, local_next: 0, remote_next: 0 }
+    }
+
+    fn revoked(&self) -> bool {
+        self.marks & REVOKED != 0
+    }
+}
+
+/// What a TCP segment says about the sequence space: who sent it, its flags, its sequence number, its
+/// acknowledgement, and how much sequence space it uses.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    from_local: bool,
+    flags: u8,
+    seq: u32,
+    ack: u32,
+    len: u32,
+}
+
+/// `a` is after `b` in sequence space.
+fn after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
 }
 
 /// A flow that was cut, with what tells each end.
@@ -218,8 +257,9 @@ pub struct Denied {
 /// What a packet says about its flow.
 #[derive(Debug, Clone, Copy)]
 enum Seen {
-    /// A packet of a flow: its key as if the sender were the remote end, TCP flags and acknowledgement.
-    Flow { key: FlowKey, flags: u8, ack: u32, opens: bool },
+    /// A packet of a flow: its key as if the sender were the remote end, TCP flags, sequence numbers and the
+    /// sequence space it uses.
+    Flow { key: FlowKey, flags: u8, seq: u32, ack: u32, len: u32, opens: bool },
     /// An ICMP error quoting a packet this side sent: the key of that packet's flow, this side local.
     Error { quoted: FlowKey },
     /// A later fragment: the first one was judged.
@@ -255,18 +295,33 @@ fn read(packet: &[u8]) -> Option<Seen> {
     match proto {
         PROTO_TCP => {
             let flags = *l4.get(13)?;
+            let seq = u32::from_be_bytes(l4.get(4..8)?.try_into().ok()?);
             let ack = u32::from_be_bytes(l4.get(8..12)?.try_into().ok()?);
+            let header = usize::from(*l4.get(12)? >> 4) * 4;
+            let data = l4.len().saturating_sub(header) as u32;
+            let len = data + u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
             let opens = flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
-            Some(Seen::Flow { key: key(be16(0)?, be16(2)?), flags, ack, opens })
+            Some(Seen::Flow { key: key(be16(0)?, be16(2)?), flags, seq, ack, len, opens })
         }
-        PROTO_UDP | PROTO_SCTP => Some(Seen::Flow { key: key(be16(0)?, be16(2)?), flags: 0, ack: 0, opens: true }),
+        PROTO_UDP | PROTO_SCTP => {
+            Some(Seen::Flow { key: key(be16(0)?, be16(2)?), flags: 0, seq: 0, ack: 0, len: 0, opens: true })
+        }
         PROTO_ICMP | PROTO_ICMPV6 => {
             let msg_type = *l4.first()?;
             let (request, reply) = if v6 { (128, 129) } else { (8, 0) };
-            let is_error = if v6 { (1..=4).contains(&msg_type) } else { matches!(msg_type, 3 | 4 | 5 | 11 | 12) };
+            // The errors the node's own cross-peer check covers; a redirect or source quench is none of a peer's
+            // business and opens nothing.
+            let is_error = if v6 { (1..=4).contains(&msg_type) } else { matches!(msg_type, 3 | 11 | 12) };
             if msg_type == request || msg_type == reply {
                 let ident = be16(4)?;
-                Some(Seen::Flow { key: key(ident, ident), flags: 0, ack: 0, opens: msg_type == request })
+                Some(Seen::Flow {
+                    key: key(ident, ident),
+                    flags: 0,
+                    seq: 0,
+                    ack: 0,
+                    len: 0,
+                    opens: msg_type == request,
+                })
             } else if is_error {
                 let quoted = l4.get(wire::ICMP_HEADER_LEN..)?;
                 let q = wire::parse_quoted(quoted).ok()?;
@@ -288,10 +343,10 @@ fn read(packet: &[u8]) -> Option<Seen> {
                 Some(Seen::Error { quoted })
             } else {
                 // Neighbour discovery, router advertisements and the like are not flows; they open nothing.
-                Some(Seen::Flow { key: key(0, 0), flags: 0, ack: 0, opens: false })
+                Some(Seen::Flow { key: key(0, 0), flags: 0, seq: 0, ack: 0, len: 0, opens: false })
             }
         }
-        _ => Some(Seen::Flow { key: key(0, 0), flags: 0, ack: 0, opens: true }),
+        _ => Some(Seen::Flow { key: key(0, 0), flags: 0, seq: 0, ack: 0, len: 0, opens: true }),
     }
 }
 
@@ -304,6 +359,8 @@ pub struct Filter {
     epoch: Option<Instant>,
     max_flows: usize,
     next_sweep: u32,
+    /// The latest time seen, in seconds since the epoch (for expiries set outside a packet's call).
+    last_secs: u32,
     denied: VecDeque<Denied>,
     /// Flows not opened because the table was full.
     pub refused_full: u64,
@@ -318,6 +375,7 @@ impl Filter {
             epoch: None,
             max_flows,
             next_sweep: 0,
+            last_secs: 0,
             denied: VecDeque::new(),
             refused_full: 0,
         }
@@ -325,7 +383,9 @@ impl Filter {
 
     fn secs(&mut self, now: Instant) -> u32 {
         let epoch = *self.epoch.get_or_insert(now);
-        now.saturating_duration_since(epoch).as_secs().min(u64::from(u32::MAX)) as u32
+        let secs = now.saturating_duration_since(epoch).as_secs().min(u64::from(u32::MAX)) as u32;
+        self.last_secs = self.last_secs.max(secs);
+        secs
     }
 
     pub fn rules(&self) -> Option<&[Rule]> {
@@ -341,26 +401,29 @@ impl Filter {
         self.denied.iter()
     }
 
-    /// Replaces the rules. Flows peers opened that the new rules do not allow are forgotten and returned,
-    /// each with the notice for its opener.
+    /// Replaces the rules. Flows peers opened that the new rules do not allow are cut and returned, each
+    /// with the notices for its ends; each stays marked for a while (4 minutes) so that neither end's
+    /// retransmissions open it again from this side.
     pub fn set_rules(&mut self, rules: Option<Vec<Rule>>) -> Vec<Revoked> {
         self.rules = rules;
         let Some(rules) = &self.rules else { return Vec::new() };
+        let until = self.last_secs.saturating_add(TCP_TRANSITORY_IDLE.as_secs() as u32);
         let mut revoked = Vec::new();
-        self.flows.retain(|key, flow| {
-            if flow.opener == Opener::Local {
-                return true;
+        for (key, flow) in self.flows.iter_mut() {
+            if flow.opener == Opener::Local || flow.revoked() {
+                continue;
             }
             let port = match key.proto {
                 PROTO_TCP | PROTO_UDP | PROTO_SCTP => Some(key.local_port),
                 _ => None,
             };
             if allows(rules, key.remote(), key.local(), key.proto, port) {
-                return true;
+                continue;
             }
             revoked.push(Revoked::of(key, flow, true));
-            false
-        });
+            flow.marks |= REVOKED;
+            flow.expires = until;
+        }
         revoked
     }
 
@@ -372,7 +435,9 @@ impl Filter {
             if routed(key.remote()) {
                 return true;
             }
-            cut.push(Revoked::of(key, flow, false));
+            if !flow.revoked() {
+                cut.push(Revoked::of(key, flow, false));
+            }
             false
         });
         cut
@@ -383,14 +448,12 @@ impl Filter {
         let seen = read(packet);
         let secs = self.secs(now);
         // The common case first, kept small: a packet of a tracked flow.
-        if let Some(Seen::Flow { key, flags, ack, .. }) = seen
+        if let Some(Seen::Flow { key, flags, seq, ack, len, .. }) = seen
             && let Some(flow) = self.flows.get_mut(&key)
             && flow.expires > secs
+            && !flow.revoked()
         {
-            if flags & TCP_ACK != 0 {
-                flow.remote_ack = ack;
-            }
-            advance(flow, key.proto, flags, secs);
+            advance(flow, key.proto, Segment { from_local: false, flags, seq, ack, len }, secs);
             return Ok(());
         }
         self.inbound_untracked(seen, secs, now)
@@ -409,12 +472,15 @@ impl Filter {
         match seen {
             Seen::LaterFragment => Ok(()),
             Seen::Error { quoted } => match self.flows.get(&quoted) {
-                Some(flow) if flow.expires > secs => Ok(()),
+                Some(flow) if flow.expires > secs && !flow.revoked() => Ok(()),
                 _ if open => Ok(()),
                 _ => Err(self.deny(quoted, Drop::NoFlow, now)),
             },
-            Seen::Flow { key, flags, ack, opens } => {
+            Seen::Flow { key, flags, seq, ack, len, opens } => {
                 let proto = key.proto;
+                if self.flows.get(&key).is_some_and(|f| f.revoked() && f.expires > secs) {
+                    return Err(self.deny(key, Drop::Denied, now));
+                }
                 let is_reply = proto != PROTO_TCP && !opens;
                 if !open && (is_reply || (proto == PROTO_TCP && !opens)) {
                     return Err(self.deny(key, Drop::NoFlow, now));
@@ -429,9 +495,8 @@ impl Filter {
                     return Ok(());
                 }
                 let tcp = if proto == PROTO_TCP && !opens { TcpState::Established } else { TcpState::Opening };
-                let remote_ack = if flags & TCP_ACK != 0 { ack } else { 0 };
-                let mut flow = Flow { opener: Opener::Remote, tcp, expires: 0, remote_ack, local_ack: 0 };
-                advance(&mut flow, proto, flags, secs);
+                let mut flow = Flow::new(Opener::Remote, tcp);
+                advance(&mut flow, proto, Segment { from_local: false, flags, seq, ack, len }, secs);
                 if !self.insert(key, flow, secs) && !open {
                     return Err(self.deny(key, Drop::TableFull, now));
                 }
@@ -443,40 +508,59 @@ impl Filter {
     /// Records a packet this node sends into the mesh (after SNAT replies are translated back): it opens a
     /// flow, or keeps one alive.
     pub fn outbound(&mut self, packet: &[u8], now: Instant) {
-        let Some(Seen::Flow { key, flags, ack, opens }) = read(packet) else { return };
+        let Some(Seen::Flow { key, flags, seq, ack, len, opens }) = read(packet) else { return };
         let secs = self.secs(now);
         // Sent by this side: the destination is the remote end.
         let key = key.reversed();
         let proto = key.proto;
+        let segment = Segment { from_local: true, flags, seq, ack, len };
         if let Some(flow) = self.flows.get_mut(&key)
             && flow.expires > secs
         {
-            if flags & TCP_ACK != 0 {
-                flow.local_ack = ack;
+            // A cut flow stays cut: the local end's retransmissions do not reopen it.
+            if !flow.revoked() {
+                advance(flow, proto, segment, secs);
             }
-            advance(flow, proto, flags, secs);
             return;
         }
         if !opens && proto != PROTO_TCP {
             return;
         }
         let tcp = if proto == PROTO_TCP && !opens { TcpState::Established } else { TcpState::Opening };
-        let local_ack = if flags & TCP_ACK != 0 { ack } else { 0 };
-        let mut flow = Flow { opener: Opener::Local, tcp, expires: 0, remote_ack: 0, local_ack };
-        advance(&mut flow, proto, flags, secs);
+        let mut flow = Flow::new(Opener::Local, tcp);
+        advance(&mut flow, proto, segment, secs);
         self.insert(key, flow, secs);
     }
 
     fn insert(&mut self, key: FlowKey, flow: Flow, secs: u32) -> bool {
         if self.flows.len() >= self.max_flows {
-            self.sweep(secs);
-            if self.flows.len() >= self.max_flows {
+            // At most one full sweep per interval: a table kept full must not cost a scan per packet.
+            if secs >= self.next_sweep {
+                self.sweep(secs);
+            }
+            if self.flows.len() >= self.max_flows && !self.make_room(flow.opener) {
                 self.refused_full += 1;
                 return false;
             }
         }
         self.flows.insert(key, flow);
         true
+    }
+
+    /// In a full table, a flow this side opens takes the place of one a peer opened (or one cut or closing),
+    /// looking at a bounded number of entries: peers filling the table must not stop this node's own
+    /// traffic. A peer's new flow gets no such room.
+    fn make_room(&mut self, opener: Opener) -> bool {
+        if opener != Opener::Local {
+            return false;
+        }
+        let victim = self
+            .flows
+            .iter()
+            .take(64)
+            .find(|(_, f)| f.opener == Opener::Remote || f.revoked() || f.tcp == TcpState::Closing)
+            .map(|(k, _)| *k);
+        victim.is_some_and(|k| self.flows.remove(&k).is_some())
     }
 
     fn sweep(&mut self, secs: u32) {
@@ -509,10 +593,35 @@ impl Filter {
 /// Expired flows are swept this often (seconds); a lookup never trusts an expired one meanwhile.
 const SWEEP_EVERY: u32 = 10;
 
-/// Moves a flow's TCP state along with the flags of a packet in either direction, and sets its expiry.
-fn advance(flow: &mut Flow, proto: u8, flags: u8, secs: u32) {
+/// Moves a flow along with a packet in either direction: TCP state and sequence numbers, and its expiry.
+fn advance(flow: &mut Flow, proto: u8, segment: Segment, secs: u32) {
     let idle = if proto == PROTO_TCP {
-        if flags & (TCP_FIN | TCP_RST) != 0 {
+        let Segment { from_local, flags, seq, ack, len } = segment;
+        if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 && flow.tcp == TcpState::Closing {
+            // The same ports opened again after a close.
+            flow.tcp = TcpState::Opening;
+            flow.marks &= !(FIN_LOCAL | FIN_REMOTE | LOCAL_NEXT_KNOWN | REMOTE_NEXT_KNOWN);
+        }
+        let (sent, sent_known, acked, acked_known, fin) = if from_local {
+            (&mut flow.local_next, LOCAL_NEXT_KNOWN, &mut flow.remote_next, REMOTE_NEXT_KNOWN, FIN_LOCAL)
+        } else {
+            (&mut flow.remote_next, REMOTE_NEXT_KNOWN, &mut flow.local_next, LOCAL_NEXT_KNOWN, FIN_REMOTE)
+        };
+        // The end of what the sender sent is what the other end expects next; the sender's acknowledgement
+        // stands in for the other direction until that direction is seen.
+        let end = seq.wrapping_add(len);
+        if flow.marks & sent_known == 0 || after(end, *sent) {
+            *sent = end;
+            flow.marks |= sent_known;
+        }
+        if flags & TCP_ACK != 0 && (flow.marks & acked_known == 0 || after(ack, *acked)) {
+            *acked = ack;
+            flow.marks |= acked_known;
+        }
+        if flags & TCP_FIN != 0 {
+            flow.marks |= fin;
+        }
+        if flags & TCP_RST != 0 || flow.marks & (FIN_LOCAL | FIN_REMOTE) == FIN_LOCAL | FIN_REMOTE {
             flow.tcp = TcpState::Closing;
         } else if flow.tcp == TcpState::Opening && flags & TCP_ACK != 0 {
             flow.tcp = TcpState::Established;
@@ -524,10 +633,10 @@ fn advance(flow: &mut Flow, proto: u8, flags: u8, secs: u32) {
     flow.expires = secs.saturating_add(idle.as_secs() as u32);
 }
 
-/// A RST from the remote end to the local one, in the local end's window; TCP only, and only once this side
-/// acknowledged something (before that the local end has no window to hit).
+/// A RST from the remote end to the local one, exactly where the local end expects the remote's next byte;
+/// TCP only, and only once the remote end has been seen sending.
 fn local_reset(key: &FlowKey, flow: &Flow) -> Option<Vec<u8>> {
-    if key.proto != PROTO_TCP || flow.local_ack == 0 {
+    if key.proto != PROTO_TCP || flow.marks & REMOTE_NEXT_KNOWN == 0 {
         return None;
     }
     let builder = match (key.remote(), key.local()) {
@@ -535,14 +644,16 @@ fn local_reset(key: &FlowKey, flow: &Flow) -> Option<Vec<u8>> {
         (IpAddr::V6(r), IpAddr::V6(l)) => Builder::v6(r.octets(), l.octets()),
         _ => return None,
     };
-    let rst = Transport::Tcp {
-        src_port: key.remote_port,
-        dst_port: key.local_port,
-        seq: flow.local_ack,
-        ack: 0,
-        flags: TCP_RST,
-    };
+    let rst =
+        reset(key.remote_port, key.local_port, flow.remote_next, flow.local_next, flow.marks & LOCAL_NEXT_KNOWN != 0);
     Some(builder.transport(rst, &[]))
+}
+
+/// A RST at exactly `seq` (the receiver's next expected number), acknowledging `ack` when it is known: a
+/// receiver still waiting for its SYN to be answered takes a reset only if it acknowledges that SYN.
+fn reset(src_port: u16, dst_port: u16, seq: u32, ack: u32, ack_known: bool) -> Transport {
+    let flags = if ack_known { TCP_RST | TCP_ACK } else { TCP_RST };
+    Transport::Tcp { src_port, dst_port, seq, ack: if ack_known { ack } else { 0 }, flags }
 }
 
 /// What to tell the remote opener of a revoked flow: a RST in its window for TCP, an ICMP
@@ -555,13 +666,13 @@ fn notice(key: &FlowKey, flow: &Flow) -> Option<Vec<u8>> {
     };
     match key.proto {
         PROTO_TCP => Some(builder.transport(
-            Transport::Tcp {
-                src_port: key.local_port,
-                dst_port: key.remote_port,
-                seq: flow.remote_ack,
-                ack: 0,
-                flags: TCP_RST,
-            },
+            reset(
+                key.local_port,
+                key.remote_port,
+                flow.local_next,
+                flow.remote_next,
+                flow.marks & REMOTE_NEXT_KNOWN != 0,
+            ),
             &[],
         )),
         PROTO_ICMP | PROTO_ICMPV6 => None,

@@ -681,3 +681,41 @@ fn the_compiled_policy_is_reused_until_its_inputs_change() {
     c.set_policy(r#"{"tagOwners": {"tag:a": []}, "acls": []}"#, "test", NOW).unwrap();
     assert!(!Arc::ptr_eq(&compiled(&c), &second), "and so does a new policy");
 }
+
+/// A `via` grant reaches the netmap: the client is given the subnet through the router the grant names,
+/// though another router is primary for everyone else.
+#[test]
+fn a_via_grant_gives_its_sources_the_subnet_through_the_named_router() {
+    let c = control(
+        r#"{
+        "tagOwners": {"tag:a": [], "tag:ra": [], "tag:rb": []},
+        "autoApprovers": {"routes": {"10.44.0.0/16": ["tag:ra", "tag:rb"]}},
+        "grants": [
+            {"src": ["tag:a"], "dst": ["10.44.0.0/16"], "ip": ["*"], "via": ["tag:ra"]},
+            {"src": ["tag:a"], "dst": ["tag:ra", "tag:rb"], "ip": ["*"]},
+        ],
+    }"#,
+    );
+    let key = |tag: &str| {
+        let options = AuthKeyOptions { reusable: true, tags: vec![tag.into()], ..Default::default() };
+        c.create_auth_key(&options, NOW).unwrap().1
+    };
+    let mut rb = request(&key("tag:rb"), 1, "rb");
+    rb.advertise_routes = vec![net("10.44.0.0/16")];
+    join(&c, &rb, NOW).unwrap();
+    let mut ra = request(&key("tag:ra"), 2, "ra");
+    ra.advertise_routes = vec![net("10.44.0.0/16")];
+    join(&c, &ra, NOW).unwrap();
+    let a = join(&c, &request(&key("tag:a"), 3, "a"), NOW).unwrap();
+    let online = |_: &NodeRecord| true;
+    let map = c.netmap(a.node_id, online).unwrap();
+    let routes_of = |name: &str| -> Vec<IpNet> {
+        let peer = map.peers.iter().find(|p| p.name == name).unwrap();
+        peer.allowed_ips.iter().filter(|n| n.prefix_len() < 32).copied().filter(|n| n.addr().is_ipv4()).collect()
+    };
+    assert_eq!(routes_of("ra"), vec![net("10.44.0.0/16")], "through the router the grant names");
+    assert!(routes_of("rb").is_empty(), "not through the primary");
+    let snapshot = c.snapshot(online).unwrap();
+    let spliced: NetMap = serde_json::from_str(&snapshot.netmap_json(a.node_id).unwrap()).unwrap();
+    assert_eq!(spliced, map);
+}

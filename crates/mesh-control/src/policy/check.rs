@@ -126,10 +126,18 @@ fn principals(text: &str, side: Side, policy: &Policy, nodes: &[PolicyNode]) -> 
     }
 }
 
+/// `pattern` names `user`: the same login, or `*@domain` and a login of that domain (as the compiler reads it).
+fn user_matches(pattern: &str, user: &str) -> bool {
+    match pattern.strip_prefix("*@") {
+        Some(domain) => user.rsplit_once('@').is_some_and(|(_, d)| d == domain),
+        None => pattern == user,
+    }
+}
+
 fn matches(alias: &Alias, who: &Principal, policy: &Policy) -> bool {
     match alias {
         Alias::Any | Alias::DangerAll => true,
-        Alias::User(u) => who.user.as_deref() == Some(u),
+        Alias::User(u) => who.user.as_deref().is_some_and(|w| user_matches(u, w)),
         Alias::Group(g) => who.user.as_ref().is_some_and(|u| policy.groups.get(g).is_some_and(|m| m.contains(u))),
         Alias::Tag(t) => who.tags.contains(t),
         Alias::Member => who.user.is_some(),

@@ -305,6 +305,17 @@ fn cover(net: IpNet, holes: &[IpNet], out: &mut Vec<IpNet>) {
     }
 }
 
+/// The nodes carrying any of a `via` grant's tags.
+fn via_nodes(dir: &Directory<'_>, via: &[String], n: usize) -> Bits {
+    let mut nodes = Bits::new(n);
+    for tag in via {
+        if let Some(tagged) = dir.by_tag.get(tag.as_str()) {
+            nodes.union(tagged);
+        }
+    }
+    nodes
+}
+
 /// A rule as delivered to one node, before it is written out.
 struct Delivered {
     /// Which rule, and for `autogroup:self` which user: deliveries of one are merged.
@@ -400,7 +411,13 @@ pub fn compile(policy: &Policy, nodes: &[PolicyNode], mesh: &[IpNet]) -> Compile
                     see(&src_nodes, &Bits::full(n));
                 }
                 Alias::Internet => {
-                    for t in dir.exits.iter() {
+                    // With `via`, only the exit nodes it names carry it (the client still picks one).
+                    let exits = if rule.via.is_empty() {
+                        dir.exits.clone()
+                    } else {
+                        dir.exits.intersect(&via_nodes(&dir, &rule.via, n))
+                    };
+                    for t in exits.iter() {
                         deliver(
                             &mut delivered,
                             t,
@@ -409,20 +426,14 @@ pub fn compile(policy: &Policy, nodes: &[PolicyNode], mesh: &[IpNet]) -> Compile
                             dst_entries(internet.iter().copied().map(Some), &dst.ports),
                         );
                     }
-                    see(&src_nodes, &dir.exits);
+                    see(&src_nodes, &exits);
                 }
                 Alias::Host(_, net) | Alias::Prefix(net) => {
                     let mut targets = dir.touching(net);
                     if !rule.via.is_empty() {
                         // Only the named routers carry it, and for these sources they carry it whichever
                         // router is primary for everyone else.
-                        let mut via = Bits::new(n);
-                        for tag in &rule.via {
-                            if let Some(tagged) = dir.by_tag.get(tag.as_str()) {
-                                via.union(tagged);
-                            }
-                        }
-                        targets = targets.intersect(&via);
+                        targets = targets.intersect(&via_nodes(&dir, &rule.via, n));
                         for t in targets.iter() {
                             for route in nodes[t].subnet_routes().filter(|r| overlaps(r, net)) {
                                 for s in src_nodes.iter().filter(|s| *s != t) {

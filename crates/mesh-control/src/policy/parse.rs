@@ -339,7 +339,7 @@ impl<'t> Reader<'t> {
         let mut rules = Vec::new();
         for entry in &self.array(value, "grants")?.elements {
             let object = self.object(entry, "a grants entry")?;
-            let (mut src, mut dst, mut ip, mut via) = (None, None, None, Vec::new());
+            let (mut src, mut dst, mut ip, mut via, mut via_at) = (None, None, None, Vec::new(), None);
             for (at, name, value) in self.properties(object, "a grants entry")? {
                 match name.as_str() {
                     "src" => src = Some(self.strings(value, "src")?),
@@ -352,6 +352,7 @@ impl<'t> Reader<'t> {
                         ));
                     }
                     "via" => {
+                        via_at = Some(at);
                         for (at, tag) in self.strings(value, "via")? {
                             if !tag.starts_with("tag:") {
                                 return Err(self.error(at, format!("via={tag:?}: via can only be a tag")));
@@ -396,6 +397,14 @@ impl<'t> Reader<'t> {
             for (at, spec) in &ip {
                 let (protos, ports) = parse_ip_spec(spec).map_err(|e| self.error(*at, e))?;
                 by_proto.entry(protos).or_default().extend(ports);
+            }
+            if let Some(at) = via_at
+                && !aliases.iter().all(|a| matches!(a, Alias::Host(..) | Alias::Prefix(_) | Alias::Internet))
+            {
+                return Err(self.error(
+                    at,
+                    "via steers routes: every dst of a via grant must be a host, a CIDR prefix or autogroup:internet",
+                ));
             }
             let line = self.line(here);
             for (protos, ports) in by_proto {

@@ -148,3 +148,15 @@ fn the_documented_policies_parse() {
         assert!(policy.rules.is_some());
     }
 }
+
+/// A test's user is judged as the compiler resolves the rule: `user:*@domain` covers the domain's users.
+#[test]
+fn tests_read_domain_wildcards_as_the_compiler_does() {
+    let text = r#"{
+        "tagOwners": {"tag:db": []},
+        "grants": [{"src": ["user:*@example.com"], "dst": ["tag:db"], "ip": ["tcp:5432"]}],
+        "tests": [{"src": "alice@example.com", "deny": ["tag:db:5432"]}],
+    }"#;
+    let failures = Policy::parse(text).unwrap().check_tests(&[]).unwrap_err();
+    assert!(failures[0].message.contains("expected deny, but it is allowed"), "{failures:?}");
+}

@@ -114,13 +114,77 @@ fn narrowing_the_rules_cuts_the_flows_peers_opened_and_tells_the_opener() {
     let layout = wire::parse(rst).unwrap();
     let l4 = &rst[layout.l4_offset..];
     assert_eq!(wire::source(rst), Some(IpAddr::from(DB)));
-    assert_eq!((u16::from_be_bytes([l4[2], l4[3]]), l4[13]), (40000, TCP_RST));
+    assert_eq!((u16::from_be_bytes([l4[2], l4[3]]), l4[13] & TCP_RST), (40000, TCP_RST));
     assert_eq!(u32::from_be_bytes(l4[4..8].try_into().unwrap()), 7777, "in the worker's window");
     let icmp = revoked[1].notice.as_ref().unwrap();
     let layout = wire::parse(icmp).unwrap();
     assert_eq!((icmp[layout.l4_offset], icmp[layout.l4_offset + 1]), (3, 13), "administratively prohibited");
-    assert_eq!(db.inbound(&tcp(WORKER, DB, 40000, 5432, TCP_ACK, 1002, 7777), now), Err(Drop::NoFlow));
-    assert_eq!(db.flows(), 1);
+    assert_eq!(db.inbound(&tcp(WORKER, DB, 40000, 5432, TCP_ACK, 1002, 7777), now), Err(Drop::Denied));
+    // The cut flows stay cut: the local end's retransmission does not reopen them from this side.
+    db.outbound(&tcp(DB, WORKER, 5432, 40000, TCP_ACK, 7777, 1002), now);
+    assert_eq!(db.inbound(&tcp(WORKER, DB, 40000, 5432, TCP_ACK, 1002, 7777), now), Err(Drop::Denied));
+    assert!(db.set_rules(Some(vec![])).is_empty(), "and are not cut twice");
+    // Until the mark expires: then the flow is simply unknown.
+    let later = now + TCP_TRANSITORY_IDLE + Duration::from_secs(1);
+    assert_eq!(db.inbound(&tcp(WORKER, DB, 40000, 5432, TCP_ACK, 1002, 7777), later), Err(Drop::NoFlow));
+}
+
+#[test]
+fn resets_land_exactly_where_each_end_expects_the_next_byte() {
+    let now = Instant::now();
+    let mut db = filter_with(Some(db_rules()));
+    // Opening: the worker's SYN, nothing answered yet. Its reset must acknowledge the SYN to be taken.
+    db.inbound(&tcp(WORKER, DB, 40000, 5432, TCP_SYN, 1000, 0), now).unwrap();
+    let cut = db.set_rules(Some(vec![]));
+    let rst = cut[0].notice.as_ref().unwrap();
+    let l4 = &rst[wire::parse(rst).unwrap().l4_offset..];
+    assert_eq!(l4[13], TCP_RST | TCP_ACK);
+    assert_eq!(u32::from_be_bytes(l4[8..12].try_into().unwrap()), 1001, "acknowledges the SYN");
+    // Established with data in flight from the db: the reset starts after the last byte the db sent.
+    let mut db = filter_with(Some(db_rules()));
+    db.inbound(&tcp(WORKER, DB, 40001, 5432, TCP_SYN, 1000, 0), now).unwrap();
+    db.outbound(&tcp(DB, WORKER, 5432, 40001, TCP_SYN | TCP_ACK, 5000, 1001), now);
+    db.inbound(&tcp(WORKER, DB, 40001, 5432, TCP_ACK, 1001, 5001), now).unwrap();
+    let data = Builder::v4(DB, WORKER)
+        .transport(Transport::Tcp { src_port: 5432, dst_port: 40001, seq: 5001, ack: 1001, flags: TCP_ACK }, &[7; 100]);
+    db.outbound(&data, now);
+    let cut = db.set_rules(Some(vec![]));
+    let rst = cut[0].notice.as_ref().unwrap();
+    let l4 = &rst[wire::parse(rst).unwrap().l4_offset..];
+    assert_eq!(u32::from_be_bytes(l4[4..8].try_into().unwrap()), 5101, "past the 100 bytes in flight");
+    let local = cut[0].local_reset.as_ref().unwrap();
+    let l4 = &local[wire::parse(local).unwrap().l4_offset..];
+    assert_eq!(u32::from_be_bytes(l4[4..8].try_into().unwrap()), 1001, "where the db expects the worker next");
+}
+
+#[test]
+fn a_closed_flow_reopens_on_a_new_syn_and_half_closed_streams_stay_established() {
+    let now = Instant::now();
+    let mut worker = filter_with(Some(vec![]));
+    worker.outbound(&tcp(WORKER, DB, 40000, 5432, TCP_SYN, 1, 0), now);
+    worker.inbound(&tcp(DB, WORKER, 5432, 40000, TCP_SYN | TCP_ACK, 500, 2), now).unwrap();
+    // The worker half-closes; the db keeps streaming for hours.
+    worker.outbound(&tcp(WORKER, DB, 40000, 5432, TCP_FIN | TCP_ACK, 2, 501), now);
+    let hour = now + Duration::from_secs(3600);
+    assert_eq!(worker.inbound(&tcp(DB, WORKER, 5432, 40000, TCP_ACK, 501, 3), hour), Ok(()), "still established");
+    // Both closed, then the same ports opened again: established again, not stuck closing.
+    worker.inbound(&tcp(DB, WORKER, 5432, 40000, TCP_FIN | TCP_ACK, 501, 3), hour).unwrap();
+    worker.outbound(&tcp(WORKER, DB, 40000, 5432, TCP_SYN, 9000, 0), hour);
+    worker.inbound(&tcp(DB, WORKER, 5432, 40000, TCP_SYN | TCP_ACK, 7000, 9001), hour).unwrap();
+    let later = hour + TCP_TRANSITORY_IDLE + Duration::from_secs(60);
+    assert_eq!(worker.inbound(&tcp(DB, WORKER, 5432, 40000, TCP_ACK, 7001, 9001), later), Ok(()));
+}
+
+#[test]
+fn icmp_redirects_and_source_quench_are_not_errors_a_flow_receives() {
+    let now = Instant::now();
+    let mut worker = filter_with(Some(vec![]));
+    let sent = Builder::v4(WORKER, DB).udp(5353, 53, b"q");
+    worker.outbound(&sent, now);
+    for msg_type in [4, 5] {
+        let icmp = Builder::v4(DB, WORKER).icmp_error(msg_type, 1, 0, &sent);
+        assert_eq!(worker.inbound(&icmp, now), Err(Drop::NoFlow), "type {msg_type}");
+    }
 }
 
 #[test]
@@ -144,6 +208,10 @@ fn a_full_table_refuses_new_flows_and_counts_them() {
     }
     assert_eq!(db.inbound(&tcp(WORKER, DB, 40002, 5432, TCP_SYN, 1, 0), now), Err(Drop::TableFull));
     assert_eq!(db.refused_full, 1);
+    // A flow this node opens takes a peer's place: peers filling the table do not stop the node's own traffic.
+    db.outbound(&tcp(DB, WORKER, 33000, 80, TCP_SYN, 1, 0), now);
+    assert_eq!(db.flows(), 2);
+    assert_eq!(db.inbound(&tcp(WORKER, DB, 80, 33000, TCP_SYN | TCP_ACK, 9, 2), now), Ok(()), "its reply passes");
     // Expired flows make room.
     let later = now + TCP_TRANSITORY_IDLE + Duration::from_secs(1);
     assert_eq!(db.inbound(&tcp(WORKER, DB, 40002, 5432, TCP_SYN, 1, 0), later), Ok(()));
