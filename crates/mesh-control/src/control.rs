@@ -508,9 +508,7 @@ impl Control {
         if policy.tests.is_empty() {
             return Ok(policy);
         }
-        let nodes = self.nodes()?;
-        let primaries = self.primaries()?;
-        policy.check_tests(&self.policy_nodes(&nodes, &primaries)).map_err(|failures| {
+        policy.check_tests(&self.nodes_under(&policy)?).map_err(|failures| {
             let lines: Vec<String> = failures.iter().map(ToString::to_string).collect();
             ControlError::bad(lines.join("\n"))
         })?;
@@ -1340,6 +1338,45 @@ impl Control {
         let view = Arc::new(PolicyView { policy: self.policy.clone(), index, nodes: live, compiled });
         *self.compiled.borrow_mut() = Some(view.clone());
         Ok(view)
+    }
+
+    /// The live nodes as they will be once `policy` is set: without the tags it no longer lets their keys
+    /// apply and the route approvals its autoApprovers no longer make (what `set_policy` takes back), so its
+    /// tests judge the mesh they will run in.
+    fn nodes_under(&self, policy: &Policy) -> Result<Vec<PolicyNode>, ControlError> {
+        let nodes = self.nodes()?;
+        let primaries = self.primaries()?;
+        let mut projected = self.policy_nodes(&nodes, &primaries);
+        let mut key_tags: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        {
+            let mut statement = self.db.prepare("SELECT id, key_tags FROM nodes")?;
+            let rows = statement.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?)))?;
+            for row in rows {
+                let (id, tags) = row?;
+                key_tags.insert(id, split(&tags));
+            }
+        }
+        let mut auto: BTreeMap<u64, Vec<IpNet>> = BTreeMap::new();
+        {
+            let mut statement = self.db.prepare("SELECT node_id, prefix FROM routes WHERE auto_approved")?;
+            let rows = statement.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?)))?;
+            for row in rows {
+                let (id, prefix) = row?;
+                if let Ok(prefix) = prefix.parse() {
+                    auto.entry(id).or_default().push(prefix);
+                }
+            }
+        }
+        for node in &mut projected {
+            let keys = key_tags.get(&node.id).map(Vec::as_slice).unwrap_or_default();
+            node.tags.retain(|t| keys.contains(t) || policy.may_apply(keys, t));
+            // As `set_policy` and registration judge approvals: by the node's tags.
+            let tags = node.tags.clone();
+            let revoked: Vec<IpNet> =
+                auto.get(&node.id).into_iter().flatten().filter(|r| !policy.auto_approves(r, &tags)).copied().collect();
+            node.approved_routes.retain(|r| !revoked.contains(r));
+        }
+        Ok(projected)
     }
 
     /// The live nodes as the policy sees them.

@@ -345,6 +345,11 @@ impl Dataplane {
             }
             QuotedFlow::Unreadable => return Err(DropReason::SourceNotAllowed),
         }
+        let node = &self.node;
+        // Judged only once the router would take it: a packet it refuses anyway must not open a flow.
+        if let Some(dst) = wire::destination(&out[..n]) {
+            self.router.destination(dst, |d| node.route(d).is_some())?;
+        }
         self.filter.inbound(&out[..n], now)?;
         let node = &self.node;
         // The node accepted the packet only from the peer that routes its source: that peer sent it.

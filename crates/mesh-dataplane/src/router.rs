@@ -84,6 +84,22 @@ impl Router {
         self.snat.as_ref()
     }
 
+    /// Where a packet from the mesh for `dst` would go: `None` to this host, `Some(snat)` forwarded into a
+    /// served route (with SNAT or not), or why it goes nowhere. The ACL filter asks first, so that a packet
+    /// the router refuses anyway opens no flow.
+    pub fn destination(&self, dst: IpAddr, into_mesh: impl Fn(IpAddr) -> bool) -> Result<Option<bool>, DropReason> {
+        if self.own.contains(&dst) {
+            return Ok(None);
+        }
+        if !forwardable(dst) {
+            return Err(DropReason::NotRouted);
+        }
+        if into_mesh(dst) || self.snat.as_ref().is_some_and(|s| s.is_snat_address(dst)) {
+            return Err(DropReason::Hairpin);
+        }
+        self.served.lookup(dst).map(Some).ok_or(DropReason::NotRouted)
+    }
+
     /// Decides on a decrypted packet from a peer, rewriting it in place when it is forwarded with SNAT.
     /// `into_mesh` says whether a destination is routed to a peer (the node's allowed-IPs table).
     pub fn from_mesh(
@@ -94,17 +110,9 @@ impl Router {
         into_mesh: impl Fn(IpAddr) -> bool,
     ) -> Result<FromMesh, DropReason> {
         let dst = destination(packet).ok_or(DropReason::NotIp)?;
-        if self.own.contains(&dst) {
-            return Ok(FromMesh::Local);
-        }
-        if !forwardable(dst) {
-            return Err(DropReason::NotRouted);
-        }
-        if into_mesh(dst) || self.snat.as_ref().is_some_and(|s| s.is_snat_address(dst)) {
-            return Err(DropReason::Hairpin);
-        }
-        let Some(snat_on) = self.served.lookup(dst) else {
-            return Err(DropReason::NotRouted);
+        let snat_on = match self.destination(dst, into_mesh)? {
+            None => return Ok(FromMesh::Local),
+            Some(snat_on) => snat_on,
         };
         // A directed broadcast would reach every host of a LAN with one packet; a routing header would steer
         // a packet past the router. The SNAT engine refuses source routing when it parses; the path that

@@ -719,3 +719,24 @@ fn a_via_grant_gives_its_sources_the_subnet_through_the_named_router() {
     let spliced: NetMap = serde_json::from_str(&snapshot.netmap_json(a.node_id).unwrap()).unwrap();
     assert_eq!(spliced, map);
 }
+
+/// A policy's tests judge the mesh as it will be under that policy: a tag the new policy takes back no
+/// longer counts for the node that had it.
+#[test]
+fn a_policys_tests_judge_the_tags_it_leaves_nodes() {
+    let mut c = control(r#"{"tagOwners": {"tag:db": ["tag:ci"], "tag:ci": []}}"#);
+    let options = AuthKeyOptions { reusable: true, tags: vec!["tag:ci".into()], ..Default::default() };
+    let (_, key) = c.create_auth_key(&options, NOW).unwrap();
+    let mut db = request(&key, 1, "db");
+    db.tags = vec!["tag:db".into()];
+    let db = join(&c, &db, NOW).unwrap();
+    let db_ip = db.ipv4.to_string();
+    // The new policy no longer lets tag:ci apply tag:db, and asserts the db's address is reachable as a db.
+    let narrower = format!(
+        r#"{{"tagOwners": {{"tag:db": [], "tag:ci": []}},
+            "acls": [{{"action": "accept", "src": ["tag:ci"], "dst": ["tag:db:5432"]}}],
+            "tests": [{{"src": "tag:ci", "accept": ["{db_ip}:5432"]}}]}}"#
+    );
+    let refusal = c.set_policy(&narrower, "test", NOW).unwrap_err();
+    assert!(refusal.message.contains("expected accept"), "{}", refusal.message);
+}
