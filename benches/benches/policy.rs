@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use mesh_control::policy::compile::Kept;
 use mesh_control::policy::{Alias, Dst, Policy, PolicyNode, PortRange, Rule, compile};
 use mesh_packet::build::{Builder, Transport};
 use mesh_packet::filter::{DstRange, Filter};
@@ -88,6 +89,17 @@ fn compiling(c: &mut Criterion) {
         println!("{nodes} nodes x {rules} rules: {delivered} rules delivered, {visible} visible pairs");
         group.bench_with_input(BenchmarkId::new("nodes_x_rules", format!("{nodes}x{rules}")), &nodes, |b, _| {
             b.iter(|| black_box(compile(&policy, &nodes_list, &mesh_ranges)))
+        });
+        // One tagged node joins: only the nodes its rules reach are compiled again.
+        let kept = Kept::new(&policy, &nodes_list, &mesh_ranges);
+        let mut joined = nodes_list.clone();
+        let mut newcomer = mesh(nodes + 2).pop().expect("a node");
+        newcomer.id = nodes as u64 + 1;
+        joined.push(newcomer);
+        let updated = kept.update(&policy, &joined, &mesh_ranges);
+        println!("{nodes} nodes x {rules} rules, one tagged node joins: {} nodes compiled again", updated.recompiled);
+        group.bench_with_input(BenchmarkId::new("one_node_joins", format!("{nodes}x{rules}")), &nodes, |b, _| {
+            b.iter(|| black_box(kept.update(&policy, &joined, &mesh_ranges)))
         });
     }
     group.finish();

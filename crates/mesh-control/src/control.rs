@@ -11,7 +11,8 @@ use mesh_proto::{
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
-use crate::policy::{Compiled, Policy, PolicyNode};
+use crate::policy::compile::Kept;
+use crate::policy::{Policy, PolicyNode};
 use mesh_proto::proof;
 
 /// The schema, one statement list per version. Plain SQL both SQLite and PostgreSQL accept, so a PostgreSQL
@@ -1295,10 +1296,10 @@ impl Control {
         let (from, to) = (address(src)?, address(dst)?);
         let what = format!("{src} -> {dst}:{port}/{}", proto_name(proto));
         // Where the packet is judged: the node with that address, or the routers whose approved routes hold it.
-        let judges: Vec<usize> = match view.nodes.iter().position(|n| n.addresses.contains(&to)) {
+        let judges: Vec<usize> = match view.kept.nodes.iter().position(|n| n.addresses.contains(&to)) {
             Some(i) => vec![i],
-            None => (0..view.nodes.len())
-                .filter(|i| view.nodes[*i].approved_routes.iter().any(|r| r.prefix_len() != 0 && r.contains(&to)))
+            None => (0..view.kept.nodes.len())
+                .filter(|i| view.kept.nodes[*i].approved_routes.iter().any(|r| r.prefix_len() != 0 && r.contains(&to)))
                 .collect(),
         };
         if judges.is_empty() {
@@ -1306,13 +1307,13 @@ impl Control {
         }
         let port_for = matches!(proto, 6 | 17 | 132).then_some(port);
         for i in judges {
-            let name = &view.nodes[i].name;
-            let Some(filter) = &view.compiled.filters[i] else {
+            let name = &view.kept.nodes[i].name;
+            let Some(filter) = &view.kept.compiled.filters[i] else {
                 return Ok(format!(
                     "{what}: allowed: the policy has no acls or grants, so everything is ({name} judges)"
                 ));
             };
-            for (rule, line) in filter.iter().zip(&view.compiled.lines[i]) {
+            for (rule, line) in filter.iter().zip(&view.kept.compiled.lines[i]) {
                 // The data plane's own matching, so this says what the filter will do.
                 let one = [mesh_packet::filter::Rule::from(rule)];
                 if mesh_packet::filter::allows(&one, from, to, proto, port_for) {
@@ -1326,16 +1327,21 @@ impl Control {
     /// The policy compiled for the live nodes.
     fn policy_view(&self, nodes: &[NodeRecord], primaries: &Primaries) -> Result<Arc<PolicyView>, ControlError> {
         let live = self.policy_nodes(nodes, primaries);
-        if let Some(view) = self.compiled.borrow().as_ref()
-            && view.policy == self.policy
-            && view.nodes == live
+        let previous = self.compiled.borrow().clone();
+        if let Some(view) = &previous
+            && view.kept.policy == self.policy
+            && view.kept.nodes == live
         {
             return Ok(view.clone());
         }
         let mesh = [MESH_V4.parse().expect("literal"), IpNet::V6(self.ula()?)];
-        let compiled = crate::policy::compile(&self.policy, &live, &mesh);
+        // Node changes recompile only the nodes they touch (a policy change recompiles everyone).
+        let kept = match &previous {
+            Some(view) => view.kept.update(&self.policy, &live, &mesh),
+            None => Kept::new(&self.policy, &live, &mesh),
+        };
         let index = live.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
-        let view = Arc::new(PolicyView { policy: self.policy.clone(), index, nodes: live, compiled });
+        let view = Arc::new(PolicyView { index, kept });
         *self.compiled.borrow_mut() = Some(view.clone());
         Ok(view)
     }
@@ -1409,21 +1415,19 @@ fn proto_name(proto: u8) -> String {
 /// The policy compiled for one version of the mesh: who sees whom, and each node's filter.
 #[derive(Debug)]
 struct PolicyView {
-    /// What it was compiled from, to know when it still holds.
-    policy: Policy,
     index: BTreeMap<u64, usize>,
-    nodes: Vec<PolicyNode>,
-    compiled: Compiled,
+    /// The compilation, with what it was compiled from (to know when it still holds, and to follow changes).
+    kept: Kept,
 }
 
 impl PolicyView {
     fn sees(&self, viewer: u64, peer: u64) -> bool {
         let (Some(v), Some(p)) = (self.index.get(&viewer), self.index.get(&peer)) else { return false };
-        self.compiled.filters[*v].is_none() || self.compiled.peers[*v].binary_search(p).is_ok()
+        self.kept.compiled.filters[*v].is_none() || self.kept.compiled.peers[*v].binary_search(p).is_ok()
     }
 
     fn filter(&self, node: u64) -> Option<Vec<FilterRule>> {
-        self.index.get(&node).and_then(|i| self.compiled.filters[*i].clone())
+        self.index.get(&node).and_then(|i| self.kept.compiled.filters[*i].clone())
     }
 
     /// `peer` as `viewer` sees it: only the routes it may use, and those a `via` grant sends through this
@@ -1433,7 +1437,7 @@ impl PolicyView {
             let own = [IpNet::from(std::net::IpAddr::V4(peer.ipv4)), IpNet::from(std::net::IpAddr::V6(peer.ipv6))];
             let served: Vec<IpNet> = peer.allowed_ips.iter().filter(|n| !own.contains(n)).copied().collect();
             peer.allowed_ips = own.to_vec();
-            peer.allowed_ips.extend(self.compiled.routes_through(&self.nodes, *v, *p, &served));
+            peer.allowed_ips.extend(self.kept.compiled.routes_through(&self.kept.nodes, *v, *p, &served));
         }
         peer
     }

@@ -740,3 +740,28 @@ fn a_policys_tests_judge_the_tags_it_leaves_nodes() {
     let refusal = c.set_policy(&narrower, "test", NOW).unwrap_err();
     assert!(refusal.message.contains("expected accept"), "{}", refusal.message);
 }
+
+/// A node joining recompiles the nodes its rules reach, not the mesh.
+#[test]
+fn a_joining_node_recompiles_only_the_nodes_it_touches() {
+    let c = control(
+        r#"{"tagOwners": {"tag:a": [], "tag:b": [], "tag:c": []},
+            "acls": [{"action": "accept", "src": ["tag:a"], "dst": ["tag:b:22"]}]}"#,
+    );
+    let key = |tag: &str| {
+        let options = AuthKeyOptions { reusable: true, tags: vec![tag.into()], ..Default::default() };
+        c.create_auth_key(&options, NOW).unwrap().1
+    };
+    for (i, tag) in [(1, "tag:a"), (2, "tag:b"), (3, "tag:c"), (4, "tag:c")] {
+        join(&c, &request(&key(tag), i, &format!("n{i}")), NOW).unwrap();
+    }
+    let recompiled = |c: &Control| {
+        c.snapshot(|_| true).unwrap();
+        c.compiled.borrow().as_ref().unwrap().kept.recompiled
+    };
+    assert_eq!(recompiled(&c), 4, "the first compilation is whole");
+    join(&c, &request(&key("tag:c"), 5, "n5"), NOW).unwrap();
+    assert_eq!(recompiled(&c), 1, "a tag:c node touches no rule: only itself");
+    join(&c, &request(&key("tag:b"), 6, "n6"), NOW).unwrap();
+    assert_eq!(recompiled(&c), 3, "a tag:b node: itself, the other tag:b node and the tag:a node");
+}

@@ -134,6 +134,10 @@ impl Bits {
         self.0[i / 64] |= 1 << (i % 64);
     }
 
+    fn contains(&self, i: usize) -> bool {
+        self.0[i / 64] & (1 << (i % 64)) != 0
+    }
+
     fn union(&mut self, other: &Bits) {
         for (a, b) in self.0.iter_mut().zip(&other.0) {
             *a |= b;
@@ -173,6 +177,10 @@ struct Directory<'a> {
     exits: Bits,
     /// Every approved subnet route (exit routes not included), for `*` as a source.
     subnet_routes: Vec<IpNet>,
+    /// Every node address, sorted, for finding the nodes inside a prefix without a scan.
+    by_address: Vec<(IpAddr, usize)>,
+    /// Each approved subnet route with its router.
+    routers: Vec<(IpNet, usize)>,
 }
 
 impl<'a> Directory<'a> {
@@ -186,6 +194,8 @@ impl<'a> Directory<'a> {
             tagged: Bits::new(n),
             exits: Bits::new(n),
             subnet_routes: Vec::new(),
+            by_address: Vec::new(),
+            routers: Vec::new(),
         };
         for (i, node) in nodes.iter().enumerate() {
             if let Some(user) = node.owner() {
@@ -202,7 +212,10 @@ impl<'a> Directory<'a> {
                 d.exits.insert(i);
             }
             d.subnet_routes.extend(node.subnet_routes().copied());
+            d.by_address.extend(node.addresses.iter().map(|a| (*a, i)));
+            d.routers.extend(node.subnet_routes().map(|r| (*r, i)));
         }
+        d.by_address.sort_unstable();
         d.subnet_routes.sort();
         d.subnet_routes.dedup();
         d
@@ -243,9 +256,14 @@ impl<'a> Directory<'a> {
     /// Nodes with an address inside `net` or an approved subnet route overlapping it.
     fn touching(&self, net: &IpNet) -> Bits {
         let mut b = Bits::new(self.nodes.len());
-        for (i, node) in self.nodes.iter().enumerate() {
-            if node.subnet_routes().any(|r| overlaps(r, net)) || node.addresses.iter().any(|a| net.contains(a)) {
-                b.insert(i);
+        let (first, last) = (net.network(), net.broadcast());
+        let start = self.by_address.partition_point(|(a, _)| *a < first);
+        for (_, i) in self.by_address[start..].iter().take_while(|(a, _)| *a <= last) {
+            b.insert(*i);
+        }
+        for (route, i) in &self.routers {
+            if overlaps(route, net) {
+                b.insert(*i);
             }
         }
         b
@@ -335,27 +353,142 @@ fn dst_entries(nets: impl IntoIterator<Item = Option<IpNet>>, ports: &[PortRange
 
 /// Compiles `policy` for `nodes`; `mesh` is the mesh's own ranges (what `*` means as a source).
 pub fn compile(policy: &Policy, nodes: &[PolicyNode], mesh: &[IpNet]) -> Compiled {
+    compile_for(policy, nodes, mesh, None).0
+}
+
+/// Who a rule reaches, by node id: what decides whether a node change touches it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RuleReach {
+    src_nets: Arc<[IpNet]>,
+    src: Vec<u64>,
+    targets: Vec<u64>,
+}
+
+/// A compilation kept to follow changes: when only nodes change, the rules whose reach changed are found,
+/// and only the nodes they touch (and the changed nodes) are compiled again; every other node keeps what it
+/// had.
+#[derive(Debug, Clone)]
+pub struct Kept {
+    pub policy: Policy,
+    pub nodes: Vec<PolicyNode>,
+    pub compiled: Compiled,
+    mesh: Vec<IpNet>,
+    reach: Vec<RuleReach>,
+    /// How many nodes the last update compiled (all of them for a first or a policy change).
+    pub recompiled: usize,
+}
+
+impl Kept {
+    pub fn new(policy: &Policy, nodes: &[PolicyNode], mesh: &[IpNet]) -> Self {
+        let (compiled, reach) = compile_for(policy, nodes, mesh, None);
+        Kept {
+            policy: policy.clone(),
+            nodes: nodes.to_vec(),
+            compiled,
+            mesh: mesh.to_vec(),
+            reach,
+            recompiled: nodes.len(),
+        }
+    }
+
+    /// This compilation brought to `policy` and `nodes`.
+    pub fn update(&self, policy: &Policy, nodes: &[PolicyNode], mesh: &[IpNet]) -> Self {
+        if *policy != self.policy || mesh != self.mesh.as_slice() || policy.rules.is_none() {
+            return Kept::new(policy, nodes, mesh);
+        }
+        let n = nodes.len();
+        // Each rule's reach now, without compiling anyone.
+        let (_, reach) = compile_for(policy, nodes, mesh, Some(&Bits::new(n)));
+        let old: BTreeMap<u64, &PolicyNode> = self.nodes.iter().map(|x| (x.id, x)).collect();
+        let mut affected: std::collections::BTreeSet<u64> =
+            nodes.iter().filter(|x| old.get(&x.id).is_none_or(|was| *was != *x)).map(|x| x.id).collect();
+        let now: std::collections::BTreeSet<u64> = nodes.iter().map(|x| x.id).collect();
+        affected.extend(old.keys().filter(|id| !now.contains(id)));
+        // A rule is touched when its reach changed or it reaches a changed node (whose addresses or routes
+        // its receivers hold); everyone it reaches, before or after, is compiled again.
+        let changed = affected.clone();
+        for (before, after) in self.reach.iter().zip(&reach) {
+            let touched = before != after
+                || [before, after].iter().any(|r| r.src.iter().chain(&r.targets).any(|id| changed.contains(id)));
+            if touched {
+                for r in [before, after] {
+                    affected.extend(r.src.iter().chain(&r.targets));
+                }
+            }
+        }
+        let mut only = Bits::new(n);
+        for (i, x) in nodes.iter().enumerate() {
+            if affected.contains(&x.id) {
+                only.insert(i);
+            }
+        }
+        let (mut compiled, reach) = compile_for(policy, nodes, mesh, Some(&only));
+        // Everyone else keeps what they had, their peers and steering renumbered to the new order.
+        let index: BTreeMap<u64, usize> = nodes.iter().enumerate().map(|(i, x)| (x.id, i)).collect();
+        let old_index: BTreeMap<u64, usize> = self.nodes.iter().enumerate().map(|(i, x)| (x.id, i)).collect();
+        let renumber = |j: &usize| index.get(&self.nodes[*j].id).copied();
+        // Nodes only joined at the end (ids grow): every old index still holds, nothing to renumber.
+        let same_order = self.nodes.len() <= nodes.len() && self.nodes.iter().zip(nodes).all(|(a, b)| a.id == b.id);
+        for (i, x) in nodes.iter().enumerate() {
+            if only.contains(i) {
+                continue;
+            }
+            let was = old_index[&x.id];
+            compiled.filters[i] = self.compiled.filters[was].clone();
+            compiled.lines[i] = self.compiled.lines[was].clone();
+            compiled.peers[i] = if same_order {
+                self.compiled.peers[was].clone()
+            } else {
+                let mut peers: Vec<usize> = self.compiled.peers[was].iter().filter_map(renumber).collect();
+                peers.sort_unstable();
+                peers
+            };
+            compiled.steering[i] =
+                self.compiled.steering[was].iter().filter_map(|(r, j)| Some((*r, renumber(j)?))).collect();
+        }
+        Kept {
+            policy: policy.clone(),
+            nodes: nodes.to_vec(),
+            compiled,
+            mesh: mesh.to_vec(),
+            reach,
+            recompiled: only.iter().count(),
+        }
+    }
+}
+
+/// Compiles the nodes in `only` (all if none); the others get empty results. Every rule's reach is
+/// returned either way.
+fn compile_for(
+    policy: &Policy,
+    nodes: &[PolicyNode],
+    mesh: &[IpNet],
+    only: Option<&Bits>,
+) -> (Compiled, Vec<RuleReach>) {
     let n = nodes.len();
     let Some(rules) = &policy.rules else {
-        return Compiled {
+        let compiled = Compiled {
             filters: vec![None; n],
             lines: vec![Vec::new(); n],
             peers: (0..n).map(|i| (0..n).filter(|j| *j != i).collect()).collect(),
             steering: vec![BTreeMap::new(); n],
         };
+        return (compiled, Vec::new());
     };
+    let wanted = |i: usize| only.is_none_or(|o| o.contains(i));
     let dir = Directory::new(nodes);
     let internet = internet();
     // Rules arrive in order, so a node's deliveries of one rule are next to each other: merging into the
     // last one is enough, without a map per node.
     let mut delivered: Vec<Vec<Delivered>> = (0..n).map(|_| Vec::new()).collect();
-    let mut sees: Vec<Bits> = (0..n).map(|_| Bits::new(n)).collect();
+    let mut sees: Vec<Bits> = (0..n).map(|i| if wanted(i) { Bits::new(n) } else { Bits(Vec::new()) }).collect();
     let mut steering: Vec<BTreeMap<IpNet, usize>> = vec![BTreeMap::new(); n];
+    let mut reaches = Vec::with_capacity(rules.len());
     let mut see = |from: &Bits, to: &Bits| {
-        for s in from.iter() {
+        for s in from.iter().filter(|s| wanted(*s)) {
             sees[s].union(to);
         }
-        for t in to.iter() {
+        for t in to.iter().filter(|t| wanted(*t)) {
             sees[t].union(from);
         }
     };
@@ -370,19 +503,23 @@ pub fn compile(policy: &Policy, nodes: &[PolicyNode], mesh: &[IpNet]) -> Compile
         src_nets.sort();
         src_nets.dedup();
         let src_nets: Arc<[IpNet]> = src_nets.into();
+        let mut reached = Bits::new(n);
         let deliver = |delivered: &mut Vec<Vec<Delivered>>,
                        target: usize,
                        key: Option<usize>,
                        src: &Arc<[IpNet]>,
-                       dst: Vec<DstPorts>| {
+                       dst: &dyn Fn() -> Vec<DstPorts>| {
+            if !wanted(target) {
+                return;
+            }
             let list = &mut delivered[target];
             match list.last_mut() {
-                Some(last) if last.from == (index, key) => last.dst.extend(dst),
+                Some(last) if last.from == (index, key) => last.dst.extend(dst()),
                 _ => list.push(Delivered {
                     from: (index, key),
                     line: rule.line,
                     src: src.clone(),
-                    dst,
+                    dst: dst(),
                     protos: rule.protos.clone(),
                 }),
             }
@@ -396,19 +533,24 @@ pub fn compile(policy: &Policy, nodes: &[PolicyNode], mesh: &[IpNet]) -> Compile
                         if from.is_empty() {
                             continue;
                         }
-                        let src: Arc<[IpNet]> = from.iter().flat_map(|i| nodes[i].host_nets()).collect();
-                        for t in own.iter() {
-                            let entries = dst_entries(nodes[t].host_nets().map(Some), &dst.ports);
-                            deliver(&mut delivered, t, Some(index_of_user), &src, entries);
+                        reached.union(own);
+                        if own.iter().any(wanted) {
+                            let src: Arc<[IpNet]> = from.iter().flat_map(|i| nodes[i].host_nets()).collect();
+                            for t in own.iter() {
+                                let entries = || dst_entries(nodes[t].host_nets().map(Some), &dst.ports);
+                                deliver(&mut delivered, t, Some(index_of_user), &src, &entries);
+                            }
                         }
                         see(&from, own);
                     }
                 }
                 Alias::Any => {
+                    let all = Bits::full(n);
+                    reached.union(&all);
                     for t in 0..n {
-                        deliver(&mut delivered, t, None, &src_nets, dst_entries([None], &dst.ports));
+                        deliver(&mut delivered, t, None, &src_nets, &|| dst_entries([None], &dst.ports));
                     }
-                    see(&src_nodes, &Bits::full(n));
+                    see(&src_nodes, &all);
                 }
                 Alias::Internet => {
                     // With `via`, only the exit nodes it names carry it (the client still picks one).
@@ -417,14 +559,10 @@ pub fn compile(policy: &Policy, nodes: &[PolicyNode], mesh: &[IpNet]) -> Compile
                     } else {
                         dir.exits.intersect(&via_nodes(&dir, &rule.via, n))
                     };
+                    reached.union(&exits);
                     for t in exits.iter() {
-                        deliver(
-                            &mut delivered,
-                            t,
-                            None,
-                            &src_nets,
-                            dst_entries(internet.iter().copied().map(Some), &dst.ports),
-                        );
+                        let entries = || dst_entries(internet.iter().copied().map(Some), &dst.ports);
+                        deliver(&mut delivered, t, None, &src_nets, &entries);
                     }
                     see(&src_nodes, &exits);
                 }
@@ -436,27 +574,31 @@ pub fn compile(policy: &Policy, nodes: &[PolicyNode], mesh: &[IpNet]) -> Compile
                         targets = targets.intersect(&via_nodes(&dir, &rule.via, n));
                         for t in targets.iter() {
                             for route in nodes[t].subnet_routes().filter(|r| overlaps(r, net)) {
-                                for s in src_nodes.iter().filter(|s| *s != t) {
+                                for s in src_nodes.iter().filter(|s| *s != t && wanted(*s)) {
                                     steering[s].entry(*route).or_insert(t);
                                 }
                             }
                         }
                     }
+                    reached.union(&targets);
                     for t in targets.iter() {
-                        deliver(&mut delivered, t, None, &src_nets, dst_entries([Some(*net)], &dst.ports));
+                        deliver(&mut delivered, t, None, &src_nets, &|| dst_entries([Some(*net)], &dst.ports));
                     }
                     see(&src_nodes, &targets);
                 }
                 named => {
                     let targets = dir.named(named, policy).unwrap_or_else(|| Bits::new(n));
+                    reached.union(&targets);
                     for t in targets.iter() {
-                        let entries = dst_entries(nodes[t].host_nets().map(Some), &dst.ports);
-                        deliver(&mut delivered, t, None, &src_nets, entries);
+                        let entries = || dst_entries(nodes[t].host_nets().map(Some), &dst.ports);
+                        deliver(&mut delivered, t, None, &src_nets, &entries);
                     }
                     see(&src_nodes, &targets);
                 }
             }
         }
+        let ids = |bits: &Bits| bits.iter().map(|i| nodes[i].id).collect();
+        reaches.push(RuleReach { src_nets, src: ids(&src_nodes), targets: ids(&reached) });
     }
     let mut filters = Vec::with_capacity(n);
     let mut lines = Vec::with_capacity(n);
@@ -474,5 +616,5 @@ pub fn compile(policy: &Policy, nodes: &[PolicyNode], mesh: &[IpNet]) -> Compile
         lines.push(at);
     }
     let peers = sees.iter().enumerate().map(|(i, row)| row.iter().filter(|j| *j != i).collect()).collect();
-    Compiled { filters, lines, peers, steering }
+    (Compiled { filters, lines, peers, steering }, reaches)
 }
