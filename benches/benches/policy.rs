@@ -84,7 +84,7 @@ fn compiling(c: &mut Criterion) {
     for (nodes, rules) in [(1_000usize, 100usize), (10_000, 1_000)] {
         let (nodes_list, policy) = (mesh(nodes), policy(rules));
         let compiled = compile(&policy, &nodes_list, &mesh_ranges);
-        let delivered: usize = compiled.filters.iter().flatten().map(Vec::len).sum();
+        let delivered: usize = compiled.filters.iter().flatten().map(|f| f.len()).sum();
         let visible: usize = compiled.peers.iter().map(Vec::len).sum();
         println!("{nodes} nodes x {rules} rules: {delivered} rules delivered, {visible} visible pairs");
         group.bench_with_input(BenchmarkId::new("nodes_x_rules", format!("{nodes}x{rules}")), &nodes, |b, _| {

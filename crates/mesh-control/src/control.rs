@@ -1427,7 +1427,7 @@ impl PolicyView {
     }
 
     fn filter(&self, node: u64) -> Option<Vec<FilterRule>> {
-        self.index.get(&node).and_then(|i| self.kept.compiled.filters[*i].clone())
+        self.index.get(&node).and_then(|i| self.kept.compiled.filters[*i].as_deref().cloned())
     }
 
     /// `peer` as `viewer` sees it: only the routes it may use, and those a `via` grant sends through this

@@ -8,7 +8,7 @@
 //!
 //! Node sets are bitsets so the peer sets of ten thousand nodes are rows of words, not pair scans.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -51,8 +51,9 @@ impl PolicyNode {
 /// What `compile` decided, node by node in the order the nodes were given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Compiled {
-    /// Each node's filter; `None` for every node when the policy has no rules (everything allowed).
-    pub filters: Vec<Option<Vec<FilterRule>>>,
+    /// Each node's filter; `None` for every node when the policy has no rules (everything allowed). Shared,
+    /// so following a change copies the untouched nodes' filters by reference.
+    pub filters: Vec<Option<Arc<Vec<FilterRule>>>>,
     /// The policy line each filter rule comes from, parallel to `filters`.
     pub lines: Vec<Vec<usize>>,
     /// The indexes of the nodes each node may see.
@@ -397,35 +398,39 @@ impl Kept {
             return Kept::new(policy, nodes, mesh);
         }
         let n = nodes.len();
-        // Each rule's reach now, without compiling anyone.
-        let (_, reach) = compile_for(policy, nodes, mesh, Some(&Bits::new(n)));
-        let old: BTreeMap<u64, &PolicyNode> = self.nodes.iter().map(|x| (x.id, x)).collect();
-        let mut affected: std::collections::BTreeSet<u64> =
-            nodes.iter().filter(|x| old.get(&x.id).is_none_or(|was| *was != *x)).map(|x| x.id).collect();
-        let now: std::collections::BTreeSet<u64> = nodes.iter().map(|x| x.id).collect();
-        affected.extend(old.keys().filter(|id| !now.contains(id)));
+        let rules = policy.rules.as_deref().unwrap_or_default();
+        let dir = Directory::new(nodes);
+        // Each rule resolved once: its reach decides who is compiled again, then those are.
+        let resolved = resolve(policy, rules, &dir, mesh);
+        let reach = reach_of(&resolved, nodes);
+        let index: HashMap<u64, usize> = nodes.iter().enumerate().map(|(i, x)| (x.id, i)).collect();
+        let old_index: HashMap<u64, usize> = self.nodes.iter().enumerate().map(|(i, x)| (x.id, i)).collect();
+        // Changed: joined, left or different; compiled again: those still here, and everyone a touched rule
+        // reaches.
+        let mut changed: HashSet<u64> =
+            nodes.iter().filter(|x| old_index.get(&x.id).is_none_or(|w| self.nodes[*w] != **x)).map(|x| x.id).collect();
+        changed.extend(self.nodes.iter().filter(|x| !index.contains_key(&x.id)).map(|x| x.id));
+        let mut only = Bits::new(n);
+        for id in &changed {
+            if let Some(i) = index.get(id) {
+                only.insert(*i);
+            }
+        }
         // A rule is touched when its reach changed or it reaches a changed node (whose addresses or routes
         // its receivers hold); everyone it reaches, before or after, is compiled again.
-        let changed = affected.clone();
         for (before, after) in self.reach.iter().zip(&reach) {
             let touched = before != after
                 || [before, after].iter().any(|r| r.src.iter().chain(&r.targets).any(|id| changed.contains(id)));
             if touched {
-                for r in [before, after] {
-                    affected.extend(r.src.iter().chain(&r.targets));
+                for id in [before, after].iter().flat_map(|r| r.src.iter().chain(&r.targets)) {
+                    if let Some(i) = index.get(id) {
+                        only.insert(*i);
+                    }
                 }
             }
         }
-        let mut only = Bits::new(n);
-        for (i, x) in nodes.iter().enumerate() {
-            if affected.contains(&x.id) {
-                only.insert(i);
-            }
-        }
-        let (mut compiled, reach) = compile_for(policy, nodes, mesh, Some(&only));
+        let mut compiled = emit(rules, &resolved, &dir, Some(&only));
         // Everyone else keeps what they had, their peers and steering renumbered to the new order.
-        let index: BTreeMap<u64, usize> = nodes.iter().enumerate().map(|(i, x)| (x.id, i)).collect();
-        let old_index: BTreeMap<u64, usize> = self.nodes.iter().enumerate().map(|(i, x)| (x.id, i)).collect();
         let renumber = |j: &usize| index.get(&self.nodes[*j].id).copied();
         // Nodes only joined at the end (ids grow): every old index still holds, nothing to renumber.
         let same_order = self.nodes.len() <= nodes.len() && self.nodes.iter().zip(nodes).all(|(a, b)| a.id == b.id);
@@ -465,8 +470,8 @@ fn compile_for(
     mesh: &[IpNet],
     only: Option<&Bits>,
 ) -> (Compiled, Vec<RuleReach>) {
-    let n = nodes.len();
     let Some(rules) = &policy.rules else {
+        let n = nodes.len();
         let compiled = Compiled {
             filters: vec![None; n],
             lines: vec![Vec::new(); n],
@@ -475,15 +480,117 @@ fn compile_for(
         };
         return (compiled, Vec::new());
     };
-    let wanted = |i: usize| only.is_none_or(|o| o.contains(i));
     let dir = Directory::new(nodes);
+    let resolved = resolve(policy, rules, &dir, mesh);
+    let reach = reach_of(&resolved, nodes);
+    (emit(rules, &resolved, &dir, only), reach)
+}
+
+/// Where one destination of a rule leads.
+#[derive(Debug)]
+enum Leads {
+    /// `*`: every node, to anything it accepts.
+    Any,
+    /// `autogroup:internet` through these exit nodes.
+    Internet,
+    /// A host or prefix, to the nodes in it or routing into it.
+    Net(IpNet),
+    /// Nodes named as people or machines: each receives its own addresses.
+    Nodes,
+    /// `autogroup:self`: per user, that user's nodes.
+    SelfDevices,
+}
+
+#[derive(Debug)]
+struct ResolvedDst {
+    leads: Leads,
+    /// Who receives it (for `autogroup:self`, every user's nodes some source of theirs may reach from).
+    targets: Bits,
+    ports: Vec<PortRange>,
+}
+
+/// A rule's sources and destinations resolved against the nodes, once per compilation.
+#[derive(Debug)]
+struct Resolved {
+    src_nets: Arc<[IpNet]>,
+    src_nodes: Bits,
+    dsts: Vec<ResolvedDst>,
+}
+
+fn resolve(policy: &Policy, rules: &[super::Rule], dir: &Directory<'_>, mesh: &[IpNet]) -> Vec<Resolved> {
+    let n = dir.nodes.len();
+    rules
+        .iter()
+        .map(|rule| {
+            let mut src_nets = Vec::new();
+            let mut src_nodes = Bits::new(n);
+            for alias in &rule.src {
+                let (nets, nodes) = dir.source(alias, policy, mesh);
+                src_nets.extend(nets);
+                src_nodes.union(&nodes);
+            }
+            src_nets.sort();
+            src_nets.dedup();
+            let via = (!rule.via.is_empty()).then(|| via_nodes(dir, &rule.via, n));
+            let dsts = rule
+                .dst
+                .iter()
+                .map(|dst| {
+                    let (leads, targets) = match &dst.alias {
+                        Alias::SelfDevices => {
+                            let mut reached = Bits::new(n);
+                            for own in dir.by_user.values() {
+                                if !src_nodes.intersect(own).is_empty() {
+                                    reached.union(own);
+                                }
+                            }
+                            (Leads::SelfDevices, reached)
+                        }
+                        Alias::Any => (Leads::Any, Bits::full(n)),
+                        // With `via`, only the exit nodes it names carry it (the client still picks one).
+                        Alias::Internet => (
+                            Leads::Internet,
+                            via.as_ref().map_or_else(|| dir.exits.clone(), |v| dir.exits.intersect(v)),
+                        ),
+                        Alias::Host(_, net) | Alias::Prefix(net) => {
+                            let touching = dir.touching(net);
+                            (Leads::Net(*net), via.as_ref().map_or(touching.clone(), |v| touching.intersect(v)))
+                        }
+                        named => (Leads::Nodes, dir.named(named, policy).unwrap_or_else(|| Bits::new(n))),
+                    };
+                    ResolvedDst { leads, targets, ports: dst.ports.clone() }
+                })
+                .collect();
+            Resolved { src_nets: src_nets.into(), src_nodes, dsts }
+        })
+        .collect()
+}
+
+fn reach_of(resolved: &[Resolved], nodes: &[PolicyNode]) -> Vec<RuleReach> {
+    let ids = |bits: &Bits| bits.iter().map(|i| nodes[i].id).collect::<Vec<u64>>();
+    resolved
+        .iter()
+        .map(|r| {
+            let mut reached = Bits::new(nodes.len());
+            for d in &r.dsts {
+                reached.union(&d.targets);
+            }
+            RuleReach { src_nets: r.src_nets.clone(), src: ids(&r.src_nodes), targets: ids(&reached) }
+        })
+        .collect()
+}
+
+/// Each wanted node's filter, peers and steering from the resolved rules.
+fn emit(rules: &[super::Rule], resolved: &[Resolved], dir: &Directory<'_>, only: Option<&Bits>) -> Compiled {
+    let nodes = dir.nodes;
+    let n = nodes.len();
+    let wanted = |i: usize| only.is_none_or(|o| o.contains(i));
     let internet = internet();
     // Rules arrive in order, so a node's deliveries of one rule are next to each other: merging into the
     // last one is enough, without a map per node.
     let mut delivered: Vec<Vec<Delivered>> = (0..n).map(|_| Vec::new()).collect();
     let mut sees: Vec<Bits> = (0..n).map(|i| if wanted(i) { Bits::new(n) } else { Bits(Vec::new()) }).collect();
     let mut steering: Vec<BTreeMap<IpNet, usize>> = vec![BTreeMap::new(); n];
-    let mut reaches = Vec::with_capacity(rules.len());
     let mut see = |from: &Bits, to: &Bits| {
         for s in from.iter().filter(|s| wanted(*s)) {
             sees[s].union(to);
@@ -492,18 +599,14 @@ fn compile_for(
             sees[t].union(from);
         }
     };
-    for (index, rule) in rules.iter().enumerate() {
-        let mut src_nets = Vec::new();
-        let mut src_nodes = Bits::new(n);
-        for alias in &rule.src {
-            let (nets, nodes) = dir.source(alias, policy, mesh);
-            src_nets.extend(nets);
-            src_nodes.union(&nodes);
+    for (index, (rule, r)) in rules.iter().zip(resolved).enumerate() {
+        // A rule that reaches none of the wanted nodes, as source or receiver, gives them nothing.
+        if let Some(o) = only
+            && r.src_nodes.intersect(o).is_empty()
+            && r.dsts.iter().all(|d| d.targets.intersect(o).is_empty())
+        {
+            continue;
         }
-        src_nets.sort();
-        src_nets.dedup();
-        let src_nets: Arc<[IpNet]> = src_nets.into();
-        let mut reached = Bits::new(n);
         let deliver = |delivered: &mut Vec<Vec<Delivered>>,
                        target: usize,
                        key: Option<usize>,
@@ -524,81 +627,64 @@ fn compile_for(
                 }),
             }
         };
-        for dst in &rule.dst {
-            match &dst.alias {
-                Alias::SelfDevices => {
+        for dst in &r.dsts {
+            let ports = &dst.ports;
+            match dst.leads {
+                Leads::SelfDevices => {
                     // Per user: the sources that are this user's own untagged nodes, to those same nodes.
-                    for (index_of_user, (_, own)) in dir.by_user.iter().enumerate() {
-                        let from = src_nodes.intersect(own);
+                    for (index_of_user, own) in dir.by_user.values().enumerate() {
+                        let from = r.src_nodes.intersect(own);
                         if from.is_empty() {
                             continue;
                         }
-                        reached.union(own);
                         if own.iter().any(wanted) {
                             let src: Arc<[IpNet]> = from.iter().flat_map(|i| nodes[i].host_nets()).collect();
                             for t in own.iter() {
-                                let entries = || dst_entries(nodes[t].host_nets().map(Some), &dst.ports);
+                                let entries = || dst_entries(nodes[t].host_nets().map(Some), ports);
                                 deliver(&mut delivered, t, Some(index_of_user), &src, &entries);
                             }
                         }
                         see(&from, own);
                     }
                 }
-                Alias::Any => {
-                    let all = Bits::full(n);
-                    reached.union(&all);
+                Leads::Any => {
                     for t in 0..n {
-                        deliver(&mut delivered, t, None, &src_nets, &|| dst_entries([None], &dst.ports));
+                        deliver(&mut delivered, t, None, &r.src_nets, &|| dst_entries([None], ports));
                     }
-                    see(&src_nodes, &all);
+                    see(&r.src_nodes, &dst.targets);
                 }
-                Alias::Internet => {
-                    // With `via`, only the exit nodes it names carry it (the client still picks one).
-                    let exits = if rule.via.is_empty() {
-                        dir.exits.clone()
-                    } else {
-                        dir.exits.intersect(&via_nodes(&dir, &rule.via, n))
-                    };
-                    reached.union(&exits);
-                    for t in exits.iter() {
-                        let entries = || dst_entries(internet.iter().copied().map(Some), &dst.ports);
-                        deliver(&mut delivered, t, None, &src_nets, &entries);
+                Leads::Internet => {
+                    for t in dst.targets.iter() {
+                        let entries = || dst_entries(internet.iter().copied().map(Some), ports);
+                        deliver(&mut delivered, t, None, &r.src_nets, &entries);
                     }
-                    see(&src_nodes, &exits);
+                    see(&r.src_nodes, &dst.targets);
                 }
-                Alias::Host(_, net) | Alias::Prefix(net) => {
-                    let mut targets = dir.touching(net);
+                Leads::Net(net) => {
                     if !rule.via.is_empty() {
-                        // Only the named routers carry it, and for these sources they carry it whichever
-                        // router is primary for everyone else.
-                        targets = targets.intersect(&via_nodes(&dir, &rule.via, n));
-                        for t in targets.iter() {
-                            for route in nodes[t].subnet_routes().filter(|r| overlaps(r, net)) {
-                                for s in src_nodes.iter().filter(|s| *s != t && wanted(*s)) {
+                        // The named routers carry it for these sources, whichever router is primary for others.
+                        for t in dst.targets.iter() {
+                            for route in nodes[t].subnet_routes().filter(|x| overlaps(x, &net)) {
+                                for s in r.src_nodes.iter().filter(|s| *s != t && wanted(*s)) {
                                     steering[s].entry(*route).or_insert(t);
                                 }
                             }
                         }
                     }
-                    reached.union(&targets);
-                    for t in targets.iter() {
-                        deliver(&mut delivered, t, None, &src_nets, &|| dst_entries([Some(*net)], &dst.ports));
+                    for t in dst.targets.iter() {
+                        deliver(&mut delivered, t, None, &r.src_nets, &|| dst_entries([Some(net)], ports));
                     }
-                    see(&src_nodes, &targets);
+                    see(&r.src_nodes, &dst.targets);
                 }
-                named => {
-                    let targets = dir.named(named, policy).unwrap_or_else(|| Bits::new(n));
-                    reached.union(&targets);
-                    for t in targets.iter() {
-                        let entries = || dst_entries(nodes[t].host_nets().map(Some), &dst.ports);
-                        deliver(&mut delivered, t, None, &src_nets, &entries);
+                Leads::Nodes => {
+                    for t in dst.targets.iter() {
+                        let entries = || dst_entries(nodes[t].host_nets().map(Some), ports);
+                        deliver(&mut delivered, t, None, &r.src_nets, &entries);
                     }
-                    see(&src_nodes, &targets);
+                    see(&r.src_nodes, &dst.targets);
                 }
             }
         }
-        let ids = |bits: &Bits| bits.iter().map(|i| nodes[i].id).collect();
-        reaches.push(RuleReach { src_nets, src: ids(&src_nodes), targets: ids(&reached) });
     }
     let mut filters = Vec::with_capacity(n);
     let mut lines = Vec::with_capacity(n);
@@ -612,9 +698,9 @@ fn compile_for(
             at.push(d.line);
             filter.push(FilterRule { src: d.src, dst: d.dst, protos: d.protos });
         }
-        filters.push(Some(filter));
+        filters.push(Some(Arc::new(filter)));
         lines.push(at);
     }
     let peers = sees.iter().enumerate().map(|(i, row)| row.iter().filter(|j| *j != i).collect()).collect();
-    (Compiled { filters, lines, peers, steering }, reaches)
+    Compiled { filters, lines, peers, steering }
 }

@@ -112,7 +112,7 @@ pub fn compile_record(text: &str) -> Result<Value, RecordError> {
     let primary = primaries(&nodes);
     let mut out = serde_json::Map::new();
     for (i, node) in nodes.iter().enumerate() {
-        let rules: Vec<Value> = compiled.filters[i].iter().flatten().map(rule_json).collect();
+        let rules: Vec<Value> = compiled.filters[i].iter().flat_map(|f| f.iter()).map(rule_json).collect();
         let peers: Vec<Value> = compiled.peers[i]
             .iter()
             .map(|&j| {
