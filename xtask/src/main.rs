@@ -142,6 +142,16 @@ fn ci() -> Result<bool> {
         &["-p", "mesh-dataplane", "--features", "mock-clock", "--test", "simulation", "--test", "stories"],
     )?);
 
+    // The ACL benchmarks run once each in criterion's test mode: proof they still run, with nothing timed
+    // (figures come from `cargo bench`, recorded in docs/benchmarks.md).
+    section("benchmarks: ACL compile and filter, once each (criterion --test, untimed)");
+    let ok = cargo()
+        .args(["bench", "-p", "mesh-benches", "--bench", "policy", "--locked", "--", "--test"])
+        .status()
+        .context("running the policy benchmarks")?
+        .success();
+    tally.check("policy benchmarks run", ok);
+
     println!();
     for failure in &tally.failures {
         println!("FAILED: {failure}");
