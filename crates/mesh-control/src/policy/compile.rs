@@ -382,14 +382,18 @@ pub struct Kept {
 impl Kept {
     pub fn new(policy: &Policy, nodes: &[PolicyNode], mesh: &[IpNet]) -> Self {
         let (compiled, reach) = compile_for(policy, nodes, mesh, None);
-        Kept {
-            policy: policy.clone(),
-            nodes: nodes.to_vec(),
-            compiled,
-            mesh: mesh.to_vec(),
-            reach,
-            recompiled: nodes.len(),
-        }
+        Kept::of(policy, nodes, mesh, compiled, reach, nodes.len())
+    }
+
+    fn of(
+        policy: &Policy,
+        nodes: &[PolicyNode],
+        mesh: &[IpNet],
+        compiled: Compiled,
+        reach: Vec<RuleReach>,
+        recompiled: usize,
+    ) -> Self {
+        Kept { policy: policy.clone(), nodes: nodes.to_vec(), compiled, mesh: mesh.to_vec(), reach, recompiled }
     }
 
     /// This compilation brought to `policy` and `nodes`.
@@ -451,14 +455,7 @@ impl Kept {
             compiled.steering[i] =
                 self.compiled.steering[was].iter().filter_map(|(r, j)| Some((*r, renumber(j)?))).collect();
         }
-        Kept {
-            policy: policy.clone(),
-            nodes: nodes.to_vec(),
-            compiled,
-            mesh: mesh.to_vec(),
-            reach,
-            recompiled: only.iter().count(),
-        }
+        Kept::of(policy, nodes, mesh, compiled, reach, only.iter().count())
     }
 }
 
