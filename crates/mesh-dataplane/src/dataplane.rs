@@ -345,16 +345,21 @@ impl Dataplane {
             }
             QuotedFlow::Unreadable => return Err(DropReason::SourceNotAllowed),
         }
+        // Where it goes is decided once: before the filter, so a packet the router refuses anyway opens no
+        // flow, and then acted on.
         let node = &self.node;
-        // Judged only once the router would take it: a packet it refuses anyway must not open a flow.
-        if let Some(dst) = wire::destination(&out[..n]) {
-            self.router.destination(dst, |d| node.route(d).is_some())?;
-        }
+        let dst = wire::destination(&out[..n]);
+        let decided = match dst {
+            Some(d) => Some(self.router.destination(d, |x| node.route(x).is_some())?),
+            None => None,
+        };
         self.filter.inbound(&out[..n], now)?;
-        let node = &self.node;
-        // The node accepted the packet only from the peer that routes its source: that peer sent it.
-        let sender = node.last_sender().map(|p| u64::from(p.number()));
-        self.router.from_mesh(&mut out[..n], now, sender, |dst| node.route(dst).is_some())?;
+        let (Some(dst), Some(decided)) = (dst, decided) else { return Err(DropReason::NotIp) };
+        if let Some(snat_on) = decided {
+            // The node accepted the packet only from the peer that routes its source: that peer sent it.
+            let sender = self.node.last_sender().map(|p| u64::from(p.number()));
+            self.router.forward(&mut out[..n], dst, snat_on, now, sender)?;
+        }
         Ok(Some(n))
     }
 

@@ -110,10 +110,22 @@ impl Router {
         into_mesh: impl Fn(IpAddr) -> bool,
     ) -> Result<FromMesh, DropReason> {
         let dst = destination(packet).ok_or(DropReason::NotIp)?;
-        let snat_on = match self.destination(dst, into_mesh)? {
-            None => return Ok(FromMesh::Local),
-            Some(snat_on) => snat_on,
-        };
+        match self.destination(dst, into_mesh)? {
+            None => Ok(FromMesh::Local),
+            Some(snat_on) => self.forward(packet, dst, snat_on, now, sender).map(|()| FromMesh::Forwarded),
+        }
+    }
+
+    /// Forwards a packet [`Router::destination`] sent into a served route: refuses what no router forwards,
+    /// clamps SYNs, and SNATs (charged to `sender`) when the route says so.
+    pub fn forward(
+        &mut self,
+        packet: &mut [u8],
+        dst: IpAddr,
+        snat_on: bool,
+        now: Instant,
+        sender: Option<u64>,
+    ) -> Result<(), DropReason> {
         // A directed broadcast would reach every host of a LAN with one packet; a routing header would steer
         // a packet past the router. The SNAT engine refuses source routing when it parses; the path that
         // keeps sources parses only here.
@@ -130,7 +142,7 @@ impl Router {
             }
             .map_err(DropReason::Snat)?;
         }
-        Ok(FromMesh::Forwarded)
+        Ok(())
     }
 
     /// Prepares a packet read from the TUN device for the mesh: replies to the SNAT address are translated

@@ -296,16 +296,19 @@ pub(super) fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
-/// `autogroup:internet`: every public address, as Tailscale draws it.
-pub fn internet() -> Vec<IpNet> {
-    let private: Vec<IpNet> = ["10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16"]
-        .iter()
-        .map(|p| p.parse().expect("literal"))
-        .collect();
-    let mut nets = Vec::new();
-    cover("0.0.0.0/0".parse().expect("literal"), &private, &mut nets);
-    nets.push("2000::/3".parse().expect("literal"));
-    nets
+/// `autogroup:internet`: every public address, as Tailscale draws it (computed once).
+pub fn internet() -> &'static [IpNet] {
+    static INTERNET: std::sync::LazyLock<Vec<IpNet>> = std::sync::LazyLock::new(|| {
+        let private: Vec<IpNet> = ["10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16"]
+            .iter()
+            .map(|p| p.parse().expect("literal"))
+            .collect();
+        let mut nets = Vec::new();
+        cover("0.0.0.0/0".parse().expect("literal"), &private, &mut nets);
+        nets.push("2000::/3".parse().expect("literal"));
+        nets
+    });
+    &INTERNET
 }
 
 /// The prefixes covering `net` minus `holes`.
@@ -346,10 +349,7 @@ struct Delivered {
 }
 
 fn dst_entries(nets: impl IntoIterator<Item = Option<IpNet>>, ports: &[PortRange]) -> Vec<DstPorts> {
-    let nets: Vec<Option<IpNet>> = nets.into_iter().collect();
-    nets.iter()
-        .flat_map(|net| ports.iter().map(move |p| DstPorts { net: *net, first: p.first, last: p.last }))
-        .collect()
+    nets.into_iter().flat_map(|net| ports.iter().map(move |p| DstPorts { net, first: p.first, last: p.last })).collect()
 }
 
 /// Compiles `policy` for `nodes`; `mesh` is the mesh's own ranges (what `*` means as a source).
