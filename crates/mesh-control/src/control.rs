@@ -87,6 +87,15 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE auth_keys ADD COLUMN user_id INTEGER;
     ALTER TABLE nodes ADD COLUMN user_id INTEGER;
 ",
+    // DNS settings are state like the policy: every version kept with who set it.
+    "
+    CREATE TABLE dns_configs (
+        version INTEGER PRIMARY KEY,
+        text TEXT NOT NULL,
+        set_by TEXT NOT NULL,
+        set_at INTEGER NOT NULL
+    );
+",
 ];
 
 /// How long a deleted node's registration time is kept: past the clock window (5 minutes either way), a
@@ -240,6 +249,8 @@ pub struct Control {
     db: Connection,
     policy: Policy,
     domain: String,
+    /// The DNS settings in force (the defaults until `dns set`).
+    dns: mesh_proto::DnsConfig,
     /// How long a registration's key is trusted (seconds); none: until an admin expires the node.
     key_lifetime: Option<u64>,
     /// The last compiled policy. Most new versions change nothing it depends on (an endpoint report, a
@@ -353,20 +364,6 @@ fn unreachable_endpoint(endpoint: &SocketAddr) -> bool {
         || in_any(&METADATA)
 }
 
-/// A hostname as a mesh name: lower case, letters, digits and dashes.
-fn sanitize(hostname: &str) -> String {
-    let name: String = hostname
-        .to_ascii_lowercase()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect::<String>()
-        .trim_matches('-')
-        .chars()
-        .take(63)
-        .collect();
-    if name.is_empty() { "node".into() } else { name }
-}
-
 impl Control {
     /// Opens (creating and migrating as needed) the database at `path`.
     /// Opens the store with the policy it holds (an empty one if none was ever set).
@@ -397,7 +394,22 @@ impl Control {
             tx.execute("INSERT INTO schema_version (version) VALUES (?1)", params![i as i64 + 1])?;
             tx.commit()?;
         }
-        let control = Self { db, policy, domain: domain.to_string(), key_lifetime: None, compiled: Default::default() };
+        let mut control = Self {
+            db,
+            policy,
+            domain: domain.to_string(),
+            dns: mesh_proto::DnsConfig::default(),
+            key_lifetime: None,
+            compiled: Default::default(),
+        };
+        if let Some(stored) = control.stored_dns()? {
+            control.dns = crate::dns::parse(&stored.text, domain).map_err(|e| {
+                ControlError::damaged(&format!(
+                    "the stored DNS settings (version {}) no longer parse: {e}",
+                    stored.version
+                ))
+            })?;
+        }
         if control.meta("ula")?.is_none() {
             // A random ULA /48 (RFC 4193) per mesh, chosen once.
             let mut global = [0u8; 5];
@@ -822,9 +834,21 @@ impl Control {
                          clock went back; check the clock and run meshd up again",
                     ));
                 }
-                let name = self.unique_name(&sanitize(&request.hostname))?;
-                let ipv4 = self.free_ipv4()?;
                 let id = self.next_node_id()?;
+                let name = match crate::dns::label_of(&request.hostname) {
+                    Some(label) => self.unique_name(&label)?,
+                    None => {
+                        // Named anyway, so it joins and nobody's netmap breaks; the admin can rename it.
+                        let name = self.unique_name(&format!("node-{id}"))?;
+                        tracing::warn!(
+                            hostname = %request.hostname.escape_default(),
+                            "the hostname has no letter or digit to make a DNS name of; the node is named {name} \
+                             (meshd control nodes rename {name} NEW-NAME)"
+                        );
+                        name
+                    }
+                };
+                let ipv4 = self.free_ipv4()?;
                 tx.execute(
                     "INSERT INTO nodes (id, node_key, name, ipv4, ipv6, tags, credential_hash, ephemeral, last_seen, created_at,
                                         registered_at_ms, key_tags, key_expiry, user_id)
@@ -933,9 +957,16 @@ impl Control {
         Ok(changed)
     }
 
+    /// `base`, or `base-1`, `base-2`, ... (the base cut so the whole stays one DNS label).
     fn unique_name(&self, base: &str) -> Result<String, ControlError> {
-        for n in 1.. {
-            let name = if n == 1 { base.to_string() } else { format!("{base}-{n}") };
+        for n in 0.. {
+            let name = if n == 0 {
+                base.to_string()
+            } else {
+                let suffix = format!("-{n}");
+                let cut: String = base.chars().take(63 - suffix.len()).collect();
+                format!("{}{suffix}", cut.trim_end_matches('-'))
+            };
             let taken: bool =
                 self.db
                     .query_row("SELECT EXISTS (SELECT 1 FROM nodes WHERE name = ?1)", params![name], |r| r.get(0))?;
@@ -1134,6 +1165,67 @@ impl Control {
         }
     }
 
+    /// Gives a node a new name (and with it its DNS names). Refused when the name is not a DNS label or
+    /// another node has it.
+    pub fn rename_node(&self, node: u64, name: &str) -> Result<(), ControlError> {
+        if !crate::dns::is_label(name) {
+            let hint = crate::dns::label_of(name).map(|l| format!("; for example {l}")).unwrap_or_default();
+            return Err(ControlError::bad(format!(
+                "\"{}\" is not a DNS label: 1 to 63 lower-case letters, digits and dashes{hint}",
+                name.chars().take(64).flat_map(char::escape_default).collect::<String>()
+            )));
+        }
+        let taken: Option<i64> =
+            self.db.query_row("SELECT id FROM nodes WHERE name = ?1", params![name], |r| r.get(0)).optional()?;
+        match taken {
+            Some(id) if id as u64 == node => return Ok(()),
+            Some(_) => {
+                return Err(ControlError::bad(format!("another node is named {name}; rename or delete it first")));
+            }
+            None => {}
+        }
+        if self.db.execute("UPDATE nodes SET name = ?1 WHERE id = ?2", params![name, node as i64])? == 0 {
+            return Err(ControlError::not_found(format!("no node {node}")));
+        }
+        self.bump()?;
+        Ok(())
+    }
+
+    /// The DNS settings in force.
+    pub fn dns(&self) -> &mesh_proto::DnsConfig {
+        &self.dns
+    }
+
+    /// The DNS settings as they were written, with their version; `None` before any were set.
+    pub fn stored_dns(&self) -> Result<Option<StoredPolicy>, ControlError> {
+        Ok(self
+            .db
+            .query_row("SELECT version, text, set_by, set_at FROM dns_configs ORDER BY version DESC LIMIT 1", [], |r| {
+                Ok(StoredPolicy {
+                    version: r.get::<_, i64>(0)? as u64,
+                    text: r.get(1)?,
+                    set_by: r.get(2)?,
+                    set_at: r.get::<_, i64>(3)? as u64,
+                })
+            })
+            .optional()?)
+    }
+
+    /// Replaces the DNS settings (refused whole if they do not parse) and stores them as a new version;
+    /// every node gets them with its next netmap.
+    pub fn set_dns(&mut self, text: &str, set_by: &str, now: u64) -> Result<u64, ControlError> {
+        let config = crate::dns::parse(text, &self.domain).map_err(ControlError::bad)?;
+        let version: i64 =
+            self.db.query_row("SELECT COALESCE(MAX(version), 0) + 1 FROM dns_configs", [], |r| r.get(0))?;
+        self.db.execute(
+            "INSERT INTO dns_configs (version, text, set_by, set_at) VALUES (?1, ?2, ?3, ?4)",
+            params![version, text, set_by, now as i64],
+        )?;
+        self.dns = config;
+        self.bump()?;
+        Ok(version as u64)
+    }
+
     pub fn delete_node(&self, node: u64) -> Result<bool, ControlError> {
         let tx = self.db.unchecked_transaction()?;
         self.retire("WHERE id = ?1", params![node as i64])?;
@@ -1243,7 +1335,13 @@ impl Control {
                 SnapshotEntry { expired: n.expired, peer: to_json(&peer), routed, routes: to_json(&routes), filter },
             );
         }
-        Ok(Snapshot { version, domain: serde_json::to_string(&self.domain).unwrap_or_default(), entries, policy })
+        Ok(Snapshot {
+            version,
+            domain: serde_json::to_string(&self.domain).unwrap_or_default(),
+            dns: to_json(&self.dns),
+            entries,
+            policy,
+        })
     }
 
     /// The netmap of `node`, `online` deciding which nodes count as online.
@@ -1276,6 +1374,7 @@ impl Control {
                 .map(|n| policy.as_seen_by(node, view(n)))
                 .collect(),
             filter: policy.filter(node),
+            dns: Some(self.dns.clone()),
         })
     }
 
@@ -1508,6 +1607,8 @@ struct SnapshotEntry {
 pub struct Snapshot {
     version: u64,
     domain: String,
+    /// The DNS settings, serialized.
+    dns: String,
     entries: BTreeMap<u64, SnapshotEntry>,
     policy: Arc<PolicyView>,
 }
@@ -1550,6 +1651,8 @@ impl Snapshot {
             out.push_str(",\"filter\":");
             out.push_str(filter);
         }
+        out.push_str(",\"dns\":");
+        out.push_str(&self.dns);
         out.push('}');
         Ok(out)
     }

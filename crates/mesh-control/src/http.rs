@@ -273,6 +273,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/admin/nodes", get(list_nodes))
         .route("/api/v1/admin/nodes/{id}", delete(delete_node))
         .route("/api/v1/admin/nodes/{id}/expire", post(expire_node))
+        .route("/api/v1/admin/nodes/{id}/rename", post(rename_node))
+        .route("/api/v1/admin/dns", get(get_dns).put(set_dns))
         .route("/api/v1/admin/routes", get(list_routes))
         .route("/api/v1/admin/routes/approve", post(approve_route))
         .route("/api/v1/admin/routes/reject", post(reject_route))
@@ -542,6 +544,47 @@ async fn expire_node(
     .await?;
     state.changed().await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+struct Rename {
+    name: String,
+}
+
+async fn rename_node(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(node): Path<String>,
+    Json(rename): Json<Rename>,
+) -> Result<StatusCode, ApiError> {
+    require_admin(&state, &headers)?;
+    blocking(&state, move |c, _| {
+        let id = c.resolve_node(&node)?;
+        c.rename_node(id, &rename.name)
+    })
+    .await?;
+    state.changed().await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The DNS settings as they were written (`{}` before any were set: the defaults).
+async fn get_dns(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<String, ApiError> {
+    require_admin(&state, &headers)?;
+    let stored = blocking(&state, |c, _| c.stored_dns()).await?;
+    Ok(stored.map_or_else(|| "{}".to_string(), |p| p.text))
+}
+
+#[derive(Debug, Serialize)]
+struct DnsVersion {
+    version: u64,
+}
+
+async fn set_dns(State(state): State<Arc<AppState>>, headers: HeaderMap, body: String) -> ApiResult<DnsVersion> {
+    require_admin(&state, &headers)?;
+    let version = blocking(&state, move |c, now| c.set_dns(&body, "admin API", now)).await?;
+    tracing::info!(version, "DNS settings set");
+    state.changed().await;
+    Ok(Json(DnsVersion { version }))
 }
 
 async fn list_routes(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Vec<AdvertisedRoute>> {

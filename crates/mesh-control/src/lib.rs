@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod control;
+pub mod dns;
 pub mod fuzzing;
 pub mod http;
 mod limits;

@@ -13,7 +13,7 @@
 //! The ACL filter goes between the node and the router on the way in; the MagicDNS resolver and the
 //! userspace netstack take packets for their addresses at the same point, before the router.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ use mesh_packet::filter::{self, Filter};
 use mesh_packet::snat::{self, Snat, SnatConfig};
 use mesh_packet::wire::{self, Fragment, IcmpHeader, IpVersion};
 
+use crate::dns::{self, Resolver, ResolverConfig};
 use crate::router::{Router, Served};
 use crate::xorshift;
 use crate::{DropReason, Handshake, Key, Node, PeerSpec, PeerStatus, Received};
@@ -41,6 +42,11 @@ const MAX_BATCH_BYTES: usize = 65_535 - 40 - 8;
 
 /// Flows the ACL filter tracks at most (about 70 bytes each).
 pub const MAX_TRACKED_FLOWS: usize = 1 << 20;
+
+/// Queries waiting for an upstream's answer at most; past it new ones are dropped (the client asks again).
+const MAX_PENDING_QUERIES: usize = 1024;
+/// A query whose answer never came back is forgotten after this long (the shell gives up well before).
+const PENDING_QUERY_LIFETIME: Duration = Duration::from_secs(30);
 
 /// Events held for a shell that does not collect them; the oldest go first.
 const EVENT_BACKLOG: usize = 1024;
@@ -102,6 +108,8 @@ pub struct DataplaneConfig {
     pub snat: SnatSettings,
     /// The ACL rules for what arrives from the mesh; `None`: everything is allowed.
     pub filter: Option<Vec<mesh_proto::FilterRule>>,
+    /// The MagicDNS resolver; `None`: queries to its addresses are routed like any other packet.
+    pub dns: Option<ResolverConfig>,
 }
 
 /// Why a configuration was refused. Nothing of it was applied.
@@ -157,9 +165,12 @@ pub enum Event {
     /// `count` packets were dropped for `reason` since the last report of it (at most one report per reason
     /// every [`DROP_REPORT_INTERVAL`]); `latest_from` is the sender of the latest, for datagrams.
     Dropped { reason: DropReason, count: u64, latest_from: Option<SocketAddr> },
-    /// A packet for this host's own stack (a reset for a connection the policy cut): write it to the TUN
-    /// device.
+    /// A packet for this host's own stack (a reset for a connection the policy cut, a DNS answer): write it
+    /// to the TUN device.
     Deliver(Vec<u8>),
+    /// A DNS query the resolver cannot answer itself: send `query` to the `upstreams` in turn and hand the
+    /// first answer (or `None` when none came) to [`Dataplane::dns_answered`] with `token`.
+    DnsForward { token: u64, upstreams: Vec<SocketAddr>, query: Vec<u8> },
 }
 
 /// Datagrams to send, in the caller's buffer: `size` bytes, one datagram every `segment_size` bytes (the last
@@ -204,6 +215,19 @@ pub struct Dataplane {
     drops: [u64; DropReason::COUNT],
     reports: [DropReport; DropReason::COUNT],
     events: VecDeque<Event>,
+    resolver: Option<Resolver>,
+    /// Forwarded queries by token: who asked, and the query (its answer is checked against it).
+    dns_pending: HashMap<u64, PendingQuery>,
+    dns_token: u64,
+}
+
+/// A query sent to an upstream, waiting for [`Dataplane::dns_answered`].
+#[derive(Debug)]
+struct PendingQuery {
+    client: SocketAddr,
+    resolver: IpAddr,
+    query: Vec<u8>,
+    at: Instant,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -229,6 +253,9 @@ impl Dataplane {
             drops: [0; DropReason::COUNT],
             reports: [DropReport::default(); DropReason::COUNT],
             events: VecDeque::new(),
+            resolver: None,
+            dns_pending: HashMap::new(),
+            dns_token: 0,
         }
     }
 
@@ -266,6 +293,9 @@ impl Dataplane {
         let node = &self.node;
         let gone = self.filter.forget_unrouted(|remote| node.route(remote).is_some());
         self.tell(gone, &config, now);
+        if config.dns != self.config.dns {
+            self.resolver = config.dns.clone().map(Resolver::new);
+        }
         self.config = config;
         Ok(Applied { peers_added, peers_removed, peers_changed, snat_replaced })
     }
@@ -294,6 +324,15 @@ impl Dataplane {
     /// A packet read from the TUN device (rewritten in place: SNAT replies, MSS); its datagram, if any, is
     /// queued for [`Dataplane::poll_transmit`].
     pub fn handle_tun_packet(&mut self, packet: &mut [u8], now: Instant) -> Result<(), DropReason> {
+        if let Some(resolver) = &self.resolver
+            && wire::destination(packet).is_some_and(|d| resolver.answers_at(d))
+        {
+            let result = self.resolve(packet, now);
+            if let Err(reason) = result {
+                self.note_drop(reason, None, now);
+            }
+            return result;
+        }
         let result = self.router.to_mesh(packet, now).and_then(|()| {
             self.filter.outbound(packet, now);
             self.node.handle_tun_packet(packet, now)
@@ -415,6 +454,57 @@ impl Dataplane {
         Some(Transmit { destination, size: buf.len(), segment_size })
     }
 
+    /// A packet to the resolver's address: a UDP query is answered (or handed out to forward).
+    fn resolve(&mut self, packet: &[u8], now: Instant) -> Result<(), DropReason> {
+        let layout = wire::parse(packet).map_err(|_| DropReason::NotDns)?;
+        if layout.protocol != wire::PROTO_UDP || layout.fragment != Fragment::Whole {
+            return Err(DropReason::NotDns);
+        }
+        let udp = &packet[layout.l4_offset..layout.packet_len];
+        if udp.len() < 8 || u16::from_be_bytes([udp[2], udp[3]]) != 53 {
+            return Err(DropReason::NotDns);
+        }
+        let (Some(source), Some(resolver_ip)) = (wire::source(packet), wire::destination(packet)) else {
+            return Err(DropReason::NotDns);
+        };
+        let client = SocketAddr::new(source, u16::from_be_bytes([udp[0], udp[1]]));
+        let query = &udp[8..];
+        let resolver = self.resolver.as_ref().expect("checked by the caller");
+        match resolver.answer(query, false) {
+            dns::Answer::Reply(reply) => {
+                self.push_event(Event::Deliver(dns_reply(resolver_ip, client, &reply)));
+                Ok(())
+            }
+            dns::Answer::Forward(upstreams) => {
+                self.dns_pending.retain(|_, p| now.duration_since(p.at) < PENDING_QUERY_LIFETIME);
+                if self.dns_pending.len() >= MAX_PENDING_QUERIES {
+                    return Err(DropReason::NotDns);
+                }
+                self.dns_token += 1;
+                let token = self.dns_token;
+                let pending = PendingQuery { client, resolver: resolver_ip, query: query.to_vec(), at: now };
+                self.dns_pending.insert(token, pending);
+                self.push_event(Event::DnsForward { token, upstreams, query: query.to_vec() });
+                Ok(())
+            }
+            dns::Answer::Ignore => Err(DropReason::NotDns),
+        }
+    }
+
+    /// The answer to a forwarded query ([`Event::DnsForward`]), or `None` when no upstream gave one (the
+    /// client then gets SERVFAIL at once rather than waiting for its own timeout).
+    pub fn dns_answered(&mut self, token: u64, answer: Option<&[u8]>) {
+        let Some(pending) = self.dns_pending.remove(&token) else { return };
+        if let Some(reply) = dns::relay_answer(&pending.query, answer, false) {
+            self.push_event(Event::Deliver(dns_reply(pending.resolver, pending.client, &reply)));
+        }
+    }
+
+    /// The resolver, for questions from the shell itself (`meshd dns query`).
+    pub fn resolver(&self) -> Option<&Resolver> {
+        self.resolver.as_ref()
+    }
+
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front().or_else(|| self.node.poll_handshake().map(Event::Handshake))
@@ -514,6 +604,16 @@ impl Dataplane {
     }
 }
 
+/// A UDP packet from the resolver's port 53 to the client.
+fn dns_reply(resolver: IpAddr, client: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    match (resolver, client.ip()) {
+        (IpAddr::V4(r), IpAddr::V4(c)) => Builder::v4(r.octets(), c.octets()),
+        (IpAddr::V6(r), IpAddr::V6(c)) => Builder::v6(r.octets(), c.octets()),
+        _ => unreachable!("both come from one packet's header"),
+    }
+    .udp(53, client.port(), payload)
+}
+
 /// What an ICMP or ICMPv6 error speaks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum QuotedFlow {
@@ -605,6 +705,7 @@ mod tests {
             served: vec![Served { prefix: "10.0.0.0/16".parse().unwrap(), snat: true }],
             snat: SnatSettings::with_addresses(&["10.0.12.9".parse().unwrap()]).unwrap(),
             filter: None,
+            dns: None,
         }
     }
 

@@ -49,6 +49,9 @@ pub enum DropReason {
     AclTableFull,
     /// From the mesh, a packet the ACL filter cannot read, while the policy has rules.
     AclUnreadable,
+    /// To the resolver's address, a packet that is not a DNS query, or a query past the bound on queries
+    /// waiting for an upstream.
+    NotDns,
 }
 
 impl From<mesh_packet::filter::Drop> for DropReason {
@@ -64,7 +67,7 @@ impl From<mesh_packet::filter::Drop> for DropReason {
 
 impl DropReason {
     /// How many counters a full set of drop counts needs (every SNAT reason shares one).
-    pub const COUNT: usize = 18;
+    pub const COUNT: usize = 19;
 
     /// Each reason once (SNAT represented by one of its reasons, whose name is the SNAT engine's), for
     /// listing counters.
@@ -87,6 +90,7 @@ impl DropReason {
         DropReason::AclNoFlow,
         DropReason::AclTableFull,
         DropReason::AclUnreadable,
+        DropReason::NotDns,
     ];
 
     /// The slot of this reason's counter.
@@ -110,6 +114,7 @@ impl DropReason {
             DropReason::AclNoFlow => 15,
             DropReason::AclTableFull => 16,
             DropReason::AclUnreadable => 17,
+            DropReason::NotDns => 18,
         }
     }
 
@@ -133,6 +138,7 @@ impl DropReason {
             DropReason::AclNoFlow => "acl_no_flow",
             DropReason::AclTableFull => "acl_table_full",
             DropReason::AclUnreadable => "acl_unreadable",
+            DropReason::NotDns => "not_dns",
         }
     }
 }

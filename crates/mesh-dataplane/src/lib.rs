@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod dataplane;
+pub mod dns;
 mod drop_reason;
 pub mod netmap;
 mod node;

@@ -238,6 +238,7 @@ mod tests {
             ],
             peers,
             filter: None,
+            dns: None,
         }
     }
 

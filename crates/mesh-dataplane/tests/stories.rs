@@ -268,6 +268,7 @@ fn s1_world(loss_percent: u64, snat: SnatSettings) -> World {
             served: vec![Served { prefix: "10.0.0.0/16".parse().unwrap(), snat: true }],
             snat,
             filter: None,
+            dns: None,
         },
         Some("10.0.12.0/24"),
     );
@@ -338,6 +339,7 @@ fn s2_two_clusters_reach_each_other_with_sources_preserved() {
             served: vec![Served { prefix: "10.42.0.0/16".parse().unwrap(), snat: false }],
             snat: SnatSettings::default(),
             filter: None,
+            dns: None,
         },
         Some("10.42.0.0/16"),
     );
@@ -349,6 +351,7 @@ fn s2_two_clusters_reach_each_other_with_sources_preserved() {
             served: vec![Served { prefix: "10.52.0.0/16".parse().unwrap(), snat: false }],
             snat: SnatSettings::default(),
             filter: None,
+            dns: None,
         },
         Some("10.52.0.0/16"),
     );

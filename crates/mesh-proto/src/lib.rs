@@ -186,6 +186,64 @@ pub struct NetMap {
     /// a policy with neither `acls` nor `grants`); an empty list allows nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<Vec<FilterRule>>,
+    /// The mesh's DNS settings; `None` from a server that has none, which a node reads as the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsConfig>,
+}
+
+/// What a node's resolver answers and where it sends the rest (`meshd control dns set`). Node names come
+/// from the netmap's peers and the domain; this carries everything else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Whether nodes answer mesh names (`NAME` and `NAME.<domain>`) at all.
+    pub magic_dns: bool,
+    /// Upstreams for names outside the mesh. They replace the host's own only with `override_local_dns`;
+    /// otherwise they serve when the host has none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<std::net::IpAddr>,
+    /// Split DNS: a zone (lower case, no trailing dot) and the resolvers that answer for it. An empty list
+    /// makes the zone local: extra records or NXDOMAIN.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub split: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
+    /// Appended to the host's search list after the mesh domain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub search_domains: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_records: Vec<ExtraRecord>,
+    #[serde(default)]
+    pub override_local_dns: bool,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            magic_dns: true,
+            nameservers: Vec::new(),
+            split: Default::default(),
+            search_domains: Vec::new(),
+            extra_records: Vec::new(),
+            override_local_dns: false,
+        }
+    }
+}
+
+/// A name the mesh's resolvers answer with a fixed address (a service's private name pointing at a mesh
+/// node, seed 000's LangFuse case).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraRecord {
+    /// Lower case, no trailing dot.
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: RecordKind,
+    pub value: std::net::IpAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecordKind {
+    A,
+    AAAA,
 }
 
 /// An error the server returns, with a stable code a node can act on and a sentence for the user.

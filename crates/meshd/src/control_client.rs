@@ -37,6 +37,10 @@ pub enum Verb {
     /// A node by name or id.
     NodeDelete(String),
     NodeExpire(String),
+    NodeRename {
+        node: String,
+        name: String,
+    },
     RouteList,
     RouteSet {
         node: String,
@@ -46,6 +50,8 @@ pub enum Verb {
     PolicyGet,
     PolicySet(PathBuf),
     PolicyCheck(PathBuf),
+    DnsGet,
+    DnsSet(PathBuf),
     /// SRC, DST:PORT[/PROTO].
     PolicyExplain {
         src: String,
@@ -263,6 +269,11 @@ fn execute(c: &Connection, verb: Verb) -> Result<String, Error> {
             .map(|_| format!("node {} deleted", escape_controls(&node))),
         Verb::NodeExpire(node) => call(c, "POST", &format!("nodes/{}/expire", path_segment(&node)), None)
             .map(|_| format!("node {} expired", escape_controls(&node))),
+        Verb::NodeRename { node, name } => {
+            let body = serde_json::json!({ "name": name }).to_string();
+            call(c, "POST", &format!("nodes/{}/rename", path_segment(&node)), Some(body))
+                .map(|_| format!("node {} renamed {}", escape_controls(&node), escape_controls(&name)))
+        }
         Verb::RouteList => {
             let routes = json(&call(c, "GET", "routes", None)?)?;
             let mut out = format!("{:<4} {:<24} {:<20} {:<9} {}", "NODE", "NAME", "PREFIX", "APPROVED", "PRIMARY");
@@ -286,6 +297,12 @@ fn execute(c: &Connection, verb: Verb) -> Result<String, Error> {
             })
         }
         Verb::PolicyGet => call(c, "GET", "policy", None),
+        Verb::DnsGet => call(c, "GET", "dns", None),
+        Verb::DnsSet(path) => {
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+            let answer = json(&call(c, "PUT", "dns", Some(text))?)?;
+            Ok(format!("DNS settings set (version {})", answer["version"]))
+        }
         Verb::PolicySet(path) | Verb::PolicyCheck(path) if !path.exists() => {
             Err(Error::Input(format!("{}: no such file", path.display())))
         }

@@ -247,6 +247,13 @@ enum ControlCommand {
         #[command(flatten)]
         connection: ConnectionArgs,
     },
+    /// The mesh's DNS settings (MagicDNS, split DNS, extra records): get, set.
+    Dns {
+        #[command(subcommand)]
+        command: DnsCommand,
+        #[command(flatten)]
+        connection: ConnectionArgs,
+    },
 }
 
 /// How the administration verbs reach the server.
@@ -310,6 +317,20 @@ enum NodesCommand {
     Expire {
         node: String,
     },
+    /// Give a node a new name (its DNS names follow): NODE is its name or id, NAME a DNS label.
+    Rename {
+        node: String,
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DnsCommand {
+    /// Print the DNS settings as they were set (`{}`: the defaults).
+    Get,
+    /// Replace the DNS settings with FILE (HuJSON: magic_dns, nameservers.global, nameservers.split,
+    /// search_domains, extra_records, override_local_dns); refused whole if anything in it is wrong.
+    Set { file: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -490,6 +511,15 @@ fn main() -> ExitCode {
                 NodesCommand::List => Verb::NodeList,
                 NodesCommand::Delete { node } => Verb::NodeDelete(node),
                 NodesCommand::Expire { node } => Verb::NodeExpire(node),
+                NodesCommand::Rename { node, name } => Verb::NodeRename { node, name },
+            };
+            admin(connection, verb)
+        }
+        Command::Control { command: ControlCommand::Dns { command, connection } } => {
+            use control_client::Verb;
+            let verb = match command {
+                DnsCommand::Get => Verb::DnsGet,
+                DnsCommand::Set { file } => Verb::DnsSet(file),
             };
             admin(connection, verb)
         }

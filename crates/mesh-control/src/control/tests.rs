@@ -765,3 +765,46 @@ fn a_joining_node_recompiles_only_the_nodes_it_touches() {
     join(&c, &request(&key("tag:b"), 6, "n6"), NOW).unwrap();
     assert_eq!(recompiled(&c), 3, "a tag:b node: itself, the other tag:b node and the tag:a node");
 }
+
+#[test]
+fn names_are_dns_labels_with_numbered_collisions_and_admin_renames() {
+    let c = control("{}");
+    let (_, key) = c.create_auth_key(&AuthKeyOptions { reusable: true, ..Default::default() }, NOW).unwrap();
+    let names: Vec<String> =
+        [(1, "orchestrator.dev.cwiq.io"), (2, "Orchestrator_Dev.cwiq.io"), (3, "orchestrator-dev-cwiq-io"), (4, "___")]
+            .iter()
+            .map(|(n, h)| join(&c, &request(&key, *n, h), NOW).unwrap().name)
+            .collect();
+    assert_eq!(names[..3], ["orchestrator-dev-cwiq-io", "orchestrator-dev-cwiq-io-1", "orchestrator-dev-cwiq-io-2"]);
+    assert_eq!(names[3], "node-4", "a hostname with nothing to make a label of still joins");
+    let id = c.resolve_node("orchestrator-dev-cwiq-io-1").unwrap();
+    assert!(c.rename_node(id, "orchestrator-dev-cwiq-io").unwrap_err().message.contains("another node"));
+    assert!(c.rename_node(id, "Orchestrator.Dev").unwrap_err().message.contains("orchestrator-dev"));
+    let before = c.version().unwrap();
+    c.rename_node(id, "orchestrator-2").unwrap();
+    assert!(c.version().unwrap() > before, "a rename reaches the netmaps");
+    assert_eq!(c.netmap(id, |_| true).unwrap().node.name, "orchestrator-2");
+}
+
+#[test]
+fn dns_settings_are_versioned_and_reach_every_netmap() {
+    let mut c = control("{}");
+    let (_, key) = c.create_auth_key(&AuthKeyOptions::default(), NOW).unwrap();
+    let node = join(&c, &request(&key, 1, "a"), NOW).unwrap().node_id;
+    assert_eq!(c.netmap(node, |_| true).unwrap().dns, Some(mesh_proto::DnsConfig::default()));
+    assert!(c.stored_dns().unwrap().is_none());
+    let text = r#"{"nameservers": {"split": {"shared.cwiq.io": ["10.0.0.2"]}}}"#;
+    let before = c.version().unwrap();
+    assert_eq!(c.set_dns(text, "test", NOW).unwrap(), 1);
+    assert!(c.version().unwrap() > before);
+    let dns = c.netmap(node, |_| true).unwrap().dns.unwrap();
+    assert_eq!(dns.split["shared.cwiq.io"], vec!["10.0.0.2".parse::<std::net::IpAddr>().unwrap()]);
+    let snapshot = c.snapshot(|_| true).unwrap();
+    let from_snapshot: NetMap = serde_json::from_str(&snapshot.netmap_json(node).unwrap()).unwrap();
+    assert_eq!(from_snapshot, c.netmap(node, |_| true).unwrap());
+    // A refused file changes nothing.
+    assert!(c.set_dns(r#"{"magic_dns": "yes"}"#, "test", NOW).is_err());
+    assert_eq!(c.stored_dns().unwrap().unwrap().version, 1);
+    assert_eq!(c.set_dns("{}", "test", NOW).unwrap(), 2);
+    assert_eq!(c.dns(), &mesh_proto::DnsConfig::default());
+}

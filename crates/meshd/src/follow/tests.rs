@@ -53,6 +53,7 @@ fn netmap(version: u64, routes: &[&str]) -> (u16, String) {
             .collect(),
         peers: vec![peer(4)],
         filter: None,
+        dns: None,
     };
     (200, serde_json::to_string(&map).unwrap())
 }
