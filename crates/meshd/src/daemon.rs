@@ -26,8 +26,12 @@ use crate::config::{self, Endpoint, StaticConfig};
 use crate::error::Error;
 use crate::{keys, local_api, uapi};
 
+mod dns;
 mod host;
 mod managed;
+mod resolv_conf;
+
+pub use resolv_conf::DirectStatus;
 
 use host::{Command, HostHandle, Lan, Routes};
 
@@ -149,6 +153,11 @@ struct Daemon {
     uapi_path: PathBuf,
     /// Whether this run bound the local API socket (and so may remove it).
     api_bound: bool,
+    /// How the host's DNS stands, as the host side last reported it.
+    host_dns: Option<resolv_conf::DirectStatus>,
+    /// Where forwarded DNS queries' answers come back to the loop.
+    dns_answers: mpsc::Sender<dns::Answered>,
+    dns_answers_rx: Option<mpsc::Receiver<dns::Answered>>,
 }
 
 /// The signals the daemon handles, installed before it changes anything: a SIGTERM or SIGHUP during start-up
@@ -227,6 +236,7 @@ pub async fn run(options: Options) -> Result<(), Error> {
             ..SnatSettings::with_addresses(&snat_addresses).map_err(|e| Error::Input(e.to_string()))?
         },
         filter,
+        dns: None,
     };
     let mut dataplane = Dataplane::new(private_key, seed(), mtu);
     let applied = dataplane.configure(wanted, Instant::now()).map_err(|e| Error::Input(e.to_string()))?;
@@ -244,6 +254,7 @@ pub async fn run(options: Options) -> Result<(), Error> {
         accept: if managed.is_some() { AcceptRoutes::All } else { options.accept.clone() },
         tun_index,
         state_path: options.run_dir.join(format!("{tun_name}.json")),
+        resolv_conf: managed.is_some().then(|| (PathBuf::from("/etc/resolv.conf"), options.state_dir.clone())),
     })?;
     let udp4 = mesh_linux::socket::bind_marked(false, port, policy.fwmark).map_err(|e| Error::System(e.to_string()))?;
     let listen_port = udp4.local_addr().map_err(|e| Error::system("reading the UDP port", e))?.port();
@@ -255,6 +266,8 @@ pub async fn run(options: Options) -> Result<(), Error> {
         }
     };
 
+    // Bounded by the data plane's own bound on queries waiting for an upstream.
+    let (dns_answers, dns_answers_rx) = mpsc::channel(1024);
     let mut daemon = Daemon {
         tun_index,
         tun_name: tun_name.clone(),
@@ -275,6 +288,9 @@ pub async fn run(options: Options) -> Result<(), Error> {
         host_addresses,
         transmit_buf: Vec::new(),
         api_bound: false,
+        host_dns: None,
+        dns_answers,
+        dns_answers_rx: Some(dns_answers_rx),
     };
     let result = daemon.start(&addresses).await;
     let result = match result {
@@ -348,6 +364,10 @@ impl Daemon {
         let accept = if self.managed.is_some() { &AcceptRoutes::All } else { &self.options.accept };
         let mut accepted = allowed_prefixes(&self.dataplane.config().peers);
         accepted.retain(|p| accept.routes(p));
+        // The resolver answers inside the TUN device: its addresses are routed there like a peer's.
+        if let Some(dns) = &self.dataplane.config().dns {
+            accepted.extend(dns.addresses.iter().map(|a| IpNet::from(*a)));
+        }
         Routes { accepted, advertised }
     }
 
@@ -484,6 +504,7 @@ impl Daemon {
         self.resume().await;
         let (uapi_tx, mut uapi_rx) = mpsc::channel::<UapiRequest>(8);
         let (reload_tx, mut reload_rx) = mpsc::channel::<Result<Reloaded, String>>(1);
+        let mut dns_answers = self.dns_answers_rx.take().expect("one event loop");
 
         let mut tun_buf = vec![0u8; 65_536];
         let mut udp4_buf = vec![0u8; 65_536];
@@ -532,7 +553,9 @@ impl Daemon {
                         self.host_addresses_changed(&addresses).await;
                     }
                     host::HostEvent::Recovered(what) => self.recoveries.push(what),
+                    host::HostEvent::Dns(status) => self.host_dns_changed(status),
                 },
+                Some((token, answer)) = dns_answers.recv() => self.dataplane.dns_answered(token, answer.as_deref()),
                 accepted = uapi_listener.accept() => {
                     if let Ok((stream, _)) = accepted {
                         tokio::spawn(serve_uapi(stream, uapi_tx.clone()));
@@ -635,6 +658,9 @@ impl Daemon {
                     if let Err(e) = self.tun.send(&packet).await {
                         tracing::debug!(error = %e, "writing to the TUN device");
                     }
+                }
+                Event::DnsForward { token, upstreams, query } => {
+                    dns::forward(token, upstreams, query, self.dns_answers.clone())
                 }
             }
         }

@@ -147,6 +147,44 @@ pub enum Request {
     Status(oneshot::Sender<Status>),
     /// Sends one echo request through the tunnel; the receiver yields the round trip.
     Ping(String, Reply<(String, IpAddr, oneshot::Receiver<Duration>)>),
+    DnsStatus(oneshot::Sender<DnsStatus>),
+    /// Asks the resolver in the data plane (forwarding as it would); the reply is the answer, dig-like.
+    DnsQuery {
+        name: String,
+        kind: String,
+        reply: Reply<String>,
+    },
+}
+
+/// `meshd dns status`: how the host's DNS is wired and what the resolver answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DnsStatus {
+    pub mode: String,
+    pub host: Option<crate::daemon::DirectStatus>,
+    pub resolver: Option<ResolverStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResolverStatus {
+    pub addresses: Vec<IpAddr>,
+    pub domain: String,
+    pub magic_dns: bool,
+    pub names: Vec<String>,
+    pub extra_records: usize,
+    pub split: Vec<(String, Vec<SocketAddr>)>,
+    pub upstreams: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsQueryRequest {
+    pub name: String,
+    #[serde(default = "a_record")]
+    pub kind: String,
+}
+
+fn a_record() -> String {
+    "A".into()
 }
 
 type ApiError = (StatusCode, Json<serde_json::Value>);
@@ -208,6 +246,20 @@ async fn status(State(tx): State<mpsc::Sender<Request>>) -> Result<Json<Status>,
     rx.await.map(Json).map_err(|_| gone())
 }
 
+async fn dns_status(State(tx): State<mpsc::Sender<Request>>) -> Result<Json<DnsStatus>, ApiError> {
+    let (reply, rx) = oneshot::channel();
+    let gone = || error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down");
+    tx.send(Request::DnsStatus(reply)).await.map_err(|_| gone())?;
+    rx.await.map(Json).map_err(|_| gone())
+}
+
+async fn dns_query(
+    State(tx): State<mpsc::Sender<Request>>,
+    Json(q): Json<DnsQueryRequest>,
+) -> Result<String, ApiError> {
+    ask(&tx, |reply| Request::DnsQuery { name: q.name, kind: q.kind, reply }).await
+}
+
 /// Up to five echo requests a second apart; the first answer wins.
 async fn ping(
     State(tx): State<mpsc::Sender<Request>>,
@@ -252,6 +304,8 @@ pub fn serve(listener: UnixListener, loop_tx: mpsc::Sender<Request>) -> tokio::t
         .route("/v1/logout", post(logout))
         .route("/v1/status", get(status))
         .route("/v1/ping", post(ping))
+        .route("/v1/dns/status", get(dns_status))
+        .route("/v1/dns/query", post(dns_query))
         .with_state(loop_tx);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

@@ -112,6 +112,13 @@ enum Command {
         #[command(flatten)]
         daemon: SocketArgs,
     },
+    /// MagicDNS on this node: how the host's DNS is wired, and asking the mesh's resolver.
+    Dns {
+        #[command(subcommand)]
+        command: NodeDnsCommand,
+        #[command(flatten)]
+        daemon: SocketArgs,
+    },
     /// Ping a peer (by name or mesh IP) through the tunnel.
     Ping {
         peer: String,
@@ -325,6 +332,23 @@ enum NodesCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum NodeDnsCommand {
+    /// The host DNS mode (direct, off), what meshd wrote, the host's own resolvers, and what the resolver
+    /// answers for and forwards where.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the mesh's resolver (as programs on this host do at 100.100.100.100).
+    Query {
+        name: String,
+        /// A, AAAA, PTR, TXT, ... (default A).
+        #[arg(default_value = "A")]
+        kind: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum DnsCommand {
     /// Print the DNS settings as they were set (`{}`: the defaults).
     Get,
@@ -464,6 +488,12 @@ fn main() -> ExitCode {
         Command::Set { prefs, daemon } => node_cli::run(daemon.socket, node_cli::Verb::Set(Box::new(prefs))),
         Command::Status { json, daemon } => node_cli::run(daemon.socket, node_cli::Verb::Status { json }),
         Command::Ping { peer, daemon } => node_cli::run(daemon.socket, node_cli::Verb::Ping { peer }),
+        Command::Dns { command: NodeDnsCommand::Status { json }, daemon } => {
+            node_cli::run(daemon.socket, node_cli::Verb::DnsStatus { json })
+        }
+        Command::Dns { command: NodeDnsCommand::Query { name, kind }, daemon } => {
+            node_cli::run(daemon.socket, node_cli::Verb::DnsQuery { name, kind })
+        }
         Command::Ip { peer, daemon } => node_cli::run(daemon.socket, node_cli::Verb::Ip { peer }),
         Command::Down { daemon } => node_cli::run(daemon.socket, node_cli::Verb::Down),
         Command::Logout { daemon } => node_cli::run(daemon.socket, node_cli::Verb::Logout),

@@ -52,6 +52,11 @@ pub struct PrefArgs {
     /// Send all traffic through this exit node (a peer's name or mesh IP); empty clears it.
     #[arg(long, env = "MESHD_EXIT_NODE", value_name = "PEER")]
     exit_node: Option<String>,
+    /// Point this host's DNS at the mesh's resolver (default true): mesh names, split DNS and extra records
+    /// resolve for every program; false leaves the host's DNS alone (100.100.100.100 still answers).
+    #[arg(long, env = "MESHD_ACCEPT_DNS", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    accept_dns: Option<bool>,
 }
 
 fn list(text: &str) -> impl Iterator<Item = &str> {
@@ -89,6 +94,7 @@ impl PrefArgs {
             advertise_tags: self.advertise_tags.as_deref().map(|t| list(t).map(str::to_string).collect()),
             advertise_exit_node: self.advertise_exit_node,
             exit_node: self.exit_node.as_ref().map(|e| e.trim().to_string()),
+            accept_dns: self.accept_dns,
         })
     }
 }
@@ -99,6 +105,8 @@ pub enum Verb {
     Set(Box<PrefArgs>),
     Status { json: bool },
     Ping { peer: String },
+    DnsStatus { json: bool },
+    DnsQuery { name: String, kind: String },
     Ip { peer: Option<String> },
     Down,
     Logout,
@@ -193,6 +201,17 @@ async fn execute(socket: &PathBuf, verb: Verb) -> Result<String, Error> {
                 .collect::<Vec<_>>()
                 .join("\n"))
         }
+        Verb::DnsStatus { json } => {
+            let text = request(socket, "GET", "/v1/dns/status", None).await?;
+            if json {
+                return Ok(text);
+            }
+            Ok(format_dns_status(&parse(&text)?))
+        }
+        Verb::DnsQuery { name, kind } => {
+            let body = serde_json::json!({ "name": name, "kind": kind }).to_string();
+            request(socket, "POST", "/v1/dns/query", Some(body)).await.map(|text| escape_controls(&text))
+        }
         Verb::Ping { peer } => {
             let body = serde_json::json!({ "peer": peer }).to_string();
             let reply: PingReply = parse(&request(socket, "POST", "/v1/ping", Some(body)).await?)?;
@@ -283,4 +302,58 @@ fn format_status(status: &Status) -> String {
         ));
     }
     out.trim_end().to_string()
+}
+
+fn format_dns_status(status: &crate::local_api::DnsStatus) -> String {
+    let mut out = format!("mode: {}", status.mode);
+    if let Some(host) = &status.host {
+        out.push_str(&format!("\nresolv.conf: {}", host.path.display()));
+        let own: Vec<String> = host.original_nameservers.iter().map(ToString::to_string).collect();
+        out.push_str(&format!(
+            "\nthe host's own resolvers: {}",
+            if own.is_empty() { "none".into() } else { own.join(", ") }
+        ));
+        if host.tramples > 0 {
+            out.push_str(&format!("\nrewritten by another program: {} times", host.tramples));
+        }
+        if let Some(written) = &host.written {
+            out.push_str("\nwritten:");
+            for line in written.lines().filter(|l| !l.starts_with('#')) {
+                out.push_str(&format!("\n  {}", escape_controls(line)));
+            }
+        }
+    }
+    match &status.resolver {
+        None => out.push_str("\nresolver: off (not connected)"),
+        Some(r) => {
+            let at: Vec<String> = r.addresses.iter().map(ToString::to_string).collect();
+            out.push_str(&format!(
+                "\nresolver: {} (MagicDNS {})",
+                at.join(", "),
+                if r.magic_dns { "on" } else { "off" }
+            ));
+            if r.magic_dns {
+                out.push_str(&format!(
+                    "\nnames: {} in {} ({})",
+                    r.names.len(),
+                    escape_controls(&r.domain),
+                    r.names.iter().take(8).map(|n| escape_controls(n)).collect::<Vec<_>>().join(", ")
+                ));
+            }
+            if r.extra_records > 0 {
+                out.push_str(&format!("\nextra records: {}", r.extra_records));
+            }
+            for (zone, to) in &r.split {
+                let to: Vec<String> = to.iter().map(ToString::to_string).collect();
+                let to = if to.is_empty() { "answered here only".to_string() } else { to.join(", ") };
+                out.push_str(&format!("\nsplit: {} -> {to}", escape_controls(zone)));
+            }
+            let up: Vec<String> = r.upstreams.iter().map(ToString::to_string).collect();
+            out.push_str(&format!(
+                "\nother names go to: {}",
+                if up.is_empty() { "nobody (SERVFAIL)".into() } else { up.join(", ") }
+            ));
+        }
+    }
+    out
 }

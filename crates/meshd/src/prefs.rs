@@ -44,6 +44,8 @@ pub struct Prefs {
     pub advertise_exit_node: bool,
     /// Send all traffic through this peer (its name or mesh address), if it is an approved exit node.
     pub exit_node: Option<String>,
+    /// Point the host's DNS at the mesh's resolver (MagicDNS); it answers at 100.100.100.100 either way.
+    pub accept_dns: bool,
 }
 
 impl Default for Prefs {
@@ -61,6 +63,7 @@ impl Default for Prefs {
             advertise_tags: Vec::new(),
             advertise_exit_node: false,
             exit_node: None,
+            accept_dns: true,
         }
     }
 }
@@ -82,6 +85,7 @@ pub struct PrefsPatch {
     pub advertise_exit_node: Option<bool>,
     /// An empty name clears the choice.
     pub exit_node: Option<String>,
+    pub accept_dns: Option<bool>,
 }
 
 impl Prefs {
@@ -120,6 +124,9 @@ impl Prefs {
         }
         if let Some(v) = &patch.exit_node {
             p.exit_node = Some(v.clone()).filter(|name| !name.is_empty());
+        }
+        if let Some(v) = patch.accept_dns {
+            p.accept_dns = v;
         }
         p
     }

@@ -18,11 +18,14 @@ use mesh_linux::netlink::{self, Netlink};
 use mesh_linux::{RoutingPolicy, sysctl};
 use tokio::sync::{mpsc, oneshot};
 
+use super::resolv_conf::{self, Direct};
 use crate::error::Error;
 use crate::run_state::{self, RunState};
 
 /// How often the route manager checks the kernel even without an event.
 const ROUTE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// How often meshd's resolv.conf is checked for another program's rewrite.
+const RESOLV_CONF_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long after a netlink event the check runs, so a burst of events costs one pass.
 const ROUTE_EVENT_DELAY: Duration = Duration::from_millis(100);
 
@@ -46,6 +49,8 @@ pub(super) enum Command {
     Snat { lans: Vec<Lan>, reply: oneshot::Sender<Result<(), Error>> },
     /// A router serves these: forwarding goes on for their families (and stays on).
     Forwarding(Vec<Served>),
+    /// Point the host's DNS at the mesh's resolver (direct mode), or put the original back (`None`).
+    Dns(Option<resolv_conf::Wanted>),
     /// Disk work that must not hold packets, done in the order sent (the netmap cache).
     Persist(Box<dyn FnOnce() + Send>),
     /// The TUN device was recreated with this index: route into it from now on, at once.
@@ -68,6 +73,8 @@ pub(super) struct Setup {
     pub accept: AcceptRoutes,
     pub tun_index: u32,
     pub state_path: PathBuf,
+    /// A managed node's host DNS: the resolv.conf path and the state directory its original is kept in.
+    pub resolv_conf: Option<(PathBuf, PathBuf)>,
 }
 
 /// The packet loop's end of the host side.
@@ -106,6 +113,8 @@ pub(super) enum HostEvent {
     Addresses(Vec<IpAddr>),
     /// Something failed and was brought back (for status).
     Recovered(String),
+    /// How the host's DNS stands (after a change, or another program's rewrite).
+    Dns(resolv_conf::DirectStatus),
 }
 
 pub(super) fn spawn(setup: Setup) -> Result<(HostHandle, mpsc::UnboundedReceiver<HostEvent>), Error> {
@@ -174,6 +183,7 @@ struct Host {
     deferred_logged: Option<Instant>,
     addresses: Vec<IpAddr>,
     addresses_tx: mpsc::UnboundedSender<HostEvent>,
+    dns: Option<Direct>,
 }
 
 impl Host {
@@ -190,13 +200,25 @@ impl Host {
             served: Vec::new(),
             deferred_logged: None,
             addresses: Vec::new(),
+            // A resolv.conf a killed run left pointing at the mesh is put back here, before anything else.
+            dns: setup.resolv_conf.map(|(path, state_dir)| Direct::new(path, &state_dir)),
             addresses_tx,
+        }
+    }
+
+    fn report_dns(&self) {
+        if let Some(dns) = &self.dns {
+            let _ = self.addresses_tx.send(HostEvent::Dns(dns.status()));
         }
     }
 
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, events: netlink::Subscription) {
         let mut next_check = Instant::now() + ROUTE_CHECK_INTERVAL;
         let mut events = Some(events);
+        let mut dns_check = tokio::time::interval(RESOLV_CONF_CHECK_INTERVAL);
+        dns_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The host's resolvers as they are before anything is written, for the resolver to forward to.
+        self.report_dns();
         loop {
             tokio::select! {
                 command = commands.recv() => match command {
@@ -226,6 +248,11 @@ impl Host {
                         next_check = next_check.min(Instant::now());
                     }
                 },
+                _ = dns_check.tick(), if self.dns.as_ref().is_some_and(Direct::is_active) => {
+                    if self.dns.as_mut().is_some_and(|d| d.check(Instant::now())) {
+                        self.report_dns();
+                    }
+                }
                 _ = tokio::time::sleep_until(next_check.into()), if self.installed => {
                     self.supervise(&mut events);
                     self.reconcile(Cause::Repair).await;
@@ -256,6 +283,14 @@ impl Host {
                 let _ = reply.send(result);
             }
             Command::Forwarding(served) => enable_forwarding(&served),
+            Command::Dns(wanted) => {
+                if let Some(dns) = &mut self.dns
+                    && let Err(e) = dns.set(wanted)
+                {
+                    tracing::error!("host DNS: {e}");
+                }
+                self.report_dns();
+            }
             Command::Persist(write) => write(),
             Command::Tun(index) => {
                 self.routes.set_tun_index(index);
@@ -452,6 +487,11 @@ impl Host {
     }
 
     async fn stop(&mut self) {
+        if let Some(dns) = &mut self.dns
+            && let Err(e) = dns.restore()
+        {
+            tracing::error!("host DNS: {e}");
+        }
         if !self.installed {
             return;
         }

@@ -299,6 +299,8 @@ impl Daemon {
         wanted.mesh_addresses = mesh_addresses(&map).iter().map(IpNet::addr).collect();
         wanted.peers = peers.specs;
         wanted.filter = map.filter.clone();
+        wanted.dns = Some(super::dns::resolver_config(&map, &self.host_nameservers()));
+        let host_dns = m.prefs.accept_dns.then(|| super::dns::host_wanted(&map));
         let applied = match self.dataplane.configure(wanted, Instant::now()) {
             Ok(applied) => applied,
             Err(e) => {
@@ -310,6 +312,7 @@ impl Daemon {
             tracing::error!("cannot put the mesh address on the TUN device: {e}");
         }
         self.update_host();
+        self.host.send(Command::Dns(host_dns));
         tracing::info!(
             version = map.version,
             added = applied.peers_added,
@@ -342,7 +345,9 @@ impl Daemon {
         m.conn.send_replace(Conn::Stopped);
         let mut wanted = self.dataplane.config().clone();
         (wanted.peers, wanted.served, wanted.mesh_addresses) = (Vec::new(), Vec::new(), Vec::new());
+        wanted.dns = None;
         self.reconfigure(wanted);
+        self.host.send(Command::Dns(None));
         if let Err(e) = self.set_addresses(Vec::new()).await {
             tracing::warn!("removing the mesh addresses: {e}");
         }
@@ -385,6 +390,28 @@ impl Daemon {
             Request::Ping(peer, reply) => {
                 let _ = reply.send(self.ping(&peer));
             }
+            Request::DnsStatus(reply) => {
+                let _ = reply.send(self.dns_status());
+            }
+            Request::DnsQuery { name, kind, reply } => match self.dns_query(&name, &kind) {
+                Ok(DnsQueryJob::Done(text)) => {
+                    let _ = reply.send(Ok(text));
+                }
+                // Off the loop: upstreams may take seconds.
+                Ok(DnsQueryJob::Forward(upstreams, query)) => {
+                    tokio::spawn(async move {
+                        let from = upstreams.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+                        let text = match super::dns::ask_upstreams(&upstreams, &query).await {
+                            Some(answer) => super::dns::describe(&answer, &format!("upstream {from}")),
+                            None => format!("SERVFAIL: no answer from {from}"),
+                        };
+                        let _ = reply.send(Ok(text));
+                    });
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
         }
     }
 
@@ -622,6 +649,62 @@ impl Daemon {
         Status { state: conn.name().into(), message, node, peers, recovered: self.recoveries.clone(), acl }
     }
 
+    /// The host's own resolvers (from its resolv.conf as it was before meshd wrote it).
+    fn host_nameservers(&self) -> Vec<IpAddr> {
+        self.host_dns.as_ref().map(|s| s.original_nameservers.clone()).unwrap_or_default()
+    }
+
+    /// The host side's report on its DNS: the resolver follows the host's resolvers when they change.
+    pub(super) fn host_dns_changed(&mut self, status: super::resolv_conf::DirectStatus) {
+        let before = self.host_nameservers();
+        let changed = status.original_nameservers != before;
+        self.host_dns = Some(status);
+        let Some(map) = self.managed.as_ref().and_then(|m| m.netmap.as_ref()) else { return };
+        if changed && self.dataplane.config().dns.is_some() {
+            let mut wanted = self.dataplane.config().clone();
+            wanted.dns = Some(super::dns::resolver_config(map, &self.host_nameservers()));
+            self.reconfigure(wanted);
+        }
+    }
+
+    /// `meshd dns status`.
+    pub(super) fn dns_status(&self) -> crate::local_api::DnsStatus {
+        let m = self.managed.as_ref().expect("managed");
+        let resolver = self.dataplane.resolver().map(|r| {
+            let c = r.config();
+            crate::local_api::ResolverStatus {
+                addresses: c.addresses.clone(),
+                domain: c.domain.clone(),
+                magic_dns: c.magic_dns,
+                names: c.hosts.iter().map(|(name, _)| name.clone()).collect(),
+                extra_records: c.extra.len(),
+                split: c.split.iter().map(|(zone, to)| (zone.clone(), to.clone())).collect(),
+                upstreams: c.upstreams.clone(),
+            }
+        });
+        let host = self.host_dns.clone();
+        let mode = match (&host, m.prefs.accept_dns) {
+            (_, false) => "off (--accept-dns=false): the host's DNS is left alone",
+            (Some(h), true) if h.gave_up => "direct, given up: another program keeps rewriting resolv.conf",
+            (Some(h), true) if h.active => "direct: resolv.conf points at the mesh's resolver",
+            _ => "not applied (not connected)",
+        };
+        crate::local_api::DnsStatus { mode: mode.into(), host, resolver }
+    }
+
+    /// `meshd dns query`: asked of the resolver in the data plane; what it forwards is forwarded here.
+    pub(super) fn dns_query(&self, name: &str, kind: &str) -> Result<DnsQueryJob, Error> {
+        let resolver = self.dataplane.resolver().ok_or_else(|| Error::System("not connected; run meshd up".into()))?;
+        let query = super::dns::build_query(name, kind).map_err(Error::Input)?;
+        Ok(match resolver.answer(&query, true) {
+            mesh_dataplane::dns::Answer::Reply(reply) => {
+                DnsQueryJob::Done(super::dns::describe(&reply, "the mesh's resolver"))
+            }
+            mesh_dataplane::dns::Answer::Forward(upstreams) => DnsQueryJob::Forward(upstreams, query),
+            mesh_dataplane::dns::Answer::Ignore => DnsQueryJob::Done("no answer".into()),
+        })
+    }
+
     /// Sends one ICMP echo request from this node's mesh address to a peer's, through the tunnel.
     fn ping(&mut self, target: &str) -> Result<(String, IpAddr, oneshot::Receiver<Duration>), Error> {
         let m = self.managed_mut();
@@ -653,6 +736,12 @@ impl Daemon {
             let _ = reply.send(rtt);
         }
     }
+}
+
+/// What `meshd dns query` still needs after the resolver looked at it.
+pub(super) enum DnsQueryJob {
+    Done(String),
+    Forward(Vec<SocketAddr>, Vec<u8>),
 }
 
 /// The host side's answer to a change it makes, for a local API reply to wait on.
