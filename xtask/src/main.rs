@@ -29,6 +29,9 @@ const PACKAGES: &[&str] = &[
     "socat",
     "curl",
     "openssl",
+    // The DNS tests: a real resolver beside meshd's, and real clients.
+    "dnsmasq-base",
+    "bind9-dnsutils",
 ];
 
 const USAGE: &str = "usage: cargo xtask <command>

@@ -14,7 +14,7 @@
 
 use std::fs;
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -64,6 +64,13 @@ pub fn clear_leftovers(prefix: &str) -> Vec<String> {
         }
         let _ = Command::new("ip").args(["netns", "del", name]).output();
     }
+    if let Ok(entries) = fs::read_dir(NETNS_ETC) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(prefix) {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
     let dir_prefix = lab_dir_prefix(prefix);
     if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
         for entry in entries.flatten() {
@@ -74,6 +81,9 @@ pub fn clear_leftovers(prefix: &str) -> Vec<String> {
     }
     names
 }
+
+/// Where `ip netns exec` finds files it bind-mounts over `/etc` for one namespace.
+const NETNS_ETC: &str = "/etc/netns";
 
 fn lab_dir_prefix(ns_prefix: &str) -> String {
     format!("meshd-lab-{ns_prefix}")
@@ -206,6 +216,9 @@ impl Netns {
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         run("ip", &["netns", "add", &name]);
         let ns = Netns { name, run_dir, uapi_dir };
+        // A resolv.conf of its own (a copy of the host's), which `ip netns exec` mounts over /etc/resolv.conf:
+        // a daemon pointing DNS at the mesh changes its namespace's file, never the host's.
+        ns.set_resolv_conf(&fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
         ns.ip(&["link", "set", "lo", "up"]);
         // A new namespace inherits the host's ip_forward, which container engines turn on; a host here
         // forwards only where its test says so.
@@ -286,6 +299,22 @@ impl Netns {
         out
     }
 
+    /// Replaces the namespace's own resolv.conf (what programs run in it see at /etc/resolv.conf).
+    pub fn set_resolv_conf(&self, text: &str) {
+        let dir = self.etc_dir();
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        fs::write(dir.join("resolv.conf"), text).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    }
+
+    /// The namespace's resolv.conf as it is now.
+    pub fn resolv_conf(&self) -> String {
+        fs::read_to_string(self.etc_dir().join("resolv.conf")).unwrap_or_default()
+    }
+
+    fn etc_dir(&self) -> PathBuf {
+        Path::new(NETNS_ETC).join(&self.name)
+    }
+
     /// Whether `ping` from this namespace reaches `addr` (one echo, one second).
     pub fn ping(&self, addr: &str) -> bool {
         self.exec("ping", &["-c", "1", "-W", "1", "-q", addr]).status.success()
@@ -294,6 +323,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        let _ = fs::remove_dir_all(self.etc_dir());
         let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }

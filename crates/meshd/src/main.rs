@@ -116,8 +116,6 @@ enum Command {
     Dns {
         #[command(subcommand)]
         command: NodeDnsCommand,
-        #[command(flatten)]
-        daemon: SocketArgs,
     },
     /// Ping a peer (by name or mesh IP) through the tunnel.
     Ping {
@@ -338,6 +336,8 @@ enum NodeDnsCommand {
     Status {
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        daemon: SocketArgs,
     },
     /// Ask the mesh's resolver (as programs on this host do at 100.100.100.100).
     Query {
@@ -345,6 +345,8 @@ enum NodeDnsCommand {
         /// A, AAAA, PTR, TXT, ... (default A).
         #[arg(default_value = "A")]
         kind: String,
+        #[command(flatten)]
+        daemon: SocketArgs,
     },
 }
 
@@ -488,10 +490,10 @@ fn main() -> ExitCode {
         Command::Set { prefs, daemon } => node_cli::run(daemon.socket, node_cli::Verb::Set(Box::new(prefs))),
         Command::Status { json, daemon } => node_cli::run(daemon.socket, node_cli::Verb::Status { json }),
         Command::Ping { peer, daemon } => node_cli::run(daemon.socket, node_cli::Verb::Ping { peer }),
-        Command::Dns { command: NodeDnsCommand::Status { json }, daemon } => {
+        Command::Dns { command: NodeDnsCommand::Status { json, daemon } } => {
             node_cli::run(daemon.socket, node_cli::Verb::DnsStatus { json })
         }
-        Command::Dns { command: NodeDnsCommand::Query { name, kind }, daemon } => {
+        Command::Dns { command: NodeDnsCommand::Query { name, kind, daemon } } => {
             node_cli::run(daemon.socket, node_cli::Verb::DnsQuery { name, kind })
         }
         Command::Ip { peer, daemon } => node_cli::run(daemon.socket, node_cli::Verb::Ip { peer }),
