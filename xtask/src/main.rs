@@ -147,13 +147,13 @@ fn ci() -> Result<bool> {
 
     // The ACL benchmarks run once each in criterion's test mode: proof they still run, with nothing timed
     // (figures come from `cargo bench`, recorded in docs/benchmarks.md).
-    section("benchmarks: ACL compile and filter, once each (criterion --test, untimed)");
+    section("benchmarks: ACL compile and filter, the DNS resolver, once each (criterion --test, untimed)");
     let ok = cargo()
-        .args(["bench", "-p", "mesh-benches", "--bench", "policy", "--locked", "--", "--test"])
+        .args(["bench", "-p", "mesh-benches", "--bench", "policy", "--bench", "dns", "--locked", "--", "--test"])
         .status()
-        .context("running the policy benchmarks")?
+        .context("running the policy and DNS benchmarks")?
         .success();
-    tally.check("policy benchmarks run", ok);
+    tally.check("policy and DNS benchmarks run", ok);
 
     println!();
     for failure in &tally.failures {

@@ -77,3 +77,49 @@ pub fn netmap(map: &mesh_proto::NetMap) {
         assert!(map.routes.iter().any(|r| r.prefix == route && r.approved), "{route} served unapproved");
     }
 }
+
+/// A resolver with a node, an extra record, split zones and upstreams, so queries meet every branch.
+pub fn resolver() -> crate::dns::Resolver {
+    use crate::dns::{RESOLVER_V4, ResolverConfig, mesh_ranges, resolver_v6};
+    use std::net::IpAddr;
+    let own: IpAddr = "fd7a:115c:a1e0::1".parse().expect("literal");
+    let (mesh_v4, mesh_v6) = mesh_ranges(&["100.64.0.1".parse().expect("literal"), own]);
+    crate::dns::Resolver::new(ResolverConfig {
+        addresses: vec![
+            IpAddr::V4(RESOLVER_V4),
+            IpAddr::V6(resolver_v6("fd7a:115c:a1e0::1".parse().expect("literal"))),
+        ],
+        domain: "mesh.internal".into(),
+        magic_dns: true,
+        hosts: vec![(
+            "db".into(),
+            vec!["100.64.0.2".parse().expect("literal"), "fd7a:115c:a1e0::2".parse().expect("literal")],
+        )],
+        extra: vec![("langfuse.cwiq.io".into(), "100.64.0.2".parse().expect("literal"))],
+        split: vec![
+            ("shared.cwiq.io".into(), vec!["10.0.0.2:53".parse().expect("literal")]),
+            ("corp.internal".into(), vec![]),
+        ],
+        upstreams: vec!["192.0.2.53:53".parse().expect("literal")],
+        mesh_v4,
+        mesh_v6,
+    })
+}
+
+/// The body of the `dns` fuzz target: arbitrary bytes as a query over UDP and TCP, and as an upstream's
+/// answer to itself. A reply is always a readable DNS message with the query's id, and a UDP reply never
+/// exceeds what any client may be sent.
+pub fn dns(resolver: &crate::dns::Resolver, data: &[u8]) {
+    use crate::dns::Answer;
+    for over_tcp in [false, true] {
+        if let Answer::Reply(reply) = resolver.answer(data, over_tcp) {
+            let message = hickory_proto::op::Message::from_vec(&reply).expect("a reply parses");
+            assert_eq!(reply[..2], data[..2], "the reply carries the query's id");
+            assert_eq!(message.metadata.message_type, hickory_proto::op::MessageType::Response);
+            assert!(over_tcp || reply.len() <= 4095, "a UDP reply of {} bytes", reply.len());
+        }
+    }
+    if let Some(relayed) = crate::dns::relay_answer(data, Some(data), false) {
+        assert!(relayed.len() <= 4095);
+    }
+}

@@ -28,3 +28,16 @@ fn committed_datagram_corpus_replays_into_a_node_with_a_live_session() {
         mesh_dataplane::fuzzing::datagram(&mut node, &data);
     }
 }
+
+#[test]
+fn committed_dns_corpus_replays_into_the_resolver() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus/dns");
+    let entries: Vec<_> =
+        std::fs::read_dir(dir).expect("fuzz corpus directory").collect::<Result<_, _>>().expect("readable");
+    assert!(entries.len() >= 10, "the seed corpus is committed ({} files)", entries.len());
+    let resolver = mesh_dataplane::fuzzing::resolver();
+    for entry in entries {
+        let data = std::fs::read(entry.path()).expect("readable seed");
+        mesh_dataplane::fuzzing::dns(&resolver, &data);
+    }
+}

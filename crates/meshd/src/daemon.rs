@@ -31,7 +31,7 @@ mod host;
 mod managed;
 mod resolv_conf;
 
-pub use resolv_conf::DirectStatus;
+pub use resolv_conf::{DirectStatus, parse as parse_resolv_conf};
 
 use host::{Command, HostHandle, Lan, Routes};
 

@@ -166,6 +166,67 @@ async fn acl_check(socket: &Path) -> Option<Check> {
     Some(c)
 }
 
+/// Host DNS of a managed node: whether resolv.conf points at the mesh's resolver, the systemd-resolved
+/// symlink case, a search list missing the mesh domain, another program fighting over the file. None when no
+/// managed daemon answers.
+async fn dns_check(socket: &Path) -> Option<Check> {
+    let (status, text) = crate::local_api::call(&socket.to_path_buf(), "GET", "/v1/dns/status", None).await.ok()?;
+    if status != 200 {
+        return None;
+    }
+    let dns: crate::local_api::DnsStatus = serde_json::from_str(&text).ok()?;
+    let resolver = dns.resolver.as_ref()?;
+    let path = Path::new("/etc/resolv.conf");
+    let current = std::fs::read_to_string(path).unwrap_or_default();
+    let parsed = crate::daemon::parse_resolv_conf(&current);
+    let quad = std::net::IpAddr::from([100, 100, 100, 100]);
+    let mut c = Check::new("dns", Status::Ok, dns.mode.clone());
+    if let Ok(target) = std::fs::read_link(path) {
+        c.details.push(format!("{} is a link to {}", path.display(), target.display()));
+        if target.to_string_lossy().contains("systemd/resolve") {
+            c.details.push(
+                "systemd-resolved owns it; meshd's direct mode replaces the link while it runs and puts it back \
+                 on stop (stub-resolv.conf forwards to 127.0.0.53; resolv.conf under /run/systemd/resolve lists \
+                 the upstreams)"
+                    .into(),
+            );
+        }
+    }
+    let using = parsed.nameservers.first() == Some(&quad);
+    let accept = !dns.mode.starts_with("off");
+    if accept && !using {
+        c.status = Status::Warn;
+        c.summary = format!(
+            "{} does not point at the mesh's resolver: mesh names resolve only with dig @100.100.100.100",
+            path.display()
+        );
+        c.fix.push("meshd set --accept-dns=true   # or see which program rewrites it (meshd dns status)".into());
+    }
+    if let Some(host) = &dns.host {
+        if host.gave_up {
+            c.status = Status::Warn;
+            c.details.push(format!(
+                "another program rewrote {} {} times; meshd gave up",
+                host.path.display(),
+                host.tramples
+            ));
+            c.fix.push("stop the other program managing resolv.conf (NetworkManager, resolvconf, a DHCP hook), or run meshd up --accept-dns=false".into());
+        } else if host.tramples > 0 {
+            c.details
+                .push(format!("another program rewrote resolv.conf {} times; meshd put its own back", host.tramples));
+        }
+    }
+    if using && resolver.magic_dns && !parsed.search.iter().any(|d| d.eq_ignore_ascii_case(&resolver.domain)) {
+        c.status = Status::Warn;
+        c.details.push(format!("the search list lacks {}: bare names like db-prd will not resolve", resolver.domain));
+    }
+    if resolver.upstreams.is_empty() {
+        c.status = c.status.max(Status::Warn);
+        c.details.push("no upstream resolver: names outside the mesh get SERVFAIL (set nameservers.global)".into());
+    }
+    Some(c)
+}
+
 async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
     let netlink = Netlink::connect()?;
     let socket = o.uapi_dir.join(format!("{}.sock", o.tun));
@@ -324,6 +385,9 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
     out.push(firewall_check(&o.tun));
     if let Some(d) = &daemon {
         out.push(mtu_check(&o.tun, &d.endpoints, o.policy.fwmark));
+    }
+    if let Some(check) = dns_check(&o.socket).await {
+        out.push(check);
     }
     if let Some(check) = acl_check(&o.socket).await {
         out.push(check);

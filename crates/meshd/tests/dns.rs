@@ -153,6 +153,8 @@ fn seed_000_names_split_dns_and_extra_records_resolve_and_the_original_resolv_co
         status_text.contains("mode: direct") && status_text.contains("split: shared.cwiq.io -> 10.0.0.2:53"),
         "{status_text}"
     );
+    let (_, doctor, _) = client.cli(&lab, &["doctor", "--tun", &client.tun]);
+    assert!(doctor.contains("dns") && doctor.contains("direct: resolv.conf points at the mesh's resolver"), "{doctor}");
     let (_, got, _) = control.admin(&lab, &["dns", "get"]);
     assert!(got.contains("langfuse.cwiq.io"));
 
@@ -176,6 +178,8 @@ fn seed_000_names_split_dns_and_extra_records_resolve_and_the_original_resolv_co
     // --accept-dns=false leaves the host alone, and the resolver still answers at its address.
     client.up(&lab, &control, &key, &["--accept-routes", "--accept-dns=false"]);
     assert_eq!(lab.ns(client.ns).resolv_conf(), CLIENT_RESOLV_CONF);
+    let (_, doctor, _) = client.cli(&lab, &["doctor", "--tun", &client.tun]);
+    assert!(doctor.contains("off (--accept-dns=false)"), "{doctor}");
     assert!(wait(3000, || dig(&lab, client.ns, &[at, "orchestrator-dev-cwiq-io.mesh.internal", "+short"]) == orch_v4));
 }
 
