@@ -7,6 +7,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, Result, bail};
 
 mod demo;
+mod dns_bench;
 mod gap;
 mod golden;
 mod routes;
@@ -46,7 +47,9 @@ commands:
   bench gap [--count N] [--meshd PATH]
                   a ping every 10 ms through the tunnel while the route manager handles N routes (root)
   bench throughput [--seconds N]
-                  iperf3 through meshd and through wireguard-go in namespaces, same run (root)";
+                  iperf3 through meshd and through wireguard-go in namespaces, same run (root)
+  bench dns [--seconds N]
+                  queries per second for a mesh name through the TUN device, beside dnsmasq (root)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -257,6 +260,14 @@ fn bench(which: Option<&str>, rest: &[String]) -> Result<bool> {
             }
             gap::run(count, meshd)
         }
+        Some("dns") => {
+            let seconds = match rest {
+                [flag, n] if flag == "--seconds" => n.parse().context("--seconds takes a number")?,
+                [] => 10,
+                _ => bail!("usage: cargo xtask bench dns [--seconds N]"),
+            };
+            dns_bench::run(seconds)
+        }
         Some("throughput") => {
             let seconds = match rest {
                 [flag, n] if flag == "--seconds" => n.parse().context("--seconds takes a number")?,
@@ -270,6 +281,6 @@ fn bench(which: Option<&str>, rest: &[String]) -> Result<bool> {
             let memory = cargo().args(["bench", "-p", "mesh-benches", "--bench", "flow_memory"]).status()?.success();
             Ok(criterion && memory)
         }
-        Some(other) => bail!("unknown benchmark {other:?}; known: snat, routes, gap, throughput"),
+        Some(other) => bail!("unknown benchmark {other:?}; known: snat, routes, gap, throughput, dns"),
     }
 }
