@@ -24,6 +24,7 @@ use mesh_packet::filter::{self, Filter};
 use mesh_packet::snat::{self, Snat, SnatConfig};
 use mesh_packet::wire::{self, Fragment, IcmpHeader, IpVersion};
 
+use crate::dns::tcp::TcpServer;
 use crate::dns::{self, Resolver, ResolverConfig};
 use crate::router::{Router, Served};
 use crate::xorshift;
@@ -216,6 +217,9 @@ pub struct Dataplane {
     reports: [DropReport; DropReason::COUNT],
     events: VecDeque<Event>,
     resolver: Option<Resolver>,
+    /// DNS over TCP at the resolver's addresses.
+    dns_tcp: Option<TcpServer>,
+    mtu: u16,
     /// Forwarded queries by token: who asked, and the query (its answer is checked against it).
     dns_pending: HashMap<u64, PendingQuery>,
     dns_token: u64,
@@ -224,10 +228,16 @@ pub struct Dataplane {
 /// A query sent to an upstream, waiting for [`Dataplane::dns_answered`].
 #[derive(Debug)]
 struct PendingQuery {
-    client: SocketAddr,
-    resolver: IpAddr,
+    client: DnsClient,
     query: Vec<u8>,
     at: Instant,
+}
+
+/// Who asked a forwarded query.
+#[derive(Debug, Clone, Copy)]
+enum DnsClient {
+    Udp { client: SocketAddr, resolver: IpAddr },
+    Tcp { conn: usize, serial: u64 },
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -254,6 +264,8 @@ impl Dataplane {
             reports: [DropReport::default(); DropReason::COUNT],
             events: VecDeque::new(),
             resolver: None,
+            dns_tcp: None,
+            mtu,
             dns_pending: HashMap::new(),
             dns_token: 0,
         }
@@ -294,6 +306,10 @@ impl Dataplane {
         let gone = self.filter.forget_unrouted(|remote| node.route(remote).is_some());
         self.tell(gone, &config, now);
         if config.dns != self.config.dns {
+            let addresses = |c: &DataplaneConfig| c.dns.as_ref().map(|d| d.addresses.clone());
+            if addresses(&config) != addresses(&self.config) {
+                self.dns_tcp = addresses(&config).map(|a| TcpServer::new(&a, self.mtu, now));
+            }
             self.resolver = config.dns.clone().map(Resolver::new);
         }
         self.config = config;
@@ -414,6 +430,12 @@ impl Dataplane {
         if self.filter.poll_timeout().is_some_and(|t| t <= now) {
             self.filter.handle_timeout(now);
         }
+        if let Some(tcp) = &mut self.dns_tcp
+            && tcp.poll_timeout().is_some_and(|t| t <= now)
+        {
+            tcp.handle_timeout(now);
+            self.serve_tcp(now);
+        }
         while self.pings.pending.front().is_some_and(|(_, _, sent)| now.duration_since(*sent) >= PING_TIMEOUT) {
             self.pings.pending.pop_front();
         }
@@ -422,7 +444,8 @@ impl Dataplane {
     /// When [`Dataplane::handle_timeout`] should next run.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let ping = self.pings.pending.front().map(|(_, _, sent)| *sent + PING_TIMEOUT);
-        [self.node.poll_timeout(), self.router.poll_timeout(), self.filter.poll_timeout(), ping]
+        let dns = self.dns_tcp.as_ref().and_then(TcpServer::poll_timeout);
+        [self.node.poll_timeout(), self.router.poll_timeout(), self.filter.poll_timeout(), ping, dns]
             .into_iter()
             .flatten()
             .min()
@@ -457,6 +480,13 @@ impl Dataplane {
     /// A packet to the resolver's address: a UDP query is answered (or handed out to forward).
     fn resolve(&mut self, packet: &[u8], now: Instant) -> Result<(), DropReason> {
         let layout = wire::parse(packet).map_err(|_| DropReason::NotDns)?;
+        if layout.protocol == wire::PROTO_TCP
+            && let Some(tcp) = &mut self.dns_tcp
+        {
+            tcp.handle_packet(&packet[..layout.packet_len], now);
+            self.serve_tcp(now);
+            return Ok(());
+        }
         if layout.protocol != wire::PROTO_UDP || layout.fragment != Fragment::Whole {
             return Err(DropReason::NotDns);
         }
@@ -482,7 +512,11 @@ impl Dataplane {
                 }
                 self.dns_token += 1;
                 let token = self.dns_token;
-                let pending = PendingQuery { client, resolver: resolver_ip, query: query.to_vec(), at: now };
+                let pending = PendingQuery {
+                    client: DnsClient::Udp { client, resolver: resolver_ip },
+                    query: query.to_vec(),
+                    at: now,
+                };
                 self.dns_pending.insert(token, pending);
                 self.push_event(Event::DnsForward { token, upstreams, query: query.to_vec() });
                 Ok(())
@@ -491,12 +525,54 @@ impl Dataplane {
         }
     }
 
+    /// Answers the queries DNS-over-TCP connections completed, and sends what the TCP stack wrote.
+    fn serve_tcp(&mut self, now: Instant) {
+        let (Some(tcp), Some(resolver)) = (&mut self.dns_tcp, &self.resolver) else { return };
+        while let Some(query) = tcp.next_query() {
+            match resolver.answer(&query.message, true) {
+                dns::Answer::Reply(reply) => tcp.answer(query.conn, query.serial, Some(&reply), now),
+                dns::Answer::Forward(upstreams) => {
+                    self.dns_pending.retain(|_, p| now.duration_since(p.at) < PENDING_QUERY_LIFETIME);
+                    if self.dns_pending.len() >= MAX_PENDING_QUERIES {
+                        tcp.answer(query.conn, query.serial, None, now);
+                        continue;
+                    }
+                    self.dns_token += 1;
+                    let client = DnsClient::Tcp { conn: query.conn, serial: query.serial };
+                    let pending = PendingQuery { client, query: query.message.clone(), at: now };
+                    self.dns_pending.insert(self.dns_token, pending);
+                    let event = Event::DnsForward { token: self.dns_token, upstreams, query: query.message };
+                    if self.events.len() == EVENT_BACKLOG {
+                        self.events.pop_front();
+                    }
+                    self.events.push_back(event);
+                }
+                dns::Answer::Ignore => tcp.answer(query.conn, query.serial, None, now),
+            }
+        }
+        let outgoing: Vec<Vec<u8>> = tcp.take_outgoing().collect();
+        for packet in outgoing {
+            self.push_event(Event::Deliver(packet));
+        }
+    }
+
     /// The answer to a forwarded query ([`Event::DnsForward`]), or `None` when no upstream gave one (the
     /// client then gets SERVFAIL at once rather than waiting for its own timeout).
-    pub fn dns_answered(&mut self, token: u64, answer: Option<&[u8]>) {
+    pub fn dns_answered(&mut self, token: u64, answer: Option<&[u8]>, now: Instant) {
         let Some(pending) = self.dns_pending.remove(&token) else { return };
-        if let Some(reply) = dns::relay_answer(&pending.query, answer, false) {
-            self.push_event(Event::Deliver(dns_reply(pending.resolver, pending.client, &reply)));
+        match pending.client {
+            DnsClient::Udp { client, resolver } => {
+                if let Some(reply) = dns::relay_answer(&pending.query, answer, false) {
+                    self.push_event(Event::Deliver(dns_reply(resolver, client, &reply)));
+                }
+            }
+            DnsClient::Tcp { conn, serial } => {
+                let reply = dns::relay_answer(&pending.query, answer, true);
+                if let Some(tcp) = &mut self.dns_tcp {
+                    tcp.answer(conn, serial, reply.as_deref(), now);
+                }
+                self.serve_tcp(now);
+            }
         }
     }
 

@@ -431,5 +431,7 @@ pub fn relay_answer(query: &[u8], answer: Option<&[u8]>, over_tcp: bool) -> Opti
     }
 }
 
+pub(crate) mod tcp;
+
 #[cfg(test)]
 mod tests;

@@ -555,7 +555,7 @@ impl Daemon {
                     host::HostEvent::Recovered(what) => self.recoveries.push(what),
                     host::HostEvent::Dns(status) => self.host_dns_changed(status),
                 },
-                Some((token, answer)) = dns_answers.recv() => self.dataplane.dns_answered(token, answer.as_deref()),
+                Some((token, answer)) = dns_answers.recv() => self.dataplane.dns_answered(token, answer.as_deref(), Instant::now()),
                 accepted = uapi_listener.accept() => {
                     if let Ok((stream, _)) = accepted {
                         tokio::spawn(serve_uapi(stream, uapi_tx.clone()));

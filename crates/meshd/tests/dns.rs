@@ -129,12 +129,16 @@ fn seed_000_names_split_dns_and_extra_records_resolve_and_the_original_resolv_co
     assert!(getent(&lab, client.ns, "ahostsv4", "www.example.test").contains("192.0.2.80"));
 
     // Split DNS and an extra record, set on the server and on the node within seconds.
+    // Sixty addresses under one name: an answer too big for UDP, which dig then asks again over TCP.
+    let big: Vec<String> =
+        (0..60).map(|i| format!(r#"{{"name": "big.cwiq.io", "type": "A", "value": "100.64.1.{i}"}}"#)).collect();
     let settings = format!(
         r#"{{
           // seed 000: the company zone is answered inside VPC A; LangFuse's private name is a mesh IP
           "nameservers": {{"split": {{"shared.cwiq.io": ["10.0.0.2"]}}}},
-          "extra_records": [{{"name": "langfuse.cwiq.io", "type": "A", "value": "{orch_v4}"}}],
-        }}"#
+          "extra_records": [{{"name": "langfuse.cwiq.io", "type": "A", "value": "{orch_v4}"}}, {}],
+        }}"#,
+        big.join(", ")
     );
     let file = lab.write("dns.hujson", &settings);
     let (status, out, err) = control.admin(&lab, &["dns", "set", file.to_str().unwrap()]);
@@ -146,6 +150,17 @@ fn seed_000_names_split_dns_and_extra_records_resolve_and_the_original_resolv_co
         "the split zone through the router: {}",
         dig(&lab, client.ns, &[at, "sso.shared.cwiq.io"])
     );
+    // DNS over TCP: asked directly, after a truncated UDP answer, and for a forwarded name.
+    assert_eq!(dig(&lab, client.ns, &[at, "+tcp", "orchestrator-dev-cwiq-io.mesh.internal", "+short"]), orch_v4);
+    let udp_only = dig(&lab, client.ns, &[at, "+noedns", "+ignore", "big.cwiq.io"]);
+    assert!(udp_only.contains(" tc") && udp_only.contains("ANSWER: 0"), "UDP truncates: {udp_only}");
+    assert_eq!(
+        dig(&lab, client.ns, &[at, "+noedns", "big.cwiq.io", "+short"]).lines().count(),
+        60,
+        "dig retried over TCP"
+    );
+    assert_eq!(dig(&lab, client.ns, &[at, "+tcp", "www.example.test", "+short"]), "192.0.2.80");
+    assert_eq!(dig(&lab, client.ns, &[at, "+tcp", "sso.shared.cwiq.io", "+short"]), "10.0.12.50");
     let (_, query, err) = client.cli(&lab, &["dns", "query", "sso.shared.cwiq.io"]);
     assert!(query.contains("10.0.12.50") && query.contains("10.0.0.2:53"), "{query}{err}");
     let (_, status_text, _) = client.cli(&lab, &["dns", "status"]);

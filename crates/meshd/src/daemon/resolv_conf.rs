@@ -43,11 +43,15 @@ impl Original {
         }
     }
 
-    /// Its text (through a link), for the nameservers and search list it names.
+    /// Its text (through a link, which may be replaced by meshd's file meanwhile), for the nameservers and
+    /// search list it names.
     fn text(&self, path: &Path) -> String {
         match self {
             Original::File(text) => text.clone(),
-            Original::Symlink(_) => fs::read_to_string(path).unwrap_or_default(),
+            Original::Symlink(target) => {
+                let target = path.parent().map_or_else(|| target.clone(), |dir| dir.join(target));
+                fs::read_to_string(target).unwrap_or_default()
+            }
             Original::Missing => String::new(),
         }
     }
