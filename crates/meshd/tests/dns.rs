@@ -21,7 +21,7 @@ fn wait(limit_ms: u64, check: impl FnMut() -> bool) -> bool {
 }
 
 /// A dnsmasq in `ns` on `listen`, answering `records` (`name/address`) and nothing else.
-fn dnsmasq(lab: &mut Lab, ns: usize, name: &str, listen: &str, records: &[&str]) {
+fn dnsmasq(lab: &mut Lab, ns: usize, name: &str, listen: &str, records: &[&str]) -> usize {
     let mut args = vec![
         "--keep-in-foreground".to_string(),
         "--conf-file=/dev/null".into(),
@@ -43,6 +43,7 @@ fn dnsmasq(lab: &mut Lab, ns: usize, name: &str, listen: &str, records: &[&str])
         "dnsmasq did not start:\n{}",
         lab.process(p).log_text()
     );
+    p
 }
 
 /// `dig @SERVER ARGS +short` (or the full answer without +short).
@@ -63,7 +64,7 @@ fn seed_000_names_split_dns_and_extra_records_resolve_and_the_original_resolv_co
     lab.link(hosts[2], "10.0.0.1/24", vpc, "10.0.0.2/24");
     // The host's own resolver (beside the server) and the company's (inside VPC A).
     dnsmasq(&mut lab, control.ns, "dnsmasq-upstream", "10.99.0.1", &["www.example.test/192.0.2.80"]);
-    dnsmasq(&mut lab, vpc, "dnsmasq-vpc", "10.0.0.2", &["sso.shared.cwiq.io/10.0.12.50"]);
+    let vpc_resolver = dnsmasq(&mut lab, vpc, "dnsmasq-vpc", "10.0.0.2", &["sso.shared.cwiq.io/10.0.12.50"]);
     lab.ns(hosts[0]).set_resolv_conf(CLIENT_RESOLV_CONF);
 
     let mut client = Node::start(&mut lab, hosts[0], "client");
@@ -196,6 +197,17 @@ fn seed_000_names_split_dns_and_extra_records_resolve_and_the_original_resolv_co
     let (_, doctor, _) = client.cli(&lab, &["doctor", "--tun", &client.tun]);
     assert!(doctor.contains("off (--accept-dns=false)"), "{doctor}");
     assert!(wait(3000, || dig(&lab, client.ns, &[at, "orchestrator-dev-cwiq-io.mesh.internal", "+short"]) == orch_v4));
+
+    // Never black-holed: with the split resolver gone only its zone fails (SERVFAIL, not silence), and with
+    // the coordination server gone the last configuration keeps answering.
+    lab.process(vpc_resolver).stop(Duration::from_secs(5));
+    let gone = dig(&lab, client.ns, &[at, "sso.shared.cwiq.io"]);
+    assert!(gone.contains("status: SERVFAIL"), "{gone}");
+    assert_eq!(dig(&lab, client.ns, &[at, "www.example.test", "+short"]), "192.0.2.80");
+    control.stop(&mut lab);
+    assert_eq!(dig(&lab, client.ns, &[at, "orchestrator-dev-cwiq-io.mesh.internal", "+short"]), orch_v4);
+    assert_eq!(dig(&lab, client.ns, &[at, "langfuse.cwiq.io", "+short"]), orch_v4);
+    assert_eq!(dig(&lab, client.ns, &[at, "www.example.test", "+short"]), "192.0.2.80");
 }
 
 /// The resolver's IPv6 address: the mesh /48 of a node's address, then `::53`.
