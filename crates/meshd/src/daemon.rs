@@ -30,6 +30,7 @@ mod dns;
 mod host;
 mod managed;
 mod resolv_conf;
+mod resolved;
 
 pub use resolv_conf::{DirectStatus, parse as parse_resolv_conf};
 

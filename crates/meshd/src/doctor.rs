@@ -192,7 +192,8 @@ async fn dns_check(socket: &Path) -> Option<Check> {
             );
         }
     }
-    let using = parsed.nameservers.first() == Some(&quad);
+    let resolved = dns.host.as_ref().is_some_and(|h| h.mode == "systemd-resolved" && h.active);
+    let using = resolved || parsed.nameservers.first() == Some(&quad);
     let accept = !dns.mode.starts_with("off");
     if accept && !using {
         c.status = Status::Warn;
@@ -216,7 +217,11 @@ async fn dns_check(socket: &Path) -> Option<Check> {
                 .push(format!("another program rewrote resolv.conf {} times; meshd put its own back", host.tramples));
         }
     }
-    if using && resolver.magic_dns && !parsed.search.iter().any(|d| d.eq_ignore_ascii_case(&resolver.domain)) {
+    if using
+        && !resolved
+        && resolver.magic_dns
+        && !parsed.search.iter().any(|d| d.eq_ignore_ascii_case(&resolver.domain))
+    {
         c.status = Status::Warn;
         c.details.push(format!("the search list lacks {}: bare names like db-prd will not resolve", resolver.domain));
     }

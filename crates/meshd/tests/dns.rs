@@ -216,3 +216,185 @@ fn dig_v6_resolver(node_v6: &str) -> String {
     let s = ip.segments();
     std::net::Ipv6Addr::new(s[0], s[1], s[2], 0, 0, 0, 0, 0x53).to_string()
 }
+
+/// What a recorded systemd-resolved was asked, one line per call.
+#[derive(Clone, Default)]
+struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Recorder {
+    fn push(&self, line: String) {
+        self.0.lock().unwrap().push(line);
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// org.freedesktop.resolve1.Manager as systemd 252 defines the calls meshd makes, recording them.
+struct FakeResolved(Recorder);
+
+#[zbus::interface(name = "org.freedesktop.resolve1.Manager")]
+impl FakeResolved {
+    #[zbus(name = "SetLinkDNS")]
+    fn set_link_dns(&self, ifindex: i32, addresses: Vec<(i32, Vec<u8>)>) {
+        let list: Vec<String> = addresses
+            .iter()
+            .map(|(family, bytes)| match (family, bytes.len()) {
+                (2, 4) => std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).to_string(),
+                (10, 16) => std::net::Ipv6Addr::from(<[u8; 16]>::try_from(bytes.as_slice()).unwrap()).to_string(),
+                _ => format!("bad({family},{})", bytes.len()),
+            })
+            .collect();
+        self.0.push(format!("SetLinkDNS {ifindex} {}", list.join(" ")));
+    }
+
+    #[zbus(name = "SetLinkDomains")]
+    fn set_link_domains(&self, ifindex: i32, domains: Vec<(String, bool)>) {
+        let list: Vec<String> =
+            domains.iter().map(|(d, routing)| if *routing { format!("~{d}") } else { d.clone() }).collect();
+        self.0.push(format!("SetLinkDomains {ifindex} {}", list.join(" ")));
+    }
+
+    #[zbus(name = "SetLinkDefaultRoute")]
+    fn set_link_default_route(&self, ifindex: i32, enable: bool) {
+        self.0.push(format!("SetLinkDefaultRoute {ifindex} {enable}"));
+    }
+
+    #[zbus(name = "SetLinkLLMNR")]
+    fn set_link_llmnr(&self, ifindex: i32, mode: String) {
+        self.0.push(format!("SetLinkLLMNR {ifindex} {mode}"));
+    }
+
+    #[zbus(name = "SetLinkMulticastDNS")]
+    fn set_link_multicast_dns(&self, ifindex: i32, mode: String) {
+        self.0.push(format!("SetLinkMulticastDNS {ifindex} {mode}"));
+    }
+
+    #[zbus(name = "SetLinkDNSSEC")]
+    fn set_link_dnssec(&self, ifindex: i32, mode: String) {
+        self.0.push(format!("SetLinkDNSSEC {ifindex} {mode}"));
+    }
+
+    #[zbus(name = "FlushCaches")]
+    fn flush_caches(&self) {
+        self.0.push("FlushCaches".into());
+    }
+
+    #[zbus(name = "RevertLink")]
+    fn revert_link(&self, ifindex: i32) {
+        self.0.push(format!("RevertLink {ifindex}"));
+    }
+}
+
+/// systemd-resolved cannot run on this machine (no systemd as PID 1, and its package would take over the
+/// host's DNS), so the node talks to a recorded resolve1 on a private bus of a real dbus-daemon: the calls,
+/// their D-Bus signatures and their order are checked, and resolv.conf is never touched.
+#[test]
+fn with_systemd_resolved_the_link_dns_is_set_over_d_bus_and_taken_back() {
+    let (mut lab, control, hosts) = switched_mesh("dnr", 2, None);
+    let bus = lab.path("system_bus_socket");
+    let address = format!("unix:path={}", bus.display());
+    let config = lab.write(
+        "bus.conf",
+        &format!(
+            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>{address}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+"#
+        ),
+    );
+    let daemon = lab.spawn(
+        hosts[0],
+        "dbus-daemon",
+        "dbus-daemon",
+        &["--nofork", "--nopidfile", "--config-file", config.to_str().unwrap()],
+        &[],
+    );
+    assert!(wait(5000, || bus.exists()), "dbus-daemon did not start: {}", lab.process(daemon).log_text());
+
+    let recorder = Recorder::default();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let (fake, bus_address) = (FakeResolved(recorder.clone()), address.clone());
+    let service = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let _connection = zbus::connection::Builder::address(bus_address.as_str())
+                .name("org.freedesktop.resolve1")
+                .serve_at("/org/freedesktop/resolve1", fake)
+                .build()
+                .await
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            // Held until the test is done; the bus answers from the connection's own task meanwhile.
+            let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
+        });
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).expect("the recorded resolved is on the bus");
+
+    let stub = "# This is /run/systemd/resolve/stub-resolv.conf managed by man:systemd-resolved(8).\nnameserver 127.0.0.53\noptions edns0 trust-ad\nsearch .\n";
+    lab.ns(hosts[0]).set_resolv_conf(stub);
+    let env = [("DBUS_SYSTEM_BUS_ADDRESS", address.as_str())];
+    let client = Node::start_with_env(&mut lab, hosts[0], "client", &env);
+    let db = Node::start(&mut lab, hosts[1], "db");
+    let key = control.authkey(&lab, &["--reusable"]);
+    db.up(&lab, &control, &key, &[]);
+    client.up(&lab, &control, &key, &[]);
+    let index =
+        stdout(&lab.ns(client.ns).exec("cat", &[&format!("/sys/class/net/{}/ifindex", client.tun)])).trim().to_string();
+    let v6 = client.status(&lab)["node"]["ipv6"].as_str().unwrap().parse::<std::net::Ipv6Addr>().unwrap();
+    let s = v6.segments();
+    let resolver_v6 = std::net::Ipv6Addr::new(s[0], s[1], s[2], 0, 0, 0, 0, 0x53);
+
+    assert!(wait(5000, || recorder.calls().iter().any(|c| c == "FlushCaches")), "calls: {:?}", recorder.calls());
+    let calls = recorder.calls();
+    assert_eq!(calls[0], format!("SetLinkDNS {index} 100.100.100.100 {resolver_v6}"), "{calls:?}");
+    assert!(calls[1].starts_with(&format!("SetLinkDomains {index} mesh.internal ~64.100.in-addr.arpa")), "{calls:?}");
+    assert!(calls[1].contains(" ~127.100.in-addr.arpa ") && calls[1].ends_with(".ip6.arpa"), "{calls:?}");
+    assert_eq!(calls[2], format!("SetLinkDefaultRoute {index} false"));
+    assert!(
+        calls.contains(&format!("SetLinkLLMNR {index} no")) && calls.contains(&format!("SetLinkDNSSEC {index} no"))
+    );
+    assert_eq!(lab.ns(client.ns).resolv_conf(), stub, "resolved's file is left alone");
+    let (_, status, _) = client.cli(&lab, &["dns", "status"]);
+    assert!(
+        status.contains("mode: systemd-resolved") && status.contains("other names go to: 127.0.0.53:53"),
+        "{status}"
+    );
+    let (_, doctor, _) = client.cli(&lab, &["doctor", "--tun", &client.tun]);
+    assert!(doctor.contains("systemd-resolved: the TUN device's link DNS"), "{doctor}");
+    // The resolver answers at its address whatever the host integration.
+    let db_v4 = db.status(&lab)["node"]["ipv4"].as_str().unwrap().to_string();
+    assert_eq!(dig(&lab, client.ns, &["@100.100.100.100", "db.mesh.internal", "+short"]), db_v4);
+
+    // A split zone set on the server becomes a routing domain of the link.
+    let file = lab.write("dns.hujson", r#"{"nameservers": {"split": {"shared.cwiq.io": ["10.0.0.2"]}}}"#);
+    assert_eq!(control.admin(&lab, &["dns", "set", file.to_str().unwrap()]).0, Some(0));
+    assert!(wait(5000, || recorder
+        .calls()
+        .iter()
+        .any(|c| c.starts_with("SetLinkDomains") && c.contains(" ~shared.cwiq.io"))));
+
+    // Taken back on down and on SIGTERM.
+    assert_eq!(client.cli(&lab, &["down"]).0, Some(0));
+    assert!(wait(3000, || recorder.calls().last() == Some(&format!("RevertLink {index}"))), "{:?}", recorder.calls());
+    client.up(&lab, &control, &key, &[]);
+    let before = recorder.calls().len();
+    assert!(wait(5000, || recorder.calls()[before..].iter().any(|c| c == "FlushCaches")));
+    lab.process(client.process).stop(Duration::from_secs(10));
+    assert_eq!(recorder.calls().last(), Some(&format!("RevertLink {index}")));
+    assert_eq!(lab.ns(client.ns).resolv_conf(), stub);
+    let _ = stop_tx.send(());
+    service.join().unwrap();
+}

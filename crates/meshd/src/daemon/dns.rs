@@ -12,6 +12,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use super::resolv_conf::Wanted;
+use super::resolved::LinkDns;
 
 /// How long one upstream gets to answer before the next is asked.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -58,15 +59,37 @@ pub(super) fn resolver_config(map: &NetMap, host_nameservers: &[IpAddr]) -> Reso
     }
 }
 
-/// What the host's resolv.conf should say: the resolver first, the mesh domain searched first.
-pub(super) fn host_wanted(map: &NetMap) -> Wanted {
+/// What the host should use: for direct mode, resolv.conf's lines (the resolver first, the mesh domain
+/// searched first); for systemd-resolved, the TUN device's link settings (the mesh domain, split zones and the
+/// mesh's reverse zones routed to the resolver, everything else left where it went).
+pub(super) fn host_wanted(map: &NetMap) -> (Wanted, LinkDns) {
     let settings = map.dns.clone().unwrap_or_default();
     let mut search = Vec::new();
     if settings.magic_dns {
         search.push(map.domain.clone());
     }
     search.extend(settings.search_domains.iter().cloned());
-    Wanted { nameservers: vec![IpAddr::V4(RESOLVER_V4)], search }
+    let servers = vec![IpAddr::V4(RESOLVER_V4), IpAddr::V6(core_dns::resolver_v6(map.node.ipv6))];
+    let mut routing: Vec<String> = settings.split.keys().cloned().collect();
+    routing.extend(settings.extra_records.iter().map(|r| r.name.clone()));
+    // The mesh's reverse zones, one per /16 of 100.64.0.0/10 (not all of 100.in-addr.arpa: the resolver
+    // forwards PTRs outside the mesh back to the host, which would send them here again), and the /48's.
+    routing.extend((64..128).map(|octet| format!("{octet}.100.in-addr.arpa")));
+    let s = map.node.ipv6.octets();
+    let nibbles: Vec<String> =
+        (0..12).map(|i| format!("{:x}", (s[i / 2] >> if i % 2 == 0 { 4 } else { 0 }) & 0xf)).rev().collect();
+    routing.push(format!("{}.ip6.arpa", nibbles.join(".")));
+    if settings.override_local_dns {
+        routing.push(".".into());
+    }
+    routing.dedup();
+    let link = LinkDns {
+        servers: servers.clone(),
+        search: search.clone(),
+        routing,
+        default_route: settings.override_local_dns,
+    };
+    (Wanted { nameservers: vec![IpAddr::V4(RESOLVER_V4)], search }, link)
 }
 
 /// Asks `upstreams` in turn, off the packet loop, and hands the first answer (or `None`) back.
@@ -196,7 +219,18 @@ mod tests {
     #[test]
     fn the_host_searches_the_mesh_domain_first() {
         let settings = DnsConfig { search_domains: vec!["cwiq.io".into()], ..DnsConfig::default() };
-        assert_eq!(host_wanted(&map(settings.clone())).search, ["mesh.internal", "cwiq.io"]);
-        assert_eq!(host_wanted(&map(DnsConfig { magic_dns: false, ..settings })).search, ["cwiq.io"]);
+        assert_eq!(host_wanted(&map(settings.clone())).0.search, ["mesh.internal", "cwiq.io"]);
+        assert_eq!(host_wanted(&map(DnsConfig { magic_dns: false, ..settings.clone() })).0.search, ["cwiq.io"]);
+        let split = DnsConfig { split: [("shared.cwiq.io".to_string(), vec![])].into(), ..settings };
+        let (_, link) = host_wanted(&map(split));
+        assert_eq!(link.search, ["mesh.internal", "cwiq.io"]);
+        assert!(link.routing.contains(&"shared.cwiq.io".to_string()));
+        assert!(
+            link.routing.contains(&"64.100.in-addr.arpa".to_string())
+                && link.routing.contains(&"127.100.in-addr.arpa".to_string())
+        );
+        assert!(!link.routing.contains(&"100.in-addr.arpa".to_string()), "PTRs outside the mesh would loop");
+        assert!(link.routing.contains(&"0.e.1.a.c.5.1.1.a.7.d.f.ip6.arpa".to_string()));
+        assert!(!link.default_route);
     }
 }

@@ -19,6 +19,7 @@ use mesh_linux::{RoutingPolicy, sysctl};
 use tokio::sync::{mpsc, oneshot};
 
 use super::resolv_conf::{self, Direct};
+use super::resolved;
 use crate::error::Error;
 use crate::run_state::{self, RunState};
 
@@ -50,7 +51,7 @@ pub(super) enum Command {
     /// A router serves these: forwarding goes on for their families (and stays on).
     Forwarding(Vec<Served>),
     /// Point the host's DNS at the mesh's resolver (direct mode), or put the original back (`None`).
-    Dns(Option<resolv_conf::Wanted>),
+    Dns(Option<(resolv_conf::Wanted, resolved::LinkDns)>),
     /// Disk work that must not hold packets, done in the order sent (the netmap cache).
     Persist(Box<dyn FnOnce() + Send>),
     /// The TUN device was recreated with this index: route into it from now on, at once.
@@ -184,6 +185,12 @@ struct Host {
     addresses: Vec<IpAddr>,
     addresses_tx: mpsc::UnboundedSender<HostEvent>,
     dns: Option<Direct>,
+    /// systemd-resolved, when it owns the host's DNS (asked once, at the first DNS command).
+    resolved: Option<zbus::Connection>,
+    resolved_checked: bool,
+    /// What resolved holds for the TUN device now.
+    link_dns: Option<resolved::LinkDns>,
+    tun_index: u32,
 }
 
 impl Host {
@@ -202,13 +209,69 @@ impl Host {
             addresses: Vec::new(),
             // A resolv.conf a killed run left pointing at the mesh is put back here, before anything else.
             dns: setup.resolv_conf.map(|(path, state_dir)| Direct::new(path, &state_dir)),
+            resolved: None,
+            resolved_checked: false,
+            link_dns: None,
+            tun_index: setup.tun_index,
             addresses_tx,
         }
     }
 
     fn report_dns(&self) {
-        if let Some(dns) = &self.dns {
-            let _ = self.addresses_tx.send(HostEvent::Dns(dns.status()));
+        let Some(dns) = &self.dns else { return };
+        let mut status = dns.status();
+        if self.resolved.is_some() {
+            status.mode = "systemd-resolved".into();
+            status.active = self.link_dns.is_some();
+            status.written = self.link_dns.as_ref().map(|l| {
+                let servers: Vec<String> = l.servers.iter().map(ToString::to_string).collect();
+                let routing: Vec<String> = l.routing.iter().map(|d| format!("~{d}")).collect();
+                format!(
+                    "link {}: DNS {}\nlink {}: domains {} {}\nlink {}: default route {}",
+                    self.tun_index,
+                    servers.join(" "),
+                    self.tun_index,
+                    l.search.join(" "),
+                    routing.join(" "),
+                    self.tun_index,
+                    l.default_route
+                )
+            });
+        }
+        let _ = self.addresses_tx.send(HostEvent::Dns(status));
+    }
+
+    /// Points the host's DNS at the mesh's resolver (or takes it back): through systemd-resolved when it owns
+    /// the host's DNS, else by writing resolv.conf.
+    async fn set_dns(&mut self, wanted: Option<(resolv_conf::Wanted, resolved::LinkDns)>) {
+        let Some(direct) = &mut self.dns else { return };
+        if !self.resolved_checked && wanted.is_some() {
+            self.resolved_checked = true;
+            self.resolved = resolved::owns_host_dns(std::path::Path::new("/etc/resolv.conf")).await;
+            if self.resolved.is_some() {
+                tracing::info!("systemd-resolved owns the host's DNS: meshd sets the TUN device's link DNS over D-Bus");
+            }
+        }
+        let Some(connection) = &self.resolved else {
+            if let Err(e) = direct.set(wanted.map(|(w, _)| w)) {
+                tracing::error!("host DNS: {e}");
+            }
+            return;
+        };
+        let link = wanted.map(|(_, link)| link);
+        if link == self.link_dns {
+            return;
+        }
+        let result = match &link {
+            Some(link) => resolved::set_link(connection, self.tun_index, link).await,
+            None => resolved::revert_link(connection, self.tun_index).await,
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(link = self.tun_index, "systemd-resolved: the TUN device's DNS set");
+                self.link_dns = link;
+            }
+            Err(e) => tracing::error!("host DNS: {e}"),
         }
     }
 
@@ -284,15 +347,17 @@ impl Host {
             }
             Command::Forwarding(served) => enable_forwarding(&served),
             Command::Dns(wanted) => {
-                if let Some(dns) = &mut self.dns
-                    && let Err(e) = dns.set(wanted)
-                {
-                    tracing::error!("host DNS: {e}");
-                }
+                self.set_dns(wanted).await;
                 self.report_dns();
             }
             Command::Persist(write) => write(),
             Command::Tun(index) => {
+                self.tun_index = index;
+                // A new device has no link DNS: resolved is told again.
+                if let Some(link) = self.link_dns.take() {
+                    let wanted = (resolv_conf::Wanted { nameservers: Vec::new(), search: Vec::new() }, link);
+                    self.set_dns(Some(wanted)).await;
+                }
                 self.routes.set_tun_index(index);
                 self.reconcile(Cause::Change).await;
             }
@@ -487,6 +552,12 @@ impl Host {
     }
 
     async fn stop(&mut self) {
+        if let Some(connection) = &self.resolved
+            && self.link_dns.take().is_some()
+            && let Err(e) = resolved::revert_link(connection, self.tun_index).await
+        {
+            tracing::error!("host DNS: {e}");
+        }
         if let Some(dns) = &mut self.dns
             && let Err(e) = dns.restore()
         {

@@ -686,6 +686,9 @@ impl Daemon {
         let mode = match (&host, m.prefs.accept_dns) {
             (_, false) => "off (--accept-dns=false): the host's DNS is left alone",
             (Some(h), true) if h.gave_up => "direct, given up: another program keeps rewriting resolv.conf",
+            (Some(h), true) if h.active && h.mode == "systemd-resolved" => {
+                "systemd-resolved: the TUN device's link DNS points at the mesh's resolver"
+            }
             (Some(h), true) if h.active => "direct: resolv.conf points at the mesh's resolver",
             _ => "not applied (not connected)",
         };

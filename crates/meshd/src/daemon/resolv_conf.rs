@@ -98,6 +98,9 @@ pub struct Wanted {
 /// How direct mode stands, for `meshd dns status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirectStatus {
+    /// `direct` (meshd writes resolv.conf) or `systemd-resolved` (meshd sets the TUN device's link DNS).
+    #[serde(default)]
+    pub mode: String,
     pub path: PathBuf,
     /// Whether meshd's file is in place.
     pub active: bool,
@@ -292,6 +295,7 @@ impl Direct {
 
     pub fn status(&self) -> DirectStatus {
         DirectStatus {
+            mode: "direct".into(),
             path: self.path.clone(),
             active: self.written.is_some(),
             gave_up: self.gave_up,
