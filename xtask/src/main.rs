@@ -33,6 +33,10 @@ const PACKAGES: &[&str] = &[
     // The DNS tests: a real resolver beside meshd's, and real clients.
     "dnsmasq-base",
     "bind9-dnsutils",
+    // A real systemd-resolved: a debootstrap root booted with systemd in podman (runc).
+    "podman",
+    "runc",
+    "debootstrap",
 ];
 
 const USAGE: &str = "usage: cargo xtask <command>

@@ -225,7 +225,10 @@ impl Host {
             status.active = self.link_dns.is_some();
             status.written = self.link_dns.as_ref().map(|l| {
                 let servers: Vec<String> = l.servers.iter().map(ToString::to_string).collect();
-                let routing: Vec<String> = l.routing.iter().map(|d| format!("~{d}")).collect();
+                // The mesh's 64 reverse /16 zones in one mention, not 64 (they are always the same).
+                let mut routing: Vec<String> =
+                    l.routing.iter().filter(|d| !d.ends_with(".100.in-addr.arpa")).map(|d| format!("~{d}")).collect();
+                routing.push("~64..127.100.in-addr.arpa".into());
                 format!(
                     "link {}: DNS {}\nlink {}: domains {} {}\nlink {}: default route {}",
                     self.tun_index,
