@@ -501,9 +501,15 @@ impl Control {
 
     /// The policy in force as it was written, with its version and who set it; `None` before any was set.
     pub fn stored_policy(&self) -> Result<Option<StoredPolicy>, ControlError> {
+        self.latest_version("policies")
+    }
+
+    /// The newest row of a versioned document's table (`policies`, `dns_configs`).
+    fn latest_version(&self, table: &'static str) -> Result<Option<StoredPolicy>, ControlError> {
+        let sql = format!("SELECT version, text, set_by, set_at FROM {table} ORDER BY version DESC LIMIT 1");
         Ok(self
             .db
-            .query_row("SELECT version, text, set_by, set_at FROM policies ORDER BY version DESC LIMIT 1", [], |r| {
+            .query_row(&sql, [], |r| {
                 Ok(StoredPolicy {
                     version: r.get::<_, i64>(0)? as u64,
                     text: r.get(1)?,
@@ -1198,17 +1204,7 @@ impl Control {
 
     /// The DNS settings as they were written, with their version; `None` before any were set.
     pub fn stored_dns(&self) -> Result<Option<StoredPolicy>, ControlError> {
-        Ok(self
-            .db
-            .query_row("SELECT version, text, set_by, set_at FROM dns_configs ORDER BY version DESC LIMIT 1", [], |r| {
-                Ok(StoredPolicy {
-                    version: r.get::<_, i64>(0)? as u64,
-                    text: r.get(1)?,
-                    set_by: r.get(2)?,
-                    set_at: r.get::<_, i64>(3)? as u64,
-                })
-            })
-            .optional()?)
+        self.latest_version("dns_configs")
     }
 
     /// Replaces the DNS settings (refused whole if they do not parse) and stores them as a new version;

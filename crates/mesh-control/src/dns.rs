@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use jsonc_parser::ParseOptions;
 use mesh_proto::{DnsConfig, ExtraRecord, RecordKind};
 use serde::Deserialize;
 
@@ -58,17 +57,8 @@ struct ExtraRecordFile {
 /// Reads DNS settings; `domain` is the mesh's, which no split zone may take over. Every refusal says what to
 /// change.
 pub fn parse(text: &str, domain: &str) -> Result<DnsConfig, String> {
-    let options = ParseOptions {
-        allow_comments: true,
-        allow_trailing_commas: true,
-        allow_loose_object_property_names: false,
-        allow_missing_commas: false,
-        allow_single_quoted_strings: false,
-        allow_hexadecimal_numbers: false,
-        allow_unary_plus_numbers: false,
-        ..ParseOptions::default()
-    };
-    let file: Option<DnsFile> = jsonc_parser::parse_to_serde_value(text, &options).map_err(|e| format!("dns: {e}"))?;
+    let file: Option<DnsFile> =
+        jsonc_parser::parse_to_serde_value(text, &crate::policy::parse::hujson()).map_err(|e| format!("dns: {e}"))?;
     let file = file.ok_or("dns: the file is empty; write {} for the defaults")?;
     let mut config = DnsConfig {
         magic_dns: file.magic_dns,

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 
 mod check;
 pub mod compile;
-mod parse;
+pub(crate) mod parse;
 pub mod record;
 
 pub use check::TestFailure;

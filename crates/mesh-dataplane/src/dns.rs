@@ -162,15 +162,7 @@ impl Resolver {
             edns.set_max_payload(OWN_EDNS_SIZE);
             reply.set_edns(edns);
         }
-        let limit = if over_tcp {
-            usize::from(u16::MAX)
-        } else {
-            message
-                .edns
-                .as_ref()
-                .map_or(CLASSIC_UDP_SIZE, |e| usize::from(e.max_payload()))
-                .clamp(CLASSIC_UDP_SIZE, MAX_UDP_SIZE)
-        };
+        let limit = answer_limit(&message, over_tcp);
         if message.metadata.op_code != OpCode::Query {
             reply.metadata.response_code = ResponseCode::NotImp;
             return finish(reply, limit);
@@ -290,6 +282,15 @@ impl Resolver {
     }
 }
 
+/// The largest answer `query`'s client takes: a whole message over TCP; over UDP 512 bytes without EDNS,
+/// its EDNS size otherwise, never more than [`MAX_UDP_SIZE`].
+fn answer_limit(query: &Message, over_tcp: bool) -> usize {
+    if over_tcp {
+        return usize::from(u16::MAX);
+    }
+    query.edns.as_ref().map_or(CLASSIC_UDP_SIZE, |e| usize::from(e.max_payload())).clamp(CLASSIC_UDP_SIZE, MAX_UDP_SIZE)
+}
+
 /// A reply for a query whose header can be read but whose body cannot.
 fn formerr(query: &[u8]) -> Answer {
     if query.len() < 12 || query[2] & 0x80 != 0 {
@@ -397,15 +398,7 @@ pub fn mesh_ranges(mesh_addresses: &[IpAddr]) -> (Option<Ipv4Net>, Option<Ipv6Ne
 /// client gets SERVFAIL, as it does when every upstream failed), and it is cut to the client's size.
 pub fn relay_answer(query: &[u8], answer: Option<&[u8]>, over_tcp: bool) -> Option<Vec<u8>> {
     let query = Message::from_vec(query).ok()?;
-    let limit = if over_tcp {
-        usize::from(u16::MAX)
-    } else {
-        query
-            .edns
-            .as_ref()
-            .map_or(CLASSIC_UDP_SIZE, |e| usize::from(e.max_payload()))
-            .clamp(CLASSIC_UDP_SIZE, MAX_UDP_SIZE)
-    };
+    let limit = answer_limit(&query, over_tcp);
     if let Some(bytes) = answer
         && let Ok(message) = Message::from_vec(bytes)
         && message.metadata.id == query.metadata.id

@@ -34,8 +34,10 @@ const PROTOCOLS: &[(&str, u8)] = &[
     ("fc", 133),
 ];
 
-pub(super) fn parse(text: &str) -> Result<Policy, PolicyError> {
-    let options = ParseOptions {
+/// jsonc-parser narrowed to HuJSON: comments and trailing commas, nothing of JSON5 (the policy and the DNS
+/// settings files).
+pub(crate) fn hujson() -> ParseOptions {
+    ParseOptions {
         allow_comments: true,
         allow_trailing_commas: true,
         allow_loose_object_property_names: false,
@@ -44,7 +46,11 @@ pub(super) fn parse(text: &str) -> Result<Policy, PolicyError> {
         allow_hexadecimal_numbers: false,
         allow_unary_plus_numbers: false,
         ..ParseOptions::default()
-    };
+    }
+}
+
+pub(super) fn parse(text: &str) -> Result<Policy, PolicyError> {
+    let options = hujson();
     let parsed = jsonc_parser::parse_to_ast(text, &CollectOptions::default(), &options).map_err(|e| {
         let (line, column) = line_and_column(text, e.range().start);
         PolicyError(format!("policy:{line}:{column}: {}", e.kind()))
