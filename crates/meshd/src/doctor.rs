@@ -169,12 +169,15 @@ async fn acl_check(socket: &Path) -> Option<Check> {
 /// Host DNS of a managed node: whether resolv.conf points at the mesh's resolver, the systemd-resolved
 /// symlink case, a search list missing the mesh domain, another program fighting over the file. None when no
 /// managed daemon answers.
-async fn dns_check(socket: &Path) -> Option<Check> {
+async fn dns_status(socket: &Path) -> Option<crate::local_api::DnsStatus> {
     let (status, text) = crate::local_api::call(&socket.to_path_buf(), "GET", "/v1/dns/status", None).await.ok()?;
     if status != 200 {
         return None;
     }
-    let dns: crate::local_api::DnsStatus = serde_json::from_str(&text).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn dns_check(dns: &crate::local_api::DnsStatus) -> Option<Check> {
     let resolver = dns.resolver.as_ref()?;
     let path = Path::new("/etc/resolv.conf");
     let current = std::fs::read_to_string(path).unwrap_or_default();
@@ -323,8 +326,12 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
         Some(d) => plan::desired(d.allowed_ips.iter().copied().filter(|p| o.accept.routes(p)), &local),
         None => Default::default(),
     };
-    // The SNAT addresses' host routes are pinned into the table by the daemon.
+    // The SNAT addresses' host routes are pinned into the table by the daemon, and so are the resolver's
+    // addresses of a managed node (asked over the local API: they are no peer's allowed IPs).
     desired.extend(snat.iter().map(|(a, _)| plan::Route::Mesh(IpNet::from(*a))));
+    let dns = dns_status(&o.socket).await;
+    let resolver = dns.as_ref().and_then(|d| d.resolver.as_ref()).filter(|_| daemon.is_some());
+    desired.extend(resolver.into_iter().flat_map(|r| r.addresses.iter().map(|a| plan::Route::Mesh(IpNet::from(*a)))));
     let p = plan::plan(&desired, &entries, tun_index.unwrap_or(0));
     let mut c = if p.add.is_empty() && p.remove.is_empty() {
         Check::new("table", Status::Ok, format!("table {table} holds exactly the {} routes meshd wants", desired.len()))
@@ -391,7 +398,7 @@ async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
     if let Some(d) = &daemon {
         out.push(mtu_check(&o.tun, &d.endpoints, o.policy.fwmark));
     }
-    if let Some(check) = dns_check(&o.socket).await {
+    if let Some(check) = dns.as_ref().and_then(dns_check) {
         out.push(check);
     }
     if let Some(check) = acl_check(&o.socket).await {

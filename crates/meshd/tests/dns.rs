@@ -169,8 +169,12 @@ fn seed_000_names_split_dns_and_extra_records_resolve_and_the_original_resolv_co
         status_text.contains("mode: direct") && status_text.contains("split: shared.cwiq.io -> 10.0.0.2:53"),
         "{status_text}"
     );
-    let (_, doctor, _) = client.cli(&lab, &["doctor", "--tun", &client.tun]);
+    let run = lab.path("client-run");
+    let run = run.to_str().unwrap();
+    let (_, doctor, _) = client.cli(&lab, &["doctor", "--tun", &client.tun, "--uapi-dir", run, "--run-dir", run]);
     assert!(doctor.contains("dns") && doctor.contains("direct: resolv.conf points at the mesh's resolver"), "{doctor}");
+    // The resolver's routes in table 52 are meshd's own, not stale ones.
+    assert!(doctor.contains("table 52 holds exactly"), "{doctor}");
     let (_, got, _) = control.admin(&lab, &["dns", "get"]);
     assert!(got.contains("langfuse.cwiq.io"));
 
