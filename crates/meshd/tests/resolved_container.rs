@@ -22,6 +22,16 @@ fn cache() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("resolved-container")
 }
 
+/// podman's run-time state: it refuses a path longer than 50 characters (a checkout's target directory
+/// often is), so a short one in /run, the same for every run of one checkout (podman checks it matches the
+/// storage's).
+fn runroot(dir: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    dir.hash(&mut hasher);
+    format!("/run/meshd-podman-{:08x}", hasher.finish() as u32)
+}
+
 struct Podman {
     dir: PathBuf,
 }
@@ -30,12 +40,7 @@ impl Podman {
     fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new("podman");
         c.env("CONTAINERS_CONF", self.dir.join("containers.conf"));
-        c.args([
-            "--root",
-            self.dir.join("storage").to_str().unwrap(),
-            "--runroot",
-            self.dir.join("runroot").to_str().unwrap(),
-        ]);
+        c.args(["--root", self.dir.join("storage").to_str().unwrap(), "--runroot", &runroot(&self.dir)]);
         c.args(args);
         c
     }
