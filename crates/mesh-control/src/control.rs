@@ -113,6 +113,9 @@ const MAX_AUTH_KEY_LEN: usize = 128;
 /// How stale a node's stored last-seen time may get while it polls (see `touch`).
 pub const TOUCH_EVERY: u64 = 15;
 
+/// The host part of the resolver's IPv6 address in the mesh's /48 (`<ula48>::53`).
+const RESOLVER_V6_HOST: u64 = 0x53;
+
 /// The mesh's IPv4 range (RFC 6598 shared address space, as Tailscale uses).
 const MESH_V4: &str = "100.64.0.0/10";
 
@@ -996,7 +999,8 @@ impl Control {
             .hosts()
             .skip_while(|a| last.is_some_and(|l| *a <= l))
             .chain(range.hosts())
-            .find(|a| !used.contains(a))
+            // Every node's resolver answers at 100.100.100.100: no node may have it.
+            .find(|a| !used.contains(a) && *a != Ipv4Addr::new(100, 100, 100, 100))
             .ok_or_else(|| ControlError::bad("the mesh's IPv4 range is full"))?;
         self.set_meta("last_ipv4", &chosen.to_string())?;
         Ok(chosen)
@@ -1012,9 +1016,11 @@ impl Control {
         Ok(next)
     }
 
+    /// `<ula48>::<id>`, skipping `::53`, where every node's resolver answers (the mapping stays one to one).
     fn ipv6_for(&self, id: u64) -> Result<Ipv6Addr, ControlError> {
         let ula = self.ula()?;
-        Ok(Ipv6Addr::from(u128::from(ula.network()) | u128::from(id)))
+        let host = if id >= RESOLVER_V6_HOST { id + 1 } else { id };
+        Ok(Ipv6Addr::from(u128::from(ula.network()) | u128::from(host)))
     }
 
     fn node_by_key(&self, node_key: &str) -> Result<Option<NodeRecord>, ControlError> {

@@ -308,7 +308,10 @@ impl Dataplane {
         if config.dns != self.config.dns {
             let addresses = |c: &DataplaneConfig| c.dns.as_ref().map(|d| d.addresses.clone());
             if addresses(&config) != addresses(&self.config) {
-                self.dns_tcp = addresses(&config).map(|a| TcpServer::new(&a, self.mtu, now));
+                let serial = self.dns_tcp.as_ref().map_or(0, TcpServer::next_serial);
+                self.dns_tcp = addresses(&config).map(|a| TcpServer::new(&a, self.mtu, now, serial));
+                // Answers owed to the old server's connections have nowhere to go.
+                self.dns_pending.retain(|_, p| !matches!(p.client, DnsClient::Tcp { .. }));
             }
             self.resolver = config.dns.clone().map(Resolver::new);
         }

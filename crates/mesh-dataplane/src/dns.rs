@@ -225,8 +225,16 @@ impl Resolver {
                 Some(_) => {
                     reply.add_authority(soa(&zone));
                 }
-                None => {
+                None if address.is_some() => {
                     reply.metadata.response_code = ResponseCode::NXDomain;
+                    reply.add_authority(soa(&zone));
+                }
+                // A name above the addresses (the /48's apex, `5.64.100.in-addr.arpa`): it exists as a
+                // branch, so NODATA, not NXDOMAIN (which RFC 8020 resolvers take for the whole subtree).
+                None if kind == RecordType::SOA && name.to_lowercase() == zone => {
+                    reply.add_answer(soa(&zone));
+                }
+                None => {
                     reply.add_authority(soa(&zone));
                 }
             }
@@ -267,6 +275,23 @@ impl Resolver {
                 && v4.contains(&ip)
             {
                 return reverse_name_v4(v4);
+            }
+            // A partial name inside the range (`64.100.in-addr.arpa`, `5.64.100.in-addr.arpa`): answered here
+            // too, so it is never forwarded back to a host resolver that routes these zones here.
+            if address.is_none()
+                && let Some(rest) = text.strip_suffix(".in-addr.arpa")
+            {
+                let octets: Option<Vec<u8>> = rest.split('.').rev().map(|o| o.parse().ok()).collect();
+                if let Some(octets) = octets
+                    && (2..=3).contains(&octets.len())
+                {
+                    let mut full = [0u8; 4];
+                    full[..octets.len()].copy_from_slice(&octets);
+                    let whole_octets = usize::from(v4.prefix_len().div_ceil(8));
+                    if octets.len() >= whole_octets && v4.contains(&Ipv4Addr::from(full)) {
+                        return reverse_name_v4(v4);
+                    }
+                }
             }
         }
         if let Some(v6) = self.config.mesh_v6

@@ -193,8 +193,9 @@ pub struct NetMap {
 
 /// What a node's resolver answers and where it sends the rest (`meshd control dns set`). Node names come
 /// from the netmap's peers and the domain; this carries everything else.
+/// Unknown fields are ignored (not refused): a newer server's additions must not make an older node refuse
+/// its whole netmap.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DnsConfig {
     /// Whether nodes answer mesh names (`NAME` and `NAME.<domain>`) at all.
     pub magic_dns: bool,
@@ -231,7 +232,6 @@ impl Default for DnsConfig {
 /// A name the mesh's resolvers answer with a fixed address (a service's private name pointing at a mesh
 /// node, seed 000's LangFuse case).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ExtraRecord {
     /// Lower case, no trailing dot.
     pub name: String,

@@ -808,3 +808,16 @@ fn dns_settings_are_versioned_and_reach_every_netmap() {
     assert_eq!(c.set_dns("{}", "test", NOW).unwrap(), 2);
     assert_eq!(c.dns(), &mesh_proto::DnsConfig::default());
 }
+
+#[test]
+fn no_node_gets_the_resolvers_addresses() {
+    let c = control("{}");
+    let ula = c.ula().unwrap().network();
+    let resolver = Ipv6Addr::from(u128::from(ula) | 0x53);
+    let addresses: Vec<Ipv6Addr> = (1..200).map(|id| c.ipv6_for(id).unwrap()).collect();
+    assert!(!addresses.contains(&resolver), "::53 is the resolver's");
+    let unique: std::collections::HashSet<_> = addresses.iter().collect();
+    assert_eq!(unique.len(), addresses.len(), "one address per id");
+    c.set_meta("last_ipv4", "100.100.100.99").unwrap();
+    assert_eq!(c.free_ipv4().unwrap(), Ipv4Addr::new(100, 100, 100, 101));
+}

@@ -109,7 +109,9 @@ impl std::fmt::Debug for TcpServer {
 impl TcpServer {
     /// Listens on port 53 of `addresses`. Each address gets its family's whole mesh range as on-link, so the
     /// answers go straight back to whichever mesh address asked.
-    pub fn new(addresses: &[IpAddr], mtu: u16, now: Instant) -> Self {
+    /// `first_serial` continues the serials of the server this one replaces, so an answer owed to a
+    /// connection of the old one never matches a connection of the new one.
+    pub fn new(addresses: &[IpAddr], mtu: u16, now: Instant, first_serial: u64) -> Self {
         let mut device = Queue { mtu: usize::from(mtu), ..Queue::default() };
         let epoch = now;
         let mut iface = Interface::new(Config::new(HardwareAddress::Ip), &mut device, smol(epoch, now));
@@ -132,7 +134,7 @@ impl TcpServer {
             for _ in 0..SOCKETS_PER_ADDRESS {
                 let listen = IpListenEndpoint { addr: Some(IpAddress::from(*address)), port: 53 };
                 let handle = server.sockets.add(socket());
-                server.conns.push(Conn { handle, listen, inbox: Vec::new(), serial: 0, owed: 0, last: now });
+                server.conns.push(Conn { handle, listen, inbox: Vec::new(), serial: first_serial, owed: 0, last: now });
             }
         }
         server.relisten();
@@ -155,6 +157,11 @@ impl TcpServer {
 
     pub fn next_query(&mut self) -> Option<TcpQuery> {
         self.ready.pop_front()
+    }
+
+    /// Past every serial this server has used.
+    pub fn next_serial(&self) -> u64 {
+        self.conns.iter().map(|c| c.serial).max().unwrap_or(0) + 1
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
@@ -190,13 +197,16 @@ impl TcpServer {
 
     fn poll(&mut self, now: Instant) {
         let at = smol(self.epoch, now);
+        // A connection's idle time starts when it opens, not when its socket began to listen.
+        for c in &mut self.conns {
+            if self.sockets.get::<tcp::Socket>(c.handle).state() == tcp::State::Listen {
+                c.last = now;
+            }
+        }
         self.iface.poll(at, &mut self.device, &mut self.sockets);
         let mut idle_deadline: Option<Instant> = None;
         for (i, c) in self.conns.iter_mut().enumerate() {
             let socket = self.sockets.get_mut::<tcp::Socket>(c.handle);
-            if socket.state() == tcp::State::Listen {
-                c.last = now;
-            }
             while socket.can_recv() && c.inbox.len() < MAX_FRAME {
                 let mut buf = [0u8; 2048];
                 let room = buf.len().min(MAX_FRAME - c.inbox.len());
@@ -221,10 +231,12 @@ impl TcpServer {
             // The client finished sending and has every answer: close our side too. A connection idle past
             // the limit (or whose client sent more than a frame can hold) is closed as well.
             let done = socket.state() == tcp::State::CloseWait && c.owed == 0;
-            let idle = socket.is_active() && c.owed == 0 && now.saturating_duration_since(c.last) >= IDLE_TIMEOUT;
+            let idle = socket.state() == tcp::State::Established
+                && c.owed == 0
+                && now.saturating_duration_since(c.last) >= IDLE_TIMEOUT;
             if done || idle || c.inbox.len() >= MAX_FRAME {
                 socket.close();
-            } else if socket.is_active() && c.owed == 0 {
+            } else if socket.state() == tcp::State::Established && c.owed == 0 {
                 let deadline = c.last + IDLE_TIMEOUT;
                 idle_deadline = Some(idle_deadline.map_or(deadline, |d| d.min(deadline)));
             }

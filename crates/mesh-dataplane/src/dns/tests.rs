@@ -211,3 +211,23 @@ fn reverse_names_round_trip() {
     );
     assert_eq!(resolver_v6("fd7a:115c:a1e0::7".parse().unwrap()), "fd7a:115c:a1e0::53".parse::<Ipv6Addr>().unwrap());
 }
+
+#[test]
+fn names_above_the_addresses_in_a_reverse_zone_are_nodata_not_nxdomain() {
+    let r = Resolver::new(config());
+    for name in [
+        "64.100.in-addr.arpa.",
+        "0.64.100.in-addr.arpa.",
+        "0.e.1.a.c.5.1.1.a.7.d.f.ip6.arpa.",
+        "0.0.e.1.a.c.5.1.1.a.7.d.f.ip6.arpa.",
+    ] {
+        let m = reply(&r, name, RecordType::PTR);
+        assert_eq!((m.metadata.response_code, m.answers.len()), (ResponseCode::NoError, 0), "{name}");
+        assert!(has_soa(&m), "{name}");
+    }
+    let apex = reply(&r, "0.e.1.a.c.5.1.1.a.7.d.f.ip6.arpa.", RecordType::SOA);
+    assert_eq!(apex.answers.len(), 1);
+    // Outside the mesh's /10 (100.1.x) and the whole 100.in-addr.arpa are not ours.
+    assert_eq!(r.answer(&query("1.100.in-addr.arpa.", RecordType::PTR), false), Answer::Forward(config().upstreams));
+    assert_eq!(r.answer(&query("100.in-addr.arpa.", RecordType::PTR), false), Answer::Forward(config().upstreams));
+}

@@ -124,9 +124,33 @@ async fn ask(upstream: SocketAddr, query: &[u8], id: &[u8]) -> std::io::Result<V
         let n = socket.recv(&mut buf).await?;
         if buf.get(..2) == Some(id) {
             buf.truncate(n);
-            return Ok(buf);
+            break;
         }
     }
+    // Truncated (TC): the whole answer over TCP, so a client asking the resolver over TCP can have it; the
+    // truncated one stands if TCP fails.
+    if buf.get(2).is_some_and(|flags| flags & 0x02 != 0)
+        && let Ok(whole) = ask_tcp(upstream, query, id).await
+    {
+        return Ok(whole);
+    }
+    Ok(buf)
+}
+
+async fn ask_tcp(upstream: SocketAddr, query: &[u8], id: &[u8]) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(upstream).await?;
+    let len = u16::try_from(query.len()).map_err(|_| std::io::Error::other("query too long"))?;
+    stream.write_all(&len.to_be_bytes()).await?;
+    stream.write_all(query).await?;
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).await?;
+    let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut answer).await?;
+    if answer.get(..2) != Some(id) {
+        return Err(std::io::Error::other("an answer to another query"));
+    }
+    Ok(answer)
 }
 
 /// A query for `meshd dns query NAME TYPE`.

@@ -25,6 +25,8 @@ use crate::run_state::{self, RunState};
 
 /// How often the route manager checks the kernel even without an event.
 const ROUTE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// The upstream servers systemd-resolved itself uses, which it lists in resolv.conf form.
+const RESOLVED_UPSTREAMS: &str = "/run/systemd/resolve/resolv.conf";
 /// How often meshd's resolv.conf is checked for another program's rewrite.
 const RESOLV_CONF_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long after a netlink event the check runs, so a burst of events costs one pass.
@@ -222,6 +224,10 @@ impl Host {
         let mut status = dns.status();
         if self.resolved.is_some() {
             status.mode = "systemd-resolved".into();
+            // The resolver forwards to resolved's own upstreams, never to its stub: resolved routes the mesh's
+            // search and split domains here, so the stub would send their other names straight back.
+            let upstreams = std::fs::read_to_string(RESOLVED_UPSTREAMS).unwrap_or_default();
+            status.original_nameservers = resolv_conf::parse(&upstreams).nameservers;
             status.active = self.link_dns.is_some();
             status.written = self.link_dns.as_ref().map(|l| {
                 let servers: Vec<String> = l.servers.iter().map(ToString::to_string).collect();

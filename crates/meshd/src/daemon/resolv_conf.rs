@@ -141,6 +141,12 @@ impl Direct {
             gave_up: false,
         };
         if let Some(original) = direct.read_backup() {
+            if !direct.is_ours() {
+                // Something wrote a new one since (a DHCP client after a reboot): it is newer than the backup.
+                tracing::info!(path = %direct.path.display(), "resolv.conf was rewritten since meshd stopped; its old backup is dropped");
+                let _ = fs::remove_file(&direct.backup);
+                return direct;
+            }
             match direct.put_back(&original) {
                 Ok(()) => {
                     tracing::info!(path = %direct.path.display(), "put back the resolv.conf a stopped meshd left")
@@ -151,6 +157,11 @@ impl Direct {
             }
         }
         direct
+    }
+
+    /// Whether the file at the path is one meshd wrote.
+    fn is_ours(&self) -> bool {
+        matches!(Original::read(&self.path), Ok(Original::File(text)) if text.starts_with(HEADER))
     }
 
     fn read_backup(&self) -> Option<Original> {
@@ -186,6 +197,13 @@ impl Direct {
     }
 
     fn write(&mut self, wanted: &Wanted) -> Result<(), String> {
+        if self.original.is_none()
+            && let Some(backup) = self.read_backup()
+        {
+            // A backup that could not be put back (or a restore that failed) still holds the host's own
+            // file: never replace it with meshd's.
+            self.original = Some(backup);
+        }
         if self.original.is_none() {
             let original = Original::read(&self.path).map_err(|e| format!("{}: {e}", self.path.display()))?;
             if matches!(&original, Original::File(text) if text.starts_with(HEADER)) {
@@ -378,6 +396,37 @@ mod tests {
         assert!(fs::read_to_string(&path).unwrap().starts_with(HEADER));
         let _next = Direct::new(path.clone(), &d);
         assert_eq!(fs::read_to_string(&path).unwrap(), ORIGINAL);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_backup_is_never_lost_and_never_applied_over_a_newer_file() {
+        let d = dir("backup");
+        let path = d.join("resolv.conf");
+        fs::write(&path, ORIGINAL).unwrap();
+        let mut direct = Direct::new(path.clone(), &d);
+        direct.set(Some(wanted())).unwrap();
+        // A restore that fails (the path cannot be written) keeps the backup; the next write must take the host's
+        // file from it, not meshd's own from the path.
+        let ours = fs::read_to_string(&path).unwrap();
+        fs::remove_file(&path).unwrap();
+        fs::create_dir(&path).unwrap();
+        assert!(direct.set(None).is_err());
+        fs::remove_dir(&path).unwrap();
+        fs::write(&path, &ours).unwrap();
+        direct.set(Some(wanted())).unwrap();
+        direct.set(None).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), ORIGINAL);
+
+        // After a crash and a reboot, DHCP wrote a new file: it stays, and the stale backup goes.
+        {
+            let mut crashed = Direct::new(path.clone(), &d);
+            crashed.set(Some(wanted())).unwrap();
+        }
+        fs::write(&path, "nameserver 10.1.0.99\n").unwrap();
+        let _after_reboot = Direct::new(path.clone(), &d);
+        assert_eq!(fs::read_to_string(&path).unwrap(), "nameserver 10.1.0.99\n");
+        assert!(!d.join("resolv.conf.meshd-backup").exists());
         fs::remove_dir_all(&d).unwrap();
     }
 
