@@ -509,20 +509,12 @@ impl Dataplane {
                 Ok(())
             }
             dns::Answer::Forward(upstreams) => {
-                self.dns_pending.retain(|_, p| now.duration_since(p.at) < PENDING_QUERY_LIFETIME);
-                if self.dns_pending.len() >= MAX_PENDING_QUERIES {
-                    return Err(DropReason::NotDns);
+                let client = DnsClient::Udp { client, resolver: resolver_ip };
+                if self.forward_query(client, query.to_vec(), upstreams, now) {
+                    Ok(())
+                } else {
+                    Err(DropReason::NotDns)
                 }
-                self.dns_token += 1;
-                let token = self.dns_token;
-                let pending = PendingQuery {
-                    client: DnsClient::Udp { client, resolver: resolver_ip },
-                    query: query.to_vec(),
-                    at: now,
-                };
-                self.dns_pending.insert(token, pending);
-                self.push_event(Event::DnsForward { token, upstreams, query: query.to_vec() });
-                Ok(())
             }
             dns::Answer::Ignore => Err(DropReason::NotDns),
         }
@@ -530,33 +522,41 @@ impl Dataplane {
 
     /// Answers the queries DNS-over-TCP connections completed, and sends what the TCP stack wrote.
     fn serve_tcp(&mut self, now: Instant) {
-        let (Some(tcp), Some(resolver)) = (&mut self.dns_tcp, &self.resolver) else { return };
-        while let Some(query) = tcp.next_query() {
-            match resolver.answer(&query.message, true) {
-                dns::Answer::Reply(reply) => tcp.answer(query.conn, query.serial, Some(&reply), now),
+        while let Some(query) = self.dns_tcp.as_mut().and_then(TcpServer::next_query) {
+            let Some(resolver) = &self.resolver else { break };
+            let (conn, serial) = (query.conn, query.serial);
+            let reply = match resolver.answer(&query.message, true) {
+                dns::Answer::Reply(reply) => Some(reply),
                 dns::Answer::Forward(upstreams) => {
-                    self.dns_pending.retain(|_, p| now.duration_since(p.at) < PENDING_QUERY_LIFETIME);
-                    if self.dns_pending.len() >= MAX_PENDING_QUERIES {
-                        tcp.answer(query.conn, query.serial, None, now);
+                    if self.forward_query(DnsClient::Tcp { conn, serial }, query.message, upstreams, now) {
                         continue;
                     }
-                    self.dns_token += 1;
-                    let client = DnsClient::Tcp { conn: query.conn, serial: query.serial };
-                    let pending = PendingQuery { client, query: query.message.clone(), at: now };
-                    self.dns_pending.insert(self.dns_token, pending);
-                    let event = Event::DnsForward { token: self.dns_token, upstreams, query: query.message };
-                    if self.events.len() == EVENT_BACKLOG {
-                        self.events.pop_front();
-                    }
-                    self.events.push_back(event);
+                    None
                 }
-                dns::Answer::Ignore => tcp.answer(query.conn, query.serial, None, now),
+                dns::Answer::Ignore => None,
+            };
+            if let Some(tcp) = &mut self.dns_tcp {
+                tcp.answer(conn, serial, reply.as_deref(), now);
             }
         }
-        let outgoing: Vec<Vec<u8>> = tcp.take_outgoing().collect();
+        let outgoing: Vec<Vec<u8>> = self.dns_tcp.as_mut().map(|t| t.take_outgoing().collect()).unwrap_or_default();
         for packet in outgoing {
             self.push_event(Event::Deliver(packet));
         }
+    }
+
+    /// Hands a query the resolver cannot answer to the shell ([`Event::DnsForward`]); false when too many
+    /// already wait for an upstream.
+    fn forward_query(&mut self, client: DnsClient, query: Vec<u8>, upstreams: Vec<SocketAddr>, now: Instant) -> bool {
+        self.dns_pending.retain(|_, p| now.duration_since(p.at) < PENDING_QUERY_LIFETIME);
+        if self.dns_pending.len() >= MAX_PENDING_QUERIES {
+            return false;
+        }
+        self.dns_token += 1;
+        let token = self.dns_token;
+        self.dns_pending.insert(token, PendingQuery { client, query: query.clone(), at: now });
+        self.push_event(Event::DnsForward { token, upstreams, query });
+        true
     }
 
     /// The answer to a forwarded query ([`Event::DnsForward`]), or `None` when no upstream gave one (the

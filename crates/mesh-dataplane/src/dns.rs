@@ -153,10 +153,7 @@ impl Resolver {
         if message.metadata.message_type != MessageType::Query {
             return Answer::Ignore;
         }
-        let mut reply = Message::response(message.metadata.id, message.metadata.op_code);
-        reply.metadata.recursion_desired = message.metadata.recursion_desired;
-        reply.metadata.recursion_available = true;
-        reply.add_queries(message.queries.iter().cloned());
+        let mut reply = response_to(&message);
         if message.edns.is_some() {
             let mut edns = Edns::new();
             edns.set_max_payload(OWN_EDNS_SIZE);
@@ -187,7 +184,7 @@ impl Resolver {
         if self.config.magic_dns
             && let Some(zone) = self.zone.clone()
         {
-            let in_zone = text == self.zone_text || text.ends_with(&format!(".{}", self.zone_text));
+            let in_zone = within(&text, &self.zone_text);
             let bare = !text.is_empty() && !text.contains('.');
             if in_zone || (bare && self.bare.contains_key(&text)) {
                 reply.metadata.authoritative = true;
@@ -240,9 +237,7 @@ impl Resolver {
             }
             return finish(reply, limit);
         }
-        if let Some((_, resolvers)) =
-            self.split.iter().find(|(zone, _)| text == *zone || text.ends_with(&format!(".{zone}")))
-        {
+        if let Some((_, resolvers)) = self.split.iter().find(|(zone, _)| within(&text, zone)) {
             if resolvers.is_empty() {
                 // A zone kept local: only its extra records exist (answered above).
                 reply.metadata.response_code = ResponseCode::NXDomain;
@@ -314,6 +309,22 @@ fn answer_limit(query: &Message, over_tcp: bool) -> usize {
         return usize::from(u16::MAX);
     }
     query.edns.as_ref().map_or(CLASSIC_UDP_SIZE, |e| usize::from(e.max_payload())).clamp(CLASSIC_UDP_SIZE, MAX_UDP_SIZE)
+}
+
+/// Whether `name` is `zone` or a name under it (both lower case, no trailing dot); no allocation, as it runs
+/// for every query.
+fn within(name: &str, zone: &str) -> bool {
+    name == zone
+        || (name.len() > zone.len() && name.ends_with(zone) && name.as_bytes()[name.len() - zone.len() - 1] == b'.')
+}
+
+/// The empty response to `query`: its id, opcode, question and recursion-desired flag.
+fn response_to(query: &Message) -> Message {
+    let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
+    reply.metadata.recursion_desired = query.metadata.recursion_desired;
+    reply.metadata.recursion_available = true;
+    reply.add_queries(query.queries.iter().cloned());
+    reply
 }
 
 /// A reply for a query whose header can be read but whose body cannot.
@@ -398,7 +409,7 @@ fn reverse_name_v4(net: Ipv4Net) -> Option<Name> {
 }
 
 /// The reverse zone of a v6 range, cut at its last whole nibble (a /48 → 12 nibbles of ip6.arpa).
-fn reverse_name_v6(net: Ipv6Net) -> Option<Name> {
+pub fn reverse_name_v6(net: Ipv6Net) -> Option<Name> {
     let whole = usize::from(net.prefix_len() / 4);
     let bytes = net.network().octets();
     let nibbles: Vec<String> =
@@ -438,11 +449,8 @@ pub fn relay_answer(query: &[u8], answer: Option<&[u8]>, over_tcp: bool) -> Opti
             _ => None,
         };
     }
-    let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
-    reply.metadata.recursion_desired = query.metadata.recursion_desired;
-    reply.metadata.recursion_available = true;
+    let mut reply = response_to(&query);
     reply.metadata.response_code = ResponseCode::ServFail;
-    reply.add_queries(query.queries.iter().cloned());
     match finish(reply, limit) {
         Answer::Reply(bytes) => Some(bytes),
         _ => None,

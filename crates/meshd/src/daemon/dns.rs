@@ -75,10 +75,10 @@ pub(super) fn host_wanted(map: &NetMap) -> (Wanted, LinkDns) {
     // The mesh's reverse zones, one per /16 of 100.64.0.0/10 (not all of 100.in-addr.arpa: the resolver
     // forwards PTRs outside the mesh back to the host, which would send them here again), and the /48's.
     routing.extend((64..128).map(|octet| format!("{octet}.100.in-addr.arpa")));
-    let s = map.node.ipv6.octets();
-    let nibbles: Vec<String> =
-        (0..12).map(|i| format!("{:x}", (s[i / 2] >> if i % 2 == 0 { 4 } else { 0 }) & 0xf)).rev().collect();
-    routing.push(format!("{}.ip6.arpa", nibbles.join(".")));
+    let (_, mesh_v6) = core_dns::mesh_ranges(&[IpAddr::V6(map.node.ipv6)]);
+    if let Some(zone) = mesh_v6.and_then(core_dns::reverse_name_v6) {
+        routing.push(zone.to_ascii().trim_end_matches('.').to_string());
+    }
     if settings.override_local_dns {
         routing.push(".".into());
     }

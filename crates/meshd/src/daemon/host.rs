@@ -261,16 +261,21 @@ impl Host {
                 tracing::info!("systemd-resolved owns the host's DNS: meshd sets the TUN device's link DNS over D-Bus");
             }
         }
-        let Some(connection) = &self.resolved else {
+        if self.resolved.is_none() {
             if let Err(e) = direct.set(wanted.map(|(w, _)| w)) {
                 tracing::error!("host DNS: {e}");
             }
             return;
-        };
-        let link = wanted.map(|(_, link)| link);
-        if link == self.link_dns {
-            return;
         }
+        let link = wanted.map(|(_, link)| link);
+        if link != self.link_dns {
+            self.set_link_dns(link).await;
+        }
+    }
+
+    /// Tells systemd-resolved the TUN device's DNS settings (or takes them back).
+    async fn set_link_dns(&mut self, link: Option<resolved::LinkDns>) {
+        let Some(connection) = &self.resolved else { return };
         let result = match &link {
             Some(link) => resolved::set_link(connection, self.tun_index, link).await,
             None => resolved::revert_link(connection, self.tun_index).await,
@@ -364,8 +369,7 @@ impl Host {
                 self.tun_index = index;
                 // A new device has no link DNS: resolved is told again.
                 if let Some(link) = self.link_dns.take() {
-                    let wanted = (resolv_conf::Wanted { nameservers: Vec::new(), search: Vec::new() }, link);
-                    self.set_dns(Some(wanted)).await;
+                    self.set_link_dns(Some(link)).await;
                 }
                 self.routes.set_tun_index(index);
                 self.reconcile(Cause::Change).await;
