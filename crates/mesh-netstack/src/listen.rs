@@ -1,0 +1,244 @@
+//! The app's ways in: local listeners for forwards and for the SOCKS5/HTTP proxy. Each accepted connection
+//! is checked (the proxy's handshake, with a deadline) on a task of its own and handed to the daemon's loop
+//! as a [`Dial`]; the loop resolves the target through MagicDNS and opens the flow in the [`crate::Stack`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::http;
+use crate::socks5::{self, Reply};
+use crate::spec::Target;
+use crate::stack::Greeting;
+
+/// A proxy client has this long to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An app connection that wants a flow to `target`.
+#[derive(Debug)]
+pub struct Dial {
+    pub stream: TcpStream,
+    pub target: Target,
+    pub greeting: Greeting,
+    /// Bytes for the peer before the app's own (a rewritten request head, bytes the client sent early).
+    pub to_peer: Vec<u8>,
+    /// Which way in it came by, for logs.
+    pub via: &'static str,
+}
+
+/// The username and password the proxy asks for.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub pass: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("user", &self.user).finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    /// Compares without stopping at the first difference, so timing does not reveal a prefix.
+    fn matches(&self, user: &[u8], pass: &[u8]) -> bool {
+        let same =
+            |a: &[u8], b: &[u8]| a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+        same(self.user.as_bytes(), user) & same(self.pass.as_bytes(), pass)
+    }
+}
+
+/// Tells the app its flow was refused, in its protocol's words, and closes it.
+pub fn refuse(dial: Dial, reason: &str) {
+    tracing::info!(via = dial.via, target = %dial.target, "refused: {reason}");
+    let Dial { mut stream, greeting, .. } = dial;
+    let bytes = match greeting {
+        Greeting::Silent => {
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            return;
+        }
+        Greeting::Socks5 => socks5::reply(Reply::HostUnreachable, SocketAddr::from(([0, 0, 0, 0], 0))),
+        Greeting::HttpConnect | Greeting::HttpPlain => http::response(502, reason),
+    };
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.write_all(&bytes)).await;
+    });
+}
+
+/// Accepts a forward's connections: each one is a flow to `target`.
+pub fn spawn_forward(listener: TcpListener, target: Target, dials: mpsc::Sender<Dial>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let _ = stream.set_nodelay(true);
+            let dial = Dial {
+                stream,
+                target: target.clone(),
+                greeting: Greeting::Silent,
+                to_peer: Vec::new(),
+                via: "forward",
+            };
+            if dials.send(dial).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Which protocols a proxy listener speaks (both on one port: told apart by the first byte).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Protocols {
+    pub socks5: bool,
+    pub http: bool,
+}
+
+/// Accepts proxy clients; each handshake runs on its own task with a deadline.
+pub fn spawn_proxy(
+    listener: TcpListener,
+    protocols: Protocols,
+    credentials: Option<Credentials>,
+    dials: mpsc::Sender<Dial>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, from)) = listener.accept().await else { continue };
+            let _ = stream.set_nodelay(true);
+            let (dials, credentials) = (dials.clone(), credentials.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(stream, protocols, credentials.as_ref())).await
+                {
+                    Ok(Ok(dial)) => {
+                        let _ = dials.send(dial).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(client = %from, "proxy handshake refused: {e}"),
+                    Err(_) => tracing::debug!(client = %from, "proxy handshake timed out"),
+                }
+            });
+        }
+    })
+}
+
+/// Reads more of the handshake into `buf`; an end of stream is an error.
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), String> {
+    if buf.len() >= http::MAX_HEAD {
+        return Err("handshake too long".into());
+    }
+    let mut chunk = [0u8; 2048];
+    let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+    if n == 0 {
+        return Err("the client closed the connection".into());
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+async fn handshake(
+    mut stream: TcpStream,
+    protocols: Protocols,
+    credentials: Option<&Credentials>,
+) -> Result<Dial, String> {
+    let mut buf = Vec::new();
+    read_more(&mut stream, &mut buf).await?;
+    if buf[0] == socks5::VERSION {
+        if !protocols.socks5 {
+            return Err("a SOCKS5 client at the HTTP proxy".into());
+        }
+        return socks5_handshake(stream, buf, credentials).await;
+    }
+    if !protocols.http {
+        return Err("not a SOCKS5 client".into());
+    }
+    http_handshake(stream, buf, credentials).await
+}
+
+/// Parses with `parse`, reading more until the message is whole; the bytes after it stay in `buf`.
+async fn next_message<T>(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    parse: impl Fn(&[u8]) -> Result<Option<(T, usize)>, socks5::Error>,
+) -> Result<T, (String, Option<Reply>)> {
+    loop {
+        match parse(buf) {
+            Ok(Some((value, used))) => {
+                buf.drain(..used);
+                return Ok(value);
+            }
+            Ok(None) => read_more(stream, buf).await.map_err(|e| (e, None))?,
+            Err(e) => return Err((e.reason.to_string(), e.reply)),
+        }
+    }
+}
+
+async fn socks5_handshake(
+    mut stream: TcpStream,
+    mut buf: Vec<u8>,
+    credentials: Option<&Credentials>,
+) -> Result<Dial, String> {
+    let unbound = SocketAddr::from(([0, 0, 0, 0], 0));
+    let methods = next_message(&mut stream, &mut buf, socks5::greeting).await.map_err(|e| e.0)?;
+    let wanted = if credentials.is_some() { socks5::USER_PASS } else { socks5::NO_AUTH };
+    if !methods.contains(&wanted) {
+        let _ = stream.write_all(&[socks5::VERSION, socks5::NO_ACCEPTABLE]).await;
+        return Err("the client offers no acceptable authentication method".into());
+    }
+    stream.write_all(&[socks5::VERSION, wanted]).await.map_err(|e| e.to_string())?;
+    if let Some(credentials) = credentials {
+        let (user, pass) = next_message(&mut stream, &mut buf, socks5::credentials).await.map_err(|e| e.0)?;
+        if !credentials.matches(&user, &pass) {
+            let _ = stream.write_all(&[1, 1]).await;
+            return Err("wrong username or password".into());
+        }
+        stream.write_all(&[1, 0]).await.map_err(|e| e.to_string())?;
+    }
+    let request = match next_message(&mut stream, &mut buf, socks5::request).await {
+        Ok(r) => r,
+        Err((why, reply)) => {
+            if let Some(code) = reply {
+                let _ = stream.write_all(&socks5::reply(code, unbound)).await;
+            }
+            return Err(why);
+        }
+    };
+    if request.command != socks5::Command::Connect {
+        let _ = stream.write_all(&socks5::reply(Reply::CommandNotSupported, unbound)).await;
+        return Err("UDP ASSOCIATE is not supported yet".into());
+    }
+    Ok(Dial { stream, target: request.target, greeting: Greeting::Socks5, to_peer: buf, via: "socks5" })
+}
+
+async fn http_handshake(
+    mut stream: TcpStream,
+    mut buf: Vec<u8>,
+    credentials: Option<&Credentials>,
+) -> Result<Dial, String> {
+    let (request, used) = loop {
+        match http::request(&buf) {
+            Ok(Some(parsed)) => break parsed,
+            Ok(None) => read_more(&mut stream, &mut buf).await?,
+            Err(e) => {
+                let _ = stream.write_all(&http::response(e.status, &e.reason)).await;
+                return Err(e.reason);
+            }
+        }
+    };
+    if let Some(credentials) = credentials {
+        let given = request.auth();
+        if !given.is_some_and(|(u, p)| credentials.matches(u.as_bytes(), p.as_bytes())) {
+            let _ = stream.write_all(&http::response(407, "proxy authentication required")).await;
+            return Err("missing or wrong proxy credentials".into());
+        }
+    }
+    let rest = buf.split_off(used);
+    Ok(match request {
+        http::Request::Connect { target, .. } => {
+            Dial { stream, target, greeting: Greeting::HttpConnect, to_peer: rest, via: "http" }
+        }
+        http::Request::Forward { target, mut head, .. } => {
+            head.extend_from_slice(&rest);
+            Dial { stream, target, greeting: Greeting::HttpPlain, to_peer: head, via: "http" }
+        }
+    })
+}
