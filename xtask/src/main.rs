@@ -32,6 +32,12 @@ const PACKAGES: &[&str] = &[
     "openssl",
     // The DNS tests: a real resolver beside meshd's, and real clients.
     "dnsmasq-base",
+    // Userspace mode's end-to-end test: the seed's real services and their real clients.
+    "postgresql",
+    "postgresql-client",
+    "redis-server",
+    "redis-tools",
+    "python3",
     "bind9-dnsutils",
     // A real systemd-resolved: a debootstrap root booted with systemd in podman (runc).
     "podman",

@@ -894,6 +894,7 @@ impl Control {
             ipv6: node.ipv6,
             credential,
             domain: self.domain.clone(),
+            ephemeral: node.ephemeral,
         })
     }
 

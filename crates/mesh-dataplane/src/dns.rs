@@ -139,6 +139,21 @@ impl Resolver {
         &self.config
     }
 
+    /// The addresses a name has here (an extra record, a node's FQDN or bare name), IPv4 first; none for a
+    /// name the mesh does not answer. For userspace mode's forwards and proxies, which dial by name.
+    pub fn lookup(&self, name: &str) -> Vec<IpAddr> {
+        let text = name.trim_end_matches('.').to_ascii_lowercase();
+        let found = self.extra.get(&text).or_else(|| {
+            if !self.config.magic_dns {
+                return None;
+            }
+            self.nodes.get(&text).or_else(|| if text.contains('.') { None } else { self.bare.get(&text) })
+        });
+        found.map_or_else(Vec::new, |a| {
+            a.v4.iter().map(|&v| IpAddr::V4(v)).chain(a.v6.iter().map(|&v| IpAddr::V6(v))).collect()
+        })
+    }
+
     /// Whether `ip` is one of the resolver's addresses.
     pub fn answers_at(&self, ip: IpAddr) -> bool {
         self.config.addresses.contains(&ip)

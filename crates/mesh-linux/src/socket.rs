@@ -11,7 +11,11 @@ use tokio::net::UdpSocket;
 pub fn bind_marked(v6: bool, port: u16, mark: u32) -> io::Result<UdpSocket> {
     let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
     let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-    socket.set_mark(mark).map_err(|e| with_context(e, "setting SO_MARK (needs CAP_NET_ADMIN)"))?;
+    // Mark 0 is no mark: userspace mode routes nothing into the mesh, so its traffic cannot loop, and it
+    // has no CAP_NET_ADMIN to set one.
+    if mark != 0 {
+        socket.set_mark(mark).map_err(|e| with_context(e, "setting SO_MARK (needs CAP_NET_ADMIN)"))?;
+    }
     if v6 {
         // One socket per family: the IPv4 socket owns IPv4 traffic on this port.
         socket.set_only_v6(true)?;

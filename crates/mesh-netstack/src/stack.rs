@@ -575,6 +575,8 @@ impl Stack {
             }
             self.next_serial += 1;
             let serial = self.next_serial;
+            let remote = self.sockets.get::<tcp::Socket>(handle).remote_endpoint();
+            tracing::debug!(port = expose.port, local = %expose.local, remote = ?remote, "a peer opens an exposed port");
             self.flows.insert(handle, Flow::new(None, Greeting::Silent, true, serial, now));
             self.counters.inbound += 1;
             let done = self.connected_tx.clone();
@@ -594,8 +596,8 @@ impl Stack {
         match result {
             Ok(stream) => {
                 let _ = stream.set_nodelay(true);
+                // Open once the peer's handshake is complete too (see `pump_flow`).
                 flow.stream = Some(stream);
-                flow.phase = Phase::Open;
             }
             Err(e) => {
                 tracing::debug!(error = %e, "an exposed port's local socket refused");
@@ -615,6 +617,10 @@ impl Stack {
             }
         }
         for handle in finished {
+            let state = self.sockets.get::<tcp::Socket>(handle).state();
+            if let Some(flow) = self.flows.get(&handle) {
+                tracing::debug!(%state, inbound = flow.inbound, app_done = flow.app_done, peer_done = flow.peer_done, ending = flow.ending, "flow over");
+            }
             self.flows.remove(&handle);
             // Removed after the next egress pass, so a reset it owes the peer still goes out.
             self.retiring.push(handle);
@@ -662,7 +668,13 @@ fn reset(stream: &TcpStream) {
 
 /// Moves what it can for one flow; `true` when the flow is over.
 fn pump_flow(flow: &mut Flow, socket: &mut tcp::Socket, now: Instant) -> bool {
-    if flow.phase == Phase::Opening && !flow.inbound {
+    // An exposed port's flow waits for its local connection; ours for the peer's SYN-ACK. Either opens only
+    // once the handshake with the peer is complete: before that the socket can neither send nor receive, which
+    // would read as the peer having closed.
+    if flow.phase == Phase::Opening && flow.inbound && flow.stream.is_none() && !flow.ending {
+        return socket.state() == State::Closed;
+    }
+    if flow.phase == Phase::Opening {
         match socket.state() {
             State::Established | State::CloseWait => {
                 flow.phase = Phase::Open;
@@ -685,12 +697,6 @@ fn pump_flow(flow: &mut Flow, socket: &mut tcp::Socket, now: Instant) -> bool {
             }
             _ => {}
         }
-    }
-    if flow.phase == Phase::Opening && flow.inbound && flow.stream.is_none() && !flow.ending {
-        if socket.state() == State::Closed {
-            return true;
-        }
-        return false;
     }
     let Some(stream) = &flow.stream else { return socket.state() == State::Closed || flow.ending };
 

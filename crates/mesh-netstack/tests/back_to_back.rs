@@ -28,13 +28,13 @@ async fn wire<T>(a: &mut Stack, b: &mut Stack, drop_every: usize, done: impl std
         while !to_a.is_empty() || !to_b.is_empty() {
             for p in std::mem::take(&mut to_b) {
                 count += 1;
-                if drop_every == 0 || count % drop_every != 0 {
+                if drop_every == 0 || !count.is_multiple_of(drop_every) {
                     b.receive(&p, now, &mut |q: &mut [u8]| to_a.push(q.to_vec()));
                 }
             }
             for p in std::mem::take(&mut to_a) {
                 count += 1;
-                if drop_every == 0 || count % drop_every != 0 {
+                if drop_every == 0 || !count.is_multiple_of(drop_every) {
                     a.receive(&p, now, &mut |q: &mut [u8]| to_b.push(q.to_vec()));
                 }
             }

@@ -69,6 +69,9 @@ pub struct RegisterResponse {
     /// Presented with every later request; the server keeps only its hash.
     pub credential: String,
     pub domain: String,
+    /// Joined with an ephemeral key: the node logs out when it stops for good (a sidecar's pod ends).
+    #[serde(default)]
+    pub ephemeral: bool,
 }
 
 impl std::fmt::Debug for RegisterResponse {

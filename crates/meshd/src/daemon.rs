@@ -31,6 +31,7 @@ mod host;
 mod managed;
 mod resolv_conf;
 mod resolved;
+pub mod userspace;
 
 pub use resolv_conf::{DirectStatus, parse as parse_resolv_conf};
 
@@ -61,6 +62,10 @@ pub struct Options {
     pub snat_source_share: u32,
     /// Where the runtime state for `meshd doctor` goes.
     pub run_dir: PathBuf,
+    /// Userspace mode (`--tun userspace`): no TUN device, a stack in the process, and its ways in.
+    pub userspace: Option<userspace::Options>,
+    /// Join a coordination server at start, as `meshd up` would (a container configured by its environment).
+    pub join: Option<crate::local_api::UpRequest>,
 }
 
 /// Peers as the node wants them, with host names resolved.
@@ -115,7 +120,7 @@ type UapiRequest = (uapi::Request, oneshot::Sender<String>);
 
 /// The sockets the daemon answers on: the WireGuard UAPI always, the local API for a managed node.
 struct Listeners {
-    uapi: UnixListener,
+    uapi: Option<UnixListener>,
     api: Option<UnixListener>,
 }
 
@@ -135,7 +140,10 @@ struct Daemon {
     addresses: Vec<IpNet>,
     managed: Option<Box<managed::Managed>>,
     private_key: [u8; 32],
-    tun: AsyncDevice,
+    /// The TUN device; none in userspace mode.
+    tun: Option<AsyncDevice>,
+    /// Userspace mode's stack and ways in.
+    userspace: Option<Box<userspace::Userspace>>,
     tun_index: u32,
     tun_name: String,
     /// What failed and was brought back while the daemon ran (shown by status).
@@ -241,25 +249,44 @@ pub async fn run(options: Options) -> Result<(), Error> {
     };
     let mut dataplane = Dataplane::new(private_key, seed(), mtu);
     let applied = dataplane.configure(wanted, Instant::now()).map_err(|e| Error::Input(e.to_string()))?;
+    let userspace_mode = options.userspace.is_some();
+    if userspace_mode && !dataplane.config().served.is_empty() {
+        return Err(Error::Input(
+            "userspace mode cannot route subnets (it has no TUN device); run the router in kernel mode".into(),
+        ));
+    }
     // Static mode asks for forwarding; a managed router turns it on itself once its start is accepted.
     if managed.is_none() {
         check_forwarding(&dataplane.config().served).map_err(Error::System)?;
     }
+    // Its listeners are bound before anything else starts: a port in use stops the daemon with nothing done.
+    let userspace = match options.userspace.clone() {
+        Some(o) => Some(Box::new(userspace::Userspace::start(o, mtu).await?)),
+        None => None,
+    };
 
     let netlink = Netlink::connect().map_err(|e| Error::system("opening netlink", e))?;
-    let tun = mesh_linux::tun::create(&tun_name, mtu).map_err(|e| Error::System(e.to_string()))?;
-    let tun_index = netlink.link_index(&tun_name).await.map_err(|e| Error::System(e.to_string()))?;
+    let (tun, tun_index) = if userspace_mode {
+        (None, 0)
+    } else {
+        let tun = mesh_linux::tun::create(&tun_name, mtu).map_err(|e| Error::System(e.to_string()))?;
+        (Some(tun), netlink.link_index(&tun_name).await.map_err(|e| Error::System(e.to_string()))?)
+    };
     let (host, host_addresses) = host::spawn(host::Setup {
         policy,
         // A managed node's netmap carries only the routes it accepts, so every allowed IP is routed.
         accept: if managed.is_some() { AcceptRoutes::All } else { options.accept.clone() },
         tun_index,
         state_path: options.run_dir.join(format!("{tun_name}.json")),
-        resolv_conf: managed.is_some().then(|| (PathBuf::from("/etc/resolv.conf"), options.state_dir.clone())),
+        resolv_conf: (managed.is_some() && !userspace_mode)
+            .then(|| (PathBuf::from("/etc/resolv.conf"), options.state_dir.clone())),
+        userspace: userspace_mode,
     })?;
-    let udp4 = mesh_linux::socket::bind_marked(false, port, policy.fwmark).map_err(|e| Error::System(e.to_string()))?;
+    // Nothing routes into the mesh in userspace mode, so its sockets need no mark (and cannot set one).
+    let fwmark = if userspace_mode { 0 } else { policy.fwmark };
+    let udp4 = mesh_linux::socket::bind_marked(false, port, fwmark).map_err(|e| Error::System(e.to_string()))?;
     let listen_port = udp4.local_addr().map_err(|e| Error::system("reading the UDP port", e))?.port();
-    let udp6 = match mesh_linux::socket::bind_marked(true, listen_port, policy.fwmark) {
+    let udp6 = match mesh_linux::socket::bind_marked(true, listen_port, fwmark) {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!(error = %e, "no IPv6 socket; IPv6 endpoints are unreachable");
@@ -281,6 +308,7 @@ pub async fn run(options: Options) -> Result<(), Error> {
         managed,
         private_key,
         tun,
+        userspace,
         udp4,
         udp6,
         listen_port,
@@ -303,7 +331,9 @@ pub async fn run(options: Options) -> Result<(), Error> {
                 public_key = %config::base64_key(&daemon.dataplane.public_key()),
                 "meshd is up"
             );
-            daemon.event_loop(listeners, signals).await
+            let result = daemon.event_loop(listeners, signals).await;
+            daemon.logout_at_exit().await;
+            result
         }
         Err(e) => Err(e),
     };
@@ -346,8 +376,15 @@ impl Daemon {
             self.host.send(Command::Forwarding(m.prefs.served()));
         }
         self.set_addresses(addresses.to_vec()).await.map_err(Error::System)?;
-        let uapi =
-            self.listen_uapi().map_err(|e| Error::system(&format!("listening on {}", self.uapi_path.display()), e))?;
+        let uapi = match self.listen_uapi() {
+            Ok(listener) => Some(listener),
+            // A sidecar often cannot write /var/run/wireguard; `meshd status` covers what `wg show` would.
+            Err(e) if self.userspace.is_some() => {
+                tracing::info!(path = %self.uapi_path.display(), error = %e, "no WireGuard UAPI socket");
+                None
+            }
+            Err(e) => return Err(Error::system(&format!("listening on {}", self.uapi_path.display()), e)),
+        };
         Ok(Listeners { uapi, api })
     }
 
@@ -380,6 +417,11 @@ impl Daemon {
 
     /// Puts exactly `wanted` on the TUN device: new addresses added, ones no longer wanted removed.
     async fn set_addresses(&mut self, wanted: Vec<IpNet>) -> Result<(), String> {
+        if let Some(userspace) = self.userspace.as_mut() {
+            userspace.stack.set_addresses(&wanted.iter().map(IpNet::addr).collect::<Vec<_>>());
+            self.addresses = wanted;
+            return Ok(());
+        }
         for address in wanted.iter().filter(|a| !self.addresses.contains(a)) {
             self.netlink.add_address(self.tun_index, *address).await.map_err(|e| e.to_string())?;
         }
@@ -516,7 +558,12 @@ impl Daemon {
         tokio::pin!(key_timer);
         let mut key_timer_for: Option<u64> = None;
         loop {
-            let wake = self.dataplane.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            let now = Instant::now();
+            let mut wake = self.dataplane.poll_timeout().unwrap_or_else(|| now + Duration::from_secs(1));
+            if let Some(userspace) = self.userspace.as_mut() {
+                let stack_wake = userspace.stack.poll_at(now);
+                wake = [Some(wake), stack_wake, userspace.draining_until].into_iter().flatten().min().unwrap_or(wake);
+            }
             let next_expiry = self.next_key_expiry();
             if next_expiry != key_timer_for {
                 if let Some(at) = next_expiry {
@@ -525,7 +572,7 @@ impl Daemon {
                 key_timer_for = next_expiry;
             }
             tokio::select! {
-                read = self.tun.recv(&mut tun_buf) => match read {
+                read = recv_tun(self.tun.as_ref(), &mut tun_buf) => match read {
                     Ok(n) => {
                         let _ = self.dataplane.handle_tun_packet(&mut tun_buf[..n], Instant::now());
                     }
@@ -557,7 +604,7 @@ impl Daemon {
                     host::HostEvent::Dns(status) => self.host_dns_changed(status),
                 },
                 Some((token, answer)) = dns_answers.recv() => self.dataplane.dns_answered(token, answer.as_deref(), Instant::now()),
-                accepted = uapi_listener.accept() => {
+                accepted = accept_optional(uapi_listener.as_ref()) => {
                     if let Ok((stream, _)) = accepted {
                         tokio::spawn(serve_uapi(stream, uapi_tx.clone()));
                     }
@@ -580,10 +627,21 @@ impl Daemon {
                     });
                 }
                 Some(loaded) = reload_rx.recv() => self.apply_reload(loaded).await,
-                _ = terminate.recv() => break,
-                _ = interrupt.recv() => break,
+                wake = userspace_wake(self.userspace.as_deref_mut()) => match wake {
+                    userspace::Wake::Io => {}
+                    userspace::Wake::Dial(dial) => self.dial(dial),
+                    userspace::Wake::Dns(query, from) => self.pod_dns_query(query, from),
+                    userspace::Wake::Health(ask) => {
+                        let _ = ask.send(self.readiness());
+                    }
+                },
+                _ = terminate.recv() => if self.begin_drain() { break },
+                _ = interrupt.recv() => if self.begin_drain() { break },
             }
             self.drain().await;
+            if self.drained() {
+                break;
+            }
         }
         drop(api_task);
         Ok(())
@@ -614,7 +672,7 @@ impl Daemon {
                     continue;
                 }
             };
-            self.tun = device;
+            self.tun = Some(device);
             self.tun_index = index;
             let addresses = std::mem::take(&mut self.addresses);
             if let Err(e) = self.set_addresses(addresses).await {
@@ -630,15 +688,70 @@ impl Daemon {
     }
 
     async fn datagram(&mut self, from: SocketAddr, datagram: &[u8], out: &mut [u8]) {
-        if let Ok(Some(n)) = self.dataplane.handle_datagram(from, datagram, Instant::now(), out)
-            && let Err(e) = self.tun.send(&out[..n]).await
+        let now = Instant::now();
+        let Ok(Some(n)) = self.dataplane.handle_datagram(from, datagram, now, out) else { return };
+        self.deliver(&out[..n], now).await;
+    }
+
+    /// A packet for this node's own stack: the kernel's through the TUN device, or the one in the process.
+    async fn deliver(&mut self, packet: &[u8], now: Instant) {
+        if let Some(userspace) = self.userspace.as_mut() {
+            let dataplane = &mut self.dataplane;
+            userspace.stack.receive(packet, now, &mut |p: &mut [u8]| {
+                let _ = dataplane.handle_tun_packet(p, now);
+            });
+        } else if let Some(tun) = &self.tun
+            && let Err(e) = tun.send(packet).await
         {
             tracing::debug!(error = %e, "writing to the TUN device");
         }
     }
 
+    /// Userspace mode: moves the apps' bytes and sends what the stack has due, into the data plane.
+    fn poll_stack(&mut self) {
+        let Some(userspace) = self.userspace.as_mut() else { return };
+        let now = Instant::now();
+        let dataplane = &mut self.dataplane;
+        userspace.stack.poll(now, &mut |p: &mut [u8]| {
+            let _ = dataplane.handle_tun_packet(p, now);
+        });
+    }
+
+    /// SIGTERM or SIGINT: `true` to stop now. In userspace mode the first one stops new flows and lets the
+    /// open ones finish (up to the drain time); a second one stops at once.
+    fn begin_drain(&mut self) -> bool {
+        let Some(userspace) = self.userspace.as_mut() else { return true };
+        if userspace.draining_until.is_some() {
+            return true;
+        }
+        let drain = userspace.options.drain;
+        userspace.draining_until = Some(Instant::now() + drain);
+        userspace.stop_accepting();
+        tracing::info!(
+            flows = userspace.stack.flows(),
+            drain_s = drain.as_secs(),
+            "stopping: no new flows; open ones may finish"
+        );
+        false
+    }
+
+    /// Whether a drain is over: no flows left, or its time is up.
+    fn drained(&self) -> bool {
+        let Some(userspace) = self.userspace.as_ref() else { return false };
+        let Some(until) = userspace.draining_until else { return false };
+        let flows = userspace.stack.flows();
+        if flows > 0 && Instant::now() < until {
+            return false;
+        }
+        if flows > 0 {
+            tracing::warn!(flows, "the drain time is up; closing the flows still open");
+        }
+        true
+    }
+
     /// Sends what the data plane queued and acts on what it reported.
     async fn drain(&mut self) {
+        self.poll_stack();
         self.flush().await;
         while let Some(event) = self.dataplane.poll_event() {
             match event {
@@ -656,14 +769,17 @@ impl Daemon {
                 ),
                 Event::Pong { seq, rtt, .. } => self.pong(seq, rtt),
                 Event::Deliver(packet) => {
-                    if let Err(e) = self.tun.send(&packet).await {
-                        tracing::debug!(error = %e, "writing to the TUN device");
-                    }
+                    self.deliver(&packet, Instant::now()).await;
+                    self.poll_stack();
                 }
                 Event::DnsForward { token, upstreams, query } => {
                     dns::forward(token, upstreams, query, self.dns_answers.clone())
                 }
             }
+        }
+        // What the stack answered to delivered packets.
+        if self.userspace.is_some() {
+            self.flush().await;
         }
     }
 
@@ -745,6 +861,27 @@ async fn recv_follow(
 ) -> Option<(u64, crate::follow::Event)> {
     match events {
         Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_tun(tun: Option<&AsyncDevice>, buf: &mut [u8]) -> io::Result<usize> {
+    match tun {
+        Some(t) => t.recv(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn accept_optional(listener: Option<&UnixListener>) -> io::Result<(UnixStream, tokio::net::unix::SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn userspace_wake(userspace: Option<&mut userspace::Userspace>) -> userspace::Wake {
+    match userspace {
+        Some(u) => u.wake().await,
         None => std::future::pending().await,
     }
 }

@@ -270,6 +270,7 @@ impl Machine {
                         node_id: response.node_id,
                         name: response.name.clone(),
                         credential: response.credential.clone(),
+                        ephemeral: response.ephemeral,
                     };
                     self.follow.identity = Some(identity.clone());
                     step.events.push(Event::Registered(identity, response));

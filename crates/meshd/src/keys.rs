@@ -13,6 +13,12 @@ pub fn load(source: &PrivateKey, state_dir: &Path) -> Result<Key, String> {
     match source {
         PrivateKey::Inline(key) => Ok(*key),
         PrivateKey::File(path) => read_key_file(path),
+        PrivateKey::Generate if state_dir == Path::new(crate::prefs::MEMORY) => {
+            // Nothing on disk: a new key for each run (a sidecar's node lives as long as its pod).
+            let mut key = [0u8; 32];
+            random_bytes(&mut key)?;
+            Ok(key)
+        }
         PrivateKey::Generate => {
             let path = state_dir.join("private.key");
             if path.exists() { read_key_file(&path) } else { generate(&path) }

@@ -88,6 +88,32 @@ pub struct Status {
     /// The ACL filter, when the node runs.
     #[serde(default)]
     pub acl: Option<AclStatus>,
+    /// Userspace mode's stack and ways in, when the daemon runs in it.
+    #[serde(default)]
+    pub userspace: Option<UserspaceStatus>,
+}
+
+/// Userspace mode: what the app can use and what the stack carries.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UserspaceStatus {
+    /// The process's effective capabilities: `none` in a sidecar run as it should be.
+    pub capabilities: String,
+    /// `LISTEN=NAME:PORT` each.
+    pub forwards: Vec<String>,
+    /// Mesh port → local address each.
+    pub exposes: Vec<String>,
+    pub dns: Option<String>,
+    pub socks5: Option<String>,
+    pub http_proxy: Option<String>,
+    pub health: Option<String>,
+    pub flows: usize,
+    /// Bytes of flow buffers held, and the budget.
+    pub buffered: usize,
+    pub budget: usize,
+    pub opened: u64,
+    pub inbound: u64,
+    pub refused: u64,
+    pub failed: u64,
 }
 
 /// What the ACL filter holds and has refused.

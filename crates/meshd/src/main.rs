@@ -45,7 +45,8 @@ enum Command {
         /// Where the generated private key and other state live.
         #[arg(long, env = "MESHD_STATE_DIR", default_value = daemon::default_state_dir().to_str())]
         state_dir: PathBuf,
-        /// TUN device name (default: the config's, else mesh0).
+        /// TUN device name (default: the config's, else mesh0), or `userspace`: no TUN device and no
+        /// privileges; apps reach the mesh through --forward, --socks5, --http-proxy and --dns.
         #[arg(long, env = "MESHD_TUN")]
         tun: Option<String>,
         /// UDP port for WireGuard (default: the config's ListenPort, else 41641; 0 picks one).
@@ -61,6 +62,10 @@ enum Command {
         /// Where runtime state for `meshd doctor` is written.
         #[arg(long, env = "MESHD_RUN_DIR", default_value = "/run/meshd")]
         run_dir: PathBuf,
+        #[command(flatten)]
+        userspace: Box<UserspaceArgs>,
+        #[command(flatten)]
+        join: Box<JoinArgs>,
     },
     /// Check the routing state, rules, forwarding, firewall and MTU; print what is wrong and how to fix it.
     Doctor {
@@ -160,6 +165,136 @@ struct SocketArgs {
     /// The daemon's local API socket.
     #[arg(long, env = "MESHD_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+}
+
+/// Userspace mode's ways in (`--tun userspace`).
+#[derive(Debug, clap::Args)]
+struct UserspaceArgs {
+    /// A local TCP port whose connections go to a mesh name or address, e.g.
+    /// 127.0.0.1:5432=stackeye-db-prd:5432 (a bare port listens on 127.0.0.1); repeatable.
+    #[arg(long = "forward", env = "MESHD_FORWARD", value_delimiter = ',', value_name = "LISTEN=NAME:PORT")]
+    forwards: Vec<mesh_netstack::Forward>,
+    /// A port peers may open on this node (the ACL permitting), served by this local port; every other
+    /// port is closed. Repeatable.
+    #[arg(long = "expose", env = "MESHD_EXPOSE", value_delimiter = ',', value_name = "PORT[=LOCALPORT]")]
+    exposes: Vec<mesh_netstack::Expose>,
+    /// A DNS server for the pod that answers mesh names (a forward's name with its local address) and asks
+    /// the pod's resolvers for the rest, e.g. 127.0.0.53:53.
+    #[arg(long, env = "MESHD_DNS", value_name = "ADDR")]
+    dns: Option<std::net::SocketAddr>,
+    /// Where the DNS stub sends names the mesh does not answer (default: the resolv.conf's servers, less the
+    /// stub itself; give the cluster's DNS when the pod's resolv.conf points at the stub).
+    #[arg(long, env = "MESHD_DNS_UPSTREAM", value_delimiter = ',', value_name = "IP,..")]
+    dns_upstream: Vec<std::net::IpAddr>,
+    /// A SOCKS5 proxy into the mesh (CONNECT), e.g. 127.0.0.1:1080.
+    #[arg(long, env = "MESHD_SOCKS5", value_name = "ADDR")]
+    socks5: Option<std::net::SocketAddr>,
+    /// An HTTP proxy into the mesh (CONNECT and http:// requests); may be the SOCKS5 address too.
+    #[arg(long, env = "MESHD_HTTP_PROXY", value_name = "ADDR")]
+    http_proxy: Option<std::net::SocketAddr>,
+    /// USER:PASSWORD (or file:PATH holding it) the proxies ask for.
+    #[arg(long, env = "MESHD_PROXY_AUTH", hide_env_values = true)]
+    proxy_auth: Option<String>,
+    /// /livez and /readyz over HTTP, e.g. 127.0.0.1:9002.
+    #[arg(long, env = "MESHD_HEALTH", value_name = "ADDR")]
+    health: Option<std::net::SocketAddr>,
+    /// How long SIGTERM lets open flows finish before the node logs out and stops.
+    #[arg(long, env = "MESHD_DRAIN", default_value = "10s", value_parser = control_client::parse_duration)]
+    drain: u64,
+}
+
+impl UserspaceArgs {
+    fn options(self, userspace: bool) -> Result<Option<daemon::userspace::Options>, Error> {
+        let given = !self.forwards.is_empty()
+            || !self.exposes.is_empty()
+            || self.dns.is_some()
+            || self.socks5.is_some()
+            || self.http_proxy.is_some()
+            || self.health.is_some();
+        if !userspace {
+            return if given {
+                Err(Error::Input(
+                    "--forward, --expose, --dns, --socks5, --http-proxy and --health need --tun userspace".into(),
+                ))
+            } else {
+                Ok(None)
+            };
+        }
+        let proxy_auth = match self.proxy_auth {
+            None => None,
+            Some(text) => {
+                let text = match text.strip_prefix("file:") {
+                    Some(path) => std::fs::read_to_string(path)
+                        .map_err(|e| Error::Input(format!("--proxy-auth file:{path}: cannot read: {e}")))?
+                        .trim()
+                        .to_string(),
+                    None => text,
+                };
+                let Some((user, pass)) = text.split_once(':') else {
+                    return Err(Error::Input("--proxy-auth: expected USER:PASSWORD".into()));
+                };
+                Some(mesh_netstack::Credentials { user: user.into(), pass: pass.into() })
+            }
+        };
+        let options = daemon::userspace::Options {
+            forwards: self.forwards,
+            exposes: self.exposes,
+            dns: self.dns,
+            dns_upstreams: self.dns_upstream,
+            socks5: self.socks5,
+            http_proxy: self.http_proxy,
+            proxy_auth,
+            health: self.health,
+            limits: mesh_netstack::Limits::default(),
+            drain: std::time::Duration::from_secs(self.drain),
+        };
+        options.check()?;
+        Ok(Some(options))
+    }
+}
+
+/// Joining at start, for a container configured by its environment alone (the same as `meshd up` with
+/// these flags once the daemon runs).
+#[derive(Debug, clap::Args)]
+struct JoinArgs {
+    /// The coordination server to join at start.
+    #[arg(long, env = "MESHD_CONTROL_URL")]
+    control_url: Option<String>,
+    /// An auth key, or file:PATH holding one.
+    #[arg(long, env = "MESHD_AUTH_KEY", hide_env_values = true)]
+    auth_key: Option<String>,
+    /// A CA certificate (PEM) for the coordination server.
+    #[arg(long, env = "MESHD_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    #[arg(long, env = "MESHD_HOSTNAME")]
+    hostname: Option<String>,
+    #[arg(long, env = "MESHD_ADVERTISE_TAGS", value_delimiter = ',', value_name = "tag:a,..")]
+    advertise_tags: Option<Vec<String>>,
+}
+
+impl JoinArgs {
+    fn request(self) -> Result<Option<local_api::UpRequest>, Error> {
+        let Some(control_url) = self.control_url else {
+            if self.auth_key.is_some() {
+                return Err(Error::Input(
+                    "--auth-key needs --control-url (or MESHD_CONTROL_URL) to join at start".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        Ok(Some(local_api::UpRequest {
+            prefs: prefs::PrefsPatch {
+                control_url: Some(control_url),
+                ca_cert: self.ca_cert,
+                hostname: self.hostname,
+                advertise_tags: self.advertise_tags,
+                ..prefs::PrefsPatch::default()
+            },
+            auth_key: node_cli::read_auth_key(self.auth_key)?,
+            force_reauth: false,
+            timeout_ms: 0,
+        }))
+    }
 }
 
 /// Where meshd's routes and rules go. The defaults are Tailscale's, so choose others when both run.
@@ -499,8 +634,25 @@ fn main() -> ExitCode {
         Command::Ip { peer, daemon } => node_cli::run(daemon.socket, node_cli::Verb::Ip { peer }),
         Command::Down { daemon } => node_cli::run(daemon.socket, node_cli::Verb::Down),
         Command::Logout { daemon } => node_cli::run(daemon.socket, node_cli::Verb::Logout),
-        Command::Daemon { config, socket, state_dir, tun, port, uapi_dir, routing, router, run_dir } => {
+        Command::Daemon {
+            config,
+            socket,
+            state_dir,
+            tun,
+            port,
+            uapi_dir,
+            routing,
+            router,
+            run_dir,
+            userspace,
+            join,
+        } => {
             init_logging();
+            let flags = userspace.options(tun.as_deref() == Some("userspace")).and_then(|u| Ok((u, join.request()?)));
+            let (userspace, join) = match flags {
+                Ok(parsed) => parsed,
+                Err(e) => return block_on(async { Err(e) }),
+            };
             let options = daemon::Options {
                 config,
                 socket,
@@ -514,6 +666,8 @@ fn main() -> ExitCode {
                 snat_addresses: router.snat_address.clone(),
                 snat_source_share: router.snat_source_share,
                 run_dir,
+                userspace,
+                join,
             };
             block_on(daemon::run(options))
         }

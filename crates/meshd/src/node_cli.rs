@@ -137,7 +137,7 @@ fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Error> {
     serde_json::from_str(text).map_err(|e| Error::System(format!("unexpected answer from the daemon: {e}")))
 }
 
-fn auth_key(given: Option<String>) -> Result<Option<String>, Error> {
+pub fn read_auth_key(given: Option<String>) -> Result<Option<String>, Error> {
     match given {
         Some(k) if k.starts_with("file:") => {
             let path = &k["file:".len()..];
@@ -156,7 +156,7 @@ async fn execute(socket: &PathBuf, verb: Verb) -> Result<String, Error> {
                 crate::control_client::parse_duration(&timeout).map_err(|e| Error::Input(format!("--timeout {e}")))?;
             let up = UpRequest {
                 prefs: prefs.patch().map_err(Error::Input)?,
-                auth_key: auth_key(key)?,
+                auth_key: read_auth_key(key)?,
                 force_reauth,
                 timeout_ms: timeout.saturating_mul(1000),
             };
@@ -276,6 +276,31 @@ fn format_status(status: &Status) -> String {
         }
         out.push_str(&line);
         out.push('\n');
+    }
+    if let Some(u) = &status.userspace {
+        out.push_str(&format!("  userspace mode: no TUN device, capabilities {}\n", u.capabilities));
+        for f in &u.forwards {
+            out.push_str(&format!("  forward {f}\n"));
+        }
+        for e in &u.exposes {
+            out.push_str(&format!("  expose {e}\n"));
+        }
+        for (what, at) in [("dns", &u.dns), ("socks5", &u.socks5), ("http proxy", &u.http_proxy), ("health", &u.health)]
+        {
+            if let Some(at) = at {
+                out.push_str(&format!("  {what} on {at}\n"));
+            }
+        }
+        out.push_str(&format!(
+            "  flows: {} open ({} of {} buffered), {} opened, {} from peers, {} refused, {} failed\n",
+            u.flows,
+            bytes(u.buffered as u64),
+            bytes(u.budget as u64),
+            u.opened,
+            u.inbound,
+            u.refused,
+            u.failed
+        ));
     }
     for p in &status.peers {
         let online = match p.online {

@@ -215,6 +215,9 @@ pub struct Identity {
     pub node_id: u64,
     pub name: String,
     pub credential: String,
+    /// Joined with an ephemeral key (a sidecar logs such a node out when it stops).
+    #[serde(default)]
+    pub ephemeral: bool,
 }
 
 impl std::fmt::Debug for Identity {
@@ -228,13 +231,22 @@ impl std::fmt::Debug for Identity {
     }
 }
 
-/// The files of a managed node, all in its state directory.
+/// The files of a managed node, all in its state directory; or nothing on disk at all (`--state-dir mem:`,
+/// a sidecar whose identity ends with its pod).
 #[derive(Debug, Clone)]
 pub struct Store {
     pub dir: PathBuf,
+    pub memory: bool,
 }
 
+/// The `--state-dir` that keeps everything in memory.
+pub const MEMORY: &str = "mem:";
+
 impl Store {
+    pub fn new(dir: &Path) -> Self {
+        Store { dir: dir.to_path_buf(), memory: dir == Path::new(MEMORY) }
+    }
+
     pub fn prefs_path(&self) -> PathBuf {
         self.dir.join("prefs.json")
     }
@@ -248,23 +260,38 @@ impl Store {
     }
 
     pub fn load_prefs(&self) -> Result<Prefs, String> {
+        if self.memory {
+            return Ok(Prefs::default());
+        }
         load_json(&self.prefs_path()).map(Option::unwrap_or_default)
     }
 
     pub fn save_prefs(&self, prefs: &Prefs) -> Result<(), String> {
+        if self.memory {
+            return Ok(());
+        }
         save_json(&self.dir, &self.prefs_path(), prefs)
     }
 
     pub fn load_identity(&self) -> Result<Option<Identity>, String> {
+        if self.memory {
+            return Ok(None);
+        }
         load_json(&self.identity_path())
     }
 
     pub fn save_identity(&self, identity: &Identity) -> Result<(), String> {
+        if self.memory {
+            return Ok(());
+        }
         save_json(&self.dir, &self.identity_path(), identity)
     }
 
     /// The last netmap; a damaged cache is ignored (the server sends a fresh one), never fatal.
     pub fn load_netmap(&self) -> Option<mesh_proto::NetMap> {
+        if self.memory {
+            return None;
+        }
         match load_json(&self.netmap_path()) {
             Ok(map) => map,
             Err(e) => {
@@ -275,11 +302,17 @@ impl Store {
     }
 
     pub fn save_netmap(&self, map: &mesh_proto::NetMap) -> Result<(), String> {
+        if self.memory {
+            return Ok(());
+        }
         save_json(&self.dir, &self.netmap_path(), map)
     }
 
     /// Forgets the registration and what came with it (`logout`, `up --force-reauth`).
     pub fn forget_identity(&self) {
+        if self.memory {
+            return;
+        }
         let _ = std::fs::remove_file(self.identity_path());
         let _ = std::fs::remove_file(self.netmap_path());
     }
@@ -369,13 +402,18 @@ mod tests {
     fn files_are_0600_and_survive_a_round_trip() {
         let dir = std::env::temp_dir().join(format!("meshd-prefs-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let store = Store { dir: dir.clone() };
+        let store = Store::new(&dir);
         assert_eq!(store.load_prefs().unwrap(), Prefs::default(), "no file yet: defaults");
         assert_eq!(store.load_identity().unwrap(), None);
         let prefs = Prefs { want_running: true, control_url: "https://c".into(), ..Prefs::default() };
         store.save_prefs(&prefs).unwrap();
-        let identity =
-            Identity { control_url: "https://c".into(), node_id: 3, name: "a".into(), credential: "s3cret".into() };
+        let identity = Identity {
+            control_url: "https://c".into(),
+            node_id: 3,
+            name: "a".into(),
+            credential: "s3cret".into(),
+            ephemeral: false,
+        };
         store.save_identity(&identity).unwrap();
         assert_eq!(store.load_prefs().unwrap(), prefs);
         assert_eq!(store.load_identity().unwrap(), Some(identity.clone()));

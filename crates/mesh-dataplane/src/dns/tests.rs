@@ -231,3 +231,16 @@ fn names_above_the_addresses_in_a_reverse_zone_are_nodata_not_nxdomain() {
     assert_eq!(r.answer(&query("1.100.in-addr.arpa.", RecordType::PTR), false), Answer::Forward(config().upstreams));
     assert_eq!(r.answer(&query("100.in-addr.arpa.", RecordType::PTR), false), Answer::Forward(config().upstreams));
 }
+
+#[test]
+fn lookup_finds_what_the_resolver_would_answer() {
+    let r = Resolver::new(config());
+    assert_eq!(r.lookup("stackeye-db-prd"), vec![ip("100.64.0.3"), ip("fd7a:115c:a1e0::3")]);
+    assert_eq!(r.lookup("Stackeye-DB-prd.mesh.internal."), vec![ip("100.64.0.3"), ip("fd7a:115c:a1e0::3")]);
+    assert_eq!(r.lookup("langfuse.cwiq.io"), vec![ip("100.64.0.2")]);
+    assert!(r.lookup("stackeye-db-prd.example.org").is_empty());
+    assert!(r.lookup("example.org").is_empty());
+    let off = Resolver::new(ResolverConfig { magic_dns: false, ..config() });
+    assert!(off.lookup("stackeye-db-prd").is_empty());
+    assert_eq!(off.lookup("langfuse.cwiq.io"), vec![ip("100.64.0.2")]);
+}

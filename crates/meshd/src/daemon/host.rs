@@ -78,6 +78,9 @@ pub(super) struct Setup {
     pub state_path: PathBuf,
     /// A managed node's host DNS: the resolv.conf path and the state directory its original is kept in.
     pub resolv_conf: Option<(PathBuf, PathBuf)>,
+    /// Userspace mode: the host is not touched (no routes, rules, sysctls, state file); the host side only
+    /// watches the host's addresses and does the disk work.
+    pub userspace: bool,
 }
 
 /// The packet loop's end of the host side.
@@ -193,6 +196,7 @@ struct Host {
     /// What resolved holds for the TUN device now.
     link_dns: Option<resolved::LinkDns>,
     tun_index: u32,
+    userspace: bool,
 }
 
 impl Host {
@@ -215,6 +219,7 @@ impl Host {
             resolved_checked: false,
             link_dns: None,
             tun_index: setup.tun_index,
+            userspace: setup.userspace,
             addresses_tx,
         }
     }
@@ -330,6 +335,11 @@ impl Host {
                         self.report_dns();
                     }
                 }
+                _ = tokio::time::sleep_until(next_check.into()), if self.userspace => {
+                    // Only the host's addresses matter here (the endpoints peers reach this node at).
+                    self.report_addresses().await;
+                    next_check = Instant::now() + ROUTE_CHECK_INTERVAL;
+                }
                 _ = tokio::time::sleep_until(next_check.into()), if self.installed => {
                     self.supervise(&mut events);
                     self.reconcile(Cause::Repair).await;
@@ -340,6 +350,20 @@ impl Host {
     }
 
     async fn command(&mut self, command: Command) {
+        if self.userspace {
+            match command {
+                Command::Start { reply, .. } => {
+                    self.report_addresses().await;
+                    let _ = reply.send(Ok(()));
+                }
+                Command::Snat { reply, .. } => {
+                    let _ = reply.send(Ok(()));
+                }
+                Command::Persist(write) => write(),
+                _ => {}
+            }
+            return;
+        }
         match command {
             Command::Start { routes, lans, served, reply } => {
                 let _ = reply.send(self.start(routes, lans, served).await);

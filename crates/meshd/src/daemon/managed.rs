@@ -24,7 +24,7 @@ use crate::prefs::{Identity, Prefs, PrefsPatch, Store};
 pub(crate) struct Managed {
     pub store: Store,
     pub prefs: Prefs,
-    identity: Option<Identity>,
+    pub identity: Option<Identity>,
     netmap: Option<NetMap>,
     generation: u64,
     follower: Option<follow::Handle>,
@@ -55,12 +55,14 @@ fn mesh_addresses(map: &NetMap) -> Vec<IpNet> {
 }
 
 pub(super) async fn setup(options: &Options) -> Result<Setup, Error> {
-    let store = Store { dir: options.state_dir.clone() };
+    let store = Store::new(&options.state_dir);
     let prefs = store.load_prefs().map_err(Error::Input)?;
     prefs.check().map_err(|e| Error::Input(format!("{}: {e}", store.prefs_path().display())))?;
     let identity = store.load_identity().map_err(Error::Input)?;
     let private_key = keys::load(&PrivateKey::Generate, &options.state_dir).map_err(Error::Input)?;
-    keys::check_state_dir(&options.state_dir).map_err(Error::Input)?;
+    if !store.memory {
+        keys::check_state_dir(&options.state_dir).map_err(Error::Input)?;
+    }
     let netmap = if identity.is_some() && prefs.want_running { store.load_netmap() } else { None };
     let (specs, addresses) = match &netmap {
         Some(map) => {
@@ -146,6 +148,14 @@ impl Daemon {
 
     /// Called once the event loop runs: a node that was up before its restart follows its server again.
     pub(super) async fn resume(&mut self) {
+        if let Some(request) = self.options.join.take() {
+            // `meshd daemon --control-url URL --auth-key KEY`: the daemon runs `up` itself.
+            match self.up(request).await {
+                Ok(_) => tracing::info!("joining the mesh as the daemon's flags ask"),
+                Err(e) => tracing::error!("cannot join the mesh at start: {e}"),
+            }
+            return;
+        }
         let Some(m) = &self.managed else { return };
         if m.prefs.want_running {
             if let Some(map) = &m.netmap {
@@ -210,7 +220,7 @@ impl Daemon {
         };
         let node_key = config::base64_key(&self.dataplane.public_key());
         let private_key = self.private_key;
-        let fwmark = self.options.policy.fwmark;
+        let fwmark = if self.userspace.is_some() { None } else { Some(self.options.policy.fwmark) };
         let m = self.managed_mut();
         m.generation += 1;
         let follow = Follow {
@@ -225,7 +235,7 @@ impl Daemon {
             tags: m.prefs.advertise_tags.clone(),
             endpoints: endpoints.clone(),
             since: 0,
-            fwmark: Some(fwmark),
+            fwmark,
         };
         m.endpoints = endpoints;
         m.trouble = None;
@@ -310,6 +320,9 @@ impl Daemon {
         };
         if let Err(e) = self.set_addresses(mesh_addresses(&map)).await {
             tracing::error!("cannot put the mesh address on the TUN device: {e}");
+        }
+        if let Some(userspace) = self.userspace.as_mut() {
+            userspace.update_resolver(self.dataplane.resolver().map(|r| r.config()));
         }
         self.update_host();
         self.host.send(Command::Dns(host_dns));
@@ -446,6 +459,7 @@ impl Daemon {
             }));
         }
         prefs.check().map_err(Error::Input)?;
+        self.check_userspace(&prefs)?;
         let snat = self.checked_snat(&prefs).await?;
         self.store_prefs(prefs)?;
         if request.force_reauth {
@@ -514,6 +528,7 @@ impl Daemon {
         let before = m.prefs.clone();
         let prefs = before.patched(&patch);
         prefs.check().map_err(Error::Input)?;
+        self.check_userspace(&prefs)?;
         let snat = self.checked_snat(&prefs).await?;
         self.store_prefs(prefs.clone())?;
         let pending = match snat {
@@ -570,21 +585,8 @@ impl Daemon {
         self.disconnect().await;
         self.forget_identity_files();
         self.managed_mut().netmap = None;
-        let url = format!("{}/api/v1/logout", identity.control_url);
-        let auth = format!("Node {} {}", identity.node_id, identity.credential);
         Ok(Box::pin(async move {
-            let told = tokio::task::spawn_blocking(move || {
-                let agent = crate::control_client::https_agent(ca_cert.as_deref(), Some(Duration::from_secs(10)))?;
-                let response = agent.post(&url).header("authorization", &auth).send("").map_err(|e| e.to_string())?;
-                match response.status().as_u16() {
-                    204 | 401 => Ok(()),
-                    other => Err(format!("it answered {other}")),
-                }
-            })
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
-            match told {
+            match tell_logout(&identity, ca_cert, Duration::from_secs(10)).await {
                 Ok(()) => {
                     tracing::info!("logged out");
                     Ok(())
@@ -646,11 +648,15 @@ impl Daemon {
             }
         }
         let acl = matches!(conn, Conn::Running(_)).then(|| self.acl_status());
-        Status { state: conn.name().into(), message, node, peers, recovered: self.recoveries.clone(), acl }
+        let userspace = self.userspace_status();
+        Status { state: conn.name().into(), message, node, peers, recovered: self.recoveries.clone(), acl, userspace }
     }
 
     /// The host's own resolvers (from its resolv.conf as it was before meshd wrote it).
     fn host_nameservers(&self) -> Vec<IpAddr> {
+        if let Some(userspace) = &self.userspace {
+            return userspace.pod_nameservers.clone();
+        }
         self.host_dns.as_ref().map(|s| s.original_nameservers.clone()).unwrap_or_default()
     }
 
@@ -750,6 +756,27 @@ pub(super) enum DnsQueryJob {
 /// The host side's answer to a change it makes, for a local API reply to wait on.
 type Pending = oneshot::Receiver<Result<(), Error>>;
 
+/// Tells the server the node leaves for good; it deletes the node. A 401 means it is gone already.
+pub(super) async fn tell_logout(
+    identity: &Identity,
+    ca_cert: Option<std::path::PathBuf>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let url = format!("{}/api/v1/logout", identity.control_url);
+    let auth = format!("Node {} {}", identity.node_id, identity.credential);
+    tokio::task::spawn_blocking(move || {
+        let agent = crate::control_client::https_agent(ca_cert.as_deref(), Some(timeout))?;
+        let response = agent.post(&url).header("authorization", &auth).send("").map_err(|e| e.to_string())?;
+        match response.status().as_u16() {
+            204 | 401 => Ok(()),
+            other => Err(format!("it answered {other}")),
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r)
+}
+
 /// The rest of a logout that waits for the coordination server.
 type Telling = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Error>> + Send>>;
 
@@ -800,6 +827,7 @@ mod tests {
             node_id: 3,
             name: "router".into(),
             credential: "secret".into(),
+            ephemeral: false,
         };
         assert!(identity_for(Some(&identity), "https://evil.example").is_none());
         assert_eq!(identity_for(Some(&identity), "https://old.example").map(|i| i.node_id), Some(3));

@@ -14,6 +14,7 @@ fn follow(identity: bool) -> Follow {
             node_id: 3,
             name: "router".into(),
             credential: "secret".into(),
+            ephemeral: false,
         }),
         auth_key: Some("mkey-abc-def".into()),
         node_key: proof::encode_key(&proof::public_key(&private)),
@@ -85,9 +86,12 @@ fn a_new_node_fetches_the_server_key_registers_signed_reports_and_polls() {
         ipv6: "fd7a::3".parse().unwrap(),
         credential: "fresh".into(),
         domain: "mesh.internal".into(),
+        ephemeral: true,
     };
     let step = m.handle(&register, Ok((200, serde_json::to_string(&response).unwrap())), NOW, 0);
-    assert!(matches!(&step.events[..], [Event::Registered(i, _)] if i.node_id == 3 && i.credential == "fresh"));
+    assert!(
+        matches!(&step.events[..], [Event::Registered(i, _)] if i.node_id == 3 && i.credential == "fresh" && i.ephemeral)
+    );
 
     let endpoints = m.next_call(NOW * 1000);
     assert!(matches!(&endpoints, Call::Endpoints(b) if b.contains("192.168.1.7:41641")), "{endpoints:?}");
