@@ -13,6 +13,7 @@ mod golden;
 mod routes;
 mod runner;
 mod throughput;
+mod userspace_bench;
 
 use runner::Tally;
 
@@ -59,7 +60,10 @@ commands:
   bench throughput [--seconds N]
                   iperf3 through meshd and through wireguard-go in namespaces, same run (root)
   bench dns [--seconds N]
-                  queries per second for a mesh name through the TUN device, beside dnsmasq (root)";
+                  queries per second for a mesh name through the TUN device, beside dnsmasq (root)
+  bench userspace [--seconds N]
+                  userspace mode (forward, SOCKS5) beside kernel-TUN meshd and onetun, clean and
+                  with netem; RSS and idle CPU (root)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -291,6 +295,14 @@ fn bench(which: Option<&str>, rest: &[String]) -> Result<bool> {
             let memory = cargo().args(["bench", "-p", "mesh-benches", "--bench", "flow_memory"]).status()?.success();
             Ok(criterion && memory)
         }
-        Some(other) => bail!("unknown benchmark {other:?}; known: snat, routes, gap, throughput, dns"),
+        Some("userspace") => {
+            let seconds = match rest {
+                [] => 10,
+                [flag, n] if flag == "--seconds" => n.parse()?,
+                _ => bail!("usage: cargo xtask bench userspace [--seconds N]"),
+            };
+            userspace_bench::run(seconds)
+        }
+        Some(other) => bail!("unknown benchmark {other:?}; known: snat, routes, gap, throughput, dns, userspace"),
     }
 }

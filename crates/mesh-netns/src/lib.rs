@@ -230,15 +230,7 @@ impl Netns {
     /// starts, such as an async runtime's workers) opens from now on are the namespace's. For load
     /// generators that would cost too much as one process per connection; use it on a thread of its own.
     pub fn enter_on_this_thread(&self) {
-        let path = format!("/run/netns/{}", self.name);
-        let fd = rustix::fs::open(
-            path.as_str(),
-            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .unwrap_or_else(|e| panic!("{path}: {e}"));
-        rustix::thread::move_into_link_name_space(fd.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))
-            .unwrap_or_else(|e| panic!("entering {}: {e}", self.name));
+        enter_namespace(&self.name);
     }
 
     /// `program args` inside the namespace, with the lab's environment.
@@ -569,4 +561,18 @@ pub fn start_wireguard_go(
         n.ip(&["route", "replace", prefix, "dev", dev]);
     }
     proc_index
+}
+
+/// Moves the calling thread into the network namespace `name` (see [`Netns::enter_on_this_thread`]), for a
+/// thread that outlives the borrow of its [`Netns`].
+pub fn enter_namespace(name: &str) {
+    let path = format!("/run/netns/{}", name);
+    let fd = rustix::fs::open(
+        path.as_str(),
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap_or_else(|e| panic!("{path}: {e}"));
+    rustix::thread::move_into_link_name_space(fd.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))
+        .unwrap_or_else(|e| panic!("entering {}: {e}", name));
 }

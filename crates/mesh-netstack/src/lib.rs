@@ -10,6 +10,6 @@ pub mod socks5;
 pub mod spec;
 pub mod stack;
 
-pub use listen::{Credentials, Dial, Protocols};
+pub use listen::{AppEvent, Credentials, Dial, Protocols, UdpOut};
 pub use spec::{Expose, Forward, Proto, Target};
-pub use stack::{Counters, Greeting, Limits, Refusal, Stack};
+pub use stack::{Counters, Greeting, Limits, Refusal, Stack, UdpError, UdpId, UdpReply};

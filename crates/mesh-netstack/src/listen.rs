@@ -2,12 +2,15 @@
 //! is checked (the proxy's handshake, with a deadline) on a task of its own and handed to the daemon's loop
 //! as a [`Dial`]; the loop resolves the target through MagicDNS and opens the flow in the [`crate::Stack`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
+
+use crate::stack::UdpReply;
 
 use crate::http;
 use crate::socks5::{self, Reply};
@@ -27,6 +30,37 @@ pub struct Dial {
     pub to_peer: Vec<u8>,
     /// Which way in it came by, for logs.
     pub via: &'static str,
+}
+
+/// A datagram from an app for the mesh, from a UDP forward or a SOCKS5 association (`owner`).
+#[derive(Debug)]
+pub struct UdpOut {
+    pub owner: u64,
+    /// The app's address, which answers go back to.
+    pub client: SocketAddr,
+    pub target: Target,
+    pub data: Vec<u8>,
+    /// Where the owner takes answers; closed when the owner is gone (its associations close too).
+    pub replies: mpsc::Sender<UdpReply>,
+}
+
+/// What the app side hands the daemon's loop.
+#[derive(Debug)]
+pub enum AppEvent {
+    Dial(Dial),
+    Datagram(UdpOut),
+}
+
+/// Answers waiting for one owner before the next is dropped.
+const REPLY_QUEUE: usize = 256;
+/// The largest datagram taken from an app.
+const MAX_DATAGRAM: usize = 65_535;
+/// Proxy handshakes under way at once; clients past them wait in the kernel's accept queue.
+const MAX_HANDSHAKES: usize = 256;
+
+fn next_owner() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// The username and password the proxy asks for.
@@ -69,7 +103,11 @@ pub fn refuse(dial: Dial, reason: &str) {
 }
 
 /// Accepts a forward's connections: each one is a flow to `target`.
-pub fn spawn_forward(listener: TcpListener, target: Target, dials: mpsc::Sender<Dial>) -> tokio::task::JoinHandle<()> {
+pub fn spawn_forward(
+    listener: TcpListener,
+    target: Target,
+    events: mpsc::Sender<AppEvent>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
@@ -81,8 +119,37 @@ pub fn spawn_forward(listener: TcpListener, target: Target, dials: mpsc::Sender<
                 to_peer: Vec::new(),
                 via: "forward",
             };
-            if dials.send(dial).await.is_err() {
+            if events.send(AppEvent::Dial(dial)).await.is_err() {
                 return;
+            }
+        }
+    })
+}
+
+/// A UDP forward: each app address is an association to `target`; answers go back to it.
+pub fn spawn_udp_forward(
+    socket: UdpSocket,
+    target: Target,
+    events: mpsc::Sender<AppEvent>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let owner = next_owner();
+        let (replies, mut answers) = mpsc::channel(REPLY_QUEUE);
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        loop {
+            tokio::select! {
+                received = socket.recv_from(&mut buf) => {
+                    let Ok((n, client)) = received else { continue };
+                    let data = buf[..n].to_vec();
+                    let out = UdpOut { owner, client, target: target.clone(), data, replies: replies.clone() };
+                    // A busy loop drops the datagram rather than queue without bound.
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = events.try_send(AppEvent::Datagram(out)) {
+                        return;
+                    }
+                }
+                Some(answer) = answers.recv() => {
+                    let _ = socket.send_to(&answer.data, answer.tag).await;
+                }
             }
         }
     })
@@ -100,18 +167,25 @@ pub fn spawn_proxy(
     listener: TcpListener,
     protocols: Protocols,
     credentials: Option<Credentials>,
-    dials: mpsc::Sender<Dial>,
+    events: mpsc::Sender<AppEvent>,
 ) -> tokio::task::JoinHandle<()> {
+    let handshakes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
+            let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
             let Ok((stream, from)) = listener.accept().await else { continue };
             let _ = stream.set_nodelay(true);
-            let (dials, credentials) = (dials.clone(), credentials.clone());
+            let (events, credentials) = (events.clone(), credentials.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(stream, protocols, credentials.as_ref())).await
-                {
-                    Ok(Ok(dial)) => {
-                        let _ = dials.send(dial).await;
+                let shaken = handshake(stream, protocols, credentials.as_ref());
+                let shaken = tokio::time::timeout(HANDSHAKE_TIMEOUT, shaken).await;
+                drop(permit);
+                match shaken {
+                    Ok(Ok(Handshake::Dial(dial))) => {
+                        let _ = events.send(AppEvent::Dial(dial)).await;
+                    }
+                    Ok(Ok(Handshake::Udp { control, relay, client })) => {
+                        udp_associate(control, relay, client, events).await;
                     }
                     Ok(Err(e)) => tracing::debug!(client = %from, "proxy handshake refused: {e}"),
                     Err(_) => tracing::debug!(client = %from, "proxy handshake timed out"),
@@ -119,6 +193,55 @@ pub fn spawn_proxy(
             });
         }
     })
+}
+
+/// What a finished handshake asks for.
+enum Handshake {
+    Dial(Dial),
+    /// SOCKS5 UDP ASSOCIATE: datagrams through `relay` for as long as `control` stays open, from `client`'s
+    /// host only.
+    Udp {
+        control: TcpStream,
+        relay: UdpSocket,
+        client: IpAddr,
+    },
+}
+
+/// Relays one SOCKS5 UDP association until its TCP connection closes.
+async fn udp_associate(mut control: TcpStream, relay: UdpSocket, client_ip: IpAddr, events: mpsc::Sender<AppEvent>) {
+    let owner = next_owner();
+    let (replies, mut answers) = mpsc::channel(REPLY_QUEUE);
+    // The client's UDP address is the first one that sends from its host (RFC 1928 §7).
+    let mut client: Option<SocketAddr> = None;
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut ignored = [0u8; 64];
+    loop {
+        tokio::select! {
+            read = control.read(&mut ignored) => {
+                if !matches!(read, Ok(n) if n > 0) {
+                    return;
+                }
+            }
+            received = relay.recv_from(&mut buf) => {
+                let Ok((n, from)) = received else { continue };
+                if from.ip() != client_ip || client.is_some_and(|c| c != from) {
+                    continue;
+                }
+                client = Some(from);
+                let Ok((target, at)) = socks5::udp_header(&buf[..n]) else { continue };
+                let data = buf[at..n].to_vec();
+                let out = UdpOut { owner, client: from, target, data, replies: replies.clone() };
+                if let Err(mpsc::error::TrySendError::Closed(_)) = events.try_send(AppEvent::Datagram(out)) {
+                    return;
+                }
+            }
+            Some(answer) = answers.recv() => {
+                let mut datagram = socks5::udp_reply_header(answer.from);
+                datagram.extend_from_slice(&answer.data);
+                let _ = relay.send_to(&datagram, answer.tag).await;
+            }
+        }
+    }
 }
 
 /// Reads more of the handshake into `buf`; an end of stream is an error.
@@ -139,7 +262,7 @@ async fn handshake(
     mut stream: TcpStream,
     protocols: Protocols,
     credentials: Option<&Credentials>,
-) -> Result<Dial, String> {
+) -> Result<Handshake, String> {
     let mut buf = Vec::new();
     read_more(&mut stream, &mut buf).await?;
     if buf[0] == socks5::VERSION {
@@ -151,7 +274,7 @@ async fn handshake(
     if !protocols.http {
         return Err("not a SOCKS5 client".into());
     }
-    http_handshake(stream, buf, credentials).await
+    http_handshake(stream, buf, credentials).await.map(Handshake::Dial)
 }
 
 /// Parses with `parse`, reading more until the message is whole; the bytes after it stay in `buf`.
@@ -176,7 +299,7 @@ async fn socks5_handshake(
     mut stream: TcpStream,
     mut buf: Vec<u8>,
     credentials: Option<&Credentials>,
-) -> Result<Dial, String> {
+) -> Result<Handshake, String> {
     let unbound = SocketAddr::from(([0, 0, 0, 0], 0));
     let methods = next_message(&mut stream, &mut buf, socks5::greeting).await.map_err(|e| e.0)?;
     let wanted = if credentials.is_some() { socks5::USER_PASS } else { socks5::NO_AUTH };
@@ -202,11 +325,23 @@ async fn socks5_handshake(
             return Err(why);
         }
     };
-    if request.command != socks5::Command::Connect {
-        let _ = stream.write_all(&socks5::reply(Reply::CommandNotSupported, unbound)).await;
-        return Err("UDP ASSOCIATE is not supported yet".into());
+    if request.command == socks5::Command::UdpAssociate {
+        // The relay listens where the client reached the proxy (loopback by default).
+        let local = stream.local_addr().map_err(|e| e.to_string())?;
+        let peer = stream.peer_addr().map_err(|e| e.to_string())?;
+        let relay = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = stream.write_all(&socks5::reply(Reply::GeneralFailure, unbound)).await;
+                return Err(format!("binding the UDP relay: {e}"));
+            }
+        };
+        let bound = relay.local_addr().map_err(|e| e.to_string())?;
+        stream.write_all(&socks5::reply(Reply::Succeeded, bound)).await.map_err(|e| e.to_string())?;
+        return Ok(Handshake::Udp { control: stream, relay, client: peer.ip() });
     }
-    Ok(Dial { stream, target: request.target, greeting: Greeting::Socks5, to_peer: buf, via: "socks5" })
+    let dial = Dial { stream, target: request.target, greeting: Greeting::Socks5, to_peer: buf, via: "socks5" };
+    Ok(Handshake::Dial(dial))
 }
 
 async fn http_handshake(

@@ -24,6 +24,10 @@ use tokio::sync::mpsc;
 
 use crate::spec::Expose;
 
+mod udp;
+
+pub use udp::{UDP_IDLE, UdpError, UdpId, UdpReply};
+
 /// Sizes and bounds, all settable; the defaults fit a sidecar under a 128 MiB limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -203,6 +207,9 @@ pub struct Stack {
     draining: bool,
     /// Sockets of finished flows, removed once their last packet (a reset) is out.
     retiring: Vec<SocketHandle>,
+    associations: HashMap<SocketHandle, udp::Association>,
+    exposes_udp: Vec<Expose>,
+    exposed_udp: Vec<udp::ExposedUdp>,
 }
 
 impl std::fmt::Debug for Stack {
@@ -306,6 +313,9 @@ impl Stack {
             counters: Counters::default(),
             draining: false,
             retiring: Vec::new(),
+            associations: HashMap::new(),
+            exposes_udp: Vec::new(),
+            exposed_udp: Vec::new(),
         }
     }
 
@@ -349,12 +359,14 @@ impl Stack {
             let _ = routes.add_default_ipv6_route(v6);
         }
         self.relisten();
+        self.relisten_udp();
     }
 
     /// Ports peers may open (`--expose`); every other port answers with a reset.
     pub fn set_exposed(&mut self, exposes: &[Expose]) {
         self.exposes = exposes.iter().filter(|e| e.proto == crate::spec::Proto::Tcp).copied().collect();
         self.relisten();
+        self.set_exposed_udp(exposes);
     }
 
     fn new_socket(&self) -> tcp::Socket<'static> {
@@ -375,9 +387,15 @@ impl Stack {
         self.limits.rx_buffer + self.limits.tx_buffer
     }
 
-    /// Rings held now: every flow's and every listening socket's.
+    /// Buffers held now: every flow's and listening socket's rings, every UDP socket's queues.
     pub fn buffered(&self) -> usize {
-        self.sockets.iter().count() * self.flow_cost()
+        self.sockets
+            .iter()
+            .map(|(_, socket)| match socket {
+                smoltcp::socket::Socket::Udp(_) => Self::udp_cost(),
+                _ => self.flow_cost(),
+            })
+            .sum()
     }
 
     fn room_for_one(&self) -> bool {
@@ -420,11 +438,11 @@ impl Stack {
     }
 
     fn local_port(&mut self) -> u16 {
-        let used: std::collections::HashSet<u16> = self
-            .flows
-            .keys()
-            .filter_map(|h| self.sockets.get::<tcp::Socket>(*h).local_endpoint().map(|e| e.port))
-            .collect();
+        let tcp =
+            self.flows.keys().filter_map(|h| self.sockets.get::<tcp::Socket>(*h).local_endpoint().map(|e| e.port));
+        let udp =
+            self.associations.keys().map(|h| self.sockets.get::<smoltcp::socket::udp::Socket>(*h).endpoint().port);
+        let used: std::collections::HashSet<u16> = tcp.chain(udp).collect();
         loop {
             let port = self.next_port;
             self.next_port = if port == *EPHEMERAL.end() { *EPHEMERAL.start() } else { port + 1 };
@@ -503,6 +521,7 @@ impl Stack {
         }
         self.take_accepted(now);
         self.pump(now);
+        self.pump_udp(now);
         let at = self.smol(now);
         let mut link = Link { inbound: None, scratch: &mut self.scratch, sink, mtu: self.mtu };
         self.iface.poll(at, &mut link, &mut self.sockets);
@@ -517,9 +536,11 @@ impl Stack {
 
     /// When [`Stack::poll`] must run next even without a packet or an app.
     pub fn poll_at(&mut self, now: Instant) -> Option<Instant> {
-        let at = self.iface.poll_at(self.smol(now), &self.sockets)?;
-        let micros = u64::try_from(at.total_micros()).unwrap_or(0);
-        Some(self.epoch + Duration::from_micros(micros))
+        let stack = self.iface.poll_at(self.smol(now), &self.sockets).map(|at| {
+            let micros = u64::try_from(at.total_micros()).unwrap_or(0);
+            self.epoch + Duration::from_micros(micros)
+        });
+        [stack, self.udp_deadline()].into_iter().flatten().min()
     }
 
     /// Ready when an app socket can move bytes the stack has room for, or an exposed port's local connection
@@ -539,7 +560,7 @@ impl Stack {
                 return Poll::Ready(());
             }
         }
-        Poll::Pending
+        self.poll_ready_udp(cx)
     }
 
     /// [`Stack::poll_ready`] as a future.
@@ -632,6 +653,7 @@ impl Stack {
     pub fn stop_accepting(&mut self) {
         self.draining = true;
         self.relisten();
+        self.relisten_udp();
     }
 
     /// Flows open now.

@@ -176,3 +176,55 @@ async fn flows_past_the_budget_are_refused() {
     }
     assert_eq!((a.flows(), refused, a.counters().refused_budget), (3, 2, 2));
 }
+
+async fn udp_echo_server() -> SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_535];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let _ = socket.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn datagrams_cross_to_an_exposed_udp_port_and_back_to_their_owner() {
+    let local = udp_echo_server().await;
+    let now = Instant::now();
+    let mut a = Stack::new(1420, Limits::default(), now);
+    let mut b = Stack::new(1420, Limits::default(), now);
+    a.set_addresses(&[A.parse().unwrap()]);
+    b.set_addresses(&[B.parse().unwrap()]);
+    b.set_exposed(&[Expose { port: 5353, local, proto: mesh_netstack::Proto::Udp }]);
+    let (replies, mut answers) = tokio::sync::mpsc::channel(16);
+    let app: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    let remote = SocketAddr::new(B.parse::<IpAddr>().unwrap(), 5353);
+    let id = a.udp_open(remote.ip(), replies, app, now).unwrap();
+    for i in 0..3u8 {
+        a.udp_send(id, remote, &[i; 100], Instant::now()).unwrap();
+    }
+    let got = wire(&mut a, &mut b, 0, async {
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            got.push(answers.recv().await.unwrap());
+        }
+        got
+    })
+    .await;
+    for (i, reply) in got.iter().enumerate() {
+        assert_eq!((reply.tag, reply.from), (app, remote));
+        assert_eq!(reply.data, vec![i as u8; 100]);
+    }
+    // A port that is not exposed answers nothing; the association stays usable.
+    let closed = SocketAddr::new(remote.ip(), 5354);
+    a.udp_send(id, closed, b"lost", Instant::now()).unwrap();
+    a.udp_send(id, remote, b"again", Instant::now()).unwrap();
+    let reply = wire(&mut a, &mut b, 0, answers.recv()).await.unwrap();
+    assert_eq!(reply.data, b"again");
+    // Closed by its owner: sends fail with Gone.
+    a.udp_close(id);
+    assert_eq!(a.udp_send(id, remote, b"x", Instant::now()), Err(mesh_netstack::UdpError::Gone));
+    assert_eq!(a.udp_associations(), 0);
+}

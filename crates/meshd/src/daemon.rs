@@ -629,7 +629,8 @@ impl Daemon {
                 Some(loaded) = reload_rx.recv() => self.apply_reload(loaded).await,
                 wake = userspace_wake(self.userspace.as_deref_mut()) => match wake {
                     userspace::Wake::Io => {}
-                    userspace::Wake::Dial(dial) => self.dial(dial),
+                    userspace::Wake::App(mesh_netstack::AppEvent::Dial(dial)) => self.dial(dial),
+                    userspace::Wake::App(mesh_netstack::AppEvent::Datagram(out)) => self.udp_datagram(out),
                     userspace::Wake::Dns(query, from) => self.pod_dns_query(query, from),
                     userspace::Wake::Health(ask) => {
                         let _ = ask.send(self.readiness());

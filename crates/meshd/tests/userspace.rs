@@ -18,13 +18,14 @@ use mesh_netns::{Lab, stdout, wait_until};
 
 mod common;
 
-/// Seed 003's policy, plus the database node reaching the workers' ports 8081-8082 (so a refusal there is
-/// the pod's `--expose` list at work, not the ACL) and a web port on the database for the proxy checks.
+/// Seed 003's policy, plus the database node reaching the workers' ports 8081-8083 (so a refusal there is
+/// the pod's `--expose` list at work, not the ACL), and a web port and a UDP echo on the database for the
+/// proxy and UDP checks.
 const POLICY: &str = r#"{
   "tagOwners": {"tag:stackeye-worker": [], "tag:stackeye-db": [], "tag:stackeye-cache": []},
   "acls": [
-    {"action": "accept", "src": ["tag:stackeye-worker"], "dst": ["tag:stackeye-db:5432,8080", "tag:stackeye-cache:6379"]},
-    {"action": "accept", "src": ["tag:stackeye-db"], "dst": ["tag:stackeye-worker:8081,8082"]},
+    {"action": "accept", "src": ["tag:stackeye-worker"], "dst": ["tag:stackeye-db:5432,8080,5353", "tag:stackeye-cache:6379"]},
+    {"action": "accept", "src": ["tag:stackeye-db"], "dst": ["tag:stackeye-worker:8081,8082,8083"]},
   ],
 }"#;
 
@@ -51,6 +52,32 @@ fn http_responder(lab: &mut Lab, ns: usize, addr: &str, port: u16, body: &str) {
     let bound = format!("{addr}:{port}");
     assert!(wait(5000, || listening(lab, ns, &bound)), "nothing listens on {bound}");
 }
+
+/// A UDP echo on `addr:port` in `ns`.
+fn udp_echo(lab: &mut Lab, ns: usize, addr: &str, port: u16) {
+    let spec = format!("UDP4-RECVFROM:{port},bind={addr},fork");
+    lab.spawn(ns, &format!("udp-echo-{port}"), "socat", &[&spec, "EXEC:cat"], &[]);
+    let bound = format!("{addr}:{port}");
+    assert!(wait(5000, || listening(lab, ns, &bound)), "nothing listens on UDP {bound}");
+}
+
+/// A SOCKS5 UDP ASSOCIATE client (no packaged client speaks it): sends `payload` to `name:port` through
+/// the proxy's relay and prints the answer.
+const SOCKS5_UDP_CLIENT: &str = r#"
+import socket, struct, sys
+proxy, target, port, payload = ("127.0.0.1", 1080), sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+c = socket.create_connection(proxy, timeout=5)
+c.sendall(b"\x05\x01\x00"); assert c.recv(2) == b"\x05\x00"
+c.sendall(b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
+r = c.recv(10); assert r[1] == 0, r
+relay = (socket.inet_ntoa(r[4:8]), struct.unpack(">H", r[8:10])[0])
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)
+name = target.encode()
+u.sendto(b"\x00\x00\x00\x03" + bytes([len(name)]) + name + struct.pack(">H", port) + payload, relay)
+data, _ = u.recvfrom(65535)
+assert data[:4] == b"\x00\x00\x00\x01", data
+print(data[10:].decode())
+"#;
 
 /// Debian's PostgreSQL server, run by its own user in a fresh cluster under the lab directory, trusting
 /// every client (the mesh and the ACL are what this test is about).
@@ -135,12 +162,16 @@ impl Pod {
             ("MESHD_CA_CERT", control.ca.as_str()),
             ("MESHD_AUTH_KEY", key),
             ("MESHD_HOSTNAME", "stackeye-worker"),
-            ("MESHD_FORWARD", "127.0.0.1:5432=stackeye-db-prd:5432,127.0.0.1:6379=stackeye-valkey-prd:6379"),
+            (
+                "MESHD_FORWARD",
+                "127.0.0.1:5432=stackeye-db-prd:5432,127.0.0.1:6379=stackeye-valkey-prd:6379,\
+                 127.0.0.1:5353=stackeye-db-prd:5353/udp",
+            ),
             ("MESHD_DNS", "127.0.0.53:53"),
             ("MESHD_DNS_UPSTREAM", "10.99.0.1"),
             ("MESHD_SOCKS5", "127.0.0.1:1080"),
             ("MESHD_HTTP_PROXY", "127.0.0.1:1080"),
-            ("MESHD_EXPOSE", "8081=18081"),
+            ("MESHD_EXPOSE", "8081=18081,8083=18083/udp"),
             ("MESHD_HEALTH", "127.0.0.1:9002"),
             ("MESHD_DRAIN", "3s"),
             ("MESHD_LOG", "debug,ureq=info,ureq_proto=info,rustls=info"),
@@ -213,6 +244,7 @@ fn seed_003_a_sidecar_without_privileges_reaches_postgres_and_redis_by_name() {
     redis(&mut lab, cache_ns);
     http_responder(&mut lab, db_ns, "0.0.0.0", 8080, "hello from the database host");
     http_responder(&mut lab, db_ns, "0.0.0.0", 22, "SSH-2.0-not-for-workers");
+    udp_echo(&mut lab, db_ns, "0.0.0.0", 5353);
 
     // The pod: apps resolve through the stub (binding port 53 unprivileged is a safe, per-pod sysctl), and
     // serve two local ports of which only one is exposed.
@@ -221,6 +253,7 @@ fn seed_003_a_sidecar_without_privileges_reaches_postgres_and_redis_by_name() {
     lab.ns(pod_ns).set_resolv_conf("nameserver 127.0.0.53\noptions ndots:1\n");
     http_responder(&mut lab, pod_ns, "127.0.0.1", 18081, "exposed pod service");
     http_responder(&mut lab, pod_ns, "127.0.0.1", 8082, "private pod service");
+    udp_echo(&mut lab, pod_ns, "127.0.0.1", 18083);
     let before = files_of_pod_user();
 
     let worker_key = control.authkey(&lab, &["--reusable", "--ephemeral", "--tags", "tag:stackeye-worker"]);
@@ -273,6 +306,15 @@ fn seed_003_a_sidecar_without_privileges_reaches_postgres_and_redis_by_name() {
     let (ok, out) = pod.exec(&lab, "sh", &["-c", "redis-cli -h stackeye-valkey-prd get big | tr -d '\\n' | wc -c"]);
     assert!(ok && out.trim() == "3000000", "redis-cli get big: {out}");
 
+    // UDP: a forward, and SOCKS5 UDP ASSOCIATE by name.
+    let (ok, out) = pod.exec(&lab, "sh", &["-c", "echo datagram | socat -t 2 - UDP4:127.0.0.1:5353"]);
+    assert!(ok && out.trim() == "datagram", "UDP forward: {out}");
+    let (ok, out) = pod.exec(&lab, "python3", &["-c", SOCKS5_UDP_CLIENT, "stackeye-db-prd", "5353", "associated"]);
+    assert!(ok && out.trim() == "associated", "SOCKS5 UDP ASSOCIATE: {out}");
+    // Ping through the tunnel works as in kernel mode.
+    let (ok, out) = pod.cli(&lab, &["ping", "stackeye-db-prd"]);
+    assert!(ok && out.contains("pong"), "meshd ping: {out}");
+
     // The proxy, SOCKS5 and HTTP on one port, resolving mesh names itself.
     let (ok, out) =
         pod.exec(&lab, "curl", &["-sS", "--socks5-hostname", "127.0.0.1:1080", "http://stackeye-db-prd:8080/"]);
@@ -309,6 +351,10 @@ fn seed_003_a_sidecar_without_privileges_reaches_postgres_and_redis_by_name() {
     assert!(!out.status.success() && !text.contains("private pod service"), "8082 is not exposed: {text}");
     // Refused with a reset at once, not left to time out.
     assert!(text.contains("Couldn't connect") && asked.elapsed() < Duration::from_secs(5), "{text}");
+
+    let udp = format!("echo exposed | socat -t 2 - UDP4:{pod_ip}:8083");
+    let out = lab.ns(db_ns).exec("timeout", &["10", "sh", "-c", &udp]);
+    assert_eq!(stdout(&out).trim(), "exposed", "a peer reaches the exposed UDP port");
 
     // SIGTERM: the flows drain, the ephemeral node logs out and the server forgets it at once.
     assert!(node_names(&lab, &control).contains("stackeye-worker"));
@@ -348,9 +394,11 @@ fn userspace_flags_are_checked_before_anything_starts() {
     let (code, err) = run(&["daemon", "--tun", "userspace", "--state-dir", state, "--forward", "5432=db"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("needs a port"), "{err}");
-    let (code, err) = run(&["daemon", "--tun", "userspace", "--state-dir", state, "--forward", "5432=db:1/udp"]);
+    let twice = "5432=db:1,127.0.0.1:5432=cache:2";
+    let (code, err) = run(&["daemon", "--tun", "userspace", "--state-dir", state, "--forward", twice]);
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("UDP forwards are not supported yet"), "{err}");
+    assert!(err.contains("listen on the same tcp socket"), "{err}");
+    assert!(!Path::new(state).exists(), "a refused start leaves nothing behind");
     let (code, err) = run(&["daemon", "--tun", "userspace", "--state-dir", "mem:", "--auth-key", "k"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("needs --control-url"), "{err}");

@@ -10,7 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mesh_dataplane::dns::{Answer, Resolver, ResolverConfig};
-use mesh_netstack::{Credentials, Dial, Expose, Forward, Limits, Proto, Protocols, Stack};
+use std::collections::HashMap;
+
+use mesh_netstack::{
+    AppEvent, Credentials, Dial, Expose, Forward, Limits, Proto, Protocols, Stack, UdpError, UdpId, UdpOut,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
@@ -44,7 +48,7 @@ pub(super) type HealthAsk = oneshot::Sender<Result<(), String>>;
 pub(super) enum Wake {
     /// An app socket can move bytes (the loop's drain does the moving).
     Io,
-    Dial(Dial),
+    App(AppEvent),
     Dns(Vec<u8>, SocketAddr),
     Health(HealthAsk),
 }
@@ -52,7 +56,9 @@ pub(super) enum Wake {
 pub(super) struct Userspace {
     pub stack: Stack,
     pub options: Options,
-    dials: mpsc::Receiver<Dial>,
+    events: mpsc::Receiver<AppEvent>,
+    /// The association each UDP owner (a forward, a SOCKS5 association) has per app address and family.
+    udp: HashMap<(u64, SocketAddr, bool), UdpId>,
     /// The listeners' accept loops; dropped (aborted) when the node stops taking new flows.
     listeners: Vec<AbortOnDrop>,
     /// Kept for its drop: the health server ends with the daemon.
@@ -82,14 +88,7 @@ async fn bind_tcp(address: SocketAddr, flag: &str) -> Result<TcpListener, Error>
 impl Options {
     /// Checks the flags together, before anything starts.
     pub fn check(&self) -> Result<(), Error> {
-        mesh_netstack::spec::check(&self.forwards, &self.exposes).map_err(Error::Input)?;
-        if let Some(f) = self.forwards.iter().find(|f| f.proto == Proto::Udp) {
-            return Err(Error::Input(format!("--forward {f}: UDP forwards are not supported yet; forward TCP")));
-        }
-        if let Some(e) = self.exposes.iter().find(|e| e.proto == Proto::Udp) {
-            return Err(Error::Input(format!("--expose {}/udp: UDP is not supported yet; expose TCP", e.port)));
-        }
-        Ok(())
+        mesh_netstack::spec::check(&self.forwards, &self.exposes).map_err(Error::Input)
     }
 }
 
@@ -97,15 +96,26 @@ impl Userspace {
     /// Binds every way in before the daemon goes on, so a port in use stops it with the flag that asked.
     pub async fn start(options: Options, mtu: u16) -> Result<Self, Error> {
         options.check()?;
-        let (dials_tx, dials) = mpsc::channel(64);
+        // Bounded: a UDP owner's datagram past it is dropped, a TCP dial waits.
+        let (events_tx, events) = mpsc::channel(1024);
         let mut listeners = Vec::new();
         for forward in &options.forwards {
-            let listener = bind_tcp(forward.listen, &format!("--forward {forward}")).await?;
-            listeners.push(AbortOnDrop(mesh_netstack::listen::spawn_forward(
-                listener,
-                forward.target.clone(),
-                dials_tx.clone(),
-            )));
+            let flag = format!("--forward {forward}");
+            let task = match forward.proto {
+                Proto::Tcp => mesh_netstack::listen::spawn_forward(
+                    bind_tcp(forward.listen, &flag).await?,
+                    forward.target.clone(),
+                    events_tx.clone(),
+                ),
+                Proto::Udp => mesh_netstack::listen::spawn_udp_forward(
+                    UdpSocket::bind(forward.listen)
+                        .await
+                        .map_err(|e| Error::Input(format!("{flag}: cannot listen on {}: {e}", forward.listen)))?,
+                    forward.target.clone(),
+                    events_tx.clone(),
+                ),
+            };
+            listeners.push(AbortOnDrop(task));
         }
         let same = options.socks5.is_some() && options.socks5 == options.http_proxy;
         for (address, protocols, flag) in [
@@ -118,7 +128,7 @@ impl Userspace {
                 listener,
                 protocols,
                 options.proxy_auth.clone(),
-                dials_tx.clone(),
+                events_tx.clone(),
             )));
         }
         let dns = match options.dns {
@@ -156,7 +166,8 @@ impl Userspace {
         Ok(Userspace {
             stack,
             options,
-            dials,
+            events,
+            udp: HashMap::new(),
             listeners,
             _health: health,
             health_rx,
@@ -179,7 +190,7 @@ impl Userspace {
         };
         tokio::select! {
             () = self.stack.ready() => Wake::Io,
-            Some(dial) = self.dials.recv() => Wake::Dial(dial),
+            Some(event) = self.events.recv() => Wake::App(event),
             Some(ask) = self.health_rx.recv() => Wake::Health(ask),
             Ok((n, from)) = recv_dns => Wake::Dns(self.dns_buf[..n].to_vec(), from),
         }
@@ -293,6 +304,49 @@ impl Daemon {
                 Dial { stream, target, greeting, to_peer: Vec::new(), via },
                 &refusal.to_string(),
             );
+        }
+    }
+
+    /// A datagram from an app: its target resolved through MagicDNS, sent on the owner's association for
+    /// that app address (opened on the first datagram, again after an idle close).
+    pub(super) fn udp_datagram(&mut self, out: UdpOut) {
+        let address = match out.target.ip() {
+            Some(ip) => Some(ip),
+            None => self.dataplane.resolver().and_then(|r| r.lookup(&out.target.host).into_iter().next()),
+        };
+        let Some(userspace) = self.userspace.as_mut() else { return };
+        let Some(ip) = address else {
+            tracing::debug!(target = %out.target, "a datagram for a name the mesh does not have");
+            return;
+        };
+        let now = Instant::now();
+        let to = SocketAddr::new(ip, out.target.port);
+        let key = (out.owner, out.client, ip.is_ipv4());
+        for _ in 0..2 {
+            let id = match userspace.udp.get(&key) {
+                Some(id) => *id,
+                None => match userspace.stack.udp_open(ip, out.replies.clone(), out.client, now) {
+                    Ok(id) => {
+                        if userspace.udp.len() >= 4096 {
+                            // Forget associations the stack closed (idle, or their owner left).
+                            let stack = &userspace.stack;
+                            userspace.udp.retain(|_, id| stack.udp_alive(*id));
+                        }
+                        userspace.udp.insert(key, id);
+                        id
+                    }
+                    Err(refusal) => {
+                        tracing::debug!(target = %out.target, "a UDP association refused: {refusal}");
+                        return;
+                    }
+                },
+            };
+            match userspace.stack.udp_send(id, to, &out.data, now) {
+                Err(UdpError::Gone) => {
+                    userspace.udp.remove(&key);
+                }
+                Ok(()) | Err(UdpError::Full) => return,
+            }
         }
     }
 
