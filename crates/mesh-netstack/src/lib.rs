@@ -4,6 +4,8 @@
 //! app's ports the node exposes (`--expose`), and nothing else.
 #![forbid(unsafe_code)]
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod listen;
 pub mod socks5;

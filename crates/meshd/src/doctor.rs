@@ -87,6 +87,14 @@ fn ask_daemon(socket: &Path) -> Option<Daemon> {
 }
 
 pub fn run(options: Options) -> ExitCode {
+    if options.tun == "userspace" {
+        // Nothing of the host's routing is meshd's in userspace mode; what there is to see is in status.
+        println!(
+            "userspace mode: meshd changes nothing on this host (no TUN device, routes or rules); see meshd status \
+             and /readyz (docs/operations.md)"
+        );
+        return ExitCode::SUCCESS;
+    }
     // Without root the UAPI socket (0600) refuses the connection while the kernel still shows the rules and
     // routes: doctor would take a running meshd's state for leftovers and advise deleting it.
     let root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");

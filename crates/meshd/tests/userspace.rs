@@ -267,6 +267,8 @@ fn seed_003_a_sidecar_without_privileges_reaches_postgres_and_redis_by_name() {
         let json: serde_json::Value = serde_json::from_str(&pod.cli(&lab, &["status", "--json"]).1).unwrap();
         json["node"]["ipv4"].as_str().unwrap().to_string()
     };
+    let (ok, doctor) = pod.cli(&lab, &["doctor", "--tun", "userspace"]);
+    assert!(ok && doctor.contains("changes nothing on this host"), "{doctor}");
     // Nothing of the host was touched: no TUN device, no mesh table.
     let links = stdout(&lab.ns(pod_ns).ip(&["-o", "link"]));
     assert!(!links.contains("tun"), "{links}");
