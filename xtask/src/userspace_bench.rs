@@ -65,6 +65,11 @@ pub fn run(seconds: u32) -> Result<bool> {
                 if mode == Mode::Socks5 && !reverse {
                     continue;
                 }
+                // MESHD_BENCH_ONLY=TEXT: only the runs whose description contains it (e.g. "loss Forward up").
+                let described = format!("{condition} {mode:?} {}", if reverse { "down" } else { "up" });
+                if std::env::var("MESHD_BENCH_ONLY").is_ok_and(|only| !only.split(' ').all(|w| described.contains(w))) {
+                    continue;
+                }
                 // A failed measurement is reported and counted as 0, and the others go on.
                 let mbit = match measure(&meshd, &onetun, mode, reverse, netem, seconds) {
                     Ok(mbit) => mbit,
@@ -99,7 +104,9 @@ pub fn run(seconds: u32) -> Result<bool> {
             );
         }
     }
-    footprint(&meshd)?;
+    if std::env::var("MESHD_BENCH_ONLY").is_err() {
+        footprint(&meshd)?;
+    }
     Ok(true)
 }
 
@@ -130,6 +137,8 @@ struct Setup {
     peer_keys: Keys,
     /// Where the pod's WireGuard sends: the peer, or the impairing relay in front of it.
     endpoint: String,
+    /// The peer's TUN device, where the decrypted streams can be captured.
+    peer_tun: String,
     _relay: Option<Relay>,
 }
 
@@ -222,12 +231,11 @@ fn setup(meshd: &Path, netem: Option<Impairment>) -> Result<Setup> {
         None => (format!("{PEER_LAN}:41641"), None),
     };
     let (pod_keys, peer_keys) = (Keys::generate(), Keys::generate());
+    let peer_tun = lab.unique("ur");
     let config = format!(
         "[interface]\nprivate_key = \"{}\"\naddresses = [\"{PEER_MESH}/32\"]\nlisten_port = 41641\ntun_name = \"{}\"\n\n\
          [[peers]]\npublic_key = \"{}\"\nallowed_ips = [\"{POD_MESH}/32\"]\n",
-        peer_keys.private,
-        lab.unique("ur"),
-        pod_keys.public
+        peer_keys.private, peer_tun, pod_keys.public
     );
     let path = lab.write("peer.toml", &config);
     let state = lab.path("peer-state");
@@ -241,7 +249,7 @@ fn setup(meshd: &Path, netem: Option<Impairment>) -> Result<Setup> {
     }
     lab.spawn(peer, "iperf3-server", "iperf3", &["-s", "-B", PEER_MESH], &[]);
     serve_http(&lab, peer)?;
-    Ok(Setup { lab, pod, peer, pod_keys, peer_keys, endpoint, _relay: relay })
+    Ok(Setup { lab, pod, peer, pod_keys, peer_keys, endpoint, peer_tun, _relay: relay })
 }
 
 /// An HTTP server in `ns` on the peer's mesh address that answers every request with [`HTTP_BODY`] zero
@@ -372,6 +380,13 @@ fn measure(
     let mut args = vec!["-c", host, "-p", port, "-t", &secs, "-J"];
     if reverse {
         args.push("-R");
+    }
+    // MESHD_BENCH_CAPTURE=DIR: the decrypted TCP headers of each run, as the peer's TUN device sees them (to
+    // see where a stream loses its time: retransmission timeouts, windows).
+    if let Ok(dir) = std::env::var("MESHD_BENCH_CAPTURE") {
+        let file = format!("{dir}/{mode:?}-{}-{}.pcap", if reverse { "down" } else { "up" }, netem.is_some());
+        let args = ["-i", s.peer_tun.as_str(), "-s", "96", "-w", file.as_str(), "tcp"];
+        s.lab.spawn(s.peer, "tcpdump", "tcpdump", &args, &[]);
     }
     // The probe above held the iperf3 server's one test slot for a moment (longer on a slow path): the
     // first attempt may be turned away.
