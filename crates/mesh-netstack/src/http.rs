@@ -130,6 +130,10 @@ pub fn request(buf: &[u8]) -> Result<Option<(Request, usize)>, Error> {
     // The origin sees an ordinary request: origin form, no proxy headers, and the connection closes after it
     // (a client that reuses it for another host would otherwise reach the wrong server).
     let mut head = format!("{method} {path} HTTP/1.1\r\n").into_bytes();
+    // HTTP/1.1 needs a Host; an HTTP/1.0 client may have sent none.
+    if !parsed.headers.iter().any(|h| h.name.eq_ignore_ascii_case("host")) {
+        head.extend_from_slice(format!("Host: {target}\r\n").as_bytes());
+    }
     for h in parsed.headers.iter() {
         let name = h.name.to_ascii_lowercase();
         if name.starts_with("proxy-") || name == "connection" || name == "keep-alive" {
@@ -173,8 +177,10 @@ mod tests {
             String::from_utf8(head).unwrap(),
             "GET /a?b=1 HTTP/1.1\r\nHost: web:8080\r\nAccept: */*\r\nConnection: close\r\n\r\n"
         );
-        let (r, _) = request(b"GET http://100.64.0.2 HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        let (r, _) = request(b"GET http://100.64.0.2 HTTP/1.0\r\n\r\n").unwrap().unwrap();
         assert_eq!(r.target().to_string(), "100.64.0.2:80");
+        let Request::Forward { head, .. } = r else { panic!("{r:?}") };
+        assert_eq!(head, b"GET / HTTP/1.1\r\nHost: 100.64.0.2:80\r\nConnection: close\r\n\r\n");
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub struct UdpOut {
     pub client: SocketAddr,
     pub target: Target,
     pub data: Vec<u8>,
+    /// Answers only from the target (a forward), not from wherever the owner sent last (SOCKS5).
+    pub pinned: bool,
     /// Where the owner takes answers; closed when the owner is gone (its associations close too).
     pub replies: mpsc::Sender<UdpReply>,
 }
@@ -57,6 +59,20 @@ const REPLY_QUEUE: usize = 256;
 const MAX_DATAGRAM: usize = 65_535;
 /// Proxy handshakes under way at once; clients past them wait in the kernel's accept queue.
 const MAX_HANDSHAKES: usize = 256;
+
+/// The next connection; after an error other than the client giving up (out of descriptors, say) it waits a
+/// little, so a listener that stays readable cannot spin the loop.
+pub async fn accept(listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
+    match listener.accept().await {
+        Ok(accepted) => Some(accepted),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "accepting a connection");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            None
+        }
+    }
+}
 
 fn next_owner() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -110,7 +126,7 @@ pub fn spawn_forward(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Some((stream, _)) = accept(&listener).await else { continue };
             let _ = stream.set_nodelay(true);
             let dial = Dial {
                 stream,
@@ -141,7 +157,8 @@ pub fn spawn_udp_forward(
                 received = socket.recv_from(&mut buf) => {
                     let Ok((n, client)) = received else { continue };
                     let data = buf[..n].to_vec();
-                    let out = UdpOut { owner, client, target: target.clone(), data, replies: replies.clone() };
+                    let target = target.clone();
+                    let out = UdpOut { owner, client, target, data, pinned: true, replies: replies.clone() };
                     // A busy loop drops the datagram rather than queue without bound.
                     if let Err(mpsc::error::TrySendError::Closed(_)) = events.try_send(AppEvent::Datagram(out)) {
                         return;
@@ -173,7 +190,7 @@ pub fn spawn_proxy(
     tokio::spawn(async move {
         loop {
             let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
-            let Ok((stream, from)) = listener.accept().await else { continue };
+            let Some((stream, from)) = accept(&listener).await else { continue };
             let _ = stream.set_nodelay(true);
             let (events, credentials) = (events.clone(), credentials.clone());
             tokio::spawn(async move {
@@ -184,8 +201,8 @@ pub fn spawn_proxy(
                     Ok(Ok(Handshake::Dial(dial))) => {
                         let _ = events.send(AppEvent::Dial(dial)).await;
                     }
-                    Ok(Ok(Handshake::Udp { control, relay, client })) => {
-                        udp_associate(control, relay, client, events).await;
+                    Ok(Ok(Handshake::Udp { control, relay, client, from })) => {
+                        udp_associate(control, relay, client, from, events).await;
                     }
                     Ok(Err(e)) => tracing::debug!(client = %from, "proxy handshake refused: {e}"),
                     Err(_) => tracing::debug!(client = %from, "proxy handshake timed out"),
@@ -199,20 +216,28 @@ pub fn spawn_proxy(
 enum Handshake {
     Dial(Dial),
     /// SOCKS5 UDP ASSOCIATE: datagrams through `relay` for as long as `control` stays open, from `client`'s
-    /// host only.
+    /// host only (and from `from`, when the request named where the client sends from).
     Udp {
         control: TcpStream,
         relay: UdpSocket,
         client: IpAddr,
+        from: Option<SocketAddr>,
     },
 }
 
 /// Relays one SOCKS5 UDP association until its TCP connection closes.
-async fn udp_associate(mut control: TcpStream, relay: UdpSocket, client_ip: IpAddr, events: mpsc::Sender<AppEvent>) {
+async fn udp_associate(
+    mut control: TcpStream,
+    relay: UdpSocket,
+    client_ip: IpAddr,
+    declared: Option<SocketAddr>,
+    events: mpsc::Sender<AppEvent>,
+) {
     let owner = next_owner();
     let (replies, mut answers) = mpsc::channel(REPLY_QUEUE);
-    // The client's UDP address is the first one that sends from its host (RFC 1928 §7).
-    let mut client: Option<SocketAddr> = None;
+    // The client's UDP address: the one its request named, else the first that sends from its host (RFC 1928
+    // §7). Another local process cannot take over an association whose client said where it sends from.
+    let mut client: Option<SocketAddr> = declared;
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut ignored = [0u8; 64];
     loop {
@@ -230,7 +255,7 @@ async fn udp_associate(mut control: TcpStream, relay: UdpSocket, client_ip: IpAd
                 client = Some(from);
                 let Ok((target, at)) = socks5::udp_header(&buf[..n]) else { continue };
                 let data = buf[at..n].to_vec();
-                let out = UdpOut { owner, client: from, target, data, replies: replies.clone() };
+                let out = UdpOut { owner, client: from, target, data, pinned: false, replies: replies.clone() };
                 if let Err(mpsc::error::TrySendError::Closed(_)) = events.try_send(AppEvent::Datagram(out)) {
                     return;
                 }
@@ -338,7 +363,13 @@ async fn socks5_handshake(
         };
         let bound = relay.local_addr().map_err(|e| e.to_string())?;
         stream.write_all(&socks5::reply(Reply::Succeeded, bound)).await.map_err(|e| e.to_string())?;
-        return Ok(Handshake::Udp { control: stream, relay, client: peer.ip() });
+        // DST.ADDR/DST.PORT of an ASSOCIATE name where the client will send from (zeros: not known yet).
+        let from = match (request.target.ip(), request.target.port) {
+            (_, 0) => None,
+            (Some(ip), port) if !ip.is_unspecified() => Some(SocketAddr::new(ip, port)),
+            (_, port) => Some(SocketAddr::new(peer.ip(), port)),
+        };
+        return Ok(Handshake::Udp { control: stream, relay, client: peer.ip(), from });
     }
     let dial = Dial { stream, target: request.target, greeting: Greeting::Socks5, to_peer: buf, via: "socks5" };
     Ok(Handshake::Dial(dial))

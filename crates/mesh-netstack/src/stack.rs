@@ -129,8 +129,13 @@ struct Flow {
     app_done: bool,
     /// The peer's FIN was passed on to the app.
     peer_done: bool,
-    /// The flow ends once the app has its last bytes.
+    /// A refused or failed flow: it ends once the app has heard why.
     ending: bool,
+    /// The socket closed cleanly with bytes the app has not taken: they are in `to_app`, then the app's
+    /// stream ends.
+    finishing: bool,
+    /// The peer sent its FIN (a reset or a timeout never set this).
+    peer_fin: bool,
     inbound: bool,
 }
 
@@ -149,6 +154,8 @@ impl Flow {
             app_done: false,
             peer_done: false,
             ending: false,
+            finishing: false,
+            peer_fin: false,
             inbound,
         }
     }
@@ -158,6 +165,7 @@ impl Flow {
         self.phase == Phase::Open
             && !self.app_done
             && !self.ending
+            && !self.finishing
             && socket.may_send()
             && socket.send_queue() < socket.send_capacity()
             && self.to_peer_sent == self.to_peer.len()
@@ -284,12 +292,15 @@ impl<F: FnMut(&mut [u8])> Device for Link<'_, F> {
 fn no_sink(_: &mut [u8]) {}
 
 impl Stack {
-    pub fn new(mtu: u16, limits: Limits, now: Instant) -> Self {
+    /// `seed` must be random (initial sequence numbers and the first port come from it).
+    pub fn new(mtu: u16, limits: Limits, now: Instant, seed: u64) -> Self {
         let mtu = usize::from(mtu);
         let mut scratch = Vec::with_capacity(mtu);
         let mut sink = no_sink;
         let mut link = Link { inbound: None, scratch: &mut scratch, sink: &mut sink, mtu };
-        let mut iface = Interface::new(Config::new(HardwareAddress::Ip), &mut link, smoltcp::time::Instant::ZERO);
+        let mut config = Config::new(HardwareAddress::Ip);
+        config.random_seed = seed;
+        let mut iface = Interface::new(config, &mut link, smoltcp::time::Instant::ZERO);
         // Every destination is accepted: a flow to any mesh address and port ends here, and the data plane
         // has already decided which packets reach the node at all.
         iface.set_any_ip(true);
@@ -306,7 +317,7 @@ impl Stack {
             mtu,
             epoch: now,
             scratch,
-            next_port: *EPHEMERAL.start(),
+            next_port: EPHEMERAL.start() + (seed % u64::from(EPHEMERAL.end() - EPHEMERAL.start())) as u16,
             next_serial: 0,
             connected_tx,
             connected_rx,
@@ -360,6 +371,8 @@ impl Stack {
         }
         self.relisten();
         self.relisten_udp();
+        // Associations keep the address they were bound to: their owners open new ones on their next datagram.
+        self.close_associations();
     }
 
     /// Ports peers may open (`--expose`); every other port answers with a reset.
@@ -433,6 +446,8 @@ impl Stack {
 
     fn listen_one(&mut self, address: IpAddr, port: u16) -> Option<SocketHandle> {
         let mut socket = self.new_socket();
+        // The SYN-ACK waits until the app's local port answered: a closed one is a reset, as in the kernel.
+        socket.pause_synack(true);
         socket.listen(IpListenEndpoint { addr: Some(address.into()), port }).ok()?;
         Some(self.sockets.add(socket))
     }
@@ -579,7 +594,8 @@ impl Stack {
                 }
             }
         }
-        for (index, slot, handle) in taken {
+        // Last first, so removing a slot never shifts one still to be replaced.
+        for (index, slot, handle) in taken.into_iter().rev() {
             let (address, expose) = (self.listeners[index].address, self.listeners[index].expose);
             match self.listen_one(address, expose.port) {
                 Some(fresh) => self.listeners[index].handles[slot] = fresh,
@@ -619,6 +635,7 @@ impl Stack {
                 let _ = stream.set_nodelay(true);
                 // Open once the peer's handshake is complete too (see `pump_flow`).
                 flow.stream = Some(stream);
+                self.sockets.get_mut::<tcp::Socket>(handle).pause_synack(false);
             }
             Err(e) => {
                 tracing::debug!(error = %e, "an exposed port's local socket refused");
@@ -656,6 +673,19 @@ impl Stack {
         self.relisten_udp();
     }
 
+    /// Ends every flow at once (the drain time is up): apps and peers get resets, not a clean end of a
+    /// stream they did not finish. Poll once more to send them.
+    pub fn abort_all(&mut self) {
+        for (handle, flow) in self.flows.drain() {
+            if let Some(stream) = &flow.stream {
+                reset(stream);
+            }
+            self.sockets.get_mut::<tcp::Socket>(handle).abort();
+            self.retiring.push(handle);
+        }
+        self.close_associations();
+    }
+
     /// Flows open now.
     pub fn flows(&self) -> usize {
         self.flows.len()
@@ -666,20 +696,36 @@ impl Stack {
     }
 }
 
-/// The greeting's bytes for the app: success with the local address used, or the failure.
-fn greeting_bytes(greeting: Greeting, ok: bool, socket: &tcp::Socket) -> Vec<u8> {
-    match greeting {
-        Greeting::Silent => Vec::new(),
-        Greeting::Socks5 => {
+/// How opening a flow to the peer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opened {
+    Yes,
+    /// The peer reset it (a closed port) or it failed at once.
+    Refused,
+    /// No answer within [`OPEN_TIMEOUT`] (the ACL drops it, or the peer is gone).
+    TimedOut,
+}
+
+/// The greeting's bytes for the app: success with the local address used, or the failure in the app's
+/// protocol's words.
+fn greeting_bytes(greeting: Greeting, opened: Opened, socket: &tcp::Socket) -> Vec<u8> {
+    use crate::socks5::Reply;
+    match (greeting, opened) {
+        (Greeting::Silent, _) | (Greeting::HttpPlain, Opened::Yes) => Vec::new(),
+        (Greeting::Socks5, _) => {
             let bound = socket
                 .local_endpoint()
                 .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |e| SocketAddr::new(e.addr.into(), e.port));
-            let code = if ok { crate::socks5::Reply::Succeeded } else { crate::socks5::Reply::HostUnreachable };
+            let code = match opened {
+                Opened::Yes => Reply::Succeeded,
+                Opened::Refused => Reply::ConnectionRefused,
+                Opened::TimedOut => Reply::HostUnreachable,
+            };
             crate::socks5::reply(code, bound)
         }
-        Greeting::HttpConnect if ok => crate::http::response(200, ""),
-        Greeting::HttpPlain if ok => Vec::new(),
-        Greeting::HttpConnect | Greeting::HttpPlain => crate::http::response(504, "the mesh target did not answer"),
+        (Greeting::HttpConnect, Opened::Yes) => crate::http::response(200, ""),
+        (_, Opened::Refused) => crate::http::response(502, "the mesh target refused the connection"),
+        (_, Opened::TimedOut) => crate::http::response(504, "the mesh target did not answer"),
     }
 }
 
@@ -694,35 +740,41 @@ fn pump_flow(flow: &mut Flow, socket: &mut tcp::Socket, now: Instant) -> bool {
     // once the handshake with the peer is complete: before that the socket can neither send nor receive, which
     // would read as the peer having closed.
     if flow.phase == Phase::Opening && flow.inbound && flow.stream.is_none() && !flow.ending {
-        return socket.state() == State::Closed;
+        // A SYN followed by a reset puts a listening socket back to listening: that flow is over too.
+        return matches!(socket.state(), State::Closed | State::Listen);
     }
     if flow.phase == Phase::Opening {
-        match socket.state() {
-            State::Established | State::CloseWait => {
-                flow.phase = Phase::Open;
-                flow.to_app = greeting_bytes(flow.greeting, true, socket);
-            }
-            State::Closed => {
-                flow.to_app = greeting_bytes(flow.greeting, false, socket);
-                flow.ending = true;
-                if let (Greeting::Silent, Some(stream)) = (flow.greeting, &flow.stream) {
-                    reset(stream);
-                }
-            }
+        let opened = match socket.state() {
+            State::Established | State::CloseWait => Some(Opened::Yes),
+            State::Closed | State::Listen => Some(Opened::Refused),
             _ if now.saturating_duration_since(flow.opened_at) > OPEN_TIMEOUT => {
                 socket.abort();
-                flow.to_app = greeting_bytes(flow.greeting, false, socket);
+                Some(Opened::TimedOut)
+            }
+            _ => None,
+        };
+        match opened {
+            Some(Opened::Yes) => {
+                flow.phase = Phase::Open;
+                flow.to_app = greeting_bytes(flow.greeting, Opened::Yes, socket);
+            }
+            Some(failed) => {
+                flow.to_app = greeting_bytes(flow.greeting, failed, socket);
                 flow.ending = true;
                 if let (Greeting::Silent, Some(stream)) = (flow.greeting, &flow.stream) {
                     reset(stream);
                 }
             }
-            _ => {}
+            None => {}
         }
     }
     let Some(stream) = &flow.stream else { return socket.state() == State::Closed || flow.ending };
+    if matches!(socket.state(), State::CloseWait | State::LastAck | State::Closing | State::TimeWait) {
+        flow.peer_fin = true;
+    }
 
-    // Peer to app: what the greeting owes first, then the receive ring straight into the app's socket.
+    // Peer to app: what is owed first (a greeting, or the rest of a closed stream), then the receive ring
+    // straight into the app's socket.
     let mut app_broken = false;
     while flow.to_app_sent < flow.to_app.len() {
         match stream.try_write(&flow.to_app[flow.to_app_sent..]) {
@@ -734,12 +786,19 @@ fn pump_flow(flow: &mut Flow, socket: &mut tcp::Socket, now: Instant) -> bool {
             }
         }
     }
-    let greeted = flow.to_app_sent == flow.to_app.len();
+    let delivered = flow.to_app_sent == flow.to_app.len();
     if flow.ending {
         // A refused or failed flow: done once the app has heard why.
-        return greeted || app_broken;
+        return delivered || app_broken;
     }
-    if greeted && flow.phase == Phase::Open {
+    if flow.finishing {
+        // The socket is gone; the app gets the last bytes, then the end of the stream.
+        if delivered && !app_broken {
+            let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+        }
+        return delivered || app_broken;
+    }
+    if delivered && flow.phase == Phase::Open {
         while socket.can_recv() && !app_broken {
             let moved = socket.recv(|data| match stream.try_write(data) {
                 Ok(n) => (n, n),
@@ -753,7 +812,7 @@ fn pump_flow(flow: &mut Flow, socket: &mut tcp::Socket, now: Instant) -> bool {
                 break;
             }
         }
-        if !flow.peer_done && !socket.may_recv() && socket.recv_queue() == 0 && socket.state() != State::Closed {
+        if !flow.peer_done && flow.peer_fin && socket.recv_queue() == 0 && socket.state() != State::Closed {
             // The peer's FIN: the app reads its end of the stream.
             let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
             flow.peer_done = true;
@@ -761,7 +820,7 @@ fn pump_flow(flow: &mut Flow, socket: &mut tcp::Socket, now: Instant) -> bool {
     }
 
     // App to peer: a pending request head first, then the app's socket straight into the send ring.
-    if flow.phase == Phase::Open && socket.may_send() {
+    if flow.phase == Phase::Open && socket.may_send() && !app_broken {
         while flow.to_peer_sent < flow.to_peer.len() {
             match socket.send_slice(&flow.to_peer[flow.to_peer_sent..]) {
                 Ok(0) | Err(_) => break,
@@ -774,40 +833,61 @@ fn pump_flow(flow: &mut Flow, socket: &mut tcp::Socket, now: Instant) -> bool {
                 break;
             }
             let read = socket.send(|room| match stream.try_read(room) {
-                Ok(0) => (0, Some(true)),
+                Ok(0) => (0, Some(Ok(()))),
                 Ok(n) => (n, None),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => (0, Some(false)),
-                Err(_) => (0, Some(true)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => (0, Some(Err(false))),
+                Err(_) => (0, Some(Err(true))),
             });
             match read {
                 Ok(None) => {}
-                Ok(Some(eof)) => {
-                    if eof {
-                        flow.app_done = true;
-                    }
+                // The app's end of the stream: FIN after what the ring still holds.
+                Ok(Some(Ok(()))) => {
+                    flow.app_done = true;
                     break;
                 }
-                Err(_) => break,
+                // The app's connection failed (reset): the peer must not take it for a clean end.
+                Ok(Some(Err(true))) => {
+                    app_broken = true;
+                    break;
+                }
+                Ok(Some(Err(false))) | Err(_) => break,
             }
         }
         if flow.app_done {
-            // FIN after what the ring still holds.
             socket.close();
         }
     }
 
     if app_broken {
         socket.abort();
+        reset(stream);
         return true;
     }
     match socket.state() {
         State::Closed | State::TimeWait => {
-            let clean = flow.app_done && flow.peer_done;
-            if !clean && socket.recv_queue() == 0 {
+            if !flow.peer_fin {
+                // Reset by the peer, or timed out: the app must not take it for a clean end.
                 reset(stream);
+                return true;
             }
-            // Bytes the app has not taken yet are still delivered before the flow goes.
-            socket.recv_queue() == 0 || !clean
+            // Closed cleanly. What the ring still holds moves to a buffer of the flow's own (smoltcp empties the
+            // ring when TIME-WAIT ends), and the flow lasts until the app has it.
+            let mut rest = Vec::new();
+            while let Ok(n) = socket.recv(|data| {
+                rest.extend_from_slice(data);
+                (data.len(), data.len())
+            }) {
+                if n == 0 {
+                    break;
+                }
+            }
+            if rest.is_empty() && flow.peer_done {
+                return true;
+            }
+            flow.to_app = rest;
+            flow.to_app_sent = 0;
+            flow.finishing = true;
+            false
         }
         _ => false,
     }

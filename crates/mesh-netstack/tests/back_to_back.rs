@@ -77,8 +77,8 @@ async fn app_pair() -> (TcpStream, TcpStream) {
 
 fn stacks(local: SocketAddr) -> (Stack, Stack) {
     let now = Instant::now();
-    let mut a = Stack::new(1420, Limits::default(), now);
-    let mut b = Stack::new(1420, Limits::default(), now);
+    let mut a = Stack::new(1420, Limits::default(), now, 1);
+    let mut b = Stack::new(1420, Limits::default(), now, 2);
     a.set_addresses(&[A.parse().unwrap()]);
     b.set_addresses(&[B.parse().unwrap()]);
     b.set_exposed(&[Expose { port: 7000, local, proto: mesh_netstack::Proto::Tcp }]);
@@ -164,7 +164,7 @@ async fn a_socks_client_hears_success_then_the_bytes() {
 #[tokio::test]
 async fn flows_past_the_budget_are_refused() {
     let limits = Limits { budget: 3 * (256 + 128) * 1024, ..Limits::default() };
-    let mut a = Stack::new(1420, limits, Instant::now());
+    let mut a = Stack::new(1420, limits, Instant::now(), 3);
     a.set_addresses(&[A.parse().unwrap()]);
     let remote = SocketAddr::new(B.parse::<IpAddr>().unwrap(), 7000);
     let mut refused = 0;
@@ -193,15 +193,15 @@ async fn udp_echo_server() -> SocketAddr {
 async fn datagrams_cross_to_an_exposed_udp_port_and_back_to_their_owner() {
     let local = udp_echo_server().await;
     let now = Instant::now();
-    let mut a = Stack::new(1420, Limits::default(), now);
-    let mut b = Stack::new(1420, Limits::default(), now);
+    let mut a = Stack::new(1420, Limits::default(), now, 4);
+    let mut b = Stack::new(1420, Limits::default(), now, 5);
     a.set_addresses(&[A.parse().unwrap()]);
     b.set_addresses(&[B.parse().unwrap()]);
     b.set_exposed(&[Expose { port: 5353, local, proto: mesh_netstack::Proto::Udp }]);
     let (replies, mut answers) = tokio::sync::mpsc::channel(16);
     let app: SocketAddr = "127.0.0.1:40000".parse().unwrap();
     let remote = SocketAddr::new(B.parse::<IpAddr>().unwrap(), 5353);
-    let id = a.udp_open(remote.ip(), replies, app, now).unwrap();
+    let id = a.udp_open(remote.ip(), replies, app, false, now).unwrap();
     for i in 0..3u8 {
         a.udp_send(id, remote, &[i; 100], Instant::now()).unwrap();
     }
@@ -227,4 +227,38 @@ async fn datagrams_cross_to_an_exposed_udp_port_and_back_to_their_owner() {
     a.udp_close(id);
     assert_eq!(a.udp_send(id, remote, b"x", Instant::now()), Err(mesh_netstack::UdpError::Gone));
     assert_eq!(a.udp_associations(), 0);
+}
+
+#[tokio::test]
+async fn a_slow_reader_gets_the_whole_reply_after_both_sides_closed() {
+    // The app sends its request and half-closes; the server answers and closes; the app reads slowly, so the
+    // end of the reply and the FIN sit in the stack when its socket is already in TIME-WAIT.
+    let (mut a, mut b) = stacks(echo_server().await);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    app.set_recv_buffer_size(4096).unwrap();
+    app.connect(&listener.local_addr().unwrap().into()).unwrap();
+    app.set_nonblocking(true).unwrap();
+    let mut app = TcpStream::from_std(app.into()).unwrap();
+    let (taken, _) = listener.accept().await.unwrap();
+    let remote = SocketAddr::new(B.parse::<IpAddr>().unwrap(), 7000);
+    a.connect(taken, remote, Greeting::Silent, Vec::new(), Instant::now()).map_err(|(r, _)| r).unwrap();
+    let size = 1 << 20;
+    let got = wire(&mut a, &mut b, 0, async move {
+        app.write_all(&vec![7u8; size]).await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            match app.read(&mut buf).await {
+                Ok(0) => return Ok(got),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    let got = got.expect("a clean end, not a reset");
+    assert_eq!(got.len(), size, "the whole reply, not a truncated one");
 }

@@ -636,11 +636,19 @@ impl Daemon {
                         let _ = ask.send(self.readiness());
                     }
                 },
-                _ = terminate.recv() => if self.begin_drain() { break },
-                _ = interrupt.recv() => if self.begin_drain() { break },
+                _ = terminate.recv() => if self.begin_drain() {
+                    self.drain().await;
+                    break;
+                },
+                _ = interrupt.recv() => if self.begin_drain() {
+                    self.drain().await;
+                    break;
+                },
             }
             self.drain().await;
             if self.drained() {
+                // The resets of flows cut short go out before the loop ends.
+                self.drain().await;
                 break;
             }
         }
@@ -723,6 +731,7 @@ impl Daemon {
     fn begin_drain(&mut self) -> bool {
         let Some(userspace) = self.userspace.as_mut() else { return true };
         if userspace.draining_until.is_some() {
+            userspace.stack.abort_all();
             return true;
         }
         let drain = userspace.options.drain;
@@ -737,15 +746,16 @@ impl Daemon {
     }
 
     /// Whether a drain is over: no flows left, or its time is up.
-    fn drained(&self) -> bool {
-        let Some(userspace) = self.userspace.as_ref() else { return false };
+    fn drained(&mut self) -> bool {
+        let Some(userspace) = self.userspace.as_mut() else { return false };
         let Some(until) = userspace.draining_until else { return false };
         let flows = userspace.stack.flows();
         if flows > 0 && Instant::now() < until {
             return false;
         }
         if flows > 0 {
-            tracing::warn!(flows, "the drain time is up; closing the flows still open");
+            tracing::warn!(flows, "the drain time is up; resetting the flows still open");
+            userspace.stack.abort_all();
         }
         true
     }

@@ -54,6 +54,9 @@ pub(super) struct Association {
     replies: mpsc::Sender<UdpReply>,
     tag: SocketAddr,
     last: Instant,
+    /// A forward's association answers only from its target; a SOCKS5 one from wherever it sent to.
+    pinned: bool,
+    peer: Option<SocketAddr>,
 }
 
 /// One exposed UDP port on one address.
@@ -84,12 +87,13 @@ impl Stack {
     }
 
     /// Opens an association for datagrams to `family`'s addresses; what comes back goes to `replies` with
-    /// `tag`.
+    /// `tag`. A `pinned` one takes answers only from the last address it sent to (a forward's target).
     pub fn udp_open(
         &mut self,
         family: IpAddr,
         replies: mpsc::Sender<UdpReply>,
         tag: SocketAddr,
+        pinned: bool,
         now: Instant,
     ) -> Result<UdpId, Refusal> {
         if self.draining {
@@ -110,7 +114,7 @@ impl Stack {
         let handle = self.sockets.add(socket);
         self.next_serial += 1;
         let serial = self.next_serial;
-        self.associations.insert(handle, Association { serial, replies, tag, last: now });
+        self.associations.insert(handle, Association { serial, replies, tag, last: now, pinned, peer: None });
         self.counters.opened += 1;
         Ok(UdpId { handle, serial })
     }
@@ -121,6 +125,9 @@ impl Stack {
             return Err(UdpError::Gone);
         };
         association.last = now;
+        if association.pinned {
+            association.peer = Some(to);
+        }
         let socket = self.sockets.get_mut::<udp::Socket>(id.handle);
         socket.send_slice(data, endpoint(to)).map_err(|_| UdpError::Full)
     }
@@ -130,6 +137,13 @@ impl Stack {
         if self.associations.get(&id.handle).is_some_and(|a| a.serial == id.serial) {
             self.associations.remove(&id.handle);
             self.sockets.remove(id.handle);
+        }
+    }
+
+    /// Closes every association (the node's addresses changed, or the stack stops).
+    pub(super) fn close_associations(&mut self) {
+        for (handle, _) in self.associations.drain() {
+            self.sockets.remove(handle);
         }
     }
 
@@ -175,8 +189,12 @@ impl Stack {
         for (handle, association) in &mut self.associations {
             let socket = self.sockets.get_mut::<udp::Socket>(*handle);
             while let Ok((data, meta)) = socket.recv() {
+                let from = socket_addr(meta.endpoint);
+                if association.pinned && association.peer != Some(from) {
+                    continue;
+                }
                 association.last = now;
-                let reply = UdpReply { tag: association.tag, from: socket_addr(meta.endpoint), data: data.to_vec() };
+                let reply = UdpReply { tag: association.tag, from, data: data.to_vec() };
                 // A full channel drops the datagram, as a full socket buffer would.
                 let _ = association.replies.try_send(reply);
             }
@@ -255,7 +273,7 @@ impl Stack {
 
 /// A local socket toward an exposed app, connected so only the app's answers arrive.
 fn connected_local(app: SocketAddr) -> std::io::Result<UdpSocket> {
-    let any: SocketAddr = if app.is_ipv4() { "127.0.0.1:0" } else { "[::1]:0" }.parse().expect("an address");
+    let any: SocketAddr = if app.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("an address");
     let socket = std::net::UdpSocket::bind(any)?;
     socket.connect(app)?;
     socket.set_nonblocking(true)?;

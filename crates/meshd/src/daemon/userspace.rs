@@ -158,7 +158,7 @@ impl Userspace {
             .into_iter()
             .filter(|ip| Some(*ip) != own_dns && !ip.is_unspecified())
             .collect();
-        let mut stack = Stack::new(mtu, options.limits, Instant::now());
+        let mut stack = Stack::new(mtu, options.limits, Instant::now(), super::seed());
         stack.set_exposed(&options.exposes);
         for forward in &options.forwards {
             tracing::info!(listen = %forward.listen, target = %forward.target, "forward");
@@ -232,7 +232,7 @@ impl Userspace {
 fn serve_health(listener: TcpListener, asks: mpsc::Sender<HealthAsk>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            let Some((mut stream, _)) = mesh_netstack::listen::accept(&listener).await else { continue };
             let asks = asks.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
@@ -325,7 +325,7 @@ impl Daemon {
         for _ in 0..2 {
             let id = match userspace.udp.get(&key) {
                 Some(id) => *id,
-                None => match userspace.stack.udp_open(ip, out.replies.clone(), out.client, now) {
+                None => match userspace.stack.udp_open(ip, out.replies.clone(), out.client, out.pinned, now) {
                     Ok(id) => {
                         if userspace.udp.len() >= 4096 {
                             // Forget associations the stack closed (idle, or their owner left).
