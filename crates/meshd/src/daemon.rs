@@ -533,9 +533,17 @@ impl Daemon {
             if self.api_bound {
                 let _ = std::fs::remove_file(&self.options.socket);
             }
-            tracing::info!(prefs = %m.store.prefs_path().display(), "preferences and identity kept for the next start");
+            if m.store.memory {
+                tracing::info!("nothing kept: the state was in memory (--state-dir mem:)");
+            } else {
+                tracing::info!(prefs = %m.store.prefs_path().display(), "preferences and identity kept for the next start");
+            }
         }
-        tracing::info!("meshd stopped; routes, rules and the UAPI socket removed");
+        if self.userspace.is_some() {
+            tracing::info!("meshd stopped");
+        } else {
+            tracing::info!("meshd stopped; routes, rules and the UAPI socket removed");
+        }
     }
 
     async fn event_loop(&mut self, listeners: Listeners, signals: Signals) -> Result<(), Error> {
@@ -544,7 +552,7 @@ impl Daemon {
         let (api_tx, mut api_rx) = mpsc::channel::<local_api::Request>(16);
         let api_task = listeners.api.map(|listener| AbortOnDrop(local_api::serve(listener, api_tx.clone())));
         let mut follow_rx = self.managed.as_mut().and_then(|m| m.events_rx.take());
-        self.resume().await;
+        self.resume().await?;
         let (uapi_tx, mut uapi_rx) = mpsc::channel::<UapiRequest>(8);
         let (reload_tx, mut reload_rx) = mpsc::channel::<Result<Reloaded, String>>(1);
         let mut dns_answers = self.dns_answers_rx.take().expect("one event loop");

@@ -266,6 +266,10 @@ struct JoinArgs {
     /// A CA certificate (PEM) for the coordination server.
     #[arg(long, env = "MESHD_CA_CERT")]
     ca_cert: Option<PathBuf>,
+    /// Allow an http:// control URL (credentials cross the network unencrypted).
+    #[arg(long, env = "MESHD_INSECURE_HTTP", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    insecure_http: Option<bool>,
     #[arg(long, env = "MESHD_HOSTNAME")]
     hostname: Option<String>,
     #[arg(long, env = "MESHD_ADVERTISE_TAGS", value_delimiter = ',', value_name = "tag:a,..")]
@@ -286,6 +290,7 @@ impl JoinArgs {
             prefs: prefs::PrefsPatch {
                 control_url: Some(control_url),
                 ca_cert: self.ca_cert,
+                insecure_http: self.insecure_http,
                 hostname: self.hostname,
                 advertise_tags: self.advertise_tags,
                 ..prefs::PrefsPatch::default()

@@ -404,4 +404,28 @@ fn userspace_flags_are_checked_before_anything_starts() {
     let (code, err) = run(&["daemon", "--tun", "userspace", "--state-dir", "mem:", "--auth-key", "k"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("needs --control-url"), "{err}");
+    // Joining at start with preferences `up` refuses stops the daemon with the reason (in a namespace of the
+    // test's own, under `timeout`: were the refusal broken, the daemon would run there, not forever).
+    let mut lab = lab;
+    let ns = lab.netns("f");
+    let socket = lab.path("f.sock");
+    let args = [
+        "10",
+        MESHD,
+        "daemon",
+        "--tun",
+        "userspace",
+        "--state-dir",
+        "mem:",
+        "--socket",
+        socket.to_str().unwrap(),
+        "--control-url",
+        "http://192.0.2.1:8443",
+        "--auth-key",
+        "mkey-x",
+    ];
+    let out = lab.ns(ns).exec("timeout", &args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("plain HTTP") && err.contains("--insecure-http"), "{err}");
 }

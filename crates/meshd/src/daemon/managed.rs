@@ -147,16 +147,16 @@ impl Daemon {
     }
 
     /// Called once the event loop runs: a node that was up before its restart follows its server again.
-    pub(super) async fn resume(&mut self) {
+    pub(super) async fn resume(&mut self) -> Result<(), Error> {
         if let Some(request) = self.options.join.take() {
-            // `meshd daemon --control-url URL --auth-key KEY`: the daemon runs `up` itself.
-            match self.up(request).await {
-                Ok(_) => tracing::info!("joining the mesh as the daemon's flags ask"),
-                Err(e) => tracing::error!("cannot join the mesh at start: {e}"),
-            }
-            return;
+            // `meshd daemon --control-url URL --auth-key KEY`: the daemon runs `up` itself. Preferences it
+            // refuses stop the daemon (a container restarts it with the reason in its log), not a node
+            // that runs on without a mesh.
+            self.up(request).await?;
+            tracing::info!("joining the mesh as the daemon's flags ask");
+            return Ok(());
         }
-        let Some(m) = &self.managed else { return };
+        let Some(m) = &self.managed else { return Ok(()) };
         if m.prefs.want_running {
             if let Some(map) = &m.netmap {
                 let reply = UpReply { name: map.node.name.clone(), ipv4: map.node.ipv4, ipv6: map.node.ipv6 };
@@ -164,6 +164,7 @@ impl Daemon {
             }
             self.start_following().await;
         }
+        Ok(())
     }
 
     /// Starts a follower for the current preferences and identity; the one before it (if any) stops.
