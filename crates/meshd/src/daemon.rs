@@ -127,6 +127,9 @@ struct Listeners {
 /// Datagrams one `poll_transmit` may hand over at once (they go out one `send_to` each until GSO lands).
 const MAX_BATCH: usize = 64;
 
+/// Datagrams a userspace node takes in one wake-up before its stack runs.
+const USERSPACE_BATCH: usize = 32;
+
 /// How many times a failed TUN device is recreated (with backoff from 100 ms to 5 s) before the daemon
 /// stops with the reason.
 const TUN_RECOVERY_ATTEMPTS: u32 = 8;
@@ -589,6 +592,15 @@ impl Daemon {
                 received = self.udp4.recv_from(&mut udp4_buf) => {
                     if let Ok((n, from)) = received {
                         self.datagram(from, &udp4_buf[..n], &mut out).await;
+                        // Userspace mode: what else has arrived goes into the stack before it runs, so the app
+                        // gets one write for many segments and the peer one ACK for several.
+                        for _ in 1..USERSPACE_BATCH {
+                            if self.userspace.is_none() {
+                                break;
+                            }
+                            let Ok((n, from)) = self.udp4.try_recv_from(&mut udp4_buf) else { break };
+                            self.datagram(from, &udp4_buf[..n], &mut out).await;
+                        }
                     }
                 }
                 received = recv_optional(self.udp6.as_ref(), &mut udp6_buf) => {
