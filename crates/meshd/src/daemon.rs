@@ -673,6 +673,15 @@ impl Daemon {
             }
         }
         drop(api_task);
+        // A registration the server answered just before the signal: its identity is taken in, so a node that
+        // logs out at exit (userspace, ephemeral or `mem:`) is not left behind on the server.
+        if let Some(events) = follow_rx.as_mut() {
+            while let Ok((generation, event)) = events.try_recv() {
+                if matches!(event, crate::follow::Event::Registered(..)) {
+                    self.follow_event(generation, event).await;
+                }
+            }
+        }
         Ok(())
     }
 
