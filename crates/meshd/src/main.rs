@@ -257,19 +257,12 @@ impl UserspaceArgs {
 /// these flags once the daemon runs).
 #[derive(Debug, clap::Args)]
 struct JoinArgs {
-    /// The coordination server to join at start.
-    #[arg(long, env = "MESHD_CONTROL_URL")]
-    control_url: Option<String>,
+    /// The coordination server to join at start (with --auth-key), as `meshd up` would.
+    #[command(flatten)]
+    server: node_cli::ServerArgs,
     /// An auth key, or file:PATH holding one.
     #[arg(long, env = "MESHD_AUTH_KEY", hide_env_values = true)]
     auth_key: Option<String>,
-    /// A CA certificate (PEM) for the coordination server.
-    #[arg(long, env = "MESHD_CA_CERT")]
-    ca_cert: Option<PathBuf>,
-    /// Allow an http:// control URL (credentials cross the network unencrypted).
-    #[arg(long, env = "MESHD_INSECURE_HTTP", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", action = clap::ArgAction::Set)]
-    insecure_http: Option<bool>,
     #[arg(long, env = "MESHD_HOSTNAME")]
     hostname: Option<String>,
     #[arg(long, env = "MESHD_ADVERTISE_TAGS", value_delimiter = ',', value_name = "tag:a,..")]
@@ -278,7 +271,8 @@ struct JoinArgs {
 
 impl JoinArgs {
     fn request(self) -> Result<Option<local_api::UpRequest>, Error> {
-        let Some(control_url) = self.control_url else {
+        let ca_cert = self.server.ca_cert();
+        let Some(control_url) = self.server.control_url else {
             if self.auth_key.is_some() {
                 return Err(Error::Input(
                     "--auth-key needs --control-url (or MESHD_CONTROL_URL) to join at start".into(),
@@ -289,8 +283,8 @@ impl JoinArgs {
         Ok(Some(local_api::UpRequest {
             prefs: prefs::PrefsPatch {
                 control_url: Some(control_url),
-                ca_cert: self.ca_cert,
-                insecure_http: self.insecure_http,
+                ca_cert,
+                insecure_http: self.server.insecure_http,
                 hostname: self.hostname,
                 advertise_tags: self.advertise_tags,
                 ..prefs::PrefsPatch::default()

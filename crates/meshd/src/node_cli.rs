@@ -11,20 +11,34 @@ use mesh_dataplane::netmap::AcceptRoutes;
 
 use crate::prefs::{Advertised, PrefsPatch};
 
-/// The preference flags `up` and `set` share; a flag not given leaves that preference as it is.
+/// How a node reaches its coordination server (`up`, `set`, and `daemon` joining at start).
 #[derive(Debug, Clone, clap::Args)]
-pub struct PrefArgs {
+pub struct ServerArgs {
     /// The coordination server, e.g. https://control.example:8443.
     #[arg(long, env = "MESHD_CONTROL_URL")]
-    control_url: Option<String>,
+    pub control_url: Option<String>,
     /// A CA certificate (PEM) to trust for the server, when it is not in the public web PKI.
     #[arg(long, env = "MESHD_CA_CERT")]
-    ca_cert: Option<PathBuf>,
+    pub ca_cert: Option<PathBuf>,
     /// Allow an http:// control URL (credentials cross the network unencrypted; the server needs
     /// --insecure-http too).
     #[arg(long, env = "MESHD_INSECURE_HTTP", value_name = "BOOL", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", action = clap::ArgAction::Set)]
-    insecure_http: Option<bool>,
+    pub insecure_http: Option<bool>,
+}
+
+impl ServerArgs {
+    /// The CA path made absolute: the daemon that reads it runs elsewhere.
+    pub fn ca_cert(&self) -> Option<PathBuf> {
+        self.ca_cert.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+    }
+}
+
+/// The preference flags `up` and `set` share; a flag not given leaves that preference as it is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PrefArgs {
+    #[command(flatten)]
+    server: ServerArgs,
     /// The name to register with (default: the host name).
     #[arg(long, env = "MESHD_HOSTNAME")]
     hostname: Option<String>,
@@ -83,9 +97,9 @@ impl PrefArgs {
             ),
         };
         Ok(PrefsPatch {
-            control_url: self.control_url.clone(),
-            ca_cert: self.ca_cert.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
-            insecure_http: self.insecure_http,
+            control_url: self.server.control_url.clone(),
+            ca_cert: self.server.ca_cert(),
+            insecure_http: self.server.insecure_http,
             hostname: self.hostname.clone(),
             advertise_routes,
             accept_routes: self.accept_routes.as_deref().map(AcceptRoutes::parse).transpose()?,
