@@ -283,14 +283,17 @@ pub(super) fn capabilities() -> String {
 const FRESH_HANDSHAKE: Duration = Duration::from_secs(180);
 
 impl Daemon {
+    /// A target's address: its own, or what MagicDNS gives its name now (so a forward follows the name to
+    /// whichever address the current netmap gives it).
+    fn resolve(&self, target: &mesh_netstack::Target) -> Option<IpAddr> {
+        target.ip().or_else(|| self.dataplane.resolver()?.lookup(&target.host).into_iter().next())
+    }
+
     /// An app connection wants a flow: its target is resolved through MagicDNS now (so a forward follows the
     /// name to whichever address the netmap gives it) and the flow opens in the stack.
     pub(super) fn dial(&mut self, dial: Dial) {
+        let address = self.resolve(&dial.target);
         let Some(userspace) = self.userspace.as_mut() else { return };
-        let address = match dial.target.ip() {
-            Some(ip) => Some(ip),
-            None => self.dataplane.resolver().and_then(|r| r.lookup(&dial.target.host).into_iter().next()),
-        };
         let Some(ip) = address else {
             mesh_netstack::listen::refuse(dial, "no mesh node or record has that name");
             return;
@@ -310,10 +313,7 @@ impl Daemon {
     /// A datagram from an app: its target resolved through MagicDNS, sent on the owner's association for
     /// that app address (opened on the first datagram, again after an idle close).
     pub(super) fn udp_datagram(&mut self, out: UdpOut) {
-        let address = match out.target.ip() {
-            Some(ip) => Some(ip),
-            None => self.dataplane.resolver().and_then(|r| r.lookup(&out.target.host).into_iter().next()),
-        };
+        let address = self.resolve(&out.target);
         let Some(userspace) = self.userspace.as_mut() else { return };
         let Some(ip) = address else {
             tracing::debug!(target = %out.target, "a datagram for a name the mesh does not have");
@@ -384,15 +384,9 @@ impl Daemon {
         let peers = self.dataplane.peer_status();
         let mut problems = Vec::new();
         for target in targets {
-            let ip = match target.ip() {
-                Some(ip) => ip,
-                None => match self.dataplane.resolver().and_then(|r| r.lookup(&target.host).into_iter().next()) {
-                    Some(ip) => ip,
-                    None => {
-                        problems.push(format!("{}: no such name", target.host));
-                        continue;
-                    }
-                },
+            let Some(ip) = self.resolve(&target) else {
+                problems.push(format!("{}: no such name", target.host));
+                continue;
             };
             let peer = peers.iter().find(|p| p.allowed_ips.iter().any(|net| net.contains(&ip)));
             let fresh = peer.and_then(|p| p.since_handshake).is_some_and(|age| age < FRESH_HANDSHAKE);
