@@ -171,6 +171,8 @@ pub async fn run(o: Options) -> Result<(), Error> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(url = %format!("{scheme}://{address}"), db = %db.display(), "coordination server listening");
 
+    crate::service::ready(&format!("listening on {scheme}://{address}"));
+
     let cleaner = state.clone();
     let timeout = o.ephemeral_timeout;
     tokio::spawn(async move {
@@ -189,10 +191,12 @@ pub async fn run(o: Options) -> Result<(), Error> {
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| Error::system("SIGTERM handler", e))?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| Error::system("SIGINT handler", e))?;
     tokio::select! {
-        () = mesh_control::serve::serve(listener, router(state), tls, Limits::default()) => Ok(()),
-        _ = terminate.recv() => Ok(()),
-        _ = interrupt.recv() => Ok(()),
+        () = mesh_control::serve::serve(listener, router(state), tls, Limits::default()) => {}
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
     }
+    crate::service::stopping();
+    Ok(())
 }
 
 /// `--policy FILE` replaces the stored policy when its text differs (a new version, set by the file);

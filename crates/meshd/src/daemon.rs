@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{self, Endpoint, StaticConfig};
 use crate::error::Error;
-use crate::{keys, local_api, uapi};
+use crate::{keys, local_api, service, uapi};
 
 mod dns;
 mod host;
@@ -528,7 +528,18 @@ impl Daemon {
         Ok(listener)
     }
 
+    /// The line `systemctl status meshd` shows once the daemon is ready.
+    fn service_status(&self) -> String {
+        let device = if self.userspace.is_some() {
+            "userspace mode (no TUN device)".to_string()
+        } else {
+            format!("{} up, rules and routes in table {}", self.tun_name, self.options.policy.table)
+        };
+        format!("{device}; WireGuard on UDP {}", self.listen_port)
+    }
+
     async fn stop(&mut self) {
+        service::stopping();
         self.host.stop().await;
         let _ = std::fs::remove_file(&self.uapi_path);
         if let Some(m) = &self.managed {
@@ -556,6 +567,7 @@ impl Daemon {
         let api_task = listeners.api.map(|listener| AbortOnDrop(local_api::serve(listener, api_tx.clone())));
         let mut follow_rx = self.managed.as_mut().and_then(|m| m.events_rx.take());
         self.resume().await?;
+        service::ready(&self.service_status());
         let (uapi_tx, mut uapi_rx) = mpsc::channel::<UapiRequest>(8);
         let (reload_tx, mut reload_rx) = mpsc::channel::<Result<Reloaded, String>>(1);
         let mut dns_answers = self.dns_answers_rx.take().expect("one event loop");

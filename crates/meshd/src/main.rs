@@ -15,6 +15,7 @@ mod local_api;
 mod node_cli;
 mod prefs;
 mod run_state;
+mod service;
 mod uapi;
 
 use error::Error;
