@@ -12,6 +12,8 @@
 //! installs them.
 #![forbid(unsafe_code)]
 
+pub mod podman;
+
 use std::fs;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
