@@ -246,7 +246,9 @@ fn dns_check(dns: &crate::local_api::DnsStatus) -> Option<Check> {
 async fn checks(o: &Options) -> std::io::Result<Vec<Check>> {
     let netlink = Netlink::connect()?;
     let socket = o.uapi_dir.join(format!("{}.sock", o.tun));
-    let daemon = ask_daemon(&socket);
+    // meshd.service keeps the UAPI socket in its own runtime directory (it runs as its own user, which may
+    // not write /var/run/wireguard), so doctor run from a shell without the unit's environment looks there too.
+    let daemon = ask_daemon(&socket).or_else(|| ask_daemon(&o.run_dir.join(format!("{}.sock", o.tun))));
     let state = match &daemon {
         Some(_) => RunState::read(&o.run_dir.join(format!("{}.json", o.tun))),
         None => RunState::default(),

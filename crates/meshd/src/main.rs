@@ -271,7 +271,7 @@ struct JoinArgs {
 }
 
 impl JoinArgs {
-    fn request(self) -> Result<Option<local_api::UpRequest>, Error> {
+    fn request(self, router: &RouterArgs) -> Result<Option<local_api::UpRequest>, Error> {
         let ca_cert = self.server.ca_cert();
         let Some(control_url) = self.server.control_url else {
             if self.auth_key.is_some() {
@@ -288,6 +288,13 @@ impl JoinArgs {
                 insecure_http: self.server.insecure_http,
                 hostname: self.hostname,
                 advertise_tags: self.advertise_tags,
+                // A router configured by env alone (a container) joins with its routes: the static mode's
+                // --advertise-routes, --snat-subnet-routes and --snat-address become its preferences.
+                advertise_routes: (!router.advertise_routes.is_empty()).then(|| {
+                    router.advertise_routes.iter().map(|&(prefix, snat)| prefs::Advertised { prefix, snat }).collect()
+                }),
+                snat_subnet_routes: (!router.advertise_routes.is_empty()).then_some(router.snat_subnet_routes),
+                snat_address: (!router.snat_address.is_empty()).then(|| router.snat_address.clone()),
                 ..prefs::PrefsPatch::default()
             },
             auth_key: node_cli::read_auth_key(self.auth_key)?,
@@ -648,7 +655,8 @@ fn main() -> ExitCode {
             join,
         } => {
             init_logging();
-            let flags = userspace.options(tun.as_deref() == Some("userspace")).and_then(|u| Ok((u, join.request()?)));
+            let flags =
+                userspace.options(tun.as_deref() == Some("userspace")).and_then(|u| Ok((u, join.request(&router)?)));
             let (userspace, join) = match flags {
                 Ok(parsed) => parsed,
                 Err(e) => return block_on(async { Err(e) }),
