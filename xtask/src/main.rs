@@ -10,6 +10,7 @@ mod demo;
 mod dns_bench;
 mod gap;
 mod golden;
+mod package;
 mod routes;
 mod runner;
 mod throughput;
@@ -40,16 +41,21 @@ const PACKAGES: &[&str] = &[
     "redis-tools",
     "python3",
     "bind9-dnsutils",
-    // A real systemd-resolved: a debootstrap root booted with systemd in podman (runc).
+    // A real systemd-resolved, and the Debian package's units: a debootstrap root booted with systemd in
+    // podman (runc); catatonit is the pause process of pods (`podman kube play`); lintian checks the package.
     "podman",
     "runc",
     "debootstrap",
+    "catatonit",
+    "lintian",
+    "binutils",
 ];
 
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   ci              install missing system packages (as root), then fmt, clippy and every test
+  package         the Debian package and the container image, into target/package/ (root, podman)
   demo            subnet routing with SNAT in network namespaces, shown step by step (root)
   capture-golden  record the real packets mesh-packet's golden tests replay (root, needs tcpdump)
   bench [snat]    criterion benchmarks of the SNAT hot path and memory per flow
@@ -70,6 +76,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("demo") => demo::run(),
+        Some("package") => package::run(),
         Some("capture-golden") => golden::run(),
         Some("bench") => bench(args.get(1).map(String::as_str), &args[args.len().min(2)..]),
         Some("-h" | "--help" | "help") => {
@@ -151,8 +158,23 @@ fn ci() -> Result<bool> {
             .success();
     tally.check("cargo deny", ok);
 
+    // The deployment tests install and run what users get: the .deb and the image, from a release build.
+    section("package: the Debian package and the container image (cargo xtask package)");
+    let mut tests = cargo();
+    match package::build() {
+        Ok(built) => {
+            println!("{}\n{} ({} bytes)", built.deb.display(), built.image_archive.display(), built.image_bytes);
+            tests.env("MESHD_PACKAGE_DIR", built.deb.parent().expect("the package's directory"));
+            tally.check("cargo xtask package", true);
+        }
+        Err(e) => {
+            println!("packaging failed: {e:#}");
+            tally.check("cargo xtask package", false);
+        }
+    }
+
     section("cargo test (unit, integration, end-to-end)");
-    tally.add(runner::run_tests(cargo(), &["--workspace"])?);
+    tally.add(runner::run_tests(tests, &["--workspace"])?);
 
     // boringtun's mock clock stands still unless a test moves it, so the simulation is built on its own:
     // in the run above, that feature would have reached the daemon the end-to-end tests start.
@@ -213,7 +235,10 @@ fn installed(package: &str) -> bool {
 
 pub(crate) fn install_packages() -> Result<()> {
     section("system packages");
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    let mut missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if !has_kubectl() {
+        missing.push("kubernetes-client");
+    }
     if missing.is_empty() {
         println!("all present: {}", PACKAGES.join(" "));
         return Ok(());
@@ -237,6 +262,13 @@ pub(crate) fn install_packages() -> Result<()> {
     let mut install = vec!["-qq", "install", "-y", "--no-install-recommends"];
     install.extend(&missing);
     quiet(&install)
+}
+
+/// `kubectl kustomize` builds the Kubernetes bases in the deploy test. This kind of machine has kubectl
+/// (with kustomize v5); Debian's own kubernetes-client is the fallback where it is missing, though its
+/// kustomize (v2, in kubectl 1.20) is too old for the bases, which the test then says.
+fn has_kubectl() -> bool {
+    Command::new("kubectl").args(["version", "--client"]).output().is_ok_and(|o| o.status.success())
 }
 
 /// Builds meshd in release mode and returns the binary's path (for the demo and the benches).
