@@ -232,9 +232,13 @@ fn the_debian_package_installs_runs_its_units_under_systemd_and_purges_clean() {
     assert!(c.exec_ok("ip rule").contains("lookup 52"));
     assert!(!c.exec_ok("journalctl -u meshd --no-pager").contains("ERROR"));
 
-    // A restart keeps the identity; a stop removes the device, rules and routes.
+    // A restart, and installing the package again (an upgrade's path: the postinst restarts the unit),
+    // keep the identity; a stop removes the device, rules and routes.
     c.exec_ok("systemctl restart meshd");
     assert!(c.wait_for(&format!("meshd status | grep -q '{ip} '"), Duration::from_secs(20)));
+    c.exec_ok("dpkg -i /tmp/meshd.deb");
+    assert!(c.wait_for(&format!("meshd status | grep -q '{ip} '"), Duration::from_secs(20)));
+    assert_eq!(c.exec_ok("systemctl is-active meshd-control").trim(), "active", "try-restart kept the server");
     c.exec_ok("systemctl stop meshd meshd-control");
     assert!(!c.exec("ip link show mesh0").status.success(), "the TUN device outlived the stop");
     assert!(!c.exec_ok("ip rule").contains("lookup 52"), "rules outlived the stop");
