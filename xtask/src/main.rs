@@ -173,8 +173,15 @@ fn ci() -> Result<bool> {
         }
     }
 
+    // The deployment tests run on their own after the rest, with their output shown: the unit scores, the
+    // image's size and lintian's verdict are figures docs/deploy.md records.
     section("cargo test (unit, integration, end-to-end)");
-    tally.add(runner::run_tests(tests, &["--workspace"])?);
+    let mut deploy_tests = Command::new(tests.get_program());
+    deploy_tests.current_dir(root()).envs(tests.get_envs().filter_map(|(k, v)| Some((k, v?))));
+    tally.add(runner::run_tests(tests, &["--workspace", "--", "--skip", "deploy_"])?);
+
+    section("cargo test: deployment (the package, the image, the Kubernetes manifests)");
+    tally.add(runner::run_tests(deploy_tests, &["-p", "meshd", "--test", "deploy", "--", "--show-output"])?);
 
     // boringtun's mock clock stands still unless a test moves it, so the simulation is built on its own:
     // in the run above, that feature would have reached the daemon the end-to-end tests start.

@@ -45,11 +45,17 @@ impl Tally {
 }
 
 /// Runs `cargo test` with `selection` through `cargo`, streaming its output, and returns what it showed.
+/// What follows a `--` in `selection` goes to the test binaries.
 pub fn run_tests(mut cargo: Command, selection: &[&str]) -> Result<Tally> {
+    let (packages, binary_args) = match selection.iter().position(|a| *a == "--") {
+        Some(at) => (&selection[..at], &selection[at..]),
+        None => (selection, &[][..]),
+    };
     let mut child = cargo
         .arg("test")
-        .args(selection)
+        .args(packages)
         .args(["--locked", "--no-fail-fast", "--color", "never"])
+        .args(binary_args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

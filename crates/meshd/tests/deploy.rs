@@ -11,7 +11,8 @@
 //!
 //! Root, podman (runc), catatonit, debootstrap, lintian and kubectl, which `cargo xtask ci` installs; it also
 //! builds the package first (`cargo xtask package`) and names its directory in MESHD_PACKAGE_DIR. Run by
-//! hand, the test packages itself.
+//! hand, the test packages itself. Every test's name starts with `deploy_`: xtask runs them in a section
+//! of their own, with their output (the figures docs/deploy.md records) shown.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -115,7 +116,7 @@ impl<F: FnMut()> Drop for Cleanup<F> {
 }
 
 #[test]
-fn the_units_score_within_their_goals() {
+fn deploy_units_score_within_their_goals() {
     for (unit, goal) in [("meshd.service", MESHD_SERVICE_GOAL), ("meshd-control.service", CONTROL_SERVICE_GOAL)] {
         let path = workspace().join("deploy/systemd").join(unit);
         let o = Command::new("systemd-analyze")
@@ -157,7 +158,7 @@ fn status_field<'s>(status: &'s str, field: &str) -> &'s str {
 }
 
 #[test]
-fn the_debian_package_installs_runs_its_units_under_systemd_and_purges_clean() {
+fn deploy_debian_package_installs_runs_its_units_under_systemd_and_purges_clean() {
     let deb = &package().deb;
     // lintian: no error or warning left but the two the package overrides with their reasons.
     let o = Command::new("lintian").args(["--fail-on", "error,warning"]).arg(deb).output().expect("lintian runs");
@@ -257,7 +258,7 @@ fn the_debian_package_installs_runs_its_units_under_systemd_and_purges_clean() {
 }
 
 #[test]
-fn the_container_image_is_small_and_runs_the_server_a_router_and_a_node() {
+fn deploy_container_image_is_small_and_runs_the_server_a_router_and_a_node() {
     let (podman, image) = store();
     let bytes: u64 = podman.ok(&["image", "inspect", "--format", "{{.Size}}", image]).trim().parse().unwrap();
     println!("{image}: {bytes} bytes ({:.1} MB; goal <= 25 MB)", bytes as f64 / 1e6);
@@ -410,7 +411,7 @@ fn tar_listing(tar: &[u8]) -> Vec<String> {
 }
 
 #[test]
-fn the_kubernetes_manifests_build_and_the_sidecar_pod_reaches_the_database_under_podman_kube_play() {
+fn deploy_kubernetes_manifests_build_and_the_sidecar_pod_reaches_the_database_under_podman_kube_play() {
     let version = Command::new("kubectl").args(["version", "--client"]).output().expect("kubectl runs");
     let version = out(&version);
     assert!(
