@@ -271,7 +271,7 @@ struct JoinArgs {
 }
 
 impl JoinArgs {
-    fn request(self, router: &RouterArgs) -> Result<Option<local_api::UpRequest>, Error> {
+    fn request(self, router: &RouterArgs, routing: &RoutingArgs) -> Result<Option<local_api::UpRequest>, Error> {
         let ca_cert = self.server.ca_cert();
         let Some(control_url) = self.server.control_url else {
             if self.auth_key.is_some() {
@@ -295,6 +295,8 @@ impl JoinArgs {
                 }),
                 snat_subnet_routes: (!router.advertise_routes.is_empty()).then_some(router.snat_subnet_routes),
                 snat_address: (!router.snat_address.is_empty()).then(|| router.snat_address.clone()),
+                // A sidecar that reaches subnets behind routers (the seed's `acceptRoutes: true`).
+                accept_routes: routing.accept_routes.clone(),
                 ..prefs::PrefsPatch::default()
             },
             auth_key: node_cli::read_auth_key(self.auth_key)?,
@@ -316,10 +318,12 @@ struct RoutingArgs {
     /// Priority of the first policy rule; the others follow at +20, +40 and +60.
     #[arg(long, env = "MESHD_RULE_PRIORITY", default_value_t = 5210, value_parser = clap::value_parser!(u32).range(1..=32700))]
     rule_priority: u32,
-    /// Route only subnet routes inside these prefixes (and their more-specifics) into the mesh; peers' own
-    /// addresses always are. Without it, every allowed IP is routed.
-    #[arg(long, env = "MESHD_ACCEPT_ROUTES", value_name = "CIDR,..", value_delimiter = ',', num_args = 0.., require_equals = true)]
-    accept_routes: Option<Vec<ipnet::IpNet>>,
+    /// Route only subnet routes inside these prefixes (and their more-specifics) into the mesh (`true`: all,
+    /// `false`: none); peers' own addresses always are. Without it, a static node routes every allowed IP.
+    /// A node joining at start (--control-url) takes it as `meshd up --accept-routes` would.
+    #[arg(long, env = "MESHD_ACCEPT_ROUTES", value_name = "BOOL|CIDR,..", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = mesh_dataplane::netmap::AcceptRoutes::parse)]
+    accept_routes: Option<mesh_dataplane::netmap::AcceptRoutes>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -585,12 +589,7 @@ pub(crate) fn parse_served(text: &str) -> Result<(ipnet::IpNet, Option<bool>), S
 
 impl RoutingArgs {
     fn accept(&self) -> mesh_dataplane::netmap::AcceptRoutes {
-        match &self.accept_routes {
-            Some(list) if !list.is_empty() => {
-                mesh_dataplane::netmap::AcceptRoutes::Within(list.iter().map(|p| p.trunc()).collect())
-            }
-            _ => mesh_dataplane::netmap::AcceptRoutes::All,
-        }
+        self.accept_routes.clone().unwrap_or(mesh_dataplane::netmap::AcceptRoutes::All)
     }
 
     fn policy(&self) -> mesh_linux::RoutingPolicy {
@@ -655,8 +654,9 @@ fn main() -> ExitCode {
             join,
         } => {
             init_logging();
-            let flags =
-                userspace.options(tun.as_deref() == Some("userspace")).and_then(|u| Ok((u, join.request(&router)?)));
+            let flags = userspace
+                .options(tun.as_deref() == Some("userspace"))
+                .and_then(|u| Ok((u, join.request(&router, &routing)?)));
             let (userspace, join) = match flags {
                 Ok(parsed) => parsed,
                 Err(e) => return block_on(async { Err(e) }),

@@ -353,14 +353,18 @@ fn deploy_container_image_is_small_and_runs_the_server_a_router_and_a_node() {
     // The node: userspace mode, its forward to the server's port crossing the router.
     let mut args: Vec<String> = on_net("10.89.208.4").iter().map(|s| s.to_string()).collect();
     args.extend(
-        ["-e=MESHD_TUN=userspace", "-e=MESHD_STATE_DIR=mem:", "-e=MESHD_FORWARD=127.0.0.1:18080=10.89.208.2:8080"]
-            .map(String::from),
+        [
+            "-e=MESHD_TUN=userspace",
+            "-e=MESHD_STATE_DIR=mem:",
+            "-e=MESHD_FORWARD=127.0.0.1:18080=10.89.208.2:8080",
+            "-e=MESHD_ACCEPT_ROUTES=true",
+        ]
+        .map(String::from),
     );
     args.extend(join("node"));
     args.push(image.clone());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let node = podman.start(&format!("meshd-image-node-{id}"), &args);
-    assert!(wait_for(Duration::from_secs(15), || meshd(&node, "set --accept-routes").status.success()));
     let client = format!("meshd-image-client-{id}");
     let through_router = || {
         let o = podman.run(&[
