@@ -45,6 +45,7 @@ fn apt_install_in(root: &Path, packages: &[&str]) {
 /// with a sysctl that podman 4.3's kube play ignores; the store sets it for every container instead.
 pub fn test_store(dir: &Path) -> Podman {
     let podman = Podman::with_sysctls(&dir.join("containers"), &["net.ipv4.ip_unprivileged_port_start=53"]);
+    podman.clear_leftovers();
     // polkitd fails to configure inside debootstrap's first pass; apt installs it once the root is whole.
     podman.debootstrap_image(DEBIAN_TEST_IMAGE, DEBIAN_TEST_PACKAGES, &["polkitd"]);
     podman
@@ -145,11 +146,32 @@ impl Podman {
 
     /// Starts a container (`podman run -d --name NAME ARGS`) whose handle removes it on drop.
     pub fn start(&self, name: &str, args: &[&str]) -> Container<'_> {
+        self.start_with_env(name, args, &[])
+    }
+
+    /// As [`Podman::start`], with `secrets` (name, value) passed through podman's environment (`-e NAME`
+    /// with no value), so a key never appears in an argument list or a failure message.
+    pub fn start_with_env(&self, name: &str, args: &[&str], secrets: &[(&str, &str)]) -> Container<'_> {
         let _ = self.run(&["rm", "-f", "-t", "0", name]);
         let mut all = vec!["run", "-d", "--name", name];
+        for (key, _) in secrets {
+            all.extend(["-e", key]);
+        }
         all.extend(args);
-        self.ok(&all);
+        let mut command = self.command(&all);
+        command.envs(secrets.iter().copied());
+        let o = command.output().expect("podman runs");
+        assert!(o.status.success(), "podman {}: {}", all.join(" "), output_text(&o));
         Container { podman: self, name: name.to_string(), logs_on_failure: String::new() }
+    }
+
+    /// Removes every pod, container, network (but podman's default) and secret a killed run left in this
+    /// store: a test's fixed names and subnets would collide with them.
+    pub fn clear_leftovers(&self) {
+        let _ = self.run(&["pod", "rm", "--all", "--force", "--time", "0"]);
+        let _ = self.run(&["rm", "--all", "--force", "--time", "0"]);
+        let _ = self.run(&["network", "prune", "--force"]);
+        let _ = self.run(&["secret", "rm", "--all"]);
     }
 }
 

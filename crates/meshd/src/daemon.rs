@@ -539,7 +539,6 @@ impl Daemon {
     }
 
     async fn stop(&mut self) {
-        service::stopping();
         self.host.stop().await;
         let _ = std::fs::remove_file(&self.uapi_path);
         if let Some(m) = &self.managed {
@@ -770,6 +769,7 @@ impl Daemon {
     /// SIGTERM or SIGINT: `true` to stop now. In userspace mode the first one stops new flows and lets the
     /// open ones finish (up to the drain time); a second one stops at once.
     fn begin_drain(&mut self) -> bool {
+        service::stopping();
         let Some(userspace) = self.userspace.as_mut() else { return true };
         if userspace.draining_until.is_some() {
             userspace.stack.abort_all();

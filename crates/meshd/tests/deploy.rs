@@ -239,6 +239,22 @@ fn deploy_debian_package_installs_runs_its_units_under_systemd_and_purges_clean(
     assert!(c.exec_ok("ip rule").contains("lookup 52"));
     assert!(!c.exec_ok("journalctl -u meshd --no-pager").contains("ERROR"));
 
+    // A crash (SIGKILL: nothing cleaned up) is restarted by systemd, and the new run takes over what the
+    // dead one left (its run-state file survives the restart in /run/meshd): one of each rule again.
+    let main_pid = c.exec_ok("systemctl show -p MainPID --value meshd");
+    c.exec_ok("systemctl kill -s KILL meshd");
+    assert!(
+        c.wait_for(
+            &format!(
+                "test \"$(systemctl show -p MainPID --value meshd)\" != {} && systemctl is-active meshd",
+                main_pid.trim()
+            ),
+            Duration::from_secs(20)
+        ),
+        "meshd.service did not come back after SIGKILL"
+    );
+    assert!(c.wait_for(&format!("meshd status | grep -q '{ip} '"), Duration::from_secs(20)));
+    assert_eq!(c.exec_ok("ip rule | grep -c 'lookup 52'").trim(), "1", "{}", c.exec_ok("ip rule"));
     // A restart, and installing the package again (an upgrade's path: the postinst restarts the unit),
     // keep the identity; a stop removes the device, rules and routes.
     c.exec_ok("systemctl restart meshd");
@@ -294,6 +310,12 @@ fn deploy_container_image_is_small_and_runs_the_server_a_router_and_a_node() {
     .into_iter()
     .collect();
     assert_eq!(files, expected, "the image's files");
+    // The state and runtime directories belong to the image's user alone.
+    let dirs = tar_directories(&export.stdout);
+    for dir in ["var/lib/meshd", "var/lib/meshd-control", "run/meshd"] {
+        let entry = dirs.iter().find(|(path, _, _)| path == dir).unwrap_or_else(|| panic!("no {dir} in {dirs:?}"));
+        assert_eq!((entry.1.as_str(), entry.2.as_str()), ("drwx------", "65532/65532"), "{dir}");
+    }
 
     let net = podman.network(&format!("meshd-image-{id}"), "10.89.208.0/24");
     let on_net = |ip: &'static str| ["--network", net.name.as_str(), "--ip", ip];
@@ -313,8 +335,6 @@ fn deploy_container_image_is_small_and_runs_the_server_a_router_and_a_node() {
             "MESHD_CONTROL_URL=http://10.89.208.2:8080".into(),
             "-e".into(),
             "MESHD_INSECURE_HTTP=true".into(),
-            "-e".into(),
-            format!("MESHD_AUTH_KEY={key}"),
             "-e".into(),
             format!("MESHD_HOSTNAME={name}"),
         ]
@@ -341,7 +361,8 @@ fn deploy_container_image_is_small_and_runs_the_server_a_router_and_a_node() {
     args.extend(join("router"));
     args.push(image.clone());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let router = podman.start(&format!("meshd-image-router-{id}"), &args);
+    let secret = [("MESHD_AUTH_KEY", key.as_str())];
+    let router = podman.start_with_env(&format!("meshd-image-router-{id}"), &args, &secret);
     assert!(
         wait_for(Duration::from_secs(15), || {
             meshd(&control, &format!("control routes approve router 10.89.208.0/24 {admin}")).status.success()
@@ -364,7 +385,7 @@ fn deploy_container_image_is_small_and_runs_the_server_a_router_and_a_node() {
     args.extend(join("node"));
     args.push(image.clone());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let node = podman.start(&format!("meshd-image-node-{id}"), &args);
+    let node = podman.start_with_env(&format!("meshd-image-node-{id}"), &args, &secret);
     let client = format!("meshd-image-client-{id}");
     let through_router = || {
         let o = podman.run(&[
@@ -395,11 +416,22 @@ fn deploy_container_image_is_small_and_runs_the_server_a_router_and_a_node() {
     drop(net);
 }
 
-/// The paths of the regular files in a tar stream, without the files the runtime itself writes into every
-/// container (empty mount points).
-fn tar_listing(tar: &[u8]) -> Vec<String> {
+/// The directories of a tar stream: path, mode and owner as `tar -tv` prints them.
+fn tar_directories(tar: &[u8]) -> Vec<(String, String, String)> {
+    tar_verbose(tar)
+        .lines()
+        .filter(|l| l.starts_with('d'))
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            let path = fields.last()?.trim_start_matches("./").trim_end_matches('/').to_string();
+            Some((path, fields.first()?.to_string(), fields.get(1)?.to_string()))
+        })
+        .collect()
+}
+
+fn tar_verbose(tar: &[u8]) -> String {
     let mut child = Command::new("tar")
-        .args(["-tv"])
+        .args(["-tv", "--numeric-owner"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -409,7 +441,13 @@ fn tar_listing(tar: &[u8]) -> Vec<String> {
     let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &tar));
     let o = child.wait_with_output().unwrap();
     writer.join().unwrap().unwrap();
-    String::from_utf8_lossy(&o.stdout)
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The paths of the regular files in a tar stream, without the files the runtime itself writes into every
+/// container (empty mount points).
+fn tar_listing(tar: &[u8]) -> Vec<String> {
+    tar_verbose(tar)
         .lines()
         .filter(|l| l.starts_with('-'))
         .filter_map(|l| {
@@ -457,6 +495,12 @@ fn deploy_kubernetes_manifests_build_and_the_sidecar_pod_reaches_the_database_un
         "memory: 128Mi",
         "secretKeyRef:",
         "value: userspace",
+        "readOnlyRootFilesystem: true",
+        "type: RuntimeDefault",
+        "path: /livez",
+        "dnsPolicy: None",
+        "- 127.0.0.1",
+        "name: net.ipv4.ip_unprivileged_port_start",
     ] {
         assert!(sidecar.contains(wanted), "the sidecar lacks {wanted:?}:\n{sidecar}");
     }
@@ -513,8 +557,7 @@ fn deploy_kubernetes_manifests_build_and_the_sidecar_pod_reaches_the_database_un
              && exec $B/postgres -D /tmp/pg -c listen_addresses=127.0.0.1 -k /tmp",
         ],
     );
-    let db_key = format!("MESHD_AUTH_KEY={}", db_key.trim());
-    let db_meshd = podman.start(
+    let db_meshd = podman.start_with_env(
         &format!("{db}-meshd"),
         &[
             "--pod",
@@ -528,22 +571,28 @@ fn deploy_kubernetes_manifests_build_and_the_sidecar_pod_reaches_the_database_un
             "-e",
             "MESHD_INSECURE_HTTP=true",
             "-e",
-            &db_key,
-            "-e",
             "MESHD_HOSTNAME=stackeye-db-prd",
             "-e",
             "MESHD_EXPOSE=5432",
             image,
         ],
+        &[("MESHD_AUTH_KEY", db_key.trim())],
     );
 
     // The auth key Secret, in the form podman 4.3 reads (its kube play stores a Secret it cannot read back).
     let secret = podman.dir().join(format!("meshd-auth-{id}.json"));
-    let encoded = base64_encode(worker_key.as_bytes());
-    std::fs::write(&secret, format!("{{\"authkey\":\"{encoded}\"}}")).unwrap();
+    let _secret_file = Cleanup(|| {
+        let _ = std::fs::remove_file(&secret);
+    });
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&secret).unwrap();
+        let encoded = base64_encode(worker_key.as_bytes());
+        write!(file, "{{\"authkey\":\"{encoded}\"}}").unwrap();
+    }
     let _ = podman.run(&["secret", "rm", "meshd-auth"]);
     podman.ok(&["secret", "create", "meshd-auth", secret.to_str().unwrap()]);
-    let _ = std::fs::remove_file(&secret);
     let _secret = Cleanup(|| {
         let _ = podman.run(&["secret", "rm", "meshd-auth"]);
     });
