@@ -41,10 +41,14 @@ fn apt_install_in(root: &Path, packages: &[&str]) {
 }
 
 /// The store the container tests share, beside the build (`dir`: the tests' CARGO_TARGET_TMPDIR), with the
-/// Debian test image in it. A pod's DNS server binds port 53 as a non-root user, which the pod spec allows
-/// with a sysctl that podman 4.3's kube play ignores; the store sets it for every container instead.
+/// Debian test image in it. A pod's DNS server binds port 53 as a non-root user, and a router pod forwards,
+/// which the pod specs ask for with sysctls that podman 4.3's kube play ignores; the store sets them for
+/// every container instead.
 pub fn test_store(dir: &Path) -> Podman {
-    let podman = Podman::with_sysctls(&dir.join("containers"), &["net.ipv4.ip_unprivileged_port_start=53"]);
+    let podman = Podman::with_sysctls(
+        &dir.join("containers"),
+        &["net.ipv4.ip_unprivileged_port_start=53", "net.ipv4.ip_forward=1"],
+    );
     podman.clear_leftovers();
     // polkitd fails to configure inside debootstrap's first pass; apt installs it once the root is whole.
     podman.debootstrap_image(DEBIAN_TEST_IMAGE, DEBIAN_TEST_PACKAGES, &["polkitd"]);
@@ -165,12 +169,13 @@ impl Podman {
         Container { podman: self, name: name.to_string(), logs_on_failure: String::new() }
     }
 
-    /// Removes every pod, container, network (but podman's default) and secret a killed run left in this
+    /// Removes every pod, container, network (but podman's default), volume and secret a killed run left in this
     /// store: a test's fixed names and subnets would collide with them.
     pub fn clear_leftovers(&self) {
         let _ = self.run(&["pod", "rm", "--all", "--force", "--time", "0"]);
         let _ = self.run(&["rm", "--all", "--force", "--time", "0"]);
         let _ = self.run(&["network", "prune", "--force"]);
+        let _ = self.run(&["volume", "prune", "--force"]);
         let _ = self.run(&["secret", "rm", "--all"]);
     }
 }

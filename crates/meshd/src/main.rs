@@ -268,6 +268,11 @@ struct JoinArgs {
     hostname: Option<String>,
     #[arg(long, env = "MESHD_ADVERTISE_TAGS", value_delimiter = ',', value_name = "tag:a,..")]
     advertise_tags: Option<Vec<String>>,
+    /// Point the host's DNS at the mesh's resolver once joined, as `meshd up --accept-dns` (a container
+    /// with a read-only /etc wants false).
+    #[arg(long, env = "MESHD_ACCEPT_DNS", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    accept_dns: Option<bool>,
 }
 
 impl JoinArgs {
@@ -288,6 +293,7 @@ impl JoinArgs {
                 insecure_http: self.server.insecure_http,
                 hostname: self.hostname,
                 advertise_tags: self.advertise_tags,
+                accept_dns: self.accept_dns,
                 // A router configured by env alone (a container) joins with its routes: the static mode's
                 // --advertise-routes, --snat-subnet-routes and --snat-address become its preferences.
                 advertise_routes: (!router.advertise_routes.is_empty()).then(|| {

@@ -372,38 +372,15 @@ fn deploy_container_image_is_small_and_runs_the_server_a_router_and_a_node() {
     );
 
     // The node: userspace mode, its forward to the server's port crossing the router.
-    let mut args: Vec<String> = on_net("10.89.208.4").iter().map(|s| s.to_string()).collect();
-    args.extend(
-        [
-            "-e=MESHD_TUN=userspace",
-            "-e=MESHD_STATE_DIR=mem:",
-            "-e=MESHD_FORWARD=127.0.0.1:18080=10.89.208.2:8080",
-            "-e=MESHD_ACCEPT_ROUTES=true",
-        ]
-        .map(String::from),
+    let node = userspace_node(
+        &format!("meshd-image-node-{id}"),
+        &net.name,
+        "10.89.208.4",
+        "http://10.89.208.2:8080",
+        &key,
+        "10.89.208.2:8080",
     );
-    args.extend(join("node"));
-    args.push(image.clone());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let node = podman.start_with_env(&format!("meshd-image-node-{id}"), &args, &secret);
-    let client = format!("meshd-image-client-{id}");
-    let through_router = || {
-        let o = podman.run(&[
-            "run",
-            "--rm",
-            "--name",
-            &client,
-            "--network",
-            &format!("container:{}", node.name),
-            DEBIAN_TEST_IMAGE,
-            "timeout",
-            "5",
-            "bash",
-            "-c",
-            "exec 3<>/dev/tcp/127.0.0.1/18080; printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3; head -n 1 <&3",
-        ]);
-        String::from_utf8_lossy(&o.stdout).starts_with("HTTP/1.")
-    };
+    let through_router = || http_answers_at(podman, &node, 18080);
     assert!(
         wait_for(Duration::from_secs(20), through_router),
         "no answer through the router: node {}\nrouter {}",
@@ -414,6 +391,59 @@ fn deploy_container_image_is_small_and_runs_the_server_a_router_and_a_node() {
     assert!(nodes.contains("router") && nodes.contains("node"), "{nodes}");
     drop((node, router, control));
     drop(net);
+}
+
+/// Whether an HTTP request to 127.0.0.1:`port` in `node`'s network namespace (its forward) gets an answer,
+/// from a Debian container sharing that namespace (the meshd image has no client).
+fn http_answers_at(podman: &Podman, node: &Container<'_>, port: u16) -> bool {
+    let request = format!("exec 3<>/dev/tcp/127.0.0.1/{port}; printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3; head -n 1 <&3");
+    let o = podman.run(&[
+        "run",
+        "--rm",
+        "--network",
+        &format!("container:{}", node.name),
+        DEBIAN_TEST_IMAGE,
+        "timeout",
+        "5",
+        "bash",
+        "-c",
+        &request,
+    ]);
+    String::from_utf8_lossy(&o.stdout).starts_with("HTTP/1.")
+}
+
+/// A userspace node from the image on `net` at `ip`, joined with `key`, accepting routes, its forward
+/// 127.0.0.1:18080 going to `target`.
+fn userspace_node(name: &str, net: &str, ip: &str, control_url: &str, key: &str, target: &str) -> Container<'static> {
+    let (podman, image) = store();
+    let url = format!("MESHD_CONTROL_URL={control_url}");
+    let forward = format!("MESHD_FORWARD=127.0.0.1:18080={target}");
+    let hostname = format!("MESHD_HOSTNAME={name}");
+    podman.start_with_env(
+        name,
+        &[
+            "--network",
+            net,
+            "--ip",
+            ip,
+            "-e",
+            "MESHD_TUN=userspace",
+            "-e",
+            "MESHD_STATE_DIR=mem:",
+            "-e",
+            "MESHD_INSECURE_HTTP=true",
+            "-e",
+            "MESHD_ACCEPT_ROUTES=true",
+            "-e",
+            &url,
+            "-e",
+            &forward,
+            "-e",
+            &hostname,
+            image,
+        ],
+        &[("MESHD_AUTH_KEY", key)],
+    )
 }
 
 /// The directories of a tar stream: path, mode and owner as `tar -tv` prints them.
@@ -641,4 +671,112 @@ fn deploy_kubernetes_manifests_build_and_the_sidecar_pod_reaches_the_database_un
 fn base64_encode(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[test]
+fn deploy_kubernetes_router_runs_under_podman_kube_play_and_keeps_its_identity() {
+    let kube = workspace().join("deploy/kubernetes");
+    let o = Command::new("kubectl").arg("kustomize").arg(kube.join("overlays/podman-router")).output().unwrap();
+    assert!(o.status.success(), "kubectl kustomize: {}", out(&o));
+    let (podman, image) = store();
+    let id = std::process::id();
+    let net = podman.network(&format!("meshd-krouter-{id}"), "10.89.206.0/24");
+    let control = podman.start(
+        &format!("meshd-krouter-control-{id}"),
+        &[
+            "--network",
+            &net.name,
+            "--ip",
+            "10.89.206.2",
+            image,
+            "control",
+            "serve",
+            "--listen",
+            "0.0.0.0:8080",
+            "--insecure-http",
+        ],
+    );
+    let admin = "--control-url http://127.0.0.1:8080 --admin-token file:/var/lib/meshd-control/admin-token";
+    let mut key = String::new();
+    assert!(wait_for(Duration::from_secs(15), || {
+        let o = meshd(&control, &format!("control authkey create --reusable --tags tag:router {admin}"));
+        key = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        o.status.success()
+    }));
+    let secret = podman.dir().join(format!("meshd-router-auth-{id}.json"));
+    let _secret_file = Cleanup(|| {
+        let _ = std::fs::remove_file(&secret);
+    });
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&secret).unwrap();
+        write!(file, "{{\"authkey\":\"{}\"}}", base64_encode(key.as_bytes())).unwrap();
+    }
+    podman.ok(&["secret", "create", "meshd-router-auth", secret.to_str().unwrap()]);
+    let _secret = Cleanup(|| {
+        let _ = podman.run(&["secret", "rm", "meshd-router-auth"]);
+    });
+    let yaml = podman.dir().join(format!("router-{id}.yaml"));
+    std::fs::write(&yaml, &o.stdout).unwrap();
+    let yaml = yaml.to_str().unwrap().to_string();
+    let _pod = Cleanup(|| {
+        let _ = podman.run(&["kube", "play", "--down", &yaml]);
+        let _ = podman.run(&["volume", "rm", "-f", "meshd-router-state"]);
+        let _ = std::fs::remove_file(&yaml);
+    });
+    let play = || {
+        let o = podman.run(&["kube", "play", "--network", &net.name, "--ip", "10.89.206.5", &yaml]);
+        assert!(o.status.success(), "podman kube play: {}", out(&o));
+    };
+    play();
+    let router = "meshd-router-pod-0-meshd";
+    assert!(
+        wait_for(Duration::from_secs(15), || {
+            meshd(&control, &format!("control routes approve k8s-router 10.89.206.0/24 {admin}")).status.success()
+        }),
+        "{}",
+        out(&podman.run(&["logs", router]))
+    );
+    // Root with CAP_NET_ADMIN (bit 12) alone, as the manifest says.
+    let pid = podman.ok(&["inspect", "--format", "{{.State.Pid}}", router]).trim().to_string();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(status_field(&status, "Uid:"), "0");
+    assert_eq!(status_field(&status, "CapEff:"), "0000000000001000", "{status}");
+
+    // A node reaches the server's address through the router, by its subnet route and SNAT.
+    let node = userspace_node(
+        &format!("meshd-krouter-node-{id}"),
+        &net.name,
+        "10.89.206.4",
+        "http://10.89.206.2:8080",
+        &key,
+        "10.89.206.2:8080",
+    );
+    assert!(
+        wait_for(Duration::from_secs(20), || http_answers_at(podman, &node, 18080)),
+        "no answer through the Kubernetes router: {}",
+        out(&podman.run(&["logs", "--tail", "20", router]))
+    );
+
+    // A new pod on the same volume is the same node: no second registration, the route still approved. The
+    // claim exists already (podman refuses to create its volume twice, where Kubernetes keeps the claim):
+    // the Deployment alone is played again.
+    podman.ok(&["pod", "stop", "-t", "10", "meshd-router-pod-0"]);
+    let down = podman.run(&["kube", "play", "--down", &yaml]);
+    assert!(down.status.success(), "{}", out(&down));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let deployment: Vec<&str> = text.split("\n---\n").filter(|d| d.contains("kind: Deployment")).collect();
+    std::fs::write(&yaml, deployment.join("\n---\n")).unwrap();
+    play();
+    assert!(wait_for(Duration::from_secs(15), || {
+        podman.run(&["exec", router, "/usr/bin/meshd", "status"]).status.success()
+    }));
+    let nodes = meshd_ok(&control, &format!("control nodes list {admin}"));
+    assert_eq!(nodes.matches("k8s-router").count(), 1, "{nodes}");
+    assert!(meshd_ok(&control, &format!("control routes list {admin}")).contains("true"), "the approval stayed");
+    let logs = out(&podman.run(&["logs", router]));
+    assert!(!logs.contains("ERROR"), "{logs}");
+    drop((node, control));
+    drop(net);
 }

@@ -458,10 +458,20 @@ impl Host {
             } else {
                 (sysctl::proxy_ndp_key(&lan.name), "1")
             };
-            if let Some(saved) = sysctl::set(&key, value).map_err(|e| Error::System(e.to_string()))?
-                && !self.saved_sysctls.iter().any(|s| s.key == saved.key)
-            {
-                self.saved_sysctls.push(saved);
+            match sysctl::set(&key, value) {
+                Ok(Some(saved)) if !self.saved_sysctls.iter().any(|s| s.key == saved.key) => {
+                    self.saved_sysctls.push(saved)
+                }
+                Ok(_) => {}
+                // A container's /proc/sys is read-only: without proxy_delay 0 the LAN's first ARP for the
+                // address waits up to 0.8 s, which slows a first connection but breaks nothing (the runtime
+                // can set it: --sysctl, or a pod sysctl). proxy_ndp is another matter: without it IPv6 never
+                // answers.
+                Err(e) if lan.address.is_ipv4() => tracing::warn!(
+                    error = %e,
+                    "cannot set proxy_delay: a first connection to the SNAT address may wait up to 0.8 s"
+                ),
+                Err(e) => return Err(Error::System(e.to_string())),
             }
             pinned.push(IpNet::from(lan.address));
             // Pinned as each one is plumbed: if a later address fails, the ones done still get their route.

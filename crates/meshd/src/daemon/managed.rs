@@ -152,7 +152,12 @@ impl Daemon {
             // `meshd daemon --control-url URL --auth-key KEY`: the daemon runs `up` itself. Preferences it
             // refuses stop the daemon (a container restarts it with the reason in its log), not a node
             // that runs on without a mesh.
-            self.up(request).await?;
+            let (_, pending) = self.up(request).await?;
+            // The SNAT plumbing a router's flags ask for is done by the host thread; a failure there stops
+            // the daemon with its reason, as a refused flag does (it was lost unheard before).
+            if let Some(plumbed) = pending {
+                plumbed.await.map_err(|_| Error::System("the host thread stopped".into()))??;
+            }
             tracing::info!("joining the mesh as the daemon's flags ask");
             return Ok(());
         }
