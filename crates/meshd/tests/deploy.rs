@@ -106,6 +106,54 @@ fn meshd_ok(c: &Container<'_>, args: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// The admin verbs' connection inside a server container.
+const ADMIN: &str = "--control-url http://127.0.0.1:8080 --admin-token file:/var/lib/meshd-control/admin-token";
+
+/// The coordination server from the image on `net` at `ip`, plain HTTP on port 8080.
+fn control_server(name: &str, net: &str, ip: &str) -> Container<'static> {
+    let (podman, image) = store();
+    podman.start(
+        name,
+        &["--network", net, "--ip", ip, image, "control", "serve", "--listen", "0.0.0.0:8080", "--insecure-http"],
+    )
+}
+
+/// An auth key from `control` (`authkey create FLAGS`), once the server answers.
+fn auth_key(control: &Container<'_>, flags: &str) -> String {
+    let mut key = String::new();
+    let created = wait_for(Duration::from_secs(15), || {
+        let o = meshd(control, &format!("control authkey create {flags} {ADMIN}"));
+        key = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        o.status.success()
+    });
+    assert!(created, "the server gave no auth key");
+    key
+}
+
+/// A podman secret `name` with the key `authkey`, in the form podman 4.3 reads (its kube play stores a
+/// Secret it cannot read back), written through a 0600 file; the secret and the file go on drop.
+fn auth_secret(name: &'static str, key: &str) -> Cleanup<impl FnMut()> {
+    let (podman, _) = store();
+    let file = podman.dir().join(format!("{name}-{}.json", std::process::id()));
+    let cleanup = Cleanup({
+        let file = file.clone();
+        move || {
+            let _ = std::fs::remove_file(&file);
+            let _ = podman.run(&["secret", "rm", name]);
+        }
+    });
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&file).unwrap();
+        write!(out, "{{\"authkey\":\"{}\"}}", base64_encode(key.as_bytes())).unwrap();
+    }
+    let _ = podman.run(&["secret", "rm", name]);
+    podman.ok(&["secret", "create", name, file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&file);
+    cleanup
+}
+
 /// Runs a cleanup when dropped, passed or not.
 struct Cleanup<F: FnMut()>(F);
 
@@ -215,15 +263,14 @@ fn deploy_debian_package_installs_runs_its_units_under_systemd_and_purges_clean(
 
     // A router joins; the sandbox lets it turn forwarding on, and polkit lets resolved take its DNS.
     c.exec_ok("echo 0 > /proc/sys/net/ipv4/ip_forward");
-    let admin = "--control-url http://127.0.0.1:8080 --admin-token file:/var/lib/meshd-control/admin-token";
     let ip = c
         .exec_ok(&format!(
             "meshd up --control-url http://127.0.0.1:8080 --insecure-http --hostname r1 --timeout 20s \
-             --advertise-routes 10.1.0.0/24:nosnat --auth-key $(meshd control authkey create {admin})"
+             --advertise-routes 10.1.0.0/24:nosnat --auth-key $(meshd control authkey create {ADMIN})"
         ))
         .trim()
         .to_string();
-    c.exec_ok(&format!("meshd control routes approve r1 10.1.0.0/24 {admin}"));
+    c.exec_ok(&format!("meshd control routes approve r1 10.1.0.0/24 {ADMIN}"));
     assert!(
         c.wait_for("meshd status | grep -q '10.1.0.0/24.*approved'", Duration::from_secs(10)),
         "{}",
@@ -319,16 +366,8 @@ fn deploy_container_image_is_small_and_runs_the_server_a_router_and_a_node() {
 
     let net = podman.network(&format!("meshd-image-{id}"), "10.89.208.0/24");
     let on_net = |ip: &'static str| ["--network", net.name.as_str(), "--ip", ip];
-    let mut args = on_net("10.89.208.2").to_vec();
-    args.extend([image.as_str(), "control", "serve", "--listen", "0.0.0.0:8080", "--insecure-http"]);
-    let control = podman.start(&format!("meshd-image-control-{id}"), &args);
-    let admin = "--control-url http://127.0.0.1:8080 --admin-token file:/var/lib/meshd-control/admin-token";
-    let mut key = String::new();
-    assert!(wait_for(Duration::from_secs(15), || {
-        let o = meshd(&control, &format!("control authkey create --reusable {admin}"));
-        key = String::from_utf8_lossy(&o.stdout).trim().to_string();
-        o.status.success()
-    }));
+    let control = control_server(&format!("meshd-image-control-{id}"), &net.name, "10.89.208.2");
+    let key = auth_key(&control, "--reusable");
     let join = |name: &str| {
         [
             "-e".to_string(),
@@ -365,7 +404,7 @@ fn deploy_container_image_is_small_and_runs_the_server_a_router_and_a_node() {
     let router = podman.start_with_env(&format!("meshd-image-router-{id}"), &args, &secret);
     assert!(
         wait_for(Duration::from_secs(15), || {
-            meshd(&control, &format!("control routes approve router 10.89.208.0/24 {admin}")).status.success()
+            meshd(&control, &format!("control routes approve router 10.89.208.0/24 {ADMIN}")).status.success()
         }),
         "{}",
         out(&podman.run(&["logs", &router.name]))
@@ -387,7 +426,7 @@ fn deploy_container_image_is_small_and_runs_the_server_a_router_and_a_node() {
         out(&podman.run(&["exec", &node.name, "/usr/bin/meshd", "status"])),
         out(&podman.run(&["logs", "--tail", "20", &router.name]))
     );
-    let nodes = meshd_ok(&control, &format!("control nodes list {admin}"));
+    let nodes = meshd_ok(&control, &format!("control nodes list {ADMIN}"));
     assert!(nodes.contains("router") && nodes.contains("node"), "{nodes}");
     drop((node, router, control));
     drop(net);
@@ -540,32 +579,9 @@ fn deploy_kubernetes_manifests_build_and_the_sidecar_pod_reaches_the_database_un
     let (podman, image) = store();
     let id = std::process::id();
     let net = podman.network(&format!("meshd-kube-{id}"), "10.89.207.0/24");
-    let control = podman.start(
-        &format!("meshd-kube-control-{id}"),
-        &[
-            "--network",
-            &net.name,
-            "--ip",
-            "10.89.207.2",
-            image,
-            "control",
-            "serve",
-            "--listen",
-            "0.0.0.0:8080",
-            "--insecure-http",
-        ],
-    );
-    let admin = "--control-url http://127.0.0.1:8080 --admin-token file:/var/lib/meshd-control/admin-token";
-    let mut worker_key = String::new();
-    assert!(wait_for(Duration::from_secs(15), || {
-        let o = meshd(
-            &control,
-            &format!("control authkey create --reusable --ephemeral --tags tag:stackeye-worker {admin}"),
-        );
-        worker_key = String::from_utf8_lossy(&o.stdout).trim().to_string();
-        o.status.success()
-    }));
-    let db_key = meshd_ok(&control, &format!("control authkey create --tags tag:stackeye-db {admin}"));
+    let control = control_server(&format!("meshd-kube-control-{id}"), &net.name, "10.89.207.2");
+    let worker_key = auth_key(&control, "--reusable --ephemeral --tags tag:stackeye-worker");
+    let db_key = auth_key(&control, "--tags tag:stackeye-db");
 
     // The database: PostgreSQL with its own meshd exposing 5432 as stackeye-db-prd.
     let db = format!("meshd-kube-db-{id}");
@@ -609,23 +625,7 @@ fn deploy_kubernetes_manifests_build_and_the_sidecar_pod_reaches_the_database_un
         &[("MESHD_AUTH_KEY", db_key.trim())],
     );
 
-    // The auth key Secret, in the form podman 4.3 reads (its kube play stores a Secret it cannot read back).
-    let secret = podman.dir().join(format!("meshd-auth-{id}.json"));
-    let _secret_file = Cleanup(|| {
-        let _ = std::fs::remove_file(&secret);
-    });
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&secret).unwrap();
-        let encoded = base64_encode(worker_key.as_bytes());
-        write!(file, "{{\"authkey\":\"{encoded}\"}}").unwrap();
-    }
-    let _ = podman.run(&["secret", "rm", "meshd-auth"]);
-    podman.ok(&["secret", "create", "meshd-auth", secret.to_str().unwrap()]);
-    let _secret = Cleanup(|| {
-        let _ = podman.run(&["secret", "rm", "meshd-auth"]);
-    });
+    let _secret = auth_secret("meshd-auth", &worker_key);
 
     let yaml = podman.dir().join(format!("worker-{id}.yaml"));
     std::fs::write(&yaml, &pod_yaml).unwrap();
@@ -652,7 +652,7 @@ fn deploy_kubernetes_manifests_build_and_the_sidecar_pod_reaches_the_database_un
     // The app runs as the pod's non-root user, its resolver is the sidecar.
     let who = podman.ok(&["exec", "stackeye-worker-pod-0-worker", "sh", "-c", "id -u; cat /etc/resolv.conf"]);
     assert!(who.starts_with("65532\n") && who.contains("nameserver 127.0.0.1"), "{who}");
-    let nodes = || meshd_ok(&control, &format!("control nodes list {admin}"));
+    let nodes = || meshd_ok(&control, &format!("control nodes list {ADMIN}"));
     assert!(nodes().contains("stackeye-worker-pod-0"));
 
     // The pod goes (SIGTERM with its grace period, as Kubernetes stops a pod): its ephemeral node leaves.
@@ -678,45 +678,12 @@ fn deploy_kubernetes_router_runs_under_podman_kube_play_and_keeps_its_identity()
     let kube = workspace().join("deploy/kubernetes");
     let o = Command::new("kubectl").arg("kustomize").arg(kube.join("overlays/podman-router")).output().unwrap();
     assert!(o.status.success(), "kubectl kustomize: {}", out(&o));
-    let (podman, image) = store();
+    let (podman, _) = store();
     let id = std::process::id();
     let net = podman.network(&format!("meshd-krouter-{id}"), "10.89.206.0/24");
-    let control = podman.start(
-        &format!("meshd-krouter-control-{id}"),
-        &[
-            "--network",
-            &net.name,
-            "--ip",
-            "10.89.206.2",
-            image,
-            "control",
-            "serve",
-            "--listen",
-            "0.0.0.0:8080",
-            "--insecure-http",
-        ],
-    );
-    let admin = "--control-url http://127.0.0.1:8080 --admin-token file:/var/lib/meshd-control/admin-token";
-    let mut key = String::new();
-    assert!(wait_for(Duration::from_secs(15), || {
-        let o = meshd(&control, &format!("control authkey create --reusable --tags tag:router {admin}"));
-        key = String::from_utf8_lossy(&o.stdout).trim().to_string();
-        o.status.success()
-    }));
-    let secret = podman.dir().join(format!("meshd-router-auth-{id}.json"));
-    let _secret_file = Cleanup(|| {
-        let _ = std::fs::remove_file(&secret);
-    });
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&secret).unwrap();
-        write!(file, "{{\"authkey\":\"{}\"}}", base64_encode(key.as_bytes())).unwrap();
-    }
-    podman.ok(&["secret", "create", "meshd-router-auth", secret.to_str().unwrap()]);
-    let _secret = Cleanup(|| {
-        let _ = podman.run(&["secret", "rm", "meshd-router-auth"]);
-    });
+    let control = control_server(&format!("meshd-krouter-control-{id}"), &net.name, "10.89.206.2");
+    let key = auth_key(&control, "--reusable --tags tag:router");
+    let _secret = auth_secret("meshd-router-auth", &key);
     let yaml = podman.dir().join(format!("router-{id}.yaml"));
     std::fs::write(&yaml, &o.stdout).unwrap();
     let yaml = yaml.to_str().unwrap().to_string();
@@ -733,7 +700,7 @@ fn deploy_kubernetes_router_runs_under_podman_kube_play_and_keeps_its_identity()
     let router = "meshd-router-pod-0-meshd";
     assert!(
         wait_for(Duration::from_secs(15), || {
-            meshd(&control, &format!("control routes approve k8s-router 10.89.206.0/24 {admin}")).status.success()
+            meshd(&control, &format!("control routes approve k8s-router 10.89.206.0/24 {ADMIN}")).status.success()
         }),
         "{}",
         out(&podman.run(&["logs", router]))
@@ -772,9 +739,9 @@ fn deploy_kubernetes_router_runs_under_podman_kube_play_and_keeps_its_identity()
     assert!(wait_for(Duration::from_secs(15), || {
         podman.run(&["exec", router, "/usr/bin/meshd", "status"]).status.success()
     }));
-    let nodes = meshd_ok(&control, &format!("control nodes list {admin}"));
+    let nodes = meshd_ok(&control, &format!("control nodes list {ADMIN}"));
     assert_eq!(nodes.matches("k8s-router").count(), 1, "{nodes}");
-    assert!(meshd_ok(&control, &format!("control routes list {admin}")).contains("true"), "the approval stayed");
+    assert!(meshd_ok(&control, &format!("control routes list {ADMIN}")).contains("true"), "the approval stayed");
     let logs = out(&podman.run(&["logs", router]));
     assert!(!logs.contains("ERROR"), "{logs}");
     drop((node, control));
