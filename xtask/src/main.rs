@@ -150,7 +150,7 @@ fn ci() -> Result<bool> {
     tally.check("fuzz targets build", ok);
 
     section("cargo deny (licences, duplicate versions, sources; deny.toml)");
-    let ok = install_cargo_deny()?
+    let ok = install_cargo_tool("deny", CARGO_DENY_VERSION)?
         && cargo()
             .args(["deny", "--locked", "check", "licenses", "bans", "sources"])
             .status()
@@ -160,12 +160,11 @@ fn ci() -> Result<bool> {
 
     // The deployment tests install and run what users get: the .deb and the image, from a release build.
     section("package: the Debian package and the container image (cargo xtask package)");
-    let mut tests = cargo();
-    match package::build() {
+    let package_dir = match package::build() {
         Ok(built) => {
             println!("{}\n{} ({} bytes)", built.deb.display(), built.image_archive.display(), built.image_bytes);
-            tests.env("MESHD_PACKAGE_DIR", built.deb.parent().expect("the package's directory"));
             tally.check("cargo xtask package", true);
+            built.deb.parent().expect("the package's directory").to_path_buf()
         }
         Err(e) => {
             println!("packaging failed: {e:#}");
@@ -175,19 +174,22 @@ fn ci() -> Result<bool> {
             let none = root().join("target/package-failed");
             let _ = std::fs::remove_dir_all(&none);
             std::fs::create_dir_all(&none)?;
-            tests.env("MESHD_PACKAGE_DIR", none);
+            none
         }
-    }
+    };
+    let tests = || {
+        let mut c = cargo();
+        c.env("MESHD_PACKAGE_DIR", &package_dir);
+        c
+    };
 
     // The deployment tests run on their own after the rest, with their output shown: the unit scores, the
     // image's size and lintian's verdict are figures docs/deploy.md records.
     section("cargo test (unit, integration, end-to-end)");
-    let mut deploy_tests = Command::new(tests.get_program());
-    deploy_tests.current_dir(root()).envs(tests.get_envs().filter_map(|(k, v)| Some((k, v?))));
-    tally.add(runner::run_tests(tests, &["--workspace", "--", "--skip", "deploy_"])?);
+    tally.add(runner::run_tests(tests(), &["--workspace", "--", "--skip", "deploy_"])?);
 
     section("cargo test: deployment (the package, the image, the Kubernetes manifests)");
-    tally.add(runner::run_tests(deploy_tests, &["-p", "meshd", "--test", "deploy", "--", "--show-output"])?);
+    tally.add(runner::run_tests(tests(), &["-p", "meshd", "--test", "deploy", "--", "--show-output"])?);
 
     // boringtun's mock clock stands still unless a test moves it, so the simulation is built on its own:
     // in the run above, that feature would have reached the daemon the end-to-end tests start.
@@ -218,20 +220,21 @@ fn ci() -> Result<bool> {
 /// The cargo-deny CI uses, pinned so a new release cannot change what passes.
 const CARGO_DENY_VERSION: &str = "0.20.2";
 
-/// Installs cargo-deny from crates.io when it is missing or another version (a few minutes, once).
-fn install_cargo_deny() -> Result<bool> {
+/// Installs the cargo subcommand `cargo-NAME` at `version` from crates.io when it is missing or another
+/// version (a few minutes, once): cargo-deny for CI, cargo-deb for the package.
+pub(crate) fn install_cargo_tool(name: &str, version: &str) -> Result<bool> {
     let present = Command::new("cargo")
-        .args(["deny", "--version"])
+        .args([name, "--version"])
         .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_DENY_VERSION));
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(version));
     if present {
         return Ok(true);
     }
-    println!("installing cargo-deny {CARGO_DENY_VERSION}");
+    println!("installing cargo-{name} {version}");
     Ok(cargo()
-        .args(["install", "--locked", "cargo-deny", "--version", CARGO_DENY_VERSION])
+        .args(["install", "--locked", &format!("cargo-{name}"), "--version", version])
         .status()
-        .context("running cargo install cargo-deny")?
+        .with_context(|| format!("running cargo install cargo-{name}"))?
         .success())
 }
 

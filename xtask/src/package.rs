@@ -49,7 +49,9 @@ fn version() -> &'static str {
 }
 
 fn debian_package(out: &Path) -> Result<PathBuf> {
-    install_cargo_deb()?;
+    if !crate::install_cargo_tool("deb", CARGO_DEB_VERSION)? {
+        bail!("cargo install cargo-deb failed");
+    }
     let o = crate::cargo()
         .args(["deb", "-p", "meshd", "--no-build", "--strip", "-o"])
         .arg(out)
@@ -63,26 +65,6 @@ fn debian_package(out: &Path) -> Result<PathBuf> {
         bail!("cargo deb printed no package path: {}", String::from_utf8_lossy(&o.stdout));
     }
     Ok(PathBuf::from(path))
-}
-
-fn install_cargo_deb() -> Result<()> {
-    let present = Command::new("cargo")
-        .args(["deb", "--version"])
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_DEB_VERSION));
-    if present {
-        return Ok(());
-    }
-    println!("installing cargo-deb {CARGO_DEB_VERSION}");
-    let ok = crate::cargo()
-        .args(["install", "--locked", "cargo-deb", "--version", CARGO_DEB_VERSION])
-        .status()
-        .context("running cargo install cargo-deb")?
-        .success();
-    if !ok {
-        bail!("cargo install cargo-deb failed");
-    }
-    Ok(())
 }
 
 /// The image's root: the stripped binary, the libraries `ldd` names (glibc's loader, libc, libm,

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub fn output_text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
@@ -236,14 +236,7 @@ impl Container<'_> {
 
     /// Runs `script` every 200 ms until it succeeds or `limit` passes.
     pub fn wait_for(&self, script: &str, limit: Duration) -> bool {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if self.exec(script).status.success() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        false
+        crate::wait_until(limit, Duration::from_millis(200), || self.exec(script).status.success())
     }
 }
 

@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mesh_netns::podman::{Container, DEBIAN_TEST_IMAGE, Podman, output_text as out, test_store};
 
@@ -82,15 +82,9 @@ fn store() -> &'static (Podman, String) {
     })
 }
 
-fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if check() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    false
+/// `check` every 250 ms until it holds or `limit` passes.
+fn wait_for(limit: Duration, check: impl FnMut() -> bool) -> bool {
+    mesh_netns::wait_until(limit, Duration::from_millis(250), check)
 }
 
 /// `meshd ARGS` in a container of the meshd image, which has no shell.
