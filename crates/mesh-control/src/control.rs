@@ -126,7 +126,7 @@ pub struct ControlError {
 }
 
 impl ControlError {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self { code, message: message.into() }
     }
 
@@ -134,7 +134,7 @@ impl ControlError {
         Self::new(ErrorCode::NotFound, message)
     }
 
-    fn bad(message: impl Into<String>) -> Self {
+    pub(crate) fn bad(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)
     }
 
@@ -541,6 +541,44 @@ impl Control {
     /// old policy granted and the new one does not is taken back at once: tags a node asked for that its
     /// key may no longer apply, and route approvals the old autoApprovers made.
     pub fn set_policy(&mut self, text: &str, set_by: &str, now: u64) -> Result<PolicyChange, ControlError> {
+        let (policy, change) = self.apply_policy(text, set_by, now, true)?;
+        self.policy = policy;
+        self.bump()?;
+        Ok(change)
+    }
+
+    /// What `set_policy` would take back, without storing anything: the same transaction, rolled back.
+    pub fn preview_policy(&mut self, text: &str, now: u64) -> Result<PolicyChange, ControlError> {
+        self.apply_policy(text, "preview", now, false).map(|(_, change)| change)
+    }
+
+    /// The stored policy versions, newest first, at most `limit` of them.
+    pub fn policy_history(&self, limit: usize) -> Result<Vec<StoredPolicy>, ControlError> {
+        let mut statement =
+            self.db.prepare("SELECT version, text, set_by, set_at FROM policies ORDER BY version DESC LIMIT ?1")?;
+        let rows = statement.query_map(params![limit as i64], |r| {
+            Ok(StoredPolicy {
+                version: r.get::<_, i64>(0)? as u64,
+                text: r.get(1)?,
+                set_by: r.get(2)?,
+                set_at: r.get::<_, i64>(3)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The mesh's DNS domain (`NAME.<domain>` is what MagicDNS answers for a node).
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    fn apply_policy(
+        &mut self,
+        text: &str,
+        set_by: &str,
+        now: u64,
+        commit: bool,
+    ) -> Result<(Policy, PolicyChange), ControlError> {
         let policy = self.check_policy(text)?;
         let tx = self.db.unchecked_transaction()?;
         let version: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) + 1 FROM policies", [], |r| r.get(0))?;
@@ -593,10 +631,10 @@ impl Control {
                 )?;
             }
         }
-        tx.commit()?;
-        self.policy = policy;
-        self.bump()?;
-        Ok(change)
+        if commit {
+            tx.commit()?;
+        }
+        Ok((policy, change))
     }
 
     /// Gives every key registered from now on `seconds` of trust (re-registering renews it).

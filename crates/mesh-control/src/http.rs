@@ -25,7 +25,7 @@ use crate::limits::WriteLimiter;
 const LONG_POLL: Duration = Duration::from_secs(25);
 
 /// A node that polled within this many seconds is online.
-const ONLINE_WINDOW: u64 = 60;
+pub(crate) const ONLINE_WINDOW: u64 = 60;
 
 /// A node needs one long poll; a few more cover a restart racing the old poll. More is a misbehaving or
 /// stolen credential holding server resources.
@@ -44,6 +44,8 @@ pub struct AppState {
     writes: Mutex<WriteLimiter<u64>>,
     /// The latest snapshot and the second it was made in (online flags age with the clock).
     snapshot: tokio::sync::Mutex<Option<(u64, Arc<Snapshot>)>>,
+    pub(crate) console: crate::console::ConsoleState,
+    domain: String,
 }
 
 impl std::fmt::Debug for AppState {
@@ -53,9 +55,11 @@ impl std::fmt::Debug for AppState {
 }
 
 impl AppState {
-    /// `admin_token` is kept only as a hash; `clock` gives Unix seconds (tests pass their own).
-    pub fn new(control: Control, admin_token: &str, clock: fn() -> u64) -> Arc<Self> {
+    /// `admin_token` is kept only as a hash; `clock` gives Unix seconds (tests pass their own);
+    /// `secure_cookies` is false only when the server speaks plain HTTP (the console's cookies).
+    pub fn new(control: Control, admin_token: &str, clock: fn() -> u64, secure_cookies: bool) -> Arc<Self> {
         let version = control.version().unwrap_or(1);
+        let domain = control.domain().to_string();
         Arc::new(Self {
             control: Mutex::new(control),
             admin_hash: hash(admin_token),
@@ -64,7 +68,23 @@ impl AppState {
             polls: Mutex::new(HashMap::new()),
             writes: Mutex::new(WriteLimiter::default()),
             snapshot: tokio::sync::Mutex::new(None),
+            console: crate::console::ConsoleState::new(secure_cookies),
+            domain,
         })
+    }
+
+    /// Unix seconds by the server's clock.
+    pub(crate) fn now(&self) -> u64 {
+        (self.clock)()
+    }
+
+    pub(crate) fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    /// Whether `token` is the admin token (compared as hashes, in constant time).
+    pub(crate) fn is_admin_token(&self, token: &str) -> bool {
+        crate::console::same_secret(&hash(token), &self.admin_hash)
     }
 
     /// The snapshot every netmap of the current version is spliced from: made by the first poll that
@@ -111,14 +131,14 @@ impl AppState {
 
     /// Tells waiting long polls that something changed. The version is read on the blocking pool: the
     /// store's lock may be held by a snapshot or an fsync, and an async thread must not wait for it.
-    async fn changed(self: &Arc<Self>) {
+    pub(crate) async fn changed(self: &Arc<Self>) {
         if let Ok(version) = blocking(self, |c, _| c.version()).await {
             self.version.send_replace(version);
         }
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -128,17 +148,24 @@ async fn blocking<T: Send + 'static>(
     state: &Arc<AppState>,
     work: impl FnOnce(&mut Control, u64) -> Result<T, ControlError> + Send + 'static,
 ) -> Result<T, ApiError> {
+    blocking_work(state, work).await.map_err(ApiError::from)
+}
+
+/// `blocking`, for callers that show the store's error themselves (the console).
+pub(crate) async fn blocking_work<T: Send + 'static>(
+    state: &Arc<AppState>,
+    work: impl FnOnce(&mut Control, u64) -> Result<T, ControlError> + Send + 'static,
+) -> Result<T, ControlError> {
     let state = state.clone();
     tokio::task::spawn_blocking(move || {
         let now = (state.clock)();
         work(&mut state.control(), now)
     })
     .await
-    .map_err(|e| {
+    .unwrap_or_else(|e| {
         tracing::error!(error = %e, "storage work panicked");
-        ApiError::internal()
-    })?
-    .map_err(ApiError::from)
+        Err(ControlError::new(ErrorCode::Internal, "the coordination server failed; it has logged why"))
+    })
 }
 
 /// A node's long poll, counted while it waits.
@@ -184,12 +211,8 @@ impl ApiError {
         Self(status, ErrorBody { code, message: message.into() })
     }
 
-    fn internal() -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorCode::Internal,
-            "the coordination server failed; it has logged why",
-        )
+    pub(crate) fn status(&self) -> StatusCode {
+        self.0
     }
 }
 
@@ -281,8 +304,25 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/admin/policy", get(get_policy).put(set_policy).layer(DefaultBodyLimit::max(MAX_POLICY_BODY)))
         .route("/api/v1/admin/policy/check", post(check_policy).layer(DefaultBodyLimit::max(MAX_POLICY_BODY)))
         .route("/api/v1/admin/policy/explain", get(explain_policy))
+        .route("/api/v1/admin/console-link", post(console_link))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .merge(crate::console::router())
         .with_state(state)
+}
+
+#[derive(Debug, Serialize)]
+struct ConsoleLink {
+    /// The link's path on this server; it signs one browser in, once.
+    path: String,
+    expires_in: u64,
+}
+
+/// A one-time sign-in link to the console (`meshd control admin-link`), so a long token is not typed.
+async fn console_link(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<ConsoleLink> {
+    require_admin(&state, &headers)?;
+    let path = state.console.create_link(state.now());
+    tracing::info!("made a one-time console sign-in link");
+    Ok(Json(ConsoleLink { path, expires_in: crate::console::LINK_LIFETIME }))
 }
 
 async fn server_key(State(state): State<Arc<AppState>>) -> ApiResult<mesh_proto::ServerKey> {
@@ -709,4 +749,4 @@ async fn check_policy(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

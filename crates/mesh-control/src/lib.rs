@@ -2,6 +2,7 @@
 //! parameter (seconds since the Unix epoch), so expiry and ephemeral clean-up are tested without waiting.
 #![forbid(unsafe_code)]
 
+mod console;
 mod control;
 pub mod dns;
 pub mod fuzzing;

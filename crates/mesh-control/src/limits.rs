@@ -17,11 +17,20 @@ const FORGET_AFTER: Duration = Duration::from_secs(60);
 pub struct WriteLimiter<K> {
     buckets: HashMap<K, (f64, Instant)>,
     last_sweep: Option<Instant>,
+    burst: f64,
+    per_second: f64,
 }
 
 impl<K> Default for WriteLimiter<K> {
     fn default() -> Self {
-        Self { buckets: HashMap::new(), last_sweep: None }
+        Self::new(BURST, PER_SECOND)
+    }
+}
+
+impl<K> WriteLimiter<K> {
+    /// `burst` at once, then `per_second` (the console's sign-ins use it with a smaller budget).
+    pub fn new(burst: f64, per_second: f64) -> Self {
+        Self { buckets: HashMap::new(), last_sweep: None, burst, per_second }
     }
 }
 
@@ -32,8 +41,8 @@ impl<K: Hash + Eq> WriteLimiter<K> {
             self.buckets.retain(|_, (_, at)| now.saturating_duration_since(*at) < FORGET_AFTER);
             self.last_sweep = Some(now);
         }
-        let (tokens, at) = self.buckets.entry(key).or_insert((BURST, now));
-        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * PER_SECOND).min(BURST);
+        let (tokens, at) = self.buckets.entry(key).or_insert((self.burst, now));
+        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * self.per_second).min(self.burst);
         *at = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;

@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
+use tower::ServiceExt;
 
 /// Reads a PEM certificate chain and private key into a TLS configuration; errors name the file.
 pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
@@ -97,6 +98,11 @@ pub async fn serve(listener: TcpListener, app: Router, tls: Option<Arc<ServerCon
         let (app, acceptor, builder) = (app.clone(), acceptor.clone(), builder.clone());
         tokio::spawn(async move {
             let _slot = slot;
+            // The peer's address on every request: the console limits sign-ins per client.
+            let app = app.map_request(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                request
+            });
             let service = TowerToHyperService::new(app);
             let deadline = tokio::time::Instant::now() + limits.lifetime;
             let result = match acceptor {

@@ -160,7 +160,7 @@ pub async fn run(o: Options) -> Result<(), Error> {
         apply_policy_file(&mut control, path, &text)?;
     }
     raise_descriptor_limit();
-    let state = AppState::new(control, &token, unix_now);
+    let state = AppState::new(control, &token, unix_now, tls.is_some());
     let listener = tokio::net::TcpListener::bind(o.listen)
         .await
         .map_err(|e| Error::system(&format!("listening on {}", o.listen), e))?;

@@ -21,7 +21,7 @@ fn app() -> Router {
 
 fn app_and_state() -> (Router, Arc<AppState>) {
     let control = Control::in_memory(Policy::default(), "mesh.example").unwrap();
-    let state = AppState::new(control, TOKEN, clock);
+    let state = AppState::new(control, TOKEN, clock, true);
     (router(state.clone()), state)
 }
 
@@ -34,7 +34,7 @@ async fn polls_waiting(state: &AppState, n: usize) {
     }
 }
 
-async fn call(app: &Router, method: &str, uri: &str, auth: Option<&str>, body: &str) -> (StatusCode, String) {
+pub(crate) async fn call(app: &Router, method: &str, uri: &str, auth: Option<&str>, body: &str) -> (StatusCode, String) {
     let mut request = Request::builder().method(method).uri(uri).header("content-type", "application/json");
     if let Some(a) = auth {
         request = request.header("authorization", a);
@@ -56,7 +56,7 @@ async fn new_key(app: &Router, body: &str) -> String {
 }
 
 /// A registration as node `node` (private key `[node; 32]`) sends it, signed with `signer`'s private key.
-async fn signed_request(app: &Router, key: &str, node: u8, signer: u8, routes: &[&str]) -> String {
+pub(crate) async fn signed_request(app: &Router, key: &str, node: u8, signer: u8, routes: &[&str]) -> String {
     let (_, text) = call(app, "GET", "/api/v1/server-key", None, "").await;
     let server: mesh_proto::ServerKey = serde_json::from_str(&text).unwrap();
     let mut request = RegisterRequest {
@@ -73,7 +73,7 @@ async fn signed_request(app: &Router, key: &str, node: u8, signer: u8, routes: &
     serde_json::to_string(&request).unwrap()
 }
 
-async fn register(app: &Router, key: &str, node: u8, routes: &[&str]) -> RegisterResponse {
+pub(crate) async fn register(app: &Router, key: &str, node: u8, routes: &[&str]) -> RegisterResponse {
     let body = signed_request(app, key, node, node, routes).await;
     let (status, text) = call(app, "POST", "/api/v1/register", None, &body).await;
     assert_eq!(status, StatusCode::OK, "{text}");

@@ -1,0 +1,790 @@
+//! The admin console: server-rendered pages under `/admin/` on the API's own listener, doing what the
+//! `meshd control` verbs do through the same `Control` calls, so a change made here reaches nodes exactly as
+//! one made through the API does.
+//!
+//! Safety: a session cookie (HttpOnly, SameSite=Strict, Secure unless the server is plain HTTP) made by
+//! signing in with the admin token or a one-time link; a CSRF token in every state-changing form, checked
+//! before the form is read; sign-ins limited per client address; a Content-Security-Policy that allows
+//! nothing but the console's own stylesheet and script, which are embedded in the binary.
+
+mod pages;
+mod session;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use askama::Template;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Router};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::control::{AuthKeyOptions, ControlError};
+use crate::http::{AppState, blocking_work, lock};
+use crate::limits::WriteLimiter;
+use pages::*;
+pub use session::{LINK_LIFETIME, same_secret};
+use session::{Session, Sessions, random_token};
+
+const SESSION_COOKIE: &str = "meshd_console";
+/// Before sign-in: the value the sign-in form must carry back (a page on another site cannot read it, so
+/// it cannot sign a browser in to a mesh of its choosing).
+const LOGIN_COOKIE: &str = "meshd_console_login";
+/// Sign-in attempts per client address: a few at once, then one every ten seconds. The admin token has
+/// 192 bits, so this is about not burning CPU and log lines, and about noticing.
+const SIGN_IN_BURST: f64 = 5.0;
+const SIGN_IN_PER_SECOND: f64 = 0.1;
+/// Policy versions listed in the history.
+const HISTORY: usize = 50;
+/// A form's body: a policy may be as big as the API takes.
+const MAX_FORM: usize = 1024 * 1024;
+
+/// Nothing but the console's own files: no inline script or style, no frames, forms only to itself.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; \
+     form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+#[derive(Debug)]
+pub struct ConsoleState {
+    sessions: Mutex<Sessions>,
+    sign_ins: Mutex<WriteLimiter<IpAddr>>,
+    secure_cookies: bool,
+}
+
+impl ConsoleState {
+    /// `secure_cookies`: false only when the server speaks plain HTTP, where a Secure cookie would never
+    /// come back.
+    pub fn new(secure_cookies: bool) -> Self {
+        Self {
+            sessions: Mutex::new(Sessions::default()),
+            sign_ins: Mutex::new(WriteLimiter::new(SIGN_IN_BURST, SIGN_IN_PER_SECOND)),
+            secure_cookies,
+        }
+    }
+
+    /// A one-time sign-in link's path (for `meshd control admin-link`).
+    pub fn create_link(&self, now: u64) -> String {
+        format!("/admin/link?token={}", lock(&self.sessions).create_link(now))
+    }
+
+    fn cookie(&self, name: &str, value: &str, max_age: u64) -> HeaderValue {
+        let secure = if self.secure_cookies { "; Secure" } else { "" };
+        let text = format!("{name}={value}; Path=/admin; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}");
+        HeaderValue::from_str(&text).expect("cookie values are hex")
+    }
+}
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/admin", get(|| async { Redirect::to("/admin/machines") }))
+        .route("/admin/", get(|| async { Redirect::to("/admin/machines") }))
+        .route("/admin/static/console.css", get(stylesheet))
+        .route("/admin/static/console.js", get(script))
+        .route("/admin/login", get(login_page).post(login))
+        .route("/admin/link", get(link_page).post(link_login))
+        .route("/admin/logout", post(logout))
+        .route("/admin/machines", get(machines))
+        .route("/admin/machines/{id}", get(machine))
+        .route("/admin/machines/{id}/rename", post(rename))
+        .route("/admin/machines/{id}/expire", get(confirm_expire).post(expire))
+        .route("/admin/machines/{id}/delete", get(confirm_delete).post(delete))
+        .route("/admin/routes", post(route_choice))
+        .route("/admin/keys", get(keys).post(create_key))
+        .route("/admin/keys/{id}/revoke", post(revoke_key))
+        .route("/admin/policy", get(policy).post(policy_action))
+        .route("/admin/dns", get(dns).post(dns_action))
+        .route("/admin/dns/magic", post(magic_dns))
+        .route("/admin/users", get(users).post(create_user))
+        .route("/admin/users/delete", post(delete_user))
+        .fallback(|| async { failure(StatusCode::NOT_FOUND, "No such page", "Nothing lives at this address.") })
+        .layer(axum::middleware::map_response(security_headers))
+}
+
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CONTENT_SECURITY_POLICY));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    // A created key's secret is on a page: no cache may keep it, and "back" must not show it again.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+async fn stylesheet() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], include_str!("../assets/console.css"))
+}
+
+async fn script() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], include_str!("../assets/console.js"))
+}
+
+fn render(page: impl Template) -> Response {
+    match page.render() {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "rendering a console page");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+fn failure(status: StatusCode, title: &str, message: &str) -> Response {
+    let page = ErrorPage { layout: Layout::signed_out(title), message: message.to_string() };
+    (status, render(page)).into_response()
+}
+
+/// A refusal from the store, shown as a page that says why and leads back.
+fn refused(e: ControlError, back: &str, layout: Layout) -> Response {
+    let status = crate::http::ApiError::from(e.clone()).status();
+    let page = RefusedPage { layout, message: e.message, back: back.to_string() };
+    (status, render(page)).into_response()
+}
+
+/// The client's address, from the listener (none in tests that call the router directly).
+struct Client(IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for Client {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        Ok(Self(peer.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))))
+    }
+}
+
+fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.to_string())
+}
+
+/// A signed-in administrator: a request without a live session is sent to sign in (a page) or refused (a
+/// form).
+struct Admin {
+    cookie: String,
+    session: Session,
+}
+
+impl Admin {
+    fn layout(&self, title: &str, active: &'static str) -> Layout {
+        Layout { title: title.to_string(), active, csrf: Some(self.session.csrf.clone()), note: None }
+    }
+}
+
+impl FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Response> {
+        let now = state.now();
+        let found = cookie_value(&parts.headers, SESSION_COOKIE)
+            .and_then(|cookie| lock(&state.console.sessions).get(&cookie, now).map(|session| (cookie, session)));
+        match found {
+            Some((cookie, session)) => Ok(Self { cookie, session }),
+            None if parts.method == Method::GET || parts.method == Method::HEAD => {
+                Err(Redirect::to("/admin/login").into_response())
+            }
+            None => Err(failure(
+                StatusCode::FORBIDDEN,
+                "Sign in first",
+                "This change was refused: the browser is not signed in to the console (or its session ended).",
+            )),
+        }
+    }
+}
+
+/// A state-changing form from a signed-in administrator, refused unless it carries the session's CSRF
+/// token. The token is checked before the rest of the form is read.
+struct AdminForm<T> {
+    admin: Admin,
+    form: T,
+}
+
+#[derive(Deserialize, Default)]
+struct CsrfField {
+    #[serde(default)]
+    csrf: String,
+}
+
+impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for AdminForm<T> {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &Arc<AppState>) -> Result<Self, Response> {
+        let (mut parts, body) = request.into_parts();
+        let admin = Admin::from_request_parts(&mut parts, state).await?;
+        let bytes = axum::body::to_bytes(body, MAX_FORM)
+            .await
+            .map_err(|_| failure(StatusCode::PAYLOAD_TOO_LARGE, "Too big", "The form is larger than 1 MiB."))?;
+        let csrf: CsrfField = serde_urlencoded::from_bytes(&bytes).unwrap_or_default();
+        if !same_secret(&csrf.csrf, &admin.session.csrf) {
+            return Err(failure(
+                StatusCode::FORBIDDEN,
+                "Form refused",
+                "This form did not carry the console's token for this session, so it was refused. Reload the \
+                 page and try again.",
+            ));
+        }
+        let form = serde_urlencoded::from_bytes(&bytes)
+            .map_err(|e| failure(StatusCode::BAD_REQUEST, "Form refused", &format!("The form is malformed: {e}")))?;
+        Ok(Self { admin, form })
+    }
+}
+
+/// After a change: back to a console page, with a note saying what was done.
+fn done(path: &str, note: Note) -> Response {
+    Redirect::to(&format!("{path}?done={}", note.code())).into_response()
+}
+
+/// Only console paths: a form's `back` field cannot send the browser anywhere else.
+fn back_path(back: &str) -> &str {
+    let safe = back.starts_with("/admin/")
+        && back.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-_.".contains(&b))
+        && !back.contains("//");
+    if safe { back } else { "/admin/machines" }
+}
+
+// ---- signing in and out
+
+#[derive(Deserialize)]
+struct SignIn {
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn login_page(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let now = state.now();
+    if cookie_value(&headers, SESSION_COOKIE).is_some_and(|c| lock(&state.console.sessions).get(&c, now).is_some()) {
+        return Redirect::to("/admin/machines").into_response();
+    }
+    login_form(&state, None, StatusCode::OK)
+}
+
+fn login_form(state: &AppState, error: Option<&str>, status: StatusCode) -> Response {
+    let csrf = random_token();
+    let page = LoginPage { layout: Layout::signed_out("Sign in"), csrf: csrf.clone(), error: error.map(String::from) };
+    let mut response = (status, render(page)).into_response();
+    response.headers_mut().append(header::SET_COOKIE, state.console.cookie(LOGIN_COOKIE, &csrf, 600));
+    response
+}
+
+/// Whether this client may try to sign in now; takes one attempt.
+fn may_try(state: &AppState, client: IpAddr) -> bool {
+    lock(&state.console.sign_ins).allow(client, Instant::now())
+}
+
+fn signed_in(state: &AppState, now: u64) -> Response {
+    let (cookie, _) = lock(&state.console.sessions).create(now);
+    let mut response = Redirect::to("/admin/machines").into_response();
+    let headers = response.headers_mut();
+    headers.append(header::SET_COOKIE, state.console.cookie(SESSION_COOKIE, &cookie, session::SESSION_LIFETIME));
+    headers.append(header::SET_COOKIE, state.console.cookie(LOGIN_COOKIE, "", 0));
+    response
+}
+
+fn pre_sign_in_matches(headers: &HeaderMap, csrf: &str) -> bool {
+    cookie_value(headers, LOGIN_COOKIE).is_some_and(|c| !c.is_empty() && same_secret(&c, csrf))
+}
+
+async fn login(
+    State(state): State<Arc<AppState>>,
+    Client(client): Client,
+    headers: HeaderMap,
+    Form(form): Form<SignIn>,
+) -> Response {
+    if !may_try(&state, client) {
+        tracing::warn!(%client, "console sign-in attempts over the limit");
+        return login_form(&state, Some("Too many sign-in attempts from here; wait a minute."), StatusCode::TOO_MANY_REQUESTS);
+    }
+    if !pre_sign_in_matches(&headers, &form.csrf) {
+        return login_form(&state, Some("The sign-in form expired; try again."), StatusCode::FORBIDDEN);
+    }
+    if !state.is_admin_token(form.token.trim()) {
+        tracing::info!(%client, "console sign-in with a wrong token");
+        return login_form(&state, Some("That is not the admin token."), StatusCode::UNAUTHORIZED);
+    }
+    tracing::info!(%client, "console sign-in");
+    signed_in(&state, state.now())
+}
+
+#[derive(Deserialize)]
+struct LinkQuery {
+    #[serde(default)]
+    token: String,
+}
+
+/// The link only shows a button: a link previewer or a prefetch that follows it uses nothing up.
+async fn link_page(State(state): State<Arc<AppState>>, Query(q): Query<LinkQuery>) -> Response {
+    let csrf = random_token();
+    let page = LinkPage { layout: Layout::signed_out("Sign in"), token: q.token, csrf: csrf.clone() };
+    let mut response = render(page);
+    response.headers_mut().append(header::SET_COOKIE, state.console.cookie(LOGIN_COOKIE, &csrf, 600));
+    response
+}
+
+async fn link_login(
+    State(state): State<Arc<AppState>>,
+    Client(client): Client,
+    headers: HeaderMap,
+    Form(form): Form<SignIn>,
+) -> Response {
+    if !may_try(&state, client) {
+        return login_form(&state, Some("Too many sign-in attempts from here; wait a minute."), StatusCode::TOO_MANY_REQUESTS);
+    }
+    if !pre_sign_in_matches(&headers, &form.csrf) {
+        return login_form(&state, Some("The sign-in form expired; try again."), StatusCode::FORBIDDEN);
+    }
+    let now = state.now();
+    if !lock(&state.console.sessions).redeem_link(&form.token, now) {
+        return login_form(
+            &state,
+            Some("That sign-in link was used already or has expired; make a new one with meshd control admin-link."),
+            StatusCode::UNAUTHORIZED,
+        );
+    }
+    tracing::info!(%client, "console sign-in with a one-time link");
+    signed_in(&state, now)
+}
+
+async fn logout(State(state): State<Arc<AppState>>, AdminForm { admin, .. }: AdminForm<CsrfField>) -> Response {
+    lock(&state.console.sessions).remove(&admin.cookie);
+    let mut response = Redirect::to("/admin/login").into_response();
+    response.headers_mut().append(header::SET_COOKIE, state.console.cookie(SESSION_COOKIE, "", 0));
+    response
+}
+
+// ---- machines
+
+#[derive(Deserialize, Default)]
+struct MachineFilter {
+    #[serde(default)]
+    q: String,
+    #[serde(default)]
+    state: String,
+    #[serde(default)]
+    done: String,
+}
+
+async fn machines(State(state): State<Arc<AppState>>, admin: Admin, Query(filter): Query<MachineFilter>) -> Response {
+    let rows = match blocking_work(&state, |c, _| Ok((c.nodes()?, c.all_routes()?))).await {
+        Ok((nodes, routes)) => machine_rows(&state, nodes, &routes),
+        Err(e) => return refused(e, "/admin/machines", admin.layout("Machines", "machines")),
+    };
+    let total = rows.len();
+    let needle = filter.q.trim().to_ascii_lowercase();
+    let shown: Vec<MachineRow> = rows
+        .into_iter()
+        .filter(|m| needle.is_empty() || m.matches(&needle))
+        .filter(|m| match filter.state.as_str() {
+            "online" => m.online && !m.expired,
+            "offline" => !m.online && !m.expired,
+            "expired" => m.expired,
+            _ => true,
+        })
+        .collect();
+    let mut layout = admin.layout("Machines", "machines");
+    layout.note = Note::from_code(&filter.done);
+    render(MachinesPage { layout, machines: shown, total, q: filter.q, state: filter.state })
+}
+
+async fn machine_by_id(state: &Arc<AppState>, id: u64) -> Result<Option<MachineRow>, ControlError> {
+    let (nodes, routes) = blocking_work(state, |c, _| Ok((c.nodes()?, c.all_routes()?))).await?;
+    Ok(machine_rows(state, nodes, &routes).into_iter().find(|m| m.id == id))
+}
+
+fn no_machine(admin: &Admin) -> Response {
+    let layout = admin.layout("No such machine", "machines");
+    let page = RefusedPage { layout, message: "No machine has that id.".into(), back: "/admin/machines".into() };
+    (StatusCode::NOT_FOUND, render(page)).into_response()
+}
+
+async fn machine(
+    State(state): State<Arc<AppState>>,
+    admin: Admin,
+    Path(id): Path<u64>,
+    Query(filter): Query<MachineFilter>,
+) -> Response {
+    match machine_by_id(&state, id).await {
+        Ok(Some(m)) => {
+            let mut layout = admin.layout(&m.name, "machines");
+            layout.note = Note::from_code(&filter.done);
+            render(MachinePage { layout, m })
+        }
+        Ok(None) => no_machine(&admin),
+        Err(e) => refused(e, "/admin/machines", admin.layout("Machine", "machines")),
+    }
+}
+
+#[derive(Deserialize)]
+struct RenameForm {
+    name: String,
+}
+
+async fn rename(State(state): State<Arc<AppState>>, Path(id): Path<u64>, f: AdminForm<RenameForm>) -> Response {
+    let name = f.form.name.trim().to_string();
+    match blocking_work(&state, move |c, _| c.rename_node(id, &name)).await {
+        Ok(()) => {
+            state.changed().await;
+            done(&format!("/admin/machines/{id}"), Note::Renamed)
+        }
+        Err(e) => refused(e, &format!("/admin/machines/{id}"), f.admin.layout("Rename refused", "machines")),
+    }
+}
+
+async fn confirm(state: &Arc<AppState>, admin: Admin, id: u64, action: ConfirmAction) -> Response {
+    match machine_by_id(state, id).await {
+        Ok(Some(m)) => {
+            let layout = admin.layout(&format!("{} {}?", action.verb(), m.name), "machines");
+            render(ConfirmPage { layout, m, action })
+        }
+        Ok(None) => no_machine(&admin),
+        Err(e) => refused(e, "/admin/machines", admin.layout("Machine", "machines")),
+    }
+}
+
+async fn confirm_expire(State(state): State<Arc<AppState>>, admin: Admin, Path(id): Path<u64>) -> Response {
+    confirm(&state, admin, id, ConfirmAction::Expire).await
+}
+
+async fn confirm_delete(State(state): State<Arc<AppState>>, admin: Admin, Path(id): Path<u64>) -> Response {
+    confirm(&state, admin, id, ConfirmAction::Delete).await
+}
+
+#[derive(Deserialize)]
+struct NamedForm {
+    /// The name the confirmation showed: if the machine was renamed meanwhile, the change is refused rather
+    /// than made to a machine the administrator did not see named.
+    name: String,
+}
+
+async fn machine_change(state: &Arc<AppState>, id: u64, f: AdminForm<NamedForm>, action: ConfirmAction) -> Response {
+    let shown = f.form.name;
+    let result = blocking_work(state, move |c, _| {
+        let node = c.nodes()?.into_iter().find(|n| n.id == id);
+        match node {
+            Some(n) if n.name == shown => match action {
+                ConfirmAction::Expire => c.expire_node(id),
+                ConfirmAction::Delete => c.delete_node(id),
+            },
+            Some(n) => Err(ControlError::bad(format!(
+                "the machine is now called {:?}, not {shown:?}; nothing was changed",
+                n.name
+            ))),
+            None => Err(ControlError::not_found("no machine has that id")),
+        }
+    })
+    .await;
+    match result {
+        Ok(_) => {
+            state.changed().await;
+            match action {
+                ConfirmAction::Expire => done(&format!("/admin/machines/{id}"), Note::Expired),
+                ConfirmAction::Delete => done("/admin/machines", Note::Deleted),
+            }
+        }
+        Err(e) => refused(e, "/admin/machines", f.admin.layout("Refused", "machines")),
+    }
+}
+
+async fn expire(State(state): State<Arc<AppState>>, Path(id): Path<u64>, f: AdminForm<NamedForm>) -> Response {
+    machine_change(&state, id, f, ConfirmAction::Expire).await
+}
+
+async fn delete(State(state): State<Arc<AppState>>, Path(id): Path<u64>, f: AdminForm<NamedForm>) -> Response {
+    machine_change(&state, id, f, ConfirmAction::Delete).await
+}
+
+#[derive(Deserialize)]
+struct RouteForm {
+    node: u64,
+    prefix: String,
+    action: String,
+    #[serde(default)]
+    back: String,
+}
+
+async fn route_choice(State(state): State<Arc<AppState>>, f: AdminForm<RouteForm>) -> Response {
+    let back = back_path(&f.form.back).to_string();
+    let layout = f.admin.layout("Route refused", "machines");
+    let approve = match f.form.action.as_str() {
+        "approve" => true,
+        "reject" => false,
+        _ => return refused(ControlError::bad("the action is approve or reject"), &back, layout),
+    };
+    let Ok(prefix) = f.form.prefix.parse::<ipnet::IpNet>() else {
+        return refused(ControlError::bad("not a prefix"), &back, layout);
+    };
+    let node = f.form.node;
+    let result = blocking_work(&state, move |c, _| {
+        if !c.all_routes()?.iter().any(|a| a.node == node && a.prefix == prefix.trunc()) {
+            return Err(ControlError::not_found(format!("that machine does not advertise {prefix}")));
+        }
+        c.set_route_approval(node, prefix.trunc(), approve)
+    })
+    .await;
+    match result {
+        Ok(changed) => {
+            if changed {
+                state.changed().await;
+            }
+            tracing::info!(node, %prefix, approve, "route approval set in the console");
+            done(&back, if approve { Note::Approved } else { Note::Rejected })
+        }
+        Err(e) => refused(e, &back, layout),
+    }
+}
+
+// ---- keys
+
+#[derive(Deserialize, Default)]
+struct DoneQuery {
+    #[serde(default)]
+    done: String,
+}
+
+async fn keys_page(state: &Arc<AppState>, mut layout: Layout, created: Option<CreatedKey>) -> Response {
+    let result = blocking_work(state, |c, _| Ok((c.list_auth_keys()?, c.list_users()?))).await;
+    match result {
+        Ok((keys, users)) => {
+            let now = state.now();
+            let keys = keys.into_iter().rev().map(|k| KeyRow::new(k, now)).collect();
+            let users = users.into_iter().map(|u| u.name).collect();
+            if created.is_some() {
+                layout.note = Some(Note::KeyCreated);
+            }
+            render(KeysPage { layout, keys, users, created })
+        }
+        Err(e) => refused(e, "/admin/machines", layout),
+    }
+}
+
+async fn keys(State(state): State<Arc<AppState>>, admin: Admin, Query(q): Query<DoneQuery>) -> Response {
+    let mut layout = admin.layout("Auth keys", "keys");
+    layout.note = Note::from_code(&q.done);
+    keys_page(&state, layout, None).await
+}
+
+#[derive(Deserialize)]
+struct KeyForm {
+    #[serde(default)]
+    reusable: Option<String>,
+    #[serde(default)]
+    ephemeral: Option<String>,
+    #[serde(default)]
+    tags: String,
+    #[serde(default)]
+    expiry: String,
+    #[serde(default)]
+    user: String,
+}
+
+/// The secret is on this response's page and nowhere else: it is not stored, and the page is not cached.
+async fn create_key(State(state): State<Arc<AppState>>, f: AdminForm<KeyForm>) -> Response {
+    let form = f.form;
+    let expiry = match form.expiry.as_str() {
+        "" | "never" => None,
+        text => match parse_expiry(text) {
+            Some(seconds) => Some(seconds),
+            None => {
+                let layout = f.admin.layout("Key refused", "keys");
+                return refused(ControlError::bad("pick an expiry from the list"), "/admin/keys", layout);
+            }
+        },
+    };
+    let options = AuthKeyOptions {
+        reusable: form.reusable.is_some(),
+        ephemeral: form.ephemeral.is_some(),
+        tags: form.tags.split([',', ' ']).map(str::trim).filter(|t| !t.is_empty()).map(String::from).collect(),
+        expiry,
+        user: Some(form.user.trim().to_string()).filter(|u| !u.is_empty()),
+    };
+    let summary = KeySummary::of(&options);
+    match blocking_work(&state, move |c, now| c.create_auth_key(&options, now)).await {
+        Ok((key, secret)) => {
+            tracing::info!(id = key.id, "auth key created in the console");
+            let created = CreatedKey { id: key.id, secret, summary };
+            keys_page(&state, f.admin.layout("Auth keys", "keys"), Some(created)).await
+        }
+        Err(e) => refused(e, "/admin/keys", f.admin.layout("Key refused", "keys")),
+    }
+}
+
+async fn revoke_key(State(state): State<Arc<AppState>>, Path(id): Path<u64>, f: AdminForm<CsrfField>) -> Response {
+    match blocking_work(&state, move |c, _| c.revoke_auth_key(id)).await {
+        Ok(true) => done("/admin/keys", Note::Revoked),
+        Ok(false) => refused(ControlError::not_found("no such auth key"), "/admin/keys", f.admin.layout("Refused", "keys")),
+        Err(e) => refused(e, "/admin/keys", f.admin.layout("Refused", "keys")),
+    }
+}
+
+// ---- policy
+
+async fn policy_page(state: &Arc<AppState>, layout: Layout, edit: Option<PolicyEdit>) -> Response {
+    let history = blocking_work(state, |c, _| c.policy_history(HISTORY)).await;
+    match history {
+        Ok(history) => {
+            let current = history.first().cloned();
+            let page = PolicyPage::new(layout, current, history, edit, state.now());
+            let status = page.status();
+            (status, render(page)).into_response()
+        }
+        Err(e) => refused(e, "/admin/machines", layout),
+    }
+}
+
+async fn policy(State(state): State<Arc<AppState>>, admin: Admin, Query(q): Query<DoneQuery>) -> Response {
+    let mut layout = admin.layout("Policy", "policy");
+    layout.note = Note::from_code(&q.done);
+    policy_page(&state, layout, None).await
+}
+
+#[derive(Deserialize)]
+struct PolicyForm {
+    text: String,
+    action: String,
+}
+
+async fn policy_action(State(state): State<Arc<AppState>>, Client(client): Client, f: AdminForm<PolicyForm>) -> Response {
+    let layout = f.admin.layout("Policy", "policy");
+    let PolicyForm { text, action } = f.form;
+    let submitted = text.clone();
+    let outcome = match action.as_str() {
+        "check" => blocking_work(&state, move |c, _| c.check_policy(&text).map(|_| ()))
+            .await
+            .map(|()| PolicyOutcome::Checked),
+        "diff" => blocking_work(&state, move |c, now| {
+            let old = c.stored_policy()?.map(|p| p.text).unwrap_or_else(|| "{}".into());
+            let change = c.preview_policy(&text, now)?;
+            Ok(PolicyOutcome::Diff { diff: line_diff(&old, &text), change })
+        })
+        .await,
+        "save" => {
+            let set_by = format!("admin console ({client})");
+            let saved = blocking_work(&state, move |c, now| c.set_policy(&text, &set_by, now)).await;
+            if saved.is_ok() {
+                state.changed().await;
+            }
+            saved.map(|change| {
+                tracing::info!(version = change.version, "policy set in the console");
+                PolicyOutcome::Saved(change)
+            })
+        }
+        _ => Err(ControlError::bad("the action is check, diff or save")),
+    };
+    let edit = PolicyEdit::new(submitted, outcome);
+    policy_page(&state, layout, Some(edit)).await
+}
+
+// ---- DNS
+
+async fn dns_page(state: &Arc<AppState>, layout: Layout, edit: Option<DnsEdit>) -> Response {
+    let result = blocking_work(state, |c, _| {
+        Ok((c.stored_dns()?, c.dns().clone(), c.domain().to_string(), c.nodes()?))
+    })
+    .await;
+    match result {
+        Ok((stored, config, domain, nodes)) => {
+            let page = DnsPage::new(layout, stored, config, domain, nodes, edit, state.now());
+            let status = page.status();
+            (status, render(page)).into_response()
+        }
+        Err(e) => refused(e, "/admin/machines", layout),
+    }
+}
+
+async fn dns(State(state): State<Arc<AppState>>, admin: Admin, Query(q): Query<DoneQuery>) -> Response {
+    let mut layout = admin.layout("DNS", "dns");
+    layout.note = Note::from_code(&q.done);
+    dns_page(&state, layout, None).await
+}
+
+async fn dns_action(State(state): State<Arc<AppState>>, Client(client): Client, f: AdminForm<PolicyForm>) -> Response {
+    let layout = f.admin.layout("DNS", "dns");
+    let PolicyForm { text, action } = f.form;
+    let submitted = text.clone();
+    let outcome = match action.as_str() {
+        "check" => blocking_work(&state, move |c, _| crate::dns::parse(&text, c.domain()).map_err(ControlError::bad))
+            .await
+            .map(|_| None),
+        "save" => {
+            let set_by = format!("admin console ({client})");
+            let saved = blocking_work(&state, move |c, now| c.set_dns(&text, &set_by, now)).await;
+            if saved.is_ok() {
+                state.changed().await;
+            }
+            saved.map(Some)
+        }
+        _ => Err(ControlError::bad("the action is check or save")),
+    };
+    dns_page(&state, layout, Some(DnsEdit { text: submitted, outcome: outcome.map_err(|e| e.message) })).await
+}
+
+#[derive(Deserialize)]
+struct MagicForm {
+    on: String,
+}
+
+/// Turns MagicDNS on or off by changing that one value in the stored settings, keeping the rest of the text
+/// (and its comments) as written.
+async fn magic_dns(State(state): State<Arc<AppState>>, Client(client): Client, f: AdminForm<MagicForm>) -> Response {
+    let on = f.form.on == "true";
+    let set_by = format!("admin console ({client})");
+    let result = blocking_work(&state, move |c, now| {
+        let text = c.stored_dns()?.map_or_else(|| "{}".to_string(), |s| s.text);
+        let text = set_magic_dns(&text, on).map_err(ControlError::bad)?;
+        c.set_dns(&text, &set_by, now)
+    })
+    .await;
+    match result {
+        Ok(_) => {
+            state.changed().await;
+            done("/admin/dns", if on { Note::MagicOn } else { Note::MagicOff })
+        }
+        Err(e) => refused(e, "/admin/dns", f.admin.layout("DNS", "dns")),
+    }
+}
+
+// ---- users
+
+async fn users(State(state): State<Arc<AppState>>, admin: Admin, Query(q): Query<DoneQuery>) -> Response {
+    let mut layout = admin.layout("Users", "users");
+    layout.note = Note::from_code(&q.done);
+    match blocking_work(&state, |c, _| c.list_users()).await {
+        Ok(users) => render(UsersPage { layout, users }),
+        Err(e) => refused(e, "/admin/machines", layout),
+    }
+}
+
+#[derive(Deserialize)]
+struct UserForm {
+    name: String,
+}
+
+async fn create_user(State(state): State<Arc<AppState>>, f: AdminForm<UserForm>) -> Response {
+    let name = f.form.name.trim().to_string();
+    match blocking_work(&state, move |c, now| c.create_user(&name, now)).await {
+        Ok(_) => done("/admin/users", Note::UserCreated),
+        Err(e) => refused(e, "/admin/users", f.admin.layout("Users", "users")),
+    }
+}
+
+async fn delete_user(State(state): State<Arc<AppState>>, f: AdminForm<UserForm>) -> Response {
+    let name = f.form.name;
+    match blocking_work(&state, move |c, _| c.delete_user(&name)).await {
+        Ok(()) => done("/admin/users", Note::UserDeleted),
+        Err(e) => refused(e, "/admin/users", f.admin.layout("Users", "users")),
+    }
+}
+
+#[cfg(test)]
+mod tests;
