@@ -304,7 +304,11 @@ async fn login(
 ) -> Response {
     if !may_try(&state, client) {
         tracing::warn!(%client, "console sign-in attempts over the limit");
-        return login_form(&state, Some("Too many sign-in attempts from here; wait a minute."), StatusCode::TOO_MANY_REQUESTS);
+        return login_form(
+            &state,
+            Some("Too many sign-in attempts from here; wait a minute."),
+            StatusCode::TOO_MANY_REQUESTS,
+        );
     }
     if !pre_sign_in_matches(&headers, &form.csrf) {
         return login_form(&state, Some("The sign-in form expired; try again."), StatusCode::FORBIDDEN);
@@ -339,7 +343,11 @@ async fn link_login(
     Form(form): Form<SignIn>,
 ) -> Response {
     if !may_try(&state, client) {
-        return login_form(&state, Some("Too many sign-in attempts from here; wait a minute."), StatusCode::TOO_MANY_REQUESTS);
+        return login_form(
+            &state,
+            Some("Too many sign-in attempts from here; wait a minute."),
+            StatusCode::TOO_MANY_REQUESTS,
+        );
     }
     if !pre_sign_in_matches(&headers, &form.csrf) {
         return login_form(&state, Some("The sign-in form expired; try again."), StatusCode::FORBIDDEN);
@@ -622,7 +630,9 @@ async fn create_key(State(state): State<Arc<AppState>>, f: AdminForm<KeyForm>) -
 async fn revoke_key(State(state): State<Arc<AppState>>, Path(id): Path<u64>, f: AdminForm<CsrfField>) -> Response {
     match blocking_work(&state, move |c, _| c.revoke_auth_key(id)).await {
         Ok(true) => done("/admin/keys", Note::Revoked),
-        Ok(false) => refused(ControlError::not_found("no such auth key"), "/admin/keys", f.admin.layout("Refused", "keys")),
+        Ok(false) => {
+            refused(ControlError::not_found("no such auth key"), "/admin/keys", f.admin.layout("Refused", "keys"))
+        }
         Err(e) => refused(e, "/admin/keys", f.admin.layout("Refused", "keys")),
     }
 }
@@ -654,20 +664,26 @@ struct PolicyForm {
     action: String,
 }
 
-async fn policy_action(State(state): State<Arc<AppState>>, Client(client): Client, f: AdminForm<PolicyForm>) -> Response {
+async fn policy_action(
+    State(state): State<Arc<AppState>>,
+    Client(client): Client,
+    f: AdminForm<PolicyForm>,
+) -> Response {
     let layout = f.admin.layout("Policy", "policy");
     let PolicyForm { text, action } = f.form;
     let submitted = text.clone();
     let outcome = match action.as_str() {
-        "check" => blocking_work(&state, move |c, _| c.check_policy(&text).map(|_| ()))
+        "check" => {
+            blocking_work(&state, move |c, _| c.check_policy(&text).map(|_| ())).await.map(|()| PolicyOutcome::Checked)
+        }
+        "diff" => {
+            blocking_work(&state, move |c, now| {
+                let old = c.stored_policy()?.map(|p| p.text).unwrap_or_else(|| "{}".into());
+                let change = c.preview_policy(&text, now)?;
+                Ok(PolicyOutcome::Diff { diff: line_diff(&old, &text), change })
+            })
             .await
-            .map(|()| PolicyOutcome::Checked),
-        "diff" => blocking_work(&state, move |c, now| {
-            let old = c.stored_policy()?.map(|p| p.text).unwrap_or_else(|| "{}".into());
-            let change = c.preview_policy(&text, now)?;
-            Ok(PolicyOutcome::Diff { diff: line_diff(&old, &text), change })
-        })
-        .await,
+        }
         "save" => {
             let set_by = format!("admin console ({client})");
             let saved = blocking_work(&state, move |c, now| c.set_policy(&text, &set_by, now)).await;
@@ -688,10 +704,8 @@ async fn policy_action(State(state): State<Arc<AppState>>, Client(client): Clien
 // ---- DNS
 
 async fn dns_page(state: &Arc<AppState>, layout: Layout, edit: Option<DnsEdit>) -> Response {
-    let result = blocking_work(state, |c, _| {
-        Ok((c.stored_dns()?, c.dns().clone(), c.domain().to_string(), c.nodes()?))
-    })
-    .await;
+    let result =
+        blocking_work(state, |c, _| Ok((c.stored_dns()?, c.dns().clone(), c.domain().to_string(), c.nodes()?))).await;
     match result {
         Ok((stored, config, domain, nodes)) => {
             let page = DnsPage::new(layout, stored, config, domain, nodes, edit, state.now());

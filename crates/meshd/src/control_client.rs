@@ -52,6 +52,8 @@ pub enum Verb {
     PolicyCheck(PathBuf),
     DnsGet,
     DnsSet(PathBuf),
+    /// A one-time sign-in link to the admin console.
+    AdminLink,
     /// SRC, DST:PORT[/PROTO].
     PolicyExplain {
         src: String,
@@ -189,6 +191,18 @@ fn execute(c: &Connection, verb: Verb) -> Result<String, Error> {
             });
             let created = json(&call(c, "POST", "authkeys", Some(body.to_string()))?)?;
             Ok(created["key"].as_str().unwrap_or_default().to_string())
+        }
+        Verb::AdminLink => {
+            let link = json(&call(c, "POST", "console-link", None)?)?;
+            let path = link["path"].as_str().unwrap_or_default();
+            // Printed for a terminal: only the shape the server makes, nothing it could smuggle in.
+            let token = path.strip_prefix("/admin/link?token=").unwrap_or_default();
+            if token.is_empty() || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(Error::System("unexpected answer from the server: not a sign-in link".into()));
+            }
+            let minutes = link["expires_in"].as_u64().unwrap_or(600) / 60;
+            eprintln!("Open this link in a browser within {minutes} minutes; it signs in once.");
+            Ok(format!("{}{path}", c.url.trim_end_matches('/')))
         }
         Verb::UserList => {
             let users = json(&call(c, "GET", "users", None)?)?;

@@ -411,6 +411,11 @@ enum ControlCommand {
         #[command(flatten)]
         connection: ConnectionArgs,
     },
+    /// Print a link that signs a browser in to the admin console (<server>/admin/) once, within 10 minutes.
+    AdminLink {
+        #[command(flatten)]
+        connection: ConnectionArgs,
+    },
 }
 
 /// How the administration verbs reach the server.
@@ -714,6 +719,9 @@ fn main() -> ExitCode {
                 NodesCommand::Rename { node, name } => Verb::NodeRename { node, name },
             };
             admin(connection, verb)
+        }
+        Command::Control { command: ControlCommand::AdminLink { connection } } => {
+            admin(connection, control_client::Verb::AdminLink)
         }
         Command::Control { command: ControlCommand::Dns { command, connection } } => {
             use control_client::Verb;

@@ -574,7 +574,11 @@ impl PolicyPage {
                     .text
                     .lines()
                     .enumerate()
-                    .map(|(i, text)| NumberedLine { number: i + 1, text: text.to_string(), error: marked.contains(&(i + 1)) })
+                    .map(|(i, text)| NumberedLine {
+                        number: i + 1,
+                        text: text.to_string(),
+                        error: marked.contains(&(i + 1)),
+                    })
                     .collect();
             }
         }

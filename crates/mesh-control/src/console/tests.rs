@@ -39,7 +39,9 @@ impl Answer {
 
     /// The value a cookie is set to, if this answer sets it.
     fn cookie(&self, name: &str) -> Option<String> {
-        self.set_cookies().iter().find_map(|c| c.strip_prefix(&format!("{name}=")).map(|v| v.split(';').next().unwrap().to_string()))
+        self.set_cookies()
+            .iter()
+            .find_map(|c| c.strip_prefix(&format!("{name}=")).map(|v| v.split(';').next().unwrap().to_string()))
     }
 
     /// The value of the first hidden `csrf` field on the page.
@@ -168,7 +170,9 @@ async fn sign_in_needs_the_forms_cookie_and_is_limited_per_client() {
     let cookies = format!("{LOGIN_COOKIE}={}", page.cookie(LOGIN_COOKIE).unwrap());
     let mut statuses = Vec::new();
     for _ in 0..5 {
-        statuses.push(send(&app, "POST", "/admin/login", &cookies, &[("token", "guess"), ("csrf", &page.csrf())]).await.status);
+        statuses.push(
+            send(&app, "POST", "/admin/login", &cookies, &[("token", "guess"), ("csrf", &page.csrf())]).await.status,
+        );
     }
     assert_eq!(statuses[..4], [StatusCode::UNAUTHORIZED; 4], "the first attempt above was one too");
     assert_eq!(statuses[4], StatusCode::TOO_MANY_REQUESTS);
@@ -205,8 +209,7 @@ async fn a_sign_in_link_works_once() {
     let again = send(&app, "POST", "/admin/link", &cookies, &[("token", token), ("csrf", &page.csrf())]).await;
     assert_eq!(again.status, StatusCode::UNAUTHORIZED);
     assert!(again.body.contains("used already"));
-    let (status, _) =
-        call_without_token(&app, "POST", "/api/v1/admin/console-link").await;
+    let (status, _) = call_without_token(&app, "POST", "/api/v1/admin/console-link").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "only an administrator makes links");
 }
 
@@ -234,17 +237,20 @@ async fn a_refused_policy_names_its_line_and_saves_nothing_and_a_good_one_is_ver
     let app = app();
     let (session, csrf) = sign_in(&app).await;
     let broken = "{\n  \"acls\": [\n    {\"action\": \"accept\" \"src\": [\"*\"], \"dst\": [\"*:*\"]}\n  ]\n}\n";
-    let answer = send(&app, "POST", "/admin/policy", &session, &[("text", broken), ("action", "save"), ("csrf", &csrf)]).await;
+    let answer =
+        send(&app, "POST", "/admin/policy", &session, &[("text", broken), ("action", "save"), ("csrf", &csrf)]).await;
     assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(answer.body.contains("<a href=\"#line-3\">line 3</a>"), "{}", answer.body);
     assert!(answer.body.contains("id=\"line-3\" class=\"error-line\""));
     assert_eq!(api(&app, "GET", "/api/v1/admin/policy", "").await.1, "{}", "nothing saved");
     let good = "{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"]}]}";
-    let diff = send(&app, "POST", "/admin/policy", &session, &[("text", good), ("action", "diff"), ("csrf", &csrf)]).await;
+    let diff =
+        send(&app, "POST", "/admin/policy", &session, &[("text", good), ("action", "diff"), ("csrf", &csrf)]).await;
     assert_eq!(diff.status, StatusCode::OK);
     assert!(diff.body.contains("class=\"add\"") && diff.body.contains("class=\"del\""), "{}", diff.body);
     assert_eq!(api(&app, "GET", "/api/v1/admin/policy", "").await.1, "{}", "a diff saves nothing");
-    let saved = send(&app, "POST", "/admin/policy", &session, &[("text", good), ("action", "save"), ("csrf", &csrf)]).await;
+    let saved =
+        send(&app, "POST", "/admin/policy", &session, &[("text", good), ("action", "save"), ("csrf", &csrf)]).await;
     assert!(saved.body.contains("Saved as version 1"), "{}", saved.body);
     assert!(saved.body.contains("admin console (0.0.0.0)"), "the history names the console");
     assert_eq!(api(&app, "GET", "/api/v1/admin/policy", "").await.1, good);
@@ -255,7 +261,8 @@ async fn what_a_page_shows_is_escaped() {
     let app = app();
     let (session, csrf) = sign_in(&app).await;
     let hostile = "</textarea><script>alert(1)</script>";
-    let answer = send(&app, "POST", "/admin/policy", &session, &[("text", hostile), ("action", "check"), ("csrf", &csrf)]).await;
+    let answer =
+        send(&app, "POST", "/admin/policy", &session, &[("text", hostile), ("action", "check"), ("csrf", &csrf)]).await;
     assert!(!answer.body.contains("<script>alert"), "{}", answer.body);
     assert!(answer.body.contains("&#60;/textarea&#62;&#60;script&#62;"), "{}", answer.body);
     let answer = send(&app, "GET", "/admin/machines?q=%3Cscript%3E", &session, &[]).await;
@@ -284,12 +291,24 @@ async fn keys_made_in_the_console_are_shown_once_and_routes_approved_there_are_a
     crate::http::tests::register(&app, &secret, 7, &["10.77.0.0/24"]).await;
     let page = send(&app, "GET", "/admin/machines?q=connector", &session, &[]).await;
     assert!(page.body.contains("10.77.0.0/24") && page.body.contains("awaiting approval"), "{}", page.body);
-    let form = [("node", "1"), ("prefix", "10.77.0.0/24"), ("action", "approve"), ("back", "/admin/machines"), ("csrf", &csrf)];
+    let form = [
+        ("node", "1"),
+        ("prefix", "10.77.0.0/24"),
+        ("action", "approve"),
+        ("back", "/admin/machines"),
+        ("csrf", &csrf),
+    ];
     let answer = send(&app, "POST", "/admin/routes", &session, &form).await;
     assert_eq!(answer.location(), "/admin/machines?done=approved");
     let routes = api(&app, "GET", "/api/v1/admin/routes", "").await.1;
     assert!(routes.contains("\"approved\":true"), "{routes}");
-    let form = [("node", "1"), ("prefix", "10.77.0.0/24"), ("action", "approve"), ("back", "https://evil.example/"), ("csrf", &csrf)];
+    let form = [
+        ("node", "1"),
+        ("prefix", "10.77.0.0/24"),
+        ("action", "approve"),
+        ("back", "https://evil.example/"),
+        ("csrf", &csrf),
+    ];
     let answer = send(&app, "POST", "/admin/routes", &session, &form).await;
     assert_eq!(answer.location(), "/admin/machines?done=approved", "back only to the console");
 }

@@ -34,7 +34,13 @@ async fn polls_waiting(state: &AppState, n: usize) {
     }
 }
 
-pub(crate) async fn call(app: &Router, method: &str, uri: &str, auth: Option<&str>, body: &str) -> (StatusCode, String) {
+pub(crate) async fn call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    auth: Option<&str>,
+    body: &str,
+) -> (StatusCode, String) {
     let mut request = Request::builder().method(method).uri(uri).header("content-type", "application/json");
     if let Some(a) = auth {
         request = request.header("authorization", a);
