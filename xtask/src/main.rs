@@ -49,7 +49,13 @@ const PACKAGES: &[&str] = &[
     "catatonit",
     "lintian",
     "binutils",
+    // The admin console's browser test: Debian's Chromium, driven by playwright-core (from npm) on Node.js.
+    "chromium",
+    "nodejs",
 ];
+
+/// playwright-core for the console's browser test, pinned; installed by npm into target/playwright.
+const PLAYWRIGHT_CORE_VERSION: &str = "1.65.1";
 
 const USAGE: &str = "usage: cargo xtask <command>
 
@@ -177,6 +183,13 @@ fn ci() -> Result<bool> {
             none
         }
     };
+    section("playwright-core for the console's browser test (npm)");
+    let ok = install_playwright().unwrap_or_else(|e| {
+        println!("{e:#}");
+        false
+    });
+    tally.check("playwright-core installed", ok);
+
     let tests = || {
         let mut c = cargo();
         c.env("MESHD_PACKAGE_DIR", &package_dir);
@@ -238,6 +251,30 @@ pub(crate) fn install_cargo_tool(name: &str, version: &str) -> Result<bool> {
         .success())
 }
 
+/// Installs playwright-core at its pinned version into target/playwright (a second, once), where
+/// meshd's tests/console.rs finds it. It has no dependencies and downloads no browser: the test drives
+/// Debian's Chromium.
+fn install_playwright() -> Result<bool> {
+    let dir = root().join("target/playwright");
+    let manifest = dir.join("node_modules/playwright-core/package.json");
+    let installed = std::fs::read_to_string(&manifest).ok().and_then(|text| {
+        serde_json::from_str::<serde_json::Value>(&text).ok()?["version"].as_str().map(String::from)
+    });
+    if installed.as_deref() == Some(PLAYWRIGHT_CORE_VERSION) {
+        println!("playwright-core {PLAYWRIGHT_CORE_VERSION} present");
+        return Ok(true);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let package = format!("playwright-core@{PLAYWRIGHT_CORE_VERSION}");
+    Ok(Command::new("npm")
+        .args(["install", "--no-save", "--no-audit", "--no-fund", "--prefix"])
+        .arg(&dir)
+        .arg(&package)
+        .status()
+        .context("running npm (the nodejs package brings it)")?
+        .success())
+}
+
 fn section(title: &str) {
     println!("\n==> {title}");
 }
@@ -254,6 +291,10 @@ pub(crate) fn install_packages() -> Result<()> {
     let mut missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
     if !has_kubectl() {
         missing.push("kubernetes-client");
+    }
+    // NodeSource's nodejs carries npm; Debian's splits it out.
+    if Command::new("npm").arg("--version").output().is_err() {
+        missing.push("npm");
     }
     if missing.is_empty() {
         println!("all present: {}", PACKAGES.join(" "));

@@ -800,5 +800,36 @@ async fn delete_user(State(state): State<Arc<AppState>>, f: AdminForm<UserForm>)
     }
 }
 
+/// For the `control_api` fuzz target: untrusted bytes as each form the console reads, and as the DNS
+/// settings its MagicDNS switch edits. Nothing may panic; the switch keeps valid settings valid, with
+/// MagicDNS as asked; a form's `back` never leads off the console.
+pub fn fuzz_forms(data: &[u8]) {
+    let _ = serde_urlencoded::from_bytes::<CsrfField>(data);
+    let _ = serde_urlencoded::from_bytes::<SignIn>(data);
+    let _ = serde_urlencoded::from_bytes::<KeyForm>(data);
+    let _ = serde_urlencoded::from_bytes::<PolicyForm>(data);
+    let _ = serde_urlencoded::from_bytes::<NamedForm>(data);
+    if let Ok(form) = serde_urlencoded::from_bytes::<RouteForm>(data) {
+        let back = back_path(&form.back);
+        assert!(back.starts_with("/admin/") && !back.contains("//"), "{back:?}");
+        let _ = form.prefix.parse::<ipnet::IpNet>();
+        let _ = parse_expiry(&form.action);
+    }
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = pages::error_line(text);
+        let valid = crate::dns::parse(text, "mesh.example").is_ok();
+        for on in [true, false] {
+            match set_magic_dns(text, on) {
+                Ok(edited) if valid => {
+                    let config = crate::dns::parse(&edited, "mesh.example").expect("still valid settings");
+                    assert_eq!(config.magic_dns, on);
+                }
+                Ok(_) => {}
+                Err(_) => assert!(!valid, "valid settings refused by the switch"),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

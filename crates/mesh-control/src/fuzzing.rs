@@ -64,6 +64,7 @@ impl Target {
         if let Ok(text) = std::str::from_utf8(data) {
             let _ = Policy::parse(text);
         }
+        crate::console::fuzz_forms(data);
         if let Ok(mut request) = serde_json::from_slice::<RegisterRequest>(data) {
             // The fuzzer cannot guess an auth key or forge a proof; half the inputs use the real key and are
             // signed by a node key of their own, to reach what follows.

@@ -371,7 +371,7 @@ impl KeySummary {
 }
 
 fn duration(seconds: u64) -> String {
-    if seconds % 86_400 == 0 { format!("{} d", seconds / 86_400) } else { format!("{} h", seconds / 3600) }
+    if seconds.is_multiple_of(86_400) { format!("{} d", seconds / 86_400) } else { format!("{} h", seconds / 3600) }
 }
 
 /// The expiries the form offers.
