@@ -257,9 +257,9 @@ pub(crate) fn install_cargo_tool(name: &str, version: &str) -> Result<bool> {
 fn install_playwright() -> Result<bool> {
     let dir = root().join("target/playwright");
     let manifest = dir.join("node_modules/playwright-core/package.json");
-    let installed = std::fs::read_to_string(&manifest).ok().and_then(|text| {
-        serde_json::from_str::<serde_json::Value>(&text).ok()?["version"].as_str().map(String::from)
-    });
+    let installed = std::fs::read_to_string(&manifest)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok()?["version"].as_str().map(String::from));
     if installed.as_deref() == Some(PLAYWRIGHT_CORE_VERSION) {
         println!("playwright-core {PLAYWRIGHT_CORE_VERSION} present");
         return Ok(true);

@@ -22,9 +22,7 @@ fn playwright_dir() -> PathBuf {
 }
 
 fn screenshots() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots")
 }
 
 struct Browser {
@@ -61,6 +59,9 @@ fn the_console_in_a_real_browser() {
         "playwright-core is not in {}: `cargo xtask ci` installs it (and Chromium)",
         playwright.display()
     );
+    // This run's screenshots only: a failed run's are gone.
+    let _ = std::fs::remove_dir_all(screenshots());
+    std::fs::create_dir_all(screenshots()).unwrap();
     // The server at 10.99.0.1; a router with a LAN (10.77.0.0/24) and a client on the same switch.
     let (mut lab, control, hosts) = switched_mesh("con", 2, None);
     let (router_host, client_host) = (hosts[0], hosts[1]);

@@ -713,8 +713,8 @@ pub fn set_magic_dns(text: &str, on: bool) -> Result<String, String> {
         return Ok(format!("{}{value}{}", &text[..range.start], &text[range.end..]));
     }
     let open = object.range.start + 1;
-    let comma = if object.properties.is_empty() { "" } else { "," };
-    Ok(format!("{}\n  \"magic_dns\": {value}{comma}{}", &text[..open], &text[open..]))
+    let after = if object.properties.is_empty() { "\n" } else { "," };
+    Ok(format!("{}\n  \"magic_dns\": {value}{after}{}", &text[..open], &text[open..]))
 }
 
 #[derive(Template)]
@@ -762,7 +762,7 @@ mod tests {
         let text = "{\n  // the office resolver\n  \"magic_dns\": false,\n  \"search_domains\": [\"corp\"],\n}\n";
         let on = set_magic_dns(text, true).unwrap();
         assert_eq!(on, text.replace("false", "true"));
-        assert_eq!(set_magic_dns("{}", false).unwrap(), "{\n  \"magic_dns\": false}");
+        assert_eq!(set_magic_dns("{}", false).unwrap(), "{\n  \"magic_dns\": false\n}");
         let added = set_magic_dns("{ \"search_domains\": [] }", true).unwrap();
         assert!(crate::dns::parse(&added, "mesh.internal").unwrap().magic_dns);
         assert!(set_magic_dns("[]", true).is_err());

@@ -18,7 +18,7 @@ const MAX_SESSIONS: usize = 64;
 const MAX_LINKS: usize = 16;
 
 /// A signed-in browser.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Session {
     /// Every state-changing form carries it; a page on another site cannot read it.
     pub csrf: String,
@@ -26,12 +26,25 @@ pub struct Session {
     pub expires_at: u64,
 }
 
-#[derive(Debug, Default)]
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the CSRF token: like every other secret, it stays out of output.
+        f.debug_struct("Session").field("created_at", &self.created_at).field("expires_at", &self.expires_at).finish()
+    }
+}
+
+#[derive(Default)]
 pub struct Sessions {
     /// By the SHA-256 of the cookie's value.
     sessions: HashMap<String, Session>,
     /// By the SHA-256 of the link's token: when it stops working.
     links: HashMap<String, u64>,
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions").field("sessions", &self.sessions.len()).field("links", &self.links.len()).finish()
+    }
 }
 
 pub fn random_token() -> String {
@@ -148,6 +161,17 @@ mod tests {
         let rest: Vec<String> = (1..=MAX_SESSIONS as u64).map(|t| sessions.create(t).0).collect();
         assert!(sessions.get(&first, 100).is_none());
         assert!(rest.iter().all(|c| sessions.get(c, 100).is_some()));
+    }
+
+    #[test]
+    fn debug_output_holds_no_secret() {
+        let mut sessions = Sessions::default();
+        let (cookie, session) = sessions.create(0);
+        let link = sessions.create_link(0);
+        let printed = format!("{sessions:?} {session:?}");
+        for secret in [&cookie, &session.csrf, &link, &hash(&cookie), &hash(&link)] {
+            assert!(!printed.contains(secret.as_str()), "{printed}");
+        }
     }
 
     #[test]
