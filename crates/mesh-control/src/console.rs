@@ -179,6 +179,11 @@ impl Admin {
     fn layout(&self, title: &str, active: &'static str) -> Layout {
         Layout { title: title.to_string(), active, csrf: Some(self.session.csrf.clone()), note: None }
     }
+
+    /// A page's layout with the note a change's redirect named (`?done=`), if any.
+    fn layout_noted(&self, title: &str, active: &'static str, done: &str) -> Layout {
+        Layout { note: Note::from_code(done), ..self.layout(title, active) }
+    }
 }
 
 impl FromRequestParts<Arc<AppState>> for Admin {
@@ -400,8 +405,7 @@ async fn machines(State(state): State<Arc<AppState>>, admin: Admin, Query(filter
             _ => true,
         })
         .collect();
-    let mut layout = admin.layout("Machines", "machines");
-    layout.note = Note::from_code(&filter.done);
+    let layout = admin.layout_noted("Machines", "machines", &filter.done);
     render(MachinesPage { layout, machines: shown, total, q: filter.q, state: filter.state })
 }
 
@@ -424,8 +428,7 @@ async fn machine(
 ) -> Response {
     match machine_by_id(&state, id).await {
         Ok(Some(m)) => {
-            let mut layout = admin.layout(&m.name, "machines");
-            layout.note = Note::from_code(&filter.done);
+            let layout = admin.layout_noted(&m.name, "machines", &filter.done);
             render(MachinePage { layout, m })
         }
         Ok(None) => no_machine(&admin),
@@ -577,8 +580,7 @@ async fn keys_page(state: &Arc<AppState>, mut layout: Layout, created: Option<Cr
 }
 
 async fn keys(State(state): State<Arc<AppState>>, admin: Admin, Query(q): Query<DoneQuery>) -> Response {
-    let mut layout = admin.layout("Auth keys", "keys");
-    layout.note = Note::from_code(&q.done);
+    let layout = admin.layout_noted("Auth keys", "keys", &q.done);
     keys_page(&state, layout, None).await
 }
 
@@ -653,8 +655,7 @@ async fn policy_page(state: &Arc<AppState>, layout: Layout, edit: Option<PolicyE
 }
 
 async fn policy(State(state): State<Arc<AppState>>, admin: Admin, Query(q): Query<DoneQuery>) -> Response {
-    let mut layout = admin.layout("Policy", "policy");
-    layout.note = Note::from_code(&q.done);
+    let layout = admin.layout_noted("Policy", "policy", &q.done);
     policy_page(&state, layout, None).await
 }
 
@@ -717,8 +718,7 @@ async fn dns_page(state: &Arc<AppState>, layout: Layout, edit: Option<DnsEdit>) 
 }
 
 async fn dns(State(state): State<Arc<AppState>>, admin: Admin, Query(q): Query<DoneQuery>) -> Response {
-    let mut layout = admin.layout("DNS", "dns");
-    layout.note = Note::from_code(&q.done);
+    let layout = admin.layout_noted("DNS", "dns", &q.done);
     dns_page(&state, layout, None).await
 }
 
@@ -771,8 +771,7 @@ async fn magic_dns(State(state): State<Arc<AppState>>, Client(client): Client, f
 // ---- users
 
 async fn users(State(state): State<Arc<AppState>>, admin: Admin, Query(q): Query<DoneQuery>) -> Response {
-    let mut layout = admin.layout("Users", "users");
-    layout.note = Note::from_code(&q.done);
+    let layout = admin.layout_noted("Users", "users", &q.done);
     match blocking_work(&state, |c, _| c.list_users()).await {
         Ok(users) => render(UsersPage { layout, users }),
         Err(e) => refused(e, "/admin/machines", layout),

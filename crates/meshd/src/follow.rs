@@ -320,7 +320,10 @@ impl Machine {
         let (next, wait) = next_backoff(self.backoff, random);
         self.backoff = next;
         Step {
-            events: vec![Event::Trouble(format!("{message} (control unreachable since {})", utc(since)))],
+            events: vec![Event::Trouble(format!(
+                "{message} (control unreachable since {})",
+                mesh_proto::utc_text(since)
+            ))],
             wait,
             stop: false,
         }
@@ -376,21 +379,6 @@ fn random_u32() -> u32 {
     let mut random = [0u8; 4];
     let _ = crate::keys::random_bytes(&mut random);
     u32::from_ne_bytes(random)
-}
-
-/// `seconds` since the Unix epoch as `YYYY-MM-DD HH:MM:SS UTC` (civil-from-days, proleptic Gregorian).
-fn utc(seconds: u64) -> String {
-    let (days, rest) = (seconds / 86_400, seconds % 86_400);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rest / 3600, rest / 60 % 60, rest % 60)
 }
 
 /// The endpoints, the address this host reaches the server from first: it is the one most likely

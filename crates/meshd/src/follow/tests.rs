@@ -183,13 +183,6 @@ fn backoff_grows_to_its_cap_with_jitter() {
 }
 
 #[test]
-fn times_are_shown_in_utc() {
-    assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
-    assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
-    assert_eq!(utc(NOW), "2027-01-15 08:00:00 UTC");
-}
-
-#[test]
 fn the_address_toward_the_server_is_reported_first() {
     let e = |s: &str| s.parse::<SocketAddr>().unwrap();
     let ordered =
