@@ -15,21 +15,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use askama::Template;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Form, Router};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::control::{AuthKeyOptions, ControlError};
-use crate::http::{AppState, blocking_work, lock};
+use crate::http::{AppState, MAX_BODY, MAX_POLICY_BODY, blocking_work, lock};
 use crate::limits::WriteLimiter;
+use mesh_proto::ErrorCode;
 use pages::*;
+use session::{Flash, Session, Sessions, random_token};
 pub use session::{LINK_LIFETIME, same_secret};
-use session::{Session, Sessions, random_token};
 
 const SESSION_COOKIE: &str = "meshd_console";
 /// Before sign-in: the value the sign-in form must carry back (a page on another site cannot read it, so
@@ -41,8 +43,10 @@ const SIGN_IN_BURST: f64 = 5.0;
 const SIGN_IN_PER_SECOND: f64 = 0.1;
 /// Policy versions listed in the history.
 const HISTORY: usize = 50;
-/// A form's body: a policy may be as big as the API takes.
-const MAX_FORM: usize = 1024 * 1024;
+/// A form's body: a policy as big as the API takes, URL-encoded (up to three bytes for one).
+const MAX_FORM: usize = 3 * MAX_POLICY_BODY + 4096;
+/// A sign-in form: a token and a CSRF field. Read before anyone is known, so kept small.
+const MAX_SIGN_IN_FORM: usize = 4096;
 
 /// Nothing but the console's own files: no inline script or style, no frames, forms only to itself.
 const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; \
@@ -84,8 +88,8 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/admin/", get(|| async { Redirect::to("/admin/machines") }))
         .route("/admin/static/console.css", get(stylesheet))
         .route("/admin/static/console.js", get(script))
-        .route("/admin/login", get(login_page).post(login))
-        .route("/admin/link", get(link_page).post(link_login))
+        .route("/admin/login", get(login_page).post(login).layer(DefaultBodyLimit::max(MAX_SIGN_IN_FORM)))
+        .route("/admin/link", get(link_page).post(link_login).layer(DefaultBodyLimit::max(MAX_SIGN_IN_FORM)))
         .route("/admin/logout", post(logout))
         .route("/admin/machines", get(machines))
         .route("/admin/machines/{id}", get(machine))
@@ -100,8 +104,13 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/admin/dns/magic", post(magic_dns))
         .route("/admin/users", get(users).post(create_user))
         .route("/admin/users/delete", post(delete_user))
-        .fallback(|| async { failure(StatusCode::NOT_FOUND, "No such page", "Nothing lives at this address.") })
-        .layer(axum::middleware::map_response(security_headers))
+        // Only under /admin: the API keeps its own answers for paths it does not know.
+        .route(
+            "/admin/{*rest}",
+            any(|| async { failure(StatusCode::NOT_FOUND, "No such page", "Nothing lives at this address.") }),
+        )
+        // route_layer: only what matched a console route; the API keeps its own answers for the rest.
+        .route_layer(axum::middleware::map_response(security_headers))
 }
 
 async fn security_headers(mut response: Response) -> Response {
@@ -226,9 +235,13 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for AdminForm<T> {
     async fn from_request(request: Request, state: &Arc<AppState>) -> Result<Self, Response> {
         let (mut parts, body) = request.into_parts();
         let admin = Admin::from_request_parts(&mut parts, state).await?;
-        let bytes = axum::body::to_bytes(body, MAX_FORM)
-            .await
-            .map_err(|_| failure(StatusCode::PAYLOAD_TOO_LARGE, "Too big", "The form is larger than 1 MiB."))?;
+        let bytes = axum::body::to_bytes(body, MAX_FORM).await.map_err(|_| {
+            failure(
+                StatusCode::BAD_REQUEST,
+                "Form refused",
+                "The form could not be read whole (or is larger than the server takes).",
+            )
+        })?;
         let csrf: CsrfField = serde_urlencoded::from_bytes(&bytes).unwrap_or_default();
         if !same_secret(&csrf.csrf, &admin.session.csrf) {
             return Err(failure(
@@ -253,7 +266,8 @@ fn done(path: &str, note: Note) -> Response {
 fn back_path(back: &str) -> &str {
     let safe = back.starts_with("/admin/")
         && back.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-_.".contains(&b))
-        && !back.contains("//");
+        && !back.contains("//")
+        && !back.contains("..");
     if safe { back } else { "/admin/machines" }
 }
 
@@ -283,9 +297,18 @@ fn login_form(state: &AppState, error: Option<&str>, status: StatusCode) -> Resp
     response
 }
 
-/// Whether this client may try to sign in now; takes one attempt.
+/// Whether this client may try to sign in now; takes one attempt. IPv6 clients are counted by their /64,
+/// which one host can fill with addresses of its own.
 fn may_try(state: &AppState, client: IpAddr) -> bool {
-    lock(&state.console.sign_ins).allow(client, Instant::now())
+    let key = match client {
+        IpAddr::V6(v6) => {
+            let mut segments = v6.segments();
+            segments[4..].fill(0);
+            IpAddr::from(segments)
+        }
+        v4 => v4,
+    };
+    lock(&state.console.sign_ins).allow(key, Instant::now())
 }
 
 fn signed_in(state: &AppState, now: u64) -> Response {
@@ -307,6 +330,11 @@ async fn login(
     headers: HeaderMap,
     Form(form): Form<SignIn>,
 ) -> Response {
+    // The form's own cookie first: a page on another site cannot send it, so it cannot spend this
+    // client's attempts and lock the administrator out.
+    if !pre_sign_in_matches(&headers, &form.csrf) {
+        return login_form(&state, Some("The sign-in form expired; try again."), StatusCode::FORBIDDEN);
+    }
     if !may_try(&state, client) {
         tracing::warn!(%client, "console sign-in attempts over the limit");
         return login_form(
@@ -314,9 +342,6 @@ async fn login(
             Some("Too many sign-in attempts from here; wait a minute."),
             StatusCode::TOO_MANY_REQUESTS,
         );
-    }
-    if !pre_sign_in_matches(&headers, &form.csrf) {
-        return login_form(&state, Some("The sign-in form expired; try again."), StatusCode::FORBIDDEN);
     }
     if !state.is_admin_token(form.token.trim()) {
         tracing::info!(%client, "console sign-in with a wrong token");
@@ -347,18 +372,20 @@ async fn link_login(
     headers: HeaderMap,
     Form(form): Form<SignIn>,
 ) -> Response {
+    if !pre_sign_in_matches(&headers, &form.csrf) {
+        return login_form(&state, Some("The sign-in form expired; try again."), StatusCode::FORBIDDEN);
+    }
     if !may_try(&state, client) {
+        tracing::warn!(%client, "console sign-in attempts over the limit");
         return login_form(
             &state,
             Some("Too many sign-in attempts from here; wait a minute."),
             StatusCode::TOO_MANY_REQUESTS,
         );
     }
-    if !pre_sign_in_matches(&headers, &form.csrf) {
-        return login_form(&state, Some("The sign-in form expired; try again."), StatusCode::FORBIDDEN);
-    }
     let now = state.now();
     if !lock(&state.console.sessions).redeem_link(&form.token, now) {
+        tracing::info!(%client, "console sign-in with a spent, expired or unknown link");
         return login_form(
             &state,
             Some("That sign-in link was used already or has expired; make a new one with meshd control admin-link."),
@@ -478,20 +505,26 @@ struct NamedForm {
     name: String,
 }
 
+/// Machine `id` is still the one a page showed as `shown`: ids of removed machines are used again, and a
+/// machine may be renamed, between the page and the form.
+fn still_named(c: &crate::Control, id: u64, shown: &str) -> Result<(), ControlError> {
+    match c.nodes()?.into_iter().find(|n| n.id == id) {
+        Some(n) if n.name == shown => Ok(()),
+        Some(n) => Err(ControlError::new(
+            ErrorCode::VersionMismatch,
+            format!("machine {id} is now called {:?}, not {shown:?}; nothing was changed", n.name),
+        )),
+        None => Err(ControlError::not_found(format!("{shown:?} is no longer a machine of this mesh"))),
+    }
+}
+
 async fn machine_change(state: &Arc<AppState>, id: u64, f: AdminForm<NamedForm>, action: ConfirmAction) -> Response {
     let shown = f.form.name;
     let result = blocking_work(state, move |c, _| {
-        let node = c.nodes()?.into_iter().find(|n| n.id == id);
-        match node {
-            Some(n) if n.name == shown => match action {
-                ConfirmAction::Expire => c.expire_node(id),
-                ConfirmAction::Delete => c.delete_node(id),
-            },
-            Some(n) => Err(ControlError::bad(format!(
-                "the machine is now called {:?}, not {shown:?}; nothing was changed",
-                n.name
-            ))),
-            None => Err(ControlError::not_found("no machine has that id")),
+        still_named(c, id, &shown)?;
+        match action {
+            ConfirmAction::Expire => c.expire_node(id),
+            ConfirmAction::Delete => c.delete_node(id),
         }
     })
     .await;
@@ -518,6 +551,8 @@ async fn delete(State(state): State<Arc<AppState>>, Path(id): Path<u64>, f: Admi
 #[derive(Deserialize)]
 struct RouteForm {
     node: u64,
+    /// The machine's name as the page showed it.
+    name: String,
     prefix: String,
     action: String,
     #[serde(default)]
@@ -535,8 +570,9 @@ async fn route_choice(State(state): State<Arc<AppState>>, f: AdminForm<RouteForm
     let Ok(prefix) = f.form.prefix.parse::<ipnet::IpNet>() else {
         return refused(ControlError::bad("not a prefix"), &back, layout);
     };
-    let node = f.form.node;
+    let (node, shown) = (f.form.node, f.form.name);
     let result = blocking_work(&state, move |c, _| {
+        still_named(c, node, &shown)?;
         if !c.all_routes()?.iter().any(|a| a.node == node && a.prefix == prefix.trunc()) {
             return Err(ControlError::not_found(format!("that machine does not advertise {prefix}")));
         }
@@ -563,25 +599,27 @@ struct DoneQuery {
     done: String,
 }
 
-async fn keys_page(state: &Arc<AppState>, mut layout: Layout, created: Option<CreatedKey>) -> Response {
-    let result = blocking_work(state, |c, _| Ok((c.list_auth_keys()?, c.list_users()?))).await;
+/// The keys page; a key made by the form just before is shown from the session's flash, once.
+async fn keys(State(state): State<Arc<AppState>>, admin: Admin, Query(q): Query<DoneQuery>) -> Response {
+    let mut layout = admin.layout_noted("Auth keys", "keys", &q.done);
+    let created = match lock(&state.console.sessions).take_flash(&admin.cookie) {
+        Some(Flash::Key { id, secret, summary }) => Some(CreatedKey { id, secret, summary }),
+        _ => None,
+    };
+    if created.is_none() && layout.note == Some(Note::KeyCreated) {
+        // A reload of the page that showed it: the secret is gone, and so is the note about copying it.
+        layout.note = None;
+    }
+    let result = blocking_work(&state, |c, _| Ok((c.list_auth_keys()?, c.list_users()?))).await;
     match result {
         Ok((keys, users)) => {
             let now = state.now();
             let keys = keys.into_iter().rev().map(|k| KeyRow::new(k, now)).collect();
             let users = users.into_iter().map(|u| u.name).collect();
-            if created.is_some() {
-                layout.note = Some(Note::KeyCreated);
-            }
             render(KeysPage { layout, keys, users, created })
         }
         Err(e) => refused(e, "/admin/machines", layout),
     }
-}
-
-async fn keys(State(state): State<Arc<AppState>>, admin: Admin, Query(q): Query<DoneQuery>) -> Response {
-    let layout = admin.layout_noted("Auth keys", "keys", &q.done);
-    keys_page(&state, layout, None).await
 }
 
 #[derive(Deserialize)]
@@ -598,7 +636,8 @@ struct KeyForm {
     user: String,
 }
 
-/// The secret is on this response's page and nowhere else: it is not stored, and the page is not cached.
+/// Makes the key, leaves its secret in the session's flash and redirects: the page that shows it is a GET,
+/// so a reload or the back button makes no second key and shows the secret no more.
 async fn create_key(State(state): State<Arc<AppState>>, f: AdminForm<KeyForm>) -> Response {
     let form = f.form;
     let expiry = match form.expiry.as_str() {
@@ -618,12 +657,12 @@ async fn create_key(State(state): State<Arc<AppState>>, f: AdminForm<KeyForm>) -
         expiry,
         user: Some(form.user.trim().to_string()).filter(|u| !u.is_empty()),
     };
-    let summary = KeySummary::of(&options);
+    let summary = KeySummary::of(&options).0;
     match blocking_work(&state, move |c, now| c.create_auth_key(&options, now)).await {
         Ok((key, secret)) => {
             tracing::info!(id = key.id, "auth key created in the console");
-            let created = CreatedKey { id: key.id, secret, summary };
-            keys_page(&state, f.admin.layout("Auth keys", "keys"), Some(created)).await
+            lock(&state.console.sessions).set_flash(&f.admin.cookie, Flash::Key { id: key.id, secret, summary });
+            done("/admin/keys", Note::KeyCreated)
         }
         Err(e) => refused(e, "/admin/keys", f.admin.layout("Key refused", "keys")),
     }
@@ -639,14 +678,59 @@ async fn revoke_key(State(state): State<Arc<AppState>>, Path(id): Path<u64>, f: 
     }
 }
 
-// ---- policy
+// ---- policy and DNS: an editor each, saved only over the version the page was made from
 
-async fn policy_page(state: &Arc<AppState>, layout: Layout, edit: Option<PolicyEdit>) -> Response {
+/// An editor's form. `base` is the stored version the page showed (0: none yet); a save over any other
+/// is refused, so an old page cannot silently undo a newer change.
+#[derive(Deserialize)]
+struct EditorForm {
+    text: String,
+    action: String,
+    #[serde(default)]
+    base: u64,
+}
+
+impl EditorForm {
+    /// The text as stored: line ends as the file and the API have them (browsers send a textarea's with
+    /// CRLF), refused past the API's limit for this document.
+    fn text(&self, limit: usize, what: &str) -> Result<String, ControlError> {
+        let text = self.text.replace("\r\n", "\n");
+        if text.len() > limit {
+            return Err(ControlError::bad(format!("the {what} is larger than {} KiB", limit / 1024)));
+        }
+        Ok(text)
+    }
+}
+
+/// Refuses a save over another version than the page's.
+fn still_version(current: Option<&crate::StoredPolicy>, base: u64, what: &str) -> Result<(), ControlError> {
+    match current {
+        Some(c) if c.version != base => Err(ControlError::new(
+            ErrorCode::VersionMismatch,
+            format!(
+                "the {what} changed since this page was made: version {} was saved by {}. Nothing was saved; \
+                 reload the page (or Show changes against it) and save again",
+                c.version, c.set_by
+            ),
+        )),
+        None if base != 0 => {
+            Err(ControlError::new(ErrorCode::VersionMismatch, format!("the {what} changed since this page was made")))
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn policy_page(
+    state: &Arc<AppState>,
+    layout: Layout,
+    edit: Option<PolicyEdit>,
+    taken_back: Vec<String>,
+) -> Response {
     let history = blocking_work(state, |c, _| c.policy_history(HISTORY)).await;
     match history {
         Ok(history) => {
             let current = history.first().cloned();
-            let page = PolicyPage::new(layout, current, history, edit, state.now());
+            let page = PolicyPage::new(layout, current, history, edit, taken_back, state.now());
             let status = page.status();
             (status, render(page)).into_response()
         }
@@ -656,22 +740,24 @@ async fn policy_page(state: &Arc<AppState>, layout: Layout, edit: Option<PolicyE
 
 async fn policy(State(state): State<Arc<AppState>>, admin: Admin, Query(q): Query<DoneQuery>) -> Response {
     let layout = admin.layout_noted("Policy", "policy", &q.done);
-    policy_page(&state, layout, None).await
-}
-
-#[derive(Deserialize)]
-struct PolicyForm {
-    text: String,
-    action: String,
+    let taken_back = match lock(&state.console.sessions).take_flash(&admin.cookie) {
+        Some(Flash::TakenBack(items)) => items,
+        _ => Vec::new(),
+    };
+    policy_page(&state, layout, None, taken_back).await
 }
 
 async fn policy_action(
     State(state): State<Arc<AppState>>,
     Client(client): Client,
-    f: AdminForm<PolicyForm>,
+    f: AdminForm<EditorForm>,
 ) -> Response {
     let layout = f.admin.layout("Policy", "policy");
-    let PolicyForm { text, action } = f.form;
+    let (base, action) = (f.form.base, f.form.action.clone());
+    let text = match f.form.text(MAX_POLICY_BODY, "policy") {
+        Ok(text) => text,
+        Err(e) => return refused(e, "/admin/policy", layout),
+    };
     let submitted = text.clone();
     let outcome = match action.as_str() {
         "check" => {
@@ -687,22 +773,27 @@ async fn policy_action(
         }
         "save" => {
             let set_by = format!("admin console ({client})");
-            let saved = blocking_work(&state, move |c, now| c.set_policy(&text, &set_by, now)).await;
-            if saved.is_ok() {
-                state.changed().await;
-            }
-            saved.map(|change| {
-                tracing::info!(version = change.version, "policy set in the console");
-                PolicyOutcome::Saved(change)
+            let saved = blocking_work(&state, move |c, now| {
+                still_version(c.stored_policy()?.as_ref(), base, "policy")?;
+                c.set_policy(&text, &set_by, now)
             })
+            .await;
+            if let Ok(change) = saved {
+                state.changed().await;
+                tracing::info!(version = change.version, "policy set in the console");
+                let taken_back: Vec<String> = change.tags_revoked.into_iter().chain(change.approvals_revoked).collect();
+                for item in &taken_back {
+                    tracing::info!(version = change.version, "the new policy took back {item}");
+                }
+                lock(&state.console.sessions).set_flash(&f.admin.cookie, Flash::TakenBack(taken_back));
+                return done("/admin/policy", Note::PolicySaved);
+            }
+            saved.map(|_| PolicyOutcome::Checked)
         }
         _ => Err(ControlError::bad("the action is check, diff or save")),
     };
-    let edit = PolicyEdit::new(submitted, outcome);
-    policy_page(&state, layout, Some(edit)).await
+    policy_page(&state, layout, Some(PolicyEdit { text: submitted, base, outcome }), Vec::new()).await
 }
-
-// ---- DNS
 
 async fn dns_page(state: &Arc<AppState>, layout: Layout, edit: Option<DnsEdit>) -> Response {
     let result =
@@ -722,25 +813,36 @@ async fn dns(State(state): State<Arc<AppState>>, admin: Admin, Query(q): Query<D
     dns_page(&state, layout, None).await
 }
 
-async fn dns_action(State(state): State<Arc<AppState>>, Client(client): Client, f: AdminForm<PolicyForm>) -> Response {
+async fn dns_action(State(state): State<Arc<AppState>>, Client(client): Client, f: AdminForm<EditorForm>) -> Response {
     let layout = f.admin.layout("DNS", "dns");
-    let PolicyForm { text, action } = f.form;
+    let (base, action) = (f.form.base, f.form.action.clone());
+    let text = match f.form.text(MAX_BODY, "DNS settings") {
+        Ok(text) => text,
+        Err(e) => return refused(e, "/admin/dns", layout),
+    };
     let submitted = text.clone();
     let outcome = match action.as_str() {
-        "check" => blocking_work(&state, move |c, _| crate::dns::parse(&text, c.domain()).map_err(ControlError::bad))
-            .await
-            .map(|_| None),
+        "check" => {
+            blocking_work(&state, move |c, _| crate::dns::parse(&text, c.domain()).map_err(ControlError::bad)).await
+        }
         "save" => {
             let set_by = format!("admin console ({client})");
-            let saved = blocking_work(&state, move |c, now| c.set_dns(&text, &set_by, now)).await;
-            if saved.is_ok() {
+            let saved = blocking_work(&state, move |c, now| {
+                still_version(c.stored_dns()?.as_ref(), base, "DNS settings")?;
+                c.set_dns(&text, &set_by, now)
+            })
+            .await;
+            if let Ok(version) = saved {
                 state.changed().await;
+                tracing::info!(version, "DNS settings set in the console");
+                return done("/admin/dns", Note::DnsSaved);
             }
-            saved.map(Some)
+            saved.map(|_| Default::default())
         }
         _ => Err(ControlError::bad("the action is check or save")),
     };
-    dns_page(&state, layout, Some(DnsEdit { text: submitted, outcome: outcome.map_err(|e| e.message) })).await
+    let edit = DnsEdit { text: submitted, base, outcome: outcome.map(|_| ()).map_err(|e| e.message) };
+    dns_page(&state, layout, Some(edit)).await
 }
 
 #[derive(Deserialize)]
@@ -806,7 +908,10 @@ pub fn fuzz_forms(data: &[u8]) {
     let _ = serde_urlencoded::from_bytes::<CsrfField>(data);
     let _ = serde_urlencoded::from_bytes::<SignIn>(data);
     let _ = serde_urlencoded::from_bytes::<KeyForm>(data);
-    let _ = serde_urlencoded::from_bytes::<PolicyForm>(data);
+    if let Ok(form) = serde_urlencoded::from_bytes::<EditorForm>(data) {
+        let text = form.text(MAX_BODY, "settings").unwrap_or_default();
+        assert!(!text.contains("\r\n") && text.len() <= MAX_BODY);
+    }
     let _ = serde_urlencoded::from_bytes::<NamedForm>(data);
     if let Ok(form) = serde_urlencoded::from_bytes::<RouteForm>(data) {
         let back = back_path(&form.back);

@@ -32,8 +32,8 @@ pub(crate) const ONLINE_WINDOW: u64 = 60;
 const MAX_POLLS_PER_NODE: usize = 4;
 
 /// Request bodies nodes and most verbs send are small; a policy file may be bigger.
-const MAX_BODY: usize = 64 * 1024;
-const MAX_POLICY_BODY: usize = 1024 * 1024;
+pub(crate) const MAX_BODY: usize = 64 * 1024;
+pub(crate) const MAX_POLICY_BODY: usize = 1024 * 1024;
 
 pub struct AppState {
     control: Mutex<Control>,

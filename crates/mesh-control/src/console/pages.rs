@@ -53,9 +53,11 @@ pub enum Note {
     UserDeleted,
     MagicOn,
     MagicOff,
+    PolicySaved,
+    DnsSaved,
 }
 
-const NOTES: [(Note, &str, &str); 11] = [
+const NOTES: [(Note, &str, &str); 13] = [
     (Note::Approved, "approved", "Route approved. Nodes that accept routes have it within a second or two."),
     (Note::Rejected, "rejected", "Route rejected. Nodes drop it with their next netmap."),
     (Note::Renamed, "renamed", "Machine renamed."),
@@ -67,6 +69,8 @@ const NOTES: [(Note, &str, &str); 11] = [
     (Note::UserDeleted, "user-deleted", "User deleted."),
     (Note::MagicOn, "magic-on", "MagicDNS is on."),
     (Note::MagicOff, "magic-off", "MagicDNS is off."),
+    (Note::PolicySaved, "policy-saved", "Policy saved as a new version. Nodes get it with their next netmap."),
+    (Note::DnsSaved, "dns-saved", "DNS settings saved as a new version. Nodes get them with their next netmap."),
 ];
 
 impl Note {
@@ -377,11 +381,18 @@ pub fn parse_expiry(text: &str) -> Option<u64> {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CreatedKey {
     pub id: u64,
     pub secret: String,
-    pub summary: KeySummary,
+    pub summary: String,
+}
+
+impl std::fmt::Debug for CreatedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the secret: it is shown on one page and kept nowhere else.
+        f.debug_struct("CreatedKey").field("id", &self.id).field("summary", &self.summary).finish_non_exhaustive()
+    }
 }
 
 #[derive(Template)]
@@ -472,20 +483,15 @@ pub fn line_diff(old: &str, new: &str) -> Vec<Option<DiffLine>> {
 pub enum PolicyOutcome {
     Checked,
     Diff { diff: Vec<Option<DiffLine>>, change: PolicyChange },
-    Saved(PolicyChange),
 }
 
-/// A submitted policy and what became of it.
+/// A submitted policy, the version its page was made from, and what became of it (a save that worked
+/// redirects instead).
 #[derive(Debug)]
 pub struct PolicyEdit {
     pub text: String,
+    pub base: u64,
     pub outcome: Result<PolicyOutcome, ControlError>,
-}
-
-impl PolicyEdit {
-    pub fn new(text: String, outcome: Result<PolicyOutcome, ControlError>) -> Self {
-        Self { text, outcome }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -508,9 +514,11 @@ pub struct PolicyPage {
     pub listing: Vec<NumberedLine>,
     pub checked: bool,
     pub diff: Option<Vec<Option<DiffLine>>>,
-    /// What a save would take back (a preview) or took back (a save).
+    /// What a save would take back (a preview) or took back (`revoked_by_save`: the save just made).
     pub revoked: Vec<String>,
-    pub saved: Option<u64>,
+    pub revoked_by_save: bool,
+    /// The stored version the editor's text is based on (0: none yet); a save over another is refused.
+    pub base: u64,
 }
 
 impl PolicyPage {
@@ -519,6 +527,7 @@ impl PolicyPage {
         current: Option<StoredPolicy>,
         history: Vec<StoredPolicy>,
         edit: Option<PolicyEdit>,
+        taken_back: Vec<String>,
         now: u64,
     ) -> Self {
         let row = |p: &StoredPolicy| HistoryRow {
@@ -536,19 +545,17 @@ impl PolicyPage {
             listing: Vec::new(),
             checked: false,
             diff: None,
-            revoked: Vec::new(),
-            saved: None,
+            revoked_by_save: !taken_back.is_empty(),
+            revoked: taken_back,
+            base: current.as_ref().map_or(0, |p| p.version),
         };
         let Some(edit) = edit else { return page };
         page.text = edit.text;
+        page.base = edit.base;
         match edit.outcome {
             Ok(PolicyOutcome::Checked) => page.checked = true,
             Ok(PolicyOutcome::Diff { diff, change }) => {
                 page.diff = Some(diff);
-                page.revoked = change.tags_revoked.into_iter().chain(change.approvals_revoked).collect();
-            }
-            Ok(PolicyOutcome::Saved(change)) => {
-                page.saved = Some(change.version);
                 page.revoked = change.tags_revoked.into_iter().chain(change.approvals_revoked).collect();
             }
             Err(e) => {
@@ -586,11 +593,13 @@ impl PolicyPage {
 
 // ---- DNS
 
+/// Submitted DNS settings, the version their page was made from, and whether they check (a save that
+/// worked redirects instead).
 #[derive(Debug)]
 pub struct DnsEdit {
     pub text: String,
-    /// The new version when saved, none when only checked; or why it was refused.
-    pub outcome: Result<Option<u64>, String>,
+    pub base: u64,
+    pub outcome: Result<(), String>,
 }
 
 #[derive(Debug, Clone)]
@@ -616,7 +625,7 @@ pub struct DnsPage {
     pub version: Option<HistoryRow>,
     pub error: Option<String>,
     pub checked: bool,
-    pub saved: Option<u64>,
+    pub base: u64,
 }
 
 impl DnsPage {
@@ -667,13 +676,13 @@ impl DnsPage {
             }),
             error: None,
             checked: false,
-            saved: None,
+            base: stored.as_ref().map_or(0, |s| s.version),
         };
         if let Some(edit) = edit {
             page.text = edit.text;
+            page.base = edit.base;
             match edit.outcome {
-                Ok(None) => page.checked = true,
-                Ok(Some(version)) => page.saved = Some(version),
+                Ok(()) => page.checked = true,
                 Err(e) => page.error = Some(e),
             }
         }

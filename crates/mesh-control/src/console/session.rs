@@ -33,17 +33,40 @@ impl std::fmt::Debug for Session {
     }
 }
 
+/// What a change leaves for the page its redirect leads to, shown once: a new key's secret (so a reload
+/// or the back button shows it no more, and makes no second key), or what a new policy took back.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Flash {
+    Key { id: u64, secret: String, summary: String },
+    TakenBack(Vec<String>),
+}
+
+impl std::fmt::Debug for Flash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Key { id, .. } => f.debug_struct("Key").field("id", id).finish_non_exhaustive(),
+            Self::TakenBack(items) => f.debug_tuple("TakenBack").field(items).finish(),
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Sessions {
     /// By the SHA-256 of the cookie's value.
     sessions: HashMap<String, Session>,
+    /// At most one per session, by the same key.
+    flashes: HashMap<String, Flash>,
     /// By the SHA-256 of the link's token: when it stops working.
     links: HashMap<String, u64>,
 }
 
 impl std::fmt::Debug for Sessions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sessions").field("sessions", &self.sessions.len()).field("links", &self.links.len()).finish()
+        f.debug_struct("Sessions")
+            .field("sessions", &self.sessions.len())
+            .field("links", &self.links.len())
+            .field("flashes", &self.flashes.len())
+            .finish()
     }
 }
 
@@ -71,7 +94,10 @@ impl Sessions {
         while self.sessions.len() >= MAX_SESSIONS {
             let oldest = self.sessions.iter().min_by_key(|(_, s)| s.created_at).map(|(k, _)| k.clone());
             match oldest {
-                Some(key) => self.sessions.remove(&key),
+                Some(key) => {
+                    self.flashes.remove(&key);
+                    self.sessions.remove(&key)
+                }
                 None => break,
             };
         }
@@ -97,6 +123,20 @@ impl Sessions {
     /// Signs a browser out: its cookie names nothing from now on.
     pub fn remove(&mut self, cookie: &str) {
         self.sessions.remove(&hash(cookie));
+        self.flashes.remove(&hash(cookie));
+    }
+
+    /// Leaves `flash` for the session's next page (replacing one not yet shown).
+    pub fn set_flash(&mut self, cookie: &str, flash: Flash) {
+        let key = hash(cookie);
+        if self.sessions.contains_key(&key) {
+            self.flashes.insert(key, flash);
+        }
+    }
+
+    /// The flash left for this session, once.
+    pub fn take_flash(&mut self, cookie: &str) -> Option<Flash> {
+        self.flashes.remove(&hash(cookie))
     }
 
     /// A one-time sign-in link's token.
@@ -121,6 +161,8 @@ impl Sessions {
 
     fn sweep(&mut self, now: u64) {
         self.sessions.retain(|_, s| s.expires_at > now);
+        let sessions = &self.sessions;
+        self.flashes.retain(|key, _| sessions.contains_key(key));
         self.links.retain(|_, expires| *expires > now);
     }
 }
@@ -164,12 +206,31 @@ mod tests {
     }
 
     #[test]
+    fn a_flash_is_shown_once_to_its_own_session() {
+        let mut sessions = Sessions::default();
+        let (mine, _) = sessions.create(0);
+        let (other, _) = sessions.create(0);
+        sessions.set_flash(&mine, Flash::TakenBack(vec!["a: tag:x".into()]));
+        sessions.set_flash("no such session", Flash::TakenBack(Vec::new()));
+        assert_eq!(sessions.take_flash(&other), None);
+        assert_eq!(sessions.take_flash(&mine), Some(Flash::TakenBack(vec!["a: tag:x".into()])));
+        assert_eq!(sessions.take_flash(&mine), None, "once");
+        sessions.set_flash(&mine, Flash::TakenBack(Vec::new()));
+        sessions.remove(&mine);
+        assert_eq!(sessions.take_flash(&mine), None, "signed out");
+        assert_eq!(sessions.flashes.len(), 0);
+    }
+
+    #[test]
     fn debug_output_holds_no_secret() {
         let mut sessions = Sessions::default();
         let (cookie, session) = sessions.create(0);
         let link = sessions.create_link(0);
-        let printed = format!("{sessions:?} {session:?}");
-        for secret in [&cookie, &session.csrf, &link, &hash(&cookie), &hash(&link)] {
+        let flash = Flash::Key { id: 1, secret: "mkey-abc-0123456789".into(), summary: String::new() };
+        sessions.set_flash(&cookie, flash.clone());
+        let printed = format!("{sessions:?} {session:?} {flash:?}");
+        for secret in [&cookie, &session.csrf, &link, &hash(&cookie), &hash(&link), &"mkey-abc-0123456789".to_string()]
+        {
             assert!(!printed.contains(secret.as_str()), "{printed}");
         }
     }

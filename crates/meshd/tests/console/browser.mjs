@@ -86,6 +86,7 @@ try {
     await page.getByLabel("Tags").fill("tag:connector");
     await page.getByLabel("Expires after").selectOption("1d");
     await page.getByRole("button", { name: "Create key" }).click();
+    await page.waitForURL("**/admin/keys?done=key-created");
     const secret = await page.locator("#secret").inputValue();
     check(secret.startsWith("mkey-"), `the key: ${secret}`);
     await page.getByText("reusable, ephemeral, tags tag:connector, expires in 1 d").waitFor();
@@ -93,8 +94,12 @@ try {
     await page.getByRole("button", { name: "Copy" }).click();
     await page.getByRole("button", { name: /Copied|Selected/ }).waitFor();
     await shot(page, "keys", { mask: [page.locator("#secret")] });
+    // The page that shows it came by a redirect: a reload or Back shows it no more and makes no second key.
     await page.reload();
     check(!(await page.content()).includes(secret), "the secret is shown again on reload");
+    check(await page.locator("tbody tr").count() === 1, "a reload made another key");
+    await page.goBack();
+    check(!(await page.content()).includes(secret), "the secret is shown again by Back");
     await context.storageState({ path: stateFile });
     result.key = secret;
   } else if (phase === "approve") {
@@ -106,9 +111,10 @@ try {
     await shot(page, "machines");
     const phone = await fitsPhone(context, "/admin/machines");
     await shot(phone, "machines-360");
+    // From just before the click: the figure includes the form's round trip and the page after it.
+    result.approved_at_ms = Date.now();
     await page.getByRole("button", { name: "Approve 10.77.0.0/24 from router" }).click();
     await page.getByRole("status").filter({ hasText: "Route approved" }).waitFor();
-    result.approved_at_ms = Date.now();
     check(await page.getByText("primary").count() === 1, "the approved route is not primary");
     await page.getByRole("link", { name: "router", exact: true }).click();
     await page.getByText("router.mesh.internal").waitFor();
@@ -134,7 +140,7 @@ try {
     await page.locator("table.diff tr.add").first().waitFor();
     await shot(page, "policy-diff");
     await page.getByRole("button", { name: "Save" }).click();
-    await page.getByText("Saved as version 1").waitFor();
+    await page.getByRole("status").filter({ hasText: "Policy saved as a new version" }).waitFor();
     await page.getByRole("cell", { name: /admin console/ }).waitFor();
     await shot(page, "policy");
 
@@ -154,16 +160,18 @@ try {
     await shot(page, "users");
 
     // Refusals: a form without the CSRF token, with a session; a form and a page without a session.
-    const forged = await context.request.post(url + "/admin/users", { form: { name: "mallory" }, maxRedirects: 0 });
+    const forged = await context.request.post(url + "/admin/users", { form: { name: "mallory@example.org" }, maxRedirects: 0 });
     check(forged.status() === 403, `a form without the CSRF token answered ${forged.status()}`);
     const stranger = await newContext(false);
-    const anonymous = await stranger.request.post(url + "/admin/users", { form: { name: "eve", csrf: "0" }, maxRedirects: 0 });
+    const anonymous = await stranger.request.post(url + "/admin/users", { form: { name: "eve@example.org", csrf: "0" }, maxRedirects: 0 });
     check(anonymous.status() === 403, `a form without a session answered ${anonymous.status()}`);
     const strangerPage = await stranger.newPage();
     await strangerPage.goto(url + "/admin/keys");
     check(strangerPage.url().endsWith("/admin/login"), "a page without a session was shown");
     await page.reload();
-    check(!(await page.content()).includes("mallory") && !(await page.content()).includes("eve"), "a refused form made a user");
+    for (const refused of ["mallory@example.org", "eve@example.org"]) {
+      check(!(await page.content()).includes(refused), `a refused form made ${refused}`);
+    }
 
     // Every link on every page leads somewhere; every page fits a phone; the keyboard reaches the forms.
     const pages = ["/admin/machines", "/admin/keys", "/admin/policy", "/admin/dns", "/admin/users"];
@@ -219,6 +227,18 @@ try {
     await again.goto(process.env.LINK);
     await again.getByRole("button", { name: "Sign in" }).click();
     await again.getByRole("alert").filter({ hasText: "used already" }).waitFor();
+
+    // Last, as it leaves a page behind: a page of another origin, in a signed-in browser, submitting a form
+    // to the console. SameSite=Strict keeps the cookie home, and the token is missing anyway.
+    log("cross-site form");
+    const evil = await linked.newPage();
+    await evil.setContent(`<form method="post" action="${url}/admin/users"><input name="name" value="trent@example.org"><input name="csrf" value="0"></form>`);
+    const [crossSite] = await Promise.all([
+      evil.waitForResponse((r) => r.url() === url + "/admin/users"),
+      evil.evaluate(() => document.forms[0].submit()),
+    ]);
+    check(crossSite.status() === 403, `a cross-site form answered ${crossSite.status()}`);
+    log("cross-site form refused");
   } else {
     throw new Error(`unknown phase ${phase}`);
   }
