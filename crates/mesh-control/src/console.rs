@@ -312,6 +312,7 @@ fn may_try(state: &AppState, client: IpAddr) -> bool {
 }
 
 fn signed_in(state: &AppState, now: u64) -> Response {
+    state.metrics().sign_in("ok");
     let (cookie, _) = lock(&state.console.sessions).create(now);
     let mut response = Redirect::to("/admin/machines").into_response();
     let headers = response.headers_mut();
@@ -333,10 +334,12 @@ async fn login(
     // The form's own cookie first: a page on another site cannot send it, so it cannot spend this
     // client's attempts and lock the administrator out.
     if !pre_sign_in_matches(&headers, &form.csrf) {
+        state.metrics().sign_in("expired_form");
         return login_form(&state, Some("The sign-in form expired; try again."), StatusCode::FORBIDDEN);
     }
     if !may_try(&state, client) {
         tracing::warn!(%client, "console sign-in attempts over the limit");
+        state.metrics().sign_in("limited");
         return login_form(
             &state,
             Some("Too many sign-in attempts from here; wait a minute."),
@@ -345,6 +348,7 @@ async fn login(
     }
     if !state.is_admin_token(form.token.trim()) {
         tracing::info!(%client, "console sign-in with a wrong token");
+        state.metrics().sign_in("wrong");
         return login_form(&state, Some("That is not the admin token."), StatusCode::UNAUTHORIZED);
     }
     tracing::info!(%client, "console sign-in");
@@ -373,10 +377,12 @@ async fn link_login(
     Form(form): Form<SignIn>,
 ) -> Response {
     if !pre_sign_in_matches(&headers, &form.csrf) {
+        state.metrics().sign_in("expired_form");
         return login_form(&state, Some("The sign-in form expired; try again."), StatusCode::FORBIDDEN);
     }
     if !may_try(&state, client) {
         tracing::warn!(%client, "console sign-in attempts over the limit");
+        state.metrics().sign_in("limited");
         return login_form(
             &state,
             Some("Too many sign-in attempts from here; wait a minute."),
@@ -386,6 +392,7 @@ async fn link_login(
     let now = state.now();
     if !lock(&state.console.sessions).redeem_link(&form.token, now) {
         tracing::info!(%client, "console sign-in with a spent, expired or unknown link");
+        state.metrics().sign_in("wrong");
         return login_form(
             &state,
             Some("That sign-in link was used already or has expired; make a new one with meshd control admin-link."),

@@ -46,6 +46,7 @@ pub struct AppState {
     snapshot: tokio::sync::Mutex<Option<(u64, Arc<Snapshot>)>>,
     pub(crate) console: crate::console::ConsoleState,
     domain: String,
+    metrics: crate::metrics::ControlMetrics,
 }
 
 impl std::fmt::Debug for AppState {
@@ -70,7 +71,30 @@ impl AppState {
             snapshot: tokio::sync::Mutex::new(None),
             console: crate::console::ConsoleState::new(secure_cookies),
             domain,
+            metrics: crate::metrics::ControlMetrics::default(),
         })
+    }
+
+    pub(crate) fn metrics(&self) -> &crate::metrics::ControlMetrics {
+        &self.metrics
+    }
+
+    /// Nodes online, offline and expired, and the netmap version, read on the blocking pool.
+    pub(crate) async fn node_counts(self: &Arc<Self>) -> Result<(i64, i64, i64, i64), ControlError> {
+        blocking_work(self, |c, now| {
+            let (mut online, mut offline, mut expired) = (0, 0, 0);
+            for node in c.nodes()? {
+                if node.expired {
+                    expired += 1;
+                } else if now.saturating_sub(node.last_seen) < ONLINE_WINDOW {
+                    online += 1;
+                } else {
+                    offline += 1;
+                }
+            }
+            Ok((online, offline, expired, c.version()? as i64))
+        })
+        .await
     }
 
     /// Unix seconds by the server's clock.
@@ -98,8 +122,10 @@ impl AppState {
         {
             return Ok(snapshot.clone());
         }
+        let started = Instant::now();
         let snapshot =
             Arc::new(blocking(self, |c, now| c.snapshot(|n| now.saturating_sub(n.last_seen) < ONLINE_WINDOW)).await?);
+        self.metrics.netmap_built(started.elapsed().as_secs_f64());
         *cached = Some((now, snapshot.clone()));
         Ok(snapshot)
     }
@@ -307,6 +333,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/admin/console-link", post(console_link))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .merge(crate::console::router())
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::metrics::record))
+        .with_state(state)
+}
+
+/// `GET /metrics` on a listener of its own (`--metrics ADDR`): operators scrape it without the admin token,
+/// so it is not on the API's port, which the internet may reach.
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(|State(state): State<Arc<AppState>>| async move {
+                match crate::metrics::render(&state).await {
+                    Ok(text) => ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response(),
+                    Err(e) => ApiError::from(e).into_response(),
+                }
+            }),
+        )
         .with_state(state)
 }
 

@@ -8,6 +8,7 @@ pub mod dns;
 pub mod fuzzing;
 pub mod http;
 mod limits;
+pub mod metrics;
 pub mod policy;
 pub mod serve;
 

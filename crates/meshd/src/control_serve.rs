@@ -29,6 +29,8 @@ pub struct Options {
     pub ephemeral_timeout: u64,
     /// Seconds a registration's key is trusted; none: until an administrator expires the node.
     pub key_expiry: Option<u64>,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 fn unix_now() -> u64 {
@@ -171,6 +173,15 @@ pub async fn run(o: Options) -> Result<(), Error> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(url = %format!("{scheme}://{address}"), db = %db.display(), "coordination server listening");
 
+    if let Some(at) = o.metrics {
+        let listener = tokio::net::TcpListener::bind(at)
+            .await
+            .map_err(|e| Error::system(&format!("listening for metrics on {at}"), e))?;
+        let app = mesh_control::http::metrics_router(state.clone());
+        tracing::info!(url = %format!("http://{at}/metrics"), "serving metrics");
+        // Ends with the runtime when the server stops.
+        tokio::spawn(mesh_control::serve::serve(listener, app, None, Limits::default()));
+    }
     crate::service::ready(&format!("listening on {scheme}://{address}"));
 
     let cleaner = state.clone();

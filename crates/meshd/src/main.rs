@@ -368,6 +368,9 @@ enum ControlCommand {
         /// themselves, and it must re-register. Default: until an administrator expires it.
         #[arg(long, env = "MESHD_CONTROL_KEY_EXPIRY", value_name = "DUR", value_parser = control_client::parse_duration)]
         key_expiry: Option<u64>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no token: keep it off the internet).
+        #[arg(long, env = "MESHD_CONTROL_METRICS", value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Auth keys: create, list, revoke.
     Authkey {
@@ -767,6 +770,7 @@ fn main() -> ExitCode {
                     insecure_http,
                     ephemeral_timeout,
                     key_expiry,
+                    metrics,
                 },
         } => {
             init_logging();
@@ -781,6 +785,7 @@ fn main() -> ExitCode {
                 insecure_http,
                 ephemeral_timeout,
                 key_expiry,
+                metrics,
             };
             block_on(control_serve::run(options))
         }

@@ -288,3 +288,32 @@ async fn a_used_single_use_key_never_re_registers_a_node() {
     let (status, _) = call(&app, "GET", "/api/v1/netmap?since=0", Some(&node_auth(&first)), "").await;
     assert_eq!(status, StatusCode::OK, "the first credential still works");
 }
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_template_and_nodes_by_state() {
+    let (app, state) = app_and_state();
+    let key = new_key(&app, r#"{"reusable": true}"#).await;
+    let node = register(&app, &key, 1, &[]).await;
+    register(&app, &key, 2, &[]).await;
+    let (status, _) = call(&app, "GET", "/api/v1/netmap?since=0", Some(&node_auth(&node)), "").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call(&app, "DELETE", "/api/v1/admin/nodes/node-2", admin(), "").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = call(&app, "GET", "/api/v1/admin/nodes", None, "").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let text = crate::metrics::render(&state).await.unwrap();
+    for line in [
+        "meshd_control_nodes{state=\"online\"} 1",
+        "meshd_control_nodes{state=\"offline\"} 0",
+        "meshd_control_http_request_duration_seconds_count{route=\"/api/v1/register\",method=\"POST\",status=\"2xx\"} 2",
+        "meshd_control_http_request_duration_seconds_count{route=\"/api/v1/admin/nodes/{id}\",method=\"DELETE\",status=\"2xx\"} 1",
+        "meshd_control_http_request_duration_seconds_count{route=\"/api/v1/admin/nodes\",method=\"GET\",status=\"4xx\"} 1",
+        "meshd_control_netmap_build_seconds_count 1",
+        "meshd_control_long_polls 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    assert!(!text.contains("node-2"), "a node's name never becomes a label");
+    assert!(text.ends_with("# EOF\n"));
+}
