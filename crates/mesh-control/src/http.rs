@@ -345,7 +345,9 @@ pub fn metrics_router(state: Arc<AppState>) -> Router {
             "/metrics",
             get(|State(state): State<Arc<AppState>>| async move {
                 match crate::metrics::render(&state).await {
-                    Ok(text) => ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response(),
+                    Ok(text) => {
+                        ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+                    }
                     Err(e) => ApiError::from(e).into_response(),
                 }
             }),

@@ -68,11 +68,19 @@ impl Default for ControlMetrics {
             netmap_build.clone(),
         );
         let nodes = Family::<StateLabels, Gauge>::default();
-        registry.register("meshd_control_nodes", "Nodes by state: online (polled within 60 s), offline, expired", nodes.clone());
+        registry.register(
+            "meshd_control_nodes",
+            "Nodes by state: online (polled within 60 s), offline, expired",
+            nodes.clone(),
+        );
         let long_polls = Gauge::default();
         registry.register("meshd_control_long_polls", "Netmap long polls waiting for a change", long_polls.clone());
         let version = Gauge::default();
-        registry.register("meshd_control_netmap_version", "The netmap version: it grows with every change", version.clone());
+        registry.register(
+            "meshd_control_netmap_version",
+            "The netmap version: it grows with every change",
+            version.clone(),
+        );
         let sign_ins = Family::<ResultLabels, Counter>::default();
         registry.register(
             "meshd_control_console_sign_ins",
@@ -100,7 +108,11 @@ pub(crate) async fn record(State(state): State<Arc<AppState>>, request: Request,
     let start = Instant::now();
     let response = next.run(request).await;
     let status = format!("{}xx", response.status().as_u16() / 100);
-    state.metrics().requests.get_or_create(&RequestLabels { route, method, status }).observe(start.elapsed().as_secs_f64());
+    state
+        .metrics()
+        .requests
+        .get_or_create(&RequestLabels { route, method, status })
+        .observe(start.elapsed().as_secs_f64());
     response
 }
 

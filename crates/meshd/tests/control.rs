@@ -250,3 +250,64 @@ fn a_flood_of_idle_connections_past_the_descriptor_limit_does_not_end_the_server
     assert!(ok && text.contains("public_key"), "it answers after the flood: {text}");
     assert!(lab.process(server).log_text().contains("accepting a connection failed; still serving"));
 }
+
+/// Every line a daemon logs with `--log-format json` (or `MESHD_LOG_FORMAT=json`) is one JSON object with the
+/// time, the level, the message and the event's fields at the top level; `text` is a node's credential,
+/// an auth key and the admin token, none of which may appear.
+fn assert_json_log(log: &str, secrets: &[&str]) -> Vec<serde_json::Value> {
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not one JSON object: {l:?}: {e}")))
+        .collect();
+    for event in &events {
+        assert!(event["timestamp"].is_string() && event["level"].is_string(), "{event}");
+        assert!(event["message"].is_string(), "{event}");
+    }
+    for secret in secrets {
+        assert!(!log.contains(secret), "a secret in the log");
+    }
+    events
+}
+
+#[test]
+fn json_logs_are_one_object_a_line_for_both_daemons_and_hold_no_secret() {
+    let mut lab = Lab::new("ctj");
+    let ns = lab.netns("cj");
+    let server = serve(&mut lab, ns, "control-json", &["--insecure-http", "--log-format", "json"]);
+    let token = std::fs::read_to_string(lab.path("control-data").join("admin-token")).unwrap().trim().to_string();
+    let auth = format!("authorization: Bearer {token}");
+    let (ok, created) =
+        curl(&lab, ns, &["-H", &auth, "-d", "{\"reusable\": true}", "http://127.0.0.1:8443/api/v1/admin/authkeys"]);
+    assert!(ok, "{created}");
+    let key = serde_json::from_str::<serde_json::Value>(&created).unwrap()["key"].as_str().unwrap().to_string();
+    let node = common::managed::Node::start_with_env(&mut lab, ns, "json", &[("MESHD_LOG_FORMAT", "json")]);
+    let (status, _, err) = node.cli(
+        &lab,
+        &[
+            "up",
+            "--control-url",
+            "http://127.0.0.1:8443",
+            "--insecure-http",
+            "--auth-key",
+            &key,
+            "--hostname",
+            "json",
+            "--timeout",
+            "20s",
+        ],
+    );
+    assert_eq!(status, Some(0), "{err}");
+
+    let events = assert_json_log(&lab.process(server).log_text(), &[&token, &key]);
+    let listening = events.iter().find(|e| e["message"] == "coordination server listening").expect("the start event");
+    assert_eq!(listening["url"], "http://127.0.0.1:8443", "fields at the top level: {listening}");
+    let credential = std::fs::read_to_string(lab.path("json-state").join("identity.json")).unwrap_or_default();
+    let credential = serde_json::from_str::<serde_json::Value>(&credential)
+        .ok()
+        .and_then(|v| v["credential"].as_str().map(String::from))
+        .unwrap_or_default();
+    assert!(credential.len() > 16, "the node's credential was read");
+    let node_events = assert_json_log(&lab.process(node.process).log_text(), &[&token, &key, &credential]);
+    assert!(node_events.iter().any(|e| e["message"] == "meshd is up"), "the node logged in JSON too");
+}

@@ -40,7 +40,8 @@ fn the_servers_metrics_move_with_what_happens() {
     client.up(&lab, &control, &key, &["--accept-routes"]);
     let joined = scrape(&lab, hub, url);
     assert_eq!(value(&joined, "meshd_control_nodes{state=\"online\"}"), Some(2.0), "{joined}");
-    let registered = "meshd_control_http_request_duration_seconds_count{route=\"/api/v1/register\",method=\"POST\",status=\"2xx\"}";
+    let registered =
+        "meshd_control_http_request_duration_seconds_count{route=\"/api/v1/register\",method=\"POST\",status=\"2xx\"}";
     assert_eq!(value(&joined, registered), Some(2.0), "{joined}");
     assert!(value(&joined, "meshd_control_long_polls").is_some_and(|n| n >= 2.0), "each node waits in a long poll");
     let builds = value(&joined, "meshd_control_netmap_build_seconds_count").unwrap();
@@ -48,7 +49,9 @@ fn the_servers_metrics_move_with_what_happens() {
 
     let (status, _, err) = control.admin(&lab, &["routes", "approve", "router", "10.77.0.0/24"]);
     assert_eq!(status, Some(0), "{err}");
-    assert!(wait_until(Duration::from_secs(5), Duration::from_millis(50), || client.table52(&lab).contains("10.77.0.0/24")));
+    assert!(wait_until(Duration::from_secs(5), Duration::from_millis(50), || client
+        .table52(&lab)
+        .contains("10.77.0.0/24")));
     let approved = scrape(&lab, hub, url);
     assert!(value(&approved, "meshd_control_netmap_version").unwrap() > version, "{approved}");
     assert!(value(&approved, "meshd_control_netmap_build_seconds_count").unwrap() > builds, "{approved}");
