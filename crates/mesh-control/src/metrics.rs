@@ -87,6 +87,11 @@ impl Default for ControlMetrics {
             "Admin console sign-in attempts by result (ok, wrong, limited, expired_form)",
             sign_ins.clone(),
         );
+        // Every result from the start, at zero: a rate over a series that appears only with the first
+        // attempt would miss it.
+        for result in ["ok", "wrong", "limited", "expired_form"] {
+            sign_ins.get_or_create(&ResultLabels { result }).inc_by(0);
+        }
         Self { registry, requests, netmap_build, nodes, long_polls, version, sign_ins }
     }
 }

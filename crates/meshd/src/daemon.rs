@@ -29,9 +29,12 @@ use crate::{keys, local_api, service, uapi};
 mod dns;
 mod host;
 mod managed;
+mod metrics;
 mod resolv_conf;
 mod resolved;
 pub mod userspace;
+
+pub use metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 
 pub use resolv_conf::{DirectStatus, parse as parse_resolv_conf};
 
@@ -66,6 +69,8 @@ pub struct Options {
     pub userspace: Option<userspace::Options>,
     /// Join a coordination server at start, as `meshd up` would (a container configured by its environment).
     pub join: Option<crate::local_api::UpRequest>,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Peers as the node wants them, with host names resolved.
@@ -122,6 +127,7 @@ type UapiRequest = (uapi::Request, oneshot::Sender<String>);
 struct Listeners {
     uapi: Option<UnixListener>,
     api: Option<UnixListener>,
+    metrics: Option<tokio::net::TcpListener>,
 }
 
 /// Datagrams one `poll_transmit` may hand over at once (they go out one `send_to` each until GSO lands).
@@ -388,7 +394,17 @@ impl Daemon {
             }
             Err(e) => return Err(Error::system(&format!("listening on {}", self.uapi_path.display()), e)),
         };
-        Ok(Listeners { uapi, api })
+        let metrics = match self.options.metrics {
+            Some(at) => {
+                let listener = tokio::net::TcpListener::bind(at)
+                    .await
+                    .map_err(|e| Error::system(&format!("listening for metrics on {at}"), e))?;
+                tracing::info!(url = %format!("http://{at}/metrics"), "serving metrics");
+                Some(listener)
+            }
+            None => None,
+        };
+        Ok(Listeners { uapi, api, metrics })
     }
 
     /// What the mesh table should route: every peer's allowed IPs, except the node's own advertised routes,
@@ -564,6 +580,8 @@ impl Daemon {
         let uapi_listener = listeners.uapi;
         let (api_tx, mut api_rx) = mpsc::channel::<local_api::Request>(16);
         let api_task = listeners.api.map(|listener| AbortOnDrop(local_api::serve(listener, api_tx.clone())));
+        let _metrics_task =
+            listeners.metrics.map(|listener| AbortOnDrop(local_api::serve_metrics(listener, api_tx.clone())));
         let mut follow_rx = self.managed.as_mut().and_then(|m| m.events_rx.take());
         self.resume().await?;
         service::ready(&self.service_status());

@@ -174,6 +174,8 @@ pub enum Request {
     /// Sends one echo request through the tunnel; the receiver yields the round trip.
     Ping(String, Reply<(String, IpAddr, oneshot::Receiver<Duration>)>),
     DnsStatus(oneshot::Sender<DnsStatus>),
+    /// The metrics, in the Prometheus/OpenMetrics text format (`--metrics ADDR`).
+    Metrics(oneshot::Sender<String>),
     /// Asks the resolver in the data plane (forwarding as it would); the reply is the answer, dig-like.
     DnsQuery {
         name: String,
@@ -336,6 +338,25 @@ pub fn serve(listener: UnixListener, loop_tx: mpsc::Sender<Request>) -> tokio::t
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "local API stopped");
+        }
+    })
+}
+
+/// `GET /metrics` on `listener` (`meshd daemon --metrics ADDR`), answered by the event loop. Plain HTTP and
+/// no token, as Prometheus scrapes: bind it where only the monitoring can reach it.
+pub fn serve_metrics(listener: tokio::net::TcpListener, loop_tx: mpsc::Sender<Request>) -> tokio::task::JoinHandle<()> {
+    async fn metrics(State(tx): State<mpsc::Sender<Request>>) -> Result<axum::response::Response, ApiError> {
+        use axum::response::IntoResponse;
+        let (reply, answer) = oneshot::channel();
+        let gone = || error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down");
+        tx.send(Request::Metrics(reply)).await.map_err(|_| gone())?;
+        let text = answer.await.map_err(|_| gone())?;
+        Ok(([(axum::http::header::CONTENT_TYPE, crate::daemon::METRICS_CONTENT_TYPE)], text).into_response())
+    }
+    let app = Router::new().route("/metrics", get(metrics)).with_state(loop_tx);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics endpoint stopped");
         }
     })
 }

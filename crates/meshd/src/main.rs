@@ -76,6 +76,10 @@ enum Command {
         userspace: Box<UserspaceArgs>,
         #[command(flatten)]
         join: Box<JoinArgs>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no token: bind it where only the
+        /// monitoring reaches, e.g. 127.0.0.1:9101).
+        #[arg(long, env = "MESHD_METRICS", value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Check the routing state, rules, forwarding, firewall and MTU; print what is wrong and how to fix it.
     Doctor {
@@ -677,6 +681,7 @@ fn main() -> ExitCode {
             run_dir,
             userspace,
             join,
+            metrics,
         } => {
             init_logging();
             let flags = userspace
@@ -701,6 +706,7 @@ fn main() -> ExitCode {
                 run_dir,
                 userspace,
                 join,
+                metrics,
             };
             block_on(daemon::run(options))
         }

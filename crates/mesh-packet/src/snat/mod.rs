@@ -246,6 +246,8 @@ pub struct Snat {
     v6: Option<Table<Ipv6Addr>>,
     counters: Counters,
     stats: Stats,
+    /// External ports (and ICMP identifiers) per protocol and address.
+    ports: u32,
 }
 
 /// The tick of the second last seen, and where that second starts and ends, so packets arriving within one
@@ -287,7 +289,14 @@ impl Snat {
             v6: config.ipv6.map(|a| Table::new(a, first, last, limits, config.seed ^ 0x6)),
             counters: Counters::default(),
             stats: Stats::default(),
+            ports: u32::from(last - first) + 1,
         })
+    }
+
+    /// How many mappings the pool holds when full: its ports for each of TCP, UDP and ICMP, per address.
+    pub fn mapping_capacity(&self) -> usize {
+        let families = usize::from(self.v4.is_some()) + usize::from(self.v6.is_some());
+        self.ports as usize * 3 * families
     }
 
     /// Whether `ip` is one of the addresses this engine translates to.

@@ -25,7 +25,7 @@ pub(crate) struct Managed {
     pub store: Store,
     pub prefs: Prefs,
     pub identity: Option<Identity>,
-    netmap: Option<NetMap>,
+    pub(super) netmap: Option<NetMap>,
     generation: u64,
     follower: Option<follow::Handle>,
     events_tx: mpsc::Sender<(u64, Event)>,
@@ -411,6 +411,9 @@ impl Daemon {
             }
             Request::DnsStatus(reply) => {
                 let _ = reply.send(self.dns_status());
+            }
+            Request::Metrics(reply) => {
+                let _ = reply.send(self.metrics_text());
             }
             Request::DnsQuery { name, kind, reply } => match self.dns_query(&name, &kind) {
                 Ok(DnsQueryJob::Done(text)) => {
