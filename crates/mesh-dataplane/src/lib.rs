@@ -11,6 +11,7 @@
 mod dataplane;
 pub mod dns;
 mod drop_reason;
+pub mod ha;
 pub mod netmap;
 mod node;
 pub mod router;
