@@ -325,26 +325,31 @@ fn pre_sign_in_matches(headers: &HeaderMap, csrf: &str) -> bool {
     cookie_value(headers, LOGIN_COOKIE).is_some_and(|c| !c.is_empty() && same_secret(&c, csrf))
 }
 
+/// What every sign-in (token or link) passes before its secret is looked at: the form's own cookie first
+/// (a page on another site cannot send it, so it cannot spend this client's attempts and lock the
+/// administrator out), then the per-client limit. The refusal, if any.
+fn sign_in_refused(state: &AppState, client: IpAddr, headers: &HeaderMap, csrf: &str) -> Option<Response> {
+    if !pre_sign_in_matches(headers, csrf) {
+        state.metrics().sign_in("expired_form");
+        return Some(login_form(state, Some("The sign-in form expired; try again."), StatusCode::FORBIDDEN));
+    }
+    if !may_try(state, client) {
+        tracing::warn!(%client, "console sign-in attempts over the limit");
+        state.metrics().sign_in("limited");
+        let message = "Too many sign-in attempts from here; wait a minute.";
+        return Some(login_form(state, Some(message), StatusCode::TOO_MANY_REQUESTS));
+    }
+    None
+}
+
 async fn login(
     State(state): State<Arc<AppState>>,
     Client(client): Client,
     headers: HeaderMap,
     Form(form): Form<SignIn>,
 ) -> Response {
-    // The form's own cookie first: a page on another site cannot send it, so it cannot spend this
-    // client's attempts and lock the administrator out.
-    if !pre_sign_in_matches(&headers, &form.csrf) {
-        state.metrics().sign_in("expired_form");
-        return login_form(&state, Some("The sign-in form expired; try again."), StatusCode::FORBIDDEN);
-    }
-    if !may_try(&state, client) {
-        tracing::warn!(%client, "console sign-in attempts over the limit");
-        state.metrics().sign_in("limited");
-        return login_form(
-            &state,
-            Some("Too many sign-in attempts from here; wait a minute."),
-            StatusCode::TOO_MANY_REQUESTS,
-        );
+    if let Some(refused) = sign_in_refused(&state, client, &headers, &form.csrf) {
+        return refused;
     }
     if !state.is_admin_token(form.token.trim()) {
         tracing::info!(%client, "console sign-in with a wrong token");
@@ -376,18 +381,8 @@ async fn link_login(
     headers: HeaderMap,
     Form(form): Form<SignIn>,
 ) -> Response {
-    if !pre_sign_in_matches(&headers, &form.csrf) {
-        state.metrics().sign_in("expired_form");
-        return login_form(&state, Some("The sign-in form expired; try again."), StatusCode::FORBIDDEN);
-    }
-    if !may_try(&state, client) {
-        tracing::warn!(%client, "console sign-in attempts over the limit");
-        state.metrics().sign_in("limited");
-        return login_form(
-            &state,
-            Some("Too many sign-in attempts from here; wait a minute."),
-            StatusCode::TOO_MANY_REQUESTS,
-        );
+    if let Some(refused) = sign_in_refused(&state, client, &headers, &form.csrf) {
+        return refused;
     }
     let now = state.now();
     if !lock(&state.console.sessions).redeem_link(&form.token, now) {
