@@ -57,6 +57,12 @@ struct ExtraRecordFile {
 /// Reads DNS settings; `domain` is the mesh's, which no split zone may take over. Every refusal says what to
 /// change.
 pub fn parse(text: &str, domain: &str) -> Result<DnsConfig, String> {
+    // The whole text first, as one value that must be an object: jsonc-parser's serde path alone takes
+    // `[]]]]]` for an empty struct (found by the control_api fuzz target).
+    match jsonc_parser::parse_to_value(text, &crate::policy::parse::hujson()).map_err(|e| format!("dns: {e}"))? {
+        None | Some(jsonc_parser::JsonValue::Object(_)) => {}
+        Some(_) => return Err("dns: the settings must be an object: {...}".into()),
+    }
     let file: Option<DnsFile> =
         jsonc_parser::parse_to_serde_value(text, &crate::policy::parse::hujson()).map_err(|e| format!("dns: {e}"))?;
     let file = file.ok_or("dns: the file is empty; write {} for the defaults")?;
@@ -254,6 +260,10 @@ mod tests {
                 .contains("A or AAAA")
         );
         assert!(refused("{\"magic_dns\": true,,}").starts_with("dns: "));
+        // Not an object: jsonc-parser's serde path alone took `[]]]]]` for the defaults (the fuzz target).
+        for text in ["[]]]]]", "[]", "true", "\"magic_dns\"", "{}}"] {
+            assert!(refused(text).starts_with("dns: "), "{text}");
+        }
         assert!(refused("").contains("empty"));
     }
 }
