@@ -37,6 +37,8 @@ const SESSION_COOKIE: &str = "meshd_console";
 /// Before sign-in: the value the sign-in form must carry back (a page on another site cannot read it, so
 /// it cannot sign a browser in to a mesh of its choosing).
 const LOGIN_COOKIE: &str = "meshd_console_login";
+/// How long a sign-in form may be filled in (seconds).
+const LOGIN_FORM_LIFETIME: u64 = 600;
 /// Sign-in attempts per client address: a few at once, then one every ten seconds. The admin token has
 /// 192 bits, so this is about not burning CPU and log lines, and about noticing.
 const SIGN_IN_BURST: f64 = 5.0;
@@ -185,6 +187,13 @@ struct Admin {
 }
 
 impl Admin {
+    /// The live session the request's cookie names, if any.
+    fn of(state: &AppState, headers: &HeaderMap) -> Option<Self> {
+        let cookie = cookie_value(headers, SESSION_COOKIE)?;
+        let session = lock(&state.console.sessions).get(&cookie, state.now())?;
+        Some(Self { cookie, session })
+    }
+
     fn layout(&self, title: &str, active: &'static str) -> Layout {
         Layout { title: title.to_string(), active, csrf: Some(self.session.csrf.clone()), note: None }
     }
@@ -199,11 +208,8 @@ impl FromRequestParts<Arc<AppState>> for Admin {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Response> {
-        let now = state.now();
-        let found = cookie_value(&parts.headers, SESSION_COOKIE)
-            .and_then(|cookie| lock(&state.console.sessions).get(&cookie, now).map(|session| (cookie, session)));
-        match found {
-            Some((cookie, session)) => Ok(Self { cookie, session }),
+        match Admin::of(state, &parts.headers) {
+            Some(admin) => Ok(admin),
             None if parts.method == Method::GET || parts.method == Method::HEAD => {
                 Err(Redirect::to("/admin/login").into_response())
             }
@@ -282,19 +288,23 @@ struct SignIn {
 }
 
 async fn login_page(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let now = state.now();
-    if cookie_value(&headers, SESSION_COOKIE).is_some_and(|c| lock(&state.console.sessions).get(&c, now).is_some()) {
+    if Admin::of(&state, &headers).is_some() {
         return Redirect::to("/admin/machines").into_response();
     }
     login_form(&state, None, StatusCode::OK)
 }
 
+/// A sign-in form's page (made with the token `csrf`), with the cookie the form must carry back.
+fn sign_in_form(state: &AppState, csrf: &str, response: Response) -> Response {
+    let mut response = response;
+    response.headers_mut().append(header::SET_COOKIE, state.console.cookie(LOGIN_COOKIE, csrf, LOGIN_FORM_LIFETIME));
+    response
+}
+
 fn login_form(state: &AppState, error: Option<&str>, status: StatusCode) -> Response {
     let csrf = random_token();
     let page = LoginPage { layout: Layout::signed_out("Sign in"), csrf: csrf.clone(), error: error.map(String::from) };
-    let mut response = (status, render(page)).into_response();
-    response.headers_mut().append(header::SET_COOKIE, state.console.cookie(LOGIN_COOKIE, &csrf, 600));
-    response
+    sign_in_form(state, &csrf, (status, render(page)).into_response())
 }
 
 /// Whether this client may try to sign in now; takes one attempt. IPv6 clients are counted by their /64,
@@ -370,9 +380,7 @@ struct LinkQuery {
 async fn link_page(State(state): State<Arc<AppState>>, Query(q): Query<LinkQuery>) -> Response {
     let csrf = random_token();
     let page = LinkPage { layout: Layout::signed_out("Sign in"), token: q.token, csrf: csrf.clone() };
-    let mut response = render(page);
-    response.headers_mut().append(header::SET_COOKIE, state.console.cookie(LOGIN_COOKIE, &csrf, 600));
-    response
+    sign_in_form(&state, &csrf, render(page))
 }
 
 async fn link_login(
@@ -575,9 +583,6 @@ async fn route_choice(State(state): State<Arc<AppState>>, f: AdminForm<RouteForm
     let (node, shown) = (f.form.node, f.form.name);
     let result = blocking_work(&state, move |c, _| {
         still_named(c, node, &shown)?;
-        if !c.all_routes()?.iter().any(|a| a.node == node && a.prefix == prefix.trunc()) {
-            return Err(ControlError::not_found(format!("that machine does not advertise {prefix}")));
-        }
         c.set_route_approval(node, prefix.trunc(), approve)
     })
     .await;
@@ -659,7 +664,7 @@ async fn create_key(State(state): State<Arc<AppState>>, f: AdminForm<KeyForm>) -
         expiry,
         user: Some(form.user.trim().to_string()).filter(|u| !u.is_empty()),
     };
-    let summary = KeySummary::of(&options).0;
+    let summary = key_summary(&options);
     match blocking_work(&state, move |c, now| c.create_auth_key(&options, now)).await {
         Ok((key, secret)) => {
             tracing::info!(id = key.id, "auth key created in the console");
@@ -731,8 +736,7 @@ async fn policy_page(
     let history = blocking_work(state, |c, _| c.policy_history(HISTORY)).await;
     match history {
         Ok(history) => {
-            let current = history.first().cloned();
-            let page = PolicyPage::new(layout, current, history, edit, taken_back, state.now());
+            let page = PolicyPage::new(layout, history, edit, taken_back, state.now());
             let status = page.status();
             (status, render(page)).into_response()
         }
@@ -783,7 +787,7 @@ async fn policy_action(
             if let Ok(change) = saved {
                 state.changed().await;
                 tracing::info!(version = change.version, "policy set in the console");
-                let taken_back: Vec<String> = change.tags_revoked.into_iter().chain(change.approvals_revoked).collect();
+                let taken_back: Vec<String> = change.taken_back().cloned().collect();
                 for item in &taken_back {
                     tracing::info!(version = change.version, "the new policy took back {item}");
                 }

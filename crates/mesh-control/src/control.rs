@@ -246,6 +246,13 @@ pub struct PolicyChange {
     pub approvals_revoked: Vec<String>,
 }
 
+impl PolicyChange {
+    /// Everything the new version took back: tags, then route approvals (`name: what` each).
+    pub fn taken_back(&self) -> impl Iterator<Item = &String> {
+        self.tags_revoked.iter().chain(&self.approvals_revoked)
+    }
+}
+
 /// The coordination server's state.
 #[derive(Debug)]
 pub struct Control {
@@ -994,6 +1001,19 @@ impl Control {
 
     /// Approves (or, with `approved = false`, rejects) a node's advertised route.
     pub fn set_route_approval(&self, node: u64, prefix: IpNet, approved: bool) -> Result<bool, ControlError> {
+        let advertised: bool = self.db.query_row(
+            "SELECT EXISTS (SELECT 1 FROM routes WHERE node_id = ?1 AND prefix = ?2)",
+            params![node as i64, prefix.trunc().to_string()],
+            |r| r.get(0),
+        )?;
+        if !advertised {
+            let name: Option<String> = self
+                .db
+                .query_row("SELECT name FROM nodes WHERE id = ?1", params![node as i64], |r| r.get(0))
+                .optional()?;
+            let name = name.unwrap_or_else(|| format!("node {node}"));
+            return Err(ControlError::not_found(format!("{name} does not advertise {}", prefix.trunc())));
+        }
         let changed = self.db.execute(
             "UPDATE routes SET approved = ?1, auto_approved = 0
              WHERE node_id = ?2 AND prefix = ?3 AND (approved <> ?1 OR auto_approved <> 0)",

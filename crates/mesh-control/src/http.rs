@@ -724,12 +724,8 @@ async fn set_route(
 ) -> Result<StatusCode, ApiError> {
     require_admin(state, headers)?;
     let changed = blocking(state, move |c, _| {
-        let (name, prefix) = (r.node.text(), r.prefix.trunc());
-        let node = c.resolve_node(&name)?;
-        if !c.all_routes()?.iter().any(|a| a.node == node && a.prefix == prefix) {
-            return Err(ControlError::not_found(format!("{name} does not advertise {prefix}")));
-        }
-        c.set_route_approval(node, prefix, approved)
+        let node = c.resolve_node(&r.node.text())?;
+        c.set_route_approval(node, r.prefix.trunc(), approved)
     })
     .await?;
     if changed {
@@ -752,7 +748,7 @@ async fn set_policy(
 ) -> ApiResult<crate::PolicyChange> {
     require_admin(&state, &headers)?;
     let change = blocking(&state, move |c, now| c.set_policy(&body, "admin API", now)).await?;
-    for revoked in change.tags_revoked.iter().chain(&change.approvals_revoked) {
+    for revoked in change.taken_back() {
         tracing::info!(version = change.version, "the new policy took back {revoked}");
     }
     state.changed().await;

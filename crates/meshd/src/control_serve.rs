@@ -221,7 +221,7 @@ fn apply_policy_file(control: &mut Control, path: &Path, text: &str) -> Result<(
         .set_policy(text, &format!("file {}", path.display()), unix_now())
         .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
     tracing::info!(version = change.version, file = %path.display(), "the policy file replaced the stored policy");
-    for revoked in change.tags_revoked.iter().chain(&change.approvals_revoked) {
+    for revoked in change.taken_back() {
         tracing::info!(version = change.version, "the new policy took back {revoked}");
     }
     Ok(())

@@ -3,6 +3,7 @@
 
 use askama::Template;
 use axum::http::StatusCode;
+use mesh_proto::utc_text;
 use similar::{ChangeTag, TextDiff};
 
 use crate::control::{AdvertisedRoute, AuthKey, AuthKeyOptions, ControlError, NodeRecord, PolicyChange, StoredPolicy};
@@ -85,11 +86,6 @@ impl Note {
     pub fn from_code(code: &str) -> Option<Self> {
         NOTES.iter().find(|(_, c, _)| *c == code).map(|(n, _, _)| *n)
     }
-}
-
-/// Unix seconds as `2026-11-30 06:48:00 UTC`.
-pub fn utc(seconds: u64) -> String {
-    mesh_proto::utc_text(seconds)
 }
 
 /// How long ago, in the largest unit that fits: `just now`, `5 min ago`, `3 h ago`, `2 d ago`.
@@ -185,7 +181,7 @@ pub fn machine_rows(state: &AppState, nodes: Vec<NodeRecord>, routes: &[Advertis
             expired: n.expired,
             online: now.saturating_sub(n.last_seen) < ONLINE_WINDOW,
             last_seen: if n.last_seen == 0 { "never".into() } else { ago(n.last_seen, now) },
-            last_seen_utc: if n.last_seen == 0 { String::new() } else { utc(n.last_seen) },
+            last_seen_utc: if n.last_seen == 0 { String::new() } else { utc_text(n.last_seen) },
             endpoints: n.endpoints.iter().map(ToString::to_string).collect(),
             routes: routes
                 .iter()
@@ -194,8 +190,8 @@ pub fn machine_rows(state: &AppState, nodes: Vec<NodeRecord>, routes: &[Advertis
                 .collect(),
             key_expiry: match n.key_expiry {
                 None => "never".into(),
-                Some(at) if at <= now => format!("expired {}", utc(at)),
-                Some(at) => format!("{} ({})", within(at, now), utc(at)),
+                Some(at) if at <= now => format!("expired {}", utc_text(at)),
+                Some(at) => format!("{} ({})", within(at, now), utc_text(at)),
             },
             name: n.name,
         })
@@ -325,7 +321,7 @@ impl KeyRow {
             uses: k.uses,
             expires: match k.expires_at {
                 None => "never".into(),
-                Some(at) => utc(at),
+                Some(at) => utc_text(at),
             },
             usable: state == "usable",
             state,
@@ -342,24 +338,19 @@ fn kind(reusable: bool, ephemeral: bool) -> String {
 }
 
 /// What a just-made key is, shown beside its secret.
-#[derive(Debug, Clone)]
-pub struct KeySummary(pub String);
-
-impl KeySummary {
-    pub fn of(options: &AuthKeyOptions) -> Self {
-        let mut text = kind(options.reusable, options.ephemeral);
-        if !options.tags.is_empty() {
-            text.push_str(&format!(", tags {}", options.tags.join(", ")));
-        }
-        if let Some(user) = &options.user {
-            text.push_str(&format!(", for {user}"));
-        }
-        match options.expiry {
-            None => text.push_str(", never expires"),
-            Some(seconds) => text.push_str(&format!(", expires in {}", duration(seconds))),
-        }
-        Self(text)
+pub fn key_summary(options: &AuthKeyOptions) -> String {
+    let mut text = kind(options.reusable, options.ephemeral);
+    if !options.tags.is_empty() {
+        text.push_str(&format!(", tags {}", options.tags.join(", ")));
     }
+    if let Some(user) = &options.user {
+        text.push_str(&format!(", for {user}"));
+    }
+    match options.expiry {
+        None => text.push_str(", never expires"),
+        Some(seconds) => text.push_str(&format!(", expires in {}", duration(seconds))),
+    }
+    text
 }
 
 fn duration(seconds: u64) -> String {
@@ -502,6 +493,18 @@ pub struct HistoryRow {
     pub ago: String,
 }
 
+impl HistoryRow {
+    /// A stored version of the policy or the DNS settings, as the pages list it.
+    fn of(stored: &StoredPolicy, now: u64) -> Self {
+        Self {
+            version: stored.version,
+            set_by: stored.set_by.clone(),
+            set_at: utc_text(stored.set_at),
+            ago: ago(stored.set_at, now),
+        }
+    }
+}
+
 #[derive(Template)]
 #[template(path = "console/policy.html")]
 pub struct PolicyPage {
@@ -522,32 +525,27 @@ pub struct PolicyPage {
 }
 
 impl PolicyPage {
+    /// `history` newest first: its first is the policy in force.
     pub fn new(
         layout: Layout,
-        current: Option<StoredPolicy>,
         history: Vec<StoredPolicy>,
         edit: Option<PolicyEdit>,
         taken_back: Vec<String>,
         now: u64,
     ) -> Self {
-        let row = |p: &StoredPolicy| HistoryRow {
-            version: p.version,
-            set_by: p.set_by.clone(),
-            set_at: utc(p.set_at),
-            ago: ago(p.set_at, now),
-        };
+        let current = history.first();
         let mut page = Self {
             layout,
-            text: current.as_ref().map_or_else(|| "{}\n".to_string(), |p| p.text.clone()),
-            current: current.as_ref().map(row),
-            history: history.iter().map(row).collect(),
+            text: current.map_or_else(|| "{}\n".to_string(), |p| p.text.clone()),
+            current: current.map(|p| HistoryRow::of(p, now)),
+            history: history.iter().map(|p| HistoryRow::of(p, now)).collect(),
             errors: Vec::new(),
             listing: Vec::new(),
             checked: false,
             diff: None,
             revoked_by_save: !taken_back.is_empty(),
             revoked: taken_back,
-            base: current.as_ref().map_or(0, |p| p.version),
+            base: current.map_or(0, |p| p.version),
         };
         let Some(edit) = edit else { return page };
         page.text = edit.text;
@@ -556,7 +554,7 @@ impl PolicyPage {
             Ok(PolicyOutcome::Checked) => page.checked = true,
             Ok(PolicyOutcome::Diff { diff, change }) => {
                 page.diff = Some(diff);
-                page.revoked = change.tags_revoked.into_iter().chain(change.approvals_revoked).collect();
+                page.revoked = change.taken_back().cloned().collect();
             }
             Err(e) => {
                 page.errors = e
@@ -668,12 +666,7 @@ impl DnsPage {
                 .collect(),
             domain,
             text: stored.as_ref().map_or_else(|| "{}\n".to_string(), |s| s.text.clone()),
-            version: stored.as_ref().map(|s| HistoryRow {
-                version: s.version,
-                set_by: s.set_by.clone(),
-                set_at: utc(s.set_at),
-                ago: ago(s.set_at, now),
-            }),
+            version: stored.as_ref().map(|s| HistoryRow::of(s, now)),
             error: None,
             checked: false,
             base: stored.as_ref().map_or(0, |s| s.version),

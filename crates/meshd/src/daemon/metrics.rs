@@ -84,7 +84,9 @@ impl Daemon {
         let tx_packets = Family::<PeerLabels, Counter>::default();
         let handshake_age = Family::<PeerLabels, Gauge>::default();
         let path = Family::<PathLabels, Gauge>::default();
-        for p in self.dataplane.peer_status() {
+        let peers = self.dataplane.peer_status();
+        gauge(&mut registry, "meshd_peers", "Peers configured", peers.len() as i64);
+        for p in peers {
             let peer = PeerLabels { peer: name_of(&p.public_key) };
             rx_bytes.get_or_create(&peer).inc_by(p.rx_bytes);
             tx_bytes.get_or_create(&peer).inc_by(p.tx_bytes);
@@ -149,7 +151,6 @@ impl Daemon {
             "Open flows a policy change took back (reset)",
             self.dataplane.revoked_flows(),
         );
-        gauge(&mut registry, "meshd_peers", "Peers configured", self.dataplane.peer_status().len() as i64);
 
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("writing to a String");
